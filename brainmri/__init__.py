@@ -1,0 +1,3 @@
+"""Brain MRI tumour classification: a DVC + Prefect transfer-learning pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""The `brainmri` command: one subcommand per pipeline stage, plus synthesize and run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from brainmri.errors import BrainMRIError
+
+STAGES = ("ingest", "split", "augment")
+
+
+def _params(args, overrides: dict | None = None):
+    from brainmri.config import load_params
+
+    return load_params(args.params, overrides)
+
+
+def cmd_stage(args) -> None:
+    import importlib
+
+    module = importlib.import_module(f"tasks.{args.command}")
+    getattr(module, args.command)(_params(args))
+
+
+def cmd_synthesize(args) -> None:
+    from brainmri.phantoms import generate
+
+    p = _params(args)
+    s = p.synthetic
+    out = p.resolve(args.out) if args.out else p.resolve(s.out)
+    tumor = {c: c == p.ingest.positive_class for c in p.ingest.classes}
+    n = generate(
+        out, tumor, args.n or s.n_per_class, p.seed if args.seed is None else args.seed, s.min_size, s.max_size, s.duplicate_fraction
+    )
+    logging.getLogger("brainmri").info("synthesize: %d phantom images written to %s", n, out)
+
+
+def cmd_run(args) -> None:
+    from flows.pipeline import pipeline
+
+    pipeline(args.params)
+
+
+def cmd_params(args) -> None:
+    print(json.dumps(_params(args).model_dump(), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainmri", description="Brain MRI tumour classification pipeline (DVC stages + Prefect flow).")
+    parser.add_argument(
+        "--params", default="params.yaml", help="parameters file; all paths in it are relative to its folder (default: %(default)s)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "ingest": "validate, normalize and de-duplicate the source images (ingest.* params)",
+        "split": "split into train/val/test, stratified, keeping duplicate groups together (split.* params)",
+        "augment": "write augmented copies of the training images (augment.* params)",
+    }
+    for name in STAGES:
+        sub.add_parser(name, help=helps[name], description=helps[name]).set_defaults(func=cmd_stage)
+    syn = sub.add_parser(
+        "synthesize",
+        help="write synthetic MRI phantoms in class folders (synthetic.* params)",
+        description="Write brain-MRI-like phantom images, one folder per class, deterministic by seed.",
+    )
+    syn.add_argument("--out", help="output folder (default: synthetic.out)")
+    syn.add_argument("--n", type=int, help="images per class (default: synthetic.n_per_class)")
+    syn.add_argument("--seed", type=int, help="seed (default: seed)")
+    syn.set_defaults(func=cmd_synthesize)
+    sub.add_parser(
+        "run", help="run the whole pipeline as a Prefect flow", description="Run ingest, split and augment as one Prefect flow."
+    ).set_defaults(func=cmd_run)
+    sub.add_parser(
+        "params", help="print the validated parameters as JSON", description="Validate params.yaml and print it as JSON."
+    ).set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except BrainMRIError as exc:
+        print(f"brainmri {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"brainmri {args.command}: interrupted; outputs already in place were left untouched", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""params.yaml loaded once into frozen, typed objects; unknown keys and impossible values stop the run."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
+
+from brainmri.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Paths(Section):
+    ingest_images: str
+    ingest_manifest: str
+    ingest_report: str
+    split_manifest: str
+    split_report: str
+    augment_images: str
+    augment_manifest: str
+
+
+class Ingest(Section):
+    source: str
+    classes: list[str]
+    positive_class: str
+    max_pixels: int
+    max_side: int
+    min_images_per_class: int
+    archive_max_members: int
+    archive_max_bytes: int
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.classes) != 2 or len(set(self.classes)) != 2:
+            raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
+        if self.positive_class not in self.classes:
+            raise ValueError(f"ingest.positive_class {self.positive_class!r} is not one of ingest.classes {self.classes}")
+        for key in ("max_pixels", "max_side", "min_images_per_class", "archive_max_members", "archive_max_bytes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"ingest.{key} must be at least 1, got {getattr(self, key)}")
+        return self
+
+    @property
+    def negative_class(self) -> str:
+        return next(c for c in self.classes if c != self.positive_class)
+
+
+class Dedupe(Section):
+    hash_size: int
+    max_distance: int
+    min_correlation: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 4 <= self.hash_size <= 32:
+            raise ValueError(f"dedupe.hash_size must be between 4 and 32, got {self.hash_size}")
+        if not 0 <= self.max_distance <= self.hash_size**2:
+            raise ValueError(f"dedupe.max_distance must be between 0 and {self.hash_size**2}, got {self.max_distance}")
+        if not -1.0 <= self.min_correlation <= 1.0:
+            raise ValueError(f"dedupe.min_correlation must be between -1 and 1, got {self.min_correlation}")
+        return self
+
+
+class Split(Section):
+    train: float
+    val: float
+    test: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        fracs = {"train": self.train, "val": self.val, "test": self.test}
+        bad = [k for k, v in fracs.items() if not 0.0 < v < 1.0]
+        if bad:
+            raise ValueError(f"split fractions must each lie strictly between 0 and 1: {', '.join(f'split.{k}={fracs[k]}' for k in bad)}")
+        if abs(sum(fracs.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must sum to 1, got {sum(fracs.values()):.4f}")
+        return self
+
+
+class Augment(Section):
+    copies: int
+    rotation: float
+    shift: float
+    shear: float
+    zoom: float
+    horizontal_flip: bool
+    brightness: list[float]
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.copies < 0:
+            raise ValueError(f"augment.copies must be 0 or more, got {self.copies}")
+        for key, hi in (("rotation", 180.0), ("shift", 0.5), ("shear", 45.0), ("zoom", 0.9)):
+            if not 0.0 <= getattr(self, key) <= hi:
+                raise ValueError(f"augment.{key} must be between 0 and {hi}, got {getattr(self, key)}")
+        if len(self.brightness) != 2 or not 0.0 < self.brightness[0] <= self.brightness[1]:
+            raise ValueError(f"augment.brightness must be [low, high] with 0 < low <= high, got {self.brightness}")
+        return self
+
+
+class Synthetic(Section):
+    out: str
+    n_per_class: int
+    min_size: int
+    max_size: int
+    duplicate_fraction: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.n_per_class < 1:
+            raise ValueError(f"synthetic.n_per_class must be at least 1, got {self.n_per_class}")
+        if not 32 <= self.min_size <= self.max_size:
+            raise ValueError(f"synthetic sizes need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if not 0.0 <= self.duplicate_fraction <= 0.5:
+            raise ValueError(f"synthetic.duplicate_fraction must be between 0 and 0.5, got {self.duplicate_fraction}")
+        return self
+
+
+class Params(Section):
+    seed: int
+    paths: Paths
+    ingest: Ingest
+    dedupe: Dedupe
+    split: Split
+    augment: Augment
+    synthetic: Synthetic
+
+    _root: Path = PrivateAttr(default=Path("."))
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def path(self, key: str) -> Path:
+        """Absolute path of `paths.<key>`, resolved against the folder holding params.yaml."""
+        return self._root / getattr(self.paths, key)
+
+    def resolve(self, rel: str) -> Path:
+        return self._root / rel
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _describe(err: ValidationError, file: Path) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        elif e["type"] == "value_error":
+            where = f"'{key}': " if key else ""
+            lines.append(where + str(e["ctx"]["error"]))
+        else:
+            lines.append(f"'{key}': {e['msg'].lower()} (got {e.get('input')!r})")
+    return f"{file}: " + "; ".join(lines)
+
+
+def load_params(path: str | Path = PARAMS_FILE, overrides: dict | None = None) -> Params:
+    """Read, validate and freeze params.yaml; `overrides` is a nested dict merged on top (for tests and profiles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        data = merge(data, overrides)
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    params._root = path.resolve().parent
+    return params
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Recursively merge `over` into a copy of `base`."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

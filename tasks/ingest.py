@@ -1,0 +1,228 @@
+"""ingest stage: validate, normalize and de-duplicate the source images into one manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from brainmri import archives
+from brainmri.config import Params
+from brainmri.duplicates import fingerprint, group_ids
+from brainmri.errors import DataError, ImageError
+from brainmri.fsutil import atomic_dir, write_csv, write_json
+from brainmri.images import decode_file, save_png
+from brainmri.progress import progress, summary
+
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "icon\r"})
+EXTENSIONS = {
+    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"},
+    "MPO": {".jpg", ".jpeg", ".mpo"},
+    "PNG": {".png"},
+    "BMP": {".bmp"},
+    "TIFF": {".tif", ".tiff"},
+    "GIF": {".gif"},
+    "WEBP": {".webp"},
+}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    source_path: str  # relative to the folder holding the class folders, '/'-separated, exactly as found
+    path: Path
+    label: str
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+def image_id(source_path: str) -> str:
+    """A stable id for one source file, independent of listing order and of its content."""
+    return hashlib.sha256(source_path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict], list[dict]]:
+    """List the class folders' files; stop on layout errors, set aside hidden files and unusable names."""
+    files, skipped, quarantined = [], [], []
+    present = []
+    for name in sorted(os.listdir(folder)):
+        path = folder / name
+        if is_hidden(name):
+            skipped.append({"source_path": archives.printable(name), "reason": "hidden or system file"})
+        elif not path.is_dir() or path.is_symlink():
+            raise DataError(
+                f"{archives.printable(name)!r} in {folder}: unexpected file at the top level; expected only the class folders {classes}"
+            )
+        elif name not in classes:
+            raise DataError(
+                f"unknown class folder {archives.printable(name)!r} in {folder}; expected {classes} (set ingest.classes in params.yaml)"
+            )
+        else:
+            present.append(name)
+    for label in classes:
+        if label not in present:
+            raise DataError(f"class folder {label!r} is missing from {folder}; expected {classes}")
+        n_before = len(files) + len(quarantined)
+        for name in sorted(os.listdir(folder / label)):
+            rel, path = f"{label}/{name}", folder / label / name
+            shown = archives.printable(rel)
+            if is_hidden(name):
+                skipped.append({"source_path": shown, "reason": "hidden or system file"})
+            elif path.is_symlink():
+                quarantined.append({"source_path": shown, "reason": "symbolic link; links are not followed"})
+            elif path.is_dir():
+                raise DataError(f"nested folder {shown!r} in {folder}: put the images directly inside the class folders")
+            elif shown != rel:
+                quarantined.append({"source_path": shown, "reason": "file name is not valid UTF-8"})
+            elif not path.is_file():
+                quarantined.append({"source_path": shown, "reason": "not a regular file"})
+            else:
+                files.append(SourceFile(rel, path, label))
+        if len(files) + len(quarantined) == n_before:
+            raise DataError(f"class folder {label!r} in {folder} holds no images")
+    return files, skipped, quarantined
+
+
+@contextlib.contextmanager
+def open_source(source: Path, p: Params):
+    """Yield the folder that holds the class folders: the source itself, or a safely extracted archive."""
+    if not source.exists():
+        raise DataError(
+            f"dataset not found at {source} (ingest.source in params.yaml): put the class folders "
+            f"{p.ingest.classes} there, or point ingest.source at a folder or .zip/.tar.gz archive"
+        )
+    if source.is_dir():
+        yield source
+        return
+    if not archives.is_archive(source):
+        raise DataError(f"{source}: ingest.source must be a folder or a {'/'.join(archives.ARCHIVE_SUFFIXES)} archive")
+    work = p.path("ingest_manifest").parent
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=work))
+    try:
+        archives.extract(source, tmp, p.ingest.archive_max_members, p.ingest.archive_max_bytes)
+        top = [n for n in os.listdir(tmp) if not is_hidden(n)]
+        unwrap = len(top) == 1 and top[0] not in p.ingest.classes and (tmp / top[0]).is_dir()
+        yield tmp / top[0] if unwrap else tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ingest(p: Params) -> dict:
+    """Run the stage: write normalized images, the manifest and the report; return the report."""
+    start = time.monotonic()
+    source = p.resolve(p.ingest.source)
+    rows, prints = [], []
+    with open_source(source, p) as folder, atomic_dir(p.path("ingest_images")) as out:
+        files, skipped, quarantined = scan(folder, p.ingest.classes)
+        n_files = len(files) + len(quarantined)
+        for f in progress(files, "ingest"):
+            try:
+                dec = decode_file(f.path, max_pixels=p.ingest.max_pixels, max_side=p.ingest.max_side)
+            except ImageError as exc:
+                quarantined.append({"source_path": f.source_path, "reason": str(exc)})
+                continue
+            iid = image_id(f.source_path)
+            save_png(dec.image, out / f"{iid}.png")
+            prints.append(fingerprint(dec.image, dec.sha256, p.dedupe.hash_size))
+            rows.append(
+                {
+                    "image_id": iid,
+                    "source_path": f.source_path,
+                    "label": f.label,
+                    "image": f"{iid}.png",
+                    "sha256": dec.sha256,
+                    "format": dec.format,
+                    "extension_ok": Path(f.source_path).suffix.lower() in EXTENSIONS.get(dec.format, ()),
+                    "mode": dec.mode,
+                    "width": dec.width,
+                    "height": dec.height,
+                    "exif_rotated": dec.exif_rotated,
+                    "norm_width": dec.image.width,
+                    "norm_height": dec.image.height,
+                }
+            )
+        per_class = Counter(r["label"] for r in rows)
+        short = {c: per_class.get(c, 0) for c in p.ingest.classes if per_class.get(c, 0) < p.ingest.min_images_per_class}
+        if short:
+            raise DataError(
+                f"too few usable images in {source}: {short} "
+                f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}); see the quarantine reasons"
+            )
+    manifest = pd.DataFrame(rows)
+    manifest["group"] = group_ids(manifest["source_path"].tolist(), prints, p.dedupe.max_distance, p.dedupe.min_correlation)
+    labels_per_group = manifest.groupby("group")["label"].nunique()
+    manifest["conflict"] = manifest["group"].map(labels_per_group > 1)
+    manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)
+    report = _report(p, n_files, skipped, quarantined, manifest, time.monotonic() - start)
+    write_csv(p.path("ingest_manifest"), manifest)
+    write_json(p.path("ingest_report"), report)
+    d = report["duplicates"]
+    summary(
+        "ingest",
+        f"{report['n_files']} files -> {report['n_ingested']} ingested, {len(quarantined)} quarantined, "
+        f"{len(skipped)} skipped; {d['n_images_in_duplicate_groups']} images in {d['n_duplicate_groups']} duplicate groups, "
+        f"{len(d['conflicts'])} label conflicts",
+    )
+    return report
+
+
+def _report(p, n_files, skipped, quarantined, manifest, elapsed) -> dict:
+    sizes = manifest.groupby("group").size()
+    dup_groups = sizes[sizes > 1]
+    conflicts = [
+        {"group": g, "members": sorted(m["source_path"]), "labels": sorted(set(m["label"]))}
+        for g, m in manifest[manifest["conflict"]].groupby("group")
+    ]
+    return {
+        "source": str(p.ingest.source),
+        "n_files": n_files,
+        "n_ingested": len(manifest),
+        "n_quarantined": len(quarantined),
+        "quarantined": sorted(quarantined, key=lambda q: q["source_path"]),
+        "n_skipped": len(skipped),
+        "skipped": sorted(skipped, key=lambda q: q["source_path"]),
+        "per_class": {c: int((manifest["label"] == c).sum()) for c in p.ingest.classes},
+        "positive_class": p.ingest.positive_class,
+        "formats": dict(Counter(manifest["format"])),
+        "modes": dict(Counter(manifest["mode"])),
+        "extension_mismatch": sorted(manifest.loc[~manifest["extension_ok"].astype(bool), "source_path"]),
+        "duplicates": {
+            "n_groups": int(len(sizes)),
+            "n_duplicate_groups": int(len(dup_groups)),
+            "n_images_in_duplicate_groups": int(dup_groups.sum()),
+            "n_exact_duplicate_files": int(manifest["sha256"].duplicated().sum()),
+            "largest_group": int(sizes.max()) if len(sizes) else 0,
+            "conflicts": conflicts,
+        },
+        "elapsed_s": round(elapsed, 2),
+    }
+
+
+def _retry_io(task, task_run, state) -> bool:
+    """Retry only I/O failures, not bad data or bad configuration."""
+    try:
+        state.result()
+    except DataError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="ingest_images", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_io)
+def ingest_images(p: Params) -> dict:
+    """Validate, normalize and de-duplicate the source images."""
+    return ingest(p)

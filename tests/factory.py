@@ -1,0 +1,76 @@
+"""Small images and datasets built in tests: every bad-input case the real world sends."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from brainmri.config import merge
+from brainmri.phantoms import phantom
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "brain_tumor_dataset"
+
+
+def brain(seed: int, tumor: bool = False, size: tuple[int, int] = (64, 72)) -> np.ndarray:
+    return phantom(np.random.default_rng(seed), tumor, *size)
+
+
+def encode(arr_or_img, fmt: str, mode: str | None = None, **kw) -> bytes:
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
+    if mode:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png16(arr8: np.ndarray) -> bytes:
+    """A real 16-bit grayscale PNG whose values are the 8-bit ones times 257."""
+    return encode(Image.fromarray(arr8.astype(np.uint16) * 257), "PNG")
+
+
+def rgba_png(arr8: np.ndarray) -> bytes:
+    """RGBA whose background is transparent white: composited on black it must come out black."""
+    rgba = np.zeros(arr8.shape + (4,), np.uint8)
+    rgba[..., :3] = 255
+    fg = arr8 > 20
+    rgba[fg, :3] = arr8[fg, None]
+    rgba[..., 3] = np.where(fg, 255, 0)
+    return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
+def cmyk_jpeg(arr8: np.ndarray) -> bytes:
+    return encode(Image.fromarray(arr8).convert("RGB").convert("CMYK"), "JPEG", quality=95)
+
+
+def truncated_jpeg(arr8: np.ndarray) -> bytes:
+    data = encode(arr8, "JPEG", quality=90)
+    return data[: len(data) // 2]
+
+
+def write_dataset(root: Path, n: int = 8, seed: int = 0, classes=("no", "yes"), size=(64, 72)) -> Path:
+    """A clean class-folder dataset of JPEG phantoms, `n` per class, tumours in 'yes'."""
+    for ci, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = brain(seed * 1000 + ci * 100 + i, tumor=(cls == "yes"), size=size)
+            (root / cls / f"{cls} {i}.jpg").write_bytes(encode(arr, "JPEG", quality=92))
+    return root
+
+
+def make_project(root: Path, overrides: dict | None = None, code: bool = False) -> Path:
+    """A project folder with the repository's params.yaml (plus overrides) and, if asked, dvc.yaml and the code."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides or {}), sort_keys=False))
+    if code:
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        for pkg in ("brainmri", "tasks", "flows"):
+            shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return root

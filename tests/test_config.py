@@ -1,0 +1,61 @@
+import re
+
+import pytest
+import yaml
+from factory import REPO, make_project
+from pydantic import ValidationError
+
+from brainmri.config import load_params
+from brainmri.errors import ConfigError
+
+
+def test_repository_params_load_and_are_frozen():
+    p = load_params(REPO / "params.yaml")
+    assert p.ingest.positive_class == "yes" and p.ingest.negative_class == "no"
+    assert p.path("split_manifest") == REPO / "data/split/split.csv"
+    with pytest.raises(ValidationError, match="frozen"):
+        p.seed = 1
+
+
+def test_every_param_has_a_why_comment():
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    leaves = [ln for ln in lines if re.match(r"^\s*[\w]+:\s*\S", ln) and not ln.strip().startswith("#")]
+    missing = [ln for ln in leaves if " # " not in ln and "  #" not in ln]
+    assert leaves and not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"ingest": {"sorce": "x"}}, "unknown key 'ingest.sorce' (did you mean 'source'?)"),
+        ({"augmnt": {}}, "unknown key 'augmnt' (did you mean 'augment'?)"),
+        ({"split": {"train": 0.8}}, "must sum to 1"),
+        ({"split": {"train": -0.1, "val": 0.55, "test": 0.55}}, "split.train=-0.1"),
+        ({"augment": {"copies": -1}}, "augment.copies must be 0 or more"),
+        ({"ingest": {"positive_class": "tumour"}}, "'tumour' is not one of ingest.classes"),
+        ({"seed": "42"}, "'seed': input should be a valid integer"),
+        ({"augment": {"brightness": [1.2, 0.8]}}, "augment.brightness"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, override, needle):
+    make_project(tmp_path, override)
+    with pytest.raises(ConfigError) as exc:
+        load_params(tmp_path / "params.yaml")
+    assert needle in str(exc.value)
+
+
+def test_yaml_booleans_are_not_class_names(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace('classes: ["no", "yes"]', "classes: [no, yes]")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"ingest.classes.0"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_missing_key_and_missing_file(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    del data["dedupe"]["max_distance"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="missing key 'dedupe.max_distance'"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")

@@ -1,0 +1,219 @@
+import io
+import json
+import os
+import tarfile
+import zipfile
+
+import pandas as pd
+import pytest
+from factory import brain, cmyk_jpeg, encode, make_project, png16, rgba_png, truncated_jpeg, write_dataset
+
+from brainmri.config import load_params
+from brainmri.errors import DataError
+from tasks.ingest import ingest
+
+
+def project(tmp_path, source="data/raw/ds", **ingest_over):
+    root = make_project(tmp_path / "proj", {"ingest": {"source": str(source), "min_images_per_class": 2, **ingest_over}})
+    return load_params(root / "params.yaml")
+
+
+def test_messy_folder_is_ingested_with_reasons(tmp_path):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    arr = brain(7, tumor=True)
+    (ds / "yes" / "zero bytes.jpg").write_bytes(b"")
+    (ds / "yes" / "half.jpg").write_bytes(truncated_jpeg(arr))
+    (ds / "yes" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (ds / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (ds / "yes" / "really png.jpg").write_bytes(encode(arr, "PNG"))
+    (ds / "yes" / "sixteen bit.png").write_bytes(png16(arr))
+    (ds / "no" / "cmyk scan.jpg").write_bytes(cmyk_jpeg(brain(8)))
+    (ds / "no" / "alpha.png").write_bytes(rgba_png(brain(9)))
+
+    report = ingest(p)
+
+    assert report["n_files"] == 12 and report["n_ingested"] == 10
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert set(reasons) == {"yes/zero bytes.jpg", "yes/half.jpg"}
+    assert "empty file" in reasons["yes/zero bytes.jpg"] and "truncated" in reasons["yes/half.jpg"]
+    assert {s["source_path"] for s in report["skipped"]} == {".DS_Store", "yes/.DS_Store"}
+    assert report["extension_mismatch"] == ["yes/really png.jpg"]
+    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    row = m.set_index("source_path").loc
+    assert row["yes/really png.jpg", "format"] == "PNG"
+    assert row["yes/sixteen bit.png", "mode"].startswith("I")
+    assert row["no/cmyk scan.jpg", "mode"] == "CMYK" and row["no/alpha.png", "mode"] == "RGBA"
+    for col in ("source_path", "label", "sha256", "width", "height", "mode", "format", "group", "conflict"):
+        assert col in m.columns
+    assert all((p.path("ingest_images") / name).is_file() for name in m["image"])
+    saved = json.loads(p.path("ingest_report").read_text())
+    assert saved["n_ingested"] == 10 and saved["quarantined"][0].keys() == {"source_path", "reason"}
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"maybe/a.jpg": "img"}, "unknown class folder 'maybe'"),
+        ({"yes/deeper/a.jpg": "img"}, "nested folder 'yes/deeper'"),
+        ({"notes.txt": b"hello"}, "'notes.txt'"),
+        ({"no/.hidden": b"x"}, "class folder 'no' in"),
+    ],
+)
+def test_layout_errors_stop_with_a_clear_message(tmp_path, layout, message):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    if "no/.hidden" in layout:
+        for f in (ds / "no").iterdir():
+            f.unlink()
+    for rel, content in layout.items():
+        (ds / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ds / rel).write_bytes(encode(brain(1), "JPEG") if content == "img" else content)
+    with pytest.raises(DataError, match=message):
+        ingest(p)
+
+
+def test_missing_class_missing_source_and_too_few_images(tmp_path):
+    p = project(tmp_path)
+    with pytest.raises(DataError, match="dataset not found at .* ingest.source"):
+        ingest(p)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3, classes=("yes",))
+    with pytest.raises(DataError, match="class folder 'no' is missing"):
+        ingest(p)
+    (ds / "no").mkdir()
+    (ds / "no" / "only.jpg").write_bytes(encode(brain(1), "JPEG"))
+    (ds / "no" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"too few usable images .*'no': 1"):
+        ingest(p)
+
+
+def test_failed_run_keeps_previous_outputs(tmp_path):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    ingest(p)
+    before = p.path("ingest_manifest").read_bytes()
+    n_images = len(list(p.path("ingest_images").iterdir()))
+    (ds / "intruder").mkdir()
+    with pytest.raises(DataError):
+        ingest(p)
+    assert p.path("ingest_manifest").read_bytes() == before
+    assert len(list(p.path("ingest_images").iterdir())) == n_images
+    assert not [f for f in p.path("ingest_images").parent.iterdir() if f.name.startswith(".")]  # no temp leftovers
+
+
+def test_duplicates_are_grouped_and_label_conflicts_flagged(tmp_path):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=4, size=(120, 110))
+    original = (ds / "yes" / "yes 0.jpg").read_bytes()
+    (ds / "yes" / "exact copy.jpg").write_bytes(original)
+    arr = brain(101, tumor=True, size=(120, 110))  # the pixels of "yes 1"
+    crop = arr[4:-3, 3:-4]
+    from PIL import Image
+
+    resized = Image.fromarray(crop).resize((150, 160))
+    (ds / "yes" / "resized crop.png").write_bytes(encode(resized, "PNG"))
+    (ds / "no" / "mislabelled.jpg").write_bytes((ds / "yes" / "yes 2.jpg").read_bytes())
+    ingest(p)
+    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False).set_index("source_path")
+    assert m.loc["yes/exact copy.jpg", "group"] == m.loc["yes/yes 0.jpg", "group"]
+    assert m.loc["yes/resized crop.png", "group"] == m.loc["yes/yes 1.jpg", "group"]
+    assert m.loc["no/mislabelled.jpg", "group"] == m.loc["yes/yes 2.jpg", "group"]
+    assert m["conflict"].sum() == 2 and m.loc["no/mislabelled.jpg", "conflict"]
+    others = m.drop(["yes/exact copy.jpg", "yes/yes 0.jpg", "yes/resized crop.png", "yes/yes 1.jpg", "no/mislabelled.jpg", "yes/yes 2.jpg"])
+    assert others["group"].is_unique  # distinct phantoms are not merged
+
+
+def _zip(path, members: dict):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def _tar(path, members: list):
+    with tarfile.open(path, "w:gz") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def _tarinfo(name, data=b"", **kw):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    return info
+
+
+def _dataset_members(prefix=""):
+    return {
+        f"{prefix}{c}/{c} {i}.jpg": encode(brain(i + 10 * (c == "yes"), tumor=c == "yes"), "JPEG") for c in ("no", "yes") for i in range(3)
+    }
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_with_single_top_folder_is_unwrapped(tmp_path, kind):
+    p = project(tmp_path, source=f"data/raw/ds.{kind}")
+    archive = p.resolve(f"data/raw/ds.{kind}")
+    archive.parent.mkdir(parents=True)
+    members = _dataset_members("brain_tumor_dataset/")
+    if kind == "zip":
+        _zip(archive, members)
+    else:
+        _tar(archive, [(_tarinfo(n, d), d) for n, d in members.items()])
+    report = ingest(p)
+    assert report["n_ingested"] == 6
+    m = pd.read_csv(p.path("ingest_manifest"))
+    assert sorted(m["source_path"])[0] == "no/no 0.jpg"
+    assert [f.name for f in p.path("ingest_manifest").parent.iterdir() if f.name.startswith(".extract")] == []
+
+
+HOSTILE = {
+    "zip-slip": ("zip", {"../../escaped.jpg": b"x"}, "climbs out of the archive"),
+    "absolute": ("zip", {"/tmp/abs.jpg": b"x"}, "absolute path"),
+    "tar-slip": ("tar", [(_tarinfo("no/../../escaped.jpg", b"x"), b"x")], "climbs out"),
+    "symlink": ("tar", [(_tarinfo("no/link.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd"), None)], "is a link to '/etc/passwd'"),
+    "hardlink": ("tar", [(_tarinfo("no/hard.jpg", type=tarfile.LNKTYPE, linkname="../../outside"), None)], "is a link"),
+    "device": ("tar", [(_tarinfo("no/dev", type=tarfile.CHRTYPE), None)], "not a regular file"),
+    "bad-utf8": ("tar", [(_tarinfo("no/caf\udce9.jpg", b"x"), b"x")], "not valid UTF-8"),
+    "too-many": ("zip", {f"no/{i}.jpg": b"x" for i in range(30)}, "more than 20 members"),
+    "too-big": ("zip", {"no/big.jpg": b"\0" * 5000}, "more than 4000 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_archives_are_refused_and_write_nothing_outside(tmp_path, case):
+    kind, members, message = HOSTILE[case]
+    p = project(tmp_path, source="data/raw/evil." + ("zip" if kind == "zip" else "tar.gz"), archive_max_members=20, archive_max_bytes=4000)
+    archive = p.resolve(p.ingest.source)
+    archive.parent.mkdir(parents=True)
+    (_zip if kind == "zip" else _tar)(archive, members)
+    before = sorted(str(f) for f in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=message) as exc:
+        ingest(p)
+    assert "evil." in str(exc.value)  # names the archive
+    after = sorted(str(f) for f in tmp_path.rglob("*"))
+    assert [f for f in after if f not in before and ".extract-" not in f and "/data/ingest" not in f] == []
+    assert not any(".extract-" in f for f in after)
+    assert not (tmp_path / "escaped.jpg").exists() and not (tmp_path.parent / "escaped.jpg").exists()
+
+
+def test_symlinks_and_undecodable_names_in_a_folder_are_quarantined(tmp_path):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(encode(brain(50), "JPEG"))
+    os.symlink(secret, ds / "no" / "link.jpg")
+    (ds / "no" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(encode(brain(51), "JPEG"))
+    report = ingest(p)
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert "symbolic link" in reasons["no/link.jpg"]
+    assert "not valid UTF-8" in reasons["no/caf\\xe9.jpg"]
+    assert report["n_ingested"] == 6
+
+
+def test_real_dataset_ingests_all_253(real_ingest):
+    _, report, _ = real_ingest
+    assert report["n_files"] == 253 and report["n_ingested"] == 253 and report["quarantined"] == []
+    assert report["per_class"] == {"no": 98, "yes": 155}
+    assert report["duplicates"]["n_exact_duplicate_files"] > 0  # the set really holds byte-identical copies
+    assert report["duplicates"]["n_duplicate_groups"] > report["duplicates"]["n_exact_duplicate_files"] // 2
+    assert len(report["extension_mismatch"]) == 6  # PNGs named .jpg
