@@ -9,7 +9,8 @@ import sys
 
 from brainmri.errors import BrainMRIError
 
-STAGES = ("ingest", "split", "augment")
+STAGES = ("ingest", "split", "augment", "report")
+MODEL_STAGES = ("train", "evaluate")
 
 
 def _params(args, overrides: dict | None = None):
@@ -22,7 +23,8 @@ def cmd_stage(args) -> None:
     import importlib
 
     module = importlib.import_module(f"tasks.{args.command}")
-    getattr(module, args.command)(_params(args))
+    extra = (args.model,) if args.command in MODEL_STAGES else ()
+    getattr(module, args.command)(_params(args), *extra)
 
 
 def cmd_synthesize(args) -> None:
@@ -59,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest": "validate, normalize and de-duplicate the source images (ingest.* params)",
         "split": "split into train/val/test, stratified, keeping duplicate groups together (split.* params)",
         "augment": "write augmented copies of the training images (augment.* params)",
+        "report": "write the Markdown and HTML report with its plots from every model's metrics",
+        "train": "train one model (a models.* entry) and select it on the validation split (train.*, backbones.* params)",
+        "evaluate": "evaluate one trained model on the held-out test split with bootstrap intervals",
     }
     for name in STAGES:
         sub.add_parser(name, help=helps[name], description=helps[name]).set_defaults(func=cmd_stage)
+    for name in MODEL_STAGES:
+        sp = sub.add_parser(name, help=helps[name], description=helps[name])
+        sp.add_argument("model", help="a model name from the models section of params.yaml, e.g. vgg16-aug")
+        sp.set_defaults(func=cmd_stage)
     syn = sub.add_parser(
         "synthesize",
         help="write synthetic MRI phantoms in class folders (synthetic.* params)",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
@@ -18,6 +19,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class Files(Section):
+    model: str
+    history: str
+    train_metrics: str
+    metrics: str
+    predictions: str
+    roc: str
+    confusion: str
+    confusion_png: str
+
+
 class Paths(Section):
     ingest_images: str
     ingest_manifest: str
@@ -26,6 +38,11 @@ class Paths(Section):
     split_report: str
     augment_images: str
     augment_manifest: str
+    feature_cache: str
+    models: str
+    eval: str
+    report: str
+    files: Files
 
 
 class Ingest(Section):
@@ -125,6 +142,67 @@ class Synthetic(Section):
         return self
 
 
+class Train(Section):
+    batch_size: int
+    feature_batch_size: int
+    class_weight: Literal["balanced", "none"]
+    threshold: Literal["youden"] | float
+    cv_folds: int
+    bootstrap: int
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("batch_size", "feature_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if isinstance(self.threshold, float) and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"train.threshold must be 'youden' or a number between 0 and 1, got {self.threshold}")
+        if self.cv_folds == 1 or self.cv_folds < 0:
+            raise ValueError(f"train.cv_folds must be 0 (off) or at least 2, got {self.cv_folds}")
+        if self.bootstrap < 0:
+            raise ValueError(f"train.bootstrap must be 0 or more, got {self.bootstrap}")
+        return self
+
+
+class Backbone(Section):
+    application: str
+    weights: str
+    input_size: int
+    pooling: Literal["avg", "max"]
+    dense: int
+    dropout: float
+    learning_rate: float
+    epochs: int
+    patience: int
+    fine_tune_layers: int
+    fine_tune_epochs: int
+    fine_tune_learning_rate: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.application):
+            raise ValueError(f"application must name a keras.applications class such as VGG16, got {self.application!r}")
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32 pixels (the smallest the backbones accept), got {self.input_size}")
+        for key in ("dense", "epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("patience", "fine_tune_layers", "fine_tune_epochs"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be 0 or more, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("learning_rate", "fine_tune_learning_rate"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be between 0 and 1, got {getattr(self, key)}")
+        return self
+
+
+class ModelSpec(Section):
+    backbone: str
+    augment: bool
+
+
 class Params(Section):
     seed: int
     paths: Paths
@@ -132,9 +210,21 @@ class Params(Section):
     dedupe: Dedupe
     split: Split
     augment: Augment
+    train: Train
+    backbones: dict[str, Backbone]
+    models: dict[str, ModelSpec]
     synthetic: Synthetic
 
     _root: Path = PrivateAttr(default=Path("."))
+
+    @model_validator(mode="after")
+    def _check_models(self):
+        for name, spec in self.models.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"models.{name}: a model name may hold only letters, digits, '-', '_' and '.'")
+            if spec.backbone not in self.backbones:
+                raise ValueError(f"models.{name}.backbone {spec.backbone!r} is not a key of backbones ({', '.join(self.backbones)})")
+        return self
 
     @property
     def root(self) -> Path:
@@ -144,6 +234,10 @@ class Params(Section):
         """Absolute path of `paths.<key>`, resolved against the folder holding params.yaml."""
         return self._root / getattr(self.paths, key)
 
+    def model_file(self, folder: str, model: str, file: str) -> Path:
+        """`paths.<folder>/<model>/<paths.files.<file>>`: where one model's file lives."""
+        return self.path(folder) / model / getattr(self.paths.files, file)
+
     def resolve(self, rel: str) -> Path:
         return self._root / rel
 
@@ -151,11 +245,14 @@ class Params(Section):
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: Any = Params
     for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if model is None:
             return None
-        model = field.annotation
-    return model
+        if getattr(model, "__origin__", None) is dict:  # dict[str, Section]: any key, then the Section
+            model = model.__args__[1]
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 def _describe(err: ValidationError, file: Path) -> str:

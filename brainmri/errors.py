@@ -15,3 +15,7 @@ class DataError(BrainMRIError):
 
 class ImageError(BrainMRIError):
     """One image file cannot be used; ingest quarantines it and goes on."""
+
+
+class WeightsError(BrainMRIError):
+    """Pretrained weights were asked for but cannot be had (offline ImageNet download)."""

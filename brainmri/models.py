@@ -1,0 +1,177 @@
+"""Keras models: a backbone from keras.applications (or the small reference CNN) with its preprocessing built in,
+global pooling, and a small head. The frozen part and the head are separate models so features can be cached."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from brainmri.config import Backbone, Params
+from brainmri.errors import ConfigError, WeightsError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is noise here; Python errors still surface
+import keras  # noqa: E402
+
+SMALL_CNN = "SmallCNN"
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    kind: str  # 'imagenet', 'file' or 'none'
+    path: str | None = None  # for 'file': as written in params
+    sha256: str | None = None  # for 'file': of the weights file's bytes
+
+    def describe(self) -> str:
+        if self.kind == "file":
+            return f"local weights file {self.path} (sha256 {self.sha256[:12]}...)"
+        return {"imagenet": "ImageNet weights from Keras", "none": "random initialisation (no pretrained weights)"}[self.kind]
+
+
+def application(name: str, key: str):
+    """The keras.applications class named `name`; `key` names the params entry in errors."""
+    if name == SMALL_CNN:
+        return None
+    cls = getattr(keras.applications, name, None)
+    if cls is None or not callable(cls) or name[0].islower():
+        allowed = sorted(n for n in dir(keras.applications) if n[0].isupper())
+        raise ConfigError(f"backbones.{key}.application: unknown backbone {name!r}; allowed: {SMALL_CNN}, {', '.join(allowed)}")
+    return cls
+
+
+def weights_source(p: Params, key: str) -> WeightsSource:
+    w = p.backbones[key].weights
+    if w in ("imagenet", "none"):
+        if p.backbones[key].application == SMALL_CNN and w != "none":
+            raise ConfigError(f"backbones.{key}.weights must be 'none' for {SMALL_CNN}, got {w!r}")
+        return WeightsSource(w)
+    path = p.resolve(w)
+    if not path.is_file():
+        raise ConfigError(f"backbones.{key}.weights: weights file {path} not found (use 'imagenet', 'none' or an existing .h5 file)")
+    return WeightsSource("file", w, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def preprocess_layer(app_cls, name: str = "preprocess") -> keras.layers.Layer:
+    """The backbone's own preprocess_input as a frozen 1x1 convolution (every Keras mode is per-pixel affine).
+
+    A built-in layer, unlike a Lambda, survives Keras safe-mode loading and ONNX export.
+    """
+    if app_cls is None:
+        weight, bias = np.eye(3) / 255.0, np.zeros(3)  # the reference CNN sees 0-1 inputs
+    else:
+        fn = sys.modules[app_cls.__module__].preprocess_input
+        probe = np.concatenate([np.zeros((1, 1, 1, 3)), 255.0 * np.eye(3).reshape(3, 1, 1, 3)]).astype(np.float32)
+        out = np.asarray(fn(probe.copy()), dtype=np.float64).reshape(4, 3)
+        bias = out[0]
+        weight = ((out[1:] - bias) / 255.0).T  # weight[out_channel, in_channel]
+        check = np.random.default_rng(0).uniform(0, 255, (1, 4, 4, 3)).astype(np.float32)
+        if not np.allclose(np.asarray(fn(check.copy())), check @ weight.T + bias, atol=1e-3):
+            raise ConfigError(f"{app_cls.__name__}: its preprocess_input is not per-pixel affine; it cannot be built into the model")
+    layer = keras.layers.Conv2D(3, 1, name=name, trainable=False)
+    layer.build((None, None, None, 3))
+    layer.set_weights([weight.T.reshape(1, 1, 3, 3).astype(np.float32), bias.astype(np.float32)])
+    return layer
+
+
+def _small_cnn(size: int) -> keras.Model:
+    inp = keras.Input((size, size, 3))
+    x = inp
+    for filters in (16, 32, 64):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.MaxPooling2D()(x)
+    return keras.Model(inp, x, name="smallcnn_base")
+
+
+def _offline_message(key: str, exc: Exception) -> str:
+    url = re.search(r"https?://\S+?\.h5", str(exc))
+    fname = url.group(0).rsplit("/", 1)[-1] if url else "the backbone's ImageNet weights file"
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / fname
+    return (
+        f"backbones.{key}.weights is 'imagenet' but Keras could not download {fname}"
+        f"{' from ' + url.group(0) if url else ''} (no internet?). Either download it once into {cache}, "
+        f"or set backbones.{key}.weights to a local weights file, or to 'none' to train from random weights."
+    )
+
+
+def build_base(p: Params, key: str) -> tuple[keras.Model, WeightsSource]:
+    """The backbone without its top, its weights loaded; raises WeightsError when ImageNet weights cannot be had."""
+    bb: Backbone = p.backbones[key]
+    cls = application(bb.application, key)
+    src = weights_source(p, key)
+    shape = (bb.input_size, bb.input_size, 3)
+    if cls is None:
+        return _small_cnn(bb.input_size), src
+    try:
+        base = cls(include_top=False, weights="imagenet" if src.kind == "imagenet" else None, input_shape=shape)
+    except ValueError as exc:
+        raise ConfigError(f"backbones.{key}: {bb.application} cannot be built at input_size {bb.input_size}: {exc}") from None
+    except Exception as exc:  # Keras raises a bare Exception on a failed download
+        if src.kind == "imagenet" and ("URL fetch failure" in str(exc) or "HTTP" in str(exc) or isinstance(exc, OSError)):
+            raise WeightsError(_offline_message(key, exc)) from None
+        raise
+    if src.kind == "file":
+        try:
+            base.load_weights(p.resolve(src.path))
+        except Exception as exc:
+            raise ConfigError(f"backbones.{key}.weights: {src.path} does not fit {bb.application}(include_top=False): {exc}") from None
+    return base, src
+
+
+@dataclass
+class Network:
+    base: keras.Model  # the backbone alone (unfrozen in part for fine-tuning)
+    extractor: keras.Model  # image (0-255 RGB) -> pooled features; frozen for transfer models
+    head: keras.Model  # pooled features -> tumour probability
+    full: keras.Model  # extractor then head: what is saved, evaluated and exported
+    weights: WeightsSource
+    end_to_end: bool  # True for the reference CNN: trained whole, no feature cache
+
+    def attach(self, head: keras.Model) -> None:
+        """Use `head` on top of the extractor (the full model shares both)."""
+        self.head = head
+        self.full = stack(self.extractor, head, self.full.name)
+
+
+def stack(extractor: keras.Model, head: keras.Model, name: str) -> keras.Model:
+    inp = keras.Input(extractor.input_shape[1:], name="image")
+    return keras.Model(inp, head(extractor(inp)), name=name)
+
+
+def build_network(p: Params, key: str, seed: int) -> Network:
+    """The extractor (preprocessing, backbone, pooling) and a fresh head; the base is frozen unless end to end."""
+    bb = p.backbones[key]
+    base, src = build_base(p, key)
+    end_to_end = bb.application == SMALL_CNN
+    base.trainable = end_to_end
+    inp = keras.Input((bb.input_size, bb.input_size, 3), name="image")
+    x = preprocess_layer(application(bb.application, key))(inp)
+    x = base(x, training=None if end_to_end else False)  # frozen BatchNorm stays in inference mode
+    pool = keras.layers.GlobalAveragePooling2D if bb.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    extractor = keras.Model(inp, pool(name="pool")(x), name=f"{key}_features")
+    head = build_head(int(extractor.output_shape[-1]), bb, seed)
+    return Network(base, extractor, head, stack(extractor, head, key), src, end_to_end)
+
+
+def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | None = None) -> keras.Model:
+    """Dense, dropout, sigmoid; with `adapt_on`, the features are first standardised with their training mean and variance."""
+    inp = keras.Input((n_features,), name="features")
+    x = inp
+    if adapt_on is not None:
+        norm = keras.layers.Normalization(axis=-1, name="feature_scale")
+        norm.adapt(adapt_on)
+        x = norm(x)
+    x = keras.layers.Dense(bb.dense, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(bb.dropout, seed=seed, name="head_dropout")(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name="tumour_probability")(x)
+    return keras.Model(inp, out, name="head")
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a saved model in Keras safe mode: a .keras file cannot run arbitrary code."""
+    return keras.models.load_model(path, safe_mode=True, compile=False)

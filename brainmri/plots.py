@@ -1,0 +1,70 @@
+"""Figures for people: labelled confusion matrices, ROC curves and training curves, saved as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from brainmri.fsutil import atomic_path  # noqa: E402
+
+
+def save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def confusion_figure(matrix: np.ndarray, names: tuple[str, str], title: str, ax=None):
+    """Rows: actual class; columns: predicted class; `names` is (negative, positive)."""
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(matrix, cmap="Blues", vmin=0)
+    ax.set_xticks([0, 1], labels=list(names))
+    ax.set_yticks([0, 1], labels=list(names))
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("Actual")
+    ax.set_title(title, fontsize=9)
+    peak = matrix.max() or 1
+    for (r, c), v in np.ndenumerate(matrix):
+        ax.text(c, r, str(int(v)), ha="center", va="center", color="white" if v > peak / 2 else "black", fontsize=12)
+    return fig or ax.figure
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
+    """One ROC curve per model: name -> (fpr, tpr, auc)."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})", linewidth=1.4)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("False positive rate (1 - specificity)")
+    ax.set_ylabel("True positive rate (sensitivity)")
+    ax.set_title("ROC on the held-out test split")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def curves_figure(histories: dict[str, object]):
+    """Training and validation loss per epoch, one panel per model (pandas frames with epoch, loss, val_loss)."""
+    n = max(1, len(histories))
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, h) in zip(axes.ravel(), histories.items(), strict=False):
+        ax.plot(h["epoch"], h["loss"], label="train")
+        ax.plot(h["epoch"], h["val_loss"], label="val")
+        if "selected" in h and h["selected"].any():
+            ax.axvline(int(h.loc[h["selected"].astype(bool), "epoch"].iloc[0]), color="grey", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("BCE loss", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(histories) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

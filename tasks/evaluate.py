@@ -1,0 +1,77 @@
+"""evaluate stage: one model on the held-out test split, with 95% bootstrap intervals and a labelled confusion matrix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from brainmri.config import Params
+from brainmri.errors import ConfigError
+from brainmri.fsutil import write_csv, write_json
+from brainmri.metrics import confusion, with_intervals
+from brainmri.plots import confusion_figure, save
+from brainmri.preprocess import load_batch
+from brainmri.progress import summary
+
+
+def evaluate(p: Params, name: str) -> dict:
+    """Run the stage for model `name`: write metrics, predictions, ROC and confusion files; return the metrics."""
+    if name not in p.models:
+        raise ConfigError(f"unknown model {name!r}; models in params.yaml: {', '.join(p.models)}")
+    from sklearn.metrics import roc_curve
+
+    from brainmri.models import load_model
+
+    bb = p.backbones[p.models[name].backbone]
+    trained = json.loads(p.model_file("models", name, "train_metrics").read_text())
+    model = load_model(p.model_file("models", name, "model"))
+    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    test = split[split["split"] == "test"].sort_values("source_path", kind="stable").reset_index(drop=True)
+    pos, neg = p.ingest.positive_class, p.ingest.negative_class
+    y = (test["label"] == pos).to_numpy(int)
+    x = load_batch([p.path("ingest_images") / n for n in test["image"]], bb.input_size)
+    prob = np.asarray(model.predict(x, batch_size=16, verbose=0), dtype=np.float64).reshape(-1)
+    threshold = float(trained["threshold"])
+    pred = (prob >= threshold).astype(int)
+
+    metrics = {
+        "model": name,
+        "n_test": int(len(y)),
+        "n_positive": int(y.sum()),
+        "threshold": threshold,
+        "points_per_image": round(100.0 / max(1, len(y)), 2),
+        "bootstrap_resamples": p.train.bootstrap,
+        "test": with_intervals(y, prob, threshold, p.train.bootstrap, p.seed),
+    }
+    names = (neg, pos)
+    preds = test[["source_path", "group", "label"]].assign(
+        probability=np.round(prob, 6), actual=[names[v] for v in y], predicted=[names[v] for v in pred], correct=pred == y
+    )
+    fpr, tpr, thr = roc_curve(y, prob)
+    matrix = confusion(y, pred)
+    write_csv(p.model_file("eval", name, "predictions"), preds)
+    write_csv(p.model_file("eval", name, "roc"), pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.clip(thr, 0, 1)}).round(6))
+    write_json(
+        p.model_file("eval", name, "confusion"),
+        {"rows": "actual", "columns": "predicted", "labels": list(names), "matrix": matrix.tolist()},
+    )
+    shown = (f"{neg}\n(no tumour)", f"{pos}\n(tumour)")
+    save(confusion_figure(matrix, shown, f"{name} (test, threshold {threshold:.2f})"), p.model_file("eval", name, "confusion_png"))
+    write_json(p.model_file("eval", name, "metrics"), metrics)
+    t = metrics["test"]
+    summary(
+        f"evaluate {name}",
+        f"test accuracy {t['accuracy']['value']:.3f} [{t['accuracy']['ci_low']:.3f}, {t['accuracy']['ci_high']:.3f}], "
+        f"AUC {t['auc']['value']:.3f}, sensitivity {t['sensitivity']['value']:.3f}, specificity {t['specificity']['value']:.3f} "
+        f"({len(y)} images: one image moves accuracy {metrics['points_per_image']} points)",
+    )
+    return metrics
+
+
+@task(name="evaluate_model", retries=1, retry_delay_seconds=5)
+def evaluate_model(p: Params, name: str) -> dict:
+    """Evaluate one model on the held-out test split."""
+    return evaluate(p, name)

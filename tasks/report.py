@@ -1,0 +1,173 @@
+"""report stage: one Markdown and one self-contained HTML report of every model, with its plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+import pandas as pd
+from prefect import task
+
+from brainmri.config import Params
+from brainmri.fsutil import atomic_dir, write_text
+from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, save
+from brainmri.progress import summary
+
+ORIGINAL = (
+    "The original study reported VGG19 with augmentation best at 86% test accuracy and VGG16 with augmentation lowest at 0.4984 test BCE, "
+)
+ORIGINAL += (
+    "selecting checkpoints on training accuracy, with no validation split and 1/255 scaling; the numbers below avoid those mistakes."
+)
+
+
+def _ci(m: dict, pct: bool = True) -> str:
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
+    return f"{f(m['value'])} [{f(m['ci_low'])}, {f(m['ci_high'])}]"
+
+
+def _cv(c: dict | None, who: str) -> str:
+    return f"{c[who]['auc']['mean']:.3f} ± {c[who]['auc']['sd']:.3f}" if c else "n/a"
+
+
+def results_table(p: Params) -> tuple[pd.DataFrame, dict, dict]:
+    rows, trained, evaluated = [], {}, {}
+    for name in p.models:
+        t = json.loads(p.model_file("models", name, "train_metrics").read_text())
+        e = json.loads(p.model_file("eval", name, "metrics").read_text())
+        trained[name], evaluated[name] = t, e
+        m = e["test"]
+        rows.append(
+            {
+                "Model": name,
+                "Weights": t["weights"]["kind"] if t["weights"]["kind"] != "file" else "file",
+                "Train acc %": f"{100 * t['train']['accuracy']:.1f}",
+                "Test acc % [95% CI]": _ci(m["accuracy"]),
+                "Test BCE": f"{m['bce']['value']:.4f}",
+                "AUC [95% CI]": _ci(m["auc"], pct=False),
+                "Sensitivity % [95% CI]": _ci(m["sensitivity"]),
+                "Specificity % [95% CI]": _ci(m["specificity"]),
+                "CV AUC (mean ± sd)": _cv(t["cv"], "model"),
+                "LogReg CV AUC": _cv(t["cv"], "baseline_logreg"),
+            }
+        )
+    return pd.DataFrame(rows), trained, evaluated
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return head + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
+
+
+def report(p: Params) -> dict:
+    """Run the stage: write report.md, report.html and the plots; return the headline table as records."""
+    table, trained, evaluated = results_table(p)
+    ingest = json.loads(p.path("ingest_report").read_text())
+    split = json.loads(p.path("split_report").read_text())
+    n_test = next(iter(evaluated.values()))["n_test"] if evaluated else 0
+    neg, pos = p.ingest.negative_class, p.ingest.positive_class
+    with atomic_dir(p.path("report")) as out:
+        curves = {}
+        for name in p.models:
+            roc = pd.read_csv(p.model_file("eval", name, "roc"))
+            curves[name] = (roc["fpr"], roc["tpr"], evaluated[name]["test"]["auc"]["value"])
+        save(roc_figure(curves), out / "roc.png")
+        save(curves_figure({n: pd.read_csv(p.model_file("models", n, "history")) for n in p.models}), out / "training_curves.png")
+        cols = min(4, len(p.models))
+        fig, axes = plt.subplots(-(-len(p.models) // cols), cols, figsize=(3.4 * cols, 3.0 * -(-len(p.models) // cols)), squeeze=False)
+        for ax, name in zip(axes.ravel(), p.models, strict=False):
+            c = json.loads(p.model_file("eval", name, "confusion").read_text())
+            confusion_figure(pd.DataFrame(c["matrix"]).to_numpy(), (f"{neg}\n(no tumour)", f"{pos}\n(tumour)"), name, ax=ax)
+        for ax in axes.ravel()[len(p.models) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        save(fig, out / "confusion_matrices.png")
+        weights_notes = sorted({f"- **{t['backbone']}**: {t['weights']['description']}" for t in trained.values()})
+        d = ingest["duplicates"]
+        counts = split["counts"]
+        md = [
+            "# Brain MRI tumour classification: results",
+            "",
+            f"Tumour class: `{pos}`; no-tumour class: `{neg}`. All metrics are on the held-out **test split of {n_test} images**, "
+            f"where one image moves accuracy by {100 / max(1, n_test):.1f} points; intervals are 95% bootstrap percentiles "
+            f"({p.train.bootstrap} resamples). Decision thresholds were chosen on the validation split ({p.train.threshold}).",
+            "",
+            ORIGINAL,
+            "",
+            "## Results",
+            "",
+            _md_table(table),
+            "CV AUC: grouped, stratified "
+            + (
+                f"{p.train.cv_folds}-fold cross-validation over train+val on cached features; LogReg: a plain logistic regression "
+                "on the same frozen features and folds, the bar a trained head should clear."
+                if p.train.cv_folds
+                else "cross-validation is off."
+            ),
+            "",
+            "### Weights used",
+            "",
+            *weights_notes,
+            "",
+            "## Dataset",
+            "",
+            f"- {ingest['n_files']} files, {ingest['n_ingested']} ingested, {ingest['n_quarantined']} quarantined, "
+            f"{ingest['n_skipped']} skipped.",
+            f"- Per class: {', '.join(f'{k} {v}' for k, v in ingest['per_class'].items())}.",
+            f"- {d['n_images_in_duplicate_groups']} images in {d['n_duplicate_groups']} duplicate groups "
+            f"({d['n_exact_duplicate_files']} byte-identical copies); {len(d['conflicts'])} label conflicts excluded.",
+            "- Split: "
+            + "; ".join(f"{s} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})" for s, c in counts.items())
+            + f". Test images with a duplicate in train: {split['test_leak']:.0%} "
+            f"(a naive random split: {split['naive_split_test_leak']:.0%}).",
+            "",
+            "## Plots",
+            "",
+            "![ROC curves](roc.png)",
+            "",
+            "![Confusion matrices (rows: actual, columns: predicted)](confusion_matrices.png)",
+            "",
+            "![Training curves (dotted: selected epoch)](training_curves.png)",
+            "",
+        ]
+        write_text(out / "report.md", "\n".join(md))
+        write_text(out / "report.html", _html(md, table, out))
+    summary("report", f"{len(table)} models -> {p.path('report') / 'report.md'}")
+    return {"table": table.to_dict(orient="records")}
+
+
+def _html(md: list[str], table: pd.DataFrame, folder) -> str:
+    """A self-contained page: the same content, images inlined as data URIs."""
+    body = []
+    for line in md:
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("### "):
+            body.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif line.startswith("| Model"):
+            body.append(table.to_html(index=False, border=0, classes="results", escape=True))
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](")
+            data = base64.b64encode((folder / src.rstrip(")")).read_bytes()).decode()
+            cap = html.escape(alt)
+            body.append(f'<figure><img alt="{cap}" src="data:image/png;base64,{data}"><figcaption>{cap}</figcaption></figure>')
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:]).replace('**', '')}</li>")
+        elif line.strip() and not line.startswith("|"):
+            body.append(f"<p>{html.escape(line)}</p>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:right}"
+        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    )
+    head = f"<meta charset='utf-8'><title>Brain MRI results</title><style>{style}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>\n"
+
+
+@task(name="write_report", retries=1, retry_delay_seconds=2)
+def write_report(p: Params) -> dict:
+    """Write the Markdown and HTML report with its plots."""
+    return report(p)

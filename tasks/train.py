@@ -1,0 +1,270 @@
+"""train stage: one model = one backbone, with or without the augmented copies, selected on the validation split."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from brainmri import features
+from brainmri.config import Params
+from brainmri.errors import ConfigError
+from brainmri.fsutil import atomic_dir, write_csv, write_json
+from brainmri.metrics import point, youden_threshold
+from brainmri.models import build_head, build_network
+from brainmri.preprocess import load_batch
+from brainmri.progress import log, summary
+
+
+@dataclass
+class Part:
+    frame: pd.DataFrame  # rows of the split (or augment) manifest
+    paths: list[Path]
+    y: np.ndarray  # 1 = tumour
+
+
+def data_parts(p: Params, augment: bool) -> tuple[Part, Part, Part]:
+    """(train originals, their augmented copies or nothing, val) in a fixed order."""
+    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).sort_values("source_path", kind="stable")
+    pos = p.ingest.positive_class
+
+    def part(frame, folder):
+        frame = frame.reset_index(drop=True)
+        return Part(frame, [folder / n for n in frame["image"]], (frame["label"] == pos).to_numpy(int))
+
+    aug = pd.read_csv(p.path("augment_manifest"), keep_default_na=False) if augment else pd.DataFrame(columns=["image", "label"])
+    return (
+        part(split[split["split"] == "train"], p.path("ingest_images")),
+        part(aug.sort_values("image", kind="stable") if augment else aug, p.path("augment_images")),
+        part(split[split["split"] == "val"], p.path("ingest_images")),
+    )
+
+
+def class_weights(y: np.ndarray, mode: str) -> dict[int, float] | None:
+    if mode == "none":
+        return None
+    counts = np.bincount(y, minlength=2)
+    return {c: float(len(y) / (2 * counts[c])) if counts[c] else 1.0 for c in (0, 1)}
+
+
+def seed_everything(seed: int) -> None:
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw, label: str) -> tuple[pd.DataFrame, int]:
+    """Fit with early stopping on validation loss; the weights of the best validation epoch are kept."""
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            log.info(
+                "%s epoch %d/%d: loss %.4f, val_loss %.4f, val_accuracy %.3f",
+                label,
+                epoch + 1,
+                epochs,
+                logs["loss"],
+                logs["val_loss"],
+                logs["val_accuracy"],
+            )
+
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy", metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience or epochs, restore_best_weights=True)
+    h = model.fit(
+        x, y, validation_data=val, epochs=epochs, batch_size=batch, class_weight=cw, shuffle=True, verbose=0, callbacks=[stop, EpochLog()]
+    )
+    hist = pd.DataFrame(h.history)
+    hist.insert(0, "epoch", np.arange(1, len(hist) + 1))
+    hist["selected"] = hist["epoch"] == stop.best_epoch + 1
+    return hist, stop.best_epoch + 1
+
+
+def predict(model, x, batch: int = 64) -> np.ndarray:
+    return np.asarray(model.predict(x, batch_size=batch, verbose=0)).reshape(-1)
+
+
+def cross_validate(
+    p: Params, name: str, feats: np.ndarray, y: np.ndarray, groups: np.ndarray, aug_feats: dict[int, np.ndarray], epochs: int
+) -> dict:
+    """Grouped, stratified k-fold over train+val on cached features; a logistic-regression baseline on the same folds."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    bb = p.backbones[p.models[name].backbone]
+    folds = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=p.seed)
+    rows = []
+    for k, (tr, te) in enumerate(folds.split(feats, y, groups)):
+        with_aug = [i for i in tr if i in aug_feats]  # augmented copies of this fold's training images only
+        x_tr = np.concatenate([feats[tr], *(aug_feats[i] for i in with_aug)])
+        y_tr = np.concatenate([y[tr], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
+        keras.utils.set_random_seed(p.seed + k)
+        head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_tr)
+        head.compile(optimizer=keras.optimizers.Adam(bb.learning_rate), loss="binary_crossentropy")
+        head.fit(
+            x_tr,
+            y_tr,
+            epochs=epochs,
+            batch_size=p.train.batch_size,
+            class_weight=class_weights(y_tr, p.train.class_weight),
+            shuffle=True,
+            verbose=0,
+        )
+        m = point(y[te], predict(head, feats[te]), 0.5)
+        lr = make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=5000, class_weight=None if p.train.class_weight == "none" else "balanced")
+        )
+        lr.fit(feats[tr], y[tr])
+        b = point(y[te], lr.predict_proba(feats[te])[:, 1], 0.5)
+        rows.append(
+            {
+                "fold": k,
+                "n_test": int(len(te)),
+                **{f"model_{m_}": m[m_] for m_ in ("auc", "accuracy", "bce")},
+                **{f"baseline_{m_}": b[m_] for m_ in ("auc", "accuracy", "bce")},
+            }
+        )
+        log.info("cv %s fold %d/%d: AUC %.3f (logistic-regression baseline %.3f)", name, k + 1, p.train.cv_folds, m["auc"], b["auc"])
+    frame = pd.DataFrame(rows)
+    stats = lambda col: {"mean": round(float(frame[col].mean()), 4), "sd": round(float(frame[col].std(ddof=1)), 4)}  # noqa: E731
+    return {
+        "folds": p.train.cv_folds,
+        "epochs": epochs,
+        "n_images": int(len(y)),
+        "model": {m_: stats(f"model_{m_}") for m_ in ("auc", "accuracy", "bce")},
+        "baseline_logreg": {m_: stats(f"baseline_{m_}") for m_ in ("auc", "accuracy", "bce")},
+        "per_fold": frame.round(4).to_dict(orient="records"),
+    }
+
+
+def train(p: Params, name: str) -> dict:
+    """Run the stage for model `name`: write the model, its history and train.json; return train.json."""
+    if name not in p.models:
+        raise ConfigError(f"unknown model {name!r}; models in params.yaml: {', '.join(p.models)}")
+    start = time.monotonic()
+    spec = p.models[name]
+    bb = p.backbones[spec.backbone]
+    seed_everything(p.seed)
+    net = build_network(p, spec.backbone, p.seed)  # fails here, before any work, if weights cannot be had
+    log.info("train %s: %s, weights: %s", name, bb.application, net.weights.describe())
+    tr, aug, va = data_parts(p, spec.augment)
+    y_fit = np.concatenate([tr.y, aug.y])
+    cw = class_weights(y_fit, p.train.class_weight)
+    fit_args = {"batch": p.train.batch_size, "cw": cw, "patience": bb.patience}
+    cv = None
+    if net.end_to_end:
+        x_val = load_batch(va.paths, bb.input_size)
+        history, best = fit(
+            net.full,
+            load_batch(tr.paths + aug.paths, bb.input_size),
+            y_fit,
+            (x_val, va.y),
+            bb.learning_rate,
+            bb.epochs,
+            label=f"train {name}",
+            **fit_args,
+        )
+        p_train, p_val = predict(net.full, load_batch(tr.paths, bb.input_size)), predict(net.full, x_val)
+    else:
+        sha = net.weights.sha256 or net.weights.kind
+        f_tr = features.extract(p, spec.backbone, net.extractor, sha, tr.paths, f"{spec.backbone} train")
+        f_aug = features.extract(p, spec.backbone, net.extractor, sha, aug.paths, f"{spec.backbone} augmented")
+        f_val = features.extract(p, spec.backbone, net.extractor, sha, va.paths, f"{spec.backbone} val")
+        f_fit = np.concatenate([f_tr, f_aug])
+        net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
+        history, best = fit(net.head, f_fit, y_fit, (f_val, va.y), bb.learning_rate, bb.epochs, label=f"train {name}", **fit_args)
+        history["phase"] = "head"
+        if bb.fine_tune_layers and bb.fine_tune_epochs:
+            history = pd.concat([history, fine_tune(net, tr, aug, va, bb, y_fit, fit_args, name, len(history))])
+            p_train, p_val = predict(net.full, load_batch(tr.paths, bb.input_size)), predict(net.full, load_batch(va.paths, bb.input_size))
+        else:
+            p_train, p_val = predict(net.head, f_tr), predict(net.head, f_val)
+            if p.train.cv_folds:
+                cv = _cv(p, name, tr, aug, va, f_tr, f_aug, f_val, best)
+    threshold = youden_threshold(va.y, p_val) if p.train.threshold == "youden" else float(p.train.threshold)
+    out = {
+        "model": name,
+        "backbone": spec.backbone,
+        "application": bb.application,
+        "augment": spec.augment,
+        "weights": {
+            "kind": net.weights.kind,
+            "path": net.weights.path,
+            "sha256": net.weights.sha256,
+            "description": net.weights.describe(),
+        },
+        "n_train": len(tr.paths),
+        "n_augmented": len(aug.paths),
+        "n_val": len(va.paths),
+        "class_weight": cw,
+        "epochs_run": int(len(history)),
+        "selected_epoch": int(best),
+        "threshold": round(threshold, 6),
+        "threshold_rule": p.train.threshold,
+        "train": _summary(tr.y, p_train, threshold),
+        "val": _summary(va.y, p_val, threshold),
+        "cv": cv,
+        "elapsed_s": round(time.monotonic() - start, 1),
+    }
+    folder = p.model_file("models", name, "model").parent
+    with atomic_dir(folder) as tmp:
+        net.full.save(tmp / p.paths.files.model)
+        write_csv(tmp / p.paths.files.history, history)
+        write_json(tmp / p.paths.files.train_metrics, out)
+    summary(
+        f"train {name}",
+        f"selected epoch {best} of {len(history)}; val accuracy {out['val']['accuracy']:.3f}, "
+        f"val AUC {out['val']['auc']:.3f}; threshold {threshold:.3f}"
+        + (f"; CV AUC {cv['model']['auc']['mean']:.3f} +/- {cv['model']['auc']['sd']:.3f}" if cv else ""),
+    )
+    return out
+
+
+def _summary(y, prob, threshold) -> dict:
+    m = point(y, prob, threshold)
+    return {k: round(m[k], 4) for k in ("accuracy", "bce", "auc")}
+
+
+def _cv(p, name, tr, aug, va, f_tr, f_aug, f_val, epochs) -> dict:
+    feats = np.concatenate([f_tr, f_val])
+    frame = pd.concat([tr.frame, va.frame], ignore_index=True)
+    by_image = {img: i for i, img in enumerate(frame["image"])}
+    aug_feats: dict[int, list] = {}
+    if len(aug.paths):
+        for vec, src in zip(f_aug, aug.frame["source_image"], strict=True):
+            aug_feats.setdefault(by_image[src], []).append(vec)
+    aug_arrays = {i: np.stack(v) for i, v in aug_feats.items()}
+    return cross_validate(p, name, feats, np.concatenate([tr.y, va.y]), frame["group"].to_numpy(), aug_arrays, epochs)
+
+
+def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str, offset: int) -> pd.DataFrame:
+    """Second phase: unfreeze the top `fine_tune_layers` layers of the base and train end to end at a low rate."""
+    import keras
+
+    net.base.trainable = True
+    for layer in net.base.layers[: -bb.fine_tune_layers]:
+        layer.trainable = False
+    for layer in net.base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    x = load_batch(tr.paths + aug.paths, bb.input_size)
+    val = (load_batch(va.paths, bb.input_size), va.y)
+    hist, _ = fit(net.full, x, y_fit, val, bb.fine_tune_learning_rate, bb.fine_tune_epochs, label=f"fine-tune {name}", **fit_args)
+    hist["epoch"] += offset
+    hist["phase"] = "fine_tune"
+    return hist
+
+
+@task(name="train_model", retries=1, retry_delay_seconds=5)
+def train_model(p: Params, name: str) -> dict:
+    """Train one model and select it on the validation split."""
+    return train(p, name)
