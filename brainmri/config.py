@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from brainmri.errors import ConfigError
@@ -281,9 +281,9 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: dict | None = None) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+    try:  # YAML 1.2, as DVC reads and writes it: bare yes/no are strings, not booleans
+        data = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")

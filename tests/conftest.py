@@ -34,3 +34,33 @@ def real_ingest(tmp_path_factory):
     report = ingest(p)
     split_report = split(p)
     return p, report, split_report
+
+
+SMALL_MODELS = {"vgg16-noaug": {"backbone": "vgg16", "augment": False},
+                "vgg16-aug": {"backbone": "vgg16", "augment": True},
+                "smallcnn-aug": {"backbone": "smallcnn", "augment": True}}
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """The whole chain, in process, on 2 x 16 phantoms at 32 px: ingest, split, augment, train + evaluate 3 models, report."""
+    from factory import tiny_training
+    from tasks.augment import augment
+    from tasks.evaluate import evaluate
+    from tasks.ingest import ingest
+    from tasks.report import report
+    from tasks.split import split
+    from tasks.train import train
+
+    from brainmri.phantoms import generate
+
+    over = {**tiny_training(), "ingest": {"source": "data/raw/synthetic", "max_side": 96}, "augment": {"copies": 1}}
+    root = make_project(tmp_path_factory.mktemp("small"), over, replace={"models": SMALL_MODELS})
+    p = load_params(root / "params.yaml")
+    generate(p.resolve("data/raw/synthetic"), {"yes": True, "no": False}, 16, 1, 64, 96, 0.1)
+    ingest(p)
+    split(p)
+    augment(p)
+    trained = {n: train(p, n) for n in p.models}
+    evaluated = {n: evaluate(p, n) for n in p.models}
+    return p, trained, evaluated, report(p)

@@ -64,13 +64,22 @@ def write_dataset(root: Path, n: int = 8, seed: int = 0, classes=("no", "yes"), 
     return root
 
 
-def make_project(root: Path, overrides: dict | None = None, code: bool = False) -> Path:
-    """A project folder with the repository's params.yaml (plus overrides) and, if asked, dvc.yaml and the code."""
+def make_project(root: Path, overrides: dict | None = None, code: bool = False, replace: dict | None = None) -> Path:
+    """A project folder with the repository's params.yaml (overrides merged, `replace` sections swapped whole)
+    and, if asked, dvc.yaml and the code."""
     root.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides or {}), sort_keys=False))
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
+    params.update(replace or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if code:
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
         for pkg in ("brainmri", "tasks", "flows"):
             shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     return root
+
+
+def tiny_training(size: int = 32, epochs: int = 3) -> dict:
+    """Overrides for every backbone: random weights (tests never download), tiny inputs, few epochs."""
+    bb = {"weights": "none", "input_size": size, "epochs": epochs, "patience": 2}
+    return {"backbones": {k: dict(bb) for k in ("resnet50v2", "vgg19", "vgg16", "smallcnn")},
+            "train": {"bootstrap": 50, "cv_folds": 2}}

@@ -44,10 +44,14 @@ def test_bad_params_name_the_key(tmp_path, override, needle):
     assert needle in str(exc.value)
 
 
-def test_yaml_booleans_are_not_class_names(tmp_path):
+def test_params_are_read_as_yaml_1_2_like_dvc_writes_them(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml in YAML 1.2, where bare yes/no are strings; we must read it the same way."""
     text = (REPO / "params.yaml").read_text().replace('classes: ["no", "yes"]', "classes: [no, yes]")
-    (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=r"ingest.classes.0"):
+    (tmp_path / "params.yaml").write_text(text.replace('positive_class: "yes"', "positive_class: yes"))
+    p = load_params(tmp_path / "params.yaml")
+    assert p.ingest.classes == ["no", "yes"] and p.ingest.positive_class == "yes"
+    (tmp_path / "params.yaml").write_text(text.replace('positive_class: "yes"', "positive_class: true"))
+    with pytest.raises(ConfigError, match="'ingest.positive_class': input should be a valid string"):
         load_params(tmp_path / "params.yaml")
 
 

@@ -1,0 +1,148 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from factory import REPO, make_project, tiny_training
+
+from brainmri import features
+from brainmri.config import load_params
+from brainmri.errors import ConfigError, WeightsError
+from brainmri.models import build_base, build_head, build_network, load_model
+from brainmri.preprocess import load_batch
+from tasks.train import fit, train
+
+HED = REPO.parent / "shared" / "weights" / "vgg16_hed_notop.weights.h5"
+
+
+def test_feature_cache_gives_the_stacked_models_result(small_run, tmp_path):
+    """Training the head on cached features == training the stacked model (frozen base) on the images."""
+    import keras
+
+    p, *_ = small_run
+    net = build_network(p, "vgg16", seed=3)
+    paths = sorted(p.path("ingest_images").iterdir())[:24]
+    x = load_batch(paths, 32)
+    y = np.arange(len(paths)) % 2
+    feats = features.extract(p, "vgg16", net.extractor, "none", paths, "test")
+    assert np.allclose(feats, np.asarray(net.extractor(x, training=False)), atol=1e-5)
+
+    head_a = build_head(feats.shape[1], p.backbones["vgg16"], seed=3, adapt_on=feats)
+    head_b = build_head(feats.shape[1], p.backbones["vgg16"], seed=3, adapt_on=feats)
+    head_b.set_weights(head_a.get_weights())
+    net.attach(head_b)
+    for model, data in ((head_a, feats), (net.full, x)):
+        keras.utils.set_random_seed(5)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+        model.fit(data, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
+    for wa, wb in zip(head_a.get_weights(), head_b.get_weights(), strict=True):
+        assert np.allclose(wa, wb, atol=1e-5)
+    assert np.allclose(np.asarray(head_a(feats)), np.asarray(net.full(x)), atol=1e-5)
+
+
+def test_cache_is_reused_and_a_tampered_entry_is_recomputed(small_run):
+    p, *_ = small_run
+    net = build_network(p, "vgg16", seed=1)
+    paths = sorted(p.path("ingest_images").iterdir())[:6]
+    first = features.extract(p, "vgg16", net.extractor, "tamper-test", paths, "test")
+    folder = features.cache_folder(p, "vgg16", "tamper-test")
+    entries = sorted(folder.glob("*.npy"))
+    assert len(entries) == 6
+    data = bytearray(entries[0].read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes +inf
+    entries[0].write_bytes(bytes(data))
+    entries[1].unlink()  # as if killed before writing it
+    again = features.extract(p, "vgg16", net.extractor, "tamper-test", paths, "test")
+    assert np.array_equal(first, again) and np.isfinite(again).all()
+    assert len(list(folder.glob("*.npy"))) == 6
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(small_run):
+    import keras
+
+    p, *_ = small_run
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 16)).astype("float32"), rng.integers(0, 2, 64)  # pure noise: val loss soon rises
+    xv, yv = rng.normal(size=(32, 16)).astype("float32"), rng.integers(0, 2, 32)
+    keras.utils.set_random_seed(0)
+    head = build_head(16, p.backbones["vgg16"].model_copy(update={"dense": 64, "dropout": 0.0}), seed=0)
+    hist, best = fit(head, x, y, (xv, yv), lr=0.01, epochs=30, patience=5, batch=16, cw=None, label="t")
+    assert best == int(hist["val_loss"].idxmin()) + 1 and best < len(hist)
+    assert hist["loss"].iloc[-1] < hist["loss"].iloc[best - 1]  # training kept improving: not selected on train loss
+    final = keras.losses.binary_crossentropy(yv.astype("float32"), np.asarray(head(xv)).reshape(-1)).numpy().mean()
+    assert final == pytest.approx(hist["val_loss"].min(), abs=1e-4)
+
+
+def test_train_writes_model_history_and_metrics(small_run):
+    p, trained, *_ = small_run
+    t = json.loads(p.model_file("models", "vgg16-aug", "train_metrics").read_text())
+    assert t == trained["vgg16-aug"]
+    assert t["augment"] and t["n_augmented"] == t["n_train"] and trained["vgg16-noaug"]["n_augmented"] == 0
+    assert t["weights"]["kind"] == "none" and "random" in t["weights"]["description"]
+    assert {"accuracy", "bce", "auc"} <= set(t["train"]) and 0 < t["threshold"] < 1
+    assert t["cv"]["folds"] == 2 and {"model", "baseline_logreg"} <= set(t["cv"])
+    assert trained["smallcnn-aug"]["cv"] is None  # end-to-end models have no feature cache to cross-validate on
+    model = load_model(p.model_file("models", "vgg16-aug", "model"))
+    assert [layer.name for layer in model.get_layer("head").layers][1] == "feature_scale"
+
+
+def test_same_params_give_the_same_metrics(small_run):
+    p, trained, *_ = small_run
+    again = train(p, "vgg16-aug")
+    strip = lambda d: {k: v for k, v in d.items() if k != "elapsed_s"}  # noqa: E731
+    assert strip(again) == strip(trained["vgg16-aug"])
+
+
+def test_offline_imagenet_stops_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a closed local port: the download fails without leaving the machine
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    p = load_params(make_project(tmp_path, {"backbones": {"vgg16": {"weights": "imagenet", "input_size": 32}}}) / "params.yaml")
+    with pytest.raises(WeightsError) as exc:
+        build_base(p, "vgg16")
+    msg = str(exc.value)
+    assert "backbones.vgg16.weights is 'imagenet'" in msg and "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg
+    assert str(tmp_path / "keras" / "models") in msg and "local weights file" in msg and "'none'" in msg
+
+
+@pytest.mark.skipif(not HED.is_file(), reason="the shared HED weights file is not beside the repository")
+def test_local_weights_file_is_loaded_and_recorded(tmp_path):
+    p = load_params(make_project(tmp_path, {"backbones": {"vgg16": {"weights": str(HED), "input_size": 32}}}) / "params.yaml")
+    base, src = build_base(p, "vgg16")
+    assert src.kind == "file" and src.sha256 and "local weights file" in src.describe()
+    import h5py
+
+    with h5py.File(HED) as f:
+        names = []
+        f.visit(names.append)
+    kernel = next(n for n in names if "block1_conv1" in n and n.endswith("/0"))
+    with h5py.File(HED) as f:
+        assert np.allclose(base.get_layer("block1_conv1").get_weights()[0], f[kernel][()])
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"vgg16": {"weights": "missing.h5"}}, "backbones.vgg16.weights: weights file"),
+        ({"vgg16": {"application": "VGG17"}}, "unknown backbone 'VGG17'; allowed: SmallCNN, ConvNeXtBase"),
+        ({"smallcnn": {"weights": "imagenet"}}, "must be 'none' for SmallCNN"),
+    ],
+)
+def test_bad_backbone_settings_stop_before_work(tmp_path, over, needle):
+    p = load_params(make_project(tmp_path, {"backbones": over}) / "params.yaml")
+    key = next(iter(over))
+    with pytest.raises(ConfigError, match=needle):
+        build_base(p, key)
+
+
+def test_too_small_input_and_unknown_model_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="input_size must be at least 32"):
+        load_params(make_project(tmp_path / "a", {"backbones": {"vgg16": {"input_size": 16}}}) / "params.yaml")
+    with pytest.raises(ConfigError, match="models.x.backbone 'vgg17' is not a key of backbones"):
+        load_params(make_project(tmp_path / "b", {"models": {"x": {"backbone": "vgg17", "augment": True}}}) / "params.yaml")
+    p = load_params(make_project(tmp_path / "c", tiny_training()) / "params.yaml")
+    with pytest.raises(ConfigError, match="unknown model 'vgg16'; models in params.yaml: resnet50v2-noaug"):
+        train(p, "vgg16")
+    assert os.path.exists(tmp_path / "c" / "params.yaml")
