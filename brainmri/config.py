@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from ruamel.yaml import YAML, YAMLError
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
+from ruamel.yaml import YAML, YAMLError
 
 from brainmri.errors import ConfigError
 

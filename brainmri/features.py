@@ -1,7 +1,7 @@
 """Frozen-feature cache: a frozen base maps an image to the same features every time, so compute them once.
 
 Entries are content-addressed (`<image sha256>-<features sha256>.npy`) inside a folder keyed by everything that
-determines the features (backbone, weights, input size, pooling, preprocessing code, Keras version). Each entry
+determines the features (the extractor's architecture and weight bytes, the preprocessing code, Keras version). Each entry
 is written atomically and verified against its own hash when read, so a killed run resumes where it stopped
 and a tampered or truncated entry is recomputed, never used.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +19,24 @@ from brainmri.fsutil import atomic_path
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, progress
 
-CODE = [Path(__file__).with_name(n) for n in ("preprocess.py", "models.py")]
+PREPROCESS = Path(__file__).with_name("preprocess.py")
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def cache_folder(p: Params, key: str, weights_sha: str) -> Path:
+def cache_folder(p: Params, key: str, extractor) -> Path:
+    """The folder for one extractor: keyed by its architecture and weight bytes, the image preprocessing and Keras."""
     import keras
 
-    bb = p.backbones[key]
-    spec = {
-        "application": bb.application,
-        "weights": weights_sha,
-        "input_size": bb.input_size,
-        "pooling": bb.pooling,
-        "code": [_sha(f.read_bytes()) for f in CODE],
-        "keras": keras.__version__,
-    }
-    return p.path("feature_cache") / f"{key}-{_sha(json.dumps(spec, sort_keys=True).encode())[:16]}"
+    h = hashlib.sha256()
+    h.update(extractor.to_json().encode())
+    for w in extractor.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    h.update(PREPROCESS.read_bytes())
+    h.update(keras.__version__.encode())
+    return p.path("feature_cache") / f"{key}-{h.hexdigest()[:16]}"
 
 
 def _read(folder: Path, image_sha: str) -> np.ndarray | None:
@@ -60,9 +57,9 @@ def _write(folder: Path, image_sha: str, vector: np.ndarray) -> None:
         tmp.write_bytes(data)
 
 
-def extract(p: Params, key: str, extractor, weights_sha: str, paths: list[Path], desc: str) -> np.ndarray:
+def extract(p: Params, key: str, extractor, paths: list[Path], desc: str) -> np.ndarray:
     """Features for each image in `paths` (n, d), computing only those not yet cached."""
-    folder = cache_folder(p, key, weights_sha)
+    folder = cache_folder(p, key, extractor)
     folder.mkdir(parents=True, exist_ok=True)
     shas = [_sha(Path(f).read_bytes()) for f in paths]
     found: dict[str, np.ndarray] = {}
@@ -76,7 +73,7 @@ def extract(p: Params, key: str, extractor, weights_sha: str, paths: list[Path],
         log.info("features %s: computing %d of %d images (%d cached)", key, len(todo), len(set(shas)), len(found))
     for i in progress(range(0, len(todo), batch), f"features {desc}", total=-(-len(todo) // batch)):
         chunk = todo[i : i + batch]
-        out = np.asarray(extractor(load_batch([f for _, f in chunk], size), training=False))
+        out = np.asarray(extractor.predict_on_batch(load_batch([f for _, f in chunk], size)))  # 2x faster than eager
         for (s, _), vec in zip(chunk, out, strict=True):
             _write(folder, s, vec)
             found[s] = vec

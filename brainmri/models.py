@@ -4,9 +4,11 @@ global pooling, and a small head. The frozen part and the head are separate mode
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from brainmri.config import Backbone, Params
 from brainmri.errors import ConfigError, WeightsError
+from brainmri.fsutil import atomic_path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is noise here; Python errors still surface
 import keras  # noqa: E402
@@ -170,6 +173,23 @@ def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | 
     x = keras.layers.Dropout(bb.dropout, seed=seed, name="head_dropout")(x)
     out = keras.layers.Dense(1, activation="sigmoid", name="tumour_probability")(x)
     return keras.Model(inp, out, name="head")
+
+
+def save_model(model: keras.Model, path: str | Path) -> None:
+    """Save as .keras, atomically and byte-reproducibly: equal weights give an equal file, so DVC sees no change."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp) as src:
+            members = [(info, src.read(info)) for info in src.infolist()]
+        with zipfile.ZipFile(tmp, "w") as dst:
+            for info, data in members:
+                if info.filename == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+                fixed.compress_type = info.compress_type
+                dst.writestr(fixed, data)
 
 
 def load_model(path: str | Path) -> keras.Model:

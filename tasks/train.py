@@ -15,7 +15,7 @@ from brainmri.config import Params
 from brainmri.errors import ConfigError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.metrics import point, youden_threshold
-from brainmri.models import build_head, build_network
+from brainmri.models import build_head, build_network, save_model
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
 
@@ -175,10 +175,9 @@ def train(p: Params, name: str) -> dict:
         )
         p_train, p_val = predict(net.full, load_batch(tr.paths, bb.input_size)), predict(net.full, x_val)
     else:
-        sha = net.weights.sha256 or net.weights.kind
-        f_tr = features.extract(p, spec.backbone, net.extractor, sha, tr.paths, f"{spec.backbone} train")
-        f_aug = features.extract(p, spec.backbone, net.extractor, sha, aug.paths, f"{spec.backbone} augmented")
-        f_val = features.extract(p, spec.backbone, net.extractor, sha, va.paths, f"{spec.backbone} val")
+        f_tr = features.extract(p, spec.backbone, net.extractor, tr.paths, f"{spec.backbone} train")
+        f_aug = features.extract(p, spec.backbone, net.extractor, aug.paths, f"{spec.backbone} augmented")
+        f_val = features.extract(p, spec.backbone, net.extractor, va.paths, f"{spec.backbone} val")
         f_fit = np.concatenate([f_tr, f_aug])
         net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
         history, best = fit(net.head, f_fit, y_fit, (f_val, va.y), bb.learning_rate, bb.epochs, label=f"train {name}", **fit_args)
@@ -217,7 +216,7 @@ def train(p: Params, name: str) -> dict:
     }
     folder = p.model_file("models", name, "model").parent
     with atomic_dir(folder) as tmp:
-        net.full.save(tmp / p.paths.files.model)
+        save_model(net.full, tmp / p.paths.files.model)
         write_csv(tmp / p.paths.files.history, history)
         write_json(tmp / p.paths.files.train_metrics, out)
     summary(

@@ -36,23 +36,25 @@ def real_ingest(tmp_path_factory):
     return p, report, split_report
 
 
-SMALL_MODELS = {"vgg16-noaug": {"backbone": "vgg16", "augment": False},
-                "vgg16-aug": {"backbone": "vgg16", "augment": True},
-                "smallcnn-aug": {"backbone": "smallcnn", "augment": True}}
+SMALL_MODELS = {
+    "vgg16-noaug": {"backbone": "vgg16", "augment": False},
+    "vgg16-aug": {"backbone": "vgg16", "augment": True},
+    "smallcnn-aug": {"backbone": "smallcnn", "augment": True},
+}
 
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
     """The whole chain, in process, on 2 x 16 phantoms at 32 px: ingest, split, augment, train + evaluate 3 models, report."""
     from factory import tiny_training
+
+    from brainmri.phantoms import generate
     from tasks.augment import augment
     from tasks.evaluate import evaluate
     from tasks.ingest import ingest
     from tasks.report import report
     from tasks.split import split
     from tasks.train import train
-
-    from brainmri.phantoms import generate
 
     over = {**tiny_training(), "ingest": {"source": "data/raw/synthetic", "max_side": 96}, "augment": {"copies": 1}}
     root = make_project(tmp_path_factory.mktemp("small"), over, replace={"models": SMALL_MODELS})

@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainmri.metrics import POINT_METRICS, confusion, point, with_intervals, youden_threshold
+from brainmri.plots import confusion_figure
+
+
+def test_confusion_rows_are_actual_and_columns_predicted():
+    y = np.array([0, 0, 0, 1, 1])  # 3 actual negatives, 2 actual positives
+    pred = np.array([1, 0, 0, 1, 1])  # one false positive
+    m = confusion(y, pred)
+    assert m.tolist() == [[2, 1], [0, 2]]  # row 'actual no': 2 right, 1 called tumour
+    fig = confusion_figure(m, ("no", "yes"), "t")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "Predicted" and ax.get_ylabel() == "Actual"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["no", "yes"]
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells[(0, 1)] == "1" and cells[(1, 0)] == "0"  # (actual no, predicted yes) = 1 false positive
+
+
+def test_point_metrics_by_hand():
+    y = np.array([1, 1, 1, 0, 0])
+    prob = np.array([0.9, 0.8, 0.3, 0.6, 0.1])
+    m = point(y, prob, 0.5)
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(1 / 2) and m["precision"] == pytest.approx(2 / 3)
+    assert m["auc"] == pytest.approx(5 / 6) and m["brier"] == pytest.approx(np.mean((prob - y) ** 2))
+
+
+def test_youden_threshold_separates_validation_classes():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    prob = np.array([0.1, 0.2, 0.7, 0.75, 0.8, 0.9])
+    t = youden_threshold(y, prob)
+    assert 0.7 < t <= 0.75
+    assert point(y, prob, t)["accuracy"] == 1.0
+
+
+def test_intervals_contain_the_value_and_narrow_with_more_images():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 40)
+    prob = np.clip(y * 0.4 + rng.uniform(0, 0.6, 40), 0, 1)
+    small = with_intervals(y, prob, 0.5, 500, seed=1)
+    big = with_intervals(np.tile(y, 10), np.tile(prob, 10), 0.5, 500, seed=1)
+    for k in POINT_METRICS:
+        assert small[k]["ci_low"] <= small[k]["value"] <= small[k]["ci_high"], k
+    width = lambda d: d["accuracy"]["ci_high"] - d["accuracy"]["ci_low"]  # noqa: E731
+    assert width(big) < width(small) / 2
+
+
+def test_evaluate_writes_every_field(small_run):
+    p, trained, evaluated, _ = small_run
+    for name in p.models:
+        m = json.loads(p.model_file("eval", name, "metrics").read_text())
+        assert m == evaluated[name]
+        assert set(m["test"]) == set(POINT_METRICS)
+        assert all({"value", "ci_low", "ci_high"} == set(v) for v in m["test"].values())
+        assert m["threshold"] == trained[name]["threshold"]  # chosen on val by train, not on test
+        assert m["points_per_image"] == pytest.approx(100 / m["n_test"], abs=0.01)
+        preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
+        assert {"source_path", "group", "label", "probability", "actual", "predicted"} <= set(preds.columns)
+        assert len(preds) == m["n_test"] and preds["probability"].between(0, 1).all()
+        acc = (preds["predicted"] == preds["actual"]).mean()
+        assert acc == pytest.approx(m["test"]["accuracy"]["value"], abs=1e-4)
+        c = json.loads(p.model_file("eval", name, "confusion").read_text())
+        assert c["rows"] == "actual" and c["labels"] == ["no", "yes"]
+        assert np.array(c["matrix"]).sum(axis=1).tolist() == [int((preds["label"] == "no").sum()), int((preds["label"] == "yes").sum())]
+        assert p.model_file("eval", name, "confusion_png").stat().st_size > 1000
