@@ -10,7 +10,7 @@ import sys
 from brainmri.errors import BrainMRIError
 
 STAGES = ("ingest", "split", "augment", "report")
-MODEL_STAGES = ("train", "evaluate")
+MODEL_STAGES = ("train", "evaluate", "export", "benchmark")
 
 
 def _params(args, overrides: dict | None = None):
@@ -40,6 +40,14 @@ def cmd_synthesize(args) -> None:
     logging.getLogger("brainmri").info("synthesize: %d phantom images written to %s", n, out)
 
 
+def cmd_predict(args) -> None:
+    from brainmri.predict import predict
+
+    frame = predict(args.model, args.inputs, args.out)
+    errors = int((frame["error"] != "").sum())
+    logging.getLogger("brainmri").info("predict: %d images -> %s (%d could not be read)", len(frame), args.out, errors)
+
+
 def cmd_run(args) -> None:
     from flows.pipeline import pipeline
 
@@ -64,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report": "write the Markdown and HTML report with its plots from every model's metrics",
         "train": "train one model (a models.* entry) and select it on the validation split (train.*, backbones.* params)",
         "evaluate": "evaluate one trained model on the held-out test split with bootstrap intervals",
+        "export": "export one trained model to ONNX (fp32, parity-checked) and int8 (export.* params)",
+        "benchmark": "time one model on the CPU: Keras predict, compiled Keras, ONNX Runtime fp32 and int8 (benchmark.* params)",
     }
     for name in STAGES:
         sub.add_parser(name, help=helps[name], description=helps[name]).set_defaults(func=cmd_stage)

@@ -18,6 +18,12 @@ PARAMS_FILE = "params.yaml"
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
+    def require_min(self, section: str, **lows: float) -> None:
+        """Raise naming `section.key` for each key whose value is below its lower bound."""
+        for key, low in lows.items():
+            if getattr(self, key) < low:
+                raise ValueError(f"{section}.{key} must be at least {low}, got {getattr(self, key)}")
+
 
 class Files(Section):
     model: str
@@ -28,6 +34,10 @@ class Files(Section):
     roc: str
     confusion: str
     confusion_png: str
+    onnx: str
+    onnx_int8: str
+    export_metrics: str
+    benchmark: str
 
 
 class Paths(Section):
@@ -42,6 +52,8 @@ class Paths(Section):
     models: str
     eval: str
     report: str
+    export: str
+    benchmark: str
     files: Files
 
 
@@ -61,9 +73,7 @@ class Ingest(Section):
             raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
         if self.positive_class not in self.classes:
             raise ValueError(f"ingest.positive_class {self.positive_class!r} is not one of ingest.classes {self.classes}")
-        for key in ("max_pixels", "max_side", "min_images_per_class", "archive_max_members", "archive_max_bytes"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"ingest.{key} must be at least 1, got {getattr(self, key)}")
+        self.require_min("ingest", max_pixels=1, max_side=1, min_images_per_class=1, archive_max_members=1, archive_max_bytes=1)
         return self
 
     @property
@@ -114,8 +124,7 @@ class Augment(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.copies < 0:
-            raise ValueError(f"augment.copies must be 0 or more, got {self.copies}")
+        self.require_min("augment", copies=0)
         for key, hi in (("rotation", 180.0), ("shift", 0.5), ("shear", 45.0), ("zoom", 0.9)):
             if not 0.0 <= getattr(self, key) <= hi:
                 raise ValueError(f"augment.{key} must be between 0 and {hi}, got {getattr(self, key)}")
@@ -133,8 +142,7 @@ class Synthetic(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.n_per_class < 1:
-            raise ValueError(f"synthetic.n_per_class must be at least 1, got {self.n_per_class}")
+        self.require_min("synthetic", n_per_class=1)
         if not 32 <= self.min_size <= self.max_size:
             raise ValueError(f"synthetic sizes need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
         if not 0.0 <= self.duplicate_fraction <= 0.5:
@@ -152,15 +160,11 @@ class Train(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        for key in ("batch_size", "feature_batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        self.require_min("train", batch_size=1, feature_batch_size=1, bootstrap=0)
         if isinstance(self.threshold, float) and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"train.threshold must be 'youden' or a number between 0 and 1, got {self.threshold}")
         if self.cv_folds == 1 or self.cv_folds < 0:
             raise ValueError(f"train.cv_folds must be 0 (off) or at least 2, got {self.cv_folds}")
-        if self.bootstrap < 0:
-            raise ValueError(f"train.bootstrap must be 0 or more, got {self.bootstrap}")
         return self
 
 
@@ -184,17 +188,37 @@ class Backbone(Section):
             raise ValueError(f"application must name a keras.applications class such as VGG16, got {self.application!r}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32 pixels (the smallest the backbones accept), got {self.input_size}")
-        for key in ("dense", "epochs"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("patience", "fine_tune_layers", "fine_tune_epochs"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be 0 or more, got {getattr(self, key)}")
+        self.require_min("backbone", dense=1, epochs=1, patience=0, fine_tune_layers=0, fine_tune_epochs=0)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for key in ("learning_rate", "fine_tune_learning_rate"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise ValueError(f"{key} must be between 0 and 1, got {getattr(self, key)}")
+        return self
+
+
+class Export(Section):
+    opset: int
+    parity_tolerance: float
+    calibration_images: int
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 13 <= self.opset <= 21:
+            raise ValueError(f"export.opset must be between 13 and 21 (what tf2onnx and ONNX Runtime support), got {self.opset}")
+        self.require_min("export", parity_tolerance=0, calibration_images=1)
+        return self
+
+
+class Benchmark(Section):
+    batch_size: int
+    warmup: int
+    repeats: int
+    threads: int
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.require_min("benchmark", batch_size=2, warmup=0, repeats=3, threads=1)
         return self
 
 
@@ -213,6 +237,8 @@ class Params(Section):
     train: Train
     backbones: dict[str, Backbone]
     models: dict[str, ModelSpec]
+    export: Export
+    benchmark: Benchmark
     synthetic: Synthetic
 
     _root: Path = PrivateAttr(default=Path("."))
@@ -233,6 +259,12 @@ class Params(Section):
     def path(self, key: str) -> Path:
         """Absolute path of `paths.<key>`, resolved against the folder holding params.yaml."""
         return self._root / getattr(self.paths, key)
+
+    def model(self, name: str) -> ModelSpec:
+        """The models.<name> entry; a ConfigError lists the known names."""
+        if name not in self.models:
+            raise ConfigError(f"unknown model {name!r}; models in params.yaml: {', '.join(self.models)}")
+        return self.models[name]
 
     def model_file(self, folder: str, model: str, file: str) -> Path:
         """`paths.<folder>/<model>/<paths.files.<file>>`: where one model's file lives."""

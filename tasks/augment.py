@@ -13,6 +13,8 @@ from brainmri.config import Augment, Params
 from brainmri.fsutil import atomic_dir, write_csv
 from brainmri.images import load_rgb, save_png
 from brainmri.progress import progress, summary
+from tasks import retry_on_io_error
+from tasks.split import split_part
 
 
 def draw(rng: np.random.Generator, a: Augment) -> dict:
@@ -48,8 +50,7 @@ def apply(img: Image.Image, t: dict) -> Image.Image:
 
 def augment(p: Params) -> dict:
     """Run the stage: write augmented images and their manifest; return a summary."""
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
-    train = split[split["split"] == "train"].sort_values("source_path", kind="stable")
+    train = split_part(p, "train").frame
     src_dir = p.path("ingest_images")
     rows = []
     with atomic_dir(p.path("augment_images")) as out:
@@ -77,7 +78,7 @@ def augment(p: Params) -> dict:
     return {"n_source": len(train), "n_augmented": len(rows), "copies": p.augment.copies}
 
 
-@task(name="augment_images", retries=1, retry_delay_seconds=2)
+@task(name="augment_images", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
 def augment_images(p: Params) -> dict:
     """Write K augmented copies of every training image."""
     return augment(p)

@@ -9,18 +9,18 @@ import pandas as pd
 from prefect import task
 
 from brainmri.config import Params
-from brainmri.errors import ConfigError
 from brainmri.fsutil import write_csv, write_json
 from brainmri.metrics import confusion, with_intervals
 from brainmri.plots import confusion_figure, save
 from brainmri.preprocess import load_batch
 from brainmri.progress import summary
+from tasks import retry_on_io_error
+from tasks.split import split_part
 
 
 def evaluate(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write metrics, predictions, ROC and confusion files; return the metrics."""
-    if name not in p.models:
-        raise ConfigError(f"unknown model {name!r}; models in params.yaml: {', '.join(p.models)}")
+    p.model(name)  # an unknown name stops here, before any work
     from sklearn.metrics import roc_curve
 
     from brainmri.models import load_model
@@ -28,11 +28,10 @@ def evaluate(p: Params, name: str) -> dict:
     bb = p.backbones[p.models[name].backbone]
     trained = json.loads(p.model_file("models", name, "train_metrics").read_text())
     model = load_model(p.model_file("models", name, "model"))
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
-    test = split[split["split"] == "test"].sort_values("source_path", kind="stable").reset_index(drop=True)
+    part = split_part(p, "test")
+    test, y = part.frame, part.y
     pos, neg = p.ingest.positive_class, p.ingest.negative_class
-    y = (test["label"] == pos).to_numpy(int)
-    x = load_batch([p.path("ingest_images") / n for n in test["image"]], bb.input_size)
+    x = load_batch(part.paths, bb.input_size)
     prob = np.asarray(model.predict(x, batch_size=16, verbose=0), dtype=np.float64).reshape(-1)
     threshold = float(trained["threshold"])
     pred = (prob >= threshold).astype(int)
@@ -71,7 +70,7 @@ def evaluate(p: Params, name: str) -> dict:
     return metrics
 
 
-@task(name="evaluate_model", retries=1, retry_delay_seconds=5)
+@task(name="evaluate_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
 def evaluate_model(p: Params, name: str) -> dict:
     """Evaluate one model on the held-out test split."""
     return evaluate(p, name)

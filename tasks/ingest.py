@@ -22,6 +22,7 @@ from brainmri.errors import DataError, ImageError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.images import decode_file, save_png
 from brainmri.progress import progress, summary
+from tasks import retry_on_io_error
 
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "icon\r"})
 EXTENSIONS = {
@@ -209,20 +210,7 @@ def _report(p, n_files, skipped, quarantined, manifest, elapsed) -> dict:
     }
 
 
-def _retry_io(task, task_run, state) -> bool:
-    """Retry only I/O failures, not bad data or bad configuration."""
-    try:
-        state.result()
-    except DataError:
-        return False
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(name="ingest_images", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_io)
+@task(name="ingest_images", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
 def ingest_images(p: Params) -> dict:
     """Validate, normalize and de-duplicate the source images."""
     return ingest(p)

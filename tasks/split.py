@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +13,29 @@ from prefect import task
 from brainmri.config import Params
 from brainmri.fsutil import write_csv, write_json
 from brainmri.progress import summary
+from tasks import retry_on_io_error
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Part:
+    """Rows of one split (or of the augment manifest), in a fixed order, with their image files and labels."""
+
+    frame: pd.DataFrame
+    paths: list[Path]
+    y: np.ndarray  # 1 = tumour
+
+
+def make_part(p: Params, frame: pd.DataFrame, folder: Path) -> Part:
+    frame = frame.reset_index(drop=True)
+    return Part(frame, [folder / n for n in frame["image"]], (frame["label"] == p.ingest.positive_class).to_numpy(int))
+
+
+def split_part(p: Params, which: str) -> Part:
+    """The `which` split (train, val or test) of the split manifest, sorted by source path."""
+    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    return make_part(p, split[split["split"] == which].sort_values("source_path", kind="stable"), p.path("ingest_images"))
 
 
 def _order_key(seed: int, group: str) -> str:
@@ -100,7 +123,7 @@ def _report(p: Params, manifest: pd.DataFrame, usable: pd.DataFrame, fractions: 
     }
 
 
-@task(name="split_dataset", retries=1, retry_delay_seconds=2)
+@task(name="split_dataset", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
 def split_dataset(p: Params) -> dict:
     """Split the ingested images into train, val and test without duplicate leakage."""
     return split(p)

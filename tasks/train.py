@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,36 +10,20 @@ from prefect import task
 
 from brainmri import features
 from brainmri.config import Params
-from brainmri.errors import ConfigError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.metrics import point, youden_threshold
 from brainmri.models import build_head, build_network, save_model
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
-
-
-@dataclass
-class Part:
-    frame: pd.DataFrame  # rows of the split (or augment) manifest
-    paths: list[Path]
-    y: np.ndarray  # 1 = tumour
+from tasks import retry_on_io_error
+from tasks.split import Part, make_part, split_part
 
 
 def data_parts(p: Params, augment: bool) -> tuple[Part, Part, Part]:
     """(train originals, their augmented copies or nothing, val) in a fixed order."""
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).sort_values("source_path", kind="stable")
-    pos = p.ingest.positive_class
-
-    def part(frame, folder):
-        frame = frame.reset_index(drop=True)
-        return Part(frame, [folder / n for n in frame["image"]], (frame["label"] == pos).to_numpy(int))
-
     aug = pd.read_csv(p.path("augment_manifest"), keep_default_na=False) if augment else pd.DataFrame(columns=["image", "label"])
-    return (
-        part(split[split["split"] == "train"], p.path("ingest_images")),
-        part(aug.sort_values("image", kind="stable") if augment else aug, p.path("augment_images")),
-        part(split[split["split"] == "val"], p.path("ingest_images")),
-    )
+    aug_part = make_part(p, aug.sort_values("image", kind="stable"), p.path("augment_images"))
+    return split_part(p, "train"), aug_part, split_part(p, "val")
 
 
 def class_weights(y: np.ndarray, mode: str) -> dict[int, float] | None:
@@ -90,10 +72,12 @@ def predict(model, x, batch: int = 64) -> np.ndarray:
     return np.asarray(model.predict(x, batch_size=batch, verbose=0)).reshape(-1)
 
 
-def cross_validate(
-    p: Params, name: str, feats: np.ndarray, y: np.ndarray, groups: np.ndarray, aug_feats: dict[int, np.ndarray], epochs: int
-) -> dict:
-    """Grouped, stratified k-fold over train+val on cached features; a logistic-regression baseline on the same folds."""
+def cross_validate(p: Params, name: str, feats: np.ndarray, y: np.ndarray, groups: np.ndarray, aug_feats: dict[int, np.ndarray]) -> dict:
+    """Grouped, stratified k-fold on cached features; a logistic-regression baseline on the same folds.
+
+    In each fold the head is fitted as in the pipeline: on the fold's training part (plus its augmented copies),
+    with early stopping on an inner grouped validation split holding a fifth of that part.
+    """
     import keras
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
@@ -104,31 +88,35 @@ def cross_validate(
     folds = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=p.seed)
     rows = []
     for k, (tr, te) in enumerate(folds.split(feats, y, groups)):
-        with_aug = [i for i in tr if i in aug_feats]  # augmented copies of this fold's training images only
-        x_tr = np.concatenate([feats[tr], *(aug_feats[i] for i in with_aug)])
-        y_tr = np.concatenate([y[tr], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
+        inner = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=p.seed + k)
+        fit_i, val_i = next(inner.split(feats[tr], y[tr], groups[tr]))
+        fit_idx, val_idx = tr[fit_i], tr[val_i]
+        with_aug = [i for i in fit_idx if i in aug_feats]  # augmented copies of the images it fits on, only
+        x_fit = np.concatenate([feats[fit_idx], *(aug_feats[i] for i in with_aug)])
+        y_fit = np.concatenate([y[fit_idx], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
         keras.utils.set_random_seed(p.seed + k)
-        head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_tr)
-        head.compile(optimizer=keras.optimizers.Adam(bb.learning_rate), loss="binary_crossentropy")
-        head.fit(
-            x_tr,
-            y_tr,
-            epochs=epochs,
-            batch_size=p.train.batch_size,
-            class_weight=class_weights(y_tr, p.train.class_weight),
-            shuffle=True,
-            verbose=0,
+        head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit)
+        _, best = fit(
+            head,
+            x_fit,
+            y_fit,
+            (feats[val_idx], y[val_idx]),
+            bb.learning_rate,
+            bb.epochs,
+            bb.patience,
+            p.train.batch_size,
+            class_weights(y_fit, p.train.class_weight),
+            f"cv {name} fold {k + 1}",
         )
         m = point(y[te], predict(head, feats[te]), 0.5)
-        lr = make_pipeline(
-            StandardScaler(), LogisticRegression(max_iter=5000, class_weight=None if p.train.class_weight == "none" else "balanced")
-        )
-        lr.fit(feats[tr], y[tr])
+        balanced = None if p.train.class_weight == "none" else "balanced"
+        lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight=balanced)).fit(feats[tr], y[tr])
         b = point(y[te], lr.predict_proba(feats[te])[:, 1], 0.5)
         rows.append(
             {
                 "fold": k,
                 "n_test": int(len(te)),
+                "selected_epoch": best,
                 **{f"model_{m_}": m[m_] for m_ in ("auc", "accuracy", "bce")},
                 **{f"baseline_{m_}": b[m_] for m_ in ("auc", "accuracy", "bce")},
             }
@@ -138,7 +126,7 @@ def cross_validate(
     stats = lambda col: {"mean": round(float(frame[col].mean()), 4), "sd": round(float(frame[col].std(ddof=1)), 4)}  # noqa: E731
     return {
         "folds": p.train.cv_folds,
-        "epochs": epochs,
+        "selection": "early stopping on an inner grouped validation split of each fold's training part",
         "n_images": int(len(y)),
         "model": {m_: stats(f"model_{m_}") for m_ in ("auc", "accuracy", "bce")},
         "baseline_logreg": {m_: stats(f"baseline_{m_}") for m_ in ("auc", "accuracy", "bce")},
@@ -148,8 +136,7 @@ def cross_validate(
 
 def train(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write the model, its history and train.json; return train.json."""
-    if name not in p.models:
-        raise ConfigError(f"unknown model {name!r}; models in params.yaml: {', '.join(p.models)}")
+    p.model(name)  # an unknown name stops here, before any work
     start = time.monotonic()
     spec = p.models[name]
     bb = p.backbones[spec.backbone]
@@ -188,7 +175,7 @@ def train(p: Params, name: str) -> dict:
         else:
             p_train, p_val = predict(net.head, f_tr), predict(net.head, f_val)
             if p.train.cv_folds:
-                cv = _cv(p, name, tr, aug, va, f_tr, f_aug, f_val, best)
+                cv = _cv(p, name, tr, aug, va, f_tr, f_aug, f_val)
     threshold = youden_threshold(va.y, p_val) if p.train.threshold == "youden" else float(p.train.threshold)
     out = {
         "model": name,
@@ -233,7 +220,7 @@ def _summary(y, prob, threshold) -> dict:
     return {k: round(m[k], 4) for k in ("accuracy", "bce", "auc")}
 
 
-def _cv(p, name, tr, aug, va, f_tr, f_aug, f_val, epochs) -> dict:
+def _cv(p, name, tr, aug, va, f_tr, f_aug, f_val) -> dict:
     feats = np.concatenate([f_tr, f_val])
     frame = pd.concat([tr.frame, va.frame], ignore_index=True)
     by_image = {img: i for i, img in enumerate(frame["image"])}
@@ -242,7 +229,7 @@ def _cv(p, name, tr, aug, va, f_tr, f_aug, f_val, epochs) -> dict:
         for vec, src in zip(f_aug, aug.frame["source_image"], strict=True):
             aug_feats.setdefault(by_image[src], []).append(vec)
     aug_arrays = {i: np.stack(v) for i, v in aug_feats.items()}
-    return cross_validate(p, name, feats, np.concatenate([tr.y, va.y]), frame["group"].to_numpy(), aug_arrays, epochs)
+    return cross_validate(p, name, feats, np.concatenate([tr.y, va.y]), frame["group"].to_numpy(), aug_arrays)
 
 
 def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str, offset: int) -> pd.DataFrame:
@@ -263,7 +250,7 @@ def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str
     return hist
 
 
-@task(name="train_model", retries=1, retry_delay_seconds=5)
+@task(name="train_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
 def train_model(p: Params, name: str) -> dict:
     """Train one model and select it on the validation split."""
     return train(p, name)

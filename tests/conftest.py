@@ -45,12 +45,14 @@ SMALL_MODELS = {
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
-    """The whole chain, in process, on 2 x 16 phantoms at 32 px: ingest, split, augment, train + evaluate 3 models, report."""
+    """The whole chain in process on 2 x 16 phantoms at 32 px, three models, every stage."""
     from factory import tiny_training
 
     from brainmri.phantoms import generate
     from tasks.augment import augment
+    from tasks.benchmark import benchmark
     from tasks.evaluate import evaluate
+    from tasks.export import export
     from tasks.ingest import ingest
     from tasks.report import report
     from tasks.split import split
@@ -65,4 +67,7 @@ def small_run(tmp_path_factory):
     augment(p)
     trained = {n: train(p, n) for n in p.models}
     evaluated = {n: evaluate(p, n) for n in p.models}
+    for n in p.models:
+        export(p, n)
+        benchmark(p, n)
     return p, trained, evaluated, report(p)

@@ -81,4 +81,9 @@ def make_project(root: Path, overrides: dict | None = None, code: bool = False, 
 def tiny_training(size: int = 32, epochs: int = 3) -> dict:
     """Overrides for every backbone: random weights (tests never download), tiny inputs, few epochs."""
     bb = {"weights": "none", "input_size": size, "epochs": epochs, "patience": 2}
-    return {"backbones": {k: dict(bb) for k in ("resnet50v2", "vgg19", "vgg16", "smallcnn")}, "train": {"bootstrap": 50, "cv_folds": 2}}
+    return {
+        "backbones": {k: dict(bb) for k in ("resnet50v2", "vgg19", "vgg16", "smallcnn")},
+        "train": {"bootstrap": 50, "cv_folds": 2},
+        "export": {"calibration_images": 8},
+        "benchmark": {"batch_size": 2, "warmup": 1, "repeats": 3},
+    }

@@ -31,7 +31,7 @@ def test_every_param_has_a_why_comment():
         ({"augmnt": {}}, "unknown key 'augmnt' (did you mean 'augment'?)"),
         ({"split": {"train": 0.8}}, "must sum to 1"),
         ({"split": {"train": -0.1, "val": 0.55, "test": 0.55}}, "split.train=-0.1"),
-        ({"augment": {"copies": -1}}, "augment.copies must be 0 or more"),
+        ({"augment": {"copies": -1}}, "augment.copies must be at least 0, got -1"),
         ({"ingest": {"positive_class": "tumour"}}, "'tumour' is not one of ingest.classes"),
         ({"seed": "42"}, "'seed': input should be a valid integer"),
         ({"augment": {"brightness": [1.2, 0.8]}}, "augment.brightness"),

@@ -23,18 +23,8 @@ MODELS = {
     "vgg16-aug": {"backbone": "vgg16", "augment": True},
     "smallcnn-aug": {"backbone": "smallcnn", "augment": True},
 }
-CHAIN = [
-    "ingest",
-    "split",
-    "augment",
-    "train@vgg16-noaug",
-    "train@vgg16-aug",
-    "train@smallcnn-aug",
-    "evaluate@vgg16-noaug",
-    "evaluate@vgg16-aug",
-    "evaluate@smallcnn-aug",
-    "report",
-]
+PER_MODEL = ("train", "evaluate", "export", "benchmark")
+CHAIN = ["ingest", "split", "augment", *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
 
 
 def sh(cwd, *cmd):
@@ -69,9 +59,8 @@ def test_dvc_repro_runs_once_then_nothing_then_only_what_changed(dvc_project):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["backbones"]["vgg16"]["learning_rate"] = 0.002  # one backbone's learning rate: only its chain reruns
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert sorted(ran(sh(root, "dvc", "repro"))) == sorted(
-        ["train@vgg16-noaug", "train@vgg16-aug", "evaluate@vgg16-noaug", "evaluate@vgg16-aug", "report"]
-    )
+    expected = [f"{stage}@{m}" for m in ("vgg16-noaug", "vgg16-aug") for stage in PER_MODEL] + ["report"]
+    assert sorted(ran(sh(root, "dvc", "repro"))) == sorted(expected)
 
     params["augment"]["rotation"] = 5.0
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -124,3 +113,12 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
     table = report(p)["table"]
     assert len(table) == 7 and len(p.models) == 7
     assert "38 images" in (p.path("report") / "report.md").read_text()
+
+    from brainmri.predict import predict
+    from tasks.export import export
+
+    export(p, "vgg16-aug")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "zero.jpg").write_bytes(b"")
+    out = predict(p.model_file("export", "vgg16-aug", "onnx"), [str(SHARED_DATA), str(tmp_path / "bad")], tmp_path / "all.csv")
+    assert len(out) == 254 and (out["error"] != "").sum() == 1 and out.loc[out["error"] == "", "probability"].notna().all()

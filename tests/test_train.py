@@ -3,6 +3,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from factory import REPO, make_project, tiny_training
 
@@ -148,3 +149,37 @@ def test_too_small_input_and_unknown_model_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'vgg16'; models in params.yaml: resnet50v2-noaug"):
         train(p, "vgg16")
     assert os.path.exists(tmp_path / "c" / "params.yaml")
+
+
+def test_fine_tuning_unfreezes_only_the_top_layers(small_run, tmp_path):
+    p, *_ = small_run
+    over = {
+        "backbones": {"vgg16": {"fine_tune_layers": 2, "fine_tune_epochs": 2}},
+        "train": {"cv_folds": 0},
+        "paths": {"models": str(tmp_path / "models")},
+    }  # its own output folder: the shared run stays as it was
+    q = load_params(p.root / "params.yaml", over)
+    before = load_model(p.model_file("models", "vgg16-noaug", "model"))
+    t = train(q, "vgg16-noaug")
+    hist = pd.read_csv(q.model_file("models", "vgg16-noaug", "history"))
+    assert list(hist["phase"].unique()) == ["head", "fine_tune"] and t["cv"] is None
+    after = load_model(q.model_file("models", "vgg16-noaug", "model"))
+    base_b = before.get_layer("vgg16_features").get_layer("vgg16")
+    base_a = after.get_layer("vgg16_features").get_layer("vgg16")
+    assert np.array_equal(base_b.get_layer("block1_conv1").get_weights()[0], base_a.get_layer("block1_conv1").get_weights()[0])
+    assert not np.array_equal(base_b.get_layer("block5_conv3").get_weights()[0], base_a.get_layer("block5_conv3").get_weights()[0])
+
+
+def test_saved_model_reproduces_the_validation_metrics(small_run):
+    """What evaluate, export and predict load is what train selected: the round trip through .keras loses nothing."""
+    from brainmri.metrics import point
+    from tasks.split import split_part
+
+    p, trained, *_ = small_run
+    va = split_part(p, "val")
+    for name in p.models:
+        model = load_model(p.model_file("models", name, "model"))
+        prob = np.asarray(model.predict(load_batch(va.paths, p.backbones[p.models[name].backbone].input_size), verbose=0)).ravel()
+        m = point(va.y, prob, trained[name]["threshold"])
+        assert m["accuracy"] == pytest.approx(trained[name]["val"]["accuracy"], abs=1e-4), name
+        assert m["bce"] == pytest.approx(trained[name]["val"]["bce"], abs=1e-3), name

@@ -1,0 +1,165 @@
+"""benchmark stage: CPU latency of one model in Keras (predict and a compiled call) and ONNX Runtime (fp32, int8),
+on the same inputs and batch sizes, with the model's FLOPs next to a matrix-multiply peak measured in the same run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+from prefect import task
+
+from brainmri.config import Params
+from brainmri.fsutil import write_json
+from brainmri.onnxrt import INPUT, session
+from brainmri.preprocess import load_batch
+from brainmri.progress import log, summary
+from tasks import retry_on_io_error
+from tasks.split import split_part
+
+
+def model_flops(model) -> int:
+    """Multiply-adds x 2 of the convolution and dense layers for one image (the rest is negligible)."""
+    import keras
+
+    total = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Conv2D):
+            k = layer.kernel.shape  # (kh, kw, cin, cout)
+            _, h, w, _ = layer.output.shape
+            total += 2 * int(np.prod(k)) * int(h) * int(w)
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * int(np.prod(layer.kernel.shape))
+    return total
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 n x n matrix multiply with `threads` BLAS threads, the median of `repeats`."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
+    with threadpool_limits(threads):
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(times)) / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def time_calls(fn: Callable, x: np.ndarray, warmup: int, repeats: int) -> np.ndarray:
+    """Seconds per call of fn(x), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn(x)
+    out = np.empty(repeats)
+    for i in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        out[i] = time.perf_counter() - t
+    return out
+
+
+def benchmark(p: Params, name: str) -> dict:
+    """Run the stage for model `name`: write benchmark.json; return it."""
+    p.model(name)  # an unknown name stops here, before any work
+    b = p.benchmark
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(b.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+    import onnxruntime
+
+    from brainmri.models import load_model
+
+    size = p.backbones[p.models[name].backbone].input_size
+    model = load_model(p.model_file("models", name, "model"))
+    compiled = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
+    sessions = {k: session(p.model_file("export", name, f), b.threads) for k, f in (("fp32", "onnx"), ("int8", "onnx_int8"))}
+    runtimes = {
+        "keras_predict": lambda x: model.predict(x, batch_size=len(x), verbose=0),
+        "keras_compiled": lambda x: compiled(tf.constant(x)).numpy(),
+        "onnxruntime_fp32": lambda x: sessions["fp32"].run(None, {INPUT: x}),
+        "onnxruntime_int8": lambda x: sessions["int8"].run(None, {INPUT: x}),
+    }
+    paths = split_part(p, "test").paths
+    images = load_batch(paths[: b.batch_size], size)
+    images = np.concatenate([images] * -(-b.batch_size // max(1, len(images))))[: b.batch_size]
+    flops = model_flops(model)
+    peak = matmul_peak(b.threads)
+    rows = []
+    for batch in (1, b.batch_size):
+        x = np.ascontiguousarray(images[:batch])
+        for rt, fn in runtimes.items():
+            per_image = time_calls(fn, x, b.warmup, b.repeats) / batch * 1000.0
+            ips = 1000.0 / float(np.median(per_image))
+            rows.append(
+                {
+                    "runtime": rt,
+                    "batch": batch,
+                    "p50_ms": round(float(np.median(per_image)), 3),
+                    "p95_ms": round(float(np.percentile(per_image, 95)), 3),
+                    "mean_ms": round(float(per_image.mean()), 3),
+                    "images_per_s": round(ips, 2),
+                    "gflops_per_s": round(flops * ips / 1e9, 1),
+                    "share_of_matmul_peak": round(flops * ips / 1e9 / peak, 3),
+                }
+            )
+            log.info("benchmark %s: %s batch %d: %.1f ms/image", name, rt, batch, rows[-1]["p50_ms"])
+    med = {(r["runtime"], r["batch"]): r["p50_ms"] for r in rows}
+    ratios = {
+        f"batch_{bs}": {
+            "onnxruntime_fp32_speedup_over_keras_compiled": round(med["keras_compiled", bs] / med["onnxruntime_fp32", bs], 2),
+            "onnxruntime_fp32_speedup_over_keras_predict": round(med["keras_predict", bs] / med["onnxruntime_fp32", bs], 2),
+            "int8_speedup_over_fp32": round(med["onnxruntime_fp32", bs] / med["onnxruntime_int8", bs], 2),
+        }
+        for bs in (1, b.batch_size)
+    }
+    out = {
+        "model": name,
+        "input_size": size,
+        "flops_per_image": flops,
+        "gflop_per_image": round(flops / 1e9, 3),
+        "matmul_peak_gflops": round(peak, 1),
+        "rows": rows,
+        "ratios": ratios,
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "threads": b.threads,
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
+        "settings": {"batch_sizes": [1, b.batch_size], "warmup": b.warmup, "repeats": b.repeats},
+    }
+    write_json(p.model_file("benchmark", name, "benchmark"), out)
+    r = ratios[f"batch_{b.batch_size}"]
+    summary(
+        f"benchmark {name}",
+        f"batch {b.batch_size}: ONNX Runtime fp32 {r['onnxruntime_fp32_speedup_over_keras_compiled']}x "
+        f"compiled Keras, int8 {r['int8_speedup_over_fp32']}x fp32; {flops / 1e9:.2f} GFLOP/image, matmul peak {peak:.0f} GFLOP/s",
+    )
+    return out
+
+
+@task(name="benchmark_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
+def benchmark_model(p: Params, name: str) -> dict:
+    """Time one model in Keras and ONNX Runtime on the CPU."""
+    return benchmark(p, name)

@@ -1,0 +1,153 @@
+"""export stage: the trained Keras model to ONNX (fp32, checked for parity) and to a statically quantized int8 model."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from prefect import task
+
+from brainmri.config import Params
+from brainmri.errors import BrainMRIError
+from brainmri.fsutil import atomic_dir, write_json
+from brainmri.metrics import point
+from brainmri.onnxrt import INPUT, probabilities, session
+from brainmri.preprocess import load_batch
+from brainmri.progress import log, summary
+from tasks import retry_on_io_error
+from tasks.split import split_part
+
+
+class ExportError(BrainMRIError):
+    """The exported model does not reproduce the Keras model."""
+
+
+def to_onnx(model, size: int, opset: int) -> onnx.ModelProto:
+    """Convert a Keras 3 functional model with tf2onnx, one named input with a dynamic batch dimension."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    return proto
+
+
+class Calibration(CalibrationDataReader):
+    """Feeds training images to ONNX Runtime's static quantization calibrator, one batch at a time."""
+
+    def __init__(self, paths, size: int, batch: int = 8):
+        self.paths, self.size, self.batch, self.pos = list(paths), size, batch, 0
+
+    def get_next(self):
+        if self.pos >= len(self.paths):
+            return None
+        chunk = self.paths[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return {INPUT: load_batch(chunk, self.size)}
+
+
+def quantize(fp32_path, int8_path, calibration_paths, size: int) -> None:
+    """Static int8 quantization (QDQ, per-channel weights), calibrated on `calibration_paths`."""
+    prep = int8_path.with_name("prep.onnx")
+    quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+    quantize_static(
+        str(prep),
+        str(int8_path),
+        Calibration(calibration_paths, size),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    prep.unlink()
+
+
+def export(p: Params, name: str) -> dict:
+    """Run the stage for model `name`: write model.onnx, model.int8.onnx and export.json; fail on lost parity."""
+    p.model(name)  # an unknown name stops here, before any work
+    from brainmri.models import load_model
+
+    start = time.monotonic()
+    trained = json.loads(p.model_file("models", name, "train_metrics").read_text())
+    size = p.backbones[p.models[name].backbone].input_size
+    model = load_model(p.model_file("models", name, "model"))
+    proto = to_onnx(model, size, p.export.opset)
+    meta = {
+        "model": name,
+        "input_size": size,
+        "max_side": p.ingest.max_side,
+        "max_pixels": p.ingest.max_pixels,
+        "threshold": trained["threshold"],
+        "positive_class": p.ingest.positive_class,
+        "negative_class": p.ingest.negative_class,
+        "weights": trained["weights"]["description"],
+    }
+    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
+    test = split_part(p, "test")
+    test_paths, y = test.paths, test.y
+    train_paths = split_part(p, "train").paths
+    x = load_batch(test_paths, size)
+    p_keras = np.asarray(model.predict(x, batch_size=16, verbose=0), dtype=np.float64).reshape(-1)
+    folder = p.model_file("export", name, "onnx").parent
+    with atomic_dir(folder) as tmp:
+        fp32 = tmp / p.paths.files.onnx
+        onnx.save(proto, fp32)
+        p_onnx = probabilities(session(fp32), x)
+        diff = float(np.max(np.abs(p_keras - p_onnx))) if len(x) else 0.0
+        t = trained["threshold"]
+        same_labels = bool(np.array_equal(p_keras >= t, p_onnx >= t))
+        if diff > p.export.parity_tolerance or not same_labels:
+            raise ExportError(
+                f"{name}: ONNX output differs from Keras on the test images: max |p_keras - p_onnx| = {diff:.2e} "
+                f"(export.parity_tolerance {p.export.parity_tolerance:.0e}), labels identical: {same_labels}; "
+                "nothing was written"
+            )
+        int8 = tmp / p.paths.files.onnx_int8
+        calib = train_paths[: p.export.calibration_images]
+        log.info("export %s: quantizing to int8, calibrated on %d training images", name, len(calib))
+        quantize(fp32, int8, calib, size)
+        p_int8 = probabilities(session(int8), x)
+        m32, m8 = point(y, p_onnx, t), point(y, p_int8, t)
+        out = {
+            "model": name,
+            "opset": p.export.opset,
+            "input": INPUT,
+            "input_size": size,
+            "metadata": meta,
+            "parity": {
+                "n_images": int(len(x)),
+                "max_abs_diff": diff,
+                "tolerance": p.export.parity_tolerance,
+                "labels_identical": same_labels,
+            },
+            "int8": {
+                "calibration_images": len(calib),
+                "accuracy_fp32": round(m32["accuracy"], 4),
+                "accuracy_int8": round(m8["accuracy"], 4),
+                "accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),
+                "auc_fp32": round(m32["auc"], 4),
+                "auc_int8": round(m8["auc"], 4),
+                "auc_change": round(m8["auc"] - m32["auc"], 4),
+                "max_abs_prob_change": round(float(np.max(np.abs(p_int8 - p_onnx))) if len(x) else 0.0, 4),
+            },
+            "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
+            "elapsed_s": round(time.monotonic() - start, 1),
+        }
+        write_json(tmp / p.paths.files.export_metrics, out)
+    i8 = out["int8"]
+    summary(
+        f"export {name}",
+        f"parity max |diff| {diff:.1e} on {len(x)} test images; int8 accuracy change "
+        f"{i8['accuracy_change_points']:+.1f} points, AUC change {i8['auc_change']:+.3f}",
+    )
+    return out
+
+
+@task(name="export_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
+def export_model(p: Params, name: str) -> dict:
+    """Export one model to ONNX fp32 and int8, checking parity."""
+    return export(p, name)

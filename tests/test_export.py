@@ -1,0 +1,50 @@
+import json
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+
+from brainmri.onnxrt import metadata, probabilities, session
+from brainmri.preprocess import load_batch
+from tasks.export import ExportError, export, to_onnx
+
+
+def test_exported_models_match_keras_and_carry_their_metadata(small_run):
+    p, trained, evaluated, _ = small_run
+    for name in p.models:
+        e = json.loads(p.model_file("export", name, "export_metrics").read_text())
+        assert e["parity"]["max_abs_diff"] <= 1e-4 and e["parity"]["labels_identical"] and e["parity"]["n_images"] > 0
+        model = onnx.load(p.model_file("export", name, "onnx"))
+        inp = model.graph.input[0]
+        assert inp.name == "image" and inp.type.tensor_type.shape.dim[0].dim_value == 0  # dynamic batch
+        sess = session(p.model_file("export", name, "onnx"))
+        meta = metadata(sess)
+        assert float(meta["threshold"]) == trained[name]["threshold"] and meta["positive_class"] == "yes"
+        preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
+        split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).set_index("source_path")
+        x = load_batch([p.path("ingest_images") / split.loc[s, "image"] for s in preds["source_path"]], int(meta["input_size"]))
+        assert np.allclose(probabilities(sess, x), preds["probability"], atol=1e-4)  # same as the evaluated Keras model
+        assert {"accuracy_change_points", "auc_change"} <= set(e["int8"])
+        assert p.model_file("export", name, "onnx_int8").stat().st_size < p.model_file("export", name, "onnx").stat().st_size
+
+
+def test_broken_parity_fails_the_stage_and_keeps_the_old_export(small_run, monkeypatch):
+    p, *_ = small_run
+    name = "vgg16-noaug"
+    folder = p.model_file("export", name, "onnx").parent
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    def broken(model, size, opset):
+        proto = to_onnx(model, size, opset)
+        for init in proto.graph.initializer:  # nudge every bias: the graph no longer computes the Keras model
+            if len(init.dims) == 1:
+                arr = onnx.numpy_helper.to_array(init) + 0.5
+                init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+        return proto
+
+    monkeypatch.setattr("tasks.export.to_onnx", broken)
+    with pytest.raises(ExportError, match="ONNX output differs from Keras .* nothing was written"):
+        export(p, name)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert not [f for f in folder.parent.iterdir() if f.name.startswith(".")]

@@ -1,0 +1,100 @@
+"""Faults with real processes: SIGKILL mid-stage then rerun, two pipelines at once, tampered outputs, unsafe models."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from factory import make_project, tiny_training
+
+from brainmri.config import load_params
+from brainmri.phantoms import generate
+
+pytestmark = pytest.mark.slow
+
+ONE = {"vgg16-aug": {"backbone": "vgg16", "augment": True}}
+
+
+def project(root, **over):
+    params = {
+        **tiny_training(size=64, epochs=3),
+        "ingest": {"source": "data/raw/ph"},
+        "augment": {"copies": 3},
+        "train": {"feature_batch_size": 2, "cv_folds": 0, "bootstrap": 50},
+        **over,
+    }
+    make_project(root, params, code=True, replace={"models": ONE})
+    p = load_params(root / "params.yaml")
+    generate(p.resolve("data/raw/ph"), {"yes": True, "no": False}, 30, 4, 64, 128, 0.0)
+    for stage in ("ingest", "split", "augment"):
+        subprocess.run(["brainmri", "-q", stage], cwd=root, check=True, timeout=300)
+    return p
+
+
+def cache_files(p):
+    return list(p.path("feature_cache").rglob("*.npy"))
+
+
+def test_sigkill_during_feature_extraction_then_rerun_gives_the_same_model(tmp_path):
+    killed, clean = project(tmp_path / "killed"), project(tmp_path / "clean")
+    proc = subprocess.Popen(["brainmri", "train", "vgg16-aug"], cwd=killed.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while len(cache_files(killed)) < 10 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(cache_files(killed))
+    assert 10 <= done_before < 60 + 180  # some features were cached, not all
+    assert not killed.model_file("models", "vgg16-aug", "model").exists()  # no half-written model
+    assert not [f for f in cache_files(killed) if f.name.startswith(".")]  # no half-written cache entry under a real name
+
+    rerun = subprocess.run(["brainmri", "train", "vgg16-aug"], cwd=killed.root, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    computed = [int(n) for n in re.findall(r"computing (\d+) of \d+ images", rerun.stderr)]
+    assert sum(computed) == len(cache_files(killed)) - done_before  # only what was missing is computed again
+    subprocess.run(["brainmri", "-q", "train", "vgg16-aug"], cwd=clean.root, check=True, timeout=600)
+    a = json.loads(killed.model_file("models", "vgg16-aug", "train_metrics").read_text())
+    b = json.loads(clean.model_file("models", "vgg16-aug", "train_metrics").read_text())
+    a.pop("elapsed_s"), b.pop("elapsed_s")
+    assert a == b
+    assert killed.model_file("models", "vgg16-aug", "model").read_bytes() == clean.model_file("models", "vgg16-aug", "model").read_bytes()
+
+
+def test_two_pipelines_at_once_the_second_stops_on_dvcs_lock(tmp_path):
+    p = project(tmp_path)
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=p.root, check=True)
+    first = subprocess.Popen(["dvc", "repro"], cwd=p.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not cache_files(p) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the first is inside a stage, holding the lock
+    second = subprocess.run(["dvc", "repro"], cwd=p.root, capture_output=True, text=True, timeout=120)
+    out, _ = first.communicate(timeout=900)
+    assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+    assert first.returncode == 0, out
+    status = subprocess.run(["dvc", "status"], cwd=p.root, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout
+
+    model = p.model_file("models", "vgg16-aug", "model")
+    original = model.read_bytes()
+    model.write_bytes(original[:-100] + b"\0" * 100)  # tampered on disk
+    status = subprocess.run(["dvc", "status"], cwd=p.root, capture_output=True, text=True, check=True)
+    assert "modified" in status.stdout and "model.keras" in status.stdout
+    rerun = subprocess.run(["dvc", "repro"], cwd=p.root, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0 and "Running stage 'train@vgg16-aug'" in rerun.stdout
+    assert model.read_bytes() == original  # retrained to the very same bytes
+
+
+def test_keras_files_load_in_safe_mode_only(tmp_path):
+    import keras
+
+    from brainmri.models import load_model
+
+    inp = keras.Input((4,))
+    out = keras.layers.Lambda(lambda x: x * 2)(inp)  # arbitrary Python code inside a model file
+    keras.Model(inp, out).save(tmp_path / "evil.keras")
+    with pytest.raises(ValueError, match="(?i)lambda|unsafe|safe_mode"):
+        load_model(tmp_path / "evil.keras")

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from factory import REPO
+
+from brainmri.errors import BrainMRIError
+from brainmri.predict import predict
+
+
+def test_predict_uses_the_training_preprocessing(small_run, tmp_path):
+    """Original source files in, the same probabilities out as evaluation computed from the ingested images."""
+    p, *_ = small_run
+    name = "vgg16-aug"
+    evaluated = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
+    sources = [str(p.resolve(p.ingest.source) / s) for s in evaluated["source_path"]]
+    out = predict(p.model_file("export", name, "onnx"), sources, tmp_path / "pred.csv")
+    assert (out["error"] == "").all()
+    assert np.allclose(out["probability"].astype(float), evaluated["probability"], atol=1e-4)
+    assert list(out["label"]) == list(evaluated["predicted"])
+    saved = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert list(saved.columns) == ["path", "probability", "label", "error"] and len(saved) == len(evaluated)
+
+
+def test_folders_bad_files_json_and_no_tensorflow(small_run, tmp_path):
+    p, *_ = small_run
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    src = sorted((p.resolve(p.ingest.source) / "yes").iterdir())[:3]
+    for f in src:
+        (folder / "sub" / f.name).write_bytes(f.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    model = p.model_file("export", "vgg16-aug", "onnx")
+    code = (
+        f"import sys; from brainmri.predict import predict; f = predict({str(model)!r}, [{str(folder)!r}], {str(tmp_path / 'o.json')!r}); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'; print(len(f))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "5"  # 3 images + 2 unreadable files; the hidden file is skipped
+    import json
+
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads((tmp_path / "o.json").read_text())["predictions"]}
+    assert "empty file" in rows["empty.jpg"]["error"] and "not a recognised image" in rows["notes.txt"]["error"]
+    assert all(rows[f.name]["error"] == "" and 0 <= rows[f.name]["probability"] <= 1 for f in src)
+
+
+def test_predict_refuses_anything_but_onnx(small_run, tmp_path):
+    p, *_ = small_run
+    with pytest.raises(BrainMRIError, match="must be an exported .onnx file"):
+        predict(p.model_file("models", "vgg16-aug", "model"), [str(tmp_path)], tmp_path / "x.csv")
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"this is not a protobuf")
+    with pytest.raises(BrainMRIError, match="not a loadable ONNX model"):
+        predict(fake, [str(tmp_path)], tmp_path / "x.csv")
