@@ -9,14 +9,19 @@ POINT_METRICS = ("accuracy", "bce", "auc", "sensitivity", "specificity", "precis
 
 
 def youden_threshold(y: np.ndarray, prob: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity - 1; among ties, the one nearest 0.5."""
+    """The threshold maximising sensitivity + specificity - 1; among ties, the one nearest 0.5.
+
+    It is placed midway between the validation score it admits and the next lower one, not on a score itself,
+    so rounding-level differences (ONNX, another batch size) cannot flip a validation image.
+    """
     if len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thr = skm.roc_curve(y, prob)
+    fpr, tpr, thr = skm.roc_curve(y, prob, drop_intermediate=False)
+    thr = np.clip(thr, 0.0, 1.0)
     j = tpr - fpr
     best = np.flatnonzero(np.isclose(j, j.max()))
-    cand = np.clip(thr[best], 0.0, 1.0)
-    return float(cand[np.argmin(np.abs(cand - 0.5))])
+    mids = np.array([(thr[i] + thr[i + 1]) / 2 if i + 1 < len(thr) else thr[i] / 2 for i in best])
+    return float(mids[np.argmin(np.abs(mids - 0.5))])
 
 
 def confusion(y: np.ndarray, pred: np.ndarray) -> np.ndarray:

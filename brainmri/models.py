@@ -175,6 +175,15 @@ def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | 
     return keras.Model(inp, out, name="head")
 
 
+def _renumber_shared_ids(node, ids: dict):
+    """Keras writes Python id() values as shared_object_id; number them in order of appearance instead."""
+    if isinstance(node, dict):
+        return {k: ids.setdefault(v, len(ids)) if k == "shared_object_id" else _renumber_shared_ids(v, ids) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_renumber_shared_ids(v, ids) for v in node]
+    return node
+
+
 def save_model(model: keras.Model, path: str | Path) -> None:
     """Save as .keras, atomically and byte-reproducibly: equal weights give an equal file, so DVC sees no change."""
     with atomic_path(path) as tmp:
@@ -187,6 +196,8 @@ def save_model(model: keras.Model, path: str | Path) -> None:
                     meta = json.loads(data)
                     meta.pop("date_saved", None)
                     data = json.dumps(meta, sort_keys=True).encode()
+                elif info.filename == "config.json":
+                    data = json.dumps(_renumber_shared_ids(json.loads(data), {})).encode()
                 fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
                 fixed.compress_type = info.compress_type
                 dst.writestr(fixed, data)

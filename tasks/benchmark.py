@@ -79,8 +79,12 @@ def benchmark(p: Params, name: str) -> dict:
     b = p.benchmark
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(b.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:  # possible only before TensorFlow starts; `brainmri benchmark` (the DVC stage) is a fresh process
+        tf.config.threading.set_intra_op_parallelism_threads(b.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        log.warning("benchmark: TensorFlow was already running in this process; its thread settings are left as they are")
+    tf_threads = tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)"
     import keras
     import onnxruntime
 
@@ -141,6 +145,7 @@ def benchmark(p: Params, name: str) -> dict:
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "threads": b.threads,
+            "tensorflow_intra_op_threads": tf_threads,
             "python": platform.python_version(),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from pathlib import Path
 
 import pandas as pd
 from prefect import task
@@ -42,7 +43,7 @@ def results_table(p: Params) -> tuple[pd.DataFrame, dict, dict]:
         rows.append(
             {
                 "Model": name,
-                "Weights": t["weights"]["kind"] if t["weights"]["kind"] != "file" else "file",
+                "Weights": Path(t["weights"]["path"]).name if t["weights"]["kind"] == "file" else t["weights"]["kind"],
                 "Train acc %": f"{100 * t['train']['accuracy']:.1f}",
                 "Test acc % [95% CI]": _ci(m["accuracy"]),
                 "Test BCE": f"{m['bce']['value']:.4f}",

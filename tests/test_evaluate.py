@@ -34,7 +34,7 @@ def test_youden_threshold_separates_validation_classes():
     y = np.array([0, 0, 0, 1, 1, 1])
     prob = np.array([0.1, 0.2, 0.7, 0.75, 0.8, 0.9])
     t = youden_threshold(y, prob)
-    assert 0.7 < t <= 0.75
+    assert t == pytest.approx(0.725)  # midway between the last negative (0.7) and the first positive (0.75)
     assert point(y, prob, t)["accuracy"] == 1.0
 
 

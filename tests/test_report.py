@@ -13,5 +13,6 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     for png in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (folder / png).stat().st_size > 2000
     html = (folder / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and 'src="http' not in html and "<table" in html
+    assert html.count("data:image/png;base64,") == 4 and 'src="http' not in html and html.count("<table") == 2
+    assert "CPU latency" in md and "ORT fp32 / compiled Keras" in md and "int8 / fp32" in md
     assert [r["Model"] for r in result["table"]] == list(p.models)

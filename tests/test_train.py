@@ -32,14 +32,16 @@ def test_feature_cache_gives_the_stacked_models_result(small_run, tmp_path):
     head_a = build_head(feats.shape[1], p.backbones["vgg16"], seed=3, adapt_on=feats)
     head_b = build_head(feats.shape[1], p.backbones["vgg16"], seed=3, adapt_on=feats)
     head_b.set_weights(head_a.get_weights())
+    initial = [w.copy() for w in head_a.get_weights()]
     net.attach(head_b)
     for model, data in ((head_a, feats), (net.full, x)):
         keras.utils.set_random_seed(5)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
         model.fit(data, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
-    for wa, wb in zip(head_a.get_weights(), head_b.get_weights(), strict=True):
-        assert np.allclose(wa, wb, atol=1e-5)
-    assert np.allclose(np.asarray(head_a(feats)), np.asarray(net.full(x)), atol=1e-5)
+    moved = max(float(np.abs(w1 - w0).max()) for w1, w0 in zip(head_a.get_weights(), initial, strict=True))
+    differ = max(float(np.abs(wa - wb).max()) for wa, wb in zip(head_a.get_weights(), head_b.get_weights(), strict=True))
+    assert moved > 1e-3 and differ < moved / 100  # same training up to float32 rounding, far below what training changed
+    assert np.allclose(np.asarray(head_a(feats)), np.asarray(net.full(x)), atol=1e-4)
 
 
 def test_cache_is_reused_and_a_tampered_entry_is_recomputed(small_run):
@@ -56,7 +58,7 @@ def test_cache_is_reused_and_a_tampered_entry_is_recomputed(small_run):
     entries[0].write_bytes(bytes(data))
     entries[1].unlink()  # as if killed before writing it
     again = features.extract(p, "vgg16", net.extractor, paths, "test")
-    assert np.array_equal(first, again) and np.isfinite(again).all()
+    assert np.allclose(first, again, atol=1e-5) and np.isfinite(again).all()  # recomputed, not the tampered value
     assert len(list(folder.glob("*.npy"))) == 6
 
 
@@ -79,7 +81,7 @@ def test_early_stopping_keeps_the_best_validation_epoch(small_run):
 def test_train_writes_model_history_and_metrics(small_run):
     p, trained, *_ = small_run
     t = json.loads(p.model_file("models", "vgg16-aug", "train_metrics").read_text())
-    assert t == trained["vgg16-aug"]
+    assert t == json.loads(json.dumps(trained["vgg16-aug"]))
     assert t["augment"] and t["n_augmented"] == t["n_train"] and trained["vgg16-noaug"]["n_augmented"] == 0
     assert t["weights"]["kind"] == "none" and "random" in t["weights"]["description"]
     assert {"accuracy", "bce", "auc"} <= set(t["train"]) and 0 < t["threshold"] < 1
@@ -120,7 +122,8 @@ def test_local_weights_file_is_loaded_and_recorded(tmp_path):
     with h5py.File(HED) as f:
         names = []
         f.visit(names.append)
-    kernel = next(n for n in names if "block1_conv1" in n and n.endswith("/0"))
+    kernel = "layers/conv2d/vars/0"  # Keras 3 stores layers in order: the first is block1_conv1
+    assert kernel in names
     with h5py.File(HED) as f:
         assert np.allclose(base.get_layer("block1_conv1").get_weights()[0], f[kernel][()])
 
@@ -181,5 +184,5 @@ def test_saved_model_reproduces_the_validation_metrics(small_run):
         model = load_model(p.model_file("models", name, "model"))
         prob = np.asarray(model.predict(load_batch(va.paths, p.backbones[p.models[name].backbone].input_size), verbose=0)).ravel()
         m = point(va.y, prob, trained[name]["threshold"])
-        assert m["accuracy"] == pytest.approx(trained[name]["val"]["accuracy"], abs=1e-4), name
-        assert m["bce"] == pytest.approx(trained[name]["val"]["bce"], abs=1e-3), name
+        for k in ("accuracy", "auc", "bce"):
+            assert m[k] == pytest.approx(trained[name]["val"][k], abs=1e-3), (name, k)
