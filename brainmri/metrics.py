@@ -8,6 +8,11 @@ from sklearn import metrics as skm
 POINT_METRICS = ("accuracy", "bce", "auc", "sensitivity", "specificity", "precision", "f1", "brier")
 
 
+def fmt(value, spec: str = ".3f", scale: float = 1.0) -> str:
+    """A metric for people: 'n/a' when it is undefined (None or NaN), e.g. sensitivity with no tumour images."""
+    return "n/a" if value is None or value != value else format(value * scale, spec)
+
+
 def youden_threshold(y: np.ndarray, prob: np.ndarray) -> float:
     """The threshold maximising sensitivity + specificity - 1; among ties, the one nearest 0.5.
 

@@ -40,7 +40,7 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
     """One ROC curve per model: name -> (fpr, tpr, auc)."""
     fig, ax = plt.subplots(figsize=(5, 4.5))
     for name, (fpr, tpr, auc) in curves.items():
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})", linewidth=1.4)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {'n/a' if auc is None else f'{auc:.3f}'})", linewidth=1.4)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("False positive rate (1 - specificity)")
     ax.set_ylabel("True positive rate (sensitivity)")

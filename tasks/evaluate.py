@@ -9,8 +9,8 @@ import pandas as pd
 from prefect import task
 
 from brainmri.config import Params
-from brainmri.fsutil import write_csv, write_json
-from brainmri.metrics import confusion, with_intervals
+from brainmri.fsutil import jsonable, write_csv, write_json
+from brainmri.metrics import confusion, fmt, with_intervals
 from brainmri.plots import confusion_figure, save
 from brainmri.preprocess import load_batch
 from brainmri.progress import summary
@@ -59,12 +59,13 @@ def evaluate(p: Params, name: str) -> dict:
     )
     shown = (f"{neg}\n(no tumour)", f"{pos}\n(tumour)")
     save(confusion_figure(matrix, shown, f"{name} (test, threshold {threshold:.2f})"), p.model_file("eval", name, "confusion_png"))
+    metrics = jsonable(metrics)
     write_json(p.model_file("eval", name, "metrics"), metrics)
     t = metrics["test"]
     summary(
         f"evaluate {name}",
-        f"test accuracy {t['accuracy']['value']:.3f} [{t['accuracy']['ci_low']:.3f}, {t['accuracy']['ci_high']:.3f}], "
-        f"AUC {t['auc']['value']:.3f}, sensitivity {t['sensitivity']['value']:.3f}, specificity {t['specificity']['value']:.3f} "
+        f"test accuracy {fmt(t['accuracy']['value'])} [{fmt(t['accuracy']['ci_low'])}, {fmt(t['accuracy']['ci_high'])}], "
+        f"AUC {fmt(t['auc']['value'])}, sensitivity {fmt(t['sensitivity']['value'])}, specificity {fmt(t['specificity']['value'])} "
         f"({len(y)} images: one image moves accuracy {metrics['points_per_image']} points)",
     )
     return metrics

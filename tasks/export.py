@@ -135,12 +135,11 @@ def export(p: Params, name: str) -> dict:
                 "max_abs_prob_change": round(float(np.max(np.abs(p_int8 - p_onnx))) if len(x) else 0.0, 4),
             },
             "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
-            "elapsed_s": round(time.monotonic() - start, 1),
         }
         write_json(tmp / p.paths.files.export_metrics, out)
     i8 = out["int8"]
     summary(
-        f"export {name}",
+        f"export {name} ({time.monotonic() - start:.0f} s)",
         f"parity max |diff| {diff:.1e} on {len(x)} test images; int8 accuracy change "
         f"{i8['accuracy_change_points']:+.1f} points, AUC change {i8['auc_change']:+.3f}",
     )

@@ -12,6 +12,7 @@ from prefect import task
 
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, write_text
+from brainmri.metrics import fmt
 from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, save
 from brainmri.progress import summary
 from tasks import retry_on_io_error
@@ -25,8 +26,8 @@ ORIGINAL += (
 
 
 def _ci(m: dict, pct: bool = True) -> str:
-    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
-    return f"{f(m['value'])} [{f(m['ci_low'])}, {f(m['ci_high'])}]"
+    scale, spec = (100.0, ".1f") if pct else (1.0, ".3f")
+    return f"{fmt(m['value'], spec, scale)} [{fmt(m['ci_low'], spec, scale)}, {fmt(m['ci_high'], spec, scale)}]"
 
 
 def _cv(c: dict | None, who: str) -> str:
@@ -46,7 +47,7 @@ def results_table(p: Params) -> tuple[pd.DataFrame, dict, dict]:
                 "Weights": Path(t["weights"]["path"]).name if t["weights"]["kind"] == "file" else t["weights"]["kind"],
                 "Train acc %": f"{100 * t['train']['accuracy']:.1f}",
                 "Test acc % [95% CI]": _ci(m["accuracy"]),
-                "Test BCE": f"{m['bce']['value']:.4f}",
+                "Test BCE": fmt(m["bce"]["value"], ".4f"),
                 "AUC [95% CI]": _ci(m["auc"], pct=False),
                 "Sensitivity % [95% CI]": _ci(m["sensitivity"]),
                 "Specificity % [95% CI]": _ci(m["specificity"]),

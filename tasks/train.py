@@ -10,7 +10,7 @@ from prefect import task
 
 from brainmri import features
 from brainmri.config import Params
-from brainmri.fsutil import atomic_dir, write_csv, write_json
+from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
 from brainmri.metrics import point, youden_threshold
 from brainmri.models import build_head, build_network, save_model
 from brainmri.preprocess import load_batch
@@ -199,8 +199,8 @@ def train(p: Params, name: str) -> dict:
         "train": _summary(tr.y, p_train, threshold),
         "val": _summary(va.y, p_val, threshold),
         "cv": cv,
-        "elapsed_s": round(time.monotonic() - start, 1),
-    }
+    }  # no timings here: evaluate and export depend on this file, and it must only change when the model does
+    out = jsonable(out)
     folder = p.model_file("models", name, "model").parent
     with atomic_dir(folder) as tmp:
         save_model(net.full, tmp / p.paths.files.model)
@@ -210,7 +210,8 @@ def train(p: Params, name: str) -> dict:
         f"train {name}",
         f"selected epoch {best} of {len(history)}; val accuracy {out['val']['accuracy']:.3f}, "
         f"val AUC {out['val']['auc']:.3f}; threshold {threshold:.3f}"
-        + (f"; CV AUC {cv['model']['auc']['mean']:.3f} +/- {cv['model']['auc']['sd']:.3f}" if cv else ""),
+        + (f"; CV AUC {cv['model']['auc']['mean']:.3f} +/- {cv['model']['auc']['sd']:.3f}" if cv else "")
+        + f"; {time.monotonic() - start:.0f} s",
     )
     return out
 
