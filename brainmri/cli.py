@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from brainmri.errors import BrainMRIError
 
@@ -54,6 +55,26 @@ def cmd_run(args) -> None:
     pipeline(args.params)
 
 
+def cmd_serve(args) -> None:
+    from prefect import serve
+
+    from flows.serve import retraining
+
+    o = _params(args).orchestration
+    cron = args.cron or o.cron
+    when = f"every {args.interval:g} s" if args.interval else f"cron '{cron}' ({o.timezone})"
+    logging.getLogger("brainmri").info("serve: deployment %s, %s; Ctrl-C stops", args.name, when)
+    serve(retraining(args.params, cron, args.interval, o.timezone, args.name))
+
+
+def cmd_lineage(args) -> None:
+    from brainmri.lineage import lineage, render
+
+    p = _params(args)
+    info = lineage(p.root, Path(args.artifact).resolve())
+    print(json.dumps(info, indent=2) if args.json else render(info))
+
+
 def cmd_params(args) -> None:
     print(json.dumps(_params(args).model_dump(), indent=2))
 
@@ -91,8 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, help="seed (default: seed)")
     syn.set_defaults(func=cmd_synthesize)
     sub.add_parser(
-        "run", help="run the whole pipeline as a Prefect flow", description="Run ingest, split and augment as one Prefect flow."
+        "run",
+        help="run the pipeline as a Prefect flow: the stages dvc repro would run, recorded in dvc.lock",
+        description="Run the Prefect flow: every stale DVC stage (DVC decides), model branches fanned out per orchestration.*.",
     ).set_defaults(func=cmd_run)
+    srv = sub.add_parser(
+        "serve",
+        help="serve the flow on a schedule (scheduled retraining); unchanged inputs run nothing",
+        description="Serve the pipeline flow as a Prefect deployment with a schedule; runs until interrupted. "
+        "Default schedule: orchestration.cron in params.yaml.",
+    )
+    when = srv.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="cron schedule, e.g. '0 3 * * 1' (default: orchestration.cron)")
+    when.add_argument("--interval", type=float, help="run every this many seconds instead of on a cron")
+    srv.add_argument("--name", default="scheduled-retraining", help="deployment name (default: %(default)s)")
+    srv.set_defaults(func=cmd_serve)
+    lin = sub.add_parser(
+        "lineage",
+        help="print the chain of stages, params, input hashes, git commit and metrics behind an artifact",
+        description="Trace an artifact (e.g. data/export/vgg16-aug/model.onnx) back to the raw data through dvc.lock.",
+    )
+    lin.add_argument("artifact", help="a file or folder some stage wrote, e.g. data/export/vgg16-aug/model.onnx")
+    lin.add_argument("--json", action="store_true", help="print JSON instead of text")
+    lin.set_defaults(func=cmd_lineage)
     sub.add_parser(
         "params", help="print the validated parameters as JSON", description="Validate params.yaml and print it as JSON."
     ).set_defaults(func=cmd_params)
@@ -101,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: warnings only
+    logging.getLogger("brainmri").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         args.func(args)
     except BrainMRIError as exc:

@@ -37,6 +37,7 @@ class Files(Section):
     onnx: str
     onnx_int8: str
     export_metrics: str
+    card: str
     benchmark: str
 
 
@@ -222,6 +223,23 @@ class Benchmark(Section):
         return self
 
 
+class Orchestration(Section):
+    task_runner: Literal["thread", "dask"]
+    max_workers: int
+    dask_address: str
+    retries: int
+    retry_delay: int
+    cron: str
+    timezone: str
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.require_min("orchestration", max_workers=1, retries=0, retry_delay=0)
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"orchestration.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        return self
+
+
 class ModelSpec(Section):
     backbone: str
     augment: bool
@@ -239,6 +257,7 @@ class Params(Section):
     models: dict[str, ModelSpec]
     export: Export
     benchmark: Benchmark
+    orchestration: Orchestration
     synthetic: Synthetic
 
     _root: Path = PrivateAttr(default=Path("."))
@@ -308,13 +327,18 @@ def _describe(err: ValidationError, file: Path) -> str:
     return f"{file}: " + "; ".join(lines)
 
 
+def read_yaml(path: Path):
+    """YAML 1.2, as DVC reads and writes it (params.yaml, dvc.lock): bare yes/no are strings, not booleans."""
+    return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+
+
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict | None = None) -> Params:
     """Read, validate and freeze params.yaml; `overrides` is a nested dict merged on top (for tests and profiles)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
-    try:  # YAML 1.2, as DVC reads and writes it: bare yes/no are strings, not booleans
-        data = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    try:
+        data = read_yaml(path)
     except YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -37,9 +38,15 @@ def atomic_path(path: str | os.PathLike):
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield an empty temporary folder beside `path`; swap it into place only if the block succeeds."""
+    """Yield an empty temporary folder beside `path`; swap it into place only if the block succeeds.
+
+    Temporary folders a killed earlier run left beside `path` are removed first: a stage output has one writer.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if stale.is_dir() and stale.suffix in (".tmp", ".old"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

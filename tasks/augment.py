@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from PIL import Image, ImageEnhance
 from prefect import task
 
 from brainmri.config import Augment, Params
+from brainmri.dvcops import reproduce
 from brainmri.fsutil import atomic_dir, write_csv
 from brainmri.images import load_rgb, save_png
 from brainmri.progress import progress, summary
@@ -78,7 +80,7 @@ def augment(p: Params) -> dict:
     return {"n_source": len(train), "n_augmented": len(rows), "copies": p.augment.copies}
 
 
-@task(name="augment_images", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
-def augment_images(p: Params) -> dict:
-    """Write K augmented copies of every training image."""
-    return augment(p)
+@task(name="augment_images", task_run_name="augment", retry_condition_fn=retry_on_io_error)
+def augment_images(root: str) -> dict:
+    """Write K augmented copies of every training image: stage augment through DVC, if it is stale."""
+    return reproduce(Path(root), "augment")

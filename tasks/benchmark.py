@@ -7,11 +7,13 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from prefect import task
 
 from brainmri.config import Params
+from brainmri.dvcops import reproduce
 from brainmri.fsutil import write_json
 from brainmri.onnxrt import INPUT, session
 from brainmri.preprocess import load_batch
@@ -164,7 +166,7 @@ def benchmark(p: Params, name: str) -> dict:
     return out
 
 
-@task(name="benchmark_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
-def benchmark_model(p: Params, name: str) -> dict:
-    """Time one model in Keras and ONNX Runtime on the CPU."""
-    return benchmark(p, name)
+@task(name="benchmark_model", task_run_name="benchmark@{name}", retry_condition_fn=retry_on_io_error)
+def benchmark_model(root: str, name: str) -> dict:
+    """Time one model in Keras and ONNX Runtime on the CPU: stage benchmark@NAME through DVC, if it is stale."""
+    return reproduce(Path(root), f"benchmark@{name}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
 from brainmri.config import Params
+from brainmri.dvcops import reproduce
 from brainmri.fsutil import jsonable, write_csv, write_json
 from brainmri.metrics import confusion, fmt, with_intervals
 from brainmri.plots import confusion_figure, save
@@ -71,7 +73,7 @@ def evaluate(p: Params, name: str) -> dict:
     return metrics
 
 
-@task(name="evaluate_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
-def evaluate_model(p: Params, name: str) -> dict:
-    """Evaluate one model on the held-out test split."""
-    return evaluate(p, name)
+@task(name="evaluate_model", task_run_name="evaluate@{name}", retry_condition_fn=retry_on_io_error)
+def evaluate_model(root: str, name: str) -> dict:
+    """Evaluate one model on the held-out test split: stage evaluate@NAME through DVC, if it is stale."""
+    return reproduce(Path(root), f"evaluate@{name}")

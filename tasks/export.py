@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,8 +13,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from prefect import task
 
 from brainmri.config import Params
+from brainmri.dvcops import reproduce
 from brainmri.errors import BrainMRIError
 from brainmri.fsutil import atomic_dir, write_json
+from brainmri.lineage import lineage, md5
 from brainmri.metrics import point
 from brainmri.onnxrt import INPUT, probabilities, session
 from brainmri.preprocess import load_batch
@@ -33,6 +36,41 @@ def to_onnx(model, size: int, opset: int) -> onnx.ModelProto:
 
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    return canonical_names(proto)
+
+
+def canonical_names(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Rename nodes and inner tensors by position: tf2onnx numbers them from counters that differ run to run,
+    and identical models should give identical files (DVC then sees nothing changed downstream)."""
+    g = proto.graph
+    keep = {v.name for v in [*g.input, *g.output]}
+    names: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for i, node in enumerate(g.node):  # names in order of first use: the node order is stable, the rest is not
+        node.name = f"{node.op_type}_{i}"
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    for init in g.initializer:
+        init.name = rename(init.name)
+    for info in g.value_info:
+        info.name = rename(info.name)
+    for v in [*g.input, *g.output, *g.value_info]:  # the dynamic batch dimension, numbered by tf2onnx too
+        for dim in v.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = "batch"
+    order = {new: k for k, new in enumerate(names.values())}
+    for field in (g.initializer, g.value_info):
+        items = sorted(field, key=lambda x: order.get(x.name, -1))
+        copies = [type(x)() for x in items]
+        for c, x in zip(copies, items, strict=True):
+            c.CopyFrom(x)
+        del field[:]
+        field.extend(copies)
     return proto
 
 
@@ -142,6 +180,7 @@ def export(p: Params, name: str) -> dict:
             "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
         }
         write_json(tmp / p.paths.files.export_metrics, out)
+        write_json(tmp / p.paths.files.card, model_card(p, name, trained, out, tmp))
     i8 = out["int8"]
     summary(
         f"export {name} ({time.monotonic() - start:.0f} s)",
@@ -151,7 +190,30 @@ def export(p: Params, name: str) -> dict:
     return out
 
 
-@task(name="export_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
-def export_model(p: Params, name: str) -> dict:
-    """Export one model to ONNX fp32 and int8, checking parity."""
-    return export(p, name)
+def model_card(p: Params, name: str, trained: dict, exported: dict, folder: Path) -> dict:
+    """What the exported model is, how well it did, and where it came from (the DVC chain back to the raw data)."""
+    evaluated = json.loads(p.model_file("eval", name, "metrics").read_text())
+    try:
+        chain = lineage(p.root, p.model_file("models", name, "model"), with_metrics=False)
+    except BrainMRIError as exc:  # run outside DVC: say so instead of inventing a chain
+        chain = {"note": str(exc)}
+    files = {k: {"file": getattr(p.paths.files, k), "md5": md5(folder / getattr(p.paths.files, k))} for k in ("onnx", "onnx_int8")}
+    return {
+        "model": name,
+        "task": f"brain MRI slice: tumour ({p.ingest.positive_class}) vs no tumour ({p.ingest.negative_class})",
+        "intended_use": "research and teaching; not a medical device, not for diagnosis",
+        "backbone": trained["backbone"],
+        "augmented_training": p.models[name].augment,
+        "weights": trained["weights"],
+        "input": {"name": INPUT, **{k: exported["metadata"][k] for k in ("input_size", "max_side")}},
+        "threshold": trained["threshold"],
+        "files": files,
+        "metrics": {"test": evaluated["test"], "n_test": evaluated["n_test"], "parity": exported["parity"], "int8": exported["int8"]},
+        "lineage": chain,
+    }
+
+
+@task(name="export_model", task_run_name="export@{name}", retry_condition_fn=retry_on_io_error)
+def export_model(root: str, name: str) -> dict:
+    """Export one model to ONNX fp32 and int8, checking parity: stage export@NAME through DVC, if it is stale."""
+    return reproduce(Path(root), f"export@{name}")

@@ -18,6 +18,7 @@ from prefect import task
 from brainmri import archives
 from brainmri.config import Params
 from brainmri.duplicates import fingerprint, group_ids
+from brainmri.dvcops import reproduce
 from brainmri.errors import DataError, ImageError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.images import decode_file, save_png
@@ -210,7 +211,7 @@ def _report(p, n_files, skipped, quarantined, manifest, elapsed) -> dict:
     }
 
 
-@task(name="ingest_images", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
-def ingest_images(p: Params) -> dict:
-    """Validate, normalize and de-duplicate the source images."""
-    return ingest(p)
+@task(name="ingest_images", task_run_name="ingest", retry_condition_fn=retry_on_io_error)
+def ingest_images(root: str) -> dict:
+    """Validate, normalize and de-duplicate the source images: stage ingest through DVC, if it is stale."""
+    return reproduce(Path(root), "ingest")

@@ -11,6 +11,7 @@ import pandas as pd
 from prefect import task
 
 from brainmri.config import Params
+from brainmri.dvcops import reproduce
 from brainmri.fsutil import atomic_dir, write_text
 from brainmri.metrics import fmt
 from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, save
@@ -203,10 +204,16 @@ def report(p: Params) -> dict:
                 "![Latency per image by runtime and batch size](latency.png)",
                 "",
             ]
+        write_text(out / TABLES["results"], _md_table(table))
+        if latency is not None:
+            write_text(out / TABLES["latency"], _md_table(latency))
         write_text(out / "report.md", "\n".join(_md_table(x) if isinstance(x, pd.DataFrame) else x for x in md))
         write_text(out / "report.html", _html(md, out))
     summary("report", f"{len(table)} models -> {p.path('report') / 'report.md'}")
     return {"table": table.to_dict(orient="records")}
+
+
+TABLES = {"results": "results_table.md", "latency": "latency_table.md"}  # the tables alone, for the flow's artifacts
 
 
 def _html(md: list, folder) -> str:
@@ -239,7 +246,22 @@ def _html(md: list, folder) -> str:
     return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>\n"
 
 
-@task(name="write_report", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
-def write_report(p: Params) -> dict:
-    """Write the Markdown and HTML report with its plots."""
-    return report(p)
+@task(name="write_report", task_run_name="report", retry_condition_fn=retry_on_io_error)
+def write_report(root: str) -> dict:
+    """Write the Markdown and HTML report with its plots: stage report through DVC, if it is stale."""
+    return reproduce(Path(root), "report")
+
+
+@task(name="publish_report")
+def publish_report(params_path: str) -> list[str]:
+    """Attach the results and latency tables, and a link to the report, to the flow run as artifacts."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    from brainmri.config import load_params
+
+    folder = load_params(params_path).path("report")
+    ids = [create_link_artifact(key="report", link=(folder / "report.html").as_uri(), link_text="report.html", description=str(folder))]
+    for key, file in TABLES.items():
+        if (folder / file).is_file():
+            ids.append(create_markdown_artifact(key=f"{key}-table", markdown=(folder / file).read_text(), description=f"{key} table"))
+    return [str(i) for i in ids]

@@ -11,6 +11,7 @@ import pandas as pd
 from prefect import task
 
 from brainmri.config import Params
+from brainmri.dvcops import reproduce
 from brainmri.fsutil import write_csv, write_json
 from brainmri.progress import summary
 from tasks import retry_on_io_error
@@ -123,7 +124,7 @@ def _report(p: Params, manifest: pd.DataFrame, usable: pd.DataFrame, fractions: 
     }
 
 
-@task(name="split_dataset", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
-def split_dataset(p: Params) -> dict:
-    """Split the ingested images into train, val and test without duplicate leakage."""
-    return split(p)
+@task(name="split_dataset", task_run_name="split", retry_condition_fn=retry_on_io_error)
+def split_dataset(root: str) -> dict:
+    """Split the ingested images into train, val and test without duplicate leakage: stage split through DVC, if it is stale."""
+    return reproduce(Path(root), "split")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,9 +11,9 @@ from prefect import task
 
 from brainmri import features
 from brainmri.config import Params
+from brainmri.dvcops import reproduce
 from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
 from brainmri.metrics import point, youden_threshold
-from brainmri.models import build_head, build_network, save_model
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
 from tasks import retry_on_io_error
@@ -84,6 +85,8 @@ def cross_validate(p: Params, name: str, feats: np.ndarray, y: np.ndarray, group
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from brainmri.models import build_head
+
     bb = p.backbones[p.models[name].backbone]
     folds = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=p.seed)
     rows = []
@@ -136,6 +139,8 @@ def cross_validate(p: Params, name: str, feats: np.ndarray, y: np.ndarray, group
 
 def train(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write the model, its history and train.json; return train.json."""
+    from brainmri.models import build_head, build_network, save_model
+
     p.model(name)  # an unknown name stops here, before any work
     start = time.monotonic()
     spec = p.models[name]
@@ -251,7 +256,7 @@ def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str
     return hist
 
 
-@task(name="train_model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
-def train_model(p: Params, name: str) -> dict:
-    """Train one model and select it on the validation split."""
-    return train(p, name)
+@task(name="train_model", task_run_name="train@{name}", retry_condition_fn=retry_on_io_error)
+def train_model(root: str, name: str) -> dict:
+    """Train one model and select it on the validation split: stage train@NAME through DVC, if it is stale."""
+    return reproduce(Path(root), f"train@{name}")

@@ -25,6 +25,21 @@ def test_bad_params_and_bad_option(tmp_path):
 
 
 def test_every_subcommand_has_help(tmp_path):
-    for cmd in ("ingest", "split", "augment", "synthesize", "run", "params"):
+    for cmd in (
+        "ingest",
+        "split",
+        "augment",
+        "train",
+        "evaluate",
+        "export",
+        "benchmark",
+        "report",
+        "synthesize",
+        "predict",
+        "run",
+        "serve",
+        "lineage",
+        "params",
+    ):
         res = brainmri(tmp_path, cmd, "--help")
         assert res.returncode == 0 and "usage: brainmri" in res.stdout, cmd

@@ -20,9 +20,10 @@ from tasks.split import split_part
 pytestmark = pytest.mark.slow
 
 ONE = {"vgg16-aug": {"backbone": "vgg16", "augment": True}}
+CNN = {"smallcnn-aug": {"backbone": "smallcnn", "augment": True}}
 
 
-def project(root, **over):
+def project(root, models=ONE, **over):
     params = {
         **tiny_training(size=64, epochs=3),
         "ingest": {"source": "data/raw/ph"},
@@ -30,7 +31,7 @@ def project(root, **over):
         "train": {"feature_batch_size": 2, "cv_folds": 0, "bootstrap": 50},
         **over,
     }
-    make_project(root, params, code=True, replace={"models": ONE})
+    make_project(root, params, code=True, replace={"models": models})
     p = load_params(root / "params.yaml")
     generate(p.resolve("data/raw/ph"), {"yes": True, "no": False}, 20, 4, 64, 96, 0.0)
     for stage in ("ingest", "split", "augment"):
@@ -73,6 +74,45 @@ def test_sigkill_during_feature_extraction_then_rerun_gives_the_same_model(tmp_p
     pa = load_model(killed.model_file("models", "vgg16-aug", "model")).predict(x, verbose=0)
     pb = load_model(clean.model_file("models", "vgg16-aug", "model")).predict(x, verbose=0)
     assert np.allclose(pa, pb, atol=1e-3)
+
+
+def kill_when(root, args, pattern: str, timeout: float = 300) -> str:
+    """Start `brainmri ARGS`, SIGKILL it as soon as a stderr line matches `pattern`; return what it printed."""
+    proc = subprocess.Popen(["brainmri", *args], cwd=root, stderr=subprocess.PIPE, text=True)
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stderr:
+        seen.append(line)
+        if re.search(pattern, line) or time.monotonic() > deadline:
+            break
+    assert proc.poll() is None, f"{args} ended before it could be killed:\n{''.join(seen)}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return "".join(seen)
+
+
+def test_sigkill_during_training_epochs_and_during_export_then_rerun_gives_the_same_outputs(tmp_path):
+    over = {**tiny_training(size=64, epochs=3), "ingest": {"source": "data/raw/ph"}}
+    over["backbones"]["smallcnn"].update(epochs=6, patience=6)
+    killed, clean = project(tmp_path / "killed", CNN, **over), project(tmp_path / "clean", CNN, **over)
+    model = killed.model_file("models", "smallcnn-aug", "model")
+
+    kill_when(killed.root, ["train", "smallcnn-aug"], r"epoch 2/6")  # killed between epochs
+    assert not model.exists() and not list(model.parent.parent.glob(".*"))  # nothing half-written, no temp folder
+    for p in (killed, clean):
+        for stage in ("train", "evaluate"):
+            subprocess.run(["brainmri", "-q", stage, "smallcnn-aug"], cwd=p.root, check=True, timeout=600)
+    assert model.read_bytes() == clean.model_file("models", "smallcnn-aug", "model").read_bytes()  # the same model
+
+    onnx = killed.model_file("export", "smallcnn-aug", "onnx")
+    kill_when(killed.root, ["export", "smallcnn-aug"], r"quantizing to int8")  # fp32 written in the temp folder
+    assert not onnx.exists()  # nothing under the real name; SIGKILL leaves the temporary folder beside it...
+    assert [d.suffix for d in onnx.parent.parent.glob(".smallcnn-aug.*")] == [".tmp"]
+    for p in (killed, clean):
+        subprocess.run(["brainmri", "-q", "export", "smallcnn-aug"], cwd=p.root, check=True, timeout=600)
+    assert not list(onnx.parent.parent.glob(".*"))  # ...and the rerun removes it
+    assert onnx.read_bytes() == clean.model_file("export", "smallcnn-aug", "onnx").read_bytes()
+    a, b = (json.loads(p.model_file("export", "smallcnn-aug", "export_metrics").read_text()) for p in (killed, clean))
+    assert a["parity"] == b["parity"] and a["int8"] == b["int8"]
 
 
 def test_two_pipelines_at_once_the_second_stops_on_dvcs_lock(tmp_path):

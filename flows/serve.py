@@ -1,0 +1,23 @@
+"""Scheduled retraining: the pipeline flow as a deployment with a cron or interval schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.schedules import Cron, Interval
+
+from flows.pipeline import pipeline
+
+DEPLOYMENT = "scheduled-retraining"
+
+
+def retraining(params_path: str, cron: str | None, interval: float | None, timezone: str, name: str = DEPLOYMENT):
+    """The deployment `brainmri serve` serves: the flow on `params_path`, on a cron or every `interval` seconds."""
+    schedule = Interval(interval, timezone=timezone) if interval else Cron(cron, timezone=timezone)
+    return pipeline.to_deployment(
+        name=name,
+        schedule=schedule,
+        parameters={"params_path": str(Path(params_path).resolve())},
+        description="Brings the DVC pipeline up to date: new or changed images retrain; unchanged inputs run nothing.",
+        tags=["brainmri"],
+    )
