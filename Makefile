@@ -14,8 +14,8 @@ $(BIN)/brainmri: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-run: setup  ## reproduce the pipeline on the dataset named by ingest.source
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+run: setup  ## the main job: the pipeline on the dataset in ingest.source, or the offline demo when it is absent
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/brainmri quickstart
 
 test: setup  ## lint, then every test tier (unit + slow scenarios)
 	$(BIN)/ruff check .

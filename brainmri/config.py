@@ -42,6 +42,7 @@ class Files(Section):
 
 
 class Paths(Section):
+    code: str
     ingest_images: str
     ingest_manifest: str
     ingest_report: str

@@ -77,6 +77,9 @@ def _near_copy(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(crop.resize((max(32, int(crop.width * scale)), max(32, int(crop.height * scale))), Image.Resampling.BILINEAR))
 
 
+MARKER = ".brainmri-synthetic"  # written at a generated dataset's root; ingest records it, the report says so
+
+
 def generate(
     out: str | Path, classes: dict[str, bool], n_per_class: int, seed: int, min_size: int, max_size: int, duplicate_fraction: float
 ) -> int:
@@ -86,6 +89,7 @@ def generate(
     """
     count = 0
     with atomic_dir(out) as tmp:
+        (tmp / MARKER).write_text("Synthetic phantom MRI slices made by `brainmri synthesize`: not patient data.\n")
         for ci, (name, tumor) in enumerate(sorted(classes.items())):
             folder = tmp / name
             folder.mkdir()

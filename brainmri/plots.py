@@ -68,3 +68,22 @@ def curves_figure(histories: dict[str, object]):
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def samples_figure(samples: list[tuple[np.ndarray, str, bool]], cols: int = 6):
+    """A grid of images titled with their prediction; green frame when correct, red when wrong."""
+    rows = max(1, -(-len(samples) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.35 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (img, title, correct) in zip(axes.ravel(), samples, strict=False):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=7.5, color="#1a7f37" if correct else "#cf222e")
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_edgecolor("#1a7f37" if correct else "#cf222e")
+            side.set_linewidth(3)
+    fig.tight_layout()
+    return fig

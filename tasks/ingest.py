@@ -22,6 +22,7 @@ from brainmri.dvcops import reproduce
 from brainmri.errors import DataError, ImageError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.images import decode_file, save_png
+from brainmri.phantoms import MARKER
 from brainmri.progress import progress, summary
 from tasks import retry_on_io_error
 
@@ -59,6 +60,8 @@ def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict]
     present = []
     for name in sorted(os.listdir(folder)):
         path = folder / name
+        if name == MARKER:
+            continue
         if is_hidden(name):
             skipped.append({"source_path": archives.printable(name), "reason": "hidden or system file"})
         elif not path.is_dir() or path.is_symlink():
@@ -127,6 +130,7 @@ def ingest(p: Params) -> dict:
     rows, prints = [], []
     with open_source(source, p) as folder, atomic_dir(p.path("ingest_images")) as out:
         files, skipped, quarantined = scan(folder, p.ingest.classes)
+        synthetic = (folder / MARKER).is_file()
         n_files = len(files) + len(quarantined)
         for f in progress(files, "ingest"):
             try:
@@ -166,7 +170,7 @@ def ingest(p: Params) -> dict:
     labels_per_group = manifest.groupby("group")["label"].nunique()
     manifest["conflict"] = manifest["group"].map(labels_per_group > 1)
     manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)
-    report = _report(p, n_files, skipped, quarantined, manifest, time.monotonic() - start)
+    report = _report(p, n_files, skipped, quarantined, manifest, time.monotonic() - start, synthetic)
     write_csv(p.path("ingest_manifest"), manifest)
     write_json(p.path("ingest_report"), report)
     d = report["duplicates"]
@@ -179,7 +183,7 @@ def ingest(p: Params) -> dict:
     return report
 
 
-def _report(p, n_files, skipped, quarantined, manifest, elapsed) -> dict:
+def _report(p, n_files, skipped, quarantined, manifest, elapsed, synthetic: bool) -> dict:
     sizes = manifest.groupby("group").size()
     dup_groups = sizes[sizes > 1]
     conflicts = [
@@ -188,6 +192,7 @@ def _report(p, n_files, skipped, quarantined, manifest, elapsed) -> dict:
     ]
     return {
         "source": str(p.ingest.source),
+        "synthetic": synthetic,
         "n_files": n_files,
         "n_ingested": len(manifest),
         "n_quarantined": len(quarantined),

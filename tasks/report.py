@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import task
 
@@ -14,7 +16,7 @@ from brainmri.config import Params
 from brainmri.dvcops import reproduce
 from brainmri.fsutil import atomic_dir, write_text
 from brainmri.metrics import fmt
-from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, save
+from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, samples_figure, save
 from brainmri.progress import summary
 from tasks import retry_on_io_error
 
@@ -115,6 +117,62 @@ def latency_figure(table: pd.DataFrame):
     return fig
 
 
+SYNTHETIC = (
+    "**SYNTHETIC DATA.** These results are on generated phantom images (`brainmri synthesize`), not patient scans: "
+    "they show that the pipeline works end to end, not how well it detects tumours."
+)
+
+
+def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6):
+    """Test images of the model best on validation (never chosen on test): its most confident right and wrong calls."""
+    from PIL import Image
+
+    name = max(p.models, key=lambda n: trained[n]["val"]["auc"] if trained[n]["val"]["auc"] is not None else -1)
+    preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
+    images = pd.read_csv(p.path("split_manifest")).set_index("source_path")["image"]
+    preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
+    preds = preds.sort_values("confidence", ascending=False)
+    picked = pd.concat([preds[preds["correct"]].head(per_kind), preds[~preds["correct"]].head(per_kind)])
+    samples = []
+    for r in picked.itertuples():
+        with Image.open(p.path("ingest_images") / images[r.source_path]) as img:
+            arr = np.asarray(img.convert("RGB"))
+        mark = "right" if r.correct else "WRONG"
+        samples.append((arr, f"{mark}: said {r.predicted} (p={r.probability:.2f})\nactually {r.actual}", bool(r.correct)))
+    n_right, n_wrong = int(picked["correct"].sum()), int((~picked["correct"]).sum())
+    return name, samples, n_right, n_wrong
+
+
+def lineage_table(p: Params) -> pd.DataFrame | str:
+    """Per model, where it came from (dvc.lock): its file's hash, the data manifest's, its key params and the git commit."""
+    from brainmri.errors import BrainMRIError
+    from brainmri.lineage import lineage
+
+    rows = []
+    for name in p.models:
+        try:
+            info = lineage(p.root, p.model_file("models", name, "model"), with_metrics=False)
+        except BrainMRIError as exc:
+            return f"Lineage not recorded: {exc}."
+        chain = {e["stage"]: e for e in info["chain"]}
+        manifest = next((o["md5"] for o in chain.get("ingest", {}).get("outs", []) if o["path"] == p.paths.ingest_manifest), None)
+        raw = next((d["md5"] for d in chain.get("ingest", {}).get("deps", []) if d["path"] == str(p.ingest.source)), None)
+        bb = chain[f"train@{name}"]["params"].get(f"backbones.{p.models[name].backbone}", {})
+        git = info["git"]
+        rows.append(
+            {
+                "Model": name,
+                "model.keras md5": (info["current_md5"] or "")[:10] + ("" if info["matches_dvc_lock"] else " (not as recorded)"),
+                "Stages": " ← ".join(chain),
+                "Weights / lr / dense / dropout": " / ".join(str(bb.get(k)) for k in ("weights", "learning_rate", "dense", "dropout")),
+                "Raw data md5": (raw or "n/a")[:10],
+                "Manifest md5": (manifest or "n/a")[:10],
+                "Git commit": (git["commit"] or "none")[:10] + (" (dirty)" if git.get("dirty") else ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def report(p: Params) -> dict:
     """Run the stage: write report.md, report.html and the plots; return the headline table as records."""
     table, trained, evaluated = results_table(p)
@@ -138,6 +196,9 @@ def report(p: Params) -> dict:
             ax.axis("off")
         fig.tight_layout()
         save(fig, out / "confusion_matrices.png")
+        best, samples, n_right, n_wrong = sample_grid(p, evaluated, trained)
+        save(samples_figure(samples), out / "samples.png")
+        lineage = lineage_table(p)
         weights_notes = sorted({f"- **{t['backbone']}**: {t['weights']['description']}" for t in trained.values()})
         d = ingest["duplicates"]
         counts = split["counts"]
@@ -150,6 +211,7 @@ def report(p: Params) -> dict:
             "",
             ORIGINAL,
             "",
+            *([SYNTHETIC, ""] if ingest.get("synthetic") else []),
             "## Results",
             "",
             table,
@@ -176,6 +238,20 @@ def report(p: Params) -> dict:
             + "; ".join(f"{s} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})" for s, c in counts.items())
             + f". Test images with a duplicate in train: {split['test_leak']:.0%} "
             f"(a naive random split: {split['naive_split_test_leak']:.0%}).",
+            "",
+            "## Sample test images",
+            "",
+            f"The test images {best} (the model best on validation) got most confidently right ({n_right} shown, green) and "
+            f"wrong ({n_wrong} shown, red).",
+            "",
+            "![Test images with their predictions](samples.png)",
+            "",
+            "## Lineage",
+            "",
+            "Where each model came from, as `dvc.lock` recorded it when this report was written; "
+            "`brainmri lineage FILE` prints the whole chain with every hash, param and metric.",
+            "",
+            lineage,
             "",
             "## Plots",
             "",
@@ -236,11 +312,13 @@ def _html(md: list, folder) -> str:
         elif line.startswith("- "):
             body.append(f"<li>{html.escape(line[2:]).replace('**', '')}</li>")
         elif line.strip() and not line.startswith("|"):
-            body.append(f"<p>{html.escape(line)}</p>")
+            text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(line))
+            body.append(f'<p class="warning">{text}</p>' if line.startswith("**SYNTHETIC") else f"<p>{text}</p>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:right}"
-        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+        ".warning{background:#fff4e5;border-left:6px solid #d97706;padding:.6em 1em}th{background:#f3f3f3}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{font-size:12px;color:#555}"
     )
     head = f"<meta charset='utf-8'><title>Brain MRI results</title><style>{style}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>\n"

@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 
+import pandas as pd
 import pytest
 import yaml
 from factory import SHARED_DATA, brain, encode, make_project, tiny_training
@@ -263,11 +264,13 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
     assert len(table) == 7 and len(p.models) == 7
     assert "38 images" in (p.path("report") / "report.md").read_text()
 
-    from brainmri.predict import predict
     from tasks.export import export
 
     export(p, "vgg16-aug")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "zero.jpg").write_bytes(b"")
-    out = predict(p.model_file("export", "vgg16-aug", "onnx"), [str(SHARED_DATA), str(tmp_path / "bad")], tmp_path / "all.csv")
-    assert len(out) == 254 and (out["error"] != "").sum() == 1 and out.loc[out["error"] == "", "probability"].notna().all()
+    onnx = str(p.model_file("export", "vgg16-aug", "onnx"))
+    sh(tmp_path, "brainmri", "predict", "--model", onnx, "--out", str(tmp_path / "all.csv"), str(SHARED_DATA), str(tmp_path / "bad"))
+    out = pd.read_csv(tmp_path / "all.csv", keep_default_na=False)
+    assert len(out) == 254 and (out["error"] != "").sum() == 1
+    assert out.loc[out["error"] == "", "probability"].between(0, 1).all() and set(out["label"]) - {""} <= {"yes", "no"}
