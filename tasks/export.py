@@ -39,6 +39,27 @@ def to_onnx(model, size: int, opset: int) -> onnx.ModelProto:
     return canonical_names(proto)
 
 
+def _convert_to_file(model_path: str, size: int, opset: int, out: str) -> None:
+    from brainmri.models import load_model
+
+    onnx.save(to_onnx(load_model(model_path), size, opset), out)
+
+
+def convert(model_path: Path, size: int, opset: int) -> onnx.ModelProto:
+    """to_onnx in a spawned process: the GiBs tf2onnx takes go back to the OS before parity and calibration."""
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "model.onnx"
+        proc = multiprocessing.get_context("spawn").Process(target=_convert_to_file, args=(str(model_path), size, opset, str(out)))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0 or not out.is_file():
+            raise ExportError(f"{model_path}: the conversion to ONNX failed in its worker process (exit code {proc.exitcode}); see above")
+        return onnx.load(out)
+
+
 def canonical_names(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Rename nodes and inner tensors by position: tf2onnx numbers them from counters that differ run to run,
     and identical models should give identical files (DVC then sees nothing changed downstream)."""
@@ -117,8 +138,8 @@ def export(p: Params, name: str) -> dict:
     start = time.monotonic()
     trained = json.loads(p.model_file("models", name, "train_metrics").read_text())
     size = p.backbones[p.models[name].backbone].input_size
-    model = load_model(p.model_file("models", name, "model"))
-    proto = to_onnx(model, size, p.export.opset)
+    proto = convert(p.model_file("models", name, "model"), size, p.export.opset)
+    model = load_model(p.model_file("models", name, "model"))  # after the conversion: the two never share memory
     meta = {
         "model": name,
         "input_size": size,

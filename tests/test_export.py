@@ -7,7 +7,7 @@ import pytest
 
 from brainmri.onnxrt import metadata, probabilities, session
 from brainmri.preprocess import load_batch
-from tasks.export import ExportError, export, to_onnx
+from tasks.export import ExportError, convert, export
 
 
 def test_exported_models_match_keras_and_carry_their_metadata(small_run):
@@ -17,7 +17,7 @@ def test_exported_models_match_keras_and_carry_their_metadata(small_run):
         assert e["parity"]["max_abs_diff"] <= 1e-4 and e["parity"]["labels_identical"] and e["parity"]["n_images"] > 0
         model = onnx.load(p.model_file("export", name, "onnx"))
         inp = model.graph.input[0]
-        assert inp.name == "image" and inp.type.tensor_type.shape.dim[0].dim_value == 0  # dynamic batch
+        assert inp.name == "image" and inp.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
         sess = session(p.model_file("export", name, "onnx"))
         meta = metadata(sess)
         assert float(meta["threshold"]) == trained[name]["threshold"] and meta["positive_class"] == "yes"
@@ -35,15 +35,15 @@ def test_broken_parity_fails_the_stage_and_keeps_the_old_export(small_run, monke
     folder = p.model_file("export", name, "onnx").parent
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
 
-    def broken(model, size, opset):
-        proto = to_onnx(model, size, opset)
+    def broken(model_path, size, opset):
+        proto = convert(model_path, size, opset)
         for init in proto.graph.initializer:  # nudge every bias: the graph no longer computes the Keras model
             if len(init.dims) == 1 and init.data_type == onnx.TensorProto.FLOAT:
                 arr = onnx.numpy_helper.to_array(init) + 0.5
                 init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
         return proto
 
-    monkeypatch.setattr("tasks.export.to_onnx", broken)
+    monkeypatch.setattr("tasks.export.convert", broken)
     with pytest.raises(ExportError, match="ONNX output differs from Keras .* nothing was written"):
         export(p, name)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before

@@ -1,6 +1,6 @@
 import numpy as np
 
-from brainmri.phantoms import generate, phantom
+from brainmri.phantoms import MARKER, generate, phantom
 
 
 def test_phantoms_are_deterministic_and_tumours_differ():
@@ -14,7 +14,8 @@ def test_phantoms_are_deterministic_and_tumours_differ():
 
 def test_generate_writes_class_folders_with_duplicates(tmp_path):
     n = generate(tmp_path / "ph", {"yes": True, "no": False}, 20, 3, 64, 128, 0.3)
-    files = sorted(p.relative_to(tmp_path / "ph").as_posix() for p in (tmp_path / "ph").rglob("*.*"))
+    files = sorted(p.relative_to(tmp_path / "ph").as_posix() for p in (tmp_path / "ph").rglob("*.*") if p.name != MARKER)
+    assert "not patient data" in (tmp_path / "ph" / MARKER).read_text()  # the set says it is synthetic
     assert n == len(files) > 40 and any(" copy" in f for f in files)
     assert {f.split("/")[0] for f in files} == {"yes", "no"}
     again = tmp_path / "again"

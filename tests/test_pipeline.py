@@ -271,6 +271,7 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
     (tmp_path / "bad" / "zero.jpg").write_bytes(b"")
     onnx = str(p.model_file("export", "vgg16-aug", "onnx"))
     sh(tmp_path, "brainmri", "predict", "--model", onnx, "--out", str(tmp_path / "all.csv"), str(SHARED_DATA), str(tmp_path / "bad"))
-    out = pd.read_csv(tmp_path / "all.csv", keep_default_na=False)
-    assert len(out) == 254 and (out["error"] != "").sum() == 1
-    assert out.loc[out["error"] == "", "probability"].between(0, 1).all() and set(out["label"]) - {""} <= {"yes", "no"}
+    out = pd.read_csv(tmp_path / "all.csv")
+    ok = out["error"].isna()
+    assert len(out) == 254 and (~ok).sum() == 1 and "zero.jpg" in out.loc[~ok, "path"].item()
+    assert out.loc[ok, "probability"].between(0, 1).all() and set(out.loc[ok, "label"]) <= {"yes", "no"}

@@ -44,7 +44,8 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         seen = page.evaluate(
             "() => ({tables: [...document.querySelectorAll('table')].map(t => t.rows.length),"
             " images: [...document.images].map(i => [i.complete, i.naturalWidth, i.alt]),"
-            " headings: [...document.querySelectorAll('h2')].map(h => h.innerText), strong: document.querySelector('.warning strong')?.innerText})"
+            " headings: [...document.querySelectorAll('h2')].map(h => h.innerText),"
+            " strong: document.querySelector('.warning strong')?.innerText})"
         )
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
