@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,12 +42,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="the workspace's params.yaml (default: %(default)s)")
     ap.add_argument("--models", nargs="*", help="models whose stages to run (default: all in params)")
+    ap.add_argument("--stages", nargs="*", help="only these stage kinds, e.g. train export (default: all)")
     ap.add_argument("--cold-cache", action="store_true", help="move the feature cache aside so every feature is computed")
     args = ap.parse_args()
     p = load_params(args.params)
     root = p.root
     models = set(args.models or p.models)
     stages = [s for s in pipeline_stages(root) if "@" not in s or s.split("@", 1)[1] in models]
+    if args.stages:
+        stages = [s for s in stages if s.split("@")[0] in args.stages]
     if set(models) != set(p.models):
         stages = [s for s in stages if s != "report"]  # the report needs every model's outputs
     cache, aside = p.path("feature_cache"), p.path("feature_cache").with_name("features.peak-memory-aside")
@@ -59,7 +63,10 @@ def main() -> int:
     rows = []
     try:
         for stage in stages:
-            wall, peak, code = run(stage_command(root, stage), root)
+            cmd = stage_command(root, stage)
+            if Path(args.params).name != "params.yaml":  # stage commands read params.yaml unless told otherwise
+                cmd = cmd.replace("brainmri ", f"brainmri --params {shlex.quote(str(Path(args.params).resolve()))} ", 1)
+            wall, peak, code = run(cmd, root)
             rows.append((stage, wall, peak))
             print(f"{stage:32s} {wall:8.1f} {peak:9.2f}" + ("  FAILED" if code else ""), flush=True)
             if code:
