@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw,
 
     class EpochLog(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            log.info(
+            log.log(
+                logging.DEBUG if label.startswith("cv ") else logging.INFO,  # CV folds: their per-fold summary is enough
                 "%s epoch %d/%d: loss %.4f, val_loss %.4f, val_accuracy %.3f",
                 label,
                 epoch + 1,
