@@ -100,10 +100,16 @@ def _target(root: Path, stage: str) -> str:
     return f"{Path(root).resolve() / 'dvc.yaml'}:{stage}"
 
 
+def _status(root: Path, stage: str) -> tuple[list[str], str]:
+    """Why `dvc repro` would run `stage` now (empty: up to date), in DVC's words, and its command: one DVC call."""
+    target = _target(root, stage)
+    status, cmd = locked(root, lambda repo: (repo.status(targets=[target]), repo.stage.collect(target)[0].cmd))
+    return [reason for entries in status.values() for entry in entries for reason in _describe(entry)], cmd
+
+
 def stale_reasons(root: Path, stage: str) -> list[str]:
     """Why `dvc repro` would run `stage` now (empty: it is up to date), in DVC's words."""
-    status = locked(root, lambda repo: repo.status(targets=[_target(root, stage)]))
-    return [reason for entries in status.values() for entry in entries for reason in _describe(entry)]
+    return _status(root, stage)[0]
 
 
 def stage_command(root: Path, stage: str) -> str:
@@ -144,12 +150,12 @@ def _logger():
 def reproduce(root: Path, stage: str) -> dict:
     """Run `stage` if DVC says it is stale, then commit it; report whether it ran and why."""
     log = _logger()
-    reasons = stale_reasons(root, stage)
+    reasons, cmd = _status(root, stage)
     if not reasons:
         log.info("%s: up to date (dvc status: nothing changed)", stage)
         return {"stage": stage, "ran": False, "reasons": [], "seconds": 0.0}
     log.info("%s: running because %s", stage, "; ".join(reasons))
-    seconds = run_command(root, stage, stage_command(root, stage))
+    seconds = run_command(root, stage, cmd)
     commit_stage(root, stage)
     log.info("%s: done in %.1f s, recorded in dvc.lock", stage, seconds)
     return {"stage": stage, "ran": True, "reasons": reasons, "seconds": round(seconds, 2)}
