@@ -175,6 +175,7 @@ class Backbone(Section):
     weights: str
     input_size: int
     pooling: Literal["avg", "max"]
+    feature_layer: str
     dense: int
     dropout: float
     learning_rate: float
@@ -188,6 +189,10 @@ class Backbone(Section):
     def _check(self):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.application):
             raise ValueError(f"application must name a keras.applications class such as VGG16, got {self.application!r}")
+        if self.feature_layer and not re.fullmatch(r"[A-Za-z0-9_]+", self.feature_layer):
+            raise ValueError(
+                f"feature_layer must be empty (the whole base) or a layer name such as block4_pool, got {self.feature_layer!r}"
+            )
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32 pixels (the smallest the backbones accept), got {self.input_size}")
         self.require_min("backbone", dense=1, epochs=1, patience=0, fine_tune_layers=0, fine_tune_epochs=0)
@@ -203,6 +208,8 @@ class Export(Section):
     opset: int
     parity_tolerance: float
     calibration_images: int
+    calibration_method: Literal["minmax", "percentile", "entropy"]
+    reduce_range: bool
 
     @model_validator(mode="after")
     def _check(self):

@@ -123,7 +123,18 @@ def build_base(p: Params, key: str) -> tuple[keras.Model, WeightsSource]:
             base.load_weights(p.resolve(src.path))
         except Exception as exc:
             raise ConfigError(f"backbones.{key}.weights: {src.path} does not fit {bb.application}(include_top=False): {exc}") from None
-    return base, src
+    return truncate(base, bb.feature_layer, key), src
+
+
+def truncate(base: keras.Model, layer: str, key: str) -> keras.Model:
+    """The base up to and including `layer` (the whole base when empty): its output is what gets pooled."""
+    if not layer:
+        return base
+    names = [lyr.name for lyr in base.layers]
+    if layer not in names:
+        shown = ", ".join(names[-12:])
+        raise ConfigError(f"backbones.{key}.feature_layer: {base.name} has no layer {layer!r}; its last layers are {shown}")
+    return keras.Model(base.input, base.get_layer(layer).output, name=base.name)
 
 
 @dataclass

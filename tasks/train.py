@@ -72,14 +72,25 @@ def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw,
 
 
 def predict(model, x, batch: int = 64) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=batch, verbose=0)).reshape(-1)
+    """Probabilities in batches, called directly: model.predict traces a new function per model (a warning per CV fold)."""
+    out = [np.asarray(model(x[i : i + batch], training=False)).reshape(-1) for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def cross_validate(p: Params, name: str, feats: np.ndarray, y: np.ndarray, groups: np.ndarray, aug_feats: dict[int, np.ndarray]) -> dict:
+def cross_validate(
+    p: Params,
+    name: str,
+    feats: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    aug_feats: dict[int, np.ndarray],
+    fold_seed: int | None = None,
+) -> dict:
     """Grouped, stratified k-fold on cached features; a logistic-regression baseline on the same folds.
 
     In each fold the head is fitted as in the pipeline: on the fold's training part (plus its augmented copies),
-    with early stopping on an inner grouped validation split holding a fifth of that part.
+    with early stopping on an inner grouped validation split holding a fifth of that part. The result's
+    "predictions" hold each image's out-of-fold probability from the head and from the baseline.
     """
     import keras
     from sklearn.linear_model import LogisticRegression
@@ -90,16 +101,17 @@ def cross_validate(p: Params, name: str, feats: np.ndarray, y: np.ndarray, group
     from brainmri.models import build_head
 
     bb = p.backbones[p.models[name].backbone]
-    folds = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=p.seed)
-    rows = []
+    seed = p.seed if fold_seed is None else fold_seed
+    folds = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=seed)
+    rows, oof = [], {"model": np.full(len(y), np.nan), "baseline": np.full(len(y), np.nan)}
     for k, (tr, te) in enumerate(folds.split(feats, y, groups)):
-        inner = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=p.seed + k)
+        inner = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed + k)
         fit_i, val_i = next(inner.split(feats[tr], y[tr], groups[tr]))
         fit_idx, val_idx = tr[fit_i], tr[val_i]
         with_aug = [i for i in fit_idx if i in aug_feats]  # augmented copies of the images it fits on, only
         x_fit = np.concatenate([feats[fit_idx], *(aug_feats[i] for i in with_aug)])
         y_fit = np.concatenate([y[fit_idx], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
-        keras.utils.set_random_seed(p.seed + k)
+        keras.utils.set_random_seed(seed + k)
         head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit)
         _, best = fit(
             head,
@@ -113,10 +125,12 @@ def cross_validate(p: Params, name: str, feats: np.ndarray, y: np.ndarray, group
             class_weights(y_fit, p.train.class_weight),
             f"cv {name} fold {k + 1}",
         )
-        m = point(y[te], predict(head, feats[te]), 0.5)
+        oof["model"][te] = predict(head, feats[te])
+        m = point(y[te], oof["model"][te], 0.5)
         balanced = None if p.train.class_weight == "none" else "balanced"
         lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight=balanced)).fit(feats[tr], y[tr])
-        b = point(y[te], lr.predict_proba(feats[te])[:, 1], 0.5)
+        oof["baseline"][te] = lr.predict_proba(feats[te])[:, 1]
+        b = point(y[te], oof["baseline"][te], 0.5)
         rows.append(
             {
                 "fold": k,
@@ -136,6 +150,7 @@ def cross_validate(p: Params, name: str, feats: np.ndarray, y: np.ndarray, group
         "model": {m_: stats(f"model_{m_}") for m_ in ("auc", "accuracy", "bce")},
         "baseline_logreg": {m_: stats(f"baseline_{m_}") for m_ in ("auc", "accuracy", "bce")},
         "per_fold": frame.round(4).to_dict(orient="records"),
+        "predictions": oof,
     }
 
 
@@ -237,7 +252,9 @@ def _cv(p, name, tr, aug, va, f_tr, f_aug, f_val) -> dict:
         for vec, src in zip(f_aug, aug.frame["source_image"], strict=True):
             aug_feats.setdefault(by_image[src], []).append(vec)
     aug_arrays = {i: np.stack(v) for i, v in aug_feats.items()}
-    return cross_validate(p, name, feats, np.concatenate([tr.y, va.y]), frame["group"].to_numpy(), aug_arrays)
+    cv = cross_validate(p, name, feats, np.concatenate([tr.y, va.y]), frame["group"].to_numpy(), aug_arrays)
+    cv.pop("predictions")  # per-image detail: the stage's metrics need the summary only
+    return cv
 
 
 def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str, offset: int) -> pd.DataFrame:

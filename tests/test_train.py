@@ -133,6 +133,10 @@ def test_local_weights_file_is_loaded_and_recorded(tmp_path):
         ({"vgg16": {"weights": "missing.h5"}}, "backbones.vgg16.weights: weights file"),
         ({"vgg16": {"application": "VGG17"}}, "unknown backbone 'VGG17'; allowed: SmallCNN, ConvNeXtBase"),
         ({"smallcnn": {"weights": "imagenet"}}, "must be 'none' for SmallCNN"),
+        (
+            {"vgg16": {"weights": "none", "input_size": 32, "feature_layer": "block6_pool"}},
+            "vgg16 has no layer 'block6_pool'; its last layers are .*block5_pool",
+        ),
     ],
 )
 def test_bad_backbone_settings_stop_before_work(tmp_path, over, needle):
@@ -140,6 +144,23 @@ def test_bad_backbone_settings_stop_before_work(tmp_path, over, needle):
     key = next(iter(over))
     with pytest.raises(ConfigError, match=needle):
         build_base(p, key)
+
+
+@pytest.mark.skipif(not HED.is_file(), reason="the shared HED weights file is not beside the repository")
+def test_feature_layer_cuts_the_base_after_loading_the_weights(tmp_path):
+    """feature_layer: block4_pool pools block 4 of the loaded weights; the cut base keeps exactly those weights."""
+    over = {"backbones": {"vgg16": {"weights": str(HED), "input_size": 64, "feature_layer": "block4_pool"}}}
+    p = load_params(make_project(tmp_path, over) / "params.yaml")
+    base, _ = build_base(p, "vgg16")
+    assert base.layers[-1].name == "block4_pool" and base.output_shape == (None, 4, 4, 512)
+    assert "block5_conv1" not in [layer.name for layer in base.layers]
+    whole, _ = build_base(
+        load_params(make_project(tmp_path / "whole", {"backbones": {"vgg16": {"weights": str(HED), "input_size": 64}}}) / "params.yaml"),
+        "vgg16",
+    )
+    assert np.array_equal(base.get_layer("block4_conv3").get_weights()[0], whole.get_layer("block4_conv3").get_weights()[0])
+    net = build_network(p, "vgg16", seed=0)
+    assert net.extractor.output_shape == (None, 512)
 
 
 def test_too_small_input_and_unknown_model_are_config_errors(tmp_path):
