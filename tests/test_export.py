@@ -48,3 +48,23 @@ def test_broken_parity_fails_the_stage_and_keeps_the_old_export(small_run, monke
         export(p, name)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     assert not [f for f in folder.parent.iterdir() if f.name.startswith(".")]
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_reduce_range_keeps_int8_weights_to_7_bits(small_run, tmp_path, reduce_range):
+    """export.reduce_range: weights within [-64, 64], so u8 x s8 pair sums cannot saturate on CPUs without VNNI."""
+    from onnx import numpy_helper
+
+    from tasks.export import quantize
+    from tasks.split import split_part
+
+    p, *_ = small_run
+    fp32 = p.model_file("export", "vgg16-noaug", "onnx")
+    out = tmp_path / "q.onnx"
+    quantize(fp32, out, split_part(p, "train").paths[:8], p.backbones["vgg16"].input_size, "minmax", reduce_range)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims]
+    peak = max(int(np.abs(w.astype(int)).max()) for w in weights)
+    assert weights and (peak <= 64 if reduce_range else peak == 127)
+    x = load_batch(split_part(p, "test").paths, p.backbones["vgg16"].input_size)
+    prob = probabilities(session(out), x)
+    assert prob.shape == (len(x),) and np.all((prob >= 0) & (prob <= 1))
