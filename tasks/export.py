@@ -115,6 +115,9 @@ class Calibration(CalibrationDataReader):
 def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, reduce_range: bool) -> None:
     """Static int8 quantization (QDQ, per-channel weights) of the convolutions, calibrated on `calibration_paths`.
 
+    Relu and MaxPool are quantized too: a Relu with its own scale needs a dequantize-requantize pair after
+    every convolution (measured: int8 1.81x over fp32 with them, 1.96x without, VGG16 on 2 AVX2 cores).
+
     The head stays float: it is a negligible share of the FLOPs, and its standardisation of pooled features
     would magnify int8 error (measured: a 24-point accuracy loss when it was quantized too). `reduce_range`
     keeps weights to 7 bits so that the u8 x s8 pair sums of CPUs without VNNI cannot saturate.
@@ -126,7 +129,7 @@ def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, re
         str(int8_path),
         Calibration(calibration_paths, size),
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv"],
+        op_types_to_quantize=["Conv", "Relu", "MaxPool"],  # with Relu and MaxPool the tensor stays int8 from conv to conv
         per_channel=True,
         reduce_range=reduce_range,
         activation_type=QuantType.QUInt8,
