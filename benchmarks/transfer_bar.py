@@ -25,7 +25,7 @@ from brainmri.fsutil import write_csv
 from brainmri.images import load_rgb, save_png
 from brainmri.models import build_network
 from brainmri.progress import progress
-from tasks.augment import apply, draw
+from tasks.augment import copies
 from tasks.split import make_part
 from tasks.train import cross_validate, seed_everything
 
@@ -36,10 +36,9 @@ def augmented_features(p, backbone: str, extractor, frame: pd.DataFrame, tmp: Pa
     paths, owner = [], []
     for i, r in enumerate(progress(frame.itertuples(index=False), "augment all images", total=len(frame))):
         img = load_rgb(src / r.image)
-        for k in range(p.augment.copies):
-            path = tmp / f"{r.image_id}_{k}.png"
-            save_png(apply(img, draw(np.random.default_rng([p.seed, int(r.image_id, 16), k]), p.augment)), path)
-            paths.append(path)
+        for k, _, copy in copies(p, img, r.image_id):
+            save_png(copy, tmp / f"{r.image_id}_{k}.png")
+            paths.append(tmp / f"{r.image_id}_{k}.png")
             owner.append(i)
     feats = features.extract(p, backbone, extractor, paths, "augmented copies")
     return {i: feats[np.array(owner) == i] for i in sorted(set(owner))}

@@ -50,6 +50,13 @@ def apply(img: Image.Image, t: dict) -> Image.Image:
     return ImageEnhance.Brightness(out).enhance(t["brightness"])
 
 
+def copies(p: Params, img: Image.Image, image_id: str):
+    """The K augmented copies of one image, as (k, transform, image): drawn from a seed per image and copy."""
+    for k in range(p.augment.copies):
+        t = draw(np.random.default_rng([p.seed, int(image_id, 16), k]), p.augment)
+        yield k, t, apply(img, t)
+
+
 def augment(p: Params) -> dict:
     """Run the stage: write augmented images and their manifest; return a summary."""
     train = split_part(p, "train").frame
@@ -58,11 +65,9 @@ def augment(p: Params) -> dict:
     with atomic_dir(p.path("augment_images")) as out:
         for r in progress(train.itertuples(index=False), "augment", total=len(train)):
             img = load_rgb(src_dir / r.image)
-            for k in range(p.augment.copies):
-                rng = np.random.default_rng([p.seed, int(r.image_id, 16), k])
-                t = draw(rng, p.augment)
+            for k, t, copy in copies(p, img, r.image_id):
                 name = f"{r.image_id}_{k}.png"
-                save_png(apply(img, t), out / name)
+                save_png(copy, out / name)
                 rows.append(
                     {
                         "image": name,
