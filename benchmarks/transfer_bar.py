@@ -60,7 +60,7 @@ def main() -> None:
         default=3,
         help="fold assignments to average over (seeds seed, seed+1, ...): one alone moves AUC by 0.01-0.02",
     )
-    ap.add_argument("--oof", help="write each image's out-of-fold probabilities (first repeat) to this CSV, for benchmarks/peer.py")
+    ap.add_argument("--oof", help="write each image's out-of-fold probabilities (every repeat) to this CSV, for benchmarks/peer.py")
     args = ap.parse_args()
     p = load_params(args.params, {**overrides(args.set), "train": {"cv_folds": args.folds}})
     spec = p.model(args.model)
@@ -103,8 +103,9 @@ def main() -> None:
             ]
             print(f"trained model minus {label}: AUC {np.mean(diff):+.3f} (better in {sum(d > 0 for d in diff)} of {len(diff)} folds)")
     if args.oof:
-        first = runs[0]["predictions"]
-        frame = split[["source_path", "label", "group"]].assign(p_head=first["model"], p_logreg=first["baseline"])
+        frame = split[["source_path", "label", "group"]].copy()
+        for r, run in enumerate(runs, 1):
+            frame[f"p_head_{r}"], frame[f"p_logreg_{r}"] = run["predictions"]["model"], run["predictions"]["baseline"]
         write_csv(args.oof, frame)
         print(f"out-of-fold probabilities: {args.oof}")
 

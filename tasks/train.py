@@ -44,7 +44,7 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw, label: str) -> tuple[pd.DataFrame, int]:
-    """Fit with early stopping on validation loss; the weights of the best validation epoch are kept."""
+    """Fit for `epochs` epochs and keep the last; with `patience`, stop early on validation loss and keep its best epoch."""
     import keras
 
     class EpochLog(keras.callbacks.Callback):
@@ -61,14 +61,15 @@ def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw,
             )
 
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy", metrics=["accuracy"])
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience or epochs, restore_best_weights=True)
+    stop = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)] if patience else []
     h = model.fit(
-        x, y, validation_data=val, epochs=epochs, batch_size=batch, class_weight=cw, shuffle=True, verbose=0, callbacks=[stop, EpochLog()]
+        x, y, validation_data=val, epochs=epochs, batch_size=batch, class_weight=cw, shuffle=True, verbose=0, callbacks=[*stop, EpochLog()]
     )
     hist = pd.DataFrame(h.history)
     hist.insert(0, "epoch", np.arange(1, len(hist) + 1))
-    hist["selected"] = hist["epoch"] == stop.best_epoch + 1
-    return hist, stop.best_epoch + 1
+    best = stop[0].best_epoch + 1 if stop else len(hist)
+    hist["selected"] = hist["epoch"] == best
+    return hist, best
 
 
 def predict(model, x, batch: int = 64) -> np.ndarray:
@@ -88,8 +89,9 @@ def cross_validate(
 ) -> dict:
     """Grouped, stratified k-fold on cached features; a logistic-regression baseline on the same folds.
 
-    In each fold the head is fitted as in the pipeline: on the fold's training part (plus its augmented copies),
-    with early stopping on an inner grouped validation split holding a fifth of that part. The result's
+    In each fold the head is fitted as in the pipeline: on the fold's training part (plus its augmented copies)
+    less an inner grouped validation split holding a fifth of that part, which early stopping (when `patience`
+    is set) reads and the fit never sees, as val in the pipeline. The result's
     "predictions" hold each image's out-of-fold probability from the head and from the baseline.
     """
     import keras
@@ -145,7 +147,11 @@ def cross_validate(
     stats = lambda col: {"mean": round(float(frame[col].mean()), 4), "sd": round(float(frame[col].std(ddof=1)), 4)}  # noqa: E731
     return {
         "folds": p.train.cv_folds,
-        "selection": "early stopping on an inner grouped validation split of each fold's training part",
+        "selection": (
+            f"early stopping (patience {bb.patience}) on an inner grouped validation split of each fold's training part"
+            if bb.patience
+            else f"{bb.epochs} epochs, no early stopping; an inner grouped validation split of each fold's training part held out"
+        ),
         "n_images": int(len(y)),
         "model": {m_: stats(f"model_{m_}") for m_ in ("auc", "accuracy", "bce")},
         "baseline_logreg": {m_: stats(f"baseline_{m_}") for m_ in ("auc", "accuracy", "bce")},

@@ -78,6 +78,22 @@ def test_early_stopping_keeps_the_best_validation_epoch(small_run):
     assert final == pytest.approx(hist["val_loss"].min(), abs=1e-4)
 
 
+def test_patience_zero_trains_every_epoch_and_keeps_the_last(small_run):
+    import keras
+
+    p, *_ = small_run
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 16)).astype("float32"), rng.integers(0, 2, 64)  # the same noise: with patience it stops early
+    xv, yv = rng.normal(size=(32, 16)).astype("float32"), rng.integers(0, 2, 32)
+    keras.utils.set_random_seed(0)
+    head = build_head(16, p.backbones["vgg16"].model_copy(update={"dense": 64, "dropout": 0.0}), seed=0)
+    hist, best = fit(head, x, y, (xv, yv), lr=0.01, epochs=30, patience=0, batch=16, cw=None, label="t")
+    assert len(hist) == 30 and best == 30 and hist["selected"].tolist() == [False] * 29 + [True]
+    assert hist["val_loss"].iloc[-1] > hist["val_loss"].min()  # the last epoch is kept although val loss was lower before
+    final = keras.losses.binary_crossentropy(yv.astype("float32"), np.asarray(head(xv)).reshape(-1)).numpy().mean()
+    assert final == pytest.approx(hist["val_loss"].iloc[-1], abs=1e-4)
+
+
 def test_train_writes_model_history_and_metrics(small_run):
     p, trained, *_ = small_run
     t = json.loads(p.model_file("models", "vgg16-aug", "train_metrics").read_text())
