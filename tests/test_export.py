@@ -68,3 +68,32 @@ def test_reduce_range_keeps_int8_weights_to_7_bits(small_run, tmp_path, reduce_r
     x = load_batch(split_part(p, "test").paths, p.backbones["vgg16"].input_size)
     prob = probabilities(session(out), x)
     assert prob.shape == (len(x),) and np.all((prob >= 0) & (prob <= 1))
+
+
+def test_int8_keeps_the_head_float_and_the_base_int8(small_run, tmp_path):
+    """Only the base is quantized: no quantize/dequantize node after the global pooling, every convolution fed int8."""
+    from tasks.export import GLOBAL_POOLING, quantize
+    from tasks.split import split_part
+
+    p, *_ = small_run
+    out = tmp_path / "q.onnx"
+    quantize(
+        p.model_file("export", "vgg16-noaug", "onnx"),
+        out,
+        split_part(p, "train").paths[:8],
+        p.backbones["vgg16"].input_size,
+        "minmax",
+        True,
+    )
+    graph = onnx.load(out).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    pooling = next(n for n in graph.node if n.op_type in GLOBAL_POOLING)
+    after, reached = [], set(pooling.output)
+    for n in graph.node:
+        if any(i in reached for i in n.input):
+            reached.update(n.output)
+            after.append(n.op_type)
+    assert "MatMul" in after or "Gemm" in after  # the head's dense layers are there...
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(after)  # ...and float
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(made_by[n.input[0]].op_type == "DequantizeLinear" for n in convs)
