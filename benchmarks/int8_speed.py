@@ -76,10 +76,10 @@ def fp32_twin(int8_path: str) -> bytes:
         if out.name in alias:
             keep.append(helper.make_node("Identity", [source(out.name)], [out.name]))
     used = {name for n in keep for name in n.input}
-    kept_init = [t for t in graph.initializer if t.name in used and t.name not in {f.name for f in floats}]
+    kept_init = [t for t in [*graph.initializer, *floats] if t.name in used]  # dequantized names never clash with int8 ones
     del graph.node[:], graph.initializer[:]
     graph.node.extend(keep)
-    graph.initializer.extend(kept_init + [f for f in floats if f.name in used])
+    graph.initializer.extend(kept_init)
     return model.SerializeToString()
 
 

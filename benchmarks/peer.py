@@ -38,8 +38,12 @@ def peer_probabilities(files: list[str]) -> np.ndarray:
     return np.array([1.0 - float(sess.run(None, {name: preprocess(f)})[0][0][notumor]) for f in files])
 
 
+def accuracy_auc(y: np.ndarray, prob: np.ndarray, threshold: float) -> tuple[float, float]:
+    return float(np.mean((prob >= threshold) == y)), float(roc_auc_score(y, prob))
+
+
 def scores(y: np.ndarray, prob: np.ndarray, threshold: float) -> str:
-    return f"accuracy {np.mean((prob >= threshold) == y):.3f}   AUC {roc_auc_score(y, prob):.3f}"
+    return "accuracy {:.3f}   AUC {:.3f}".format(*accuracy_auc(y, prob, threshold))
 
 
 def main() -> None:
@@ -62,8 +66,7 @@ def main() -> None:
         for col in [c for c in oof.columns if c.startswith("p_")]:
             kinds.setdefault(re.sub(r"_\d+$", "", col[2:]), []).append(col)
         for kind, cols in kinds.items():
-            acc = [np.mean((oof[c].to_numpy() >= 0.5) == y) for c in cols]
-            auc = [roc_auc_score(y, oof[c].to_numpy()) for c in cols]
+            acc, auc = zip(*(accuracy_auc(y, oof[c].to_numpy(), 0.5) for c in cols), strict=True)
             label = f"ours out-of-fold, {kind} (all images)"
             each = f"  (per fold assignment: AUC {', '.join(f'{a:.3f}' for a in auc)})" if len(cols) > 1 else ""
             print(f"  {label:<44} accuracy {np.mean(acc):.3f}   AUC {np.mean(auc):.3f}{each}")
