@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from brainmri.config import load_params
-from brainmri.dvcops import pipeline_stages, stage_command
+from flows.pipeline import stage_command, stage_graph, topological
 
 BUDGET_GIB = 8.0
 
@@ -48,7 +48,7 @@ def main() -> int:
     p = load_params(args.params)
     root = p.root
     models = set(args.models or p.models)
-    stages = [s for s in pipeline_stages(root) if "@" not in s or s.split("@", 1)[1] in models]
+    stages = [s for s in topological(stage_graph(root)) if "@" not in s or s.split("@", 1)[1] in models]
     if args.stages:
         stages = [s for s in stages if s.split("@")[0] in args.stages]
     if set(models) != set(p.models):

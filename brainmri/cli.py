@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -50,9 +51,9 @@ def cmd_predict(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from flows.pipeline import pipeline
+    from flows.pipeline import run
 
-    pipeline(args.params)
+    run(args.params, args.verbose)
 
 
 def cmd_serve(args) -> None:
@@ -93,17 +94,17 @@ def _headline(p) -> None:
 
 def cmd_demo(args) -> None:
     from brainmri.demo import prepare
-    from flows.pipeline import pipeline
+    from flows.pipeline import run
 
     print(DEMO_BANNER, flush=True)
     p = prepare(Path(args.params).resolve().parent)
-    pipeline(str(p.root / "params.yaml"))
+    run(str(p.root / "params.yaml"), args.verbose)
     print("\n" + DEMO_BANNER)
     _headline(p)
 
 
 def cmd_quickstart(args) -> None:
-    from flows.pipeline import pipeline
+    from flows.pipeline import run
 
     p = _params(args)
     source = p.resolve(p.ingest.source)
@@ -111,8 +112,22 @@ def cmd_quickstart(args) -> None:
         print(f"No dataset at {source} (ingest.source); running the offline demo instead. README: 'The real dataset'.")
         return cmd_demo(args)
     logging.getLogger("brainmri").info("quickstart: dataset found at %s; running the pipeline as configured", source)
-    pipeline(args.params)
+    run(args.params, args.verbose)
     _headline(p)
+
+
+def cmd_deps(args) -> None:
+    from brainmri import codedeps
+    from brainmri.config import read_yaml
+
+    root = Path(args.params).resolve().parent
+    dvc_file = root / "dvc.yaml"
+    if args.write:
+        changed = codedeps.write(root, dvc_file)
+        print(f"{dvc_file}: code deps rewritten for {', '.join(changed)}" if changed else f"{dvc_file}: code deps already exact")
+        return
+    for stage, deps in codedeps.expected_deps(root, read_yaml(dvc_file)).items():
+        print(f"{stage}: {' '.join(d.removeprefix(codedeps.CODE_PREFIX) for d in deps)}")
 
 
 def cmd_params(args) -> None:
@@ -125,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--params", default="params.yaml", help="parameters file; all paths in it are relative to its folder (default: %(default)s)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Prefect's and TensorFlow's own logs and every stage's full output"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "ingest": "validate, normalize and de-duplicate the source images (ingest.* params)",
@@ -197,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the pipeline flow on ingest.source if it exists; otherwise run `brainmri demo`. "
         "Ends by printing where the report is and its results table.",
     ).set_defaults(func=cmd_quickstart)
+    deps = sub.add_parser(
+        "deps",
+        help="print each stage's code deps, derived from the import graph; --write puts them into dvc.yaml",
+        description="Each stage's code deps are exactly the project files its module imports, transitively (inside functions too).",
+    )
+    deps.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml (comments kept)")
+    deps.set_defaults(func=cmd_deps)
     sub.add_parser(
         "params", help="print the validated parameters as JSON", description="Validate params.yaml and print it as JSON."
     ).set_defaults(func=cmd_params)
@@ -205,8 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: warnings only
-    logging.getLogger("brainmri").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if not args.verbose:  # Prefect's own console chatter off; its logs still reach the Prefect UI (the API handler)
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not args.verbose:  # other libraries (Prefect's run loggers propagate here): warnings only
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
+    ours = logging.getLogger("brainmri")
+    ours.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    ours.addHandler(logging.StreamHandler())  # our own lines, plain, whatever the root handler lets through
+    ours.handlers[-1].setFormatter(logging.Formatter("%(message)s"))
+    ours.propagate = False
     try:
         args.func(args)
     except BrainMRIError as exc:

@@ -237,6 +237,7 @@ class Orchestration(Section):
     dask_address: str
     retries: int
     retry_delay: int
+    exclusive: list[str]
     cron: str
     timezone: str
 

@@ -40,10 +40,17 @@ def _inside(path: str, folder: str) -> bool:
 
 def _metric_paths(root: Path) -> dict[str, list[str]]:
     """Per stage, its outputs declared as metrics in dvc.yaml (DVC's own reading of it)."""
-    from brainmri.dvcops import open_repo
+    import os
 
-    with open_repo(root) as repo:
-        return {s.name: [o.def_path for o in s.outs if o.metric] for s in repo.index.stages if s.cmd}  # not `dvc add` data
+    from dvc.repo import Repo
+
+    here = os.getcwd()
+    os.chdir(root)  # DVC resolves some paths against the working directory
+    try:
+        with Repo(".") as repo:
+            return {s.name: [o.def_path for o in s.outs if o.metric] for s in repo.index.stages if s.cmd}  # not `dvc add` data
+    finally:
+        os.chdir(here)
 
 
 def lineage(root: str | Path, target: str | Path, with_metrics: bool = True) -> dict:

@@ -1,32 +1,163 @@
-"""The pipeline flow: every DVC stage brought up to date, model branches fanned out; DVC decides what is stale.
+"""The pipeline flow: DVC's stage graph, each stage a Prefect task that DVC itself reproduces.
 
-ingest -> split -> augment -> per model: train -> evaluate -> export -> benchmark -> report
+The DAG is read from dvc.yaml (DVC's own graph), never written here: a stage added to dvc.yaml is orchestrated with
+no change to this file. Every stage whose upstream is done is submitted at once, up to `orchestration.max_workers`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from brainmri.config import Orchestration, load_params
-from brainmri.dvcops import pipeline_stages
 from brainmri.errors import BrainMRIError
-from tasks.augment import augment_images
-from tasks.benchmark import benchmark_model
-from tasks.evaluate import evaluate_model
-from tasks.export import export_model
-from tasks.ingest import ingest_images
-from tasks.report import publish_report, write_report
-from tasks.split import split_dataset
-from tasks.train import train_model
 
-MODEL_TASKS = {"train": train_model, "evaluate": evaluate_model, "export": export_model, "benchmark": benchmark_model}
+log = logging.getLogger("brainmri")
+LOCK_WAIT_SECONDS = 1800  # how long a stage waits for another DVC process (a user's `dvc repro`) before giving up
+BUSY = 75  # flows.repro_one's exit code when another process holds the workspace's files
+
+
+class StageFailed(BrainMRIError):
+    """A stage's command failed; `retryable` is False for bad data or params (exit code 2: the same again)."""
+
+    def __init__(self, stage: str, code: int, tail: str):
+        self.stage, self.code, self.retryable = stage, code, code != 2
+        super().__init__(f"{stage} failed (exit code {code}): {tail.strip() or 'no error output'}")
+
+
+class WorkspaceBusy(BrainMRIError):
+    """Another DVC process kept the workspace's files for longer than we wait."""
 
 
 class PipelineFailed(BrainMRIError):
-    """One or more stages failed; the message names them and what did not run because of them."""
+    """One or more stages failed; the message names them, why, and what did not run because of them."""
+
+
+def retry_on_io_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry crashes and I/O failures, never bad data or params (they fail the same way again)."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.retryable
+    except BrainMRIError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def stage_graph(root: Path) -> dict[str, set[str]]:
+    """Every stage with a command and the stages it depends on, from DVC's own graph of dvc.yaml."""
+    from dvc.repo import Repo
+
+    here = os.getcwd()
+    os.chdir(root)  # DVC resolves some paths against the working directory
+    try:
+        with Repo(".") as repo:
+            graph = repo.index.graph  # edges run from a stage to the stages it depends on
+            return {s.addressing: {u.addressing for u in graph.successors(s) if u.cmd} for s in graph.nodes if s.cmd}
+    finally:
+        os.chdir(here)
+
+
+def stage_command(root: Path, stage: str) -> str:
+    """The command dvc.yaml gives `stage` (interpolated by DVC)."""
+    from dvc.repo import Repo
+
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        with Repo(".") as repo:
+            return repo.stage.collect(f"dvc.yaml:{stage}")[0].cmd
+    finally:
+        os.chdir(here)
+
+
+def topological(graph: dict[str, set[str]]) -> list[str]:
+    import graphlib
+
+    return list(graphlib.TopologicalSorter(graph).static_order())
+
+
+def _stage_env(verbose: bool) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's `brainmri`
+    if not verbose:
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+        env.setdefault("PYTHONWARNINGS", "ignore")  # library deprecation warnings; our own errors still surface
+    return env
+
+
+def stage_process(root: str, stage: str, token: str) -> list[str]:
+    """The command line of the process that reproduces one stage."""
+    return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token]
+
+
+@task(name="reproduce_stage", task_run_name="{stage}", retry_condition_fn=retry_on_io_error)
+def reproduce_stage(root: str, stage: str, token: str, verbose: bool = False) -> dict:
+    """Bring one DVC stage up to date through DVC (run, restore from the run-cache, or nothing); its log goes to Prefect."""
+    run_log = get_run_logger()
+    start, said, started_at = time.monotonic(), False, time.time()
+    cmd = stage_process(root, stage, token)
+    while True:
+        lines: list[str] = []
+        with subprocess.Popen(
+            cmd, cwd=root, env=_stage_env(verbose), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as proc:
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if not line.startswith("{"):
+                    run_log.info("%s", line.rstrip())  # the stage's whole log, in the Prefect UI
+                    if verbose:
+                        sys.stderr.write(line)
+        record = next((json.loads(x) for x in reversed(lines) if x.startswith("{")), None)
+        if proc.returncode == BUSY:
+            if time.monotonic() - start > LOCK_WAIT_SECONDS:
+                raise WorkspaceBusy(f"{stage}: the workspace stayed busy for {LOCK_WAIT_SECONDS} s: {'; '.join(record['busy'])}")
+            if not said:
+                run_log.info("%s: waiting, another DVC process holds files here: %s", stage, "; ".join(record["busy"]))
+                said = True
+            time.sleep(2)
+            continue
+        if proc.returncode != 0 or record is None:
+            code = record.get("code", proc.returncode) if record else proc.returncode
+            tail = "\n".join(x for x in lines[-12:] if not x.startswith("{"))
+            raise StageFailed(stage, code, tail[-2000:])
+        record.update(seconds=round(time.monotonic() - start, 2), started_at=started_at, finished_at=time.time())
+        return record
+
+
+@task(name="publish_report")
+def publish_report(params_path: str) -> list[str]:
+    """The report's tables as Markdown artifacts of the flow run (they read well in a remote UI: no file links)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.report import TABLES
+
+    folder = load_params(params_path).path("report")
+    ids = []
+    for key, file in TABLES.items():
+        if (folder / file).is_file():
+            text = (
+                folder / file
+            ).read_text() + f"\n\nFull report: `{folder.name}/report.html` in the workspace (DVC output `{folder.name}`)."
+            ids.append(create_markdown_artifact(key=f"{key}-table", markdown=text, description=f"{key} table"))
+    return [str(i) for i in ids]
 
 
 def task_runner(o: Orchestration):
@@ -42,49 +173,125 @@ def task_runner(o: Orchestration):
     return DaskTaskRunner(cluster_kwargs={"n_workers": o.max_workers, "threads_per_worker": 1, "processes": True})
 
 
-def outcome(futures: dict) -> dict:
-    """Wait for every stage; return what ran and why, or raise naming the failed stages and what they held back."""
-    results, failed, held = {}, {}, []
-    for stage, future in futures.items():
-        future.wait()
-        state = future.state
-        if state.is_completed():
-            results[stage] = future.result()
-        elif state.is_failed() or state.is_crashed():
-            failed[stage] = state.message or state.name
+def _exclusive(stage: str, o: Orchestration) -> bool:
+    return stage.split("@")[0] in o.exclusive
+
+
+@contextmanager
+def workspace_lock(root: str, token: str):
+    """DVC's workspace lock, held for the whole flow run as one `dvc repro` holds it; taken only while no other DVC
+    process is inside a stage (its read/write locks), so the flow never waits on a repro that waits on the flow."""
+    from dvc.lock import LockError, make_lock
+
+    from flows.repro_one import foreign_holders
+
+    tmp = Path(root) / ".dvc" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    lock, start, said = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), time.monotonic(), False
+    while True:
+        try:
+            lock.lock()
+        except LockError:
+            holders = ["another DVC process holds the workspace lock"]
         else:
-            held.append(stage)
-    if failed:
-        lines = [f"{stage}: {msg}" for stage, msg in failed.items()]
-        note = f"; not run because of it: {', '.join(held)}" if held else ""
-        raise PipelineFailed(f"{len(failed)} stage(s) failed: {' | '.join(lines)}{note}; other branches finished and are recorded")
-    return results
+            holders = foreign_holders(str(tmp), token)
+            if not holders:
+                break
+            lock.unlock()
+        if time.monotonic() - start > LOCK_WAIT_SECONDS:
+            raise WorkspaceBusy(f"the DVC workspace {root} stayed busy for {LOCK_WAIT_SECONDS} s: {'; '.join(holders)}")
+        if not said:
+            log.info("waiting for another DVC process in %s: %s", root, "; ".join(holders))
+            said = True
+        time.sleep(2)
+    try:
+        yield
+    finally:
+        lock.unlock()
+        (tmp / f"flow-{token}.lock").unlink(missing_ok=True)
+
+
+def schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool) -> tuple[dict, dict, list[str]]:
+    """Submit each stage as soon as its upstream is done, up to max_workers at once; exclusive stages run alone.
+
+    Written here rather than with Prefect's `wait_for`: a task waiting on its upstream would hold a worker thread
+    while it waits, and Prefect's tag concurrency limits need a limit created on the server beforehand.
+    """
+    token = uuid.uuid4().hex
+    with workspace_lock(root, token):
+        return _schedule(root, graph, o, verbose, token)
+
+
+def _schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool, token: str) -> tuple[dict, dict, list[str]]:
+    opts = {"retries": o.retries, "retry_delay_seconds": o.retry_delay}
+    order = topological(graph)
+    done, failed, held, running = {}, {}, [], {}
+    while len(done) + len(failed) + len(held) < len(order):
+        for stage in order:
+            if stage in done or stage in failed or stage in held or stage in running:
+                continue
+            if any(u in failed or u in held for u in graph[stage]):
+                held.append(stage)
+                continue
+            if not graph[stage] <= done.keys() or len(running) >= o.max_workers:
+                continue
+            if any(_exclusive(s, o) for s in running) or (_exclusive(stage, o) and running):
+                continue
+            log.info("%s: started", stage)
+            running[stage] = reproduce_stage.with_options(**opts).submit(root, stage, token, verbose)
+        if not running:
+            continue
+        future = next(as_completed(list(running.values())))
+        stage = next(s for s, f in running.items() if f is future)
+        del running[stage]
+        try:
+            done[stage] = r = future.result()
+        except Exception as exc:  # the stage's own error, already logged in full by its task
+            failed[stage] = str(exc)
+            log.info("%s: FAILED", stage)
+        else:
+            what = "restored from the run-cache" if r["restored"] else "ran" if r["ran"] else "up to date"
+            log.info("%s: %s (%.1f s)", stage, what, r["seconds"])
+    return done, failed, held
+
+
+def failure_summary(failed: dict, held: list[str]) -> str:
+    lines = [f"{len(failed)} stage(s) failed:"] + [f"  - {msg}" for msg in failed.values()]
+    if held:
+        lines.append(f"  held back by them: {', '.join(held)}")
+    lines.append("  other branches finished and are recorded in dvc.lock")
+    lines.append("  next: fix the cause above, then `brainmri run` again (or `dvc repro`); finished stages will not rerun")
+    return "\n".join(lines)
 
 
 @flow(name="brainmri-stages")
-def run_stages(root: str, models: list[str], retries: int, retry_delay: int) -> dict:
-    """Bring every stage up to date in DAG order; each model's chain is a branch of its own."""
-    opts = {"retries": retries, "retry_delay_seconds": retry_delay}
-    futures = {"ingest": ingest_images.with_options(**opts).submit(root)}
-    futures["split"] = split_dataset.with_options(**opts).submit(root, wait_for=[futures["ingest"]])
-    futures["augment"] = augment_images.with_options(**opts).submit(root, wait_for=[futures["split"]])
-    for name in models:
-        upstream = futures["augment"]
-        for stage, t in MODEL_TASKS.items():
-            upstream = futures[f"{stage}@{name}"] = t.with_options(**opts).submit(root, name, wait_for=[upstream])
-    futures["report"] = write_report.with_options(**opts).submit(root, wait_for=list(futures.values()))
-    return outcome(futures)
+def run_stages(root: str, graph: dict, o: Orchestration, verbose: bool = False):
+    """Bring every stage up to date in DAG order, branches in parallel."""
+    done, failed, held = schedule(root, {k: set(v) for k, v in graph.items()}, o, verbose)
+    if failed:
+        return Failed(message=failure_summary(failed, held), data=PipelineFailed(failure_summary(failed, held)))
+    return done
 
 
-@flow(name="brainmri-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml") -> dict:
-    """Run the pipeline on `params_path`: the stages `dvc repro` would run, then the report's tables as artifacts."""
+@flow(name="brainmri-pipeline")
+def pipeline(params_path: str = "params.yaml", verbose: bool = False) -> dict:
+    """Run the pipeline on `params_path`: every stage `dvc repro` would run, by DVC; then the report's tables as artifacts."""
     p = load_params(params_path)
     root = str(Path(p.root).resolve())
-    wired = {"ingest", "split", "augment", "report", *(f"{s}@{m}" for s in MODEL_TASKS for m in p.models)}
-    if differ := set(pipeline_stages(p.root)) ^ wired:
-        raise BrainMRIError(f"dvc.yaml and the flow disagree on these stages: {', '.join(sorted(differ))}")
+    graph = stage_graph(Path(root))
     o = p.orchestration
-    runs = run_stages.with_options(task_runner=task_runner(o))(root, list(p.models), o.retries, o.retry_delay)
+    state = run_stages.with_options(task_runner=task_runner(o))(
+        root, {k: sorted(v) for k, v in graph.items()}, o, verbose, return_state=True
+    )
+    if state.is_failed():
+        return Failed(message=state.message)
     publish_report(str(Path(params_path).resolve()))
-    return runs
+    return state.result()
+
+
+def run(params_path: str, verbose: bool = False) -> dict:
+    """The flow from the command line: its result, or PipelineFailed with one summary (no traceback)."""
+    state = pipeline(params_path, verbose, return_state=True)
+    if state.is_failed():
+        raise PipelineFailed(state.message or "the pipeline failed")
+    return state.result()

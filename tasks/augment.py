@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance
-from prefect import task
 
 from brainmri.config import Augment, Params
-from brainmri.dvcops import reproduce
 from brainmri.fsutil import atomic_dir, write_csv
 from brainmri.images import load_rgb, save_png
 from brainmri.progress import progress, summary
-from tasks import retry_on_io_error
 from tasks.split import split_part
 
 
@@ -83,9 +79,3 @@ def augment(p: Params) -> dict:
     write_csv(p.path("augment_manifest"), pd.DataFrame(rows, columns=cols))
     summary("augment", f"{len(rows)} augmented images from {len(train)} training images ({p.augment.copies} each)")
     return {"n_source": len(train), "n_augmented": len(rows), "copies": p.augment.copies}
-
-
-@task(name="augment_images", task_run_name="augment", retry_condition_fn=retry_on_io_error)
-def augment_images(root: str) -> dict:
-    """Write K augmented copies of every training image: stage augment through DVC, if it is stale."""
-    return reproduce(Path(root), "augment")

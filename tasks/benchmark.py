@@ -7,18 +7,14 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-from prefect import task
 
 from brainmri.config import Params
-from brainmri.dvcops import reproduce
 from brainmri.fsutil import write_json
 from brainmri.onnxrt import INPUT, session
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
-from tasks import retry_on_io_error
 from tasks.split import split_part
 
 
@@ -164,9 +160,3 @@ def benchmark(p: Params, name: str) -> dict:
         f"compiled Keras, int8 {r['int8_speedup_over_fp32']}x fp32; {flops / 1e9:.2f} GFLOP/image, matmul peak {peak:.0f} GFLOP/s",
     )
     return out
-
-
-@task(name="benchmark_model", task_run_name="benchmark@{name}", retry_condition_fn=retry_on_io_error)
-def benchmark_model(root: str, name: str) -> dict:
-    """Time one model in Keras and ONNX Runtime on the CPU: stage benchmark@NAME through DVC, if it is stale."""
-    return reproduce(Path(root), f"benchmark@{name}")

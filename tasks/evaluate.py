@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from brainmri.config import Params
-from brainmri.dvcops import reproduce
 from brainmri.fsutil import jsonable, write_csv, write_json
 from brainmri.metrics import confusion, fmt, with_intervals
 from brainmri.plots import confusion_figure, save
 from brainmri.preprocess import load_batch
 from brainmri.progress import summary
-from tasks import retry_on_io_error
 from tasks.split import split_part
 
 
@@ -71,9 +67,3 @@ def evaluate(p: Params, name: str) -> dict:
         f"({len(y)} images: one image moves accuracy {metrics['points_per_image']} points)",
     )
     return metrics
-
-
-@task(name="evaluate_model", task_run_name="evaluate@{name}", retry_condition_fn=retry_on_io_error)
-def evaluate_model(root: str, name: str) -> dict:
-    """Evaluate one model on the held-out test split: stage evaluate@NAME through DVC, if it is stale."""
-    return reproduce(Path(root), f"evaluate@{name}")

@@ -10,10 +10,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from prefect import task
 
 from brainmri.config import Params
-from brainmri.dvcops import reproduce
 from brainmri.errors import BrainMRIError
 from brainmri.fsutil import atomic_dir, write_json
 from brainmri.lineage import lineage, md5
@@ -21,7 +19,6 @@ from brainmri.metrics import point
 from brainmri.onnxrt import INPUT, probabilities, session
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
-from tasks import retry_on_io_error
 from tasks.split import split_part
 
 
@@ -265,9 +262,3 @@ def model_card(p: Params, name: str, trained: dict, exported: dict, folder: Path
         "metrics": {"test": evaluated["test"], "n_test": evaluated["n_test"], "parity": exported["parity"], "int8": exported["int8"]},
         "lineage": chain,
     }
-
-
-@task(name="export_model", task_run_name="export@{name}", retry_condition_fn=retry_on_io_error)
-def export_model(root: str, name: str) -> dict:
-    """Export one model to ONNX fp32 and int8, checking parity: stage export@NAME through DVC, if it is stale."""
-    return reproduce(Path(root), f"export@{name}")

@@ -13,18 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
 
 from brainmri import archives
 from brainmri.config import Params
 from brainmri.duplicates import fingerprint, group_ids
-from brainmri.dvcops import reproduce
 from brainmri.errors import DataError, ImageError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.images import decode_file, save_png
 from brainmri.phantoms import MARKER
 from brainmri.progress import progress, summary
-from tasks import retry_on_io_error
 
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "icon\r"})
 EXTENSIONS = {
@@ -214,9 +211,3 @@ def _report(p, n_files, skipped, quarantined, manifest, elapsed, synthetic: bool
         },
         "elapsed_s": round(elapsed, 2),
     }
-
-
-@task(name="ingest_images", task_run_name="ingest", retry_condition_fn=retry_on_io_error)
-def ingest_images(root: str) -> dict:
-    """Validate, normalize and de-duplicate the source images: stage ingest through DVC, if it is stale."""
-    return reproduce(Path(root), "ingest")

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from brainmri.config import Params
-from brainmri.dvcops import reproduce
 from brainmri.fsutil import atomic_dir, write_text
 from brainmri.metrics import fmt
 from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, samples_figure, save
 from brainmri.progress import summary
-from tasks import retry_on_io_error
 
 ORIGINAL = (
     "The original study reported VGG19 with augmentation best at 86% test accuracy and VGG16 with augmentation lowest at 0.4984 test BCE, "
@@ -322,24 +319,3 @@ def _html(md: list, folder) -> str:
     )
     head = f"<meta charset='utf-8'><title>Brain MRI results</title><style>{style}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>\n"
-
-
-@task(name="write_report", task_run_name="report", retry_condition_fn=retry_on_io_error)
-def write_report(root: str) -> dict:
-    """Write the Markdown and HTML report with its plots: stage report through DVC, if it is stale."""
-    return reproduce(Path(root), "report")
-
-
-@task(name="publish_report")
-def publish_report(params_path: str) -> list[str]:
-    """Attach the results and latency tables, and a link to the report, to the flow run as artifacts."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
-
-    from brainmri.config import load_params
-
-    folder = load_params(params_path).path("report")
-    ids = [create_link_artifact(key="report", link=(folder / "report.html").as_uri(), link_text="report.html", description=str(folder))]
-    for key, file in TABLES.items():
-        if (folder / file).is_file():
-            ids.append(create_markdown_artifact(key=f"{key}-table", markdown=(folder / file).read_text(), description=f"{key} table"))
-    return [str(i) for i in ids]

@@ -8,13 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from brainmri.config import Params
-from brainmri.dvcops import reproduce
 from brainmri.fsutil import write_csv, write_json
 from brainmri.progress import summary
-from tasks import retry_on_io_error
 
 SPLITS = ("train", "val", "test")
 
@@ -122,9 +119,3 @@ def _report(p: Params, manifest: pd.DataFrame, usable: pd.DataFrame, fractions: 
         "naive_split_test_leak": round(leaked_fraction(usable.assign(naive=naive_split(usable, fractions, p.seed)), "naive"), 4),
         "excluded_conflicts": sorted(excluded["source_path"]),
     }
-
-
-@task(name="split_dataset", task_run_name="split", retry_condition_fn=retry_on_io_error)
-def split_dataset(root: str) -> dict:
-    """Split the ingested images into train, val and test without duplicate leakage: stage split through DVC, if it is stale."""
-    return reproduce(Path(root), "split")

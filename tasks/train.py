@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from brainmri import features
 from brainmri.config import Params
-from brainmri.dvcops import reproduce
 from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
 from brainmri.metrics import point, youden_threshold
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
-from tasks import retry_on_io_error
 from tasks.split import Part, make_part, split_part
 
 
@@ -279,9 +275,3 @@ def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str
     hist["epoch"] += offset
     hist["phase"] = "fine_tune"
     return hist
-
-
-@task(name="train_model", task_run_name="train@{name}", retry_condition_fn=retry_on_io_error)
-def train_model(root: str, name: str) -> dict:
-    """Train one model and select it on the validation split: stage train@NAME through DVC, if it is stale."""
-    return reproduce(Path(root), f"train@{name}")

@@ -96,11 +96,12 @@ def test_dvc_repro_then_the_flow_reruns_nothing(ws):
 
 
 def test_a_vgg16_learning_rate_change_reruns_exactly_its_chain_in_both(ws):
-    from brainmri.dvcops import stale_reasons
+    from flows.pipeline import pipeline
 
     set_param(ws, "backbones", "vgg16", {"learning_rate": 0.002})
-    assert any("backbones.vgg16" in r for r in stale_reasons(ws, "train@vgg16-aug"))  # the reason a task run logs
-    assert sorted(flow(ws)) == VGG16_CHAIN
+    result = pipeline(str(ws / "params.yaml"))
+    assert sorted(s for s, r in result.items() if r["ran"]) == VGG16_CHAIN
+    assert any("params.yaml" in r for r in result["train@vgg16-aug"]["reasons"])  # DVC's reason, in the task's record
     assert repro(ws) == [] and clean(ws)  # the flow left the dvc.lock `dvc repro` would have
 
     set_param(ws, "backbones", "vgg16", {"learning_rate": 0.003})
@@ -108,28 +109,102 @@ def test_a_vgg16_learning_rate_change_reruns_exactly_its_chain_in_both(ws):
     assert flow(ws) == [] and clean(ws)
 
 
+def test_editing_any_file_a_stage_imports_makes_exactly_its_importers_stale(ws):
+    from dvc.repo import Repo
+
+    from brainmri import codedeps
+    from brainmri.config import read_yaml
+
+    expected = codedeps.expected_deps(ws, read_yaml(ws / "dvc.yaml"))
+    names = {s: s for s in expected}
+    files = sorted({d.removeprefix(codedeps.CODE_PREFIX) for deps in expected.values() for d in deps})
+    glue = ["flows/pipeline.py", "flows/repro_one.py", "brainmri/cli.py", "brainmri/codedeps.py"]
+    here = os.getcwd()
+    os.chdir(ws)
+    try:
+        for rel in files + glue:
+            path = ws / rel
+            original = path.read_bytes()
+            path.write_bytes(original + b"\n# edited\n")
+            try:
+                with Repo(".") as repo:
+                    stale = {name.split("@")[0] for name in repo.status()}
+            finally:
+                path.write_bytes(original)
+            want = {names[s] for s, deps in expected.items() if codedeps.CODE_PREFIX + rel in deps}
+            assert stale == want, (rel, stale, want)
+    finally:
+        os.chdir(here)
+    assert clean(ws)
+
+
+def test_going_back_to_earlier_params_restores_from_the_run_cache_without_running(ws):
+    from flows.pipeline import pipeline
+
+    model = ws / "data/models/vgg16-aug/model.keras"
+    a = model.read_bytes()
+    set_param(ws, "backbones", "vgg16", {"learning_rate": 0.004})  # B
+    assert sorted(flow(ws)) == VGG16_CHAIN
+    assert model.read_bytes() != a
+    set_param(ws, "backbones", "vgg16", {"learning_rate": 0.003})  # back to A
+    result = pipeline(str(ws / "params.yaml"))
+    assert [s for s, r in result.items() if r["ran"]] == []  # no stage command ran...
+    assert sorted(s for s, r in result.items() if r["restored"]) == VGG16_CHAIN  # ...DVC restored A's outputs
+    assert model.read_bytes() == a and clean(ws)
+
+
+def test_two_branches_overlap_and_benchmarks_run_alone(ws):
+    from flows.pipeline import pipeline
+
+    set_param(ws, "train", "threshold", 0.5)  # every model's chain from train on
+    result = pipeline(str(ws / "params.yaml"))
+    span = {s: (r["started_at"], r["finished_at"]) for s, r in result.items() if r["ran"]}
+    (a0, a1), (b0, b1) = span["train@vgg16-aug"], span["train@smallcnn-aug"]
+    assert a0 < b1 and b0 < a1, span  # max_workers 2: the two branches' training overlaps
+    for bench in ("benchmark@vgg16-aug", "benchmark@smallcnn-aug"):
+        s0, s1 = span[bench]
+        assert all(e1 <= s0 or e0 >= s1 for name, (e0, e1) in span.items() if name != bench), span  # nothing beside it
+
+
+def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage(ws):
+    from flows.pipeline import pipeline
+
+    set_param(ws, "train", "threshold", 0.4)  # a value never run before: no run-cache entry to restore
+    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@"))} | {"report"}
+    user = subprocess.Popen(["dvc", "repro", "--wait-for-lock"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = pipeline(str(ws / "params.yaml"))
+    out, _ = user.communicate(timeout=900)
+    assert user.returncode == 0, out
+    by_user = set(re.findall(r"Running stage '([^']+)'", out))
+    by_flow = {s for s, r in result.items() if r["ran"]}
+    assert not by_user & by_flow and by_user | by_flow == stale, (by_user, by_flow)
+    assert clean(ws)
+
+
 def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_others(ws, monkeypatch):
-    from brainmri import dvcops
+    import sys
+
+    import flows.pipeline as fp
     from flows.pipeline import PipelineFailed
 
-    real, calls = dvcops.run_command, []
+    real, calls = fp.stage_process, []
 
-    def broken_export(root, stage, cmd):
+    def broken_export(root, stage, token):
         calls.append(stage)
-        if stage == "export@vgg16-aug":
-            raise dvcops.StageFailed(stage, 1, "injected: disk went away")
-        return real(root, stage, cmd)
+        if stage == "export@vgg16-aug":  # a stage process that dies as a full disk would make it
+            return [sys.executable, "-c", "import sys; print('injected: disk went away', file=sys.stderr); sys.exit(1)"]
+        return real(root, stage, token)
 
-    monkeypatch.setattr(dvcops, "run_command", broken_export)
+    monkeypatch.setattr(fp, "stage_process", broken_export)
     for i, cls in enumerate(("no", "yes")):  # new scans arrive in the source folder
         (ws / "data/raw/synthetic" / cls / f"new scan {i}.jpg").write_bytes(encode(brain(900 + i, cls == "yes"), "JPEG"))
     onnx = ws / "data/export/vgg16-aug/model.onnx"
     before = onnx.read_bytes()
     with pytest.raises(PipelineFailed) as err:
-        flow(ws)
+        fp.run(str(ws / "params.yaml"))
     msg = str(err.value)
     assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
-    assert "not run because of it: benchmark@vgg16-aug, report" in msg
+    assert "held back by them: benchmark@vgg16-aug, report" in msg and "next:" in msg
     held_back = ("benchmark@vgg16-aug", "report")
     assert sorted(calls) == sorted([s for s in CHAIN if s not in held_back] + ["export@vgg16-aug"])  # ingest onwards
     assert calls.count("export@vgg16-aug") == 2  # retried once (orchestration.retries), then failed
@@ -139,7 +214,7 @@ def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_other
         assert f"{stage}:" not in status  # finished and recorded in dvc.lock
     assert "export@vgg16-aug:" in status and "benchmark@vgg16-aug:" in status and "report:" in status
 
-    monkeypatch.setattr(dvcops, "run_command", real)
+    monkeypatch.setattr(fp, "stage_process", real)
     assert sorted(flow(ws)) == ["benchmark@vgg16-aug", "export@vgg16-aug", "report"]
     sh(ws, "dvc", "add", "-q", "data/raw/synthetic")  # the raw data's own .dvc file, for the remote below
     assert clean(ws)
@@ -155,7 +230,7 @@ def test_the_flow_publishes_its_tables_as_artifacts(ws):
     artifacts = asyncio.run(read())
     assert "| Model |" in artifacts["results-table"].data and "vgg16-aug" in artifacts["results-table"].data
     assert "ORT fp32 ms" in artifacts["latency-table"].data
-    assert (ws / "reports/report.html").as_uri() in artifacts["report"].data
+    assert not any("file://" in str(a.data) for a in artifacts.values())  # reads the same from a remote UI
 
 
 def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):

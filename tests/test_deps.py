@@ -1,0 +1,55 @@
+"""dvc.yaml's code deps are exactly the import graph's: no stage can miss a file it imports, or list one it does not."""
+
+from factory import REPO
+
+from brainmri import codedeps
+from brainmri.config import read_yaml
+
+
+def test_dvc_yaml_lists_exactly_the_files_each_stage_imports():
+    dvc = read_yaml(REPO / "dvc.yaml")
+    expected, declared = codedeps.expected_deps(REPO, dvc), codedeps.declared_deps(dvc)
+    assert set(expected) == {name for name, stage in dvc["stages"].items() if codedeps.stage_module(codedeps._stage_body(stage)["cmd"])}
+    for stage, deps in expected.items():
+        assert declared[stage] == deps, f"{stage}: run `brainmri deps --write` (dvc.yaml differs from the import graph)"
+
+
+def test_stage_code_imports_no_orchestration():
+    for stage, deps in codedeps.expected_deps(REPO, read_yaml(REPO / "dvc.yaml")).items():
+        assert not [d for d in deps if "flows/" in d or d.endswith("cli.py")], stage
+        for dep in deps:
+            source = (REPO / dep.removeprefix(codedeps.CODE_PREFIX)).read_text()
+            assert "import prefect" not in source and "from prefect" not in source, dep
+
+
+def test_the_closure_follows_imports_inside_functions_and_package_inits(tmp_path):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "brainmri").mkdir()
+    (tmp_path / "tasks/__init__.py").write_text("")
+    (tmp_path / "brainmri/__init__.py").write_text("")
+    (tmp_path / "tasks/a.py").write_text("import numpy\nfrom brainmri import b\n\ndef f():\n    from brainmri.c import x\n")
+    (tmp_path / "brainmri/b.py").write_text("from . import d\n")
+    (tmp_path / "brainmri/c.py").write_text("x = 1\n")
+    (tmp_path / "brainmri/d.py").write_text("")
+    (tmp_path / "brainmri/unused.py").write_text("")
+    assert codedeps.closure(tmp_path, "tasks.a") == [
+        "brainmri/__init__.py",
+        "brainmri/b.py",
+        "brainmri/c.py",
+        "brainmri/d.py",
+        "tasks/__init__.py",
+        "tasks/a.py",
+    ]
+
+
+def test_write_rewrites_only_code_deps_and_keeps_comments(tmp_path):
+    import shutil
+
+    for pkg in ("brainmri", "tasks"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg)
+    text = (REPO / "dvc.yaml").read_text()
+    broken = text.replace("      - ${paths.code}brainmri/plots.py\n", "", 1)
+    assert broken != text
+    (tmp_path / "dvc.yaml").write_text(broken)
+    assert codedeps.write(tmp_path, tmp_path / "dvc.yaml") != []
+    assert (tmp_path / "dvc.yaml").read_text() == text
