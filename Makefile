@@ -5,14 +5,21 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint lock
 setup: $(BIN)/brainmri
 
-$(BIN)/brainmri: pyproject.toml
+$(BIN)/brainmri: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -r requirements.lock  # exact versions: stages depend on them through versions.yaml
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+lock:  ## re-pin every library (uv), then refresh versions.yaml and dvc.yaml: stages whose libraries moved go stale
+	$(PY) -m pip install -q uv
+	$(PY) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/brainmri deps --write
 
 run: setup  ## the main job: the pipeline on the dataset in ingest.source, or the offline demo when it is absent
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/brainmri quickstart

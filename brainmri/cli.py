@@ -124,7 +124,7 @@ def cmd_deps(args) -> None:
     dvc_file = root / "dvc.yaml"
     if args.write:
         changed = codedeps.write(root, dvc_file)
-        print(f"{dvc_file}: code deps rewritten for {', '.join(changed)}" if changed else f"{dvc_file}: code deps already exact")
+        print(f"updated for the import graph: {', '.join(changed)}" if changed else f"{dvc_file} and versions.yaml: already exact")
         return
     for stage, deps in codedeps.expected_deps(root, read_yaml(dvc_file)).items():
         print(f"{stage}: {' '.join(d.removeprefix(codedeps.CODE_PREFIX) for d in deps)}")

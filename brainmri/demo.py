@@ -45,6 +45,7 @@ def prepare(root: str | Path) -> Params:
     with atomic_path(demo / "params.yaml") as tmp, open(tmp, "w", encoding="utf-8") as f:
         yaml.dump(base, f)
     write_text(demo / "dvc.yaml", (root / "dvc.yaml").read_text(encoding="utf-8"))
+    write_text(demo / "versions.yaml", (root / "versions.yaml").read_text(encoding="utf-8"))  # the stages' library versions
     if not (demo / ".dvc").is_dir():  # a DVC subrepo: the root's `dvc repro` never runs the demo's stages
         dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
         if subprocess.run([dvc, "init", "--subdir", "-q"], cwd=demo, capture_output=True).returncode != 0:

@@ -73,6 +73,7 @@ def make_project(root: Path, overrides: dict | None = None, code: bool = False, 
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if code:
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        shutil.copy(REPO / "versions.yaml", root / "versions.yaml")
         for pkg in ("brainmri", "tasks", "flows"):
             shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     return root

@@ -47,9 +47,26 @@ def test_write_rewrites_only_code_deps_and_keeps_comments(tmp_path):
 
     for pkg in ("brainmri", "tasks"):
         shutil.copytree(REPO / pkg, tmp_path / pkg)
+    for name in (codedeps.LOCK_FILE, codedeps.VERSIONS_FILE):
+        shutil.copy(REPO / name, tmp_path / name)
     text = (REPO / "dvc.yaml").read_text()
     broken = text.replace("      - ${paths.code}brainmri/plots.py\n", "", 1)
     assert broken != text
     (tmp_path / "dvc.yaml").write_text(broken)
-    assert codedeps.write(tmp_path, tmp_path / "dvc.yaml") != []
+    assert codedeps.write(tmp_path, tmp_path / "dvc.yaml") == ["evaluate"]  # the one stage whose list lost a file
     assert (tmp_path / "dvc.yaml").read_text() == text
+    assert (tmp_path / codedeps.VERSIONS_FILE).read_text() == (REPO / codedeps.VERSIONS_FILE).read_text()
+
+
+def test_versions_yaml_holds_the_locked_versions_each_stage_imports_and_this_environment_has_them():
+    from importlib import metadata
+
+    dvc = read_yaml(REPO / "dvc.yaml")
+    pins = codedeps.lock_pins(REPO / codedeps.LOCK_FILE)
+    want = codedeps.stage_versions(REPO, dvc, pins)
+    assert read_yaml(REPO / codedeps.VERSIONS_FILE) == want, "run `brainmri deps --write`"
+    assert {"tensorflow-cpu", "keras"} <= set(want["train"]) and "tensorflow-cpu" not in want["ingest"]
+    assert "onnxruntime" in want["export"] and "onnxruntime" not in want["train"]
+    assert codedeps.declared_version_params(dvc) == {s: [[s]] for s in want}
+    for dist, version in {d: v for stage in want.values() for d, v in stage.items()}.items():
+        assert metadata.version(dist) == version, f"{dist}: installed {metadata.version(dist)}, locked {version}"
