@@ -18,6 +18,7 @@ from brainmri.config import load_params
 from brainmri.models import build_head, build_network
 from brainmri.preprocess import load_batch
 from tasks.train import class_weights, data_parts, seed_everything
+from tasks.weights import weights
 
 
 def overrides(pairs: list[str]) -> dict:
@@ -49,6 +50,7 @@ def main() -> None:
     spec = p.models[args.model]
     bb = p.backbones[spec.backbone]
     seed_everything(p.seed)
+    weights(p, spec.backbone)  # the weights stage's copy, as train reads it
     net = build_network(p, spec.backbone, p.seed)
     tr, _, _ = data_parts(p, augment=False)
     y, cw, batch = tr.y, class_weights(tr.y, p.train.class_weight), p.train.batch_size

@@ -28,6 +28,7 @@ from brainmri.progress import progress
 from tasks.augment import copies
 from tasks.split import make_part
 from tasks.train import cross_validate, seed_everything
+from tasks.weights import weights
 
 
 def augmented_features(p, backbone: str, extractor, frame: pd.DataFrame, tmp: Path) -> dict[int, np.ndarray]:
@@ -65,6 +66,7 @@ def main() -> None:
     p = load_params(args.params, {**overrides(args.set), "train": {"cv_folds": args.folds}})
     spec = p.model(args.model)
     seed_everything(p.seed)
+    weights(p, spec.backbone)  # the weights stage's copy, as train reads it
     net = build_network(p, spec.backbone, p.seed)
     split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).sort_values("source_path", kind="stable")
     everything = make_part(p, split, p.path("ingest_images"))  # train, val and test alike: the bar's protocol

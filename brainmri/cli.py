@@ -13,6 +13,7 @@ from brainmri.errors import BrainMRIError
 
 STAGES = ("ingest", "split", "augment", "report")
 MODEL_STAGES = ("train", "evaluate", "export", "benchmark")
+BACKBONE_STAGES = ("weights",)
 
 
 def _params(args, overrides: dict | None = None):
@@ -25,7 +26,7 @@ def cmd_stage(args) -> None:
     import importlib
 
     module = importlib.import_module(f"tasks.{args.command}")
-    extra = (args.model,) if args.command in MODEL_STAGES else ()
+    extra = (args.model,) if args.command in MODEL_STAGES else (args.backbone,) if args.command in BACKBONE_STAGES else ()
     getattr(module, args.command)(_params(args), *extra)
 
 
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest": "validate, normalize and de-duplicate the source images (ingest.* params)",
         "split": "split into train/val/test, stratified, keeping duplicate groups together (split.* params)",
         "augment": "write augmented copies of the training images (augment.* params)",
+        "weights": "materialise one backbone's pretrained weights under data/weights (imagenet, a local file, or none)",
         "report": "write the Markdown and HTML report with its plots from every model's metrics",
         "train": "train one model (a models.* entry) and select it on the validation split (train.*, backbones.* params)",
         "evaluate": "evaluate one trained model on the held-out test split with bootstrap intervals",
@@ -156,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name in STAGES:
         sub.add_parser(name, help=helps[name], description=helps[name]).set_defaults(func=cmd_stage)
+    wts = sub.add_parser("weights", help=helps["weights"], description=helps["weights"])
+    wts.add_argument("backbone", help="a backbone name from the backbones section of params.yaml, e.g. vgg16")
+    wts.set_defaults(func=cmd_stage)
     for name in MODEL_STAGES:
         sp = sub.add_parser(name, help=helps[name], description=helps[name])
         sp.add_argument("model", help="a model name from the models section of params.yaml, e.g. vgg16-aug")

@@ -15,6 +15,8 @@ from brainmri.errors import ConfigError
 PARAMS_FILE = "params.yaml"
 
 
+SMALL_CNN = "SmallCNN"  # the built-in from-scratch reference backbone (no keras.applications class, no weights)
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -43,6 +45,8 @@ class Files(Section):
 
 class Paths(Section):
     code: str
+    weights_inbox: str
+    weights: str
     ingest_images: str
     ingest_manifest: str
     ingest_report: str

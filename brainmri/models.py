@@ -3,7 +3,6 @@ global pooling, and a small head. The frozen part and the head are separate mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,26 +13,27 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmri.config import Backbone, Params
-from brainmri.errors import ConfigError, WeightsError
+from brainmri.config import SMALL_CNN, Backbone, Params
+from brainmri.errors import ConfigError
 from brainmri.fsutil import atomic_path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is noise here; Python errors still surface
 import keras  # noqa: E402
 
-SMALL_CNN = "SmallCNN"
-
 
 @dataclass(frozen=True)
 class WeightsSource:
     kind: str  # 'imagenet', 'file' or 'none'
-    path: str | None = None  # for 'file': as written in params
-    sha256: str | None = None  # for 'file': of the weights file's bytes
+    path: str | None = None  # the materialised copy (data/weights/KEY/weights.h5), relative to the workspace
+    sha256: str | None = None  # of the weights file's bytes
+    origin: str | None = None  # for 'file': the path in params; for 'imagenet': the file Keras downloaded
 
     def describe(self) -> str:
         if self.kind == "file":
-            return f"local weights file {self.path} (sha256 {self.sha256[:12]}...)"
-        return {"imagenet": "ImageNet weights from Keras", "none": "random initialisation (no pretrained weights)"}[self.kind]
+            return f"local weights file {self.origin} (sha256 {self.sha256[:12]}...)"
+        if self.kind == "imagenet":
+            return f"ImageNet weights from Keras ({self.origin}, sha256 {self.sha256[:12]}...)"
+        return "random initialisation (no pretrained weights)"
 
 
 def application(name: str, key: str):
@@ -48,15 +48,18 @@ def application(name: str, key: str):
 
 
 def weights_source(p: Params, key: str) -> WeightsSource:
-    w = p.backbones[key].weights
-    if w in ("imagenet", "none"):
-        if p.backbones[key].application == SMALL_CNN and w != "none":
-            raise ConfigError(f"backbones.{key}.weights must be 'none' for {SMALL_CNN}, got {w!r}")
-        return WeightsSource(w)
-    path = p.resolve(w)
-    if not path.is_file():
-        raise ConfigError(f"backbones.{key}.weights: weights file {path} not found (use 'imagenet', 'none' or an existing .h5 file)")
-    return WeightsSource("file", w, hashlib.sha256(path.read_bytes()).hexdigest())
+    """What the weights stage materialised for backbone `key` (data/weights/KEY/): train reads only that."""
+    folder = p.path("weights") / key
+    try:
+        record = json.loads((folder / "source.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"backbones.{key}: no weights materialised in {folder}; run `brainmri weights {key}` (dvc repro does)") from None
+    if record.get("kind") != (p.backbones[key].weights if p.backbones[key].weights in ("imagenet", "none") else "file"):
+        raise ConfigError(f"{folder}: holds {record.get('kind')} weights but params ask for {p.backbones[key].weights!r}; run `dvc repro`")
+    if record["kind"] == "none":
+        return WeightsSource("none")
+    path = folder / record["file"]
+    return WeightsSource(record["kind"], path.relative_to(p.root).as_posix(), record["sha256"], record["origin"])
 
 
 def preprocess_layer(app_cls, name: str = "preprocess") -> keras.layers.Layer:
@@ -102,28 +105,29 @@ def _offline_message(key: str, exc: Exception) -> str:
     )
 
 
-def build_base(p: Params, key: str) -> tuple[keras.Model, WeightsSource]:
-    """The backbone without its top, its weights loaded; raises WeightsError when ImageNet weights cannot be had."""
+def load_base(p: Params, key: str, weights_file: Path | None) -> keras.Model:
+    """The backbone without its top, whole, with `weights_file` loaded into it (random when None)."""
     bb: Backbone = p.backbones[key]
     cls = application(bb.application, key)
-    src = weights_source(p, key)
-    shape = (bb.input_size, bb.input_size, 3)
     if cls is None:
-        return _small_cnn(bb.input_size), src
+        return _small_cnn(bb.input_size)
     try:
-        base = cls(include_top=False, weights="imagenet" if src.kind == "imagenet" else None, input_shape=shape)
+        base = cls(include_top=False, weights=None, input_shape=(bb.input_size, bb.input_size, 3))
     except ValueError as exc:
         raise ConfigError(f"backbones.{key}: {bb.application} cannot be built at input_size {bb.input_size}: {exc}") from None
-    except Exception as exc:  # Keras raises a bare Exception on a failed download
-        if src.kind == "imagenet" and ("URL fetch failure" in str(exc) or "HTTP" in str(exc) or isinstance(exc, OSError)):
-            raise WeightsError(_offline_message(key, exc)) from None
-        raise
-    if src.kind == "file":
+    if weights_file is not None:
         try:
-            base.load_weights(p.resolve(src.path))
+            base.load_weights(weights_file)
         except Exception as exc:
-            raise ConfigError(f"backbones.{key}.weights: {src.path} does not fit {bb.application}(include_top=False): {exc}") from None
-    return truncate(base, bb.feature_layer, key), src
+            raise ConfigError(f"backbones.{key}.weights: {weights_file} does not fit {bb.application}(include_top=False): {exc}") from None
+    return base
+
+
+def build_base(p: Params, key: str) -> tuple[keras.Model, WeightsSource]:
+    """The backbone without its top, cut at its feature layer, with the weights the weights stage materialised."""
+    src = weights_source(p, key)
+    base = load_base(p, key, p.resolve(src.path) if src.path else None)
+    return truncate(base, p.backbones[key].feature_layer, key), src
 
 
 def truncate(base: keras.Model, layer: str, key: str) -> keras.Model:

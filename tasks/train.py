@@ -210,6 +210,7 @@ def train(p: Params, name: str) -> dict:
             "kind": net.weights.kind,
             "path": net.weights.path,
             "sha256": net.weights.sha256,
+            "origin": net.weights.origin,
             "description": net.weights.describe(),
         },
         "n_train": len(tr.paths),

@@ -46,7 +46,7 @@ SMALL_MODELS = {
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
     """The whole chain in process on 2 x 16 phantoms at 32 px, three models, every stage."""
-    from factory import tiny_training
+    from factory import materialise_weights, tiny_training
 
     from brainmri.phantoms import generate
     from tasks.augment import augment
@@ -65,6 +65,7 @@ def small_run(tmp_path_factory):
     ingest(p)
     split(p)
     augment(p)
+    materialise_weights(p)
     trained = {n: train(p, n) for n in p.models}
     evaluated = {n: evaluate(p, n) for n in p.models}
     for n in p.models:

@@ -71,12 +71,21 @@ def make_project(root: Path, overrides: dict | None = None, code: bool = False, 
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
     params.update(replace or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "weights").mkdir(exist_ok=True)  # paths.weights_inbox: a dependency of the weights stages
     if code:
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
         shutil.copy(REPO / "versions.yaml", root / "versions.yaml")
         for pkg in ("brainmri", "tasks", "flows"):
             shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     return root
+
+
+def materialise_weights(p) -> None:
+    """The weights stage for every backbone the models use (what `dvc repro` runs before train)."""
+    from tasks.weights import weights
+
+    for key in sorted({m.backbone for m in p.models.values()}):
+        weights(p, key)
 
 
 def tiny_training(size: int = 32, epochs: int = 3) -> dict:

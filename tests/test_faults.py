@@ -34,8 +34,8 @@ def project(root, models=ONE, **over):
     make_project(root, params, code=True, replace={"models": models})
     p = load_params(root / "params.yaml")
     generate(p.resolve("data/raw/ph"), {"yes": True, "no": False}, 20, 4, 64, 96, 0.0)
-    for stage in ("ingest", "split", "augment"):
-        subprocess.run(["brainmri", "-q", stage], cwd=root, check=True, timeout=300)
+    for stage in ("ingest", "split", "augment", "weights vgg16", "weights smallcnn"):
+        subprocess.run(["brainmri", "-q", *stage.split()], cwd=root, check=True, timeout=300)
     return p
 
 

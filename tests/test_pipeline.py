@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from factory import SHARED_DATA, brain, encode, make_project, tiny_training
+from factory import SHARED_DATA, brain, encode, make_project, materialise_weights, tiny_training
 
 from brainmri.config import load_params
 from brainmri.lineage import md5
@@ -32,7 +32,8 @@ MODELS = {
     "smallcnn-aug": {"backbone": "smallcnn", "augment": True},
 }
 PER_MODEL = ("train", "evaluate", "export", "benchmark")
-CHAIN = ["ingest", "split", "augment", *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
+WEIGHTS = [f"weights@{b}" for b in ("resnet50v2", "vgg19", "vgg16", "smallcnn")]  # every backbone in params
+CHAIN = ["ingest", "split", "augment", *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
 VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["report"])
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 TIMES = {}
@@ -233,6 +234,25 @@ def test_the_flow_publishes_its_tables_as_artifacts(ws):
     assert not any("file://" in str(a.data) for a in artifacts.values())  # reads the same from a remote UI
 
 
+def test_a_local_weights_file_replaced_in_place_reruns_weights_and_the_chain_that_uses_it(ws):
+    from test_weights import small_vgg16_weights
+
+    from flows.pipeline import pipeline
+
+    small_vgg16_weights(ws / "weights" / "small.weights.h5", seed=1)
+    set_param(ws, "backbones", "vgg16", {"weights": "weights/small.weights.h5"})
+    assert sorted(flow(ws)) == sorted(["weights@vgg16", *VGG16_CHAIN])
+    small_vgg16_weights(ws / "weights" / "small.weights.h5", seed=2)  # same name, other weights
+    assert "weights@vgg16:" in sh(ws, "dvc", "status") and "weights@smallcnn:" not in sh(ws, "dvc", "status")
+    result = pipeline(str(ws / "params.yaml"))
+    assert sorted(s for s, r in result.items() if r["ran"]) == sorted(["weights@vgg16", *VGG16_CHAIN])
+    record = json.loads((ws / "data/weights/vgg16/source.json").read_text())
+    card = json.loads((ws / "data/export/vgg16-aug/model_card.json").read_text())
+    assert card["weights"]["sha256"] == record["sha256"] and card["weights"]["kind"] == "file"
+    sh(ws, "dvc", "add", "-q", "weights")  # the inbox itself versioned, so a clone can `dvc pull` it too
+    assert clean(ws)
+
+
 def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
     sh(ws, "git", "add", "-A")
     sh(ws, "git", "commit", "-qm", "results")
@@ -241,7 +261,9 @@ def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
     assert info["git"] == {"commit": head, "dirty": False} and info["matches_dvc_lock"]
     chain = {e["stage"]: e for e in info["chain"]}
     assert list(chain)[0] == "export@vgg16-aug" and list(chain)[-1] == "ingest"
-    assert {"train@vgg16-aug", "evaluate@vgg16-aug", "augment", "split"} <= set(chain)
+    assert {"train@vgg16-aug", "evaluate@vgg16-aug", "augment", "split", "weights@vgg16"} <= set(chain)
+    weights_out = next(o for o in chain["weights@vgg16"]["outs"] if o["path"] == "data/weights/vgg16")
+    assert weights_out["md5"] and any(d["path"] == "data/weights/vgg16" for d in chain["train@vgg16-aug"]["deps"])
     manifest = next(o for o in chain["ingest"]["outs"] if o["path"] == "data/ingest/manifest.csv")
     assert manifest["md5"] == md5(ws / "data/ingest/manifest.csv")
     assert chain["train@vgg16-aug"]["params"]["backbones.vgg16"]["learning_rate"] == 0.003
@@ -251,7 +273,7 @@ def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
     assert f"git commit {head}" in text and "param backbones.vgg16" in text and "data/ingest/manifest.csv  md5" in text
 
     card = json.loads((ws / "data/export/vgg16-aug/model_card.json").read_text())
-    assert card["weights"]["kind"] == "none" and card["metrics"]["parity"]["labels_identical"]
+    assert card["weights"]["kind"] == "file" and card["metrics"]["parity"]["labels_identical"]
     assert card["files"]["onnx"]["md5"] == md5(ws / "data/export/vgg16-aug/model.onnx")
     assert [e["stage"] for e in card["lineage"]["chain"]][0] == "train@vgg16-aug" and card["lineage"]["matches_dvc_lock"]
     assert "not a medical device" in card["intended_use"]
@@ -294,6 +316,8 @@ def test_dvc_push_then_pull_and_repro_in_another_clone_reruns_nothing(ws, tmp_pa
     sh(other, "dvc", "pull", "-q")
     assert clean(other) and repro(other) == []
     assert (other / "data/export/vgg16-aug/model.onnx").read_bytes() == (ws / "data/export/vgg16-aug/model.onnx").read_bytes()
+    weights = "data/weights/vgg16/weights.weights.h5"  # an air-gapped machine gets the weights from the remote
+    assert (other / weights).read_bytes() == (ws / weights).read_bytes()
 
 
 def test_branches_run_on_a_dask_cluster_when_params_ask(ws):
@@ -330,6 +354,7 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
     assert ingest(p)["n_ingested"] == 253
     split(p)
     augment(p)
+    materialise_weights(p)
     for name in p.models:
         t = train(p, name)
         m = evaluate(p, name)

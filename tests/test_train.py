@@ -9,8 +9,8 @@ from factory import REPO, make_project, tiny_training
 
 from brainmri import features
 from brainmri.config import load_params
-from brainmri.errors import ConfigError, WeightsError
-from brainmri.models import build_base, build_head, build_network, load_model
+from brainmri.errors import ConfigError
+from brainmri.models import build_head, build_network, load_model
 from brainmri.preprocess import load_batch
 from tasks.train import fit, train
 
@@ -111,72 +111,6 @@ def test_same_params_give_the_same_metrics(small_run):
     p, trained, *_ = small_run
     again = train(p, "vgg16-aug")
     assert json.dumps(again) == json.dumps(trained["vgg16-aug"])
-
-
-def test_offline_imagenet_stops_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a closed local port: the download fails without leaving the machine
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    p = load_params(make_project(tmp_path, {"backbones": {"vgg16": {"weights": "imagenet", "input_size": 32}}}) / "params.yaml")
-    with pytest.raises(WeightsError) as exc:
-        build_base(p, "vgg16")
-    msg = str(exc.value)
-    assert "backbones.vgg16.weights is 'imagenet'" in msg and "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg
-    assert str(tmp_path / "keras" / "models") in msg and "local weights file" in msg and "'none'" in msg
-
-
-@pytest.mark.skipif(not HED.is_file(), reason="the shared HED weights file is not beside the repository")
-def test_local_weights_file_is_loaded_and_recorded(tmp_path):
-    p = load_params(make_project(tmp_path, {"backbones": {"vgg16": {"weights": str(HED), "input_size": 32}}}) / "params.yaml")
-    base, src = build_base(p, "vgg16")
-    assert src.kind == "file" and src.sha256 and "local weights file" in src.describe()
-    import h5py
-
-    with h5py.File(HED) as f:
-        names = []
-        f.visit(names.append)
-    kernel = "layers/conv2d/vars/0"  # Keras 3 stores layers in order: the first is block1_conv1
-    assert kernel in names
-    with h5py.File(HED) as f:
-        assert np.allclose(base.get_layer("block1_conv1").get_weights()[0], f[kernel][()])
-
-
-@pytest.mark.parametrize(
-    ("over", "needle"),
-    [
-        ({"vgg16": {"weights": "missing.h5"}}, "backbones.vgg16.weights: weights file"),
-        ({"vgg16": {"application": "VGG17"}}, "unknown backbone 'VGG17'; allowed: SmallCNN, ConvNeXtBase"),
-        ({"smallcnn": {"weights": "imagenet"}}, "must be 'none' for SmallCNN"),
-        (
-            {"vgg16": {"weights": "none", "input_size": 32, "feature_layer": "block6_pool"}},
-            "vgg16 has no layer 'block6_pool'; its last layers are .*block5_pool",
-        ),
-    ],
-)
-def test_bad_backbone_settings_stop_before_work(tmp_path, over, needle):
-    p = load_params(make_project(tmp_path, {"backbones": over}) / "params.yaml")
-    key = next(iter(over))
-    with pytest.raises(ConfigError, match=needle):
-        build_base(p, key)
-
-
-@pytest.mark.skipif(not HED.is_file(), reason="the shared HED weights file is not beside the repository")
-def test_feature_layer_cuts_the_base_after_loading_the_weights(tmp_path):
-    """feature_layer: block4_pool pools block 4 of the loaded weights; the cut base keeps exactly those weights."""
-    over = {"backbones": {"vgg16": {"weights": str(HED), "input_size": 64, "feature_layer": "block4_pool"}}}
-    p = load_params(make_project(tmp_path, over) / "params.yaml")
-    base, _ = build_base(p, "vgg16")
-    assert base.layers[-1].name == "block4_pool" and base.output_shape == (None, 4, 4, 512)
-    assert "block5_conv1" not in [layer.name for layer in base.layers]
-    whole, _ = build_base(
-        load_params(make_project(tmp_path / "whole", {"backbones": {"vgg16": {"weights": str(HED), "input_size": 64}}}) / "params.yaml"),
-        "vgg16",
-    )
-    assert np.array_equal(base.get_layer("block4_conv3").get_weights()[0], whole.get_layer("block4_conv3").get_weights()[0])
-    net = build_network(p, "vgg16", seed=0)
-    assert net.extractor.output_shape == (None, 512)
 
 
 def test_too_small_input_and_unknown_model_are_config_errors(tmp_path):
