@@ -249,8 +249,9 @@ def test_a_local_weights_file_replaced_in_place_reruns_weights_and_the_chain_tha
     record = json.loads((ws / "data/weights/vgg16/source.json").read_text())
     card = json.loads((ws / "data/export/vgg16-aug/model_card.json").read_text())
     assert card["weights"]["sha256"] == record["sha256"] and card["weights"]["kind"] == "file"
-    sh(ws, "dvc", "add", "-q", "weights")  # the inbox itself versioned, so a clone can `dvc pull` it too
-    assert clean(ws)
+    sh(ws, "dvc", "add", "-q", "weights/small.weights.h5")  # versioned in the inbox, so a clone can `dvc pull` it too
+    assert "weights@vgg16:" in sh(ws, "dvc", "status")  # the inbox now holds the file's .dvc and .gitignore too
+    assert flow(ws) == ["weights@vgg16"] and clean(ws)  # its copy is byte-identical: nothing downstream reruns
 
 
 def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
