@@ -54,7 +54,7 @@ def cmd_predict(args) -> None:
 def cmd_run(args) -> None:
     from flows.pipeline import run
 
-    run(args.params, args.verbose)
+    run(args.params, args.verbose, args.promote)
 
 
 def cmd_serve(args) -> None:
@@ -70,10 +70,30 @@ def cmd_serve(args) -> None:
 
 
 def cmd_lineage(args) -> None:
-    from brainmri.lineage import lineage, render
+    from brainmri.lineage import lineage, md5, render
 
     p = _params(args)
-    info = lineage(p.root, Path(args.artifact).resolve())
+    target = Path(args.artifact).resolve()
+    served = p.path("served").resolve()
+    if target.is_relative_to(served):  # the served model is the promotion step's, not a stage's: its run says where it came from
+        from flows.promote import read_registry
+
+        rec = read_registry(p)["served"]
+        if rec is None:
+            print(f"{target}: no model has been promoted yet (registry {p.path('registry')})")
+            return
+        run = next(r for r in read_registry(p)["runs"] if r["run"] == rec["run"])
+        print(f"{target}: served version {rec['version']} ({rec['stage']}), models.{rec['model']}, md5 {rec['md5']}")
+        print(f"promoted by run {rec['run']} at {run['time']}: {run['reason']}")
+        print(f"recorded as: {json.dumps(run.get('record', {}))}; git {json.dumps(run['git'])}")
+        candidate = p.model_file("export", rec["model"], "onnx")
+        if candidate.is_file() and md5(candidate) == rec["md5"]:
+            print("the workspace's exported model is the served one; its lineage:\n")
+            print(render(lineage(p.root, candidate)))
+        else:
+            print(f"the workspace has moved on since: `dvc exp apply {rec['run']}` then `dvc checkout` restores that run's files")
+        return
+    info = lineage(p.root, target)
     print(json.dumps(info, indent=2) if args.json else render(info))
 
 
@@ -174,11 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n", type=int, help="images per class (default: synthetic.n_per_class)")
     syn.add_argument("--seed", type=int, help="seed (default: seed)")
     syn.set_defaults(func=cmd_synthesize)
-    sub.add_parser(
+    run_p = sub.add_parser(
         "run",
         help="run the pipeline as a Prefect flow: the stages dvc repro would run, recorded in dvc.lock",
         description="Run the Prefect flow: every stale DVC stage (DVC decides), model branches fanned out per orchestration.*.",
-    ).set_defaults(func=cmd_run)
+    )
+    run_p.add_argument(
+        "--promote", action="store_true", help="then record the run and promote the model if it is not worse (as scheduled runs do)"
+    )
+    run_p.set_defaults(func=cmd_run)
     pred = sub.add_parser(
         "predict",
         help="classify images with an exported ONNX model (no TensorFlow needed)",

@@ -47,6 +47,8 @@ class Paths(Section):
     code: str
     weights_inbox: str
     weights: str
+    served: str
+    registry: str
     ingest_images: str
     ingest_manifest: str
     ingest_report: str
@@ -258,6 +260,20 @@ class ModelSpec(Section):
     augment: bool
 
 
+class Promotion(Section):
+    model: str
+    margin: float
+    bootstrap: int
+    save_experiment: bool
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.require_min("promotion", bootstrap=100)
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"promotion.margin must be in [0, 1), got {self.margin}")
+        return self
+
+
 class Params(Section):
     seed: int
     paths: Paths
@@ -271,6 +287,7 @@ class Params(Section):
     export: Export
     benchmark: Benchmark
     orchestration: Orchestration
+    promotion: Promotion
     synthetic: Synthetic
 
     _root: Path = PrivateAttr(default=Path("."))
@@ -282,6 +299,8 @@ class Params(Section):
                 raise ValueError(f"models.{name}: a model name may hold only letters, digits, '-', '_' and '.'")
             if spec.backbone not in self.backbones:
                 raise ValueError(f"models.{name}.backbone {spec.backbone!r} is not a key of backbones ({', '.join(self.backbones)})")
+        if self.promotion.model not in self.models:
+            raise ValueError(f"promotion.model {self.promotion.model!r} is not a key of models ({', '.join(self.models)})")
         return self
 
     @property

@@ -274,7 +274,7 @@ def run_stages(root: str, graph: dict, o: Orchestration, verbose: bool = False):
 
 
 @flow(name="brainmri-pipeline")
-def pipeline(params_path: str = "params.yaml", verbose: bool = False) -> dict:
+def pipeline(params_path: str = "params.yaml", verbose: bool = False, promote: bool = False) -> dict:
     """Run the pipeline on `params_path`: every stage `dvc repro` would run, by DVC; then the report's tables as artifacts."""
     p = load_params(params_path)
     root = str(Path(p.root).resolve())
@@ -285,13 +285,28 @@ def pipeline(params_path: str = "params.yaml", verbose: bool = False) -> dict:
     )
     if state.is_failed():
         return Failed(message=state.message)
+    stages = state.result()
     publish_report(str(Path(params_path).resolve()))
-    return state.result()
+    if promote:
+        promote_model(str(Path(params_path).resolve()), stages)
+    return stages
 
 
-def run(params_path: str, verbose: bool = False) -> dict:
+@task(name="promote_model")
+def promote_model(params_path: str, stages: dict) -> dict:
+    """Record the run (dvc exp save, pushed when remotes exist); serve the retrained model only if it is not worse."""
+    from prefect.context import get_run_context
+
+    from flows.promote import promote
+
+    ctx = get_run_context()
+    name = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{str(ctx.task_run.flow_run_id)[:8]}"
+    return promote(load_params(params_path), name, stages)
+
+
+def run(params_path: str, verbose: bool = False, promote: bool = False) -> dict:
     """The flow from the command line: its result, or PipelineFailed with one summary (no traceback)."""
-    state = pipeline(params_path, verbose, return_state=True)
+    state = pipeline(params_path, verbose, promote, return_state=True)
     if state.is_failed():
         raise PipelineFailed(state.message or "the pipeline failed")
     return state.result()

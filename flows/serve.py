@@ -17,7 +17,9 @@ def retraining(params_path: str, cron: str | None, interval: float | None, timez
     return pipeline.to_deployment(
         name=name,
         schedule=schedule,
-        parameters={"params_path": str(Path(params_path).resolve())},
-        description="Brings the DVC pipeline up to date: new or changed images retrain; unchanged inputs run nothing.",
+        parameters={"params_path": str(Path(params_path).resolve()), "promote": True},
+        concurrency_limit=1,  # overlapping schedules queue instead of fighting over DVC's workspace lock
+        description="Brings the DVC pipeline up to date (unchanged inputs run nothing), records the run with dvc exp save, "
+        "and serves the retrained model only if it is not worse on validation.",
         tags=["brainmri"],
     )

@@ -281,30 +281,63 @@ def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
     assert "no stage in dvc.lock has it as an output" in sh(ws, "brainmri", "lineage", "params.yaml", ok=False)
 
 
-def test_a_scheduled_run_of_the_served_deployment_on_unchanged_inputs_trains_nothing(ws):
+def serve_once(deployment):
+    """One scheduled run of the served deployment, picked up and executed as `brainmri serve` does."""
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
+    async def run():
+        runner = Runner(name="test-serve", limit=1, query_seconds=1)
+        dep_id = await runner.add_deployment(deployment)
+        async with get_client() as client:
+            dep = await client.read_deployment(dep_id)
+            flow_run = await client.create_flow_run_from_deployment(dep_id)
+            await runner.start(run_once=True)
+            return dep, await client.read_flow_run(flow_run.id)
+
+    return asyncio.run(run())
+
+
+def test_scheduled_runs_train_nothing_on_unchanged_inputs_and_promote_only_a_model_that_is_not_worse(ws):
     from flows.serve import retraining
 
     o = load_params(ws / "params.yaml").orchestration
     deployment = retraining(str(ws / "params.yaml"), o.cron, None, o.timezone)
     lock, model = (ws / "dvc.lock").read_bytes(), (ws / "data/models/vgg16-aug/model.keras").stat().st_mtime_ns
 
-    async def serve_once():
-        runner = Runner(name="test-serve", limit=1, query_seconds=1)
-        dep_id = await runner.add_deployment(deployment)
-        async with get_client() as client:
-            dep = await client.read_deployment(dep_id)
-            run = await client.create_flow_run_from_deployment(dep_id)
-            await runner.start(run_once=True)  # picks the scheduled run up and executes it, as `brainmri serve` does
-            return dep, await client.read_flow_run(run.id)
-
-    dep, run = asyncio.run(serve_once())
+    dep, run = serve_once(deployment)  # 1: unchanged inputs, nothing served yet
     assert [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules] == [("0 3 * * 1", "UTC")]
-    assert dep.parameters == {"params_path": str((ws / "params.yaml").resolve())}
+    assert dep.parameters == {"params_path": str((ws / "params.yaml").resolve()), "promote": True}
+    assert dep.concurrency_limit == 1
     assert run.state.is_completed(), run.state
     assert (ws / "dvc.lock").read_bytes() == lock and (ws / "data/models/vgg16-aug/model.keras").stat().st_mtime_ns == model
+    registry = json.loads((ws / "registry.json").read_text())
+    first = registry["runs"][-1]
+    assert first["promote"] and first["version"] == 1 and first["reason"] == "no model is served yet"
+    assert first["record"]["saved"], first["record"]  # dvc exp save of the run
+    assert (ws / "served/model.onnx").read_bytes() == (ws / "data/export/vgg16-aug/model.onnx").read_bytes()
+    assert first["run"] in sh(ws, "dvc", "exp", "list", "--name-only")
+
+    # 2: a retrain (new threshold: same weights, so the same predictions) against a zero margin: a model that is
+    # not better on validation cannot clear it, so the served model stays
+    set_param(ws, "train", "threshold", 0.45)
+    set_param(ws, "promotion", "margin", 0.0)
+    served = (ws / "served/model.onnx").read_bytes()
+    _, run = serve_once(retraining(str(ws / "params.yaml"), o.cron, None, o.timezone))
+    assert run.state.is_completed(), run.state
+    second = json.loads((ws / "registry.json").read_text())["runs"][-1]
+    assert not second["promote"] and "train@vgg16-aug" in second["stages_run"]
+    assert second["val_auc_difference"]["value"] == 0 and "at or below -0.0" in second["reason"]
+    assert (ws / "served/model.onnx").read_bytes() == served  # still version 1
+
+    # 3: the same candidate with the default margin is not worse than the served model: promoted as version 2
+    set_param(ws, "promotion", "margin", 0.05)
+    _, run = serve_once(retraining(str(ws / "params.yaml"), o.cron, None, o.timezone))
+    third = json.loads((ws / "registry.json").read_text())
+    assert third["runs"][-1]["promote"] and third["runs"][-1]["stages_run"] == [] and third["served"]["version"] == 2
+    assert (ws / "served/model.onnx").read_bytes() == (ws / "data/export/vgg16-aug/model.onnx").read_bytes()
+    text = sh(ws, "brainmri", "lineage", "served/model.onnx")
+    assert third["runs"][-1]["run"] in text and "version 2" in text
 
 
 def test_dvc_push_then_pull_and_repro_in_another_clone_reruns_nothing(ws, tmp_path):
@@ -339,6 +372,9 @@ def test_prefect_yaml_deploys_this_flow_on_the_params_schedule():
     assert load_flow_from_entrypoint(str(REPO / dep["entrypoint"])).name == "brainmri-pipeline"
     o = load_params(REPO / "params.yaml").orchestration
     assert dep["schedules"] == [{"cron": o.cron, "timezone": o.timezone, "active": True}]
+    assert dep["concurrency_limit"] == 1 and dep["parameters"]["promote"] is True
+    scripts = [step["prefect.deployments.steps.run_shell_script"]["script"] for step in spec["pull"][1:]]
+    assert scripts[0].startswith("git pull") and scripts[1].startswith("dvc pull")
 
 
 def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
