@@ -93,9 +93,13 @@ def main() -> None:
         rows = {"logistic regression, whole base (the bar)": (standard, "baseline"), **rows}
     key = {"baseline": "baseline_logreg", "model": "model"}
     for label, (rs, which) in rows.items():
-        auc = np.array([r[key[which]]["auc"]["mean"] for r in rs])
-        acc = np.array([r[key[which]]["accuracy"]["mean"] for r in rs])
-        print(f"{label:<44} AUC {auc.mean():.3f} (per assignment {', '.join(f'{a:.3f}' for a in auc)})   accuracy {acc.mean():.3f}")
+        auc = np.array([r[key[which]]["auc"]["mean_of_folds"] for r in rs])
+        acc = np.array([r[key[which]]["accuracy"]["mean_of_folds"] for r in rs])
+        pooled = np.array([r[key[which]]["auc"]["pooled_out_of_fold"] for r in rs])
+        print(
+            f"{label:<44} AUC, mean of folds {auc.mean():.3f} (per assignment {', '.join(f'{a:.3f}' for a in auc)}), "
+            f"pooled out of fold {pooled.mean():.3f}   accuracy, mean of folds {acc.mean():.3f}"
+        )
     for label, (rs, which) in rows.items():
         if which == "baseline":
             diff = [

@@ -54,6 +54,7 @@ class Paths(Section):
     ingest_report: str
     split_manifest: str
     split_report: str
+    split_ledger: str
     augment_images: str
     augment_manifest: str
     feature_cache: str

@@ -46,8 +46,10 @@ def similarity(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
 def group_ids(keys: list[str], prints: list[Fingerprint], max_distance: int, min_correlation: float) -> list[str]:
     """A group id per image: images joined (transitively) by equal bytes or by both measures agreeing.
 
-    `keys` are stable per-image names (source paths); a group's id derives from its members' keys only,
-    so it does not depend on the order files were listed in.
+    `keys` are per-image content keys (the sha256 of the file bytes): a group's id derives from its members'
+    keys only, so it depends neither on listing order nor on file names; renaming a file renames no group.
+    A new copy whose key sorts first does rename its group: the split stage's ledger, keyed by each image's
+    sha256, is what keeps splits put, not these ids.
     """
     n = len(prints)
     parent = list(range(n))

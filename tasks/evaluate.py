@@ -1,4 +1,4 @@
-"""evaluate stage: one model on the held-out test split, with 95% bootstrap intervals and a labelled confusion matrix."""
+"""evaluate stage: one model on the held-out test split, with 95% group-bootstrap intervals and a labelled confusion matrix."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def evaluate(p: Params, name: str) -> dict:
         "threshold": threshold,
         "points_per_image": round(100.0 / max(1, len(y)), 2),
         "bootstrap_resamples": p.train.bootstrap,
-        "test": with_intervals(y, prob, threshold, p.train.bootstrap, p.seed),
+        "bootstrap_unit": "duplicate group",  # whole groups are drawn: a scan and its copy are one case, not two
+        "n_groups": int(test["group"].nunique()),
+        "test": with_intervals(y, prob, threshold, p.train.bootstrap, p.seed, groups=test["group"].to_numpy()),
     }
     names = (neg, pos)
     preds = test[["source_path", "group", "label"]].assign(

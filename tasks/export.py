@@ -19,7 +19,7 @@ from brainmri.metrics import point
 from brainmri.onnxrt import INPUT, probabilities, session
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
-from tasks.split import split_part
+from tasks.split import Part, split_part
 
 
 class ExportError(BrainMRIError):
@@ -160,6 +160,22 @@ def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, re
     prep.unlink()
 
 
+def calibration_sample(part: Part, n: int, seed: int) -> list[int]:
+    """Indices (ascending) of a seeded, class-stratified sample of `n` images of `part`: every one when n >= len(part).
+
+    Taking the first n in source-path order would calibrate on one class only ('no/' sorts first). scikit-learn's
+    stratified split keeps each class's share to within one image of the part's.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(part.y))
+    if n >= len(idx):
+        return idx.tolist()
+    stratify = part.y if len(np.unique(part.y)) > 1 and n >= 2 else None
+    chosen, _ = train_test_split(idx, train_size=n, stratify=stratify, random_state=seed)
+    return sorted(int(i) for i in chosen)
+
+
 def export(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write model.onnx, model.int8.onnx and export.json; fail on lost parity."""
     p.model(name)  # an unknown name stops here, before any work
@@ -183,7 +199,7 @@ def export(p: Params, name: str) -> dict:
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
     test = split_part(p, "test")
     test_paths, y = test.paths, test.y
-    train_paths = split_part(p, "train").paths
+    train = split_part(p, "train")
     x = load_batch(test_paths, size)
     p_keras = np.asarray(model.predict(x, batch_size=16, verbose=0), dtype=np.float64).reshape(-1)
     folder = p.model_file("export", name, "onnx").parent
@@ -201,7 +217,9 @@ def export(p: Params, name: str) -> dict:
                 "nothing was written"
             )
         int8 = tmp / p.paths.files.onnx_int8
-        calib = train_paths[: p.export.calibration_images]
+        chosen = calibration_sample(train, p.export.calibration_images, p.seed)
+        calib = [train.paths[i] for i in chosen]
+        calib_classes = train.frame["label"].iloc[chosen].value_counts()
         log.info("export %s: quantizing to int8, calibrated on %d training images", name, len(calib))
         quantize(fp32, int8, calib, size, p.export.calibration_method, p.export.reduce_range)
         p_int8 = probabilities(session(int8), x)
@@ -220,6 +238,7 @@ def export(p: Params, name: str) -> dict:
             },
             "int8": {
                 "calibration_images": len(calib),
+                "calibration_classes": {c: int(calib_classes.get(c, 0)) for c in p.ingest.classes},  # seeded, class-stratified
                 "accuracy_fp32": round(m32["accuracy"], 4),
                 "accuracy_int8": round(m8["accuracy"], 4),
                 "accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),

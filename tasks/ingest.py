@@ -163,7 +163,7 @@ def ingest(p: Params) -> dict:
                 f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}); see the quarantine reasons"
             )
     manifest = pd.DataFrame(rows)
-    manifest["group"] = group_ids(manifest["source_path"].tolist(), prints, p.dedupe.max_distance, p.dedupe.min_correlation)
+    manifest["group"] = group_ids(manifest["sha256"].tolist(), prints, p.dedupe.max_distance, p.dedupe.min_correlation)
     labels_per_group = manifest.groupby("group")["label"].nunique()
     manifest["conflict"] = manifest["group"].map(labels_per_group > 1)
     manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)

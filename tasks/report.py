@@ -13,7 +13,7 @@ import pandas as pd
 
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, write_text
-from brainmri.metrics import fmt
+from brainmri.metrics import fmt, paired_auc_differences
 from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, samples_figure, save
 from brainmri.progress import summary
 
@@ -31,7 +31,7 @@ def _ci(m: dict, pct: bool = True) -> str:
 
 
 def _cv(c: dict | None, who: str) -> str:
-    return f"{c[who]['auc']['mean']:.3f} ± {c[who]['auc']['sd']:.3f}" if c else "n/a"
+    return f"{c[who]['auc']['mean_of_folds']:.3f} ± {c[who]['auc']['sd_of_folds']:.3f}" if c else "n/a"
 
 
 def results_table(p: Params) -> tuple[pd.DataFrame, dict, dict]:
@@ -51,8 +51,9 @@ def results_table(p: Params) -> tuple[pd.DataFrame, dict, dict]:
                 "AUC [95% CI]": _ci(m["auc"], pct=False),
                 "Sensitivity % [95% CI]": _ci(m["sensitivity"]),
                 "Specificity % [95% CI]": _ci(m["specificity"]),
-                "CV AUC (mean ± sd)": _cv(t["cv"], "model"),
-                "LogReg CV AUC": _cv(t["cv"], "baseline_logreg"),
+                "CV AUC, mean of folds ± sd": _cv(t["cv"], "model"),
+                "CV AUC, pooled out of fold": fmt(t["cv"]["model"]["auc"]["pooled_out_of_fold"]) if t["cv"] else "n/a",
+                "LogReg CV AUC, mean of folds ± sd": _cv(t["cv"], "baseline_logreg"),
             }
         )
     return pd.DataFrame(rows), trained, evaluated
@@ -120,11 +121,44 @@ SYNTHETIC = (
 )
 
 
+def best_on_validation(p: Params, trained: dict) -> str:
+    """The model with the highest validation AUC: chosen without looking at test."""
+    return max(p.models, key=lambda n: trained[n]["val"]["auc"] if trained[n]["val"]["auc"] is not None else -1)
+
+
+def paired_table(p: Params, trained: dict) -> tuple[pd.DataFrame, str]:
+    """Each model's test AUC minus that of the model best on validation, with a 95% group-bootstrap interval.
+
+    Every model is scored on the same resamples of the same test images (whole duplicate groups drawn together),
+    so the interval is that of the difference: one that excludes 0 marks a real difference, the rest are noise.
+    """
+    best = best_on_validation(p, trained)
+    preds = {n: pd.read_csv(p.model_file("eval", n, "predictions"), keep_default_na=False).set_index("source_path") for n in p.models}
+    ref = preds[best].sort_index()
+    for n, frame in preds.items():
+        if set(frame.index) != set(ref.index):
+            raise ValueError(f"{p.model_file('eval', n, 'predictions')}: not the test images {best} was scored on; rerun evaluate")
+    y = (ref["actual"] == p.ingest.positive_class).to_numpy(int)
+    probs = {n: preds[n].loc[ref.index, "probability"].to_numpy(float) for n in p.models}
+    diffs = paired_auc_differences(y, probs, best, ref["group"].to_numpy(), p.train.bootstrap, p.seed)
+    rows = []
+    for n, d in diffs.items():
+        verdict = "reference" if n == best else "worse" if d["ci_high"] < 0 else "better" if d["ci_low"] > 0 else "no clear difference"
+        rows.append(
+            {
+                "Model": n,
+                f"Test AUC − {best}'s [95% CI]": f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
+                "Verdict": verdict,
+            }
+        )
+    return pd.DataFrame(rows), best
+
+
 def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6):
     """Test images of the model best on validation (never chosen on test): its most confident right and wrong calls."""
     from PIL import Image
 
-    name = max(p.models, key=lambda n: trained[n]["val"]["auc"] if trained[n]["val"]["auc"] is not None else -1)
+    name = best_on_validation(p, trained)
     preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
     images = pd.read_csv(p.path("split_manifest")).set_index("source_path")["image"]
     preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
@@ -173,6 +207,7 @@ def lineage_table(p: Params) -> pd.DataFrame | str:
 def report(p: Params) -> dict:
     """Run the stage: write report.md, report.html and the plots; return the headline table as records."""
     table, trained, evaluated = results_table(p)
+    paired, best_val = paired_table(p, trained)
     ingest = json.loads(p.path("ingest_report").read_text())
     split = json.loads(p.path("split_report").read_text())
     n_test = next(iter(evaluated.values()))["n_test"] if evaluated else 0
@@ -203,8 +238,9 @@ def report(p: Params) -> dict:
             "# Brain MRI tumour classification: results",
             "",
             f"Tumour class: `{pos}`; no-tumour class: `{neg}`. All metrics are on the held-out **test split of {n_test} images**, "
-            f"where one image moves accuracy by {100 / max(1, n_test):.1f} points; intervals are 95% bootstrap percentiles "
-            f"({p.train.bootstrap} resamples). Decision thresholds were chosen on the validation split ({p.train.threshold}).",
+            f"where one image moves accuracy by {100 / max(1, n_test):.1f} points; intervals are 95% percentiles over "
+            f"{p.train.bootstrap} bootstrap resamples of whole duplicate groups (a scan and its copies are drawn together). "
+            f"Decision thresholds were chosen on the validation split ({p.train.threshold}).",
             "",
             ORIGINAL,
             "",
@@ -214,11 +250,21 @@ def report(p: Params) -> dict:
             table,
             "CV AUC: grouped, stratified "
             + (
-                f"{p.train.cv_folds}-fold cross-validation over train+val on cached features; LogReg: a plain logistic regression "
-                "on the same frozen features and folds, the bar a trained head should clear."
+                f"{p.train.cv_folds}-fold cross-validation over train+val on cached features. 'Mean of folds' averages each fold's "
+                "AUC on its own held-out part (± their sd); 'pooled out of fold' is one AUC over every train+val image's "
+                "out-of-fold prediction. LogReg: a plain logistic regression on the same frozen features and folds, the bar a "
+                "trained head should clear."
                 if p.train.cv_folds
                 else "cross-validation is off."
             ),
+            "",
+            "### Which differences are real",
+            "",
+            f"Each model's test AUC minus that of {best_val}, the model best on validation (chosen without test), with a 95% "
+            f"interval over the same {p.train.bootstrap} group-bootstrap resamples for every model. An interval that excludes 0 "
+            "is a real difference; the rest are within the luck of a small test split.",
+            "",
+            paired,
             "",
             "### Weights used",
             "",
@@ -278,15 +324,17 @@ def report(p: Params) -> dict:
                 "",
             ]
         write_text(out / TABLES["results"], _md_table(table))
+        write_text(out / TABLES["paired"], _md_table(paired))
         if latency is not None:
             write_text(out / TABLES["latency"], _md_table(latency))
         write_text(out / "report.md", "\n".join(_md_table(x) if isinstance(x, pd.DataFrame) else x for x in md))
         write_text(out / "report.html", _html(md, out))
     summary("report", f"{len(table)} models -> {p.path('report') / 'report.md'}")
-    return {"table": table.to_dict(orient="records")}
+    return {"table": table.to_dict(orient="records"), "paired": paired.to_dict(orient="records")}
 
 
-TABLES = {"results": "results_table.md", "latency": "latency_table.md"}  # the tables alone, for the flow's artifacts
+# the tables alone, for the flow's artifacts
+TABLES = {"results": "results_table.md", "paired": "paired_auc_table.md", "latency": "latency_table.md"}
 
 
 def _html(md: list, folder) -> str:

@@ -140,7 +140,16 @@ def cross_validate(
         )
         log.info("cv %s fold %d/%d: AUC %.3f (logistic-regression baseline %.3f)", name, k + 1, p.train.cv_folds, m["auc"], b["auc"])
     frame = pd.DataFrame(rows)
-    stats = lambda col: {"mean": round(float(frame[col].mean()), 4), "sd": round(float(frame[col].std(ddof=1)), 4)}  # noqa: E731
+    pooled = {who: point(y, oof[who], 0.5) for who in ("model", "baseline")}
+
+    def stats(who: str, metric: str) -> dict:
+        col = frame[f"{who}_{metric}"]
+        return {
+            "mean_of_folds": round(float(col.mean()), 4),  # each fold's figure on its own held-out part, averaged
+            "sd_of_folds": round(float(col.std(ddof=1)), 4),
+            "pooled_out_of_fold": round(pooled[who][metric], 4),  # one figure over every image's out-of-fold prediction
+        }
+
     return {
         "folds": p.train.cv_folds,
         "selection": (
@@ -149,8 +158,8 @@ def cross_validate(
             else f"{bb.epochs} epochs, no early stopping; an inner grouped validation split of each fold's training part held out"
         ),
         "n_images": int(len(y)),
-        "model": {m_: stats(f"model_{m_}") for m_ in ("auc", "accuracy", "bce")},
-        "baseline_logreg": {m_: stats(f"baseline_{m_}") for m_ in ("auc", "accuracy", "bce")},
+        "model": {m_: stats("model", m_) for m_ in ("auc", "accuracy", "bce")},
+        "baseline_logreg": {m_: stats("baseline", m_) for m_ in ("auc", "accuracy", "bce")},
         "per_fold": frame.round(4).to_dict(orient="records"),
         "predictions": oof,
     }
@@ -235,7 +244,12 @@ def train(p: Params, name: str) -> dict:
         f"train {name}",
         f"selected epoch {best} of {len(history)}; val accuracy {out['val']['accuracy']:.3f}, "
         f"val AUC {out['val']['auc']:.3f}; threshold {threshold:.3f}"
-        + (f"; CV AUC {cv['model']['auc']['mean']:.3f} +/- {cv['model']['auc']['sd']:.3f}" if cv else "")
+        + (
+            f"; CV AUC mean of folds {cv['model']['auc']['mean_of_folds']:.3f} +/- {cv['model']['auc']['sd_of_folds']:.3f}, "
+            f"pooled out of fold {cv['model']['auc']['pooled_out_of_fold']:.3f}"
+            if cv
+            else ""
+        )
         + f"; {time.monotonic() - start:.0f} s",
     )
     return out

@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from brainmri.metrics import POINT_METRICS, confusion, point, with_intervals, youden_threshold
+from brainmri.metrics import POINT_METRICS, confusion, group_resamples, paired_auc_differences, point, with_intervals, youden_threshold
 from brainmri.plots import confusion_figure
 
 
@@ -50,6 +51,41 @@ def test_intervals_contain_the_value_and_narrow_with_more_images():
     assert width(big) < width(small) / 2
 
 
+def width(d: dict, k: str | None = "accuracy") -> float:
+    d = d if k is None else d[k]
+    return d["ci_high"] - d["ci_low"]
+
+
+def test_group_bootstrap_draws_whole_groups_so_copies_do_not_narrow_the_interval():
+    rng = np.random.default_rng(0)
+    y0 = rng.integers(0, 2, 30)
+    p0 = np.clip(y0 * 0.4 + rng.uniform(0, 0.6, 30), 0, 1)
+    y, prob, groups = np.repeat(y0, 4), np.repeat(p0, 4), np.repeat([f"g{i:02d}" for i in range(30)], 4)  # each scan saved 4 times
+    for idx in group_resamples(groups, len(y), 50, seed=3):
+        counts = np.bincount(idx, minlength=len(y)).reshape(30, 4)
+        assert (counts == counts[:, :1]).all() and counts.sum() == 120  # a group's images come along together
+    by_group = with_intervals(y, prob, 0.5, 100, seed=1, groups=groups)
+    assert by_group == with_intervals(y0, p0, 0.5, 100, seed=1)  # 4 copies of 30 scans weigh as 30 scans
+    by_image = with_intervals(y, prob, 0.5, 100, seed=1)
+    assert width(by_group) > 1.5 * width(by_image) and width(by_group, "auc") > 1.5 * width(by_image, "auc")
+
+
+def test_paired_auc_differences_score_every_model_on_the_same_resamples():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 60)
+    groups = np.arange(60) // 2
+    good = np.clip(y * 0.3 + rng.uniform(0, 0.7, 60), 0, 1)  # AUC about 0.85: room either way
+    probs = {"good": good, "noise": rng.uniform(0, 1, 60), "close": good + rng.normal(0, 0.03, 60)}
+    d = paired_auc_differences(y, probs, "good", groups, 200, 0)
+    assert d["good"] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "resamples": 200}
+    assert d["noise"]["value"] == pytest.approx(roc_auc_score(y, probs["noise"]) - roc_auc_score(y, good), abs=1e-4)
+    assert d["noise"]["ci_high"] < 0  # clearly worse, and the interval says so
+    rev = paired_auc_differences(y, probs, "noise", groups, 200, 0)["good"]
+    assert (rev["ci_low"], rev["ci_high"]) == pytest.approx((-d["noise"]["ci_high"], -d["noise"]["ci_low"]), abs=1e-4)
+    own = with_intervals(y, good, 0.5, 100, 0, groups)  # nearly the same model: pairing cancels what the images share
+    assert width(d["close"], None) < width(own, "auc") / 3 and d["close"]["ci_low"] < 0 < d["close"]["ci_high"]
+
+
 def test_evaluate_writes_every_field(small_run):
     p, trained, evaluated, _ = small_run
     for name in p.models:
@@ -60,6 +96,7 @@ def test_evaluate_writes_every_field(small_run):
         assert m["threshold"] == trained[name]["threshold"]  # chosen on val by train, not on test
         assert m["points_per_image"] == pytest.approx(100 / m["n_test"], abs=0.01)
         preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
+        assert m["bootstrap_unit"] == "duplicate group" and m["n_groups"] == preds["group"].nunique()
         assert {"source_path", "group", "label", "probability", "actual", "predicted"} <= set(preds.columns)
         assert len(preds) == m["n_test"] and preds["probability"].between(0, 1).all()
         acc = (preds["predicted"] == preds["actual"]).mean()

@@ -7,7 +7,8 @@ import pytest
 
 from brainmri.onnxrt import metadata, probabilities, session
 from brainmri.preprocess import load_batch
-from tasks.export import ExportError, convert, export
+from tasks.export import ExportError, calibration_sample, convert, export
+from tasks.split import Part
 
 
 def test_exported_models_match_keras_and_carry_their_metadata(small_run):
@@ -26,6 +27,8 @@ def test_exported_models_match_keras_and_carry_their_metadata(small_run):
         x = load_batch([p.path("ingest_images") / split.loc[s, "image"] for s in preds["source_path"]], int(meta["input_size"]))
         assert np.allclose(probabilities(sess, x), preds["probability"], atol=1e-4)  # same as the evaluated Keras model
         assert {"accuracy_change_points", "auc_change"} <= set(e["int8"])
+        calib = e["int8"]["calibration_classes"]
+        assert sum(calib.values()) == e["int8"]["calibration_images"] == 8 and min(calib.values()) >= 3  # both classes calibrate
         assert p.model_file("export", name, "onnx_int8").stat().st_size < p.model_file("export", name, "onnx").stat().st_size
 
 
@@ -97,3 +100,22 @@ def test_int8_keeps_the_head_float_and_the_base_int8(small_run, tmp_path):
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(after)  # ...and float
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert convs and all(made_by[n.input[0]].op_type == "DequantizeLinear" for n in convs)
+
+
+def train_like(n_no: int, n_yes: int) -> Part:
+    """A training split as split_part returns it: sorted by source path, so every 'no/' image comes first."""
+    frame = pd.DataFrame({"source_path": [f"no/{i:03d}.jpg" for i in range(n_no)] + [f"yes/{i:03d}.jpg" for i in range(n_yes)]})
+    frame["label"] = frame["source_path"].str.split("/").str[0]
+    return Part(frame, [], (frame["label"] == "yes").to_numpy(int))
+
+
+def test_calibration_sample_is_seeded_and_class_stratified():
+    part = train_like(68, 108)  # the real training split's classes
+    a = calibration_sample(part, 32, seed=42)
+    labels = part.frame["label"].iloc[a]
+    assert len(a) == len(set(a)) == 32 and a == sorted(a)
+    assert abs(int((labels == "yes").sum()) - 32 * 108 / 176) <= 1  # 19.6 expected: 19 or 20 'yes', not 0
+    assert calibration_sample(part, 32, seed=42) == a and calibration_sample(part, 32, seed=7) != a
+    assert calibration_sample(part, 500, seed=42) == list(range(176))  # more asked than there are: all of them
+    small = calibration_sample(train_like(3, 40), 8, seed=0)
+    assert (train_like(3, 40).y[small] == 0).sum() >= 1  # a rare class still gets its share, rounded

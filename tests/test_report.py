@@ -19,12 +19,17 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     for png in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (folder / png).stat().st_size > 2000
     html = (folder / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and 'src="http' not in html and html.count("<table") == 2
+    assert html.count("data:image/png;base64,") == 5 and 'src="http' not in html and html.count("<table") == 3
     assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in html  # phantoms say so, from the dataset's own marker
     assert "![Test images with their predictions](samples.png)" in md and "(the model best on validation)" in md
     assert "Lineage not recorded: no dvc.lock" in md  # run outside DVC here; tests/test_pipeline.py has the recorded case
     assert "CPU latency" in md and "ORT fp32 / compiled Keras" in md and "int8 / fp32" in md
     assert [r["Model"] for r in result["table"]] == list(p.models)
+    assert "CV AUC, mean of folds ± sd" in md and "CV AUC, pooled out of fold" in md and "pooled out of fold' is one AUC" in md
+    verdicts = {r["Model"]: r["Verdict"] for r in result["paired"]}
+    best = max(p.models, key=lambda n: trained[n]["val"]["auc"])
+    assert list(verdicts) == list(p.models) and verdicts[best] == "reference"
+    assert set(verdicts.values()) <= {"reference", "better", "worse", "no clear difference"} and "### Which differences are real" in md
 
 
 def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
@@ -49,7 +54,7 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         )
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
-    assert seen["tables"] == [len(p.models) + 1, 2 * len(p.models) + 1]  # results; latency (2 batch sizes per model)
+    assert seen["tables"] == [len(p.models) + 1, len(p.models) + 1, 2 * len(p.models) + 1]  # results; paired AUC; latency (2 batches)
     assert len(seen["images"]) == 5 and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}
     assert {"Results", "Sample test images", "Lineage", "Dataset", "Plots"} <= set(seen["headings"])

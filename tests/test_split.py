@@ -1,9 +1,15 @@
+import hashlib
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from factory import make_project
+from PIL import Image
 
 from brainmri.config import load_params
+from brainmri.duplicates import fingerprint, group_ids
+from brainmri.errors import DataError
 from tasks.split import SPLITS, assign_groups, leaked_fraction, split
 
 
@@ -21,17 +27,27 @@ def fake_manifest(seed=0, n_groups=60):
     ]
     m = pd.DataFrame(rows)
     m["image_id"] = [f"{i:016x}" for i in range(len(m))]
+    m["sha256"] = [hashlib.sha256(f"{seed}:{p}".encode()).hexdigest() for p in m["source_path"]]
     m["image"] = m["image_id"] + ".png"
     return m
 
 
 def run_split(tmp_path, manifest, **over):
+    """Split `manifest` in the project at `tmp_path`; a ledger left there by an earlier call is read back."""
     root = make_project(tmp_path, over)
     p = load_params(root / "params.yaml")
     p.path("ingest_manifest").parent.mkdir(parents=True, exist_ok=True)
     manifest.to_csv(p.path("ingest_manifest"), index=False)
     report = split(p)
     return pd.read_csv(p.path("split_manifest"), keep_default_na=False), report
+
+
+def where(out: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(out["source_path"], out["split"], strict=True))
+
+
+def moved(before: dict[str, str], after: dict[str, str]) -> dict[str, tuple[str, str]]:
+    return {k: (v, after[k]) for k, v in before.items() if k in after and after[k] != v}
 
 
 def test_groups_stay_whole_and_classes_are_balanced(tmp_path):
@@ -74,3 +90,90 @@ def test_real_dataset_split_leaks_nothing(real_ingest):
         assert abs(share - overall) < 0.02, (s, share, overall)
     assert report["naive_split_test_leak"] > 0.1  # the duplicates are real: ignoring them leaks test images
     assert out["source_path"].str.match(r"^(yes|no)/").all() and "no/1 no.jpeg" in set(out["source_path"])
+
+
+def test_earlier_images_keep_their_split_as_data_grows_shrinks_and_returns(tmp_path):
+    full = fake_manifest(n_groups=120)
+    rng = np.random.default_rng(5)
+    first = full[rng.random(len(full)) < 0.6]  # some groups absent, some with only part of their members
+    a, _ = run_split(tmp_path, first)
+    b, report = run_split(tmp_path, full)
+    assert moved(where(a), where(b)) == {}
+    assert report["ledger"]["reset"] is None and report["ledger"]["images_moved"] == 0
+    assert report["ledger"]["images_kept"] + report["ledger"]["images_new"] == len(b)
+    assert report["ledger"]["images_new"] == len(b) - b["group"].isin(set(a["group"])).sum()  # only new groups are placed
+    assert (b.groupby("group")["split"].nunique() == 1).all() and report["max_fraction_deviation"] <= 0.03
+    shrunk = full.drop(full.index[::3])
+    c, _ = run_split(tmp_path, shrunk)
+    assert moved(where(b), where(c)) == {}
+    d, _ = run_split(tmp_path, full.sample(frac=1, random_state=1))  # the removed images come back where they were
+    assert moved(where(b), where(d)) == {} and len(d) == len(b)
+
+
+def test_ledger_follows_content_not_names(tmp_path):
+    m = fake_manifest()
+    a, _ = run_split(tmp_path, m)
+    renamed = m.assign(source_path="renamed/" + m["source_path"], group="x" + m["group"])
+    b, report = run_split(tmp_path, renamed)
+    assert report["ledger"]["images_new"] == 0
+    assert where(b) == {"renamed/" + k: v for k, v in where(a).items()}
+
+
+def test_a_bridging_image_merges_two_groups_and_the_move_is_logged(tmp_path):
+    m = fake_manifest()
+    a, _ = run_split(tmp_path, m)
+    yes = a[a["label"] == "yes"]
+    sizes = yes.groupby("group").size()
+    big = yes[yes["split"] == "train"].groupby("group").size().idxmax()  # joined with a smaller test group:
+    small = sizes[yes[yes["split"] == "test"].groupby("group").size().index].idxmin()  # the test images move
+    assert sizes[big] > sizes[small]
+    bridge = m.iloc[[0]].assign(source_path="yes/bridge.jpg", label="yes", group=big, sha256="b" * 64, image_id="f" * 16)
+    grown = pd.concat([m.assign(group=m["group"].replace(small, big)), bridge], ignore_index=True)
+    b, report = run_split(tmp_path, grown)
+    (merge,) = report["ledger"]["merges"]
+    expected = sorted(a.loc[a["group"] == small, "source_path"])
+    assert merge["group"] == big and merge["split"] == "train"
+    assert sorted(x["source_path"] for x in merge["moved"]) == expected and {x["from"] for x in merge["moved"]} == {"test"}
+    assert moved(where(a), where(b)) == dict.fromkeys(expected, ("test", "train"))
+    assert report["ledger"]["images_moved"] == len(expected)
+
+
+def test_a_changed_seed_splits_afresh_and_a_broken_ledger_is_named(tmp_path):
+    m = fake_manifest()
+    run_split(tmp_path, m)
+    _, report = run_split(tmp_path, m, seed=7)
+    assert "seed or fractions changed" in report["ledger"]["reset"] and report["ledger"]["images_kept"] == 0
+    p = load_params(tmp_path / "params.yaml")
+    ledger = json.loads(p.path("split_ledger").read_text())
+    assert ledger["seed"] == 7 and len(ledger["images"]) == len(m) - 2  # every usable image, conflicts left out
+    before = p.path("split_manifest").read_bytes()
+    p.path("split_ledger").write_text('{"seed": 7, "images": {"ab": {"split": "holdout"}}}')
+    with pytest.raises(DataError, match=r"ledger\.json.*unreadable"):
+        run_split(tmp_path, m, seed=7)
+    assert p.path("split_manifest").read_bytes() == before  # nothing already written is lost
+
+
+def test_real_set_grows_in_steps_of_ten_percent_and_no_earlier_image_moves(real_ingest, tmp_path):
+    """Ingest once (the session's real ingest), then re-detect duplicates on growing subsets, as ingest would."""
+    p0, _, _ = real_ingest
+    full = pd.read_csv(p0.path("ingest_manifest"), keep_default_na=False)
+    imgs = p0.path("ingest_images")
+    prints = [fingerprint(Image.open(imgs / n), h, p0.dedupe.hash_size) for n, h in zip(full["image"], full["sha256"], strict=True)]
+    d = p0.dedupe
+
+    def regroup(idx):
+        return group_ids(full["sha256"].iloc[idx].tolist(), [prints[i] for i in idx], d.max_distance, d.min_correlation)
+
+    assert regroup(np.arange(len(full))) == full["group"].tolist()  # the same groups as ingest found
+    order = np.random.default_rng(0).permutation(len(full))
+    before: dict[str, str] = {}
+    for step in range(1, 11):
+        idx = np.sort(order[: round(len(full) * step / 10)])
+        sub = full.iloc[idx].assign(group=regroup(idx))
+        sub["conflict"] = sub["group"].map(sub.groupby("group")["label"].nunique() > 1)
+        out, report = run_split(tmp_path, sub)
+        assert report["ledger"]["merges"] == [] and moved(before, where(out)) == {}, step
+        if step >= 4:  # from about 100 images on, every class share is within 3 points of its target
+            assert report["max_fraction_deviation"] <= 0.03 and report["max_class_share_deviation"] <= 0.03, (step, report)
+        before = where(out)
+    assert len(before) == 253 and report["ledger"]["images_kept"] > 0.85 * 253

@@ -102,6 +102,9 @@ def test_train_writes_model_history_and_metrics(small_run):
     assert t["weights"]["kind"] == "none" and "random" in t["weights"]["description"]
     assert {"accuracy", "bce", "auc"} <= set(t["train"]) and 0 < t["threshold"] < 1
     assert t["cv"]["folds"] == 2 and {"model", "baseline_logreg"} <= set(t["cv"])
+    assert set(t["cv"]["model"]["auc"]) == {"mean_of_folds", "sd_of_folds", "pooled_out_of_fold"}  # every CV figure says which
+    per_fold = [f["model_auc"] for f in t["cv"]["per_fold"]]
+    assert t["cv"]["model"]["auc"]["mean_of_folds"] == pytest.approx(np.mean(per_fold), abs=1e-4)
     assert trained["smallcnn-aug"]["cv"] is None  # end-to-end models have no feature cache to cross-validate on
     model = load_model(p.model_file("models", "vgg16-aug", "model"))
     assert [layer.name for layer in model.get_layer("head").layers][1] == "feature_scale"
