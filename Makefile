@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+export DVC_NO_ANALYTICS ?= 1
 
 .PHONY: setup run test lint lock
 setup: $(BIN)/brainmri

@@ -127,6 +127,10 @@ def write(root: Path, dvc_file: Path) -> list[str]:
         deps.clear()
         deps.extend(keep + want)
         changed.append(name)
+    plots = top_plots(root)
+    if data.get("plots") != plots:
+        data["plots"] = plots
+        changed.append("plots")
     versions = versions_text(stage_versions(root, data, lock_pins(root / LOCK_FILE)))
     current = (root / VERSIONS_FILE).read_text(encoding="utf-8") if (root / VERSIONS_FILE).is_file() else None
     if current != versions:
@@ -230,3 +234,31 @@ def declared_version_params(dvc_yaml: dict) -> dict[str, list]:
         params = _stage_body(stage).get("params", [])
         out[name] = [p[VERSIONS_FILE] for p in params if isinstance(p, dict) and VERSIONS_FILE in p]
     return out
+
+
+# Top-level plots: every model's test ROC overlaid in one `dvc plots show` chart, and the report's figures by name
+# (its folder also holds Markdown and HTML, which DVC cannot plot). DVC has no foreach for top-level plots, so the
+# list is written from params.yaml's models here.
+REPORT_FIGURES = ("roc.png", "confusion_matrices.png", "training_curves.png", "samples.png", "latency.png")
+
+
+def top_plots(root: Path) -> list:
+    from brainmri.config import read_yaml
+
+    params = read_yaml(Path(root) / "params.yaml")
+    paths = params["paths"]
+    rocs = {f"{paths['eval']}/{m}/{paths['files']['roc']}": "tpr" for m in params["models"]}
+    overlay = {
+        "test ROC, every model": {
+            "x": "fpr",
+            "y": rocs,
+            "template": "simple",
+            "x_label": "false positive rate",
+            "y_label": "true positive rate",
+        }
+    }
+    return [overlay, *(f"{paths['report']}/{name}" for name in REPORT_FIGURES)]
+
+
+def declared_plots(dvc_yaml: dict) -> list:
+    return dvc_yaml.get("plots", [])

@@ -31,6 +31,8 @@ class Files(Section):
     model: str
     history: str
     train_metrics: str
+    live: str
+    scores: str
     metrics: str
     predictions: str
     roc: str

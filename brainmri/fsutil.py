@@ -86,3 +86,12 @@ def write_csv(path: str | os.PathLike, frame) -> None:
     """Write a pandas DataFrame as UTF-8 CSV, atomically."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    """A DVC metrics file: flat, numbers only (`dvc metrics show` and `dvc exp show` read it); the full record lives
+    beside it as a plain output. A non-number here is our bug, not the data's."""
+    bad = {k: v for k, v in metrics.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+    if bad:
+        raise TypeError(f"{path}: metrics must be numbers: {bad}")
+    write_json(path, {k: (None if v != v else v) for k, v in metrics.items()})  # NaN (one-class splits) as null

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.fsutil import write_json
+from brainmri.fsutil import write_json, write_metrics
 from brainmri.onnxrt import INPUT, session
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
@@ -153,6 +153,7 @@ def benchmark(p: Params, name: str) -> dict:
         "settings": {"batch_sizes": [1, b.batch_size], "warmup": b.warmup, "repeats": b.repeats},
     }
     write_json(p.model_file("benchmark", name, "benchmark"), out)
+    write_metrics(p.path("benchmark") / name / p.paths.files.scores, {f"{r['runtime']}_b{r['batch']}_ms": r["p50_ms"] for r in rows})
     r = ratios[f"batch_{b.batch_size}"]
     summary(
         f"benchmark {name}",

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
-from brainmri.fsutil import jsonable, write_csv, write_json
+from brainmri.fsutil import jsonable, write_csv, write_json, write_metrics
 from brainmri.metrics import confusion, fmt, with_intervals
 from brainmri.plots import confusion_figure, save
 from brainmri.preprocess import load_batch
@@ -62,6 +62,14 @@ def evaluate(p: Params, name: str) -> dict:
     metrics = jsonable(metrics)
     write_json(p.model_file("eval", name, "metrics"), metrics)
     t = metrics["test"]
+    write_metrics(
+        p.path("eval") / name / p.paths.files.scores,
+        {
+            f"test_{k}{part}": t[k][v]
+            for k in ("auc", "accuracy", "sensitivity", "specificity", "bce")
+            for part, v in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))
+        },
+    )
     summary(
         f"evaluate {name}",
         f"test accuracy {fmt(t['accuracy']['value'])} [{fmt(t['accuracy']['ci_low'])}, {fmt(t['accuracy']['ci_high'])}], "

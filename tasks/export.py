@@ -13,7 +13,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from brainmri.config import Params
 from brainmri.errors import BrainMRIError
-from brainmri.fsutil import atomic_dir, write_json
+from brainmri.fsutil import atomic_dir, write_json, write_metrics
 from brainmri.lineage import lineage, md5
 from brainmri.metrics import point
 from brainmri.onnxrt import INPUT, probabilities, session
@@ -250,6 +250,11 @@ def export(p: Params, name: str) -> dict:
             "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
         }
         write_json(tmp / p.paths.files.export_metrics, out)
+        scores = {
+            "parity_max_abs_diff": diff,
+            **{f"int8_{k}": out["int8"][k] for k in ("accuracy_change_points", "auc_change", "max_abs_prob_change")},
+        }
+        write_metrics(tmp / p.paths.files.scores, scores)
         write_json(tmp / p.paths.files.card, model_card(p, name, trained, out, tmp))
     i8 = out["int8"]
     summary(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -240,6 +241,7 @@ def train(p: Params, name: str) -> dict:
         save_model(net.full, tmp / p.paths.files.model)
         write_csv(tmp / p.paths.files.history, history)
         write_json(tmp / p.paths.files.train_metrics, out)
+        log_live(tmp / p.paths.files.live, history, out)
     summary(
         f"train {name}",
         f"selected epoch {best} of {len(history)}; val accuracy {out['val']['accuracy']:.3f}, "
@@ -253,6 +255,26 @@ def train(p: Params, name: str) -> dict:
         + f"; {time.monotonic() - start:.0f} s",
     )
     return out
+
+
+def log_live(folder: Path, history: pd.DataFrame, out: dict) -> None:
+    """DVCLive's files for DVC: each epoch's curves (plots/metrics/*.tsv) and the model's numbers (metrics.json)."""
+    from dvclive import Live
+
+    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:  # dvc.yaml declares the files itself
+        for _, row in history.iterrows():
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                if key in row and pd.notna(row[key]):
+                    live.log_metric(key, float(row[key]), plot=True)
+            live.next_step()
+        numbers = {
+            "val_auc": out["val"]["auc"],
+            "val_accuracy": out["val"]["accuracy"],
+            "threshold": out["threshold"],
+            "selected_epoch": out["selected_epoch"],
+            **{f"cv_auc_{k}": v for k, v in ((out.get("cv") or {}).get("model") or {}).get("auc", {}).items()},
+        }
+        live.summary = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and v == v}  # NaN (one class) left out
 
 
 def _summary(y, prob, threshold) -> dict:

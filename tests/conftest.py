@@ -6,6 +6,7 @@ os.environ.setdefault("BRAINMRI_QUIET", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # DVC's usage reports: tests never touch the network
 
 from factory import SHARED_DATA, make_project  # noqa: E402
 

@@ -75,6 +75,7 @@ def make_project(root: Path, overrides: dict | None = None, code: bool = False, 
     if code:
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
         shutil.copy(REPO / "versions.yaml", root / "versions.yaml")
+        shutil.copy(REPO / "requirements.lock", root / "requirements.lock")
         for pkg in ("brainmri", "tasks", "flows"):
             shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     return root

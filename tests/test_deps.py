@@ -47,7 +47,7 @@ def test_write_rewrites_only_code_deps_and_keeps_comments(tmp_path):
 
     for pkg in ("brainmri", "tasks"):
         shutil.copytree(REPO / pkg, tmp_path / pkg)
-    for name in (codedeps.LOCK_FILE, codedeps.VERSIONS_FILE):
+    for name in (codedeps.LOCK_FILE, codedeps.VERSIONS_FILE, "params.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     text = (REPO / "dvc.yaml").read_text()
     broken = text.replace("      - ${paths.code}brainmri/plots.py\n", "", 1)
@@ -70,3 +70,12 @@ def test_versions_yaml_holds_the_locked_versions_each_stage_imports_and_this_env
     assert codedeps.declared_version_params(dvc) == {s: [[s]] for s in want}
     for dist, version in {d: v for stage in want.values() for d, v in stage.items()}.items():
         assert metadata.version(dist) == version, f"{dist}: installed {metadata.version(dist)}, locked {version}"
+
+
+def test_top_level_plots_overlay_every_models_roc_and_name_only_figures():
+    dvc = read_yaml(REPO / "dvc.yaml")
+    assert codedeps.declared_plots(dvc) == codedeps.top_plots(REPO), "run `brainmri deps --write`"
+    overlay = dvc["plots"][0]["test ROC, every model"]["y"]
+    params = read_yaml(REPO / "params.yaml")
+    assert len(overlay) == len(params["models"]) and all(path.endswith("roc.csv") for path in overlay)
+    assert all(str(p).endswith(".png") for p in dvc["plots"][1:])

@@ -106,6 +106,11 @@ def test_train_writes_model_history_and_metrics(small_run):
     per_fold = [f["model_auc"] for f in t["cv"]["per_fold"]]
     assert t["cv"]["model"]["auc"]["mean_of_folds"] == pytest.approx(np.mean(per_fold), abs=1e-4)
     assert trained["smallcnn-aug"]["cv"] is None  # end-to-end models have no feature cache to cross-validate on
+    live = p.path("models") / "vgg16-aug" / p.paths.files.live  # DVCLive: numbers only, and one curve per metric
+    numbers = json.loads((live / "metrics.json").read_text())
+    assert numbers["val_auc"] == pytest.approx(t["val"]["auc"]) and "cv_auc_pooled_out_of_fold" in numbers
+    curve = pd.read_csv(live / "plots" / "metrics" / "val_loss.tsv", sep="\t")
+    assert len(curve) == t["epochs_run"] and list(curve.columns) == ["step", "val_loss"]
     model = load_model(p.model_file("models", "vgg16-aug", "model"))
     assert [layer.name for layer in model.get_layer("head").layers][1] == "feature_scale"
 
