@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 repo.reproduce(f"dvc.yaml:{args.stage}", single_item=True, pull=pull, run_cache=True)
             except ReproductionError as exc:
+                try:  # DVC removed the stage's outputs before running it: put back what dvc.lock recorded
+                    repo.checkout(targets=[f"dvc.yaml:{args.stage}"], force=True)
+                except Exception as restore:  # nothing recorded yet (a first run), or the cache lacks it
+                    logging.getLogger("dvc").info("outputs of %s not restored: %s", args.stage, restore)
                 cause = str(exc.__cause__ or exc)
                 code = re.search(r"exited with (-?\d+)", cause)  # DVC keeps the command's exit code only in its message
                 print(json.dumps({**record, "failed": True, "code": int(code.group(1)) if code else 1, "error": cause}))

@@ -241,6 +241,21 @@ def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_other
     assert clean(ws)
 
 
+def test_a_failed_run_ends_in_one_summary_without_traceback_and_keeps_what_was_produced(ws):
+    manifest = (ws / "data/ingest/manifest.csv").read_bytes()
+    set_param(ws, "ingest", "min_images_per_class", 1000)  # bad data for these params: ingest exits 2
+    try:
+        res = subprocess.run(["brainmri", "run"], cwd=ws, capture_output=True, text=True, timeout=600, env={**os.environ, **GIT})
+    finally:
+        set_param(ws, "ingest", "min_images_per_class", 5)
+    err = res.stdout + res.stderr
+    assert res.returncode == 2, err
+    assert "Traceback" not in err and "1 stage(s) failed" in err and "ingest failed (exit code 2)" in err
+    assert "held back by them: split" in err and "next:" in err
+    assert (ws / "data/ingest/manifest.csv").read_bytes() == manifest  # DVC's removed outputs are put back
+    assert clean(ws)
+
+
 def test_the_flow_publishes_its_tables_as_artifacts(ws):
     from prefect.client.orchestration import get_client
 
