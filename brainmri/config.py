@@ -64,6 +64,7 @@ class Ingest(Section):
     classes: list[str]
     positive_class: str
     max_pixels: int
+    max_file_bytes: int
     max_side: int
     min_images_per_class: int
     archive_max_members: int
@@ -75,7 +76,9 @@ class Ingest(Section):
             raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
         if self.positive_class not in self.classes:
             raise ValueError(f"ingest.positive_class {self.positive_class!r} is not one of ingest.classes {self.classes}")
-        self.require_min("ingest", max_pixels=1, max_side=1, min_images_per_class=1, archive_max_members=1, archive_max_bytes=1)
+        self.require_min(
+            "ingest", max_pixels=1, max_file_bytes=1, max_side=1, min_images_per_class=1, archive_max_members=1, archive_max_bytes=1
+        )
         return self
 
     @property
