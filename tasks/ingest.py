@@ -128,7 +128,7 @@ def open_source(source: Path, p: Params):
     work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=work))
     try:
-        archives.extract(source, tmp, p.ingest.archive_max_members, p.ingest.archive_max_bytes)
+        archives.extract(source, tmp, p.ingest.archive_max_members, p.ingest.archive_max_bytes, p.ingest.max_file_bytes)
         top = [n for n in os.listdir(tmp) if not is_hidden(n)]
         unwrap = len(top) == 1 and top[0] not in p.ingest.classes and (tmp / top[0]).is_dir()
         yield tmp / top[0] if unwrap else tmp
