@@ -326,3 +326,48 @@ def test_predict_memory_does_not_grow_with_the_number_of_inputs(tmp_path, model)
     # 304 more inputs held at once would add 304 x 32 x 32 x 3 x (1 + 4) bytes = 4.7 MB (uint8 and float32 copies);
     # what grows here is only the result rows (the code before streaming measured 0.3 MB -> 6.2 MB)
     assert large - small < 1_000_000, (small, large)
+
+
+# --- configuration that cannot explode ----------------------------------------------------------------------
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def _params_file(tmp_path, content) -> Path:
+    root = make_project(tmp_path / "proj")
+    path = root / "params.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif content == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_text(path.read_text() + content)
+    return path
+
+
+PARAMS = {
+    "billion laughs": (LAUGHS, "YAML alias *a refused"),
+    "alias of a section": ("copy: &c {x: 1}\nother: *c\n", "YAML alias *c refused"),
+    "latin-1 bytes": (b"seed: 1\nname: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 17)"),
+    "nested 5000 deep": ("deep: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 64 levels deep"),
+    "2 MB": (b"# " + b"x" * 2_000_000 + b"\n", "is too large for a parameters file"),
+    "named pipe": ("fifo", "not a regular file"),
+    "folder": ("folder", "not a regular file"),
+    "python tag": ("evil: !!python/object/apply:os.system [echo hi]\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARAMS))
+def test_hostile_params_files_are_one_sentence_within_seconds(tmp_path, case, capsys):
+    content, message = PARAMS[case]
+    path = _params_file(tmp_path, content)
+    with within(10):
+        code = main(["--params", str(path), "params"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
