@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from factory import SHARED_DATA, brain, encode, make_project, png16, tiny_onnx, write_dataset
+from PIL import Image
 
 from brainmri import images
 from brainmri.cli import main
 from brainmri.config import load_params
-from brainmri.errors import BrainMRIError, DataError, DecodeError
+from brainmri.errors import BrainMRIError, DataError, DecodeError, ImageError
 from brainmri.images import decode_bytes, decode_file
 from brainmri.predict import predict
 from tasks.ingest import ingest
@@ -371,3 +372,141 @@ def test_hostile_params_files_are_one_sentence_within_seconds(tmp_path, case, ca
         code = main(["--params", str(path), "params"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- high-bit-depth and float images: one rule ----------------------------------------------------------------
+
+
+def _tiff(arr) -> bytes:
+    return encode(Image.fromarray(arr), "TIFF")
+
+
+def test_twelve_bit_data_in_a_sixteen_bit_container_is_scaled_by_the_bits_it_uses():
+    arr = brain(11)
+    twelve = (arr.astype(np.uint16) * 16).clip(0, 4095)  # 12-bit scanner data, max 4080
+    dec = decode_bytes(encode(Image.fromarray(twelve), "PNG"), **LIMITS)
+    got = np.asarray(dec.image)[..., 0].astype(int)
+    assert dec.mode == "I;16" and got.max() > 150 > 15 >= np.rint(twelve.max() / 257)  # 1/257 would leave it nearly black
+    assert np.abs(got - np.rint(twelve.astype(float) * 255 / 4095)).max() == 0 and dec.note == ""
+
+
+@pytest.mark.parametrize("offset", [0, -(2**30)])
+def test_thirty_two_bit_integers_are_scaled_by_their_range_with_a_note(offset):
+    arr = brain(12).astype(np.int64) * 1_000_000 + offset  # values up to 2.5e8: far beyond 16 bits, some negative
+    dec = decode_bytes(_tiff(arr.astype(np.int32)), **LIMITS)
+    got = np.asarray(dec.image)[..., 0]
+    expect = np.rint(255 * (arr - arr.min()) / (arr.max() - arr.min()))
+    assert dec.mode == "I" and np.array_equal(got, expect) and got.max() == 255 and got.min() == 0  # no saturation
+    assert "do not fit 16 bits; scaled by their range" in dec.note
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float_images_with_non_finite_pixels_are_refused(bad):
+    arr = brain(13).astype(np.float32) / 7
+    assert np.asarray(decode_bytes(_tiff(arr), **LIMITS).image)[..., 0].max() == 255  # finite: scaled by range
+    arr[3, 4] = bad
+    with pytest.raises(ImageError, match="1 of 4608 float pixels are NaN or infinite"):
+        decode_bytes(_tiff(arr), **LIMITS)
+
+
+def test_ingest_quarantines_non_finite_floats_and_notes_rescaled_integers(tmp_path):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    inf = brain(14).astype(np.float32)
+    inf[0, 0] = np.inf
+    (ds / "yes" / "float inf.tif").write_bytes(_tiff(inf))
+    (ds / "no" / "int32.tif").write_bytes(_tiff(brain(15).astype(np.int32) * 100_000))
+    report = ingest(p)
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert list(reasons) == ["yes/float inf.tif"] and "NaN or infinite" in reasons["yes/float inf.tif"]
+    assert [n["source_path"] for n in report["notes"]] == ["no/int32.tif"]
+    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False).set_index("source_path")
+    assert "scaled by their range" in m.loc["no/int32.tif", "note"] and m.loc["no/no 0.jpg", "note"] == ""
+
+
+# --- names and sizes at ingest ----------------------------------------------------------------------------------
+
+CONTROL = [chr(c) for c in [*range(1, 0x20), 0x7F]]  # every control character a POSIX file name can hold (not NUL)
+ODD_BUT_FINE = ['comma, "quoted"', "  spaces  ", "NA", "null", "#hash", "1e5", "line\u2028sep", "nel\u0085", "=cmd()", "x" * 240]
+
+
+def test_control_characters_in_names_are_quarantined_and_later_stages_read_exactly_the_rows_written(tmp_path):
+    from tasks.split import split
+
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    img = encode(brain(16, size=(40, 44)), "PNG")
+    for i, c in enumerate(CONTROL):
+        (ds / ("yes" if i % 2 else "no") / f"bad{c}name {i}.png").write_bytes(img)
+    for i, name in enumerate(ODD_BUT_FINE):
+        (ds / ("yes" if i % 2 else "no") / f"{name}.png").write_bytes(encode(brain(100 + i, size=(40, 44)), "PNG"))
+    (ds / "no" / os.fsdecode(b"latin1 \xe9\xff.png")).write_bytes(img)
+    report = ingest(p)
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert len(reasons) == len(CONTROL) + 1 and report["n_files"] == report["n_ingested"] + len(reasons) + report["n_skipped"]
+    assert all("control characters" in reasons[f"{'yes' if i % 2 else 'no'}/bad\\x{ord(c):02x}name {i}.png"] for i, c in enumerate(CONTROL))
+    assert "not valid UTF-8" in reasons["no/latin1 \\xe9\\xff.png"]
+    written = {f"{'yes' if i % 2 else 'no'}/{n}.png" for i, n in enumerate(ODD_BUT_FINE)} | {
+        f"{c}/{c} {i}.jpg" for c in ("no", "yes") for i in range(3)
+    }
+    manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    assert set(manifest["source_path"]) == written and len(manifest) == len(written)
+    split(p)
+    rows = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    kept = set(manifest.loc[~manifest["conflict"].astype(bool), "source_path"])
+    assert len(rows) == len(kept) and set(rows["source_path"]) == kept
+
+
+def test_a_one_gigabyte_file_is_quarantined_unread(tmp_path):
+    p = project(tmp_path, max_file_bytes=5_000_000)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    with open(ds / "yes" / "huge.png", "wb") as f:
+        f.write(encode(brain(17), "PNG"))
+        f.truncate(1 << 30)  # sparse: a gigabyte on paper, nothing on disk
+    tracemalloc.start()
+    report = ingest(p)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert report["quarantined"] == [
+        {"source_path": "yes/huge.png", "reason": "1073741824 bytes is over the cap ingest.max_file_bytes=5000000; not read"}
+    ]
+    assert peak < 50_000_000
+
+
+def test_a_file_whose_size_lies_is_cut_off_while_reading(tmp_path, monkeypatch):
+    path = tmp_path / "grows.png"
+    path.write_bytes(bytes(50_000))
+    real_stat = os.stat
+
+    def lying_stat(p, *a, **kw):
+        st = real_stat(p, *a, **kw)
+        return os.stat_result((st.st_mode, *st[1:6], 10, *st[7:])) if str(p) == str(path) else st
+
+    monkeypatch.setattr(images.os, "stat", lying_stat)
+    with pytest.raises(ImageError, match="grew past the cap ingest.max_file_bytes=20000 while being read"):
+        images.read_capped(path, 20_000)
+
+
+def test_a_zip_bomb_with_lying_sizes_is_refused_with_bounded_memory(tmp_path):
+    p = project(tmp_path, source="data/raw/bomb.zip", max_file_bytes=1_000_000)
+    archive = p.resolve(p.ingest.source)
+    archive.parent.mkdir(parents=True)
+    honest = _zip_bytes(_members(), extra=[("yes/bomb.jpg", bytes(200_000_000))])  # 200 MB of zeros, about 200 KB zipped
+    archive.write_bytes(honest)
+    with pytest.raises(DataError, match="'yes/bomb.jpg' declares 200000000 bytes, over ingest.max_file_bytes=1000000"):
+        ingest(p)
+    # the same bomb declaring 1,000 bytes: the stream stops at the declared size and the CRC check refuses it
+    lying = bytearray(honest)
+    for sig, size_at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        pos = lying.find(sig + b"", 0)
+        while pos >= 0:
+            if lying[pos + name_at : pos + name_at + 12] == b"yes/bomb.jpg":
+                struct.pack_into("<I", lying, pos + size_at, 1000)
+            pos = lying.find(sig, pos + 4)
+    archive.write_bytes(bytes(lying))
+    tracemalloc.start()
+    with pytest.raises(DataError, match="'yes/bomb.jpg' cannot be read"):
+        ingest(p)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 30_000_000
