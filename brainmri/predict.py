@@ -12,6 +12,7 @@ the small result rows do); `--out` is written as a new file and replaces an exis
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import stat
@@ -214,7 +215,9 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, batch: int = 
             doc = {"model": str(model), "threshold": m.threshold, "predictions": rows}
             tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         else:
-            frame.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8")
+            # every text field quoted: Python's csv quotes a path holding '\n' but not one holding '\r', which a reader
+            # then takes for a line end (found by tests/fuzzing.py); quoted, every path reads back exactly
+            frame.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
         _publish(tmp, out, key)
     finally:
         tmp.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import fuzzing
 import numpy as np
 import pandas as pd
 import pytest
@@ -510,3 +511,28 @@ def test_a_zip_bomb_with_lying_sizes_is_refused_with_bounded_memory(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 30_000_000
+
+
+# --- fuzzing: seeded mutations of the real images, each case under a timeout and a memory cap -------------------
+
+
+def test_the_fuzzer_covers_every_format_and_mutation_and_is_reproducible():
+    seeds = fuzzing.corpus()
+    kinds = [fuzzing.mutate(seeds, 16, i)[0] for i in range(600)]
+    truncated = {k.split(":")[0] for k in kinds if k.split(":")[1].startswith("truncate")}
+    assert truncated >= {*fuzzing.FORMATS, "ORIGINAL"}
+    used = {m for k in kinds for m in k.split(":")[1].split("+")}
+    assert used == {m.__name__.strip("_") for m in fuzzing.MUTATORS}
+    assert fuzzing.mutate(seeds, 16, 123) == fuzzing.mutate(seeds, 16, 123)
+
+
+def test_fuzzed_images_through_the_decoding_boundary_never_fail(tmp_path):
+    result = fuzzing.run_batch(16, 0, 600, "decode", tmp_path, timeout=300)
+    assert result["failures"] == [] and result["ok"] + result["refused"] == 600
+    assert result["ok"] > 50 and result["refused"] > 50  # both paths exercised
+
+
+def test_fuzzed_files_with_hostile_names_through_ingest_split_and_predict_lose_no_row(tmp_path):
+    result = fuzzing.run_batch(16, 0, 300, "pipeline", tmp_path, timeout=300)
+    assert result["failures"] == []
+    assert result["ingested"] > 4 and result["quarantined"] > 100 and result["predict_errors"] > 100
