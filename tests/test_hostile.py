@@ -12,6 +12,7 @@ import tarfile
 import tracemalloc
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import fuzzing
@@ -536,3 +537,47 @@ def test_fuzzed_files_with_hostile_names_through_ingest_split_and_predict_lose_n
     result = fuzzing.run_batch(16, 0, 300, "pipeline", tmp_path, timeout=300)
     assert result["failures"] == []
     assert result["ingested"] > 4 and result["quarantined"] > 100 and result["predict_errors"] > 100
+
+
+# --- image files cut short and malformed metadata: quarantined in ingest, only our own disk's faults retried ------
+
+
+def _png_with_chunk(kind: bytes, body: bytes, good_crc: bool = True) -> bytes:
+    data = encode(brain(20), "PNG")
+    crc = zlib.crc32(kind + body) ^ (0 if good_crc else 1)
+    return data[:33] + struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc) + data[33:]
+
+
+def test_truncated_images_and_malformed_metadata_are_quarantined_by_ingest(tmp_path, capsys):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    arr = brain(21, tumor=True)
+    for fmt, cut in (("JPEG", 300), ("PNG", 60), ("WEBP", 40), ("BMP", 200), ("TIFF", 500), ("GIF", 100)):
+        (ds / "yes" / f"cut.{fmt.lower()}").write_bytes(encode(arr, fmt)[:cut])
+    (ds / "no" / "text bad crc.png").write_bytes(_png_with_chunk(b"tEXt", b"key\x00value", good_crc=False))
+    (ds / "no" / "iccp bad zlib.png").write_bytes(_png_with_chunk(b"iCCP", b"icc\x00\x00" + b"\x78\x9c garbage"))
+    (ds / "no" / "exif garbage.png").write_bytes(_png_with_chunk(b"eXIf", b"MM\x00*\xff\xff\xff\xff" + bytes(20)))
+    assert main(["--params", str(p.root / "params.yaml"), "-q", "ingest"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    report = json.loads(p.path("ingest_report").read_text())
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert {f"yes/cut.{f}" for f in ("jpeg", "png", "webp", "bmp", "tiff", "gif")} <= set(reasons)
+    assert "text bad crc" in " ".join(reasons) and all("\n" not in r for r in reasons.values())
+    assert report["n_files"] == report["n_ingested"] + report["n_quarantined"] == 6 + 6 + 3
+
+
+def test_an_io_error_of_our_own_disk_is_not_quarantined_but_raised_for_a_retry(tmp_path, monkeypatch):
+    import errno
+
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=3)
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kw):
+        if str(path).endswith("yes 1.jpg"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(images.os, "open", failing_open)
+    with pytest.raises(OSError, match="Input/output error"):
+        ingest(p)
