@@ -75,9 +75,7 @@ def load(model: str | Path) -> Model:
     if missing:
         raise BrainMRIError(f"{model}: not exported by brainmri (metadata lacks {', '.join(missing)})")
     size = _number(model, meta, "input_size", int, 32, MAX_INPUT_SIZE)
-    threshold = _number(model, meta, "threshold", float, 0.0, 1.0)
-    if threshold in (0.0, 1.0):
-        raise BrainMRIError(f"{model}: metadata threshold={threshold} would give every image the same label")
+    threshold = _number(model, meta, "threshold", float, 0.0, 1.0)  # training's Youden threshold lies in 0..1
     pos, neg = meta["positive_class"], meta["negative_class"]
     if not pos.strip() or not neg.strip() or pos == neg:
         raise BrainMRIError(f"{model}: metadata classes {pos!r} and {neg!r} must be two different non-empty names")
@@ -117,7 +115,7 @@ def collect(inputs: list[str]) -> list[Path]:
     out = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():  # named directly: walked even through a link; links inside are not followed
             unlistable: list[Path] = []
             for root, dirs, files in os.walk(path, onerror=lambda e, bad=unlistable: bad.append(Path(e.filename))):
                 links = [d for d in dirs if os.path.islink(os.path.join(root, d))]

@@ -283,7 +283,7 @@ def test_out_is_a_new_file_and_replaces_only_a_regular_file_with_overwrite(tmp_p
 BAD_META = {
     "threshold above 1": ({"threshold": 2.0}, "threshold='2.0' is outside"),
     "threshold NaN": ({"threshold": "nan"}, "threshold='nan' is outside"),
-    "threshold 0": ({"threshold": 0}, "every image the same label"),
+    "threshold negative": ({"threshold": -0.1}, "threshold='-0.1' is outside"),
     "input size huge": ({"input_size": 100_000}, "input_size='100000' is outside"),
     "input size text": ({"input_size": "big"}, "input_size='big' is not an integer"),
     "same classes": ({"negative_class": "yes"}, "must be two different non-empty names"),
