@@ -97,7 +97,7 @@ def _garbage(rng) -> bytes:
 
 
 def _png_metadata(rng, data: bytes) -> bytes:
-    if not data.startswith(b"\x89PNG"):
+    if not data.startswith(b"\x89PNG") or len(data) < 45:  # not a PNG, or cut before its IHDR chunk ends
         return _flip(rng, data)
     kind = PNG_CHUNKS[rng.integers(len(PNG_CHUNKS))]
     body = _garbage(rng)
@@ -116,7 +116,7 @@ def _png_metadata(rng, data: bytes) -> bytes:
 
 
 def _jpeg_metadata(rng, data: bytes) -> bytes:
-    if not data.startswith(b"\xff\xd8"):
+    if not data.startswith(b"\xff\xd8") or len(data) < 4:
         return _flip(rng, data)
     marker, prefix = [(0xE1, b"Exif\x00\x00"), (0xE2, b"ICC_PROFILE\x00\x01\x01"), (0xEE, b"Adobe"), (0xFE, b""), (0xE0, b"JFIF\x00")][
         int(rng.integers(5))
@@ -127,7 +127,7 @@ def _jpeg_metadata(rng, data: bytes) -> bytes:
 
 
 def _webp_metadata(rng, data: bytes) -> bytes:
-    if not data.startswith(b"RIFF"):
+    if not data.startswith(b"RIFF") or len(data) < 12:
         return _flip(rng, data)
     kind = (b"EXIF", b"ICCP", b"XMP ", b"VP8X", b"ANIM")[int(rng.integers(5))]
     body = _garbage(rng)
