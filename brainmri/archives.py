@@ -1,7 +1,16 @@
-"""Safe extraction of a dataset archive (.zip, .tar, .tar.gz, .tgz): hostile members are refused by name."""
+"""Safe extraction of a dataset archive (.zip, .tar, .tar.gz, .tgz): read whole, or refused with one sentence.
+
+Hostile members are refused by name: paths out of the folder, links, devices, duplicate names, encrypted or
+unsupported-method zip members, members over the byte caps. Every exception of the archive libraries (zipfile,
+tarfile, zlib, bz2, lzma, gzip, struct) becomes a DataError naming the archive and the member. A tar whose
+headers stop early (tarfile silently treats a damaged header in the middle as the end) is refused, so an archive
+is never half-ingested. Members are streamed to disk under ingest.max_file_bytes each and
+ingest.archive_max_bytes in all, counting real bytes: declared sizes can lie.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import stat
 import tarfile
@@ -12,6 +21,7 @@ from brainmri.errors import DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 CHUNK = 1 << 20
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 
 
 def is_archive(path: Path) -> bool:
@@ -23,90 +33,170 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _check_name(archive: Path, name: str) -> PurePosixPath:
-    shown = printable(name)
-    if name != shown:
-        raise DataError(f"{archive.name}: member {shown!r} has a name that is not valid UTF-8")
-    norm = name.replace("\\", "/")
-    pure = PurePosixPath(norm)
-    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        raise DataError(f"{archive.name}: member {shown!r} has an absolute path; refusing to extract outside the data folder")
-    if ".." in pure.parts:
-        raise DataError(f"{archive.name}: member {shown!r} climbs out of the archive with '..'; refusing to extract it")
-    return pure
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-class _Budget:
-    def __init__(self, archive: Path, max_members: int, max_bytes: int):
-        self.archive, self.max_members, self.max_bytes = archive, max_members, max_bytes
+@contextlib.contextmanager
+def _library(archive: Path, where: str):
+    """Turn anything the archive libraries raise while reading into one sentence naming the archive and member."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, tarfile.ReadError, zlib.error, lzma.LZMAError, EOFError, OSError...
+        raise DataError(f"{archive.name}: {where} cannot be read ({_first_line(exc)}); refusing the whole archive") from None
+
+
+class _Members:
+    """Counts and caps: member count, bytes per member and in all; refuses duplicate names and names that clash."""
+
+    def __init__(self, archive: Path, max_members: int, max_bytes: int, max_file_bytes: int):
+        self.archive, self.max_members, self.max_bytes, self.max_file_bytes = archive, max_members, max_bytes, max_file_bytes
         self.members = self.bytes = 0
+        self.files: set[str] = set()
 
-    def member(self):
+    def check(self, name: str, declared: int = 0) -> PurePosixPath:
         self.members += 1
         if self.members > self.max_members:
             raise DataError(f"{self.archive.name}: more than {self.max_members} members (ingest.archive_max_members); refusing it")
-
-    def add(self, n: int, name: str):
-        self.bytes += n
-        if self.bytes > self.max_bytes:
+        shown = printable(name)
+        if name != shown:
+            raise DataError(f"{self.archive.name}: member {shown!r} has a name that is not valid UTF-8")
+        norm = name.replace("\\", "/")
+        pure = PurePosixPath(norm)
+        if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+            raise DataError(f"{self.archive.name}: member {shown!r} has an absolute path; refusing to extract outside the data folder")
+        if ".." in pure.parts:
+            raise DataError(f"{self.archive.name}: member {shown!r} climbs out of the archive with '..'; refusing to extract it")
+        if declared > self.max_file_bytes:
             raise DataError(
-                f"{self.archive.name}: unpacks to more than {self.max_bytes} bytes at member {printable(name)!r} "
-                "(ingest.archive_max_bytes); refusing a possible decompression bomb"
+                f"{self.archive.name}: member {shown!r} declares {declared} bytes, over ingest.max_file_bytes={self.max_file_bytes}"
             )
+        return pure
+
+    def claim(self, pure: PurePosixPath) -> None:
+        """Refuse a second file member with the same path: one would silently overwrite the other."""
+        key = str(pure)
+        if key in self.files:
+            raise DataError(f"{self.archive.name}: member {key!r} appears twice; refusing an archive with duplicate names")
+        self.files.add(key)
+
+    def copy(self, archive: Path, src, dest: Path, name: str) -> None:
+        """Stream one member to `dest` under both caps; library errors name the member, our disk's OSErrors propagate."""
+        shown = printable(name)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            out = open(dest, "xb")  # noqa: SIM115 - closed below; 'x': a clash with an earlier member is refused, not overwritten
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            raise DataError(f"{archive.name}: member {shown!r} clashes with another member's path; refusing the archive") from None
+        with out:
+            size = 0
+            while True:
+                with _library(archive, f"member {shown!r}"):
+                    chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                self.bytes += len(chunk)
+                if size > self.max_file_bytes:
+                    raise DataError(f"{archive.name}: member {shown!r} is larger than ingest.max_file_bytes={self.max_file_bytes}")
+                if self.bytes > self.max_bytes:
+                    raise DataError(
+                        f"{archive.name}: unpacks to more than {self.max_bytes} bytes at member {shown!r} "
+                        "(ingest.archive_max_bytes); refusing a possible decompression bomb"
+                    )
+                out.write(chunk)
+
+    def mkdir(self, archive: Path, dest: Path, name: str) -> None:
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise DataError(f"{archive.name}: folder member {printable(name)!r} clashes with a file member; refusing the archive") from None
 
 
-def _copy_limited(src, dest: Path, budget: _Budget, name: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "wb") as out:
-        while chunk := src.read(CHUNK):
-            budget.add(len(chunk), name)  # count real bytes: a declared size can lie
-            out.write(chunk)
-
-
-def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            budget.member()
-            pure = _check_name(archive, info.filename)
-            kind = stat.S_IFMT(info.external_attr >> 16)
-            if kind == stat.S_IFLNK:
+def _extract_zip(archive: Path, dest: Path, m: _Members) -> None:
+    with _library(archive, "the zip directory"):
+        zf = zipfile.ZipFile(archive)
+    with zf:
+        infos = zf.infolist()
+        for info in infos:  # every member is checked before any is written
+            shown = printable(info.filename)
+            pure = m.check(info.filename, 0 if info.is_dir() else info.file_size)
+            if stat.S_IFMT(info.external_attr >> 16) == stat.S_IFLNK:
                 raise DataError(f"{archive.name}: member {info.filename!r} is a symbolic link; links are refused")
-            if info.is_dir():
-                (dest / pure).mkdir(parents=True, exist_ok=True)
-                continue
-            with zf.open(info) as src:
-                _copy_limited(src, dest / pure, budget, info.filename)
-
-
-def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
-    with tarfile.open(archive, mode="r:*") as tf:
-        for member in tf:
-            budget.member()
-            pure = _check_name(archive, member.name)
-            if member.issym() or member.islnk():
+            if info.flag_bits & 0x1:
+                raise DataError(f"{archive.name}: member {shown!r} is encrypted; encrypted archives are not supported")
+            if info.compress_type not in ZIP_METHODS:
                 raise DataError(
-                    f"{archive.name}: member {printable(member.name)!r} is a link to {printable(member.linkname)!r}; links are refused"
+                    f"{archive.name}: member {shown!r} uses zip compression method {info.compress_type}, which is not supported "
+                    f"(supported: {', '.join(ZIP_METHODS.values())})"
                 )
+            if not info.is_dir():
+                m.claim(pure)
+        for info in infos:
+            pure = PurePosixPath(info.filename.replace("\\", "/"))
+            if info.is_dir():
+                m.mkdir(archive, dest / pure, info.filename)
+                continue
+            with _library(archive, f"member {printable(info.filename)!r}"):
+                src = zf.open(info)
+            with src:
+                m.copy(archive, src, dest / pure, info.filename)
+
+
+def _extract_tar(archive: Path, dest: Path, m: _Members) -> None:
+    with _library(archive, "the tar header"):
+        tf = tarfile.open(archive, mode="r:*")
+    with tf:
+        previous = "the first member"
+        while True:
+            with _library(archive, f"the header after {previous}"):
+                member = tf.next()
+            if member is None:
+                break
+            shown = printable(member.name)
+            previous = f"member {shown!r}"
+            pure = m.check(member.name, member.size if member.isfile() else 0)
+            if member.issym() or member.islnk():
+                raise DataError(f"{archive.name}: member {shown!r} is a link to {printable(member.linkname)!r}; links are refused")
             if member.isdir():
-                (dest / pure).mkdir(parents=True, exist_ok=True)
+                m.mkdir(archive, dest / pure, member.name)
                 continue
             if not member.isfile():
-                raise DataError(f"{archive.name}: member {printable(member.name)!r} is not a regular file or folder; refusing it")
-            src = tf.extractfile(member)
-            _copy_limited(src, dest / pure, budget, member.name)
+                raise DataError(f"{archive.name}: member {shown!r} is not a regular file or folder; refusing it")
+            m.claim(pure)
+            with _library(archive, previous):
+                src = tf.extractfile(member)
+            m.copy(archive, src, dest / pure, member.name)
+        _check_tar_end(archive, tf, m, previous)
 
 
-def extract(archive: Path, dest: Path, max_members: int, max_bytes: int) -> None:
-    """Extract `archive` into the empty folder `dest`; on any refusal, remove what was written and raise DataError."""
-    budget = _Budget(archive, max_members, max_bytes)
+def _check_tar_end(archive: Path, tf: tarfile.TarFile, m: _Members, previous: str) -> None:
+    """tarfile ends its listing quietly at a damaged header; what follows the last member must be zeros or nothing."""
+    where = f"the data after {previous}"
+    with _library(archive, where):
+        tf.fileobj.seek(tf.offset)
+        while chunk := tf.fileobj.read(CHUNK):
+            if chunk.count(0) != len(chunk):
+                raise DataError(
+                    f"{archive.name}: a damaged header follows {previous} (at byte {tf.offset}); "
+                    "refusing the archive rather than ingesting part of it"
+                )
+            m.bytes += len(chunk)
+            if m.bytes > m.max_bytes:
+                raise DataError(f"{archive.name}: unpacks to more than {m.max_bytes} bytes (ingest.archive_max_bytes); refusing it")
+
+
+def extract(archive: Path, dest: Path, max_members: int, max_bytes: int, max_file_bytes: int) -> None:
+    """Extract `archive` into the empty folder `dest` whole; on any refusal or failure, remove what was written and raise."""
+    members = _Members(archive, max_members, max_bytes, max_file_bytes)
     try:
         if archive.name.lower().endswith(".zip"):
-            _extract_zip(archive, dest, budget)
+            _extract_zip(archive, dest, members)
         else:
-            _extract_tar(archive, dest, budget)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise DataError(f"{archive.name}: not a readable archive: {exc}") from None
-    except DataError:
+            _extract_tar(archive, dest, members)
+    except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

@@ -46,7 +46,7 @@ def cmd_synthesize(args) -> None:
 def cmd_predict(args) -> None:
     from brainmri.predict import predict
 
-    frame = predict(args.model, args.inputs, args.out)
+    frame = predict(args.model, args.inputs, args.out, overwrite=args.overwrite)
     errors = int((frame["error"] != "").sum())
     logging.getLogger("brainmri").info("predict: %d images -> %s (%d could not be read)", len(frame), args.out, errors)
 
@@ -210,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Each INPUT is an image or a folder (searched recursively); unreadable files get an error row.",
     )
     pred.add_argument("--model", required=True, help="an exported model.onnx (its metadata holds size, threshold and classes)")
-    pred.add_argument("--out", required=True, help="output table: .csv, or .json by extension")
+    pred.add_argument("--out", required=True, help="output table: .csv, or .json by extension; a new file unless --overwrite")
+    pred.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out regular file (never the model, an input, a folder, a link or a special file)",
+    )
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     pred.set_defaults(func=cmd_predict)
     srv = sub.add_parser(

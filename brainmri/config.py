@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import difflib
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
 
 from brainmri.errors import ConfigError
 
@@ -73,6 +75,7 @@ class Ingest(Section):
     classes: list[str]
     positive_class: str
     max_pixels: int
+    max_file_bytes: int
     max_side: int
     min_images_per_class: int
     archive_max_members: int
@@ -84,7 +87,9 @@ class Ingest(Section):
             raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
         if self.positive_class not in self.classes:
             raise ValueError(f"ingest.positive_class {self.positive_class!r} is not one of ingest.classes {self.classes}")
-        self.require_min("ingest", max_pixels=1, max_side=1, min_images_per_class=1, archive_max_members=1, archive_max_bytes=1)
+        self.require_min(
+            "ingest", max_pixels=1, max_file_bytes=1, max_side=1, min_images_per_class=1, archive_max_members=1, archive_max_bytes=1
+        )
         return self
 
     @property
@@ -362,20 +367,56 @@ def _describe(err: ValidationError, file: Path) -> str:
     return f"{file}: " + "; ".join(lines)
 
 
+MAX_YAML_BYTES = 1_000_000  # params.yaml is about 10 KB; a larger file is a mistake, and the cap bounds what is read
+MAX_YAML_DEPTH = 64  # params.yaml nests 4 levels; dvc.lock about 6
+
+
 def read_yaml(path: Path):
-    """YAML 1.2, as DVC reads and writes it (params.yaml, dvc.lock): bare yes/no are strings, not booleans."""
-    return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    """YAML 1.2, as DVC reads and writes it (params.yaml, dvc.lock): bare yes/no are strings, not booleans.
+
+    Anything that stops the file being read becomes one ConfigError sentence: not a regular file (a named pipe
+    would block), too large, unreadable, not UTF-8, nested too deeply, or using aliases. Aliases are refused on
+    the parser's events, before any node is built, because a few nested aliases expand to billions of values
+    ("billion laughs") once validation or merging walks them; params.yaml and dvc.lock never need them.
+    """
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if st.st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes is too large for a parameters file (at most {MAX_YAML_BYTES})")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    yaml = YAML(typ="safe", pure=True)
+    depth = 0
+    try:
+        for event in yaml.parse(text):
+            depth += isinstance(event, CollectionStartEvent) - isinstance(event, CollectionEndEvent)
+            if depth > MAX_YAML_DEPTH:  # ruamel's pure parser slows down sharply with nesting depth; stop early
+                raise ConfigError(f"{path}: line {event.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+            if isinstance(event, AliasEvent):
+                raise ConfigError(
+                    f"{path}: line {event.start_mark.line + 1}: YAML alias *{event.anchor} refused; write the value out "
+                    "(aliases can expand exponentially, the 'billion laughs' attack)"
+                )
+        return yaml.load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a parameters file") from None  # a guard: the depth cap comes first
 
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict | None = None) -> Params:
     """Read, validate and freeze params.yaml; `overrides` is a nested dict merged on top (for tests and profiles)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
     try:
         data = read_yaml(path)
-    except YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except YAMLError as exc:  # ruamel's messages span several lines with a source excerpt: keep the problem and its line
+        problem, mark = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0], getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}: not valid YAML: {f'line {mark.line + 1}: ' if mark else ''}{problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     if overrides:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from brainmri.config import Params, load_params
+from brainmri.config import Params, load_params, read_yaml
 from brainmri.errors import ConfigError
 from brainmri.fsutil import atomic_path, write_text
 
@@ -37,6 +37,8 @@ def prepare(root: str | Path) -> Params:
     """Write demo/params.yaml and demo/dvc.yaml, make demo/ a DVC workspace of its own; return the demo params."""
     root = Path(root).resolve()
     demo = root / FOLDER
+    for source in (root / "params.yaml", demo / PROFILE):
+        read_yaml(source)  # the safe reader first: aliases, non-UTF-8 and the like are one sentence, not a blow-up
     yaml = YAML()
     yaml.width = 4096
     base = yaml.load((root / "params.yaml").read_text(encoding="utf-8"))

@@ -17,5 +17,9 @@ class ImageError(BrainMRIError):
     """One image file cannot be used; ingest quarantines it and goes on."""
 
 
+class DecodeError(ImageError):
+    """The image library (Pillow or a plugin) failed on a file's content: hostile or damaged input, never retried."""
+
+
 class WeightsError(BrainMRIError):
     """Pretrained weights were asked for but cannot be had (offline ImageNet download)."""

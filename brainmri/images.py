@@ -1,9 +1,26 @@
-"""Decode any supported image file into the one normalized form: 8-bit RGB, EXIF-upright, size-capped."""
+"""Decode any supported image file into the one normalized form: 8-bit RGB, EXIF-upright, size-capped.
+
+This module is the one decoding boundary. `decode_file` is everything from a path to 8-bit RGB pixels:
+- our own disk: a path that is not a regular file, or larger than the byte cap, is refused unread (ImageError);
+  an OSError while reading it is a fault of our disk and propagates (the flow may retry it);
+- the image library: every exception that Pillow or one of its plugins raises (OSError, SyntaxError,
+  ValueError, struct.error, zlib.error, MemoryError...) on the file's content becomes a DecodeError, which ingest
+  quarantines and predict reports in an error row. Only the library calls sit inside `_library`; our own
+  conversion code does not, so a bug of ours still surfaces as a failure instead of a quarantined image.
+
+High-bit-depth rule (README, "What each stage does"): integer data that fits 16 bits is scaled by the bit range
+it actually uses (a 12-bit scan in a 16-bit container by 255/4095, never left nearly black); integer data
+beyond 16 bits (32-bit TIFFs) is scaled by its own min..max range, with a note; float data is scaled by its
+min..max range, and an image with any NaN or infinite pixel is refused.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +28,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from brainmri.errors import ImageError
+from brainmri.errors import DecodeError, ImageError
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "GIF", "WEBP"})
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+CHUNK = 1 << 20
+KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+KINDS[stat.S_IFDIR] = "a folder"
 
 
 @dataclass(frozen=True)
@@ -26,76 +46,151 @@ class Decoded:
     width: int  # original size, before orientation and downscaling
     height: int
     exif_rotated: bool
+    note: str = ""  # how unusual pixel data was mapped to 8 bits (32-bit integer range), else empty
 
 
-def decode_bytes(data: bytes, *, max_pixels: int, max_side: int) -> Decoded:
-    """Decode image bytes; raise ImageError with a one-line reason when they cannot be used."""
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _library(fmt: str | None):
+    """Turn anything the image library raises on a file's content into a DecodeError; silence its warnings."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "possibly corrupt EXIF" and the like: the pixels decide
+            yield
+    except Exception as exc:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, zlib.error...
+        raise DecodeError(f"corrupt or truncated {fmt or 'image'} data: {_reason(exc)}") from None
+
+
+def read_capped(path: str | Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, refused unread if it is anything else or larger than `max_bytes`.
+
+    The size is checked before reading and again while reading (a file can grow, or its size can lie on some
+    file systems), so memory never holds more than `max_bytes`. Special files are judged by os.stat, which
+    follows links, and opened with O_NONBLOCK, so a named pipe or a device is never read and never blocks.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"not a regular file ({KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}); not read")
+    if st.st_size > max_bytes:
+        raise ImageError(f"{st.st_size} bytes is over the cap ingest.max_file_bytes={max_bytes}; not read")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for something else between stat and open
+            raise ImageError("not a regular file (replaced while being opened); not read")
+        chunks, total = [], 0
+        while chunk := f.read(min(CHUNK, max_bytes + 1 - total)):
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageError(f"grew past the cap ingest.max_file_bytes={max_bytes} while being read; not read")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore")
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageError(f"decompression bomb refused: {exc}") from None
         except UnidentifiedImageError:
             raise ImageError(f"not a recognised image (first bytes {data[:8]!r})") from None
-        if img.format not in SUPPORTED_FORMATS:
-            raise ImageError(f"unsupported image format {img.format}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}")
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageError(f"{width}x{height} = {width * height} pixels is over the cap ingest.max_pixels={max_pixels}")
-        try:
-            img.load()
-        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for corrupt data
-            raise ImageError(f"corrupt or truncated {img.format} data: {exc}") from None
+        except Exception as exc:  # any other library failure while reading the header
+            raise DecodeError(f"corrupt or truncated image header: {_reason(exc)}") from None
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(f"unsupported image format {img.format}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"{width}x{height} = {width * height} pixels is over the cap ingest.max_pixels={max_pixels}")
+    if width < 1 or height < 1:
+        raise ImageError(f"{img.format} declares {width}x{height} pixels; an image needs at least one")
+    with _library(img.format):
+        img.load()
+    return img
+
+
+def decode_bytes(data: bytes, *, max_pixels: int, max_side: int) -> Decoded:
+    """Decode image bytes; raise ImageError (DecodeError when the library failed) with a one-line reason."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()
+    img = _open(data, max_pixels)
     fmt, mode = img.format, img.mode
-    orientation = img.getexif().get(0x0112, 1)
-    upright = ImageOps.exif_transpose(img)
-    rgb = to_rgb(upright)
+    width, height = img.size
+    with _library(fmt):
+        orientation = img.getexif().get(0x0112, 1)
+        upright = ImageOps.exif_transpose(img)
+    rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-    return Decoded(rgb, digest, fmt, mode, width, height, orientation not in (0, 1))
+    return Decoded(rgb, digest, fmt, mode, width, height, orientation not in (0, 1), note)
 
 
-def decode_file(path: str | Path, *, max_pixels: int, max_side: int) -> Decoded:
-    return decode_bytes(Path(path).read_bytes(), max_pixels=max_pixels, max_side=max_side)
+def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int) -> Decoded:
+    return decode_bytes(read_capped(path, max_bytes), max_pixels=max_pixels, max_side=max_side)
+
+
+def scale_integer(arr: np.ndarray) -> tuple[np.ndarray, str]:
+    """Integer pixels to 8 bits: by the bit range used if they fit 16 bits, else by their min..max range, noted."""
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi <= 0xFFFF:
+        bits = max(8, hi.bit_length())  # 12-bit data in a 16-bit container: scale by 4095, not 65535
+        return np.clip(np.rint(arr / ((2**bits - 1) / 255.0)), 0, 255).astype(np.uint8), ""
+    arr8 = np.rint(255 * (arr.astype(np.float64) - lo) / (hi - lo)).astype(np.uint8)
+    return arr8, f"integer pixels {lo}..{hi} do not fit 16 bits; scaled by their range to 0..255"
+
+
+def scale_float(arr: np.ndarray) -> np.ndarray:
+    """Float pixels to 8 bits by their min..max range; NaN or infinite pixels are refused."""
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise ImageError(f"{bad} of {arr.size} float pixels are NaN or infinite; a float image needs finite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    return np.zeros(arr.shape, np.uint8) if hi <= lo else np.rint(255 * (arr - lo) / (hi - lo)).astype(np.uint8)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: transparency composited on black, 16-bit scaled, CMYK via its profile."""
+    return to_rgb_noted(img)[0]
+
+
+def to_rgb_noted(img: Image.Image, fmt: str | None = None) -> tuple[Image.Image, str]:
+    """Any Pillow mode to 8-bit RGB (transparency composited on black, high bit depths by the rule above), and a note."""
     mode = img.mode
-    if mode in SIXTEEN_BIT_MODES:
-        arr = np.asarray(img, dtype=np.float64)
-        arr8 = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        arr8 = np.zeros(arr.shape, np.uint8) if hi <= lo else np.rint(255 * (arr - lo) / (hi - lo)).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode in INTEGER_MODES or mode == "F":
+        with _library(fmt):
+            arr = np.asarray(img, dtype=np.float64) if mode == "F" else np.asarray(img).astype(np.int64)
+        arr8, note = (scale_float(arr), "") if mode == "F" else scale_integer(arr)
+        return Image.fromarray(arr8, "L").convert("RGB"), note
     if mode == "CMYK":
-        return _cmyk_to_rgb(img)
+        return _cmyk_to_rgb(img, fmt), ""
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
-        rgba = img.convert("RGBA")
+        with _library(fmt):
+            rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("RGB")
-    return img.convert("RGB")
+        return Image.alpha_composite(black, rgba).convert("RGB"), ""
+    with _library(fmt):
+        return img.convert("RGB"), ""
 
 
-def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
+def _cmyk_to_rgb(img: Image.Image, fmt: str | None) -> Image.Image:
     icc = img.info.get("icc_profile")
     if icc:
         try:
-            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-        except (ImageCms.PyCMSError, OSError):
-            pass  # a broken embedded profile: fall back to Pillow's plain conversion
-    return img.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken embedded profile (PyCMSError, OSError, TypeError...): Pillow's plain conversion
+            pass
+    with _library(fmt):
+        return img.convert("RGB")
 
 
 def save_png(img: Image.Image, path: str | Path) -> None:

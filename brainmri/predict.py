@@ -2,76 +2,221 @@
 
 Each image goes through the same decoding as ingest (format from content, EXIF, every mode to RGB, the same size
 cap) and the same preprocessing as training (brainmri.preprocess); threshold, class names and limits come from the
-model's metadata, written by the export stage.
+model's metadata, written by the export stage and validated here when the model is loaded.
+
+It cannot hurt: a file that is not a regular file (a named pipe, a device, a link to one) gets an error row and
+is never read; images are decoded and run in batches, so memory does not grow with the number of inputs (only
+the small result rows do); `--out` is written as a new file and replaces an existing regular file only with
+`overwrite`, and never the model, an input, a folder, a link or a special file.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import stat
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from brainmri.archives import printable
 from brainmri.errors import BrainMRIError, ImageError
-from brainmri.fsutil import atomic_path, write_csv
-from brainmri.images import decode_bytes
-from brainmri.onnxrt import metadata, probabilities, session
+from brainmri.fsutil import _UMASK
+from brainmri.images import KINDS, decode_file
+from brainmri.onnxrt import metadata, session
 from brainmri.preprocess import square
 
 COLUMNS = ["path", "probability", "label", "error"]
+OUT_SUFFIXES = (".csv", ".json")
+MAX_FILE_BYTES = 250_000_000  # ingest.max_file_bytes's default, for models whose metadata does not carry it
+MAX_INPUT_SIZE = 1024  # every backbone here takes 224 px or less; 1024 bounds a batch at 16 x 1024^2 x 3 float32 = 200 MB
 
 
-def collect(inputs: list[str]) -> list[Path]:
-    """Files named directly, plus every non-hidden file under the folders named (recursively), in sorted order."""
-    out = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
-        elif path.exists():
-            out.append(path)
-        else:
-            raise BrainMRIError(f"input {item} does not exist")
-    return out
+@dataclass(frozen=True)
+class Model:
+    """A loaded, validated model: its session, its input's name and its metadata."""
+
+    sess: object
+    input: str
+    size: int
+    threshold: float
+    positive: str
+    negative: str
+    limits: dict
 
 
-def predict(model: str | Path, inputs: list[str], out: str | Path, batch: int = 16) -> pd.DataFrame:
+def _number(model: Path, meta: dict, key: str, kind: type, lo: float, hi: float, default=None):
+    raw = meta.get(key, default)
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise BrainMRIError(f"{model}: metadata {key}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not lo <= value <= hi:  # NaN fails this too
+        raise BrainMRIError(f"{model}: metadata {key}={raw!r} is outside {lo}..{hi}")
+    return value
+
+
+def load(model: str | Path) -> Model:
+    """Open an exported model and check its metadata and input shape; one sentence on anything wrong."""
     model = Path(model)
     if model.suffix.lower() != ".onnx":
         raise BrainMRIError(f"{model}: --model must be an exported .onnx file (Keras and other model files are not accepted)")
-    if not model.is_file():
+    if not model.exists():
         raise BrainMRIError(f"{model}: model file not found")
+    if not model.is_file():  # a named pipe would block the loader, a device would feed it forever
+        raise BrainMRIError(f"{model}: the model is not a regular file")
     sess = session(model)
     meta = metadata(sess)
     missing = [k for k in ("input_size", "threshold", "positive_class", "negative_class") if k not in meta]
     if missing:
         raise BrainMRIError(f"{model}: not exported by brainmri (metadata lacks {', '.join(missing)})")
-    size, threshold = int(meta["input_size"]), float(meta["threshold"])
-    limits = {"max_pixels": int(meta.get("max_pixels", 40_000_000)), "max_side": int(meta.get("max_side", 512))}  # as ingest did
-    files = collect(inputs)
-    rows, arrays, index = [], [], []
+    size = _number(model, meta, "input_size", int, 32, MAX_INPUT_SIZE)
+    threshold = _number(model, meta, "threshold", float, 0.0, 1.0)  # training's Youden threshold lies in 0..1
+    pos, neg = meta["positive_class"], meta["negative_class"]
+    if not pos.strip() or not neg.strip() or pos == neg:
+        raise BrainMRIError(f"{model}: metadata classes {pos!r} and {neg!r} must be two different non-empty names")
+    limits = {
+        "max_pixels": _number(model, meta, "max_pixels", int, 1, 1_000_000_000, 40_000_000),  # as ingest did
+        "max_side": _number(model, meta, "max_side", int, 1, 65_535, 512),
+        "max_bytes": _number(model, meta, "max_file_bytes", int, 1, 10**12, MAX_FILE_BYTES),
+    }
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
+        shapes = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+        raise BrainMRIError(f"{model}: expected one float input of shape (batch, {size}, {size}, 3), got {shapes}")
+    dims = inputs[0].shape[1:]
+    if any(isinstance(d, int) and d != want for d, want in zip(dims, (size, size, 3), strict=True)):
+        raise BrainMRIError(f"{model}: input shape {inputs[0].shape} does not match metadata input_size={size} with 3 colours")
+    if not outputs or outputs[0].type != "tensor(float)":
+        raise BrainMRIError(f"{model}: expected a float probability output, got {[(o.name, o.type) for o in outputs]}")
+    return Model(sess, inputs[0].name, size, threshold, pos, neg, limits)
+
+
+def _run(model: Model, x: np.ndarray, where: Path) -> np.ndarray:
+    """Probabilities for one batch, checked: one finite value in 0..1 per image."""
+    out = np.asarray(model.sess.run(None, {model.input: x})[0], dtype=np.float64).reshape(-1)
+    if out.size != len(x):
+        raise BrainMRIError(f"model gives {out.size} values for {len(x)} images (at {where}); expected one probability per image")
+    if not np.all(np.isfinite(out) & (out >= 0) & (out <= 1)):
+        raise BrainMRIError(f"model output is not a probability in 0..1 (got {out[~((out >= 0) & (out <= 1))][:3]} at {where})")
+    return out
+
+
+def collect(inputs: list[str]) -> list[Path]:
+    """Files named directly, plus every non-hidden entry under the folders named (recursively), in sorted order.
+
+    Links to folders and folders that cannot be listed are kept as entries, so they get an error row instead of
+    vanishing; links are never followed into folders.
+    """
+    out = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():  # named directly: walked even through a link; links inside are not followed
+            unlistable: list[Path] = []
+            for root, dirs, files in os.walk(path, onerror=lambda e, bad=unlistable: bad.append(Path(e.filename))):
+                links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in links)
+                out += [Path(root) / f for f in sorted(files + links) if not f.startswith(".")]
+            out += unlistable
+        elif path.exists() or path.is_symlink():
+            out.append(path)
+        else:
+            raise BrainMRIError(f"input {printable(item)} does not exist")
+    return out
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_out(out: Path, overwrite: bool, model: Path, files: list[Path]) -> tuple[int, int] | None:
+    """Refuse an --out that is not a new file or (with overwrite) a replaceable regular one; its identity if it exists."""
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise BrainMRIError(f"--out {out}: must end in .csv or .json")
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise BrainMRIError(f"--out {out} is a symbolic link; name a regular file or a new one")
+    if not stat.S_ISREG(st.st_mode):
+        raise BrainMRIError(f"--out {out} is {KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}; it is never replaced")
+    if not overwrite:
+        raise BrainMRIError(f"--out {out} already exists; pass --overwrite to replace it")
+    key = (st.st_dev, st.st_ino)
+    if key == _identity(model):
+        raise BrainMRIError(f"--out {out} is the model itself; it is never replaced")
     for f in files:
+        if key == _identity(f):
+            raise BrainMRIError(f"--out {out} is the input {f}; an input is never replaced")
+    return key
+
+
+def _publish(tmp: Path, out: Path, key: tuple[int, int] | None) -> None:
+    """Move the finished `tmp` onto `out`: as a new file when `key` is None, else onto the same regular file we checked."""
+    if key is None:
         try:
-            dec = decode_bytes(f.read_bytes(), **limits)
-            arrays.append(square(dec.image, size))
-            index.append(len(rows))
-            rows.append({"path": str(f), "probability": None, "label": None, "error": ""})
-        except (ImageError, OSError) as exc:
-            rows.append({"path": str(f), "probability": None, "label": None, "error": str(exc)})
-    if arrays:
-        probs = probabilities(sess, np.stack(arrays).astype(np.float32), batch)
-        for i, prob in zip(index, probs, strict=True):
+            os.link(tmp, out)  # atomic create-if-absent: fails if something appeared at `out` meanwhile
+        except FileExistsError:
+            raise BrainMRIError(f"--out {out} appeared while predicting; it was not replaced") from None
+        return
+    st = os.lstat(out) if os.path.lexists(out) else None
+    if st is not None and (not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key):
+        raise BrainMRIError(f"--out {out} was replaced by something else while predicting; it was not replaced")
+    os.replace(tmp, out)
+
+
+def predict(model: str | Path, inputs: list[str], out: str | Path, batch: int = 16, overwrite: bool = False) -> pd.DataFrame:
+    model, out = Path(model), Path(out)
+    m = load(model)
+    files = collect(inputs)
+    key = check_out(out, overwrite, model, files)
+    rows, arrays, index = [], [], []
+
+    def flush():
+        for i, prob in zip(index, _run(m, np.stack(arrays).astype(np.float32), files[index[0]]), strict=True):
             rows[i]["probability"] = round(float(prob), 6)
-            rows[i]["label"] = meta["positive_class"] if prob >= threshold else meta["negative_class"]
+            rows[i]["label"] = m.positive if prob >= m.threshold else m.negative
+        arrays.clear()
+        index.clear()
+
+    for f in files:
+        row = {"path": printable(str(f)), "probability": None, "label": None, "error": ""}
+        try:
+            dec = decode_file(f, **m.limits)
+        except (ImageError, OSError) as exc:  # OSError: the input itself is unreadable (permissions, vanished)
+            row["error"] = str(exc) if isinstance(exc, ImageError) else f"cannot be read: {exc.strerror or exc}"
+        else:
+            arrays.append(square(dec.image, m.size))
+            index.append(len(rows))
+        rows.append(row)
+        if len(arrays) == batch:
+            flush()
+    if arrays:
+        flush()
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    out = Path(out)
-    if out.suffix.lower() == ".json":
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps({"model": str(model), "threshold": threshold, "predictions": rows}, indent=2) + "\n")
-    else:
-        write_csv(out, frame)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
+        if out.suffix.lower() == ".json":
+            doc = {"model": str(model), "threshold": m.threshold, "predictions": rows}
+            tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        else:
+            # every text field quoted: Python's csv quotes a path holding '\n' but not one holding '\r', which a reader
+            # then takes for a line end (found by tests/fuzzing.py); quoted, every path reads back exactly
+            frame.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
+        _publish(tmp, out, key)
+    finally:
+        tmp.unlink(missing_ok=True)
     return frame

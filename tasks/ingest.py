@@ -46,6 +46,16 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_FILES
 
 
+def has_control(name: str) -> bool:
+    """True for names holding ASCII control characters (tab, CR, NUL...): a CSV manifest cannot carry them faithfully."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+
+
+def escaped(name: str) -> str:
+    """`name` with its control characters written as \\xNN, for reports and messages."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in name)
+
+
 def image_id(source_path: str) -> str:
     """A stable id for one source file, independent of listing order and of its content."""
     return hashlib.sha256(source_path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
@@ -77,15 +87,18 @@ def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict]
         n_before = len(files) + len(quarantined)
         for name in sorted(os.listdir(folder / label)):
             rel, path = f"{label}/{name}", folder / label / name
-            shown = archives.printable(rel)
+            shown = escaped(archives.printable(rel))
             if is_hidden(name):
                 skipped.append({"source_path": shown, "reason": "hidden or system file"})
             elif path.is_symlink():
                 quarantined.append({"source_path": shown, "reason": "symbolic link; links are not followed"})
             elif path.is_dir():
                 raise DataError(f"nested folder {shown!r} in {folder}: put the images directly inside the class folders")
-            elif shown != rel:
+            elif archives.printable(rel) != rel:
                 quarantined.append({"source_path": shown, "reason": "file name is not valid UTF-8"})
+            elif has_control(name):
+                reason = "file name holds control characters (shown as \\xNN); they cannot round-trip through the CSV manifest"
+                quarantined.append({"source_path": shown, "reason": reason})
             elif not path.is_file():
                 quarantined.append({"source_path": shown, "reason": "not a regular file"})
             else:
@@ -112,7 +125,7 @@ def open_source(source: Path, p: Params):
     work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=work))
     try:
-        archives.extract(source, tmp, p.ingest.archive_max_members, p.ingest.archive_max_bytes)
+        archives.extract(source, tmp, p.ingest.archive_max_members, p.ingest.archive_max_bytes, p.ingest.max_file_bytes)
         top = [n for n in os.listdir(tmp) if not is_hidden(n)]
         unwrap = len(top) == 1 and top[0] not in p.ingest.classes and (tmp / top[0]).is_dir()
         yield tmp / top[0] if unwrap else tmp
@@ -131,7 +144,7 @@ def ingest(p: Params) -> dict:
         n_files = len(files) + len(quarantined)
         for f in progress(files, "ingest"):
             try:
-                dec = decode_file(f.path, max_pixels=p.ingest.max_pixels, max_side=p.ingest.max_side)
+                dec = decode_file(f.path, max_pixels=p.ingest.max_pixels, max_side=p.ingest.max_side, max_bytes=p.ingest.max_file_bytes)
             except ImageError as exc:
                 quarantined.append({"source_path": f.source_path, "reason": str(exc)})
                 continue
@@ -153,6 +166,7 @@ def ingest(p: Params) -> dict:
                     "exif_rotated": dec.exif_rotated,
                     "norm_width": dec.image.width,
                     "norm_height": dec.image.height,
+                    "note": dec.note,
                 }
             )
         per_class = Counter(r["label"] for r in rows)
@@ -200,6 +214,7 @@ def _report(p, n_files, skipped, quarantined, manifest, elapsed, synthetic: bool
         "positive_class": p.ingest.positive_class,
         "formats": dict(Counter(manifest["format"])),
         "modes": dict(Counter(manifest["mode"])),
+        "notes": [{"source_path": s, "note": n} for s, n in zip(manifest["source_path"], manifest["note"], strict=True) if n],
         "extension_mismatch": sorted(manifest.loc[~manifest["extension_ok"].astype(bool), "source_path"]),
         "duplicates": {
             "n_groups": int(len(sizes)),

@@ -98,3 +98,30 @@ def tiny_training(size: int = 32, epochs: int = 3) -> dict:
         "export": {"calibration_images": 8},
         "benchmark": {"batch_size": 2, "warmup": 1, "repeats": 3},
     }
+
+
+def tiny_onnx(path: Path, size: int = 32, shape=None, meta: dict | None = None) -> Path:
+    """A brainmri-style ONNX model in a few bytes: probability = mean brightness / 255; metadata as export writes it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = shape or ["batch", size, size, 3]
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2, 3], keepdims=1),
+            helper.make_node("Flatten", ["mean"], ["flat"]),
+            helper.make_node("Mul", ["flat", "scale"], ["probability"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        [scale],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    props = {"input_size": size, "threshold": 0.2, "positive_class": "yes", "negative_class": "no"}
+    props.update(max_side=512, max_pixels=40_000_000)
+    helper.set_model_props(proto, {k: str(v) for k, v in {**props, **(meta or {})}.items()})
+    onnx.save(proto, path)
+    return path

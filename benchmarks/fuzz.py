@@ -1,0 +1,64 @@
+"""Fuzz benchmark: many mutated real images through the decoding boundary and through ingest, split and predict.
+
+    python benchmarks/fuzz.py [--decode 20000] [--pipeline 10000] [--batch 500] [--seed 16]
+
+Cases come from tests/fuzzing.py (seeded: the same arguments give the same bytes). Each batch runs in process in
+one worker under a memory cap and per-case timeouts; this prints the count, the speed and every failure (a
+traceback, a hang, a memory refusal or a lost row). Exit 1 if there was any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import fuzzing  # noqa: E402
+
+
+def cpu() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), platform.processor())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--decode", type=int, default=20_000, help="mutated inputs through decode_bytes")
+    ap.add_argument("--pipeline", type=int, default=10_000, help="mutated files (hostile names) through ingest, split, predict")
+    ap.add_argument("--batch", type=int, default=500, help="inputs per worker process (pipeline: per dataset folder)")
+    ap.add_argument("--seed", type=int, default=16)
+    args = ap.parse_args()
+    print(f"CPU: {cpu()}; memory cap {fuzzing.MEMORY_CAP >> 30} GiB per worker, {fuzzing.CASE_TIMEOUT:g} s per case")
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+        for mode, total, batch in (("decode", args.decode, 2 * args.batch), ("pipeline", args.pipeline, args.batch)):
+            if not total:
+                continue
+            start, totals, failures, rss = time.perf_counter(), Counter(), [], 0.0
+            for first in range(0, total, batch):
+                n = min(batch, total - first)
+                r = fuzzing.run_batch(args.seed, first, n, mode, Path(tmp) / f"{mode}-{first}", timeout=120 + 2 * n)
+                failures += r.pop("failures")
+                rss = max(rss, r.pop("max_rss_mb", 0.0))
+                r.pop("seconds", None)
+                totals.update(r)
+            wall = time.perf_counter() - start
+            detail = ", ".join(f"{k} {v}" for k, v in totals.items() if k != "cases")
+            print(
+                f"{mode}: {totals['cases']} mutated inputs in {wall:.1f} s = {totals['cases'] / wall:.0f}/s ({detail}); "
+                f"worker peak RSS {rss:.0f} MB; failures: {len(failures)}"
+            )
+            for f in failures[:20]:
+                print(f"  FAIL case {f['case']} [{f['kind']}]: {f['error'][:300]}")
+            failed += len(failures)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

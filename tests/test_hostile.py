@@ -1,0 +1,583 @@
+"""Hostile input, round 2: every class of input that once crashed, hung, blew up memory or overwrote a file."""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import struct
+import tarfile
+import tracemalloc
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+
+import fuzzing
+import numpy as np
+import pandas as pd
+import pytest
+from factory import SHARED_DATA, brain, encode, make_project, png16, tiny_onnx, write_dataset
+from PIL import Image
+
+from brainmri import images
+from brainmri.cli import main
+from brainmri.config import load_params
+from brainmri.errors import BrainMRIError, DataError, DecodeError, ImageError
+from brainmri.images import decode_bytes, decode_file
+from brainmri.predict import predict
+from tasks.ingest import ingest
+
+DATA = Path(__file__).parent / "data"
+LIMITS = {"max_pixels": 40_000_000, "max_side": 512}
+
+
+def project(tmp_path, source="data/raw/ds", **ingest_over):
+    root = make_project(tmp_path / "proj", {"ingest": {"source": str(source), "min_images_per_class": 2, **ingest_over}})
+    return load_params(root / "params.yaml")
+
+
+# --- one decoding boundary --------------------------------------------------------------------------------
+
+
+def test_real_images_decode_to_exactly_the_pixels_they_did_before_the_boundary():
+    expected = json.loads((DATA / "real_decode_digests.json").read_text())
+    assert expected["limits"] == LIMITS and len(expected["digests"]) == 253
+    for rel, digest in expected["digests"].items():
+        arr = np.asarray(decode_file(SHARED_DATA / rel, **LIMITS, max_bytes=10**9).image)
+        assert hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes()).hexdigest() == digest, rel
+
+
+def test_a_bug_in_our_own_conversion_is_a_failure_not_a_quarantined_image(tmp_path, monkeypatch):
+    def buggy(arr):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(images, "scale_integer", buggy)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        decode_bytes(png16(brain(1)), **LIMITS)
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    (ds / "yes" / "sixteen.png").write_bytes(png16(brain(2)))
+    with pytest.raises(TypeError, match="a bug of ours"):
+        ingest(p)
+    assert not p.path("ingest_manifest").exists()
+
+
+def test_library_failures_of_any_type_become_decode_errors(monkeypatch):
+    """zlib.error, struct.error, SyntaxError, MemoryError... raised inside Pillow all become one typed DecodeError."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    data = encode(brain(3), "PNG")
+    for exc in (zlib.error("bad"), struct.error("short"), SyntaxError("broken"), ValueError("x"), OSError("y"), MemoryError()):
+
+        def boom(self, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(Image.Image, "load", boom)
+        with pytest.raises(DecodeError, match="corrupt or truncated PNG data"):
+            decode_bytes(data, **LIMITS)
+
+
+# --- archives: read whole or refused ------------------------------------------------------------------------
+
+
+def _members():
+    return {f"{c}/{c} {i}.jpg": encode(brain(i + 10 * (c == "yes"), tumor=c == "yes"), "JPEG") for c in ("no", "yes") for i in range(3)}
+
+
+def _zip_bytes(members, method=zipfile.ZIP_DEFLATED, extra=()):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name we mean to write
+        for name, data in [*members.items(), *extra]:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _patch_zip(data: bytes, member: bytes, local_off: int, central_off: int, value: int) -> bytes:
+    """Set a 2-byte field of one member in both its local header and its central directory entry."""
+    buf = bytearray(data)
+    for sig, off, name_at in ((b"PK\x03\x04", local_off, 30), (b"PK\x01\x02", central_off, 46)):
+        pos = 0
+        while (pos := buf.find(sig, pos)) >= 0:
+            if buf[pos + name_at : pos + name_at + len(member)] == member:
+                struct.pack_into("<H", buf, pos + off, value)
+            pos += 4
+    return bytes(buf)
+
+
+def _tar_bytes(members, gz=False):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _corrupt_deflate(data: bytes, member: bytes) -> bytes:
+    buf = bytearray(data)
+    pos = buf.find(member) + len(member)  # first byte of the member's compressed data (no extra field)
+    for i in range(pos + 5, pos + 40):
+        buf[i] ^= 0x5A
+    return bytes(buf)
+
+
+def _damaged_tar_header(data: bytes) -> bytes:
+    buf = bytearray(data)
+    second = buf.find(b"no/no 1.jpg")
+    buf[second + 148 : second + 156] = b"garbage!"  # the checksum field of the second header
+    return bytes(buf)
+
+
+ARCHIVES = {
+    "corrupt deflate data": ("zip", lambda: _corrupt_deflate(_zip_bytes(_members()), b"no/no 1.jpg"), "'no/no 1.jpg' cannot be read"),
+    "corrupt lzma data": (
+        "zip",
+        lambda: _corrupt_deflate(_zip_bytes(_members(), zipfile.ZIP_LZMA), b"no/no 1.jpg"),
+        "member 'no/no 1.jpg' cannot be read",
+    ),
+    "encrypted member": ("zip", lambda: _patch_zip(_zip_bytes(_members()), b"yes/yes 2.jpg", 6, 8, 0x1), "'yes/yes 2.jpg' is encrypted"),
+    "unsupported method": (
+        "zip",
+        lambda: _patch_zip(_zip_bytes(_members()), b"no/no 0.jpg", 8, 10, 99),
+        "'no/no 0.jpg' uses zip compression method 99, which is not supported",
+    ),
+    "duplicate names": ("zip", lambda: _zip_bytes(_members(), extra=[("no/no 1.jpg", b"other")]), "'no/no 1.jpg' appears twice"),
+    "file and folder clash": ("zip", lambda: _zip_bytes(_members(), extra=[("no/no 1.jpg/inner.jpg", b"x")]), "clashes with"),
+    "truncated zip": ("zip", lambda: _zip_bytes(_members())[:-200], "the zip directory cannot be read"),
+    "damaged tar header mid-archive": ("tar", lambda: _damaged_tar_header(_tar_bytes(_members())), "header follows member .no.no 0.jpg"),
+    "corrupt gzip data": ("tar.gz", lambda: _flip_middle(_tar_bytes(_members(), gz=True)), "cannot be read"),
+    "truncated tar.gz": ("tar.gz", lambda: _tar_bytes(_members(), gz=True)[:-300], "cannot be read"),
+    "member over max_file_bytes": ("zip", lambda: _zip_bytes(_members(), extra=[("yes/big.jpg", bytes(9000))]), "declares 9000 bytes"),
+}
+
+
+def _flip_middle(data: bytes) -> bytes:
+    buf = bytearray(data)
+    for i in range(len(buf) // 2, len(buf) // 2 + 16):
+        buf[i] ^= 0xFF
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("case", sorted(ARCHIVES))
+def test_damaged_archives_are_refused_whole_with_one_sentence(tmp_path, case, capsys):
+    kind, build, message = ARCHIVES[case]
+    p = project(tmp_path, source=f"data/raw/bad.{kind}", max_file_bytes=8000)
+    archive = p.resolve(p.ingest.source)
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(build())
+    with pytest.raises(DataError, match=re.escape(message) if "'" in message else message) as exc:
+        ingest(p)
+    text = str(exc.value)
+    assert text.startswith(f"bad.{kind}: ") and "\n" not in text  # names the archive, one sentence
+    assert not p.path("ingest_manifest").exists()  # nothing half-ingested
+    assert not list(p.path("ingest_manifest").parent.glob(".extract-*"))
+    assert main(["--params", str(p.root / "params.yaml"), "-q", "ingest"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_intact_archives_still_ingest_whole(tmp_path):
+    for kind, data in (("zip", _zip_bytes(_members(), zipfile.ZIP_LZMA)), ("tar.gz", _tar_bytes(_members(), gz=True))):
+        p = project(tmp_path / kind, source=f"data/raw/ok.{kind}")
+        archive = p.resolve(p.ingest.source)
+        archive.parent.mkdir(parents=True)
+        archive.write_bytes(data)
+        assert ingest(p)["n_ingested"] == 6
+
+
+# --- predict that cannot hurt ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fail instead of hanging: SIGALRM interrupts a blocking read after `seconds`."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def model(tmp_path):
+    return tiny_onnx(tmp_path / "model.onnx")
+
+
+def test_non_regular_inputs_are_error_rows_never_read(tmp_path, model):
+    folder = write_dataset(tmp_path / "in", n=2)
+    os.mkfifo(folder / "no" / "pipe.jpg")
+    os.symlink(folder / "no" / "pipe.jpg", folder / "yes" / "link to pipe.jpg")
+    os.symlink("/dev/zero", folder / "yes" / "zeros.jpg")
+    os.symlink(folder / "no", folder / "yes" / "link to folder")
+    os.mkfifo(tmp_path / "named.png")
+    with within(20):
+        frame = predict(model, [str(folder), str(tmp_path / "named.png"), "/dev/zero"], tmp_path / "out.csv")
+    errors = dict(zip(frame["path"].map(lambda s: s.rsplit("/", 1)[-1]), frame["error"], strict=True))
+    assert len(frame) == 4 + 6 and sum(e == "" for e in errors.values()) == 4
+    assert "named pipe" in errors["pipe.jpg"] and "named pipe" in errors["link to pipe.jpg"] and "named pipe" in errors["named.png"]
+    assert "character device" in errors["zeros.jpg"] and "character device" in errors["zero"]
+    assert "a folder" in errors["link to folder"]
+    saved = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert saved["path"].tolist() == frame["path"].tolist()
+
+
+def test_truncated_and_mangled_images_give_error_rows_and_an_output_file(tmp_path, model):
+    folder = write_dataset(tmp_path / "in", n=2)
+    good = encode(brain(4), "PNG")
+    (folder / "no" / "cut.png").write_bytes(good[:90])
+    (folder / "no" / "cut.webp").write_bytes(encode(brain(4), "WEBP")[:60])
+    (folder / "no" / "cut.bmp").write_bytes(encode(brain(4), "BMP")[:300])
+    frame = predict(model, [str(folder)], tmp_path / "out.json")
+    rows = json.loads((tmp_path / "out.json").read_text())["predictions"]
+    assert len(rows) == len(frame) == 7
+    assert {r["path"].rsplit("/", 1)[-1] for r in rows if r["error"]} == {"cut.png", "cut.webp", "cut.bmp"}
+
+
+def test_out_is_a_new_file_and_replaces_only_a_regular_file_with_overwrite(tmp_path, model, capsys):
+    folder = write_dataset(tmp_path / "in", n=2)
+    out = tmp_path / "out.csv"
+    out.write_text("keep me\n")
+    args = ["predict", "--model", str(model), "--out", str(out), str(folder)]
+    assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n"
+    assert main([*args, "--overwrite"]) == 0 and pd.read_csv(out).shape == (4, 4)
+    os.link(model, tmp_path / "model-link.csv")  # the model under another name
+    (folder / "no" / "stray.csv").write_text("an input\n")
+    (tmp_path / "dir.csv").mkdir()
+    os.mkfifo(tmp_path / "fifo.csv")
+    os.symlink(out, tmp_path / "link.csv")
+    refused = {
+        "model-link.csv": "is the model itself",
+        "in/no/stray.csv": "is the input",
+        "dir.csv": "is a folder",
+        "fifo.csv": "is a named pipe",
+        "link.csv": "is a symbolic link",
+        "params.yaml": "must end in .csv or .json",
+        "model.onnx": "must end in .csv or .json",
+    }
+    for name, message in refused.items():
+        target = tmp_path / name
+        before = target.read_bytes() if target.is_file() and not target.is_symlink() and name != "fifo.csv" else None
+        with within(20):
+            code = main(["predict", "--model", str(model), "--out", str(target), "--overwrite", str(folder)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+        if before is not None:
+            assert target.read_bytes() == before, name
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+BAD_META = {
+    "threshold above 1": ({"threshold": 2.0}, "threshold='2.0' is outside"),
+    "threshold NaN": ({"threshold": "nan"}, "threshold='nan' is outside"),
+    "threshold negative": ({"threshold": -0.1}, "threshold='-0.1' is outside"),
+    "input size huge": ({"input_size": 100_000}, "input_size='100000' is outside"),
+    "input size text": ({"input_size": "big"}, "input_size='big' is not an integer"),
+    "same classes": ({"negative_class": "yes"}, "must be two different non-empty names"),
+    "max_side negative": ({"max_side": -1}, "max_side='-1' is outside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_META))
+def test_wrong_model_metadata_is_one_clear_error_at_load(tmp_path, case):
+    meta, message = BAD_META[case]
+    bad = tiny_onnx(tmp_path / "bad.onnx", meta=meta)
+    with pytest.raises(BrainMRIError, match=re.escape(message)):
+        predict(bad, [str(tmp_path)], tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_input_shape_that_disagrees_with_the_metadata_is_refused_at_load(tmp_path):
+    bad = tiny_onnx(tmp_path / "bad.onnx", shape=["batch", 64, 64, 3])  # metadata says 32
+    with pytest.raises(BrainMRIError, match=re.escape("does not match metadata input_size=32")):
+        predict(bad, [str(tmp_path)], tmp_path / "out.csv")
+    bad = tiny_onnx(tmp_path / "bad2.onnx", shape=["batch", 32, 32, 3, 1])
+    with pytest.raises(BrainMRIError, match="expected one float input of shape"):
+        predict(bad, [str(tmp_path)], tmp_path / "out.csv")
+
+
+def test_predict_memory_does_not_grow_with_the_number_of_inputs(tmp_path, model):
+    one = encode(brain(5, size=(256, 256)), "PNG")
+
+    def peak(n):
+        folder = tmp_path / f"n{n}"
+        folder.mkdir()
+        (folder / "0.png").write_bytes(one)
+        for i in range(1, n):
+            os.link(folder / "0.png", folder / f"{i}.png")
+        tracemalloc.start()
+        frame = predict(model, [str(folder)], tmp_path / f"n{n}.csv", batch=8)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert len(frame) == n and (frame["error"] == "").all()
+        return top
+
+    small, large = peak(16), peak(320)
+    # 304 more inputs held at once would add 304 x 32 x 32 x 3 x (1 + 4) bytes = 4.7 MB (uint8 and float32 copies);
+    # what grows here is only the result rows (the code before streaming measured 0.3 MB -> 6.2 MB)
+    assert large - small < 1_000_000, (small, large)
+
+
+# --- configuration that cannot explode ----------------------------------------------------------------------
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def _params_file(tmp_path, content) -> Path:
+    root = make_project(tmp_path / "proj")
+    path = root / "params.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif content == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_text(path.read_text() + content)
+    return path
+
+
+PARAMS = {
+    "billion laughs": (LAUGHS, "YAML alias *a refused"),
+    "alias of a section": ("copy: &c {x: 1}\nother: *c\n", "YAML alias *c refused"),
+    "latin-1 bytes": (b"seed: 1\nname: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 17)"),
+    "nested 5000 deep": ("deep: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 64 levels deep"),
+    "2 MB": (b"# " + b"x" * 2_000_000 + b"\n", "is too large for a parameters file"),
+    "named pipe": ("fifo", "not a regular file"),
+    "folder": ("folder", "not a regular file"),
+    "python tag": ("evil: !!python/object/apply:os.system [echo hi]\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARAMS))
+def test_hostile_params_files_are_one_sentence_within_seconds(tmp_path, case, capsys):
+    content, message = PARAMS[case]
+    path = _params_file(tmp_path, content)
+    with within(10):
+        code = main(["--params", str(path), "params"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- high-bit-depth and float images: one rule ----------------------------------------------------------------
+
+
+def _tiff(arr) -> bytes:
+    return encode(Image.fromarray(arr), "TIFF")
+
+
+def test_twelve_bit_data_in_a_sixteen_bit_container_is_scaled_by_the_bits_it_uses():
+    arr = brain(11)
+    twelve = (arr.astype(np.uint16) * 16).clip(0, 4095)  # 12-bit scanner data, max 4080
+    dec = decode_bytes(encode(Image.fromarray(twelve), "PNG"), **LIMITS)
+    got = np.asarray(dec.image)[..., 0].astype(int)
+    assert dec.mode == "I;16" and got.max() > 150 > 15 >= np.rint(twelve.max() / 257)  # 1/257 would leave it nearly black
+    assert np.abs(got - np.rint(twelve.astype(float) * 255 / 4095)).max() == 0 and dec.note == ""
+
+
+@pytest.mark.parametrize("offset", [0, -(2**30)])
+def test_thirty_two_bit_integers_are_scaled_by_their_range_with_a_note(offset):
+    arr = brain(12).astype(np.int64) * 1_000_000 + offset  # values up to 2.5e8: far beyond 16 bits, some negative
+    dec = decode_bytes(_tiff(arr.astype(np.int32)), **LIMITS)
+    got = np.asarray(dec.image)[..., 0]
+    expect = np.rint(255 * (arr - arr.min()) / (arr.max() - arr.min()))
+    assert dec.mode == "I" and np.array_equal(got, expect) and got.max() == 255 and got.min() == 0  # no saturation
+    assert "do not fit 16 bits; scaled by their range" in dec.note
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float_images_with_non_finite_pixels_are_refused(bad):
+    arr = brain(13).astype(np.float32) / 7
+    assert np.asarray(decode_bytes(_tiff(arr), **LIMITS).image)[..., 0].max() == 255  # finite: scaled by range
+    arr[3, 4] = bad
+    with pytest.raises(ImageError, match="1 of 4608 float pixels are NaN or infinite"):
+        decode_bytes(_tiff(arr), **LIMITS)
+
+
+def test_ingest_quarantines_non_finite_floats_and_notes_rescaled_integers(tmp_path):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    inf = brain(14).astype(np.float32)
+    inf[0, 0] = np.inf
+    (ds / "yes" / "float inf.tif").write_bytes(_tiff(inf))
+    (ds / "no" / "int32.tif").write_bytes(_tiff(brain(15).astype(np.int32) * 100_000))
+    report = ingest(p)
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert list(reasons) == ["yes/float inf.tif"] and "NaN or infinite" in reasons["yes/float inf.tif"]
+    assert [n["source_path"] for n in report["notes"]] == ["no/int32.tif"]
+    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False).set_index("source_path")
+    assert "scaled by their range" in m.loc["no/int32.tif", "note"] and m.loc["no/no 0.jpg", "note"] == ""
+
+
+# --- names and sizes at ingest ----------------------------------------------------------------------------------
+
+CONTROL = [chr(c) for c in [*range(1, 0x20), 0x7F]]  # every control character a POSIX file name can hold (not NUL)
+ODD_BUT_FINE = ['comma, "quoted"', "  spaces  ", "NA", "null", "#hash", "1e5", "line\u2028sep", "nel\u0085", "=cmd()", "x" * 240]
+
+
+def test_control_characters_in_names_are_quarantined_and_later_stages_read_exactly_the_rows_written(tmp_path):
+    from tasks.split import split
+
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    img = encode(brain(16, size=(40, 44)), "PNG")
+    for i, c in enumerate(CONTROL):
+        (ds / ("yes" if i % 2 else "no") / f"bad{c}name {i}.png").write_bytes(img)
+    for i, name in enumerate(ODD_BUT_FINE):
+        (ds / ("yes" if i % 2 else "no") / f"{name}.png").write_bytes(encode(brain(100 + i, size=(40, 44)), "PNG"))
+    (ds / "no" / os.fsdecode(b"latin1 \xe9\xff.png")).write_bytes(img)
+    report = ingest(p)
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert len(reasons) == len(CONTROL) + 1 and report["n_files"] == report["n_ingested"] + len(reasons) + report["n_skipped"]
+    assert all("control characters" in reasons[f"{'yes' if i % 2 else 'no'}/bad\\x{ord(c):02x}name {i}.png"] for i, c in enumerate(CONTROL))
+    assert "not valid UTF-8" in reasons["no/latin1 \\xe9\\xff.png"]
+    written = {f"{'yes' if i % 2 else 'no'}/{n}.png" for i, n in enumerate(ODD_BUT_FINE)} | {
+        f"{c}/{c} {i}.jpg" for c in ("no", "yes") for i in range(3)
+    }
+    manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    assert set(manifest["source_path"]) == written and len(manifest) == len(written)
+    split(p)
+    rows = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    kept = set(manifest.loc[~manifest["conflict"].astype(bool), "source_path"])
+    assert len(rows) == len(kept) and set(rows["source_path"]) == kept
+
+
+def test_a_one_gigabyte_file_is_quarantined_unread(tmp_path):
+    p = project(tmp_path, max_file_bytes=5_000_000)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    with open(ds / "yes" / "huge.png", "wb") as f:
+        f.write(encode(brain(17), "PNG"))
+        f.truncate(1 << 30)  # sparse: a gigabyte on paper, nothing on disk
+    tracemalloc.start()
+    report = ingest(p)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert report["quarantined"] == [
+        {"source_path": "yes/huge.png", "reason": "1073741824 bytes is over the cap ingest.max_file_bytes=5000000; not read"}
+    ]
+    assert peak < 50_000_000
+
+
+def test_a_file_whose_size_lies_is_cut_off_while_reading(tmp_path, monkeypatch):
+    path = tmp_path / "grows.png"
+    path.write_bytes(bytes(50_000))
+    real_stat = os.stat
+
+    def lying_stat(p, *a, **kw):
+        st = real_stat(p, *a, **kw)
+        return os.stat_result((st.st_mode, *st[1:6], 10, *st[7:])) if str(p) == str(path) else st
+
+    monkeypatch.setattr(images.os, "stat", lying_stat)
+    with pytest.raises(ImageError, match="grew past the cap ingest.max_file_bytes=20000 while being read"):
+        images.read_capped(path, 20_000)
+
+
+def test_a_zip_bomb_with_lying_sizes_is_refused_with_bounded_memory(tmp_path):
+    p = project(tmp_path, source="data/raw/bomb.zip", max_file_bytes=1_000_000)
+    archive = p.resolve(p.ingest.source)
+    archive.parent.mkdir(parents=True)
+    honest = _zip_bytes(_members(), extra=[("yes/bomb.jpg", bytes(200_000_000))])  # 200 MB of zeros, about 200 KB zipped
+    archive.write_bytes(honest)
+    with pytest.raises(DataError, match="'yes/bomb.jpg' declares 200000000 bytes, over ingest.max_file_bytes=1000000"):
+        ingest(p)
+    # the same bomb declaring 1,000 bytes: the stream stops at the declared size and the CRC check refuses it
+    lying = bytearray(honest)
+    for sig, size_at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        pos = lying.find(sig + b"", 0)
+        while pos >= 0:
+            if lying[pos + name_at : pos + name_at + 12] == b"yes/bomb.jpg":
+                struct.pack_into("<I", lying, pos + size_at, 1000)
+            pos = lying.find(sig, pos + 4)
+    archive.write_bytes(bytes(lying))
+    tracemalloc.start()
+    with pytest.raises(DataError, match="'yes/bomb.jpg' cannot be read"):
+        ingest(p)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 30_000_000
+
+
+# --- fuzzing: seeded mutations of the real images, each case under a timeout and a memory cap -------------------
+
+
+def test_the_fuzzer_covers_every_format_and_mutation_and_is_reproducible():
+    seeds = fuzzing.corpus()
+    kinds = [fuzzing.mutate(seeds, 16, i)[0] for i in range(600)]
+    truncated = {k.split(":")[0] for k in kinds if k.split(":")[1].startswith("truncate")}
+    assert truncated >= {*fuzzing.FORMATS, "ORIGINAL"}
+    used = {m for k in kinds for m in k.split(":")[1].split("+")}
+    assert used == {m.__name__.strip("_") for m in fuzzing.MUTATORS}
+    assert fuzzing.mutate(seeds, 16, 123) == fuzzing.mutate(seeds, 16, 123)
+
+
+def test_fuzzed_images_through_the_decoding_boundary_never_fail(tmp_path):
+    result = fuzzing.run_batch(16, 0, 600, "decode", tmp_path, timeout=300)
+    assert result["failures"] == [] and result["ok"] + result["refused"] == 600
+    assert result["ok"] > 50 and result["refused"] > 50  # both paths exercised
+
+
+def test_fuzzed_files_with_hostile_names_through_ingest_split_and_predict_lose_no_row(tmp_path):
+    result = fuzzing.run_batch(16, 0, 300, "pipeline", tmp_path, timeout=300)
+    assert result["failures"] == []
+    assert result["ingested"] > 4 and result["quarantined"] > 100 and result["predict_errors"] > 100
+
+
+# --- image files cut short and malformed metadata: quarantined in ingest, only our own disk's faults retried ------
+
+
+def _png_with_chunk(kind: bytes, body: bytes, good_crc: bool = True) -> bytes:
+    data = encode(brain(20), "PNG")
+    crc = zlib.crc32(kind + body) ^ (0 if good_crc else 1)
+    return data[:33] + struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc) + data[33:]
+
+
+def test_truncated_images_and_malformed_metadata_are_quarantined_by_ingest(tmp_path, capsys):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    arr = brain(21, tumor=True)
+    for fmt, cut in (("JPEG", 300), ("PNG", 60), ("WEBP", 40), ("BMP", 200), ("TIFF", 500), ("GIF", 100)):
+        (ds / "yes" / f"cut.{fmt.lower()}").write_bytes(encode(arr, fmt)[:cut])
+    (ds / "no" / "text bad crc.png").write_bytes(_png_with_chunk(b"tEXt", b"key\x00value", good_crc=False))
+    (ds / "no" / "iccp bad zlib.png").write_bytes(_png_with_chunk(b"iCCP", b"icc\x00\x00" + b"\x78\x9c garbage"))
+    (ds / "no" / "exif garbage.png").write_bytes(_png_with_chunk(b"eXIf", b"MM\x00*\xff\xff\xff\xff" + bytes(20)))
+    assert main(["--params", str(p.root / "params.yaml"), "-q", "ingest"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    report = json.loads(p.path("ingest_report").read_text())
+    reasons = {q["source_path"]: q["reason"] for q in report["quarantined"]}
+    assert {f"yes/cut.{f}" for f in ("jpeg", "png", "webp", "bmp", "tiff", "gif")} <= set(reasons)
+    assert "text bad crc" in " ".join(reasons) and all("\n" not in r for r in reasons.values())
+    assert report["n_files"] == report["n_ingested"] + report["n_quarantined"] == 6 + 6 + 3
+
+
+def test_an_io_error_of_our_own_disk_is_not_quarantined_but_raised_for_a_retry(tmp_path, monkeypatch):
+    import errno
+
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=3)
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kw):
+        if str(path).endswith("yes 1.jpg"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(images.os, "open", failing_open)
+    with pytest.raises(OSError, match="Input/output error"):
+        ingest(p)
