@@ -280,7 +280,10 @@ def report(p: Params) -> dict:
             "- Split: "
             + "; ".join(f"{s} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})" for s, c in counts.items())
             + f". Test images with a duplicate in train: {split['test_leak']:.0%} "
-            f"(a naive random split: {split['naive_split_test_leak']:.0%}).",
+            f"(a naive random split: {split['naive_split_test_leak']:.0%}); each class within "
+            f"{100 * split['max_fraction_deviation']:.1f} points of the split fractions.",
+            f"- Split ledger: {split['ledger']['images_kept']} images kept the split they had, {split['ledger']['images_new']} "
+            f"were placed anew, {split['ledger']['images_moved']} moved because a new image joined groups from different splits.",
             "",
             "## Sample test images",
             "",

@@ -4,6 +4,7 @@ import os
 import tarfile
 import zipfile
 
+import numpy as np
 import pandas as pd
 import pytest
 from factory import brain, cmyk_jpeg, encode, make_project, png16, rgba_png, truncated_jpeg, write_dataset
@@ -217,3 +218,34 @@ def test_real_dataset_ingests_all_253(real_ingest):
     assert report["duplicates"]["n_exact_duplicate_files"] > 0  # the set really holds byte-identical copies
     assert report["duplicates"]["n_duplicate_groups"] > report["duplicates"]["n_exact_duplicate_files"] // 2
     assert len(report["extension_mismatch"]) == 6  # PNGs named .jpg
+
+
+def test_real_scans_saved_twice_with_margin_marks_share_a_group(real_ingest):
+    """Two scans each saved twice, one copy with burned-in window/level text or an edge stripe: they straddled
+    train and test while the crop kept those marks (84 images in 35 groups then)."""
+    p, report, _ = real_ingest
+    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False).set_index("source_path")
+    for a, b in [("yes/Y195.JPG", "yes/Y26.jpg"), ("yes/Y112.JPG", "yes/Y146.JPG")]:
+        assert m.loc[a, "group"] == m.loc[b, "group"], (a, b)
+    d = report["duplicates"]
+    assert (d["n_images_in_duplicate_groups"], d["n_duplicate_groups"], d["conflicts"]) == (92, 38, [])
+
+
+def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
+    from PIL import Image, ImageDraw
+
+    from brainmri.duplicates import content_crop, fingerprint, group_ids
+
+    head = np.pad(brain(7, tumor=True, size=(120, 110)), 30)  # on a black margin
+    plain = Image.fromarray(head)
+    marked = Image.fromarray(np.maximum(head[10:, 6:], 25))  # another crop, on gray (25) film
+    draw = ImageDraw.Draw(marked)
+    draw.text((2, 2), "A", fill=255)  # a panel letter
+    draw.text((2, marked.height - 12), "W 1411 : L 705", fill=230)  # window/level numbers
+    draw.rectangle((marked.width - 4, 0, marked.width - 1, marked.height - 1), fill=240)  # a white stripe at the edge
+    a, b = content_crop(plain), content_crop(marked)
+    assert abs(a.width - b.width) <= 2 and abs(a.height - b.height) <= 2 and a.width < 120  # the head's box, not the marks'
+    other = Image.fromarray(np.pad(brain(8, tumor=True, size=(120, 110)), 30))
+    prints = [fingerprint(img, str(i), 8) for i, img in enumerate([plain, marked, other])]
+    g = group_ids(["a", "b", "c"], prints, max_distance=10, min_correlation=0.95)
+    assert g[0] == g[1] != g[2]

@@ -30,6 +30,7 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     best = max(p.models, key=lambda n: trained[n]["val"]["auc"])
     assert list(verdicts) == list(p.models) and verdicts[best] == "reference"
     assert set(verdicts.values()) <= {"reference", "better", "worse", "no clear difference"} and "### Which differences are real" in md
+    assert "were placed anew, 0 moved because" in md  # the split ledger's first run
 
 
 def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
