@@ -4,7 +4,7 @@
 
 This is `dvc repro --single-item STAGE` through DVC's API, so run-cache restore, `--pull`, and DVC's per-stage
 read/write locks come from DVC. The flow process holds DVC's workspace lock for its whole run, as one `dvc repro`
-does, so a user's `dvc repro --wait-for-lock` waits for it instead of colliding with a stage it runs (DVC fails a
+does, so a user's `dvc --wait-for-lock repro` waits for it instead of colliding with a stage it runs (DVC fails a
 repro that meets another process's stage). The flow's own stage processes therefore take, in its place, a lock of
 DVC's own kind on a file private to the flow run; DVC releases that one while a stage's command runs, exactly as it
 does the workspace lock, so two branches' commands overlap while dvc.lock and the cache are written one at a time.

@@ -192,7 +192,7 @@ def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage
 
     set_param(ws, "train", "threshold", 0.4)  # a value never run before: no run-cache entry to restore
     stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@"))} | {"report"}
-    user = subprocess.Popen(["dvc", "repro", "--wait-for-lock"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    user = subprocess.Popen(["dvc", "--wait-for-lock", "repro"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = pipeline(str(ws / "params.yaml"))
     out, _ = user.communicate(timeout=900)
     assert user.returncode == 0, out
