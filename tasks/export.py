@@ -285,4 +285,21 @@ def model_card(p: Params, name: str, trained: dict, exported: dict, folder: Path
         "files": files,
         "metrics": {"test": evaluated["test"], "n_test": evaluated["n_test"], "parity": exported["parity"], "int8": exported["int8"]},
         "lineage": chain,
+        "libraries": library_versions(),
     }
+
+
+CARD_LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "scikit-learn", "pillow", "dvc")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that built and exported the model (installed from requirements.lock; versions.yaml has all)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in CARD_LIBRARIES:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

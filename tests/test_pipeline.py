@@ -313,6 +313,9 @@ def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
     assert card["files"]["onnx"]["md5"] == md5(ws / "data/export/vgg16-aug/model.onnx")
     assert [e["stage"] for e in card["lineage"]["chain"]][0] == "train@vgg16-aug" and card["lineage"]["matches_dvc_lock"]
     assert "not a medical device" in card["intended_use"]
+    from importlib import metadata
+
+    assert card["libraries"]["keras"] == metadata.version("keras") and "onnxruntime" in card["libraries"]
     assert "no stage in dvc.lock has it as an output" in sh(ws, "brainmri", "lineage", "params.yaml", ok=False)
 
 
