@@ -27,11 +27,8 @@ def git_state(root: Path) -> dict:
 
 def md5(path: Path) -> str:
     """The hash DVC records for a file."""
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _inside(path: str, folder: str) -> bool:
