@@ -273,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             handler.setLevel(logging.WARNING)
     ours = logging.getLogger("brainmri")
     ours.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    ours.addHandler(logging.StreamHandler())  # our own lines, plain, whatever the root handler lets through
-    ours.handlers[-1].setFormatter(logging.Formatter("%(message)s"))
+    for handler in [h for h in ours.handlers if getattr(h, "brainmri_cli", False)]:
+        ours.removeHandler(handler)  # main() called again in one process (tests): one handler, on today's stderr
+    handler = logging.StreamHandler(sys.stderr)  # our own lines, plain, whatever the root handler lets through
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.brainmri_cli = True
+    ours.addHandler(handler)
     ours.propagate = False
     try:
         args.func(args)

@@ -70,6 +70,8 @@ def make_project(root: Path, overrides: dict | None = None, code: bool = False, 
     root.mkdir(parents=True, exist_ok=True)
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
     params.update(replace or {})
+    if params["promotion"]["model"] not in params["models"]:  # a test's own model set: serve its first model
+        params["promotion"]["model"] = next(iter(params["models"]))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "weights").mkdir(exist_ok=True)  # paths.weights_inbox: a dependency of the weights stages
     if code:

@@ -254,6 +254,7 @@ def test_out_is_a_new_file_and_replaces_only_a_regular_file_with_overwrite(tmp_p
     assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_text() == "keep me\n"
     assert main([*args, "--overwrite"]) == 0 and pd.read_csv(out).shape == (4, 4)
+    assert "predict: 4 images" in capsys.readouterr().err  # its one summary line
     os.link(model, tmp_path / "model-link.csv")  # the model under another name
     (folder / "no" / "stray.csv").write_text("an input\n")
     (tmp_path / "dir.csv").mkdir()
