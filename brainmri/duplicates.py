@@ -9,8 +9,9 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from brainmri.images import content_crop
+
 THUMB = 32  # side of the grayscale thumbnail used to confirm a near-duplicate by correlation
-BACKGROUND = 24  # 8-bit level below which a pixel counts as background when cropping to the content
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,6 @@ class Fingerprint:
     sha256: str  # of the original file bytes: equal means exact duplicate
     phash: np.ndarray  # flattened boolean perceptual hash of the content crop
     thumb: np.ndarray  # zero-mean, unit-norm THUMB x THUMB vector of the content crop
-
-
-def content_crop(gray: Image.Image) -> Image.Image:
-    """Crop away the dark border around the head, so padding and small crops do not change the fingerprint."""
-    box = gray.point(lambda v: 255 if v > BACKGROUND else 0).getbbox()
-    return gray.crop(box) if box else gray
 
 
 def fingerprint(img: Image.Image, sha256: str, hash_size: int) -> Fingerprint:
