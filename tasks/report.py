@@ -228,16 +228,22 @@ def data_audit_section(p: Params, ingest: dict, out: Path) -> list:
             f"{a['shortcut_auc']}.",
             "",
             f"- **File metadata** (original width, height, aspect, file size, format, mode, extension case, EXIF): AUC "
-            f"{_auc_text(meta)}, {verdict(meta)}. The raw files tell the classes apart by how they were saved; "
-            "a model fed the files as they are could learn that instead of the tumour.",
+            f"{_auc_text(meta)}, {verdict(meta)}. The classes were collected and saved differently, so any trace of that in "
+            "the pixels is a route to the label that bypasses anatomy; hence the second audit, on the model inputs.",
             f"- **What the models see** (the {a['image_size']} px square after ingest's normalization"
             f"{', cropped to the head' if a['crop_to_content'] else ''}: padding, content extent, border level and spread): "
             f"AUC {_auc_text(framing)}, {verdict(framing)}. "
             + (
                 "The framing of the model inputs still predicts the class: a model can score without looking at the tumour."
                 if framing["shortcut"]
-                else "Little of the file-level difference reaches the model inputs; what is left is within the rule's margin."
-            ),
+                else "The framing no longer gives the class away"
+                + (
+                    f", though the interval still reaches {framing['auc']['ci_high']:.3f}: a weak framing signal is not ruled out."
+                    if framing["auc"]["ci_high"] > a["shortcut_auc"]
+                    else "."
+                )
+            )
+            + " Resolution and compression traces inside the image are not audited.",
             "",
         ]
     md += ["### Images flagged for review", ""]
