@@ -170,10 +170,9 @@ def ingest(p: Params) -> dict:
                 quarantined.append({"source_path": f.source_path, "reason": str(exc)})
                 continue
             iid = image_id(f.source_path)
-            image = dec.image
-            save_png(image, out / f"{iid}.png")
-            prints.append(fingerprint(image, dec.sha256, p.dedupe.hash_size))
-            looks.append(features(image))
+            save_png(dec.image, out / f"{iid}.png")
+            prints.append(fingerprint(dec.image, dec.sha256, p.dedupe.hash_size))
+            looks.append(features(dec.image))  # label-independent appearance, for the outlier screen
             rows.append(
                 {
                     "image_id": iid,
@@ -190,8 +189,8 @@ def ingest(p: Params) -> dict:
                     "file_bytes": dec.file_bytes,
                     "exif": dec.has_exif,
                     "exif_rotated": dec.exif_rotated,
-                    "norm_width": image.width,
-                    "norm_height": image.height,
+                    "norm_width": dec.image.width,
+                    "norm_height": dec.image.height,
                     "note": dec.note,
                 }
             )
