@@ -11,7 +11,7 @@ from pathlib import Path
 
 from brainmri.errors import BrainMRIError
 
-STAGES = ("ingest", "split", "augment", "report")
+STAGES = ("ingest", "audit", "split", "augment", "report")
 MODEL_STAGES = ("train", "evaluate", "export", "benchmark")
 BACKBONE_STAGES = ("weights",)
 
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "ingest": "validate, normalize and de-duplicate the source images (ingest.* params)",
+        "audit": "shortcut audit: can file metadata, or the framing of the model inputs, predict the class? (audit.* params)",
         "split": "split into train/val/test, stratified, keeping duplicate groups together (split.* params)",
         "augment": "write augmented copies of the training images (augment.* params)",
         "weights": "materialise one backbone's pretrained weights under data/weights (imagenet, a local file, or none)",

@@ -19,6 +19,7 @@ PARAMS_FILE = "params.yaml"
 
 SMALL_CNN = "SmallCNN"  # the built-in from-scratch reference backbone (no keras.applications class, no weights)
 
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -45,6 +46,7 @@ class Files(Section):
     export_metrics: str
     card: str
     benchmark: str
+    audit: str
 
 
 class Paths(Section):
@@ -67,7 +69,13 @@ class Paths(Section):
     report: str
     export: str
     benchmark: str
+    audit: str
     files: Files
+
+
+class Exclusion(Section):
+    path: str  # relative to the folder holding the class folders, e.g. 'yes/Y248.JPG'
+    reason: str
 
 
 class Ingest(Section):
@@ -80,9 +88,19 @@ class Ingest(Section):
     min_images_per_class: int
     archive_max_members: int
     archive_max_bytes: int
+    crop_to_content: bool
+    outlier_z: float
+    exclude: list[Exclusion]
 
     @model_validator(mode="after")
     def _check(self):
+        if self.outlier_z <= 0:
+            raise ValueError(f"ingest.outlier_z must be above 0, got {self.outlier_z}")
+        paths = [e.path for e in self.exclude]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"ingest.exclude lists a path twice: {sorted(x for x in set(paths) if paths.count(x) > 1)}")
+        if any(not e.reason.strip() for e in self.exclude):
+            raise ValueError("ingest.exclude: every excluded file needs a reason")
         if len(self.classes) != 2 or len(set(self.classes)) != 2:
             raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
         if self.positive_class not in self.classes:
@@ -263,6 +281,20 @@ class Orchestration(Section):
         return self
 
 
+class Audit(Section):
+    folds: int
+    bootstrap: int
+    image_size: int
+    shortcut_auc: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.require_min("audit", folds=2, bootstrap=100, image_size=32)
+        if not 0.5 <= self.shortcut_auc < 1.0:
+            raise ValueError(f"audit.shortcut_auc must be in [0.5, 1), got {self.shortcut_auc}")
+        return self
+
+
 class ModelSpec(Section):
     backbone: str
     augment: bool
@@ -294,6 +326,7 @@ class Params(Section):
     models: dict[str, ModelSpec]
     export: Export
     benchmark: Benchmark
+    audit: Audit
     orchestration: Orchestration
     promotion: Promotion
     synthetic: Synthetic

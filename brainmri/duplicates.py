@@ -8,14 +8,10 @@ from dataclasses import dataclass
 import imagehash
 import numpy as np
 from PIL import Image
-from scipy import ndimage
+
+from brainmri.images import content_crop
 
 THUMB = 32  # side of the grayscale thumbnail used to confirm a near-duplicate by correlation
-BACKGROUND = 24  # 8-bit level below which a pixel counts as background when cropping to the content
-BORDER_MARGIN = 10  # ...or this far above the image border's median level: some scans sit on gray (25), not black, film
-CLOSING = 2  # binary-closing iterations that bridge dark gaps splitting one head into pieces (without it, real pairs were lost)
-THIN = 3  # binary-opening iterations: a region with nothing left after it (text strokes, edge stripes under ~7 px) is a mark
-MIN_PART = 0.05  # a thick region at least this share of the largest is head too (a head split by a dark gap); smaller blobs are not
 
 
 @dataclass(frozen=True)
@@ -23,31 +19,6 @@ class Fingerprint:
     sha256: str  # of the original file bytes: equal means exact duplicate
     phash: np.ndarray  # flattened boolean perceptual hash of the content crop
     thumb: np.ndarray  # zero-mean, unit-norm THUMB x THUMB vector of the content crop
-
-
-def content_crop(gray: Image.Image) -> Image.Image:
-    """Crop to the head, so padding, re-crops and marks in the margin do not change the fingerprint.
-
-    The head is the largest connected bright region (scipy.ndimage.label) that is not a thin mark, with any
-    other thick region at least MIN_PART of its size. A box around every bright pixel would also take in
-    burned-in margin text (window/level numbers, a panel letter) or a white stripe at the edge, and then two
-    crops of one scan no longer line up: two such real pairs straddled train and test.
-    """
-    a = np.asarray(gray)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    mask = ndimage.binary_closing(a > max(BACKGROUND, float(np.median(border)) + BORDER_MARGIN), iterations=CLOSING)
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return gray
-    sizes = np.bincount(labels.ravel())
-    thick = np.bincount(labels[ndimage.binary_opening(mask, iterations=THIN)], minlength=n + 1) > 0
-    thick[0] = False  # the background
-    if not thick.any():  # nothing but thin marks (a line drawing): fall back on every region
-        thick = sizes > 0
-        thick[0] = False
-    keep = thick & (sizes >= MIN_PART * sizes[thick].max())
-    ys, xs = np.nonzero(keep[labels])
-    return gray.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
 
 
 def fingerprint(img: Image.Image, sha256: str, hash_size: int) -> Fingerprint:

@@ -35,11 +35,16 @@ INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 CHUNK = 1 << 20
 KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 KINDS[stat.S_IFDIR] = "a folder"
+BACKGROUND = 24  # 8-bit level below which a pixel counts as background when cropping to the content
+BORDER_MARGIN = 10  # ...or this far above the image border's median level: some scans sit on gray (25), not black, film
+CLOSING = 2  # binary-closing iterations that bridge dark gaps splitting one head into pieces (without it, real pairs were lost)
+THIN = 3  # binary-opening iterations: a region with nothing left after it (text strokes, edge stripes under ~7 px) is a mark
+MIN_PART = 0.05  # a thick region at least this share of the largest is head too (a head split by a dark gap); smaller blobs are not
 
 
 @dataclass(frozen=True)
 class Decoded:
-    image: Image.Image  # normalized: mode RGB, EXIF orientation applied, longest side <= max_side
+    image: Image.Image  # normalized: mode RGB, EXIF orientation applied, cropped to the head if asked, longest side <= max_side
     sha256: str  # of the original file's bytes
     format: str  # detected from the content, not the file name
     mode: str  # original PIL mode
@@ -47,6 +52,8 @@ class Decoded:
     height: int
     exif_rotated: bool
     note: str = ""  # how unusual pixel data was mapped to 8 bits (32-bit integer range), else empty
+    file_bytes: int = 0  # size of the original file
+    has_exif: bool = False  # the file carries EXIF tags (recorded for the shortcut audit: the real set's classes differ in it)
 
 
 def _reason(exc: BaseException) -> str:
@@ -113,8 +120,39 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def decode_bytes(data: bytes, *, max_pixels: int, max_side: int) -> Decoded:
-    """Decode image bytes; raise ImageError (DecodeError when the library failed) with a one-line reason."""
+def content_crop(img: Image.Image) -> Image.Image:
+    """Crop to the head, so padding, re-crops and marks in the margin change neither fingerprints nor model inputs.
+
+    The head is the largest connected bright region (scipy.ndimage.label) that is not a thin mark, with any
+    other thick region at least MIN_PART of its size. A box around every bright pixel would also take in
+    burned-in margin text (window/level numbers, a panel letter) or a white stripe at the edge, and then two
+    crops of one scan no longer line up: two such real pairs straddled train and test.
+    """
+    from scipy import ndimage
+
+    a = np.asarray(img.convert("L"))
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    mask = ndimage.binary_closing(a > max(BACKGROUND, float(np.median(border)) + BORDER_MARGIN), iterations=CLOSING)
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return img
+    sizes = np.bincount(labels.ravel())
+    thick = np.bincount(labels[ndimage.binary_opening(mask, iterations=THIN)], minlength=n + 1) > 0
+    thick[0] = False  # the background
+    if not thick.any():  # nothing but thin marks (a line drawing): fall back on every region
+        thick = sizes > 0
+        thick[0] = False
+    keep = thick & (sizes >= MIN_PART * sizes[thick].max())
+    ys, xs = np.nonzero(keep[labels])
+    return img.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+
+
+def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content: bool = False) -> Decoded:
+    """Decode image bytes; raise ImageError (DecodeError when the library failed) with a one-line reason.
+
+    `crop_to_content` (ingest.crop_to_content, carried into exported models' metadata) cuts the dark border away
+    before the downscaling: the real set's classes differ in their framing, a shortcut the audit stage measures.
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
@@ -122,18 +160,21 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int) -> Decoded:
     fmt, mode = img.format, img.mode
     width, height = img.size
     with _library(fmt):
-        orientation = img.getexif().get(0x0112, 1)
+        exif = img.getexif()
+        orientation = exif.get(0x0112, 1)
         upright = ImageOps.exif_transpose(img)
     rgb, note = to_rgb_noted(upright, fmt)
+    if crop_to_content:
+        rgb = content_crop(rgb)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-    return Decoded(rgb, digest, fmt, mode, width, height, orientation not in (0, 1), note)
+    return Decoded(rgb, digest, fmt, mode, width, height, orientation not in (0, 1), note, len(data), len(exif) > 0)
 
 
-def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int) -> Decoded:
-    return decode_bytes(read_capped(path, max_bytes), max_pixels=max_pixels, max_side=max_side)
+def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int, crop_to_content: bool = False) -> Decoded:
+    return decode_bytes(read_capped(path, max_bytes), max_pixels=max_pixels, max_side=max_side, crop_to_content=crop_to_content)
 
 
 def scale_integer(arr: np.ndarray) -> tuple[np.ndarray, str]:

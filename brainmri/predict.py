@@ -83,6 +83,7 @@ def load(model: str | Path) -> Model:
         "max_pixels": _number(model, meta, "max_pixels", int, 1, 1_000_000_000, 40_000_000),  # as ingest did
         "max_side": _number(model, meta, "max_side", int, 1, 65_535, 512),
         "max_bytes": _number(model, meta, "max_file_bytes", int, 1, 10**12, MAX_FILE_BYTES),
+        "crop_to_content": meta.get("crop_to_content", "False") == "True",  # as ingest normalized the training images
     }
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:

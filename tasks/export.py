@@ -191,6 +191,7 @@ def export(p: Params, name: str) -> dict:
         "input_size": size,
         "max_side": p.ingest.max_side,
         "max_pixels": p.ingest.max_pixels,
+        "crop_to_content": p.ingest.crop_to_content,  # predict crops as ingest did
         "threshold": trained["threshold"],
         "positive_class": p.ingest.positive_class,
         "negative_class": p.ingest.negative_class,

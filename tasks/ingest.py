@@ -20,6 +20,7 @@ from brainmri.duplicates import fingerprint, group_ids
 from brainmri.errors import DataError, ImageError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.images import decode_file, save_png
+from brainmri.outliers import features, score
 from brainmri.phantoms import MARKER
 from brainmri.progress import progress, summary
 
@@ -133,24 +134,45 @@ def open_source(source: Path, p: Params):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def drop_excluded(files: list[SourceFile], p: Params, source: Path) -> tuple[list[SourceFile], list[dict]]:
+    """Remove the files ingest.exclude names, each recorded with its reason; a name that matches no file is an error."""
+    reasons = {e.path: e.reason for e in p.ingest.exclude}
+    unknown = sorted(set(reasons) - {f.source_path for f in files})
+    if unknown:
+        raise DataError(
+            f"ingest.exclude names {unknown}, not found among the usable files of {source}; "
+            "paths are relative to the folder holding the class folders, e.g. 'yes/Y1.jpg'"
+        )
+    excluded = [{"source_path": f.source_path, "reason": reasons[f.source_path]} for f in files if f.source_path in reasons]
+    return [f for f in files if f.source_path not in reasons], excluded
+
+
 def ingest(p: Params) -> dict:
     """Run the stage: write normalized images, the manifest and the report; return the report."""
     start = time.monotonic()
     source = p.resolve(p.ingest.source)
-    rows, prints = [], []
+    rows, prints, looks = [], [], []
     with open_source(source, p) as folder, atomic_dir(p.path("ingest_images")) as out:
         files, skipped, quarantined = scan(folder, p.ingest.classes)
         synthetic = (folder / MARKER).is_file()
         n_files = len(files) + len(quarantined)
+        files, excluded = drop_excluded(files, p, source)
         for f in progress(files, "ingest"):
             try:
-                dec = decode_file(f.path, max_pixels=p.ingest.max_pixels, max_side=p.ingest.max_side, max_bytes=p.ingest.max_file_bytes)
+                dec = decode_file(
+                    f.path,
+                    max_pixels=p.ingest.max_pixels,
+                    max_side=p.ingest.max_side,
+                    max_bytes=p.ingest.max_file_bytes,
+                    crop_to_content=p.ingest.crop_to_content,
+                )
             except ImageError as exc:
                 quarantined.append({"source_path": f.source_path, "reason": str(exc)})
                 continue
             iid = image_id(f.source_path)
             save_png(dec.image, out / f"{iid}.png")
             prints.append(fingerprint(dec.image, dec.sha256, p.dedupe.hash_size))
+            looks.append(features(dec.image))  # label-independent appearance, for the outlier screen
             rows.append(
                 {
                     "image_id": iid,
@@ -160,9 +182,12 @@ def ingest(p: Params) -> dict:
                     "sha256": dec.sha256,
                     "format": dec.format,
                     "extension_ok": Path(f.source_path).suffix.lower() in EXTENSIONS.get(dec.format, ()),
+                    "extension": Path(f.source_path).suffix,  # as written: the real set's classes differ in '.JPG' against '.jpg'
                     "mode": dec.mode,
                     "width": dec.width,
                     "height": dec.height,
+                    "file_bytes": dec.file_bytes,
+                    "exif": dec.has_exif,
                     "exif_rotated": dec.exif_rotated,
                     "norm_width": dec.image.width,
                     "norm_height": dec.image.height,
@@ -177,24 +202,26 @@ def ingest(p: Params) -> dict:
                 f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}); see the quarantine reasons"
             )
     manifest = pd.DataFrame(rows)
+    manifest = manifest.join(score(pd.DataFrame(looks), p.ingest.outlier_z))
     manifest["group"] = group_ids(manifest["sha256"].tolist(), prints, p.dedupe.max_distance, p.dedupe.min_correlation)
     labels_per_group = manifest.groupby("group")["label"].nunique()
     manifest["conflict"] = manifest["group"].map(labels_per_group > 1)
     manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)
-    report = _report(p, n_files, skipped, quarantined, manifest, time.monotonic() - start, synthetic)
+    report = _report(p, n_files, skipped, quarantined, excluded, manifest, time.monotonic() - start, synthetic)
     write_csv(p.path("ingest_manifest"), manifest)
     write_json(p.path("ingest_report"), report)
     d = report["duplicates"]
     summary(
         "ingest",
         f"{report['n_files']} files -> {report['n_ingested']} ingested, {len(quarantined)} quarantined, "
-        f"{len(skipped)} skipped; {d['n_images_in_duplicate_groups']} images in {d['n_duplicate_groups']} duplicate groups, "
+        f"{len(excluded)} excluded, {len(skipped)} skipped, {len(report['outliers'])} flagged for review; "
+        f"{d['n_images_in_duplicate_groups']} images in {d['n_duplicate_groups']} duplicate groups, "
         f"{len(d['conflicts'])} label conflicts",
     )
     return report
 
 
-def _report(p, n_files, skipped, quarantined, manifest, elapsed, synthetic: bool) -> dict:
+def _report(p, n_files, skipped, quarantined, excluded, manifest, elapsed, synthetic: bool) -> dict:
     sizes = manifest.groupby("group").size()
     dup_groups = sizes[sizes > 1]
     conflicts = [
@@ -208,6 +235,13 @@ def _report(p, n_files, skipped, quarantined, manifest, elapsed, synthetic: bool
         "n_ingested": len(manifest),
         "n_quarantined": len(quarantined),
         "quarantined": sorted(quarantined, key=lambda q: q["source_path"]),
+        "n_excluded": len(excluded),
+        "excluded": sorted(excluded, key=lambda q: q["source_path"]),
+        "outlier_z": p.ingest.outlier_z,
+        "outliers": [
+            {"source_path": r.source_path, "label": r.label, "image": r.image, "score": r.outlier_score, "feature": r.outlier_feature}
+            for r in manifest[manifest["outlier"]].sort_values("outlier_score", ascending=False).itertuples()
+        ],
         "n_skipped": len(skipped),
         "skipped": sorted(skipped, key=lambda q: q["source_path"]),
         "per_class": {c: int((manifest["label"] == c).sum()) for c in p.ingest.classes},

@@ -204,6 +204,73 @@ def lineage_table(p: Params) -> pd.DataFrame | str:
     return pd.DataFrame(rows)
 
 
+# ---- data audit (issue 14, items 2 and 4): the shortcut audit's two AUCs, the images flagged for review, the exclusions
+
+
+def _auc_text(r: dict) -> str:
+    a = r["auc"]
+    return f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+
+
+def data_audit_section(p: Params, ingest: dict, out: Path) -> list:
+    """Markdown lines of the data-audit section; draws the review grid of flagged images into `out`."""
+    md = ["## Data audit", "", "### Shortcuts: can the class be predicted without anatomy?", ""]
+    path = p.path("audit") / p.paths.files.audit
+    if not path.is_file():
+        md += [f"The shortcut audit has not run ({path} is missing): `brainmri audit`.", ""]
+    else:
+        a = json.loads(path.read_text())
+        meta, framing = a["metadata"], a["framing"]
+        verdict = lambda r: "**a shortcut**" if r["shortcut"] else "no shortcut by this rule"  # noqa: E731
+        md += [
+            f"A random forest that sees no anatomy, scored by {a['folds']}-fold grouped, stratified cross-validation on "
+            f"{a['n_images']} images; AUC {a['auc_kind']}. A shortcut remains when the whole interval lies above "
+            f"{a['shortcut_auc']}.",
+            "",
+            f"- **File metadata** (original width, height, aspect, file size, format, mode, extension case, EXIF): AUC "
+            f"{_auc_text(meta)}, {verdict(meta)}. The classes were collected and saved differently, so any trace of that in "
+            "the pixels is a route to the label that bypasses anatomy; hence the second audit, on the model inputs.",
+            f"- **What the models see** (the {a['image_size']} px square after ingest's normalization"
+            f"{', cropped to the head' if a['crop_to_content'] else ''}: padding, content extent, border level and spread): "
+            f"AUC {_auc_text(framing)}, {verdict(framing)}. "
+            + (
+                "The framing of the model inputs still predicts the class: a model can score without looking at the tumour."
+                if framing["shortcut"]
+                else "The framing no longer gives the class away"
+                + (
+                    f", though the interval still reaches {framing['auc']['ci_high']:.3f}: a weak framing signal is not ruled out."
+                    if framing["auc"]["ci_high"] > a["shortcut_auc"]
+                    else "."
+                )
+            )
+            + " Resolution and compression traces inside the image are not audited.",
+            "",
+        ]
+    md += ["### Images flagged for review", ""]
+    flagged = ingest.get("outliers", [])
+    md.append(
+        f"Ingest scores each image against the rest of the set on label-independent shape, intensity and texture statistics; "
+        f"{len(flagged)} scored above the robust z-score {ingest.get('outlier_z')} (ingest.outlier_z). They were kept: a person "
+        "decides, and confirmed bad files go into ingest.exclude with a reason."
+    )
+    md.append("")
+    if flagged:
+        from PIL import Image
+
+        grid = []
+        for o in flagged:
+            with Image.open(p.path("ingest_images") / o["image"]) as img:
+                grid.append((np.asarray(img.convert("RGB")), f"{o['source_path']}\nscore {o['score']:.1f} ({o['feature']})", False))
+        save(samples_figure(grid), out / "review.png")
+        md += ["![Images flagged for review, with their outlier score and most extreme feature](review.png)", ""]
+    excluded = ingest.get("excluded", [])
+    md += [f"- Excluded by ingest.exclude: {e['source_path']}: {e['reason']}" for e in excluded] or [
+        "- No file excluded (ingest.exclude is empty)."
+    ]
+    md.append("")
+    return md
+
+
 def report(p: Params) -> dict:
     """Run the stage: write report.md, report.html and the plots; return the headline table as records."""
     table, trained, evaluated = results_table(p)
@@ -234,6 +301,7 @@ def report(p: Params) -> dict:
         weights_notes = sorted({f"- **{t['backbone']}**: {t['weights']['description']}" for t in trained.values()})
         d = ingest["duplicates"]
         counts = split["counts"]
+        audit_md = data_audit_section(p, ingest, out)
         md = [
             "# Brain MRI tumour classification: results",
             "",
@@ -285,6 +353,7 @@ def report(p: Params) -> dict:
             f"- Split ledger: {split['ledger']['images_kept']} images kept the split they had, {split['ledger']['images_new']} "
             f"were placed anew, {split['ledger']['images_moved']} moved because a new image joined groups from different splits.",
             "",
+            *audit_md,
             "## Sample test images",
             "",
             f"The test images {best} (the model best on validation) got most confidently right ({n_right} shown, green) and "

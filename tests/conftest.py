@@ -50,6 +50,7 @@ def small_run(tmp_path_factory):
     from factory import materialise_weights, tiny_training
 
     from brainmri.phantoms import generate
+    from tasks.audit import audit
     from tasks.augment import augment
     from tasks.benchmark import benchmark
     from tasks.evaluate import evaluate
@@ -64,6 +65,7 @@ def small_run(tmp_path_factory):
     p = load_params(root / "params.yaml")
     generate(p.resolve("data/raw/synthetic"), {"yes": True, "no": False}, 16, 1, 64, 96, 0.1)
     ingest(p)
+    audit(p)
     split(p)
     augment(p)
     materialise_weights(p)

@@ -34,7 +34,7 @@ MODELS = {
 }
 PER_MODEL = ("train", "evaluate", "export", "benchmark")
 WEIGHTS = [f"weights@{b}" for b in ("resnet50v2", "vgg19", "vgg16", "smallcnn")]  # every backbone in params
-CHAIN = ["ingest", "split", "augment", *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
+CHAIN = ["ingest", "audit", "split", "augment", *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
 VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["report"])
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 TIMES = {}

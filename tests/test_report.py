@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,8 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     for png in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (folder / png).stat().st_size > 2000
     html = (folder / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and 'src="http' not in html and html.count("<table") == 3
+    flagged = json.loads(p.path("ingest_report").read_text())["outliers"]  # the review grid is drawn when any image is flagged
+    assert html.count("data:image/png;base64,") == 5 + bool(flagged) and 'src="http' not in html and html.count("<table") == 3
     assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in html  # phantoms say so, from the dataset's own marker
     assert "![Test images with their predictions](samples.png)" in md and "(the model best on validation)" in md
     assert "Lineage not recorded: no dvc.lock" in md  # run outside DVC here; tests/test_pipeline.py has the recorded case
@@ -31,6 +33,9 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     assert list(verdicts) == list(p.models) and verdicts[best] == "reference"
     assert set(verdicts.values()) <= {"reference", "better", "worse", "no clear difference"} and "### Which differences are real" in md
     assert "were placed anew, 0 moved because" in md  # the split ledger's first run
+    audit = json.loads((p.path("audit") / p.paths.files.audit).read_text())
+    assert f"AUC {audit['metadata']['auc']['value']:.3f} [" in md and f"AUC {audit['framing']['auc']['value']:.3f} [" in md
+    assert "### Images flagged for review" in md and f"{len(flagged)} scored above the robust z-score" in md
 
 
 def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
@@ -56,9 +61,10 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
     assert seen["tables"] == [len(p.models) + 1, len(p.models) + 1, 2 * len(p.models) + 1]  # results; paired AUC; latency (2 batches)
-    assert len(seen["images"]) == 5 and all(done and width > 300 for done, width, _ in seen["images"])
+    flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
+    assert len(seen["images"]) == 5 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}
-    assert {"Results", "Sample test images", "Lineage", "Dataset", "Plots"} <= set(seen["headings"])
+    assert {"Results", "Data audit", "Sample test images", "Lineage", "Dataset", "Plots"} <= set(seen["headings"])
     assert seen["strong"] == "SYNTHETIC DATA."
     shot = np.asarray(Image.open(tmp_path / "report.png").convert("L"))
     assert shot.shape[0] > 2500 and shot.std() > 20  # a long page with content, not a blank one
