@@ -54,6 +54,7 @@ class Decoded:
     note: str = ""  # how unusual pixel data was mapped to 8 bits (32-bit integer range), else empty
     file_bytes: int = 0  # size of the original file
     has_exif: bool = False  # the file carries EXIF tags (recorded for the shortcut audit: the real set's classes differ in it)
+    uncropped: Image.Image | None = None  # `image` before the crop to the head (duplicate fingerprints use this view)
 
 
 def _reason(exc: BaseException) -> str:
@@ -151,7 +152,7 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     """Decode image bytes; raise ImageError (DecodeError when the library failed) with a one-line reason.
 
     `crop_to_content` (ingest.crop_to_content, carried into exported models' metadata) cuts the dark border away
-    before the downscaling: the real set's classes differ in their framing, a shortcut the audit stage measures.
+    after the downscaling: the real set's classes differ in their framing, a shortcut the audit stage measures.
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -164,13 +165,14 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
         orientation = exif.get(0x0112, 1)
         upright = ImageOps.exif_transpose(img)
     rgb, note = to_rgb_noted(upright, fmt)
-    if crop_to_content:
-        rgb = content_crop(rgb)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-    return Decoded(rgb, digest, fmt, mode, width, height, orientation not in (0, 1), note, len(data), len(exif) > 0)
+    full = rgb
+    if crop_to_content:  # after the downscale; the fingerprint finds the head in the uncropped view itself
+        rgb = content_crop(rgb)
+    return Decoded(rgb, digest, fmt, mode, width, height, orientation not in (0, 1), note, len(data), len(exif) > 0, full)
 
 
 def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int, crop_to_content: bool = False) -> Decoded:

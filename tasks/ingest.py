@@ -171,8 +171,8 @@ def ingest(p: Params) -> dict:
                 continue
             iid = image_id(f.source_path)
             save_png(dec.image, out / f"{iid}.png")
-            prints.append(fingerprint(dec.image, dec.sha256, p.dedupe.hash_size))
-            looks.append(features(dec.image))  # label-independent appearance, for the outlier screen
+            prints.append(fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size))
+            looks.append(features(dec.uncropped))  # label-independent appearance, for the outlier screen (it finds the head itself)
             rows.append(
                 {
                     "image_id": iid,

@@ -113,7 +113,7 @@ def test_outlier_screen_flags_a_planted_non_brain_image(tmp_path):
     report = ingest(p)
 
     assert [o["source_path"] for o in report["outliers"]][:1] == ["yes/scan.jpg"]
-    assert len(report["outliers"]) <= 3  # a screen a person can review, not half the set
+    assert len(report["outliers"]) <= 0.1 * report["n_ingested"]  # a screen a person can review, not half the set
     m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False).set_index("source_path")
     assert m.loc["yes/scan.jpg", "outlier"].astype(bool) and report["n_ingested"] == 2 * N + 1  # flagged, not dropped
 

@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from factory import make_project
-from PIL import Image
 
 from brainmri.config import load_params
 from brainmri.duplicates import fingerprint, group_ids
 from brainmri.errors import DataError
+from brainmri.images import decode_file
 from tasks.split import SPLITS, assign_groups, leaked_fraction, split
 
 
@@ -157,8 +157,12 @@ def test_real_set_grows_in_steps_of_ten_percent_and_no_earlier_image_moves(real_
     """Ingest once (the session's real ingest), then re-detect duplicates on growing subsets, as ingest would."""
     p0, _, _ = real_ingest
     full = pd.read_csv(p0.path("ingest_manifest"), keep_default_na=False)
-    imgs = p0.path("ingest_images")
-    prints = [fingerprint(Image.open(imgs / n), h, p0.dedupe.hash_size) for n, h in zip(full["image"], full["sha256"], strict=True)]
+    src, i = p0.resolve(p0.ingest.source), p0.ingest  # the view ingest fingerprints: decoded, not cropped to the head
+
+    def view(rel):
+        return decode_file(src / rel, max_pixels=i.max_pixels, max_side=i.max_side, max_bytes=i.max_file_bytes).image
+
+    prints = [fingerprint(view(s), h, p0.dedupe.hash_size) for s, h in zip(full["source_path"], full["sha256"], strict=True)]
     d = p0.dedupe
 
     def regroup(idx):
