@@ -113,7 +113,7 @@ def test_dvc_metrics_plots_and_exp_show_read_cleanly(ws):
     header = table.splitlines()[0]
     for m in MODELS:
         assert f"data/eval/{m}/scores.json:test_auc" in header
-    assert "data/models/vgg16-aug/dvclive/metrics.json:cv_auc_pooled_out_of_fold" in header
+    assert "cv_auc_pooled_out_of_fold" in header  # DVC drops the file from a column name only one file has
 
 
 def test_a_vgg16_learning_rate_change_reruns_exactly_its_chain_in_both(ws):
