@@ -86,7 +86,7 @@ def save_experiment(p: Params, name: str) -> dict:
     if res.returncode != 0:
         return {"saved": False, "note": f"dvc exp save failed: {(res.stderr or res.stdout).strip()[-300:]}"}
     out = {"saved": True, "experiment": name}
-    if _dvc(root, "remote", "default").stdout.strip():
+    if _dvc(root, "remote", "default").returncode == 0:  # it exits 1 ("No default remote set") without one
         push = _dvc(root, "push")
         out["dvc_push"] = "ok" if push.returncode == 0 else (push.stderr or push.stdout).strip()[-300:]
     remotes = _git(root, "remote").stdout.split()
