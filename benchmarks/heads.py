@@ -4,7 +4,8 @@ For each model, on the same split, seed and initial weights, both paths train th
 the old one is tasks/train.py exactly as it was at --old-commit (read with `git show`, not copied), the new one is
 tasks.train.head_and_cv. Printed per model: val and test AUC of the final head, CV AUC (mean of folds), the largest
 per-image change of test probability between the two, and the wall time of head training incl. CV (feature
-extraction excluded: both read the same cache; the new path's time includes tracing its tf.function once).
+extraction excluded: both read the same cache; the new path's time includes tracing and compiling its tf.function),
+wall and CPU seconds of this process (on a shared machine the CPU time is the steadier of the two).
 
 Needs ingest, split and augment done in the project of --params; features are computed once into its cache.
 The documented offline measurement (README) on a project with the real set:
@@ -69,7 +70,7 @@ def run(p, name: str, old) -> dict:
     for path in ("old", "new"):
         new.seed_everything(p.seed)  # the same global random state as the stage at this point: same initial weights
         net = build_network(p, spec.backbone, p.seed)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         if path == "old":  # the old stage's lines, calling the old module's fit and _cv
             f_fit, y_fit = np.concatenate([f_tr, f_aug]), np.concatenate([tr.y, aug.y])
             net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
@@ -78,9 +79,10 @@ def run(p, name: str, old) -> dict:
             cv = old._cv(p, name, tr, aug, va, f_tr, f_aug, f_val)
         else:
             history, best, cv = new.head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
-        seconds = time.monotonic() - start
+        seconds, cpu = time.monotonic() - start, time.process_time() - cpu
         out[path] = {
             "seconds": seconds,
+            "cpu_s": cpu,
             "best": best,
             "epochs": len(history),
             "val_auc": roc_auc_score(va.y, new.predict(net.head, f_val)),
@@ -90,7 +92,7 @@ def run(p, name: str, old) -> dict:
         }
     return {
         "model": name,
-        **{f"{k} {path}": out[path][k] for k in ("test_auc", "val_auc", "cv_auc", "seconds") for path in ("old", "new")},
+        **{f"{k} {path}": out[path][k] for k in ("test_auc", "val_auc", "cv_auc", "seconds", "cpu_s") for path in ("old", "new")},
         "max |dp| test": float(np.abs(out["old"]["p_test"] - out["new"]["p_test"]).max()),
         "epochs old/new": f"{out['old']['best']}/{out['old']['epochs']} {out['new']['best']}/{out['new']['epochs']}",
     }
