@@ -55,7 +55,7 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def run(p, name: str, old) -> dict:
+def run(p, name: str, old, reseed: bool) -> dict:
     spec = p.model(name)
     bb = p.backbones[spec.backbone]
     tr, aug, va = new.data_parts(p, spec.augment)
@@ -90,11 +90,28 @@ def run(p, name: str, old) -> dict:
             "cv_auc": cv["model"]["auc"]["mean"],
             "p_test": new.predict(net.head, f_te),
         }
+    noise = {}
+    if reseed:  # the old path's own draw noise: its final head again, same initial weights, shuffle/dropout seed + 1
+        import keras
+
+        new.seed_everything(p.seed)
+        net = build_network(p, spec.backbone, p.seed)
+        f_fit, y_fit = np.concatenate([f_tr, f_aug]), np.concatenate([tr.y, aug.y])
+        net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
+        keras.utils.set_random_seed(p.seed + 1)
+        fit_args = {"batch": p.train.batch_size, "cw": old.class_weights(y_fit, p.train.class_weight), "patience": bb.patience}
+        old.fit(net.head, f_fit, y_fit, (f_val, va.y), bb.learning_rate, bb.epochs, label=f"train {name}", **fit_args)
+        p_alt = new.predict(net.head, f_te)
+        noise = {
+            "old reseeded: test_auc": roc_auc_score(te.y, p_alt),
+            "old reseeded: max |dp| test": float(np.abs(out["old"]["p_test"] - p_alt).max()),
+        }
     return {
         "model": name,
         **{f"{k} {path}": out[path][k] for k in ("test_auc", "val_auc", "cv_auc", "seconds", "cpu_s") for path in ("old", "new")},
         "max |dp| test": float(np.abs(out["old"]["p_test"] - out["new"]["p_test"]).max()),
         "epochs old/new": f"{out['old']['best']}/{out['old']['epochs']} {out['new']['best']}/{out['new']['epochs']}",
+        **noise,
     }
 
 
@@ -104,12 +121,17 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["vgg16-noaug", "vgg16-aug"], help="models.* entries with a frozen base")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     ap.add_argument("--old-commit", default="189fc24", help="the commit whose tasks/train.py is the old path (Keras model.fit)")
+    ap.add_argument(
+        "--reseed",
+        action="store_true",
+        help="also train the old path's final head with shuffle/dropout seed + 1 (same start): its own max |dp| on test, for scale",
+    )
     args = ap.parse_args()
     p = load_params(args.params, overrides(args.set))
     old = old_module(args.old_commit)
     rows = []
     for name in args.models:
-        rows.append(run(p, name, old))
+        rows.append(run(p, name, old, args.reseed))
         print(pd.DataFrame(rows[-1:]).round(4).to_string(index=False), flush=True)
     import tensorflow as tf
 
