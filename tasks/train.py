@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 from brainmri import features
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
+from brainmri.headfit import HeadJob, HeadResult, fit_heads
 from brainmri.metrics import point, youden_threshold
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
@@ -41,7 +43,9 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw, label: str) -> tuple[pd.DataFrame, int]:
-    """Fit for `epochs` epochs and keep the last; with `patience`, stop early on validation loss and keep its best epoch."""
+    """Keras fit for `epochs` epochs and keep the last; with `patience`, stop early on validation loss and keep its best epoch.
+
+    For networks trained on images (the reference CNN, fine-tuning); heads on cached features train in brainmri.headfit."""
     import keras
 
     class EpochLog(keras.callbacks.Callback):
@@ -75,56 +79,59 @@ def predict(model, x, batch: int = 64) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def cross_validate(
-    p: Params,
-    name: str,
-    feats: np.ndarray,
-    y: np.ndarray,
-    groups: np.ndarray,
-    aug_feats: dict[int, np.ndarray],
-    fold_seed: int | None = None,
-) -> dict:
-    """Grouped, stratified k-fold on cached features; a logistic-regression baseline on the same folds.
+@dataclass
+class Fold:
+    k: int
+    test: np.ndarray  # indices into the images it predicts out of fold
+    train: np.ndarray  # indices into the images the baseline fits on (the head's training part and inner validation)
+    job: HeadJob  # the fold's head and its data
+
+
+def cv_folds(p: Params, name: str, feats, y, groups, aug_feats: dict[int, np.ndarray], fold_seed: int | None = None) -> list[Fold]:
+    """Grouped, stratified k-fold on cached features, each fold's head built and its data laid out, not yet trained.
 
     In each fold the head is fitted as in the pipeline: on the fold's training part (plus its augmented copies)
     less an inner grouped validation split holding a fifth of that part, which early stopping (when `patience`
-    is set) reads and the fit never sees, as val in the pipeline. The result's
-    "predictions" hold each image's out-of-fold probability from the head and from the baseline.
+    is set) reads and the fit never sees, as val in the pipeline.
     """
     import keras
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from brainmri.models import build_head
 
     bb = p.backbones[p.models[name].backbone]
     seed = p.seed if fold_seed is None else fold_seed
-    folds = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=seed)
-    rows, oof = [], {"model": np.full(len(y), np.nan), "baseline": np.full(len(y), np.nan)}
-    for k, (tr, te) in enumerate(folds.split(feats, y, groups)):
+    splitter = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=seed)
+    folds = []
+    for k, (tr, te) in enumerate(splitter.split(feats, y, groups)):
         inner = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed + k)
         fit_i, val_i = next(inner.split(feats[tr], y[tr], groups[tr]))
         fit_idx, val_idx = tr[fit_i], tr[val_i]
         with_aug = [i for i in fit_idx if i in aug_feats]  # augmented copies of the images it fits on, only
         x_fit = np.concatenate([feats[fit_idx], *(aug_feats[i] for i in with_aug)])
         y_fit = np.concatenate([y[fit_idx], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
-        keras.utils.set_random_seed(seed + k)
+        keras.utils.set_random_seed(seed + k)  # the fold's initial weights, as before the compiled loop
         head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit)
-        _, best = fit(
-            head,
-            x_fit,
-            y_fit,
-            (feats[val_idx], y[val_idx]),
-            bb.learning_rate,
-            bb.epochs,
-            bb.patience,
-            p.train.batch_size,
-            class_weights(y_fit, p.train.class_weight),
-            f"cv {name} fold {k + 1}",
-        )
-        oof["model"][te] = predict(head, feats[te])
+        stream = int(np.random.SeedSequence([seed, k + 1]).generate_state(1)[0])  # its own shuffle/dropout stream
+        job = HeadJob(head, x_fit, y_fit, feats[val_idx], y[val_idx], class_weights(y_fit, p.train.class_weight), stream)
+        folds.append(Fold(k, te, tr, job))
+    return folds
+
+
+def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[HeadResult]) -> dict:
+    """Each fold's trained head and a logistic-regression baseline on the same folds, summarised.
+
+    The result's "predictions" hold each image's out-of-fold probability from the head and from the baseline.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    bb = p.backbones[p.models[name].backbone]
+    rows, oof = [], {"model": np.full(len(y), np.nan), "baseline": np.full(len(y), np.nan)}
+    for fold, res in zip(folds, results, strict=True):
+        k, tr, te = fold.k, fold.train, fold.test
+        oof["model"][te] = predict(fold.job.head, feats[te])
         m = point(y[te], oof["model"][te], 0.5)
         balanced = None if p.train.class_weight == "none" else "balanced"
         lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight=balanced)).fit(feats[tr], y[tr])
@@ -134,7 +141,7 @@ def cross_validate(
             {
                 "fold": k,
                 "n_test": int(len(te)),
-                "selected_epoch": best,
+                "selected_epoch": res.best,
                 **{f"model_{m_}": m[m_] for m_ in ("auc", "accuracy", "bce")},
                 **{f"baseline_{m_}": b[m_] for m_ in ("auc", "accuracy", "bce")},
             }
@@ -166,9 +173,32 @@ def cross_validate(
     }
 
 
+def train_heads(p: Params, name: str, jobs: list[HeadJob]) -> list[HeadResult]:
+    """Train heads of model `name` (its backbone's lr, epochs, patience) in one compiled run; log each one's end."""
+    bb = p.backbones[p.models[name].backbone]
+    results = fit_heads(jobs, bb.learning_rate, bb.epochs, bb.patience, p.train.batch_size)
+    for r in results:
+        last = r.history.iloc[-1]
+        log.debug(
+            "head of %s: %d epochs, loss %.4f, val_loss %.4f, selected epoch %d",
+            name,
+            len(r.history),
+            last["loss"],
+            last["val_loss"],
+            r.best,
+        )
+    return results
+
+
+def cross_validate(p: Params, name: str, feats, y, groups, aug_feats: dict[int, np.ndarray], fold_seed: int | None = None) -> dict:
+    """Grouped, stratified k-fold CV of model `name`'s head on cached features, every fold trained in one compiled run."""
+    folds = cv_folds(p, name, feats, y, groups, aug_feats, fold_seed)
+    return cv_report(p, name, feats, y, folds, train_heads(p, name, [f.job for f in folds]))
+
+
 def train(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write the model, its history and train.json; return train.json."""
-    from brainmri.models import build_head, build_network, save_model
+    from brainmri.models import build_network, save_model
 
     p.model(name)  # an unknown name stops here, before any work
     start = time.monotonic()
@@ -199,17 +229,13 @@ def train(p: Params, name: str) -> dict:
         f_tr = features.extract(p, spec.backbone, net.extractor, tr.paths, f"{spec.backbone} train")
         f_aug = features.extract(p, spec.backbone, net.extractor, aug.paths, f"{spec.backbone} augmented")
         f_val = features.extract(p, spec.backbone, net.extractor, va.paths, f"{spec.backbone} val")
-        f_fit = np.concatenate([f_tr, f_aug])
-        net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
-        history, best = fit(net.head, f_fit, y_fit, (f_val, va.y), bb.learning_rate, bb.epochs, label=f"train {name}", **fit_args)
+        history, best, cv = head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
         history["phase"] = "head"
         if bb.fine_tune_layers and bb.fine_tune_epochs:
             history = pd.concat([history, fine_tune(net, tr, aug, va, bb, y_fit, fit_args, name, len(history))])
             p_train, p_val = predict(net.full, load_batch(tr.paths, bb.input_size)), predict(net.full, load_batch(va.paths, bb.input_size))
         else:
             p_train, p_val = predict(net.head, f_tr), predict(net.head, f_val)
-            if p.train.cv_folds:
-                cv = _cv(p, name, tr, aug, va, f_tr, f_aug, f_val)
     threshold = youden_threshold(va.y, p_val) if p.train.threshold == "youden" else float(p.train.threshold)
     out = {
         "model": name,
@@ -282,18 +308,45 @@ def _summary(y, prob, threshold) -> dict:
     return {k: round(m[k], 4) for k in ("accuracy", "bce", "auc")}
 
 
-def _cv(p, name, tr, aug, va, f_tr, f_aug, f_val) -> dict:
-    feats = np.concatenate([f_tr, f_val])
-    frame = pd.concat([tr.frame, va.frame], ignore_index=True)
-    by_image = {img: i for i, img in enumerate(frame["image"])}
-    aug_feats: dict[int, list] = {}
-    if len(aug.paths):
-        for vec, src in zip(f_aug, aug.frame["source_image"], strict=True):
-            aug_feats.setdefault(by_image[src], []).append(vec)
-    aug_arrays = {i: np.stack(v) for i, v in aug_feats.items()}
-    cv = cross_validate(p, name, feats, np.concatenate([tr.y, va.y]), frame["group"].to_numpy(), aug_arrays)
+def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, f_aug, f_val) -> tuple[pd.DataFrame, int, dict | None]:
+    """The model's head on cached features, attached to `net`, and (unless fine-tuning follows, or `cv_folds` is 0)
+    the cross-validation of the same head over train+val: all of them trained together in one compiled run.
+    Returns the head's history, its selected epoch and the CV summary."""
+    from brainmri.models import build_head
+
+    bb = p.backbones[p.models[name].backbone]
+    f_fit, y_fit = np.concatenate([f_tr, f_aug]), np.concatenate([tr.y, aug.y])
+    net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
+    head = HeadJob(net.head, f_fit, y_fit, f_val, va.y, class_weights(y_fit, p.train.class_weight), p.seed)
+    folds = []
+    if p.train.cv_folds and not (bb.fine_tune_layers and bb.fine_tune_epochs):
+        feats = np.concatenate([f_tr, f_val])
+        frame = pd.concat([tr.frame, va.frame], ignore_index=True)
+        by_image = {img: i for i, img in enumerate(frame["image"])}
+        aug_feats: dict[int, list] = {}
+        if len(aug.paths):
+            for vec, src in zip(f_aug, aug.frame["source_image"], strict=True):
+                aug_feats.setdefault(by_image[src], []).append(vec)
+        aug_arrays = {i: np.stack(v) for i, v in aug_feats.items()}
+        y_all = np.concatenate([tr.y, va.y])
+        folds = cv_folds(p, name, feats, y_all, frame["group"].to_numpy(), aug_arrays)
+    results = train_heads(p, name, [head, *(f.job for f in folds)])
+    history, best = results[0].history, results[0].best
+    for row in history.itertuples():
+        log.info(
+            "train %s epoch %d/%d: loss %.4f, val_loss %.4f, val_accuracy %.3f",
+            name,
+            row.epoch,
+            bb.epochs,
+            row.loss,
+            row.val_loss,
+            row.val_accuracy,
+        )
+    if not folds:
+        return history, best, None
+    cv = cv_report(p, name, feats, y_all, folds, results[1:])
     cv.pop("predictions")  # per-image detail: the stage's metrics need the summary only
-    return cv
+    return history, best, cv
 
 
 def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str, offset: int) -> pd.DataFrame:

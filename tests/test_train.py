@@ -6,13 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from factory import REPO, make_project, tiny_training
+from sklearn.metrics import log_loss, roc_auc_score
 
 from brainmri import features
 from brainmri.config import load_params
 from brainmri.errors import ConfigError
+from brainmri.headfit import HeadJob, fit_heads
 from brainmri.models import build_head, build_network, load_model
 from brainmri.preprocess import load_batch
-from tasks.train import fit, train
+from tasks.split import split_part
+from tasks.train import class_weights, fit, train
 
 HED = REPO.parent / "shared" / "weights" / "vgg16_hed_notop.weights.h5"
 
@@ -62,36 +65,107 @@ def test_cache_is_reused_and_a_tampered_entry_is_recomputed(small_run):
     assert len(list(folder.glob("*.npy"))) == 6
 
 
-def test_early_stopping_keeps_the_best_validation_epoch(small_run):
+@pytest.fixture(scope="module")
+def vgg16_spec(tmp_path_factory):
+    """The repository's vgg16 backbone entry: a head's dense size, dropout and the rest."""
+    return load_params(make_project(tmp_path_factory.mktemp("spec")) / "params.yaml").backbones["vgg16"]
+
+
+def noise_heads(spec, n_heads=1, dropout=0.0, seed=0, dense=64):
+    """Heads over pure-noise features: with no signal, val loss soon rises while train loss keeps falling."""
     import keras
 
-    p, *_ = small_run
     rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 16)).astype("float32"), rng.integers(0, 2, 64)  # pure noise: val loss soon rises
+    x, y = rng.normal(size=(64, 16)).astype("float32"), rng.integers(0, 2, 64)
     xv, yv = rng.normal(size=(32, 16)).astype("float32"), rng.integers(0, 2, 32)
     keras.utils.set_random_seed(0)
-    head = build_head(16, p.backbones["vgg16"].model_copy(update={"dense": 64, "dropout": 0.0}), seed=0)
-    hist, best = fit(head, x, y, (xv, yv), lr=0.01, epochs=30, patience=5, batch=16, cw=None, label="t")
-    assert best == int(hist["val_loss"].idxmin()) + 1 and best < len(hist)
+    bb = spec.model_copy(update={"dense": dense, "dropout": dropout})
+    heads = [build_head(16, bb, seed=0, adapt_on=x) for _ in range(n_heads)]
+    for h in heads[1:]:
+        h.set_weights(heads[0].get_weights())  # the same start
+    return [HeadJob(h, x, y, xv, yv, None, seed + i) for i, h in enumerate(heads)]
+
+
+def val_bce(job) -> float:
+    prob = np.asarray(job.head(job.x_val)).reshape(-1)
+    return float(log_loss(job.y_val, prob, labels=[0, 1]))
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(vgg16_spec):
+    (job,) = noise_heads(vgg16_spec)
+    (res,) = fit_heads([job], lr=0.01, epochs=30, patience=5, batch=16)
+    hist, best = res.history, res.best
+    assert list(hist.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "selected"]
+    assert best == int(hist["val_loss"].idxmin()) + 1 and best < len(hist) < 30  # stopped early...
+    assert len(hist) == best + 5  # ...exactly `patience` epochs after the best, as keras EarlyStopping
+    assert hist["selected"].tolist() == [e == best for e in hist["epoch"]]
     assert hist["loss"].iloc[-1] < hist["loss"].iloc[best - 1]  # training kept improving: not selected on train loss
-    final = keras.losses.binary_crossentropy(yv.astype("float32"), np.asarray(head(xv)).reshape(-1)).numpy().mean()
-    assert final == pytest.approx(hist["val_loss"].min(), abs=1e-4)
+    assert val_bce(job) == pytest.approx(hist["val_loss"].min(), abs=1e-4)  # the head holds the best epoch's weights
 
 
-def test_patience_zero_trains_every_epoch_and_keeps_the_last(small_run):
+def test_patience_zero_trains_every_epoch_and_keeps_the_last(vgg16_spec):
+    (job,) = noise_heads(vgg16_spec)  # the same noise: with patience it stops early
+    (res,) = fit_heads([job], lr=0.01, epochs=30, patience=0, batch=16)
+    hist = res.history
+    assert len(hist) == 30 and res.best == 30 and hist["selected"].tolist() == [False] * 29 + [True]
+    assert hist["val_loss"].iloc[-1] > hist["val_loss"].min()  # the last epoch is kept although val loss was lower before
+    assert val_bce(job) == pytest.approx(hist["val_loss"].iloc[-1], abs=1e-4)
+
+
+def test_same_seed_same_weights_and_heads_train_alone_as_in_a_group(vgg16_spec):
+    """Seeded shuffle and dropout: a rerun is bit-identical; a head trained beside others equals it trained alone."""
+    runs = []
+    for group in (1, 1, 3):
+        jobs = noise_heads(vgg16_spec, n_heads=group, dropout=0.5, seed=7)
+        results = fit_heads(jobs, lr=0.01, epochs=12, patience=3, batch=16)
+        runs.append((jobs[0].head.get_weights(), results[0].history, [j.head.get_weights() for j in jobs]))
+    (w1, h1, _), (w2, h2, _), (w3, h3, group) = runs
+    assert all(np.array_equal(a, b) for a, b in zip(w1, w2, strict=True)) and h1.equals(h2)
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(w1, w3, strict=True))
+    assert np.allclose(h1.to_numpy(float), h3.to_numpy(float), atol=1e-5)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(group[0], group[1], strict=True))
+    assert moved > 1e-2  # seeds 7 and 8 in one group: different shuffles and dropout, different heads
+
+
+def test_compiled_loop_matches_keras_fit_on_tiny_data(vgg16_spec):
+    """The same head, start and hyperparameters as Keras model.fit: not identical draws, so close, not equal."""
     import keras
 
-    p, *_ = small_run
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 16)).astype("float32"), rng.integers(0, 2, 64)  # the same noise: with patience it stops early
-    xv, yv = rng.normal(size=(32, 16)).astype("float32"), rng.integers(0, 2, 32)
-    keras.utils.set_random_seed(0)
-    head = build_head(16, p.backbones["vgg16"].model_copy(update={"dense": 64, "dropout": 0.0}), seed=0)
-    hist, best = fit(head, x, y, (xv, yv), lr=0.01, epochs=30, patience=0, batch=16, cw=None, label="t")
-    assert len(hist) == 30 and best == 30 and hist["selected"].tolist() == [False] * 29 + [True]
-    assert hist["val_loss"].iloc[-1] > hist["val_loss"].min()  # the last epoch is kept although val loss was lower before
-    final = keras.losses.binary_crossentropy(yv.astype("float32"), np.asarray(head(xv)).reshape(-1)).numpy().mean()
-    assert final == pytest.approx(hist["val_loss"].iloc[-1], abs=1e-4)
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=32)
+    x = rng.normal(size=(500, 32)).astype("float32")
+    y = (x @ w + rng.normal(scale=3.0, size=500) > 0).astype(int)
+    fit_i, val_i, test_i = slice(0, 300), slice(300, 360), slice(360, 500)
+    keras.utils.set_random_seed(3)
+    bb = vgg16_spec.model_copy(update={"dense": 64, "dropout": 0.5})
+    a = build_head(32, bb, seed=3, adapt_on=x[fit_i])
+    b = build_head(32, bb, seed=3, adapt_on=x[fit_i])
+    b.set_weights(a.get_weights())
+    cw = class_weights(y[fit_i], "balanced")
+    hist_a, _ = fit(a, x[fit_i], y[fit_i], (x[val_i], y[val_i]), lr=1e-3, epochs=20, patience=0, batch=32, cw=cw, label="t")
+    (res,) = fit_heads([HeadJob(b, x[fit_i], y[fit_i], x[val_i], y[val_i], cw, 3)], lr=1e-3, epochs=20, patience=0, batch=32)
+    pa, pb = np.asarray(a(x[test_i])).reshape(-1), np.asarray(b(x[test_i])).reshape(-1)
+    # measured over 4 seeds: AUC within 0.01, max |dp| <= 0.10, median |dp| <= 0.02, val loss within 0.016 every epoch,
+    # train loss (a mean over dropout batches) within 0.03 on average; the bounds below leave about 2x room
+    assert abs(roc_auc_score(y[test_i], pa) - roc_auc_score(y[test_i], pb)) < 0.03
+    assert np.abs(pa - pb).max() < 0.2 and np.median(np.abs(pa - pb)) < 0.04
+    assert np.allclose(hist_a["val_loss"], res.history["val_loss"], atol=0.04)
+    assert np.abs(hist_a["loss"] - res.history["loss"]).mean() < 0.06
+    assert hist_a["val_loss"].iloc[0] - hist_a["val_loss"].iloc[-1] > 0.1  # and it did learn: the check can fail
+
+
+def test_saved_model_reproduces_the_loops_validation_loss(small_run):
+    """model.keras (base and head, on images) gives the val loss the compiled loop recorded for the selected epoch."""
+    p, trained, *_ = small_run
+    for name in ("vgg16-aug", "vgg16-noaug"):
+        hist = pd.read_csv(p.model_file("models", name, "history"))
+        chosen = hist[hist["selected"]]
+        assert len(chosen) == 1 and int(chosen["epoch"].iloc[0]) == trained[name]["selected_epoch"]
+        va = split_part(p, "val")
+        model = load_model(p.model_file("models", name, "model"))
+        prob = np.asarray(model(load_batch(va.paths, p.backbones["vgg16"].input_size), training=False)).reshape(-1)
+        assert float(log_loss(va.y, prob, labels=[0, 1])) == pytest.approx(float(chosen["val_loss"].iloc[0]), abs=1e-4)
+        assert float(np.mean((prob > 0.5) == va.y)) == pytest.approx(float(chosen["val_accuracy"].iloc[0]), abs=1e-6)
 
 
 def test_train_writes_model_history_and_metrics(small_run):
