@@ -227,7 +227,8 @@ def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_other
     assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
     assert "held back by them: benchmark@vgg16-aug, report" in msg and "next:" in msg
     held_back = ("benchmark@vgg16-aug", "report")
-    assert sorted(calls) == sorted([s for s in CHAIN if s not in held_back] + ["export@vgg16-aug"])  # ingest onwards
+    # ingest onwards; the weights stages feed on nothing that changed, so one `dvc status` finds them up to date
+    assert sorted(calls) == sorted([s for s in CHAIN if s not in held_back and s not in WEIGHTS] + ["export@vgg16-aug"])
     assert calls.count("export@vgg16-aug") == 2  # retried once (orchestration.retries), then failed
     assert onnx.read_bytes() == before  # nothing half-written, nothing recorded
     status = sh(ws, "dvc", "status")
