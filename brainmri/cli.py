@@ -266,12 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.verbose:  # Prefect's own console chatter off; its logs still reach the Prefect UI (the API handler)
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if not args.verbose:  # other libraries (Prefect's run loggers propagate here): warnings only
+    if not args.verbose:  # other libraries (Prefect's run loggers propagate here): our summary says what failed
         for handler in logging.getLogger().handlers:
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.CRITICAL)
     ours = logging.getLogger("brainmri")
     ours.setLevel(logging.WARNING if args.quiet else logging.INFO)
     for handler in [h for h in ours.handlers if getattr(h, "brainmri_cli", False)]:

@@ -252,7 +252,7 @@ def test_a_failed_run_ends_in_one_summary_without_traceback_and_keeps_what_was_p
     err = res.stdout + res.stderr
     assert res.returncode == 2, err
     assert "Traceback" not in err and "1 stage(s) failed" in err and "ingest failed (exit code 2)" in err
-    assert "held back by them: split" in err and "next:" in err
+    assert "held back by them: audit, split" in err and "next:" in err and "Finished in state" not in err
     assert (ws / "data/ingest/manifest.csv").read_bytes() == manifest  # DVC's removed outputs are put back
     assert clean(ws)
 
