@@ -348,7 +348,7 @@ def test_scheduled_runs_train_nothing_on_unchanged_inputs_and_promote_only_a_mod
     dep, run = serve_once(deployment)  # 1: unchanged inputs, nothing served yet
     assert [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules] == [("0 3 * * 1", "UTC")]
     assert dep.parameters == {"params_path": str((ws / "params.yaml").resolve()), "promote": True}
-    assert dep.concurrency_limit == 1
+    assert dep.global_concurrency_limit.limit == 1  # the server keeps a deployment's limit as a concurrency limit
     assert run.state.is_completed(), run.state
     assert (ws / "dvc.lock").read_bytes() == lock and (ws / "data/models/vgg16-aug/model.keras").stat().st_mtime_ns == model
     registry = json.loads((ws / "registry.json").read_text())
