@@ -61,31 +61,35 @@ def retry_on_io_error(task, task_run, state) -> bool:
     return False
 
 
-def stage_graph(root: Path) -> dict[str, set[str]]:
-    """Every stage with a command and the stages it depends on, from DVC's own graph of dvc.yaml."""
-    from dvc.repo import Repo
-
-    here = os.getcwd()
-    os.chdir(root)  # DVC resolves some paths against the working directory
-    try:
-        with Repo(".") as repo:
-            graph = repo.index.graph  # edges run from a stage to the stages it depends on
-            return {s.addressing: {u.addressing for u in graph.successors(s) if u.cmd} for s in graph.nodes if s.cmd}
-    finally:
-        os.chdir(here)
-
-
-def stage_command(root: Path, stage: str) -> str:
-    """The command dvc.yaml gives `stage` (interpolated by DVC)."""
+@contextmanager
+def open_repo(root, token: str | None = None):
+    """DVC's Repo at `root`, with the working directory there (DVC resolves some paths against it); with `token`,
+    its lock is the flow run's private one (the flow already holds the workspace lock, see workspace_lock)."""
+    from dvc.lock import make_lock
     from dvc.repo import Repo
 
     here = os.getcwd()
     os.chdir(root)
     try:
         with Repo(".") as repo:
-            return repo.stage.collect(f"dvc.yaml:{stage}")[0].cmd
+            if token:
+                repo.lock = make_lock(os.path.join(repo.tmp_dir, f"flow-{token}.lock"), tmp_dir=repo.tmp_dir, wait=True)
+            yield repo
     finally:
         os.chdir(here)
+
+
+def stage_graph(root: Path) -> dict[str, set[str]]:
+    """Every stage with a command and the stages it depends on, from DVC's own graph of dvc.yaml."""
+    with open_repo(root) as repo:
+        graph = repo.index.graph  # edges run from a stage to the stages it depends on
+        return {s.addressing: {u.addressing for u in graph.successors(s) if u.cmd} for s in graph.nodes if s.cmd}
+
+
+def stage_command(root: Path, stage: str) -> str:
+    """The command dvc.yaml gives `stage` (interpolated by DVC)."""
+    with open_repo(root) as repo:
+        return repo.stage.collect(f"dvc.yaml:{stage}")[0].cmd
 
 
 def topological(graph: dict[str, set[str]]) -> list[str]:
@@ -265,17 +269,8 @@ def current(root: str, graph: dict[str, set[str]], token: str) -> set[str]:
     Each stale stage and everything downstream of it still goes through DVC's own reproduce (which also restores
     from the run-cache); this only spares a process per stage that would find nothing to do.
     """
-    from dvc.lock import make_lock
-    from dvc.repo import Repo
-
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        with Repo(".") as repo:
-            repo.lock = make_lock(os.path.join(repo.tmp_dir, f"flow-{token}.lock"), tmp_dir=repo.tmp_dir, wait=True)
-            stale = {name for name in repo.status() if name in graph}  # the workspace lock is ours already
-    finally:
-        os.chdir(here)
+    with open_repo(root, token) as repo:
+        stale = {name for name in repo.status() if name in graph}  # the workspace lock is ours already
     downstream: dict[str, set[str]] = {s: set() for s in graph}
     for stage, ups in graph.items():
         for u in ups:
