@@ -31,12 +31,44 @@ def cache_folder(p: Params, key: str, extractor) -> Path:
     import keras
 
     h = hashlib.sha256()
-    h.update(extractor.to_json().encode())
+    h.update(architecture(extractor).encode())
     for w in extractor.get_weights():
         h.update(np.ascontiguousarray(w).tobytes())
     h.update(PREPROCESS.read_bytes())
     h.update(keras.__version__.encode())
     return p.path("feature_cache") / f"{key}-{h.hexdigest()[:16]}"
+
+
+def architecture(model) -> str:
+    """The model's JSON with every layer name replaced by its order of first appearance.
+
+    Keras numbers unnamed layers from a per-process counter ("input_layer", then "input_layer_1", ...), so the
+    raw JSON of the same architecture differs between two builds in one process, and the cache was never reused
+    there: a retrain in the same process recomputed every feature."""
+    import json
+
+    config = json.loads(model.to_json())
+    names: dict[str, str] = {}
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str):
+                names.setdefault(node["name"], f"layer{len(names)}")
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v)
+
+    def rename(node):
+        if isinstance(node, dict):
+            return {k: rename(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        return names.get(node, node) if isinstance(node, str) else node
+
+    collect(config)
+    return json.dumps(rename(config), sort_keys=True)
 
 
 def _read(folder: Path, image_sha: str) -> np.ndarray | None:

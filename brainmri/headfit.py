@@ -205,10 +205,13 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         sums = sums + tf.stack([loss * n, n, tf.reduce_sum(mask * correct, axis=1)])  # Keras: class weights weigh the loss, not accuracy
         return s + 1, (tuple(new_p), tuple(new_m), tuple(new_v), t, sums)
 
-    @tf.function(jit_compile=True, autograph=False)
     def steps_compiled(p, m, v, t, order, keep, live):
-        """One epoch's mini-batch steps, compiled by XLA: it fuses Adam's elementwise update over the stacked kernels.
-        The per-head random draws stay outside, in the plain graph: one XLA RNG per head took seconds to compile."""
+        """One epoch's mini-batch steps, in the same graph as the rest. Not compiled by XLA: XLA's CPU runtime can give
+        different results for the same inputs when it runs on several threads (jax-ml/jax#39741, on AMD CPUs), and a
+        retrained model must equal the first (CI, on another CPU, once saw a retrain differ; the feature cache
+        key was also at fault, see brainmri.features). TensorFlow's own kernels are deterministic
+        under tf.config.experimental.enable_op_determinism, which the train stage sets. XLA was about 2x faster
+        for 2048-d features (ResNet50V2)."""
         _, (p, m, v, t, sums) = tf.while_loop(
             lambda s, _: s < steps,
             lambda s, state: one_step(s, state, order, keep, live),

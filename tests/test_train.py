@@ -189,10 +189,16 @@ def test_train_writes_model_history_and_metrics(small_run):
     assert [layer.name for layer in model.get_layer("head").layers][1] == "feature_scale"
 
 
-def test_same_params_give_the_same_metrics(small_run):
+def test_same_params_give_the_same_metrics(small_run, tmp_path):
+    """A retrain in the same process reads every feature from the cache and gives byte-identical train.json."""
     p, trained, *_ = small_run
-    again = train(p, "vgg16-aug")
+    q = load_params(p.root / "params.yaml", {"paths": {"models": str(tmp_path / "models")}})  # the shared run stays
+    cached = sorted(p.path("feature_cache").rglob("*.npy"))
+    again = train(q, "vgg16-aug")
+    assert sorted(p.path("feature_cache").rglob("*.npy")) == cached  # nothing recomputed: the key is stable in-process
     assert json.dumps(again) == json.dumps(trained["vgg16-aug"])
+    written = q.model_file("models", "vgg16-aug", "train_metrics").read_bytes()
+    assert written == p.model_file("models", "vgg16-aug", "train_metrics").read_bytes()
 
 
 def test_too_small_input_and_unknown_model_are_config_errors(tmp_path):
