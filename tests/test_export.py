@@ -38,13 +38,13 @@ def test_broken_parity_fails_the_stage_and_keeps_the_old_export(small_run, monke
     folder = p.model_file("export", name, "onnx").parent
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
 
-    def broken(model_path, size, opset):
-        proto = convert(model_path, size, opset)
+    def broken(model_path, size, opset, x):
+        proto, p_keras = convert(model_path, size, opset, x)
         for init in proto.graph.initializer:  # nudge every bias: the graph no longer computes the Keras model
             if len(init.dims) == 1 and init.data_type == onnx.TensorProto.FLOAT:
                 arr = onnx.numpy_helper.to_array(init) + 0.5
                 init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
-        return proto
+        return proto, p_keras
 
     monkeypatch.setattr("tasks.export.convert", broken)
     with pytest.raises(ExportError, match="ONNX output differs from Keras .* nothing was written"):
@@ -119,3 +119,20 @@ def test_calibration_sample_is_seeded_and_class_stratified():
     assert calibration_sample(part, 500, seed=42) == list(range(176))  # more asked than there are: all of them
     small = calibration_sample(train_like(3, 40), 8, seed=0)
     assert (train_like(3, 40).y[small] == 0).sum() >= 1  # a rare class still gets its share, rounded
+
+
+def test_the_export_process_never_imports_tensorflow(small_run, tmp_path):
+    """Keras runs in the conversion worker only: the stage process stays small and starts fast."""
+    import subprocess
+    import sys
+
+    p, *_ = small_run
+    code = (
+        "import sys; from brainmri.config import load_params; from tasks.export import export; "
+        f"export(load_params({str(p.root / 'params.yaml')!r}, {{'paths': {{'export': {str(tmp_path / 'export')!r}}}}}), 'smallcnn-aug'); "
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["False", "False"]
+    assert (tmp_path / "export" / "smallcnn-aug" / "model.onnx").read_bytes() == p.model_file("export", "smallcnn-aug", "onnx").read_bytes()
