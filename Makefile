@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup run test lint lock
+.PHONY: setup run test test-all lint lock
 setup: $(BIN)/brainmri
 
 $(BIN)/brainmri: pyproject.toml requirements.lock
@@ -25,6 +25,10 @@ lock:  ## re-pin every library (uv), then refresh versions.yaml and dvc.yaml: st
 run: setup  ## the main job: the pipeline on the dataset in ingest.source, or the offline demo when it is absent
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/brainmri quickstart
 
-test: setup  ## lint, then every test tier (unit + slow scenarios)
+test: setup  ## lint, then the unit and scenario tiers (what CI runs): every test but the `long` ones
+	$(BIN)/ruff check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not long"
+
+test-all: setup  ## lint, then every test, the `long` scenarios included
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest

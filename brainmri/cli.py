@@ -11,8 +11,8 @@ from pathlib import Path
 
 from brainmri.errors import BrainMRIError
 
-STAGES = ("ingest", "audit", "split", "augment", "report")
-MODEL_STAGES = ("train", "evaluate", "export", "benchmark")
+STAGES = ("ingest", "audit", "split", "augment", "ingest_external", "report")
+MODEL_STAGES = ("train", "evaluate", "export", "benchmark", "external")
 BACKBONE_STAGES = ("weights",)
 
 
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "augment": "write augmented copies of the training images (augment.* params)",
         "weights": "materialise one backbone's pretrained weights under data/weights (imagenet, a local file, or none)",
         "report": "write the Markdown and HTML report with its plots from every model's metrics",
+        "ingest_external": "read the external set (external.source) by ingest's rules, less duplicates of ingested images",
+        "external": "score one exported ONNX model on the external set with bootstrap intervals (external.* params)",
         "train": "train one model (a models.* entry) and select it on the validation split (train.*, backbones.* params)",
         "evaluate": "evaluate one trained model on the held-out test split with bootstrap intervals",
         "export": "export one trained model to ONNX (fp32, parity-checked) and int8 (export.* params)",

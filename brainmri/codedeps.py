@@ -239,7 +239,7 @@ def declared_version_params(dvc_yaml: dict) -> dict[str, list]:
 # Top-level plots: every model's test ROC overlaid in one `dvc plots show` chart, and the report's figures by name
 # (its folder also holds Markdown and HTML, which DVC cannot plot). DVC has no foreach for top-level plots, so the
 # list is written from params.yaml's models here.
-REPORT_FIGURES = ("roc.png", "confusion_matrices.png", "training_curves.png", "samples.png", "latency.png")
+REPORT_FIGURES = ("roc.png", "confusion_matrices.png", "training_curves.png", "samples.png", "latency.png", "reliability.png")
 
 
 def top_plots(root: Path) -> list:

@@ -70,7 +70,15 @@ class Paths(Section):
     export: str
     benchmark: str
     audit: str
+    external_images: str
+    external_manifest: str
+    external_report: str
+    external_eval: str
     files: Files
+
+
+class External(Section):
+    source: str
 
 
 class Exclusion(Section):
@@ -189,6 +197,7 @@ class Train(Section):
     feature_batch_size: int
     class_weight: Literal["balanced", "none"]
     threshold: Literal["youden"] | float
+    calibration: Literal["temperature", "platt", "none"]
     cv_folds: int
     bootstrap: int
 
@@ -327,6 +336,7 @@ class Params(Section):
     export: Export
     benchmark: Benchmark
     audit: Audit
+    external: External
     orchestration: Orchestration
     promotion: Promotion
     synthetic: Synthetic

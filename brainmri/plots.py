@@ -87,3 +87,22 @@ def samples_figure(samples: list[tuple[np.ndarray, str, bool]], cols: int = 6):
             side.set_linewidth(3)
     fig.tight_layout()
     return fig
+
+
+def reliability_figure(tables: dict[str, tuple[dict, dict, str]], cols: int = 4):
+    """Reliability diagrams, one panel per model: name -> (before, after, caption); each table has predicted, observed, n."""
+    names = list(tables)
+    rows = -(-len(names) // cols) or 1
+    fig, axes = plt.subplots(rows, min(cols, len(names)) or 1, figsize=(3.2 * min(cols, len(names) or 1), 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        before, after, caption = tables[name]
+        ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
+        ax.plot(before["predicted"], before["observed"], "o-", color="tab:red", ms=3, lw=1, label="before")
+        ax.plot(after["predicted"], after["observed"], "o-", color="tab:blue", ms=3, lw=1, label="after")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed tumour rate")
+        ax.set_title(f"{name}\n{caption}", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in axes.ravel()[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from brainmri import calibration
 from brainmri.config import Params
 from brainmri.fsutil import jsonable, write_csv, write_json, write_metrics
 from brainmri.metrics import confusion, fmt, with_intervals
@@ -44,6 +45,11 @@ def evaluate(p: Params, name: str) -> dict:
         "bootstrap_unit": "duplicate group",  # whole groups are drawn: a scan and its copy are one case, not two
         "n_groups": int(test["group"].nunique()),
         "test": with_intervals(y, prob, threshold, p.train.bootstrap, p.seed, groups=test["group"].to_numpy()),
+        "calibration": {  # of the calibrated model train saved; train.json has the fit on out-of-fold predictions
+            "ece_test": round(calibration.ece(y, prob), 4),
+            "bins": "10 equal-mass",
+            "note": f"{len(y)} test images: a coarse check of the map fitted without them",
+        },
     }
     names = (neg, pos)
     preds = test[["source_path", "group", "label"]].assign(

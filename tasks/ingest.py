@@ -147,6 +147,23 @@ def drop_excluded(files: list[SourceFile], p: Params, source: Path) -> tuple[lis
     return [f for f in files if f.source_path not in reasons], excluded
 
 
+def decoded(p: Params, files: list[SourceFile], quarantined: list[dict], desc: str):
+    """(file, Decoded) for each file that decodes under ingest's limits; the others go to `quarantined` with the reason."""
+    for f in progress(files, desc):
+        try:
+            dec = decode_file(
+                f.path,
+                max_pixels=p.ingest.max_pixels,
+                max_side=p.ingest.max_side,
+                max_bytes=p.ingest.max_file_bytes,
+                crop_to_content=p.ingest.crop_to_content,
+            )
+        except ImageError as exc:
+            quarantined.append({"source_path": f.source_path, "reason": str(exc)})
+            continue
+        yield f, dec
+
+
 def ingest(p: Params) -> dict:
     """Run the stage: write normalized images, the manifest and the report; return the report."""
     start = time.monotonic()
@@ -157,18 +174,7 @@ def ingest(p: Params) -> dict:
         synthetic = (folder / MARKER).is_file()
         n_files = len(files) + len(quarantined)
         files, excluded = drop_excluded(files, p, source)
-        for f in progress(files, "ingest"):
-            try:
-                dec = decode_file(
-                    f.path,
-                    max_pixels=p.ingest.max_pixels,
-                    max_side=p.ingest.max_side,
-                    max_bytes=p.ingest.max_file_bytes,
-                    crop_to_content=p.ingest.crop_to_content,
-                )
-            except ImageError as exc:
-                quarantined.append({"source_path": f.source_path, "reason": str(exc)})
-                continue
+        for f, dec in decoded(p, files, quarantined, "ingest"):
             iid = image_id(f.source_path)
             save_png(dec.image, out / f"{iid}.png")
             prints.append(fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size))

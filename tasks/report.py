@@ -14,7 +14,7 @@ import pandas as pd
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, write_text
 from brainmri.metrics import fmt, paired_auc_differences
-from brainmri.plots import confusion_figure, curves_figure, plt, roc_figure, samples_figure, save
+from brainmri.plots import confusion_figure, curves_figure, plt, reliability_figure, roc_figure, samples_figure, save
 from brainmri.progress import summary
 
 ORIGINAL = (
@@ -377,6 +377,8 @@ def report(p: Params) -> dict:
             "![Training curves (dotted: selected epoch)](training_curves.png)",
             "",
         ]
+        md += external_section(p, evaluated)
+        md += calibration_section(p, trained, evaluated, out)
         latency, machine = latency_table(p)
         if latency is not None:
             save(latency_figure(latency), out / "latency.png")
@@ -403,6 +405,81 @@ def report(p: Params) -> dict:
         write_text(out / "report.html", _html(md, out))
     summary("report", f"{len(table)} models -> {p.path('report') / 'report.md'}")
     return {"table": table.to_dict(orient="records"), "paired": paired.to_dict(orient="records")}
+
+
+def external_section(p: Params, evaluated: dict) -> list:
+    """The external set's table beside the test figures, or a plain statement that there is none."""
+    intake = json.loads(p.path("external_report").read_text())
+    head = ["## External validation", ""]
+    if not intake["configured"]:
+        return [*head, f"No external set: `external.source` ({intake['source']}) holds no class folder. Put one there (class "
+                "folders, as for ingest) and `dvc repro` scores every exported model on it.", ""]  # fmt: skip
+    rows = []
+    for name in p.models:
+        e = json.loads((p.path("external_eval") / name / p.paths.files.metrics).read_text())
+        if not e.get("n_images"):
+            continue
+        m, t = e["external"], evaluated[name]["test"]
+        rows.append(
+            {
+                "Model": name,
+                "External AUC [95% CI]": _ci(m["auc"], pct=False),
+                "External acc % [95% CI]": _ci(m["accuracy"]),
+                "Test AUC": f"{t['auc']['value']:.3f}",
+                "AUC change (external - test)": f"{e['change_from_test']['auc']:+.3f}",
+                "Accuracy change (points)": f"{100 * e['change_from_test']['accuracy']:+.1f}",
+            }
+        )
+    text = [
+        *head,
+        f"Every exported ONNX model (what `predict` runs) on the external set ({intake['source']}): {intake['n_files']} files, "
+        f"{intake['n_quarantined']} quarantined by ingest's rules, {intake['n_duplicates_of_ingested']} left out because they "
+        f"duplicate an ingested image (the same detector as ingest), **{intake['n_used']} scored** "
+        f"({', '.join(f'{k} {v}' for k, v in intake['per_class'].items())}; {intake['n_groups']} duplicate groups), each model "
+        "at its own threshold, with 95% group-bootstrap intervals.",
+        "",
+    ]
+    if intake["synthetic"]:
+        text += ["**SYNTHETIC external set**: these numbers check the mechanics only; they are not a generalisation result.", ""]
+    return [*text, pd.DataFrame(rows), ""] if rows else [*text, "No external image was left to score.", ""]
+
+
+def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) -> list:
+    """ECE before and after each model's calibration map, and its reliability diagram."""
+    rows, tables = [], {}
+    for name in p.models:
+        cal = trained[name].get("calibration")
+        if not cal:
+            continue
+        rows.append(
+            {
+                "Model": name,
+                "Map": cal["method"] + (f" (T = {1 / cal['a']:.2f})" if cal["method"] == "temperature" else ""),
+                "Fitted on": cal["fitted_on"],
+                "ECE before": f"{cal['ece_before']:.3f}",
+                "ECE after": f"{cal['ece_after']:.3f}",
+                "Log loss before -> after": f"{cal['bce_before']:.3f} -> {cal['bce_after']:.3f}",
+                "Test ECE (after)": f"{evaluated[name].get('calibration', {}).get('ece_test', float('nan')):.3f}",
+            }
+        )
+        tables[name] = (cal["reliability_before"], cal["reliability_after"], cal["fitted_on"])
+    if not rows:
+        return []
+    save(reliability_figure(tables), out / "reliability.png")
+    return [
+        "## Calibrated probabilities",
+        "",
+        f"Each model's output is mapped by `train.calibration` ({p.train.calibration}), fitted on held-out predictions, never on "
+        "test, and folded into its output layer, so the exported model and `predict` give the calibrated probability; the "
+        "map is monotone, so ranking, AUC and labels do not change. ECE: expected calibration error over 10 equal-mass bins. "
+        "'Before' and 'after' are on the predictions the map was fitted on (after is optimistic by the one or two "
+        f"parameters fitted); the test figure is on {next(iter(evaluated.values()))['n_test']} images only.",
+        "",
+        pd.DataFrame(rows),
+        "",
+        "![Reliability diagrams before (red) and after (blue) calibration](reliability.png)",
+        "",
+    ]
 
 
 # the tables alone, for the flow's artifacts

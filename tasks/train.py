@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri import features
+from brainmri import calibration, features
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
 from brainmri.headfit import HeadJob, HeadResult, fit_heads
@@ -211,7 +211,7 @@ def train(p: Params, name: str) -> dict:
     y_fit = np.concatenate([tr.y, aug.y])
     cw = class_weights(y_fit, p.train.class_weight)
     fit_args = {"batch": p.train.batch_size, "cw": cw, "patience": bb.patience}
-    cv = None
+    cv = oof = None
     if net.end_to_end:
         x_val = load_batch(va.paths, bb.input_size)
         history, best = fit(
@@ -224,18 +224,30 @@ def train(p: Params, name: str) -> dict:
             label=f"train {name}",
             **fit_args,
         )
-        p_train, p_val = predict(net.full, load_batch(tr.paths, bb.input_size)), predict(net.full, x_val)
+        x_tr = load_batch(tr.paths, bb.input_size)
+
+        def scores():
+            return predict(net.full, x_tr), predict(net.full, x_val)
     else:
         f_tr = features.extract(p, spec.backbone, net.extractor, tr.paths, f"{spec.backbone} train")
         f_aug = features.extract(p, spec.backbone, net.extractor, aug.paths, f"{spec.backbone} augmented")
         f_val = features.extract(p, spec.backbone, net.extractor, va.paths, f"{spec.backbone} val")
-        history, best, cv = head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
+        history, best, cv, oof = head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
         history["phase"] = "head"
         if bb.fine_tune_layers and bb.fine_tune_epochs:
             history = pd.concat([history, fine_tune(net, tr, aug, va, bb, y_fit, fit_args, name, len(history))])
-            p_train, p_val = predict(net.full, load_batch(tr.paths, bb.input_size)), predict(net.full, load_batch(va.paths, bb.input_size))
+            x_tr, x_va = load_batch(tr.paths, bb.input_size), load_batch(va.paths, bb.input_size)
+
+            def scores():
+                return predict(net.full, x_tr), predict(net.full, x_va)
         else:
-            p_train, p_val = predict(net.head, f_tr), predict(net.head, f_val)
+
+            def scores():
+                return predict(net.head, f_tr), predict(net.head, f_val)
+
+    held_out, fitted_on = (oof, "out-of-fold CV predictions over train+val") if oof is not None else ((va.y, scores()[1]), "val")
+    cal = calibrate(p, net.full, held_out, fitted_on)
+    p_train, p_val = scores()  # the saved model's own outputs, calibration folded in: the threshold is set on these
     threshold = youden_threshold(va.y, p_val) if p.train.threshold == "youden" else float(p.train.threshold)
     out = {
         "model": name,
@@ -259,7 +271,8 @@ def train(p: Params, name: str) -> dict:
         "threshold_rule": p.train.threshold,
         "train": _summary(tr.y, p_train, threshold),
         "val": _summary(va.y, p_val, threshold),
-        "cv": cv,
+        "calibration": cal,
+        "cv": cv,  # of the heads before calibration (AUC does not change under a monotone map; BCE does)
     }  # no timings here: evaluate and export depend on this file, and it must only change when the model does
     out = jsonable(out)
     folder = p.model_file("models", name, "model").parent
@@ -283,6 +296,41 @@ def train(p: Params, name: str) -> dict:
     return out
 
 
+def calibrate(p: Params, model, held_out: tuple[np.ndarray, np.ndarray], fitted_on: str) -> dict:
+    """Fit train.calibration on held-out (labels, probabilities), fold it into `model`'s output layer, and describe it:
+    the map, what it was fitted on, and ECE (10 equal-mass bins) and log loss there before and after, with the
+    reliability table of each. The after figures are on the data the map was fitted on: one or two parameters, so
+    optimistic by little; evaluate gives the test figure."""
+    from sklearn.metrics import log_loss
+
+    y, prob = held_out
+    a, c = calibration.fit(prob, y, p.train.calibration)
+    note = ""
+    if a <= 0:  # a map that reverses the ranking is no calibration: the model is worse than chance on held-out data
+        a, c, note = 1.0, 0.0, "not applied: the fitted map reversed the ranking"
+    calibration.fold_into(model, a, c)
+    after = calibration.apply(prob, a, c)
+    out = {
+        "method": p.train.calibration,
+        "a": float(a),  # calibrated p = sigmoid(a * logit(p) + c); temperature T = 1 / a; unrounded, so it can be undone
+        "c": float(c),
+        "fitted_on": f"{fitted_on} ({len(y)} images)",
+        "ece_before": round(calibration.ece(y, prob), 4),
+        "ece_after": round(calibration.ece(y, after), 4),
+        "bce_before": round(float(log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1])), 4),
+        "bce_after": round(float(log_loss(y, np.clip(after, 1e-7, 1 - 1e-7), labels=[0, 1])), 4),
+        "reliability_before": calibration.reliability(y, prob).to_dict(orient="list"),
+        "reliability_after": calibration.reliability(y, after).to_dict(orient="list"),
+    }
+    if note:
+        out["note"] = note
+    log.info(
+        "calibration (%s on %s): ECE %.3f -> %.3f, log loss %.3f -> %.3f",
+        out["method"], out["fitted_on"], out["ece_before"], out["ece_after"], out["bce_before"], out["bce_after"],
+    )  # fmt: skip
+    return out
+
+
 def log_live(folder: Path, history: pd.DataFrame, out: dict) -> None:
     """DVCLive's files for DVC: each epoch's curves (plots/metrics/*.tsv) and the model's numbers (metrics.json)."""
     from dvclive import Live
@@ -299,6 +347,8 @@ def log_live(folder: Path, history: pd.DataFrame, out: dict) -> None:
             "threshold": out["threshold"],
             "selected_epoch": out["selected_epoch"],
             **{f"cv_auc_{k}": v for k, v in ((out.get("cv") or {}).get("model") or {}).get("auc", {}).items()},
+            "calibration_ece_before": out["calibration"]["ece_before"],
+            "calibration_ece_after": out["calibration"]["ece_after"],
         }
         live.summary = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and v == v}  # NaN (one class) left out
 
@@ -308,10 +358,10 @@ def _summary(y, prob, threshold) -> dict:
     return {k: round(m[k], 4) for k in ("accuracy", "bce", "auc")}
 
 
-def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, f_aug, f_val) -> tuple[pd.DataFrame, int, dict | None]:
+def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, f_aug, f_val):
     """The model's head on cached features, attached to `net`, and (unless fine-tuning follows, or `cv_folds` is 0)
     the cross-validation of the same head over train+val: all of them trained together in one compiled run.
-    Returns the head's history, its selected epoch and the CV summary."""
+    Returns the head's history, its selected epoch, the CV summary and (labels, out-of-fold probabilities)."""
     from brainmri.models import build_head
 
     bb = p.backbones[p.models[name].backbone]
@@ -343,10 +393,10 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
             row.val_accuracy,
         )
     if not folds:
-        return history, best, None
+        return history, best, None, None
     cv = cv_report(p, name, feats, y_all, folds, results[1:])
-    cv.pop("predictions")  # per-image detail: the stage's metrics need the summary only
-    return history, best, cv
+    oof = (y_all, cv.pop("predictions")["model"])  # per-image detail: calibration fits on it; train.json keeps the summary
+    return history, best, cv, oof
 
 
 def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str, offset: int) -> pd.DataFrame:

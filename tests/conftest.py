@@ -55,7 +55,9 @@ def small_run(tmp_path_factory):
     from tasks.benchmark import benchmark
     from tasks.evaluate import evaluate
     from tasks.export import export
+    from tasks.external import external
     from tasks.ingest import ingest
+    from tasks.ingest_external import ingest_external
     from tasks.report import report
     from tasks.split import split
     from tasks.train import train
@@ -68,10 +70,12 @@ def small_run(tmp_path_factory):
     audit(p)
     split(p)
     augment(p)
+    ingest_external(p)  # external.source holds no class folder: the "no external set" case
     materialise_weights(p)
     trained = {n: train(p, n) for n in p.models}
     evaluated = {n: evaluate(p, n) for n in p.models}
     for n in p.models:
         export(p, n)
         benchmark(p, n)
+        external(p, n)
     return p, trained, evaluated, report(p)

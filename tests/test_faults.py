@@ -91,6 +91,7 @@ def kill_when(root, args, pattern: str, timeout: float = 300) -> str:
     return "".join(seen)
 
 
+@pytest.mark.long
 def test_sigkill_during_training_epochs_and_during_export_then_rerun_gives_the_same_outputs(tmp_path):
     over = {**tiny_training(size=64, epochs=3), "ingest": {"source": "data/raw/ph"}}
     over["backbones"]["smallcnn"].update(epochs=6, patience=6)

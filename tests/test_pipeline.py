@@ -21,8 +21,10 @@ from brainmri.lineage import md5
 
 pytestmark = pytest.mark.slow
 
+TINY = tiny_training(epochs=2)
+TINY["backbones"]["vgg16"]["weights"] = "weights/small.weights.h5"  # a local file (the fixture writes it): a file's replacement is tested
 SMALL = {
-    **tiny_training(epochs=2),
+    **TINY,
     "ingest": {"source": "data/raw/synthetic", "max_side": 96},
     "synthetic": {"n_per_class": 12, "min_size": 64, "max_size": 96},
     "augment": {"copies": 1},
@@ -32,9 +34,10 @@ MODELS = {
     "vgg16-aug": {"backbone": "vgg16", "augment": True},
     "smallcnn-aug": {"backbone": "smallcnn", "augment": True},
 }
-PER_MODEL = ("train", "evaluate", "export", "benchmark")
+PER_MODEL = ("train", "evaluate", "export", "benchmark", "external")
 WEIGHTS = [f"weights@{b}" for b in ("resnet50v2", "vgg19", "vgg16", "smallcnn")]  # every backbone in params
-CHAIN = ["ingest", "audit", "split", "augment", *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
+DATA = ["ingest", "audit", "split", "augment", "ingest_external"]
+CHAIN = [*DATA, *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
 VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["report"])
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 TIMES = {}
@@ -66,6 +69,11 @@ def set_param(root, section, key, value):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def held(message: str) -> set[str]:
+    """The stages a failure summary says were held back."""
+    return set(re.search(r"held back by them: ([^\n]+)", message).group(1).split(", "))
+
+
 def clean(root) -> bool:
     return "Data and pipelines are up to date" in sh(root, "dvc", "status")
 
@@ -73,11 +81,14 @@ def clean(root) -> bool:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, prefect_harness):
     """A git + DVC workspace with the code, params and dvc.yaml, and phantom raw data tracked by `dvc add`."""
+    from test_weights import small_vgg16_weights
+
     root = make_project(tmp_path_factory.mktemp("ws"), SMALL, code=True, replace={"models": MODELS})
+    small_vgg16_weights(root / "weights" / "small.weights.h5", seed=1)  # vgg16 starts from a local weights file
     sh(root, "brainmri", "synthesize")
     sh(root, "git", "init", "-q")
     sh(root, "dvc", "init", "-q")
-    sh(root, "dvc", "add", "-q", "data/raw/synthetic")
+    sh(root, "dvc", "add", "-q", "data/raw/synthetic", "weights/small.weights.h5")  # versioned: a clone can `dvc pull` both
     (root / ".gitignore").write_text("__pycache__/\n")
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "workspace")
@@ -170,11 +181,24 @@ def test_editing_any_file_a_stage_imports_makes_exactly_its_importers_stale(ws):
     assert clean(ws)
 
 
-def test_two_branches_overlap_and_benchmarks_run_alone(ws):
+def test_two_branches_overlap_benchmarks_run_alone_and_a_dvc_repro_meanwhile_stops_on_the_lock(ws):
+    import threading
+
     from flows.pipeline import pipeline
 
     set_param(ws, "train", "threshold", 0.5)  # every model's chain from train on
+    meanwhile = {}
+
+    def impatient():  # a second pipeline that does not wait: the flow holds DVC's lock, so it stops at once
+        time.sleep(8)
+        meanwhile["res"] = subprocess.run(["dvc", "repro"], cwd=ws, capture_output=True, text=True, timeout=120)
+
+    t = threading.Thread(target=impatient)
+    t.start()
     result = pipeline(str(ws / "params.yaml"))
+    t.join()
+    res = meanwhile["res"]
+    assert res.returncode != 0 and "lock" in (res.stdout + res.stderr).lower() and "Running stage" not in res.stdout
     span = {s: (r["started_at"], r["finished_at"]) for s, r in result.items() if r["ran"]}
     (a0, a1), (b0, b1) = span["train@vgg16-aug"], span["train@smallcnn-aug"]
     assert a0 < b1 and b0 < a1, span  # max_workers 2: the two branches' training overlaps
@@ -183,31 +207,19 @@ def test_two_branches_overlap_and_benchmarks_run_alone(ws):
         assert all(e1 <= s0 or e0 >= s1 for name, (e0, e1) in span.items() if name != bench), span  # nothing beside it
 
 
+@pytest.mark.long
 def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage(ws):
-    import threading
-
     from flows.pipeline import pipeline
 
     set_param(ws, "train", "threshold", 0.4)  # a value never run before: no run-cache entry to restore
-    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@"))} | {"report"}
+    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@", "external@"))} | {"report"}
     user = subprocess.Popen(["dvc", "--wait-for-lock", "repro"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    third = {}
-
-    def impatient():  # a third pipeline that does not wait: one of the two holds DVC's lock, so it stops at once
-        time.sleep(8)
-        third["res"] = subprocess.run(["dvc", "repro"], cwd=ws, capture_output=True, text=True, timeout=120)
-
-    t = threading.Thread(target=impatient)
-    t.start()
     result = pipeline(str(ws / "params.yaml"))
     out, _ = user.communicate(timeout=900)
-    t.join()
     assert user.returncode == 0, out
     by_user = set(re.findall(r"Running stage '([^']+)'", out))
     by_flow = {s for s, r in result.items() if r["ran"]}
     assert not by_user & by_flow and by_user | by_flow == stale, (by_user, by_flow)
-    res = third["res"]
-    assert res.returncode != 0 and "lock" in (res.stdout + res.stderr).lower() and "Running stage" not in res.stdout
     assert clean(ws)
 
 
@@ -245,8 +257,8 @@ def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_other
         fp.run(str(ws / "params.yaml"))
     msg = str(err.value)
     assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
-    assert "held back by them: benchmark@vgg16-aug, report" in msg and "next:" in msg
-    held_back = ("benchmark@vgg16-aug", "report")
+    held_back = ("benchmark@vgg16-aug", "external@vgg16-aug", "report")
+    assert held(msg) == set(held_back) and "next:" in msg
     # ingest onwards; the weights stages feed on nothing that changed, so one `dvc status` finds them up to date
     assert sorted(calls) == sorted([s for s in CHAIN if s not in held_back and s not in WEIGHTS] + ["export@vgg16-aug"])
     assert calls.count("export@vgg16-aug") == 2  # retried once (orchestration.retries), then failed
@@ -257,7 +269,7 @@ def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_other
     assert "export@vgg16-aug:" in status and "benchmark@vgg16-aug:" in status and "report:" in status
 
     monkeypatch.setattr(fp, "stage_process", real)
-    assert sorted(flow(ws)) == ["benchmark@vgg16-aug", "export@vgg16-aug", "report"]
+    assert sorted(flow(ws)) == ["benchmark@vgg16-aug", "export@vgg16-aug", "external@vgg16-aug", "report"]
     sh(ws, "dvc", "add", "-q", "data/raw/synthetic")  # the raw data's own .dvc file, for the remote below
     assert clean(ws)
 
@@ -272,7 +284,7 @@ def test_a_failed_run_ends_in_one_summary_without_traceback_and_keeps_what_was_p
     err = res.stdout + res.stderr
     assert res.returncode == 2, err
     assert "Traceback" not in err and "1 stage(s) failed" in err and "ingest failed (exit code 2)" in err
-    assert "held back by them: audit, split" in err and "next:" in err and "Finished in state" not in err
+    assert {"audit", "split", "ingest_external"} <= held(err) and "next:" in err and "Finished in state" not in err
     assert (ws / "data/ingest/manifest.csv").read_bytes() == manifest  # DVC's removed outputs are put back
     assert clean(ws)
 
@@ -290,24 +302,24 @@ def test_the_flow_publishes_its_tables_as_artifacts(ws):
     assert not any("file://" in str(a.data) for a in artifacts.values())  # reads the same from a remote UI
 
 
+@pytest.mark.long
 def test_a_local_weights_file_replaced_in_place_reruns_weights_and_the_chain_that_uses_it(ws):
     from test_weights import small_vgg16_weights
 
     from flows.pipeline import pipeline
 
-    small_vgg16_weights(ws / "weights" / "small.weights.h5", seed=1)
-    set_param(ws, "backbones", "vgg16", {"weights": "weights/small.weights.h5"})
-    # every weights stage depends on the inbox, so all rerun; only vgg16's copy changes, so only its chain follows
-    assert sorted(flow(ws)) == sorted([*WEIGHTS, *VGG16_CHAIN])
+    before = json.loads((ws / "data/weights/vgg16/source.json").read_text())
+    assert before["kind"] == "file"
     small_vgg16_weights(ws / "weights" / "small.weights.h5", seed=2)  # same name, other weights
     assert "weights@vgg16:" in sh(ws, "dvc", "status")
     result = pipeline(str(ws / "params.yaml"))
-    assert sorted(s for s, r in result.items() if r["ran"]) == sorted([*WEIGHTS, *VGG16_CHAIN])  # smallcnn's chain stays
+    # every weights stage depends on the inbox, so all rerun; only vgg16's copy changes, so only its chain follows
+    assert sorted(s for s, r in result.items() if r["ran"]) == sorted([*WEIGHTS, *VGG16_CHAIN])
     record = json.loads((ws / "data/weights/vgg16/source.json").read_text())
     card = json.loads((ws / "data/export/vgg16-aug/model_card.json").read_text())
-    assert card["weights"]["sha256"] == record["sha256"] and card["weights"]["kind"] == "file"
-    sh(ws, "dvc", "add", "-q", "weights/small.weights.h5")  # versioned in the inbox, so a clone can `dvc pull` it too
-    assert "weights@vgg16:" in sh(ws, "dvc", "status")  # the inbox now holds the file's .dvc and .gitignore too
+    assert record["sha256"] != before["sha256"] and card["weights"]["sha256"] == record["sha256"] and card["weights"]["kind"] == "file"
+    sh(ws, "dvc", "add", "-q", "weights/small.weights.h5")  # the new file versioned, so a clone can `dvc pull` it too
+    assert "weights@vgg16:" in sh(ws, "dvc", "status")  # the inbox now holds the file's new .dvc
     assert sorted(flow(ws)) == sorted(WEIGHTS) and clean(ws)  # their copies are byte-identical: nothing downstream reruns
 
 
@@ -324,7 +336,7 @@ def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
     assert weights_out["md5"] and any(d["path"] == "data/weights/vgg16" for d in chain["train@vgg16-aug"]["deps"])
     manifest = next(o for o in chain["ingest"]["outs"] if o["path"] == "data/ingest/manifest.csv")
     assert manifest["md5"] == md5(ws / "data/ingest/manifest.csv")
-    assert chain["train@vgg16-aug"]["params"]["backbones.vgg16"]["learning_rate"] == 0.003
+    assert chain["train@vgg16-aug"]["params"]["backbones.vgg16"]["learning_rate"] == 0.002
     assert chain["train@vgg16-aug"]["params"]["train.batch_size"] == 32
     assert 0 <= chain["evaluate@vgg16-aug"]["metrics"]["data/eval/vgg16-aug/scores.json"]["test_auc"] <= 1
     text = sh(ws, "brainmri", "lineage", "data/export/vgg16-aug/model.onnx")
@@ -436,6 +448,7 @@ def test_prefect_yaml_deploys_this_flow_on_the_params_schedule():
     assert scripts[0].startswith("git pull") and scripts[1].startswith("dvc pull")
 
 
+@pytest.mark.long
 def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
     """Every stage and all seven models on the 253 real images, random weights, tiny size: CI's end-to-end check."""
     from tasks.augment import augment

@@ -21,7 +21,11 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
         assert (folder / png).stat().st_size > 2000
     html = (folder / "report.html").read_text()
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]  # the review grid is drawn when any image is flagged
-    assert html.count("data:image/png;base64,") == 5 + bool(flagged) and 'src="http' not in html and html.count("<table") == 3
+    assert html.count("data:image/png;base64,") == 6 + bool(flagged) and 'src="http' not in html and html.count("<table") == 4
+    assert "## Calibrated probabilities" in md and "ECE before" in md  # every model's map, before and after
+    for name in p.models:
+        cal = trained[name]["calibration"]
+        assert f"| {name} | temperature (T = {1 / cal['a']:.2f}) |" in md and f"{cal['ece_after']:.3f}" in md
     assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in html  # phantoms say so, from the dataset's own marker
     assert "![Test images with their predictions](samples.png)" in md and "(the model best on validation)" in md
     assert "Lineage not recorded: no dvc.lock" in md  # run outside DVC here; tests/test_pipeline.py has the recorded case
@@ -60,11 +64,14 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         )
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
-    assert seen["tables"] == [len(p.models) + 1, len(p.models) + 1, 2 * len(p.models) + 1]  # results; paired AUC; latency (2 batches)
+    n = len(p.models) + 1
+    assert seen["tables"] == [n, n, n, 2 * len(p.models) + 1]  # results; paired AUC; calibration; latency (2 batches)
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
-    assert len(seen["images"]) == 5 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
+    assert len(seen["images"]) == 6 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}
-    assert {"Results", "Data audit", "Sample test images", "Lineage", "Dataset", "Plots"} <= set(seen["headings"])
+    assert any(alt.startswith("Reliability diagrams") for *_, alt in seen["images"])
+    sections = {"Results", "Data audit", "Sample test images", "Lineage", "Dataset", "Plots", "Calibrated probabilities"}
+    assert sections <= set(seen["headings"])
     assert seen["strong"] == "SYNTHETIC DATA."
     shot = np.asarray(Image.open(tmp_path / "report.png").convert("L"))
     assert shot.shape[0] > 2500 and shot.std() > 20  # a long page with content, not a blank one

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from factory import REPO, make_project, tiny_training
+from PIL import Image
 from sklearn.metrics import log_loss, roc_auc_score
 
-from brainmri import features
+from brainmri import calibration, features
 from brainmri.config import load_params
 from brainmri.errors import ConfigError
 from brainmri.headfit import HeadJob, fit_heads
@@ -164,6 +165,9 @@ def test_saved_model_reproduces_the_loops_validation_loss(small_run):
         va = split_part(p, "val")
         model = load_model(p.model_file("models", name, "model"))
         prob = np.asarray(model(load_batch(va.paths, p.backbones["vgg16"].input_size), training=False)).reshape(-1)
+        cal = trained[name]["calibration"]
+        assert cal["method"] == "temperature" and cal["c"] == 0 and cal["a"] > 0
+        prob = calibration.apply(prob, 1 / cal["a"], 0.0)  # the saved model is calibrated: undoing the map gives the loop's head
         assert float(log_loss(va.y, prob, labels=[0, 1])) == pytest.approx(float(chosen["val_loss"].iloc[0]), abs=1e-4)
         assert float(np.mean((prob > 0.5) == va.y)) == pytest.approx(float(chosen["val_accuracy"].iloc[0]), abs=1e-6)
 
@@ -244,3 +248,28 @@ def test_saved_model_reproduces_the_validation_metrics(small_run):
         m = point(va.y, prob, trained[name]["threshold"])
         for k in ("accuracy", "auc", "bce"):
             assert m[k] == pytest.approx(trained[name]["val"][k], abs=1e-3), (name, k)
+
+
+def test_train_never_reads_the_test_split(small_run, tmp_path):
+    """Every test image replaced by noise and its label flipped: train writes byte-identical train.json and history,
+    and a model with exactly the same weights (its file differs only in the layer names Keras numbers per process)."""
+    p, *_ = small_run
+    root = tmp_path / "copy"
+    shutil.copytree(p.root, root, ignore=shutil.ignore_patterns("models", "eval", "export", "benchmark", "reports"))
+    q = load_params(root / "params.yaml")
+    split = pd.read_csv(q.path("split_manifest"), keep_default_na=False)
+    test = split["split"] == "test"
+    assert test.sum() > 0
+    rng = np.random.default_rng(0)
+    for name in split.loc[test, "image"]:  # same name, a valid image of other content: reading it would not fail
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(q.path("ingest_images") / name)
+    flip = {q.ingest.positive_class: q.ingest.negative_class, q.ingest.negative_class: q.ingest.positive_class}
+    split.loc[test, "label"] = split.loc[test, "label"].map(flip)
+    split.to_csv(q.path("split_manifest"), index=False)
+    for name in ("vgg16-aug", "smallcnn-aug"):
+        train(q, name)
+        for key in ("train_metrics", "history"):
+            a, b = p.model_file("models", name, key), q.model_file("models", name, key)
+            assert a.read_bytes() == b.read_bytes(), (name, key)
+        wa, wb = (load_model(x.model_file("models", name, "model")).get_weights() for x in (p, q))
+        assert len(wa) == len(wb) and all(np.array_equal(a, b) for a, b in zip(wa, wb, strict=True)), name

@@ -1,0 +1,90 @@
+"""Calibrated probabilities: a monotone map of the model's logit, fitted on held-out predictions, folded into its output layer.
+
+- `temperature`: p' = sigmoid(logit(p) / T), one parameter, fitted by minimising the log loss;
+- `platt`: p' = sigmoid(a * logit(p) + c), scikit-learn's logistic regression on the logit;
+- `none`: p' = p.
+
+Each is sigmoid(a * z + c) on the logit z, and the output layer is a sigmoid Dense layer (z = w.h + b), so the layer's
+kernel and bias absorb the map: w' = a w, b' = a b + c. The saved Keras model, the ONNX export and `predict` then all give
+calibrated probabilities with no extra layer, and any threshold maps through the same function, so no label changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+
+EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] before the logit: a saturated float32 sigmoid gives exactly 0 or 1
+OUTPUT_LAYER = "tumour_probability"  # the sigmoid Dense layer of every head (brainmri.models.build_head)
+
+
+def logit(prob: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(prob, np.float64), EPS, 1 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def fit(prob: np.ndarray, y: np.ndarray, method: str) -> tuple[float, float]:
+    """(a, c) of the map sigmoid(a * logit + c), fitted on held-out probabilities `prob` with labels `y`."""
+    y = np.asarray(y).astype(int)
+    if method == "none" or len(np.unique(y)) < 2:
+        return 1.0, 0.0
+    z = logit(prob)
+    if method == "temperature":
+        from scipy.optimize import minimize_scalar
+        from sklearn.metrics import log_loss
+
+        # the temperature on a log scale, between e^-4 and e^4: wide enough for any head here, and always positive
+        res = minimize_scalar(lambda s: log_loss(y, expit(z * np.exp(-s)), labels=[0, 1]), bounds=(-4.0, 4.0), method="bounded")
+        return float(np.exp(-res.x)), 0.0
+    if method == "platt":
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(z[:, None], y)  # C large: Platt's fit is unregularised
+        return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def apply(prob, a: float, c: float) -> np.ndarray:
+    return expit(a * logit(prob) + c)
+
+
+def fold_into(model, a: float, c: float) -> None:
+    """Fold the map into `model`'s output layer (found in nested models too), in place."""
+    layer = find_layer(model, OUTPUT_LAYER)
+    w, b = layer.get_weights()
+    layer.set_weights([(w * a).astype(w.dtype), (b * a + c).astype(b.dtype)])
+
+
+def find_layer(model, name: str):
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+        if hasattr(layer, "layers"):
+            found = find_layer(layer, name)
+            if found is not None:
+                return found
+    return None
+
+
+def equal_mass_bins(prob: np.ndarray, bins: int) -> list[np.ndarray]:
+    """Indices of `prob` in `bins` bins of (nearly) equal count, lowest probabilities first."""
+    order = np.argsort(np.asarray(prob), kind="stable")
+    return [b for b in np.array_split(order, min(bins, len(order))) if len(b)]
+
+
+def ece(y, prob, bins: int = 10) -> float:
+    """Expected calibration error over `bins` equal-mass bins: the count-weighted mean |observed rate - mean probability|.
+
+    Written out because scikit-learn has none (sklearn.calibration.calibration_curve returns the points, not the counts)."""
+    y, prob = np.asarray(y, np.float64), np.asarray(prob, np.float64)
+    if not len(y):
+        return float("nan")
+    return float(sum(len(b) * abs(y[b].mean() - prob[b].mean()) for b in equal_mass_bins(prob, bins)) / len(y))
+
+
+def reliability(y, prob, bins: int = 10) -> pd.DataFrame:
+    """One row per equal-mass bin: its mean predicted probability, the observed tumour rate and its size."""
+    y, prob = np.asarray(y, np.float64), np.asarray(prob, np.float64)
+    rows = [(prob[b].mean(), y[b].mean(), len(b)) for b in equal_mass_bins(prob, bins)]
+    return pd.DataFrame(rows, columns=["predicted", "observed", "n"]).round(6)

@@ -1,0 +1,95 @@
+"""ingest_external stage: an independent labelled set (external.source), read by exactly ingest's rules, less every
+image that duplicates an ingested one, so that "external" means external. The external@MODEL stages score what is left.
+
+No class folder in the source means no external set: the stage still runs (DVC has no conditional stages) and records
+that, and every external@MODEL stage and the report say so.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+from PIL import Image
+
+from brainmri.config import Params
+from brainmri.duplicates import fingerprint, group_ids
+from brainmri.fsutil import atomic_dir, write_csv, write_json
+from brainmri.images import save_png
+from brainmri.phantoms import MARKER
+from brainmri.progress import summary
+from tasks.ingest import decoded, image_id, open_source, scan
+
+COLUMNS = ["image_id", "source_path", "label", "image", "sha256", "group", "duplicate_of", "used"]
+
+
+def ingest_external(p: Params) -> dict:
+    """Run the stage: write the external images, their manifest and a report; return the report."""
+    start = time.monotonic()
+    source = p.resolve(p.external.source)
+    rows, prints, quarantined, skipped, n_files, synthetic = [], [], [], [], 0, False
+    with open_source(source, p) as folder, atomic_dir(p.path("external_images")) as out:
+        configured = any((folder / c).is_dir() for c in p.ingest.classes)
+        if configured:
+            files, skipped, quarantined = scan(folder, p.ingest.classes)
+            synthetic = (folder / MARKER).is_file()
+            n_files = len(files) + len(quarantined)
+            for f, dec in decoded(p, files, quarantined, "ingest_external"):
+                iid = image_id(f"external/{f.source_path}")
+                save_png(dec.image, out / f"{iid}.png")
+                prints.append(fingerprint(dec.image, dec.sha256, p.dedupe.hash_size))
+                rows.append({"image_id": iid, "source_path": f.source_path, "label": f.label, "image": f"{iid}.png", "sha256": dec.sha256})
+        manifest = pd.DataFrame(rows, columns=COLUMNS[:5])
+        manifest["group"], manifest["duplicate_of"] = _against_ingested(p, manifest, prints)
+        manifest["used"] = manifest["duplicate_of"] == ""
+        for name in manifest.loc[~manifest["used"], "image"]:
+            (out / name).unlink()  # a copy of a training, validation or test image: not scored, not kept
+    manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)
+    used = manifest[manifest["used"]]
+    report = {
+        "configured": configured,
+        "source": p.external.source,
+        "synthetic": synthetic,
+        "n_files": n_files,
+        "n_decoded": int(len(manifest)),
+        "n_quarantined": len(quarantined),
+        "quarantined": quarantined,
+        "n_skipped": len(skipped),
+        "n_duplicates_of_ingested": int((~manifest["used"]).sum()),
+        "duplicates_of_ingested": manifest.loc[~manifest["used"], ["source_path", "duplicate_of"]].to_dict(orient="records"),
+        "n_used": int(len(used)),
+        "per_class": {c: int((used["label"] == c).sum()) for c in p.ingest.classes},
+        "n_groups": int(used["group"].nunique()),
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    write_csv(p.path("external_manifest"), manifest[COLUMNS])
+    write_json(p.path("external_report"), report)
+    if not configured:
+        summary("ingest_external", f"no external set: {source} holds no class folder {p.ingest.classes}")
+    else:
+        summary(
+            "ingest_external",
+            f"{n_files} files -> {len(manifest)} decoded, {len(quarantined)} quarantined; "
+            f"{report['n_duplicates_of_ingested']} duplicate an ingested image and are left out; {len(used)} scored"
+            + (" (SYNTHETIC: a check of the mechanics only)" if synthetic else ""),
+        )
+    return report
+
+
+def _against_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[list[str], list[str]]:
+    """Each external image's duplicate group (joined with the ingested images by ingest's own detector: equal bytes, or
+    perceptual hash and thumbnail correlation both close) and the ingested image it duplicates ('' if none)."""
+    if manifest.empty:
+        return [], []
+    ingested = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    theirs = []
+    for name, sha in zip(ingested["image"], ingested["sha256"], strict=True):
+        with Image.open(p.path("ingest_images") / name) as img:  # both sides normalized by the same decoder
+            theirs.append(fingerprint(img, sha, p.dedupe.hash_size))
+    keys = [*ingested["sha256"], *manifest["sha256"]]
+    groups = group_ids(keys, [*theirs, *prints], p.dedupe.max_distance, p.dedupe.min_correlation)
+    first = {}
+    for g, src in zip(groups[: len(ingested)], ingested["source_path"], strict=True):
+        first.setdefault(g, src)
+    mine = groups[len(ingested) :]
+    return mine, [first.get(g, "") for g in mine]
