@@ -119,7 +119,7 @@ def promote(p: Params, run_name: str, stages: dict) -> dict:
         served_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(served_dir / SERVED) as tmp:
             shutil.copyfile(candidate, tmp)
-        card = p.model_file("export", model, "card")
+        card = p.model_file("eval", model, "card")
         if card.is_file():
             with atomic_path(served_dir / "model_card.json") as tmp:
                 shutil.copyfile(card, tmp)

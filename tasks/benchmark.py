@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -47,6 +48,60 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
             a @ b
             times.append(time.perf_counter() - t)
     return 2 * n**3 / float(np.median(times)) / 1e9
+
+
+def ort_gemm_peaks(threads: int, n: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """The GEMM rates of ONNX Runtime itself (its MLAS kernels, which the ONNX rows use), with `threads` threads:
+    'fp32' GFLOP/s of an n x n float32 MatMul, 'int8' GOP/s of an n x n uint8 x int8 MatMulInteger (what the
+    quantized convolutions run on), each the median of `repeats` calls after one untimed call."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    graphs = {
+        "fp32": (
+            "MatMul",
+            TensorProto.FLOAT,
+            TensorProto.FLOAT,
+            TensorProto.FLOAT,
+            rng.random((n, n), np.float32),
+            rng.random((n, n), np.float32),
+        ),
+        "int8": (
+            "MatMulInteger",
+            TensorProto.UINT8,
+            TensorProto.INT8,
+            TensorProto.INT32,
+            rng.integers(0, 256, (n, n), dtype=np.uint8),
+            rng.integers(-128, 128, (n, n), dtype=np.int8),
+        ),
+    }
+    out = {}
+    for kind, (op, ta, tb, ty, a, b) in graphs.items():
+        graph = helper.make_graph(
+            [helper.make_node(op, ["a", "b"], ["y"])],
+            f"gemm_{kind}",
+            [helper.make_tensor_value_info("a", ta, [n, n]), helper.make_tensor_value_info("b", tb, [n, n])],
+            [helper.make_tensor_value_info("y", ty, [n, n])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        with tempfile.TemporaryDirectory() as folder:
+            path = f"{folder}/gemm.onnx"
+            onnx.save(model, path)
+            sess = session(path, threads)
+        feeds = {"a": a, "b": b}
+        seconds = time_calls(lambda feed, sess=sess: sess.run(None, feed), feeds, 1, repeats)
+        out[kind] = 2 * n**3 / float(np.median(seconds)) / 1e9
+    return out
+
+
+def ranking(rows: list[dict], batch: int) -> dict:
+    """The runtimes at one batch size, fastest first by median, and whether the spread lets them be ranked: two
+    neighbours are told apart only when the slower one's 25th percentile lies above the faster one's 75th."""
+    at = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["p50_ms"])
+    mixed = [[a["runtime"], b["runtime"]] for a, b in zip(at, at[1:], strict=False) if b["p25_ms"] <= a["p75_ms"]]
+    return {"fastest_first": [r["runtime"] for r in at], "not_told_apart": mixed, "rankable": not mixed}
 
 
 def cpu_model() -> str:
@@ -103,25 +158,45 @@ def benchmark(p: Params, name: str) -> dict:
     images = np.concatenate([images] * -(-b.batch_size // max(1, len(images))))[: b.batch_size]
     flops = model_flops(model)
     peak = matmul_peak(b.threads)
+    gemm = ort_gemm_peaks(b.threads)
     rows = []
     for batch in (1, b.batch_size):
         x = np.ascontiguousarray(images[:batch])
-        for rt, fn in runtimes.items():
-            per_image = time_calls(fn, x, b.warmup, b.repeats) / batch * 1000.0
+        names = list(runtimes)
+        for fn in runtimes.values():
+            time_calls(fn, x, b.warmup, 0)
+        seconds = {rt: [] for rt in names}
+        for i in range(b.repeats):  # interleaved rounds, each in a rotated order: drifts of a shared machine hit all alike
+            for rt in names[i % len(names) :] + names[: i % len(names)]:
+                seconds[rt].append(time_calls(runtimes[rt], x, 0, 1)[0])
+        for rt in names:
+            per_image = np.array(seconds[rt]) / batch * 1000.0
             ips = 1000.0 / float(np.median(per_image))
+            p25, p50, p75 = (float(v) for v in np.percentile(per_image, [25, 50, 75]))
+            peak, unit = (gemm["int8"], "int8") if rt.endswith("int8") else (gemm["fp32"], "fp32")
             rows.append(
                 {
                     "runtime": rt,
                     "batch": batch,
-                    "p50_ms": round(float(np.median(per_image)), 3),
+                    "p50_ms": round(p50, 3),
+                    "p25_ms": round(p25, 3),
+                    "p75_ms": round(p75, 3),
+                    "iqr_ms": round(p75 - p25, 3),
                     "p95_ms": round(float(np.percentile(per_image, 95)), 3),
                     "mean_ms": round(float(per_image.mean()), 3),
                     "images_per_s": round(ips, 2),
                     "gflops_per_s": round(flops * ips / 1e9, 1),
-                    "share_of_matmul_peak": round(flops * ips / 1e9 / peak, 3),
+                    "share_of_matmul_peak": round(flops * ips / 1e9 / peak, 3),  # of ONNX Runtime's own GEMM rate, in its precision
+                    "peak_kind": unit,
                 }
             )
-            log.info("benchmark %s: %s batch %d: %.1f ms/image", name, rt, batch, rows[-1]["p50_ms"])
+            log.info("benchmark %s: %s batch %d: %.1f ms/image (IQR %.1f)", name, rt, batch, p50, p75 - p25)
+    ranks = {f"batch_{bs}": ranking(rows, bs) for bs in (1, b.batch_size)}
+    too_wide = [k for k, v in ranks.items() if not v["rankable"]]
+    if too_wide:
+        log.warning(
+            "benchmark %s: the spread is too wide to rank %s at %s", name, ranks[too_wide[0]]["not_told_apart"], ", ".join(too_wide)
+        )
     med = {(r["runtime"], r["batch"]): r["p50_ms"] for r in rows}
     ratios = {
         f"batch_{bs}": {
@@ -136,9 +211,13 @@ def benchmark(p: Params, name: str) -> dict:
         "input_size": size,
         "flops_per_image": flops,
         "gflop_per_image": round(flops / 1e9, 3),
-        "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_gflops": round(gemm["fp32"], 1),  # ONNX Runtime's fp32 GEMM: the '% peak' of fp32 rows
+        "int8_gemm_peak_gops": round(gemm["int8"], 1),  # its uint8 x int8 GEMM: the '% peak' of int8 rows
+        "numpy_matmul_peak_gflops": round(peak, 1),  # numpy's BLAS, for comparison: not what any runtime here calls
         "rows": rows,
         "ratios": ratios,
+        "ranking": ranks,
+        "spread_too_wide": bool(too_wide),
         "machine": {
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
@@ -150,14 +229,18 @@ def benchmark(p: Params, name: str) -> dict:
             "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__,
         },
-        "settings": {"batch_sizes": [1, b.batch_size], "warmup": b.warmup, "repeats": b.repeats},
+        "settings": {"batch_sizes": [1, b.batch_size], "warmup": b.warmup, "repeats": b.repeats, "order": "interleaved rounds, rotated"},
     }
     write_json(p.model_file("benchmark", name, "benchmark"), out)
-    write_metrics(p.path("benchmark") / name / p.paths.files.scores, {f"{r['runtime']}_b{r['batch']}_ms": r["p50_ms"] for r in rows})
+    write_metrics(
+        p.path("benchmark") / name / p.paths.files.scores,
+        {**{f"{r['runtime']}_b{r['batch']}_ms": r["p50_ms"] for r in rows}, "spread_too_wide": int(bool(too_wide))},
+    )
     r = ratios[f"batch_{b.batch_size}"]
     summary(
         f"benchmark {name}",
         f"batch {b.batch_size}: ONNX Runtime fp32 {r['onnxruntime_fp32_speedup_over_keras_compiled']}x "
-        f"compiled Keras, int8 {r['int8_speedup_over_fp32']}x fp32; {flops / 1e9:.2f} GFLOP/image, matmul peak {peak:.0f} GFLOP/s",
+        f"compiled Keras, int8 {r['int8_speedup_over_fp32']}x fp32; {flops / 1e9:.2f} GFLOP/image; ONNX Runtime GEMM peak "
+        f"{gemm['fp32']:.0f} GFLOP/s fp32, {gemm['int8']:.0f} GOP/s int8" + ("; SPREAD TOO WIDE TO RANK" if too_wide else ""),
     )
     return out

@@ -1,4 +1,7 @@
-"""evaluate stage: one model on the held-out test split, with 95% group-bootstrap intervals and a labelled confusion matrix."""
+"""evaluate stage: one exported model (the ONNX file users deploy, parity-checked against Keras by export) on the held-out
+test split, with 95% group-bootstrap intervals and a labelled confusion matrix; and its model card.
+
+Scoring the ONNX file with ONNX Runtime, not the Keras model, means this stage imports no TensorFlow."""
 
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import pandas as pd
 
 from brainmri import calibration
 from brainmri.config import Params
+from brainmri.errors import BrainMRIError
 from brainmri.fsutil import jsonable, write_csv, write_json, write_metrics
+from brainmri.lineage import lineage, md5
 from brainmri.metrics import confusion, fmt, with_intervals
+from brainmri.onnxrt import INPUT, probabilities, session
 from brainmri.plots import confusion_figure, save
 from brainmri.preprocess import load_batch
 from brainmri.progress import summary
@@ -22,16 +28,13 @@ def evaluate(p: Params, name: str) -> dict:
     p.model(name)  # an unknown name stops here, before any work
     from sklearn.metrics import roc_curve
 
-    from brainmri.models import load_model
-
     bb = p.backbones[p.models[name].backbone]
     trained = json.loads(p.model_file("models", name, "train_metrics").read_text())
-    model = load_model(p.model_file("models", name, "model"))
+    exported = json.loads(p.model_file("export", name, "export_metrics").read_text())
     part = split_part(p, "test")
     test, y = part.frame, part.y
     pos, neg = p.ingest.positive_class, p.ingest.negative_class
-    x = load_batch(part.paths, bb.input_size)
-    prob = np.asarray(model.predict(x, batch_size=16, verbose=0), dtype=np.float64).reshape(-1)
+    prob = probabilities(session(p.model_file("export", name, "onnx")), load_batch(part.paths, bb.input_size))
     threshold = float(trained["threshold"])
     pred = (prob >= threshold).astype(int)
 
@@ -67,6 +70,7 @@ def evaluate(p: Params, name: str) -> dict:
     save(confusion_figure(matrix, shown, f"{name} (test, threshold {threshold:.2f})"), p.model_file("eval", name, "confusion_png"))
     metrics = jsonable(metrics)
     write_json(p.model_file("eval", name, "metrics"), metrics)
+    write_json(p.model_file("eval", name, "card"), model_card(p, name, trained, exported, metrics))
     t = metrics["test"]
     write_metrics(
         p.path("eval") / name / p.paths.files.scores,
@@ -83,3 +87,49 @@ def evaluate(p: Params, name: str) -> dict:
         f"({len(y)} images: one image moves accuracy {metrics['points_per_image']} points)",
     )
     return metrics
+
+
+def model_card(p: Params, name: str, trained: dict, exported: dict, evaluated: dict) -> dict:
+    """What the exported model is, how well it did, and where it came from (the DVC chain back to the raw data)."""
+    onnx_file = p.model_file("export", name, "onnx")
+    try:
+        chain = lineage(p.root, onnx_file, with_metrics=False)
+    except BrainMRIError as exc:  # run outside DVC: say so instead of inventing a chain
+        chain = {"note": str(exc)}
+    files = {k: {"file": getattr(p.paths.files, k), "md5": md5(p.model_file("export", name, k))} for k in ("onnx", "onnx_int8")}
+    return {
+        "model": name,
+        "task": f"brain MRI slice: tumour ({p.ingest.positive_class}) vs no tumour ({p.ingest.negative_class})",
+        "intended_use": "research and teaching; not a medical device, not for diagnosis",
+        "backbone": trained["backbone"],
+        "augmented_training": p.models[name].augment,
+        "weights": trained["weights"],
+        "input": {"name": INPUT, **{k: exported["metadata"][k] for k in ("input_size", "max_side")}},
+        "threshold": trained["threshold"],
+        "files": files,
+        "metrics": {
+            "test": evaluated["test"],
+            "n_test": evaluated["n_test"],
+            "calibration": trained.get("calibration", {}).get("method"),
+            "parity": exported["parity"],
+            "int8": exported["int8"],
+        },
+        "lineage": chain,
+        "libraries": library_versions(),
+    }
+
+
+CARD_LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "scikit-learn", "pillow", "dvc")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that built and exported the model (installed from requirements.lock; versions.yaml has all)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in CARD_LIBRARIES:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -15,7 +15,6 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from brainmri.config import Params
 from brainmri.errors import BrainMRIError
 from brainmri.fsutil import atomic_dir, write_json, write_metrics
-from brainmri.lineage import lineage, md5
 from brainmri.metrics import point
 from brainmri.onnxrt import INPUT, probabilities, session
 from brainmri.preprocess import load_batch
@@ -263,51 +262,10 @@ def export(p: Params, name: str) -> dict:
             **{f"int8_{k}": out["int8"][k] for k in ("accuracy_change_points", "auc_change", "max_abs_prob_change")},
         }
         write_metrics(tmp / p.paths.files.scores, scores)
-        write_json(tmp / p.paths.files.card, model_card(p, name, trained, out, tmp))
     i8 = out["int8"]
     summary(
         f"export {name} ({time.monotonic() - start:.0f} s)",
         f"parity max |diff| {diff:.1e} on {len(x)} test images; int8 accuracy change "
         f"{i8['accuracy_change_points']:+.1f} points, AUC change {i8['auc_change']:+.3f}",
     )
-    return out
-
-
-def model_card(p: Params, name: str, trained: dict, exported: dict, folder: Path) -> dict:
-    """What the exported model is, how well it did, and where it came from (the DVC chain back to the raw data)."""
-    evaluated = json.loads(p.model_file("eval", name, "metrics").read_text())
-    try:
-        chain = lineage(p.root, p.model_file("models", name, "model"), with_metrics=False)
-    except BrainMRIError as exc:  # run outside DVC: say so instead of inventing a chain
-        chain = {"note": str(exc)}
-    files = {k: {"file": getattr(p.paths.files, k), "md5": md5(folder / getattr(p.paths.files, k))} for k in ("onnx", "onnx_int8")}
-    return {
-        "model": name,
-        "task": f"brain MRI slice: tumour ({p.ingest.positive_class}) vs no tumour ({p.ingest.negative_class})",
-        "intended_use": "research and teaching; not a medical device, not for diagnosis",
-        "backbone": trained["backbone"],
-        "augmented_training": p.models[name].augment,
-        "weights": trained["weights"],
-        "input": {"name": INPUT, **{k: exported["metadata"][k] for k in ("input_size", "max_side")}},
-        "threshold": trained["threshold"],
-        "files": files,
-        "metrics": {"test": evaluated["test"], "n_test": evaluated["n_test"], "parity": exported["parity"], "int8": exported["int8"]},
-        "lineage": chain,
-        "libraries": library_versions(),
-    }
-
-
-CARD_LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "scikit-learn", "pillow", "dvc")
-
-
-def library_versions() -> dict[str, str]:
-    """The versions that built and exported the model (installed from requirements.lock; versions.yaml has all)."""
-    from importlib import metadata
-
-    out = {}
-    for dist in CARD_LIBRARIES:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
     return out

@@ -80,7 +80,7 @@ def latency_table(p: Params) -> tuple[pd.DataFrame | None, dict]:
         if not (path.is_file() and exp.is_file()):
             return None, {}
         b, e = json.loads(path.read_text()), json.loads(exp.read_text())
-        machine = {**b["machine"], "peak": b["matmul_peak_gflops"]}
+        machine = {**b["machine"], "peak": b["matmul_peak_gflops"], "int8_peak": b.get("int8_gemm_peak_gops", float("nan"))}
         by = {(r["runtime"], r["batch"]): r for r in b["rows"]}
         for bs in b["settings"]["batch_sizes"]:
             r = b["ratios"][f"batch_{bs}"]
@@ -91,7 +91,9 @@ def latency_table(p: Params) -> tuple[pd.DataFrame | None, dict]:
                     **{f"{v} ms": by[k, bs]["p50_ms"] for k, v in RUNTIMES.items()},
                     "ORT fp32 / compiled Keras": f"{r['onnxruntime_fp32_speedup_over_keras_compiled']:.2f}x",
                     "int8 / fp32": f"{r['int8_speedup_over_fp32']:.2f}x",
-                    "% peak": f"{100 * by['onnxruntime_fp32', bs]['share_of_matmul_peak']:.0f}",
+                    "fp32 % peak": f"{100 * by['onnxruntime_fp32', bs]['share_of_matmul_peak']:.0f}",
+                    "int8 % peak": f"{100 * by['onnxruntime_int8', bs]['share_of_matmul_peak']:.0f}",
+                    "Rankable": "yes" if b.get("ranking", {}).get(f"batch_{bs}", {}).get("rankable", True) else "no: spread too wide",
                     "int8 Δ acc (pts)": f"{e['int8']['accuracy_change_points']:+.1f}",
                     "int8 Δ AUC": f"{e['int8']['auc_change']:+.3f}",
                 }
@@ -391,8 +393,11 @@ def report(p: Params) -> dict:
                 "",
                 latency,
                 f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads per runtime; TensorFlow "
-                f"{machine['tensorflow']}, Keras {machine['keras']}, ONNX Runtime {machine['onnxruntime']}. A float32 matrix multiply "
-                f"reaches {machine['peak']:.0f} GFLOP/s here; '% peak' is the ONNX Runtime fp32 rate as a share of it.",
+                f"{machine['tensorflow']}, Keras {machine['keras']}, ONNX Runtime {machine['onnxruntime']}. ONNX Runtime's own GEMM "
+                f"reaches {machine['peak']:.0f} GFLOP/s in float32 and {machine['int8_peak']:.0f} GOP/s in uint8 x int8 here; "
+                "'% peak' is each ONNX Runtime row's rate as a share of the peak in its precision. The runtimes are timed in "
+                "interleaved rounds; a batch size is 'rankable' when every two neighbours in speed are told apart by their "
+                "interquartile ranges.",
                 "",
                 "![Latency per image by runtime and batch size](latency.png)",
                 "",

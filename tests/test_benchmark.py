@@ -12,7 +12,15 @@ def test_benchmark_file_has_every_runtime_batch_and_ratio(small_run):
     b = json.loads(p.model_file("benchmark", "vgg16-aug", "benchmark").read_text())
     assert {(r["runtime"], r["batch"]) for r in b["rows"]} == {(rt, bs) for rt in RUNTIMES for bs in (1, 2)}
     for r in b["rows"]:
-        assert 0 < r["p50_ms"] <= r["p95_ms"] and r["images_per_s"] > 0
+        assert 0 < r["p25_ms"] <= r["p50_ms"] <= r["p75_ms"] and r["p50_ms"] <= r["p95_ms"] and r["images_per_s"] > 0
+        assert r["iqr_ms"] == pytest.approx(r["p75_ms"] - r["p25_ms"], abs=2e-3)
+        assert r["peak_kind"] == ("int8" if r["runtime"].endswith("int8") else "fp32")
+    assert b["settings"]["order"].startswith("interleaved")
+    for bs in ("batch_1", "batch_2"):
+        rank = b["ranking"][bs]
+        assert sorted(rank["fastest_first"]) == sorted(RUNTIMES) and rank["rankable"] == (not rank["not_told_apart"])
+    assert b["spread_too_wide"] == (not all(v["rankable"] for v in b["ranking"].values()))
+    assert b["int8_gemm_peak_gops"] > 0 and b["numpy_matmul_peak_gflops"] > 0
     assert set(b["ratios"]) == {"batch_1", "batch_2"}
     assert b["machine"]["threads"] == 2 and b["machine"]["cores"] >= 1 and b["machine"]["onnxruntime"]
     assert b["flops_per_image"] > 0 and b["matmul_peak_gflops"] > 0
@@ -27,3 +35,20 @@ def test_flop_count_matches_the_published_vgg16_figure():
 
 def test_matmul_peak_is_a_plausible_rate():
     assert 1.0 < matmul_peak(threads=1, n=512, repeats=3) < 10_000.0
+
+
+def test_ranking_tells_runtimes_apart_only_when_their_quartiles_do_not_overlap():
+    from tasks.benchmark import ranking
+
+    row = lambda rt, p25, p50, p75: {"runtime": rt, "batch": 1, "p25_ms": p25, "p50_ms": p50, "p75_ms": p75}  # noqa: E731
+    apart = ranking([row("a", 9, 10, 11), row("b", 19, 20, 21), row("c", 4, 5, 6)], 1)
+    assert apart == {"fastest_first": ["c", "a", "b"], "not_told_apart": [], "rankable": True}
+    mixed = ranking([row("a", 9, 10, 14), row("b", 12, 13, 15)], 1)
+    assert mixed["not_told_apart"] == [["a", "b"]] and not mixed["rankable"]
+
+
+def test_onnx_runtime_gemm_peaks_are_plausible_rates():
+    from tasks.benchmark import ort_gemm_peaks
+
+    peaks = ort_gemm_peaks(threads=1, n=256, repeats=3)
+    assert 1.0 < peaks["fp32"] < 10_000.0 and 1.0 < peaks["int8"] < 100_000.0
