@@ -106,3 +106,18 @@ def reliability_figure(tables: dict[str, tuple[dict, dict, str]], cols: int = 4)
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def strips_figure(strips: list[tuple[str, list[tuple[np.ndarray, str]]]], max_cols: int = 6):
+    """One row per group: its title, then each member's image with a caption (at most `max_cols` shown)."""
+    cols = min(max_cols, max(len(m) for _, m in strips))
+    fig, axes = plt.subplots(len(strips), cols, figsize=(1.6 * cols, 1.75 * len(strips)), squeeze=False)
+    for row, (title, members) in zip(axes, strips, strict=True):
+        for ax in row:
+            ax.axis("off")
+        for ax, (img, caption) in zip(row, members, strict=False):
+            ax.imshow(img, cmap="gray")
+            ax.set_title(caption, fontsize=6)
+        row[0].text(-0.08, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=6)
+    fig.tight_layout()
+    return fig

@@ -14,7 +14,7 @@ import pandas as pd
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, write_text
 from brainmri.metrics import fmt, paired_auc_differences
-from brainmri.plots import confusion_figure, curves_figure, plt, reliability_figure, roc_figure, samples_figure, save
+from brainmri.plots import confusion_figure, curves_figure, plt, reliability_figure, roc_figure, samples_figure, save, strips_figure
 from brainmri.progress import summary
 
 ORIGINAL = (
@@ -214,6 +214,33 @@ def _auc_text(r: dict) -> str:
     return f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
 
 
+def duplicate_strips(p: Params, out: Path) -> list:
+    """Every duplicate group as a strip of its members' thumbnails, so a person can check the grouping by eye."""
+    from PIL import Image
+
+    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).set_index("source_path")["split"]
+    sizes = m["group"].value_counts()
+    groups = [g for g in sizes.index if sizes[g] > 1]
+    if not groups:
+        return ["No duplicate groups: every image is its own scan.", ""]
+    strips = []
+    for g in sorted(groups, key=lambda g: m.loc[m["group"] == g, "source_path"].min()):
+        members = []
+        for row in m[m["group"] == g].sort_values("source_path").itertuples():
+            with Image.open(p.path("ingest_images") / row.image) as img:
+                img.thumbnail((96, 96))
+                members.append((np.asarray(img.convert("L")), f"{row.source_path}\n{split.get(row.source_path, 'excluded')}"))
+        strips.append((g, members))
+    save(strips_figure(strips), out / "duplicates.png")
+    return [
+        f"Every duplicate group ({len(groups)}), one row each, with each member's file and split (a group never spans two):",
+        "",
+        "![Every duplicate group, one row each](duplicates.png)",
+        "",
+    ]
+
+
 def data_audit_section(p: Params, ingest: dict, out: Path) -> list:
     """Markdown lines of the data-audit section; draws the review grid of flagged images into `out`."""
     md = ["## Data audit", "", "### Shortcuts: can the class be predicted without anatomy?", ""]
@@ -355,6 +382,7 @@ def report(p: Params) -> dict:
             f"- Split ledger: {split['ledger']['images_kept']} images kept the split they had, {split['ledger']['images_new']} "
             f"were placed anew, {split['ledger']['images_moved']} moved because a new image joined groups from different splits.",
             "",
+            *duplicate_strips(p, out),
             *audit_md,
             "## Sample test images",
             "",

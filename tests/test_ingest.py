@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-from factory import brain, cmyk_jpeg, encode, make_project, png16, rgba_png, truncated_jpeg, write_dataset
+from factory import REPO, brain, cmyk_jpeg, encode, make_project, png16, rgba_png, truncated_jpeg, write_dataset
 
 from brainmri.config import load_params
 from brainmri.errors import DataError
@@ -249,3 +249,16 @@ def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
     prints = [fingerprint(img, str(i), 8) for i, img in enumerate([plain, marked, other])]
     g = group_ids(["a", "b", "c"], prints, max_distance=10, min_correlation=0.95)
     assert g[0] == g[1] != g[2]
+
+
+def test_the_detector_reproduces_every_verdict_of_the_reviewed_pair_list(real_ingest):
+    """tests/data/reviewed_pairs.csv: every pair the detector joined on the real set and the 40 closest it kept apart,
+    each marked by eye. Two images share a group exactly when their verdict is 'same scan'."""
+    p, *_ = real_ingest
+    group = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False).set_index("source_path")["group"]
+    pairs = pd.read_csv(REPO / "tests" / "data" / "reviewed_pairs.csv", comment="#", keep_default_na=False)
+    assert len(pairs) == 118 and (pairs["verdict"] == "same scan").sum() == 78
+    assert set(pairs["verdict"]) == {"same scan", "different scans"}
+    same = [group[a] == group[b] for a, b in zip(pairs["a"], pairs["b"], strict=True)]
+    wrong = pairs[np.array(same) != (pairs["verdict"] == "same scan").to_numpy()]
+    assert wrong.empty, wrong

@@ -4,6 +4,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -21,7 +22,9 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
         assert (folder / png).stat().st_size > 2000
     html = (folder / "report.html").read_text()
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]  # the review grid is drawn when any image is flagged
-    assert html.count("data:image/png;base64,") == 6 + bool(flagged) and 'src="http' not in html and html.count("<table") == 4
+    groups = pd.read_csv(p.path("ingest_manifest"))["group"].value_counts()
+    assert (groups > 1).any() and "![Every duplicate group, one row each](duplicates.png)" in md  # phantoms hold copies
+    assert html.count("data:image/png;base64,") == 7 + bool(flagged) and 'src="http' not in html and html.count("<table") == 4
     assert "## Calibrated probabilities" in md and "ECE before" in md  # every model's map, before and after
     for name in p.models:
         cal = trained[name]["calibration"]
@@ -67,7 +70,7 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
     n = len(p.models) + 1
     assert seen["tables"] == [n, n, n, 2 * len(p.models) + 1]  # results; paired AUC; calibration; latency (2 batches)
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
-    assert len(seen["images"]) == 6 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
+    assert len(seen["images"]) == 7 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}
     assert any(alt.startswith("Reliability diagrams") for *_, alt in seen["images"])
     sections = {"Results", "Data audit", "Sample test images", "Lineage", "Dataset", "Plots", "Calibrated probabilities"}
