@@ -199,6 +199,7 @@ class Train(Section):
     threshold: Literal["youden"] | float
     calibration: Literal["temperature", "platt", "none"]
     cv_folds: int
+    cv_seeds: int
     bootstrap: int
 
     @model_validator(mode="after")
@@ -206,6 +207,8 @@ class Train(Section):
         self.require_min("train", batch_size=1, feature_batch_size=1, bootstrap=0)
         if isinstance(self.threshold, float) and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"train.threshold must be 'youden' or a number between 0 and 1, got {self.threshold}")
+        if self.cv_seeds < 1:
+            raise ValueError(f"train.cv_seeds must be at least 1 (one cross-validation run), got {self.cv_seeds}")
         if self.cv_folds == 1 or self.cv_folds < 0:
             raise ValueError(f"train.cv_folds must be 0 (off) or at least 2, got {self.cv_folds}")
         return self

@@ -34,6 +34,13 @@ def _cv(c: dict | None, who: str) -> str:
     return f"{c[who]['auc']['mean_of_folds']:.3f} ± {c[who]['auc']['sd_of_folds']:.3f}" if c else "n/a"
 
 
+def _seed_sd(c: dict | None) -> str:
+    spread = (c or {}).get("seed_spread") or {}
+    if spread.get("sd") is None:
+        return "n/a"
+    return f"{spread['sd']:.3f} ({len(spread['seeds'])} seeds, {spread['range'][0]:.3f}-{spread['range'][1]:.3f})"
+
+
 def results_table(p: Params) -> tuple[pd.DataFrame, dict, dict]:
     rows, trained, evaluated = [], {}, {}
     for name in p.models:
@@ -53,6 +60,7 @@ def results_table(p: Params) -> tuple[pd.DataFrame, dict, dict]:
                 "Specificity % [95% CI]": _ci(m["specificity"]),
                 "CV AUC, mean of folds ± sd": _cv(t["cv"], "model"),
                 "CV AUC, pooled out of fold": fmt(t["cv"]["model"]["auc"]["pooled_out_of_fold"]) if t["cv"] else "n/a",
+                "Seed sd of pooled CV AUC": _seed_sd(t["cv"]),
                 "LogReg CV AUC, mean of folds ± sd": _cv(t["cv"], "baseline_logreg"),
             }
         )
@@ -349,8 +357,9 @@ def report(p: Params) -> dict:
             + (
                 f"{p.train.cv_folds}-fold cross-validation over train+val on cached features. 'Mean of folds' averages each fold's "
                 "AUC on its own held-out part (± their sd); 'pooled out of fold' is one AUC over every train+val image's "
-                "out-of-fold prediction. LogReg: a plain logistic regression on the same frozen features and folds, the bar a "
-                "trained head should clear."
+                "out-of-fold prediction. Seed sd: the spread of the pooled figure over whole CV runs with other seeds (folds, "
+                "initial weights, shuffles), the training luck to read beside the data's intervals. LogReg: a plain logistic "
+                "regression on the same frozen features and folds, the bar a trained head should clear."
                 if p.train.cv_folds
                 else "cross-validation is off."
             ),
@@ -487,7 +496,10 @@ def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) ->
         rows.append(
             {
                 "Model": name,
-                "Map": cal["method"] + (f" (T = {1 / cal['a']:.2f})" if cal["method"] == "temperature" else ""),
+                "Map": cal["method"]
+                + {"temperature": f" (T = {1 / cal['a']:.2f})", "platt": f" (a = {cal['a']:.2f}, c = {cal['c']:+.2f})"}.get(
+                    cal["method"], ""
+                ),
                 "Fitted on": cal["fitted_on"],
                 "ECE before": f"{cal['ece_before']:.3f}",
                 "ECE after": f"{cal['ece_after']:.3f}",

@@ -379,8 +379,12 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
                 aug_feats.setdefault(by_image[src], []).append(vec)
         aug_arrays = {i: np.stack(v) for i, v in aug_feats.items()}
         y_all = np.concatenate([tr.y, va.y])
-        folds = cv_folds(p, name, feats, y_all, frame["group"].to_numpy(), aug_arrays)
-    results = train_heads(p, name, [head, *(f.job for f in folds)])
+        groups = frame["group"].to_numpy()
+        folds = cv_folds(p, name, feats, y_all, groups, aug_arrays)
+        reruns = [cv_folds(p, name, feats, y_all, groups, aug_arrays, fold_seed=s) for s in rerun_seeds(p)]
+    else:
+        reruns = []
+    results = train_heads(p, name, [head, *(f.job for f in folds), *(f.job for run in reruns for f in run)])
     history, best = results[0].history, results[0].best
     for row in history.itertuples():
         log.info(
@@ -394,9 +398,35 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
         )
     if not folds:
         return history, best, None, None
-    cv = cv_report(p, name, feats, y_all, folds, results[1:])
+    cv = cv_report(p, name, feats, y_all, folds, results[1 : 1 + len(folds)])
     oof = (y_all, cv.pop("predictions")["model"])  # per-image detail: calibration fits on it; train.json keeps the summary
+    cv["seed_spread"] = seed_spread(p, feats, y_all, cv, reruns)
     return history, best, cv, oof
+
+
+def rerun_seeds(p: Params) -> list[int]:
+    """The seeds of the extra cross-validation runs (train.cv_seeds - 1 of them): other fold assignments, initial
+    weights, shuffles and dropout masks, on the same images."""
+    return [p.seed + 1000 * r for r in range(1, p.train.cv_seeds)]
+
+
+def seed_spread(p: Params, feats, y, cv: dict, reruns: list[list[Fold]]) -> dict:
+    """Pooled out-of-fold AUC of each seed's whole cross-validation run (the first is `cv`'s own): how much of a
+    figure is the luck of the seed, to read beside the data's bootstrap intervals."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [cv["model"]["auc"]["pooled_out_of_fold"]]
+    for run in reruns:
+        oof = np.full(len(y), np.nan)
+        for fold in run:
+            oof[fold.test] = predict(fold.job.head, feats[fold.test])
+        aucs.append(round(float(roc_auc_score(y, oof)), 4) if len(np.unique(y)) > 1 else float("nan"))
+    return {
+        "seeds": [p.seed, *rerun_seeds(p)],
+        "pooled_out_of_fold_auc": aucs,
+        "sd": round(float(np.std(aucs, ddof=1)), 4) if len(aucs) > 1 else None,
+        "range": [min(aucs), max(aucs)],
+    }
 
 
 def fine_tune(net, tr: Part, aug: Part, va: Part, bb, y_fit, fit_args, name: str, offset: int) -> pd.DataFrame:

@@ -91,6 +91,11 @@ def test_the_model_beats_chance_by_a_margin_its_interval_clears(trained, cv_runs
         f"{cv['ci_high']:.3f}] (group bootstrap)"
     )
     assert cv["ci_low"] > 0.65  # the interval clears chance (0.5) by 0.15
+    cal = t["calibration"]  # Platt's map on the same out-of-fold predictions: log loss can only fall; ECE should too
+    print(f"calibration ({cal['method']}): ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
+          f"log loss {cal['bce_before']:.3f} -> {cal['bce_after']:.3f}")  # fmt: skip
+
+    assert cal["bce_after"] <= cal["bce_before"] and cal["ece_after"] < cal["ece_before"]
 
 
 def test_labels_permuted_by_group_inside_train_and_val_bring_cv_auc_to_chance(cv_runs):

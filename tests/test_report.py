@@ -28,7 +28,7 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     assert "## Calibrated probabilities" in md and "ECE before" in md  # every model's map, before and after
     for name in p.models:
         cal = trained[name]["calibration"]
-        assert f"| {name} | temperature (T = {1 / cal['a']:.2f}) |" in md and f"{cal['ece_after']:.3f}" in md
+        assert f"| {name} | platt (a = {cal['a']:.2f}, c = {cal['c']:+.2f}) |" in md and f"{cal['ece_after']:.3f}" in md
     assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in html  # phantoms say so, from the dataset's own marker
     assert "![Test images with their predictions](samples.png)" in md and "(the model best on validation)" in md
     assert "Lineage not recorded: no dvc.lock" in md  # run outside DVC here; tests/test_pipeline.py has the recorded case

@@ -166,8 +166,8 @@ def test_saved_model_reproduces_the_loops_validation_loss(small_run):
         model = load_model(p.model_file("models", name, "model"))
         prob = np.asarray(model(load_batch(va.paths, p.backbones["vgg16"].input_size), training=False)).reshape(-1)
         cal = trained[name]["calibration"]
-        assert cal["method"] == "temperature" and cal["c"] == 0 and cal["a"] > 0
-        prob = calibration.apply(prob, 1 / cal["a"], 0.0)  # the saved model is calibrated: undoing the map gives the loop's head
+        assert cal["method"] == "platt" and cal["a"] > 0
+        prob = calibration.apply(prob, 1 / cal["a"], -cal["c"] / cal["a"])  # the saved model is calibrated: undone, the loop's head
         assert float(log_loss(va.y, prob, labels=[0, 1])) == pytest.approx(float(chosen["val_loss"].iloc[0]), abs=1e-4)
         assert float(np.mean((prob > 0.5) == va.y)) == pytest.approx(float(chosen["val_accuracy"].iloc[0]), abs=1e-6)
 
@@ -181,6 +181,9 @@ def test_train_writes_model_history_and_metrics(small_run):
     assert {"accuracy", "bce", "auc"} <= set(t["train"]) and 0 < t["threshold"] < 1
     assert t["cv"]["folds"] == 2 and {"model", "baseline_logreg"} <= set(t["cv"])
     assert set(t["cv"]["model"]["auc"]) == {"mean_of_folds", "sd_of_folds", "pooled_out_of_fold"}  # every CV figure says which
+    spread = t["cv"]["seed_spread"]  # whole CV runs with other seeds: the first is the CV above
+    assert spread["seeds"] == [42, 1042, 2042] and spread["pooled_out_of_fold_auc"][0] == t["cv"]["model"]["auc"]["pooled_out_of_fold"]
+    assert len(spread["pooled_out_of_fold_auc"]) == 3 and spread["sd"] >= 0 and spread["range"][0] <= spread["range"][1]
     per_fold = [f["model_auc"] for f in t["cv"]["per_fold"]]
     assert t["cv"]["model"]["auc"]["mean_of_folds"] == pytest.approx(np.mean(per_fold), abs=1e-4)
     assert trained["smallcnn-aug"]["cv"] is None  # end-to-end models have no feature cache to cross-validate on
