@@ -91,11 +91,30 @@ def test_the_model_beats_chance_by_a_margin_its_interval_clears(trained, cv_runs
         f"{cv['ci_high']:.3f}] (group bootstrap)"
     )
     assert cv["ci_low"] > 0.65  # the interval clears chance (0.5) by 0.15
-    cal = t["calibration"]  # Platt's map on the same out-of-fold predictions: log loss can only fall; ECE should too
-    print(f"calibration ({cal['method']}): ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
-          f"log loss {cal['bce_before']:.3f} -> {cal['bce_after']:.3f}")  # fmt: skip
 
-    assert cal["bce_after"] <= cal["bce_before"] and cal["ece_after"] < cal["ece_before"]
+
+def test_platt_calibration_lowers_the_log_loss_of_held_out_images(trained, cv_runs):
+    """Fitted on the out-of-fold predictions of half the duplicate groups, scored on the other half, both ways round.
+    ECE is printed, not asserted: over 10 equal-mass bins of ~200 images even a perfectly calibrated model scores
+    0.07 on average (0.10 at the 95th percentile, simulated), so it cannot rank maps at this size."""
+    from sklearn.metrics import log_loss
+
+    from brainmri import calibration
+
+    p, t = trained
+    y, groups, _, (real, *_) = cv_runs
+    names = np.unique(groups)
+    half = np.isin(groups, np.random.default_rng(0).permutation(names)[: len(names) // 2])
+    cal = t["calibration"]
+    print(f"\ntrain.json, {cal['method']} on all out-of-fold predictions: ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
+          f"log loss {cal['bce_before']:.3f} -> {cal['bce_after']:.3f}")  # fmt: skip
+    for fit in (half, ~half):
+        a, c = calibration.fit(real[fit], y[fit], "platt")
+        held, prob = y[~fit], real[~fit]
+        before, after = log_loss(held, prob, labels=[0, 1]), log_loss(held, calibration.apply(prob, a, c), labels=[0, 1])
+        print(f"held-out half of {len(held)} images: log loss {before:.3f} -> {after:.3f}, "
+              f"ECE {calibration.ece(held, prob):.3f} -> {calibration.ece(held, calibration.apply(prob, a, c)):.3f}")  # fmt: skip
+        assert after < before
 
 
 def test_labels_permuted_by_group_inside_train_and_val_bring_cv_auc_to_chance(cv_runs):
