@@ -14,6 +14,7 @@ from PIL import Image
 
 from brainmri.config import Params
 from brainmri.duplicates import fingerprint, group_ids
+from brainmri.errors import DataError
 from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.images import save_png
 from brainmri.phantoms import MARKER
@@ -27,6 +28,11 @@ def ingest_external(p: Params) -> dict:
     """Run the stage: write the external images, their manifest and a report; return the report."""
     start = time.monotonic()
     source = p.resolve(p.external.source)
+    if not source.exists():
+        raise DataError(
+            f"external set not found at {source} (external.source in params.yaml): point it at a folder or archive of "
+            f"class folders {p.ingest.classes}, or at an empty folder for no external set"
+        )
     rows, prints, quarantined, skipped, n_files, synthetic = [], [], [], [], 0, False
     with open_source(source, p) as folder, atomic_dir(p.path("external_images")) as out:
         configured = any((folder / c).is_dir() for c in p.ingest.classes)

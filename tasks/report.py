@@ -468,8 +468,8 @@ def external_section(p: Params, evaluated: dict) -> list:
                 "External AUC [95% CI]": _ci(m["auc"], pct=False),
                 "External acc % [95% CI]": _ci(m["accuracy"]),
                 "Test AUC": f"{t['auc']['value']:.3f}",
-                "AUC change (external - test)": f"{e['change_from_test']['auc']:+.3f}",
-                "Accuracy change (points)": f"{100 * e['change_from_test']['accuracy']:+.1f}",
+                "AUC change (external - test)": fmt(e["change_from_test"]["auc"], "+.3f"),  # n/a when a set has one class
+                "Accuracy change (points)": fmt(e["change_from_test"]["accuracy"], "+.1f", 100.0),
             }
         )
     text = [

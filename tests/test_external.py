@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from brainmri.config import load_params
@@ -64,3 +65,14 @@ def test_external_images_that_duplicate_ingested_ones_are_left_out_and_the_rest_
     text = (q.path("report") / "report.md").read_text()
     assert "## External validation" in text and "SYNTHETIC external set" in text and "16 scored" in text
     assert "| vgg16-aug |" in text.split("## External validation")[1].split("##")[0]
+
+
+def test_a_missing_external_source_is_one_clear_error(tmp_path):
+    from factory import make_project
+
+    from brainmri.errors import DataError
+
+    p = load_params(make_project(tmp_path, {"external": {"source": "nowhere"}}) / "params.yaml")
+    with pytest.raises(DataError, match=r"external set not found at .*nowhere \(external.source in params.yaml\)"):
+        ingest_external(p)
+    assert not p.path("external_report").exists()
