@@ -1,12 +1,13 @@
 """Calibrated probabilities: a monotone map of the model's logit, fitted on held-out predictions, folded into its output layer.
 
 - `temperature`: p' = sigmoid(logit(p) / T), one parameter, fitted by minimising the log loss;
-- `platt`: p' = sigmoid(a * logit(p) + c), scikit-learn's logistic regression on the logit;
+- `platt`: p' = sigmoid(a * logit(p) + c), scikit-learn's logistic regression on the logit, with Platt's targets;
 - `none`: p' = p.
 
 Each is sigmoid(a * z + c) on the logit z, and the output layer is a sigmoid Dense layer (z = w.h + b), so the layer's
 kernel and bias absorb the map: w' = a w, b' = a b + c. The saved Keras model, the ONNX export and `predict` then all give
-calibrated probabilities with no extra layer, and any threshold maps through the same function, so no label changes.
+calibrated probabilities with no extra layer; train maps a fixed threshold through the same function (and sets
+Youden's on the calibrated outputs), so no label changes.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ def fit(prob: np.ndarray, y: np.ndarray, method: str) -> tuple[float, float]:
     if method == "platt":
         from sklearn.linear_model import LogisticRegression
 
-        lr = LogisticRegression(C=1e6, max_iter=1000).fit(z[:, None], y)  # C large: Platt's fit is unregularised
+        # Platt's (1999) targets, (N+ + 1) / (N+ + 2) and 1 / (N- + 2), not 0 and 1: on separable predictions the plain
+        # fit's slope grows without bound, and an output layer scaled that far saturates. scikit-learn takes soft
+        # targets as each row twice, once per label, weighted by the target's probability of that label.
+        n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+        target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+        rows = np.concatenate([z, z])[:, None]
+        labels = np.concatenate([np.ones(len(z)), np.zeros(len(z))])
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(rows, labels, sample_weight=np.concatenate([target, 1 - target]))
         return float(lr.coef_[0, 0]), float(lr.intercept_[0])
     raise ValueError(f"unknown calibration method {method!r}")
 

@@ -173,7 +173,7 @@ def benchmark(p: Params, name: str) -> dict:
             per_image = np.array(seconds[rt]) / batch * 1000.0
             ips = 1000.0 / float(np.median(per_image))
             p25, p50, p75 = (float(v) for v in np.percentile(per_image, [25, 50, 75]))
-            peak, unit = (gemm["int8"], "int8") if rt.endswith("int8") else (gemm["fp32"], "fp32")
+            row_peak, unit = (gemm["int8"], "int8") if rt.endswith("int8") else (gemm["fp32"], "fp32")
             rows.append(
                 {
                     "runtime": rt,
@@ -186,7 +186,7 @@ def benchmark(p: Params, name: str) -> dict:
                     "mean_ms": round(float(per_image.mean()), 3),
                     "images_per_s": round(ips, 2),
                     "gflops_per_s": round(flops * ips / 1e9, 1),
-                    "share_of_matmul_peak": round(flops * ips / 1e9 / peak, 3),  # of ONNX Runtime's own GEMM rate, in its precision
+                    "share_of_matmul_peak": round(flops * ips / 1e9 / row_peak, 3),  # of ONNX Runtime's own GEMM rate, in its precision
                     "peak_kind": unit,
                 }
             )

@@ -29,7 +29,7 @@ def external(p: Params, name: str) -> dict:
     out = {"model": name, "configured": intake["configured"], "synthetic": intake["synthetic"], "n_images": int(len(used))}
     if not intake["configured"] or used.empty:
         out["note"] = (
-            f"no external set: {intake['source']} holds no class folder"
+            f"no external set: {intake['source']} holds nothing but hidden files"
             if not intake["configured"]
             else "no external image left: every one duplicates an ingested image or was quarantined"
         )

@@ -110,18 +110,19 @@ def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict]
 
 
 @contextlib.contextmanager
-def open_source(source: Path, p: Params):
-    """Yield the folder that holds the class folders: the source itself, or a safely extracted archive."""
+def open_source(source: Path, p: Params, param: str = "ingest.source"):
+    """Yield the folder that holds the class folders: the source itself, or a safely extracted archive.
+    `param` names the params key the source came from, in errors."""
     if not source.exists():
         raise DataError(
-            f"dataset not found at {source} (ingest.source in params.yaml): put the class folders "
-            f"{p.ingest.classes} there, or point ingest.source at a folder or .zip/.tar.gz archive"
+            f"dataset not found at {source} ({param} in params.yaml): put the class folders "
+            f"{p.ingest.classes} there, or point {param} at a folder or .zip/.tar.gz archive"
         )
     if source.is_dir():
         yield source
         return
     if not archives.is_archive(source):
-        raise DataError(f"{source}: ingest.source must be a folder or a {'/'.join(archives.ARCHIVE_SUFFIXES)} archive")
+        raise DataError(f"{source}: {param} must be a folder or a {'/'.join(archives.ARCHIVE_SUFFIXES)} archive")
     work = p.path("ingest_manifest").parent
     work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=work))

@@ -1,12 +1,14 @@
 """ingest_external stage: an independent labelled set (external.source), read by exactly ingest's rules, less every
 image that duplicates an ingested one, so that "external" means external. The external@MODEL stages score what is left.
 
-No class folder in the source means no external set: the stage still runs (DVC has no conditional stages) and records
-that, and every external@MODEL stage and the report say so.
+A source with nothing in it but hidden files means no external set: the stage still runs (DVC has no conditional
+stages) and records that, and every external@MODEL stage and the report say so. Anything else is read by ingest's
+rules, with ingest's errors: both class folders, images directly inside them.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import pandas as pd
@@ -34,8 +36,8 @@ def ingest_external(p: Params) -> dict:
             f"class folders {p.ingest.classes}, or at an empty folder for no external set"
         )
     rows, prints, quarantined, skipped, n_files, synthetic = [], [], [], [], 0, False
-    with open_source(source, p) as folder, atomic_dir(p.path("external_images")) as out:
-        configured = any((folder / c).is_dir() for c in p.ingest.classes)
+    with open_source(source, p, "external.source") as folder, atomic_dir(p.path("external_images")) as out:
+        configured = any(not name.startswith(".") for name in os.listdir(folder))  # anything else: scan's own errors
         if configured:
             files, skipped, quarantined = scan(folder, p.ingest.classes)
             synthetic = (folder / MARKER).is_file()
@@ -71,7 +73,7 @@ def ingest_external(p: Params) -> dict:
     write_csv(p.path("external_manifest"), manifest[COLUMNS])
     write_json(p.path("external_report"), report)
     if not configured:
-        summary("ingest_external", f"no external set: {source} holds no class folder {p.ingest.classes}")
+        summary("ingest_external", f"no external set: {source} holds nothing but hidden files")
     else:
         summary(
             "ingest_external",

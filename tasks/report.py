@@ -222,6 +222,9 @@ def _auc_text(r: dict) -> str:
     return f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
 
 
+MAX_STRIPS = 80  # groups drawn as strips: 80 rows stay well under matplotlib's 2^16-pixel figure limit (reached near 340)
+
+
 def duplicate_strips(p: Params, out: Path) -> list:
     """Every duplicate group as a strip of its members' thumbnails, so a person can check the grouping by eye."""
     from PIL import Image
@@ -233,7 +236,8 @@ def duplicate_strips(p: Params, out: Path) -> list:
     if not groups:
         return ["No duplicate groups: every image is its own scan.", ""]
     strips = []
-    for g in sorted(groups, key=lambda g: m.loc[m["group"] == g, "source_path"].min()):
+    ordered = sorted(groups, key=lambda g: m.loc[m["group"] == g, "source_path"].min())
+    for g in ordered[:MAX_STRIPS]:
         members = []
         for row in m[m["group"] == g].sort_values("source_path").itertuples():
             with Image.open(p.path("ingest_images") / row.image) as img:
@@ -241,11 +245,14 @@ def duplicate_strips(p: Params, out: Path) -> list:
                 members.append((np.asarray(img.convert("L")), f"{row.source_path}\n{split.get(row.source_path, 'excluded')}"))
         strips.append((g, members))
     save(strips_figure(strips), out / "duplicates.png")
+    rest = [f"- {g}: {', '.join(m.loc[m['group'] == g, 'source_path'].sort_values())}" for g in ordered[MAX_STRIPS:]]
+    shown = f"the first {MAX_STRIPS} of {len(groups)} (the rest listed below)" if rest else f"all {len(groups)}"
     return [
-        f"Every duplicate group ({len(groups)}), one row each, with each member's file and split (a group never spans two):",
+        f"Duplicate groups, {shown}, one row each, with each member's file and split (a group never spans two):",
         "",
         "![Every duplicate group, one row each](duplicates.png)",
         "",
+        *([*rest, ""] if rest else []),
     ]
 
 
@@ -454,8 +461,8 @@ def external_section(p: Params, evaluated: dict) -> list:
     intake = json.loads(p.path("external_report").read_text())
     head = ["## External validation", ""]
     if not intake["configured"]:
-        return [*head, f"No external set: `external.source` ({intake['source']}) holds no class folder. Put one there (class "
-                "folders, as for ingest) and `dvc repro` scores every exported model on it.", ""]  # fmt: skip
+        return [*head, f"No external set: `external.source` ({intake['source']}) holds nothing but hidden files. Put a labelled "
+                "set there (both class folders, as for ingest) and `dvc repro` scores every exported model on it.", ""]  # fmt: skip
     rows = []
     for name in p.models:
         e = json.loads((p.path("external_eval") / name / p.paths.files.metrics).read_text())

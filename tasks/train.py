@@ -248,7 +248,10 @@ def train(p: Params, name: str) -> dict:
     held_out, fitted_on = (oof, "out-of-fold CV predictions over train+val") if oof is not None else ((va.y, scores()[1]), "val")
     cal = calibrate(p, net.full, held_out, fitted_on)
     p_train, p_val = scores()  # the saved model's own outputs, calibration folded in: the threshold is set on these
-    threshold = youden_threshold(va.y, p_val) if p.train.threshold == "youden" else float(p.train.threshold)
+    if p.train.threshold == "youden":
+        threshold = youden_threshold(va.y, p_val)
+    else:  # a fixed threshold is on the raw outputs' scale: mapped with them, it gives the labels it gave before
+        threshold = float(calibration.apply(float(p.train.threshold), cal["a"], cal["c"]))
     out = {
         "model": name,
         "backbone": spec.backbone,

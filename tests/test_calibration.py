@@ -58,3 +58,15 @@ def test_folding_into_the_output_layer_gives_the_mapped_probabilities():
     calibration.fold_into(head, 0.4, -0.3)
     after = np.asarray(head(x)).reshape(-1)
     assert np.allclose(after, calibration.apply(before, 0.4, -0.3), atol=1e-5)
+
+
+def test_platt_targets_keep_the_slope_finite_on_separable_predictions():
+    prob = np.random.default_rng(0).uniform(0.05, 0.95, 200)
+    a, c = calibration.fit(prob, (prob > 0.5).astype(int), "platt")  # a plain logistic fit's slope would run away
+    assert 1 < a < 20 and abs(c) < 1
+
+
+def test_a_fixed_threshold_mapped_with_the_outputs_keeps_every_label():
+    prob = np.linspace(0.001, 0.999, 999)
+    for a, c in ((0.4, -0.7), (2.5, 1.1)):
+        assert np.array_equal(prob >= 0.5, calibration.apply(prob, a, c) >= calibration.apply(0.5, a, c))
