@@ -474,11 +474,15 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
     augment(p)
     materialise_weights(p)
     from tasks.export import export
+    from tasks.external import external
+    from tasks.ingest_external import ingest_external
 
+    ingest_external(p)  # no external set: the report says so
     for name in p.models:
         t = train(p, name)
         export(p, name)
         m = evaluate(p, name)
+        assert external(p, name)["n_images"] == 0
         assert m["n_test"] == 38 and 0.0 <= m["test"]["auc"]["value"] <= 1.0
         assert t["weights"]["kind"] == "none"
     table = report(p)["table"]
