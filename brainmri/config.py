@@ -192,11 +192,16 @@ class Synthetic(Section):
         return self
 
 
+def candidates(value) -> list:
+    """A grid setting's candidates: a list is tried value by value, a single value is the only one."""
+    return list(value) if isinstance(value, list) else [value]
+
+
 class Train(Section):
     batch_size: int
     feature_batch_size: int
     class_weight: Literal["balanced", "none"]
-    threshold: Literal["youden"] | float
+    threshold: Literal["youden"] | float | list[Literal["youden"] | float]
     calibration: Literal["temperature", "platt", "none"]
     cv_folds: int
     cv_seeds: int
@@ -205,13 +210,22 @@ class Train(Section):
     @model_validator(mode="after")
     def _check(self):
         self.require_min("train", batch_size=1, feature_batch_size=1, bootstrap=0)
-        if isinstance(self.threshold, float) and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"train.threshold must be 'youden' or a number between 0 and 1, got {self.threshold}")
+        rules = candidates(self.threshold)
+        if not rules or len(set(map(str, rules))) != len(rules):
+            raise ValueError(f"train.threshold: a list of rules must be non-empty and without repeats, got {self.threshold}")
+        for rule in rules:
+            if isinstance(rule, float) and not 0.0 < rule < 1.0:
+                raise ValueError(f"train.threshold must be 'youden' or a number between 0 and 1 (or a list of them), got {rule}")
         if self.cv_seeds < 1:
             raise ValueError(f"train.cv_seeds must be at least 1 (one cross-validation run), got {self.cv_seeds}")
         if self.cv_folds == 1 or self.cv_folds < 0:
             raise ValueError(f"train.cv_folds must be 0 (off) or at least 2, got {self.cv_folds}")
+        if len(rules) > 1 and not self.cv_folds:
+            raise ValueError("train.threshold: a list of rules is chosen by cross-validation; set train.cv_folds to 2 or more")
         return self
+
+
+GRID = ("feature_layer", "learning_rate", "dropout", "epochs")  # backbone settings a list turns into a grid, chosen by CV
 
 
 class Backbone(Section):
@@ -219,11 +233,11 @@ class Backbone(Section):
     weights: str
     input_size: int
     pooling: Literal["avg", "max"]
-    feature_layer: str
+    feature_layer: str | list[str]
     dense: int
-    dropout: float
-    learning_rate: float
-    epochs: int
+    dropout: float | list[float]
+    learning_rate: float | list[float]
+    epochs: int | list[int]
     patience: int
     fine_tune_layers: int
     fine_tune_epochs: int
@@ -233,30 +247,56 @@ class Backbone(Section):
     def _check(self):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.application):
             raise ValueError(f"application must name a keras.applications class such as VGG16, got {self.application!r}")
-        if self.feature_layer and not re.fullmatch(r"[A-Za-z0-9_]+", self.feature_layer):
-            raise ValueError(
-                f"feature_layer must be empty (the whole base) or a layer name such as block4_pool, got {self.feature_layer!r}"
-            )
+        for key in GRID:
+            values = candidates(getattr(self, key))
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"{key}: a list of candidates must be non-empty and without repeats, got {getattr(self, key)}")
+        for layer in candidates(self.feature_layer):
+            if layer and not re.fullmatch(r"[A-Za-z0-9_]+", layer):
+                raise ValueError(f"feature_layer must be empty (the whole base) or a layer name such as block4_pool, got {layer!r}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32 pixels (the smallest the backbones accept), got {self.input_size}")
-        self.require_min("backbone", dense=1, epochs=1, patience=0, fine_tune_layers=0, fine_tune_epochs=0)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for key in ("learning_rate", "fine_tune_learning_rate"):
-            if not 0.0 < getattr(self, key) < 1.0:
-                raise ValueError(f"{key} must be between 0 and 1, got {getattr(self, key)}")
+        self.require_min("backbone", dense=1, patience=0, fine_tune_layers=0, fine_tune_epochs=0)
+        for epochs in candidates(self.epochs):
+            if epochs < 1:
+                raise ValueError(f"backbone.epochs must be at least 1, got {epochs}")
+        for dropout in candidates(self.dropout):
+            if not 0.0 <= dropout < 1.0:
+                raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for key, values in (("learning_rate", candidates(self.learning_rate)), ("fine_tune_learning_rate", [self.fine_tune_learning_rate])):
+            for v in values:
+                if not 0.0 < v < 1.0:
+                    raise ValueError(f"{key} must be between 0 and 1, got {v}")
         return self
+
+    def grid(self) -> list[dict]:
+        """Every combination of the GRID settings' candidates, in params order (the first is the grid's first point)."""
+        import itertools
+
+        return [dict(zip(GRID, combo, strict=True)) for combo in itertools.product(*(candidates(getattr(self, k)) for k in GRID))]
+
+    def at(self, setting: dict) -> Backbone:
+        """This backbone with the grid settings fixed to `setting`'s values."""
+        return self.model_copy(update=setting)
+
+    @property
+    def is_grid(self) -> bool:
+        return len(self.grid()) > 1
 
 
 class Export(Section):
     opset: int
     parity_tolerance: float
     calibration_images: int
-    calibration_method: Literal["minmax", "percentile", "entropy"]
-    reduce_range: bool
+    calibration_method: Literal["minmax", "percentile", "entropy"] | list[Literal["minmax", "percentile", "entropy"]]
+    reduce_range: bool | list[bool]
 
     @model_validator(mode="after")
     def _check(self):
+        for key in ("calibration_method", "reduce_range"):
+            values = candidates(getattr(self, key))
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"export.{key}: a list of candidates must be non-empty and without repeats, got {getattr(self, key)}")
         if not 13 <= self.opset <= 21:
             raise ValueError(f"export.opset must be between 13 and 21 (what tf2onnx and ONNX Runtime support), got {self.opset}")
         self.require_min("export", parity_tolerance=0, calibration_images=1)

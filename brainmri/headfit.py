@@ -74,18 +74,32 @@ def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
     return out
 
 
-def fit_heads(jobs: list[HeadJob], lr: float, epochs: int, patience: int, batch: int) -> list[HeadResult]:
-    """Train every job's head on its own data for `epochs` epochs in one compiled run, keeping the last epoch;
+def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int) -> list[HeadResult]:
+    """Train every job's head on its own data for its `epochs` epochs in compiled runs, keeping the last epoch;
     with `patience` > 0, stop a head after `patience` epochs without a lower validation loss and keep its best epoch
-    (keras.callbacks.EarlyStopping(monitor='val_loss', restore_best_weights=True))."""
-    import tensorflow as tf
+    (keras.callbacks.EarlyStopping(monitor='val_loss', restore_best_weights=True)).
 
+    `lr` and `epochs` are one value for every head or one per job (the points of a settings grid); each head's
+    dropout rate is its own Dropout layer's. Heads of one width (features x units) train in one compiled run."""
     if not jobs:
         return []
+    lrs = np.broadcast_to(np.asarray(lr, np.float32), (len(jobs),))
+    eps = np.broadcast_to(np.asarray(epochs, np.int32), (len(jobs),))
+    shapes: dict[tuple, list[int]] = {}
+    for i, j in enumerate(jobs):
+        w1 = j.head.get_layer("head_dense").kernel
+        shapes.setdefault(tuple(w1.shape), []).append(i)
+    results: list[HeadResult | None] = [None] * len(jobs)
+    for idx in shapes.values():
+        for i, r in zip(idx, _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch), strict=True):
+            results[i] = r
+    return results
+
+
+def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: int, batch: int) -> list[HeadResult]:
+    import tensorflow as tf
+
     arrays = [_head_arrays(j.head) for j in jobs]
-    rates = {a[-1] for a in arrays}
-    if len(rates) != 1:
-        raise ValueError(f"fit_heads: heads trained together must share one dropout rate, got {sorted(rates)}")
     for j in jobs:
         if len(j.x_fit) == 0 or len(j.x_val) == 0:
             raise ValueError("fit_heads: every head needs at least one training and one validation row")
@@ -113,11 +127,12 @@ def fit_heads(jobs: list[HeadJob], lr: float, epochs: int, patience: int, batch:
         tf.constant(n_val),
         tf.constant(np.array([j.seed for j in jobs], np.int64)),
         [stack(k) for k in range(6)],
-        tf.constant(lr, tf.float32),
-        epochs=int(epochs),
+        tf.constant(lrs),
+        tf.constant(np.array([a[-1] for a in arrays], np.float32)),
+        tf.constant(eps),
+        epochs=int(eps.max()),
         patience=int(patience),
         batch=int(batch),
-        rate=rates.pop(),
     )
     params, hist, run, best = out
     params, hist, run, best = [np.asarray(p) for p in params], np.asarray(hist), np.asarray(run), np.asarray(best)
@@ -136,18 +151,18 @@ def fit_heads(jobs: list[HeadJob], lr: float, epochs: int, patience: int, batch:
 _TRACED: dict = {}
 
 
-def _loop(*args, epochs: int, patience: int, batch: int, rate: float):
+def _loop(*args, epochs: int, patience: int, batch: int):
     """The compiled loop: one tf.function per setting and array shapes, each traced once (the number of heads is static)."""
     import tensorflow as tf
 
-    key = (epochs, patience, batch, rate, *(tuple(a.shape) for a in args[:8]), *(tuple(a.shape) for a in args[8]))
+    key = (epochs, patience, batch, *(tuple(a.shape) for a in args[:8]), *(tuple(a.shape) for a in args[8]))
     if key not in _TRACED:
-        body = lambda *a: _epochs(*a, epochs=epochs, patience=patience, batch=batch, rate=rate)  # noqa: E731
+        body = lambda *a: _epochs(*a, epochs=epochs, patience=patience, batch=batch)  # noqa: E731
         _TRACED[key] = tf.function(body, autograph=False)
     return _TRACED[key](*args)
 
 
-def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, *, epochs, patience, batch, rate):
+def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, *, epochs, patience, batch):
     import tensorflow as tf
 
     heads, width = fit_rows.shape[0], fit_rows.shape[1]
@@ -167,7 +182,7 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
     def forward(p, xs, keep=None):
         h = tf.nn.relu(tf.einsum("hbd,hdu->hbu", xs, p[0]) + p[1][:, None])
         if keep is not None:
-            h = h * keep / (1.0 - rate)  # inverted dropout, as keras.layers.Dropout
+            h = h * keep / (1.0 - rate)[:, None, None]  # inverted dropout, as keras.layers.Dropout, at each head's rate
         return tf.einsum("hbu,hu->hb", h, p[2]) + p[3][:, None]  # logits
 
     def draws(offset, shape):
@@ -225,7 +240,7 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         e64 = tf.cast(epoch, tf.int64)
         keys = tf.where(fit_mask > 0, draws(2 * e64, [width]), 2.0)  # a fresh permutation of each head's own rows
         order = tf.reshape(tf.argsort(keys, axis=1, stable=True), [heads, steps, batch])
-        keep = tf.cast(draws(2 * e64 + 1, [steps, batch, units]) >= rate, tf.float32)
+        keep = tf.cast(draws(2 * e64 + 1, [steps, batch, units]) >= rate[:, None, None, None], tf.float32)
         p, m, v, t, sums = steps_compiled(p, m, v, t, order, keep, live)
         v_logits = forward(p, x_val)
         v_bce = tf.reduce_sum(val_mask * tf.nn.sigmoid_cross_entropy_with_logits(labels=y_val, logits=v_logits), axis=1)
@@ -245,6 +260,7 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
             stopped = tf.logical_or(stopped, tf.logical_and(wait >= patience, epoch > 0))
         else:
             best_epoch = run - 1
+        stopped = tf.logical_or(stopped, epoch + 1 >= max_epochs)  # a head's own epoch count: it takes no further step
         return epoch + 1, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist
 
     zeros = tuple(tf.zeros_like(q) for q in start)

@@ -123,11 +123,13 @@ def load_base(p: Params, key: str, weights_file: Path | None) -> keras.Model:
     return base
 
 
-def build_base(p: Params, key: str) -> tuple[keras.Model, WeightsSource]:
-    """The backbone without its top, cut at its feature layer, with the weights the weights stage materialised."""
+def build_base(p: Params, key: str, layer: str | None = None) -> tuple[keras.Model, WeightsSource]:
+    """The backbone without its top, cut at `layer` (by default its feature layer, the first if params list several),
+    with the weights the weights stage materialised."""
     src = weights_source(p, key)
     base = load_base(p, key, p.resolve(src.path) if src.path else None)
-    return truncate(base, p.backbones[key].feature_layer, key), src
+    spec = p.backbones[key]
+    return truncate(base, spec.at(spec.grid()[0]).feature_layer if layer is None else layer, key), src
 
 
 def truncate(base: keras.Model, layer: str, key: str) -> keras.Model:
@@ -143,17 +145,25 @@ def truncate(base: keras.Model, layer: str, key: str) -> keras.Model:
 
 @dataclass
 class Network:
-    base: keras.Model  # the backbone alone (unfrozen in part for fine-tuning)
+    base: keras.Model  # the backbone alone, cut at the feature layer (unfrozen in part for fine-tuning)
     extractor: keras.Model  # image (0-255 RGB) -> pooled features; frozen for transfer models
     head: keras.Model  # pooled features -> tumour probability
     full: keras.Model  # extractor then head: what is saved, evaluated and exported
     weights: WeightsSource
     end_to_end: bool  # True for the reference CNN: trained whole, no feature cache
+    whole: keras.Model | None = None  # the uncut base with its weights, to cut at another layer
+    layers: tuple[str, ...] = ("",)  # the feature layers the extractor pools, side by side in this order
+    widths: tuple[int, ...] = ()  # each one's number of features
 
     def attach(self, head: keras.Model) -> None:
         """Use `head` on top of the extractor (the full model shares both)."""
         self.head = head
         self.full = stack(self.extractor, head, self.full.name)
+
+    def split(self, feats: np.ndarray) -> dict[str, np.ndarray]:
+        """The extractor's features, `layers` side by side, as one array per layer."""
+        edges = np.cumsum([0, *self.widths])
+        return {layer: feats[:, a:b] for layer, a, b in zip(self.layers, edges[:-1], edges[1:], strict=True)}
 
 
 def stack(extractor: keras.Model, head: keras.Model, name: str) -> keras.Model:
@@ -161,19 +171,47 @@ def stack(extractor: keras.Model, head: keras.Model, name: str) -> keras.Model:
     return keras.Model(inp, head(extractor(inp)), name=name)
 
 
-def build_network(p: Params, key: str, seed: int) -> Network:
-    """The extractor (preprocessing, backbone, pooling) and a fresh head; the base is frozen unless end to end."""
-    bb = p.backbones[key]
-    base, src = build_base(p, key)
+def build_network(p: Params, key: str, seed: int, layers: list[str] | None = None, bb: Backbone | None = None) -> Network:
+    """The extractor (preprocessing, backbone, pooling) and a fresh head; the base is frozen unless end to end.
+
+    With several `layers` (the candidates of a feature-layer grid), the extractor pools each of them in one pass
+    through the base and puts the results side by side (`Network.split` takes them apart); `cut` then keeps the
+    chosen one. `bb` is the backbone at one grid point (by default its first)."""
+    spec = p.backbones[key]
+    bb = bb or spec.at(spec.grid()[0])
+    layers = list(layers) if layers is not None else [bb.feature_layer]
+    src = weights_source(p, key)
+    whole = load_base(p, key, p.resolve(src.path) if src.path else None)
     end_to_end = bb.application == SMALL_CNN
-    base.trainable = end_to_end
+    if end_to_end and len(layers) > 1:
+        raise ConfigError(f"backbones.{key}.feature_layer: {bb.application} trains end to end; it takes one feature layer, not a list")
+    net = Network(whole, whole, whole, whole, src, end_to_end, whole=whole)  # cut sets the first four
+    cut(net, p, key, layers, seed, bb)
+    return net
+
+
+def cut(net: Network, p: Params, key: str, layers: list[str], seed: int, bb: Backbone) -> None:
+    """Point `net`'s base, extractor, head and full model at `layers` of its whole base (one layer, or several side by side)."""
+    whole = net.whole
+    parts = [truncate(whole, layer, key) for layer in layers]
+    if len(parts) == 1:
+        base = parts[0]
+    else:
+        base = keras.Model(whole.input, [m.output for m in parts], name=whole.name)
+    base.trainable = net.end_to_end
     inp = keras.Input((bb.input_size, bb.input_size, 3), name="image")
     x = preprocess_layer(application(bb.application, key))(inp)
-    x = base(x, training=None if end_to_end else False)  # frozen BatchNorm stays in inference mode
+    x = base(x, training=None if net.end_to_end else False)  # frozen BatchNorm stays in inference mode
     pool = keras.layers.GlobalAveragePooling2D if bb.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    extractor = keras.Model(inp, pool(name="pool")(x), name=f"{key}_features")
-    head = build_head(int(extractor.output_shape[-1]), bb, seed)
-    return Network(base, extractor, head, stack(extractor, head, key), src, end_to_end)
+    if len(parts) == 1:
+        pooled = pool(name="pool")(x)
+    else:
+        pooled = keras.layers.Concatenate(name="pool")([pool(name=f"pool_{i}")(o) for i, o in enumerate(x)])
+    extractor = keras.Model(inp, pooled, name=f"{key}_features")
+    net.base, net.extractor, net.layers = base, extractor, tuple(layers)
+    net.widths = tuple(int(m.output.shape[-1]) for m in parts)
+    net.head = build_head(int(extractor.output_shape[-1]), bb, seed)
+    net.full = stack(extractor, net.head, key)
 
 
 def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | None = None) -> keras.Model:

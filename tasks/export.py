@@ -170,6 +170,55 @@ def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, re
     prep.unlink()
 
 
+def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, threshold: float) -> dict:
+    """Quantize with every combination of export.calibration_method and export.reduce_range (lists are candidates)
+    and keep the one whose int8 probabilities stay closest to fp32's on the validation images (mean absolute change;
+    ties go to the earlier candidate). Chosen on val, never test: the test figures come after, for the chosen file
+    only. The CPU is recorded because ONNX Runtime's int8 kernels, and so the choice, depend on its instructions."""
+    import itertools
+
+    from brainmri.config import candidates
+    from brainmri.onnxrt import cpu_flags
+
+    val = split_part(p, "val")
+    x_val = load_batch(val.paths, size)
+    p32 = probabilities(session(fp32), x_val)
+    combos = list(itertools.product(candidates(p.export.calibration_method), candidates(p.export.reduce_range)))
+    scores = []
+    for i, (method, reduce_range) in enumerate(combos):
+        target = int8 if len(combos) == 1 else int8.with_name(f"candidate{i}.onnx")
+        log.info(
+            "export %s: quantizing to int8 (%s, reduce_range %s), calibrated on %d training images", name, method, reduce_range, len(calib)
+        )
+        quantize(fp32, target, calib, size, method, reduce_range)
+        p8 = probabilities(session(target), x_val)
+        m32, m8 = point(val.y, p32, threshold), point(val.y, p8, threshold)
+        scores.append(
+            {
+                "calibration_method": method,
+                "reduce_range": reduce_range,
+                "val_mean_abs_prob_change": round(float(np.mean(np.abs(p8 - p32))) if len(x_val) else 0.0, 5),
+                "val_accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),
+                "val_auc_change": round(m8["auc"] - m32["auc"], 4),
+            }
+        )
+    best = min(range(len(combos)), key=lambda i: (scores[i]["val_mean_abs_prob_change"], i))
+    if len(combos) > 1:
+        for i in range(len(combos)):
+            path = int8.with_name(f"candidate{i}.onnx")
+            if i == best:
+                path.replace(int8)
+            else:
+                path.unlink()
+    return {
+        "protocol": f"every candidate quantized and scored on the {len(val.y)} validation images; test never read for the choice",
+        "criterion": "smallest mean |p_int8 - p_fp32| on val; ties go to the earlier candidate",
+        "cpu_flags": cpu_flags(),
+        "candidates": scores,
+        "chosen": {k: scores[best][k] for k in ("calibration_method", "reduce_range")},
+    }
+
+
 def calibration_sample(part: Part, n: int, seed: int) -> list[int]:
     """Indices (ascending) of a seeded, class-stratified sample of `n` images of `part`: every one when n >= len(part).
 
@@ -227,8 +276,7 @@ def export(p: Params, name: str) -> dict:
         chosen = calibration_sample(train, p.export.calibration_images, p.seed)
         calib = [train.paths[i] for i in chosen]
         calib_classes = train.frame["label"].iloc[chosen].value_counts()
-        log.info("export %s: quantizing to int8, calibrated on %d training images", name, len(calib))
-        quantize(fp32, int8, calib, size, p.export.calibration_method, p.export.reduce_range)
+        selection = quantize_best(p, name, fp32, int8, calib, size, t)
         p_int8 = probabilities(session(int8), x)
         m32, m8 = point(y, p_onnx, t), point(y, p_int8, t)
         out = {
@@ -244,6 +292,8 @@ def export(p: Params, name: str) -> dict:
                 "labels_identical": same_labels,
             },
             "int8": {
+                "settings": selection["chosen"],
+                "selection": selection,
                 "calibration_images": len(calib),
                 "calibration_classes": {c: int(calib_classes.get(c, 0)) for c in p.ingest.classes},  # seeded, class-stratified
                 "accuracy_fp32": round(m32["accuracy"], 4),

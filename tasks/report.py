@@ -352,7 +352,9 @@ def report(p: Params) -> dict:
             f"Tumour class: `{pos}`; no-tumour class: `{neg}`. All metrics are on the held-out **test split of {n_test} images**, "
             f"where one image moves accuracy by {100 / max(1, n_test):.1f} points; intervals are 95% percentiles over "
             f"{p.train.bootstrap} bootstrap resamples of whole duplicate groups (a scan and its copies are drawn together). "
-            f"Decision thresholds were chosen on the validation split ({p.train.threshold}).",
+            "Every setting behind these numbers was fixed in params or chosen without the test split: head and feature "
+            "settings and the threshold rule by cross-validation over train+val, each threshold on the validation split, "
+            "the int8 settings on the validation images (table below).",
             "",
             ORIGINAL,
             "",
@@ -371,6 +373,7 @@ def report(p: Params) -> dict:
                 else "cross-validation is off."
             ),
             "",
+            *selection_section(p, trained),
             "### Which differences are real",
             "",
             f"Each model's test AUC minus that of {best_val}, the model best on validation (chosen without test), with a 95% "
@@ -491,6 +494,45 @@ def external_section(p: Params, evaluated: dict) -> list:
     if intake["synthetic"]:
         text += ["**SYNTHETIC external set**: these numbers check the mechanics only; they are not a generalisation result.", ""]
     return [*text, pd.DataFrame(rows), ""] if rows else [*text, "No external image was left to score.", ""]
+
+
+def selection_section(p: Params, trained: dict) -> list:
+    """Which settings each model was trained and quantized with, and how they were chosen (never on test)."""
+    rows = []
+    for name in p.models:
+        t = trained[name]
+        settings, sel = t.get("settings") or {}, t.get("selection") or {}
+        points = sel.get("points") or []
+        chosen_auc = next((pt["cv_auc_pooled_out_of_fold"] for pt in points if all(pt[k] == v for k, v in settings.items())), None)
+        export_file = p.model_file("export", name, "export_metrics")
+        int8 = json.loads(export_file.read_text()).get("int8", {}) if export_file.is_file() else {}
+        i8 = int8.get("settings") or {}
+        rows.append(
+            {
+                "Model": name,
+                "Feature layer": (settings.get("feature_layer") or "whole base") if settings else "",
+                "Learning rate": settings.get("learning_rate", ""),
+                "Dropout": settings.get("dropout", ""),
+                "Epochs": settings.get("epochs", ""),
+                "Threshold rule": t.get("threshold_rule", ""),
+                "Grid points": len(points) or 1,
+                "Chosen point's pooled CV AUC": f"{chosen_auc:.3f}" if chosen_auc is not None else "n/a",
+                "int8 (chosen on val)": f"{i8.get('calibration_method', '')}, reduce_range {i8.get('reduce_range', '')}" if i8 else "n/a",
+            }
+        )
+    return [
+        "### Settings, and how they were chosen",
+        "",
+        "Lists in `params.yaml` are grids: every point is cross-validated on train+val only (grouped, stratified folds; "
+        "each fold's head fitted as the final one) and the best pooled out-of-fold AUC wins; the threshold rule is chosen "
+        "the same way, by pooled out-of-fold balanced accuracy with each fold's threshold set on its inner validation part. "
+        "The final head trains on train; val sets its threshold and, with the CV predictions, its calibration. The int8 "
+        "file is the candidate closest to fp32 on the validation images. The chosen point's CV AUC is the best of its "
+        "grid, so it is biased upwards; the test figures above are not, because test played no part in any choice.",
+        "",
+        pd.DataFrame(rows),
+        "",
+    ]
 
 
 def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) -> list:

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from brainmri import calibration, features
-from brainmri.config import Params
+from brainmri.config import Backbone, Params, candidates
+from brainmri.errors import ConfigError
 from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
 from brainmri.headfit import HeadJob, HeadResult, fit_heads
 from brainmri.metrics import point, youden_threshold
@@ -87,7 +88,15 @@ class Fold:
     job: HeadJob  # the fold's head and its data
 
 
-def cv_folds(p: Params, name: str, feats, y, groups, aug_feats: dict[int, np.ndarray], fold_seed: int | None = None) -> list[Fold]:
+def setting(p: Params, name: str) -> Backbone:
+    """Model `name`'s backbone at its grid's first point: the settings themselves when params give single values."""
+    spec = p.backbones[p.models[name].backbone]
+    return spec.at(spec.grid()[0])
+
+
+def cv_folds(
+    p: Params, name: str, feats, y, groups, aug_feats: dict[int, np.ndarray], fold_seed: int | None = None, bb: Backbone | None = None
+) -> list[Fold]:
     """Grouped, stratified k-fold on cached features, each fold's head built and its data laid out, not yet trained.
 
     In each fold the head is fitted as in the pipeline: on the fold's training part (plus its augmented copies)
@@ -99,7 +108,7 @@ def cv_folds(p: Params, name: str, feats, y, groups, aug_feats: dict[int, np.nda
 
     from brainmri.models import build_head
 
-    bb = p.backbones[p.models[name].backbone]
+    bb = bb or setting(p, name)
     seed = p.seed if fold_seed is None else fold_seed
     splitter = StratifiedGroupKFold(n_splits=p.train.cv_folds, shuffle=True, random_state=seed)
     folds = []
@@ -118,7 +127,7 @@ def cv_folds(p: Params, name: str, feats, y, groups, aug_feats: dict[int, np.nda
     return folds
 
 
-def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[HeadResult]) -> dict:
+def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[HeadResult], bb: Backbone | None = None) -> dict:
     """Each fold's trained head and a logistic-regression baseline on the same folds, summarised.
 
     The result's "predictions" hold each image's out-of-fold probability from the head and from the baseline.
@@ -127,7 +136,7 @@ def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[H
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    bb = p.backbones[p.models[name].backbone]
+    bb = bb or setting(p, name)
     rows, oof = [], {"model": np.full(len(y), np.nan), "baseline": np.full(len(y), np.nan)}
     for fold, res in zip(folds, results, strict=True):
         k, tr, te = fold.k, fold.train, fold.test
@@ -173,10 +182,12 @@ def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[H
     }
 
 
-def train_heads(p: Params, name: str, jobs: list[HeadJob]) -> list[HeadResult]:
-    """Train heads of model `name` (its backbone's lr, epochs, patience) in one compiled run; log each one's end."""
-    bb = p.backbones[p.models[name].backbone]
-    results = fit_heads(jobs, bb.learning_rate, bb.epochs, bb.patience, p.train.batch_size)
+def train_heads(p: Params, name: str, jobs: list[HeadJob], settings: list[Backbone] | None = None) -> list[HeadResult]:
+    """Train heads of model `name` in compiled runs, each at its own grid point's learning rate and epochs (by default
+    the grid's first); log each one's end."""
+    settings = settings or [setting(p, name)] * len(jobs)
+    lrs, epochs = [s.learning_rate for s in settings], [s.epochs for s in settings]
+    results = fit_heads(jobs, lrs, epochs, settings[0].patience, p.train.batch_size)
     for r in results:
         last = r.history.iloc[-1]
         log.debug(
@@ -203,9 +214,17 @@ def train(p: Params, name: str) -> dict:
     p.model(name)  # an unknown name stops here, before any work
     start = time.monotonic()
     spec = p.models[name]
-    bb = p.backbones[spec.backbone]
+    grid = p.backbones[spec.backbone].grid()
+    bb = setting(p, name)  # the grid's first point; the chosen one once selection has run
     seed_everything(p.seed)
-    net = build_network(p, spec.backbone, p.seed)  # fails here, before any work, if weights cannot be had
+    layers = list(dict.fromkeys(g["feature_layer"] for g in grid))  # every candidate layer, pooled in one pass
+    net = build_network(p, spec.backbone, p.seed, layers=layers)  # fails here, before any work, if weights cannot be had
+    rule, selection = candidates(p.train.threshold)[0], None
+    if net.end_to_end and (len(grid) > 1 or len(candidates(p.train.threshold)) > 1):
+        raise ConfigError(
+            f"backbones.{spec.backbone}: {bb.application} trains end to end, so its settings cannot be chosen by "
+            "cross-validation on cached features; give single values (and one train.threshold rule)"
+        )
     log.info("train %s: %s, weights: %s", name, bb.application, net.weights.describe())
     tr, aug, va = data_parts(p, spec.augment)
     y_fit = np.concatenate([tr.y, aug.y])
@@ -232,7 +251,9 @@ def train(p: Params, name: str) -> dict:
         f_tr = features.extract(p, spec.backbone, net.extractor, tr.paths, f"{spec.backbone} train")
         f_aug = features.extract(p, spec.backbone, net.extractor, aug.paths, f"{spec.backbone} augmented")
         f_val = features.extract(p, spec.backbone, net.extractor, va.paths, f"{spec.backbone} val")
-        history, best, cv, oof = head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
+        split_tr, split_val = net.split(f_tr), net.split(f_val)  # each candidate layer's features
+        history, best, cv, oof, bb, rule, selection = head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
+        f_tr, f_val = split_tr[bb.feature_layer], split_val[bb.feature_layer]  # the chosen layer's
         history["phase"] = "head"
         if bb.fine_tune_layers and bb.fine_tune_epochs:
             history = pd.concat([history, fine_tune(net, tr, aug, va, bb, y_fit, fit_args, name, len(history))])
@@ -248,10 +269,10 @@ def train(p: Params, name: str) -> dict:
     held_out, fitted_on = (oof, "out-of-fold CV predictions over train+val") if oof is not None else ((va.y, scores()[1]), "val")
     cal = calibrate(p, net.full, held_out, fitted_on)
     p_train, p_val = scores()  # the saved model's own outputs, calibration folded in: the threshold is set on these
-    if p.train.threshold == "youden":
+    if rule == "youden":
         threshold = youden_threshold(va.y, p_val)
     else:  # a fixed threshold is on the raw outputs' scale: mapped with them, it gives the labels it gave before
-        threshold = float(calibration.apply(float(p.train.threshold), cal["a"], cal["c"]))
+        threshold = float(calibration.apply(float(rule), cal["a"], cal["c"]))
     out = {
         "model": name,
         "backbone": spec.backbone,
@@ -271,7 +292,9 @@ def train(p: Params, name: str) -> dict:
         "epochs_run": int(len(history)),
         "selected_epoch": int(best),
         "threshold": round(threshold, 6),
-        "threshold_rule": p.train.threshold,
+        "threshold_rule": rule,
+        "settings": {k: getattr(bb, k) for k in ("feature_layer", "learning_rate", "dropout", "epochs")},
+        "selection": selection or {"protocol": "single values in params: nothing chosen by measurement"},
         "train": _summary(tr.y, p_train, threshold),
         "val": _summary(va.y, p_val, threshold),
         "calibration": cal,
@@ -363,31 +386,59 @@ def _summary(y, prob, threshold) -> dict:
 
 def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, f_aug, f_val):
     """The model's head on cached features, attached to `net`, and (unless fine-tuning follows, or `cv_folds` is 0)
-    the cross-validation of the same head over train+val: all of them trained together in one compiled run.
-    Returns the head's history, its selected epoch, the CV summary and (labels, out-of-fold probabilities)."""
-    from brainmri.models import build_head
+    the cross-validation of the same head over train+val.
 
-    bb = p.backbones[p.models[name].backbone]
-    f_fit, y_fit = np.concatenate([f_tr, f_aug]), np.concatenate([tr.y, aug.y])
+    When params give lists (a grid: backbone feature_layer, learning_rate, dropout, epochs; train.threshold), every
+    grid point is cross-validated first, on train+val only, and the best pooled out-of-fold AUC chooses the settings
+    (`select`); the threshold rule is chosen on the chosen point's folds. The head and the CV runs of other seeds then
+    train at the chosen point. With one point, all of it trains in one compiled run.
+    Returns the head's history, its selected epoch, the CV summary, (labels, out-of-fold probabilities), the chosen
+    backbone settings, the chosen threshold rule and the selection record."""
+    import keras
+
+    from brainmri.models import build_head, cut
+
+    key = p.models[name].backbone
+    spec = p.backbones[key]
+    grid, rules = spec.grid(), candidates(p.train.threshold)
+    cv_on = bool(p.train.cv_folds) and not (spec.fine_tune_layers and spec.fine_tune_epochs)
+    if (len(grid) > 1 or len(rules) > 1) and not cv_on:
+        raise ConfigError(
+            f"backbones.{key} / train.threshold: lists are chosen by cross-validation on cached features; "
+            "set train.cv_folds to 2 or more and fine_tune_layers to 0, or give single values"
+        )
+    by_layer = {k: net.split(f) for k, f in (("train", f_tr), ("aug", f_aug), ("val", f_val))}
+    frame = pd.concat([tr.frame, va.frame], ignore_index=True)
+    y_all, groups = np.concatenate([tr.y, va.y]), frame["group"].to_numpy()
+    by_image = {img: i for i, img in enumerate(frame["image"])}
+
+    def cv_data(layer: str):
+        """train+val features at `layer`, and each image's augmented copies (by its row)."""
+        copies: dict[int, list] = {}
+        if len(aug.paths):  # a noaug model's empty part has no columns
+            for vec, src in zip(by_layer["aug"][layer], aug.frame["source_image"], strict=True):
+                copies.setdefault(by_image[src], []).append(vec)
+        return np.concatenate([by_layer["train"][layer], by_layer["val"][layer]]), {i: np.stack(v) for i, v in copies.items()}
+
+    chosen, folds, trained, selection = grid[0], [], [], None
+    if cv_on and len(grid) > 1:
+        chosen, folds, trained, selection = select(p, name, grid, cv_data, y_all, groups)
+    bb = spec.at(chosen)
+    if len(net.layers) > 1:
+        cut(net, p, key, [bb.feature_layer], p.seed, bb)
+    layer = bb.feature_layer
+    f_fit, y_fit = np.concatenate([by_layer["train"][layer], by_layer["aug"][layer]]), np.concatenate([tr.y, aug.y])
+    keras.utils.set_random_seed(p.seed)  # the head's initial weights: the same whether or not a grid was searched first
     net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
-    head = HeadJob(net.head, f_fit, y_fit, f_val, va.y, class_weights(y_fit, p.train.class_weight), p.seed)
-    folds = []
-    if p.train.cv_folds and not (bb.fine_tune_layers and bb.fine_tune_epochs):
-        feats = np.concatenate([f_tr, f_val])
-        frame = pd.concat([tr.frame, va.frame], ignore_index=True)
-        by_image = {img: i for i, img in enumerate(frame["image"])}
-        aug_feats: dict[int, list] = {}
-        if len(aug.paths):
-            for vec, src in zip(f_aug, aug.frame["source_image"], strict=True):
-                aug_feats.setdefault(by_image[src], []).append(vec)
-        aug_arrays = {i: np.stack(v) for i, v in aug_feats.items()}
-        y_all = np.concatenate([tr.y, va.y])
-        groups = frame["group"].to_numpy()
-        folds = cv_folds(p, name, feats, y_all, groups, aug_arrays)
-        reruns = [cv_folds(p, name, feats, y_all, groups, aug_arrays, fold_seed=s) for s in rerun_seeds(p)]
-    else:
-        reruns = []
-    results = train_heads(p, name, [head, *(f.job for f in folds), *(f.job for run in reruns for f in run)])
+    head = HeadJob(net.head, f_fit, y_fit, by_layer["val"][layer], va.y, class_weights(y_fit, p.train.class_weight), p.seed)
+    reruns = []
+    if cv_on:
+        feats, aug_arrays = cv_data(layer)
+        if not folds:
+            folds = cv_folds(p, name, feats, y_all, groups, aug_arrays, bb=bb)
+        reruns = [cv_folds(p, name, feats, y_all, groups, aug_arrays, fold_seed=s, bb=bb) for s in rerun_seeds(p)]
+    jobs = [head, *(f.job for f in folds if not trained), *(f.job for run in reruns for f in run)]
+    results = train_heads(p, name, jobs, [bb] * len(jobs))
     history, best = results[0].history, results[0].best
     for row in history.itertuples():
         log.info(
@@ -400,11 +451,82 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
             row.val_accuracy,
         )
     if not folds:
-        return history, best, None, None
-    cv = cv_report(p, name, feats, y_all, folds, results[1 : 1 + len(folds)])
+        return history, best, None, None, bb, rules[0], selection
+    trained = trained or results[1 : 1 + len(folds)]
+    cv = cv_report(p, name, feats, y_all, folds, trained, bb)
     oof = (y_all, cv.pop("predictions")["model"])  # per-image detail: calibration fits on it; train.json keeps the summary
     cv["seed_spread"] = seed_spread(p, feats, y_all, cv, reruns)
-    return history, best, cv, oof
+    rule = rules[0]
+    if len(rules) > 1:
+        rule, selection = choose_rule(rules, folds, oof, selection or {})
+    return history, best, cv, oof, bb, rule, selection
+
+
+def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
+    """Cross-validate every grid point on train+val (grouped, stratified, the pipeline's folds and seed) and choose
+    the one with the best pooled out-of-fold AUC; ties go to the earlier point. Test images are never read.
+    Returns the chosen point, its folds and their trained heads, and the record of every point's scores."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    spec = p.backbones[p.models[name].backbone]
+    points = [spec.at(g) for g in grid]
+    data = {layer: cv_data(layer) for layer in dict.fromkeys(g["feature_layer"] for g in grid)}
+    runs = [cv_folds(p, name, *_with(data[b.feature_layer], y, groups), bb=b) for b in points]
+    jobs = [f.job for run in runs for f in run]
+    results = iter(train_heads(p, name, jobs, [b for b, run in zip(points, runs, strict=True) for _ in run]))
+    trained = [[next(results) for _ in run] for run in runs]
+    scores = []
+    for g, run in zip(grid, runs, strict=True):
+        feats = data[g["feature_layer"]][0]
+        oof = np.full(len(y), np.nan)
+        for fold in run:
+            oof[fold.test] = predict(fold.job.head, feats[fold.test])
+        two = len(np.unique(y)) > 1
+        auc = float(roc_auc_score(y, oof)) if two else float("nan")
+        bce = float(log_loss(y, np.clip(oof, 1e-7, 1 - 1e-7), labels=[0, 1]))
+        scores.append({**g, "cv_auc_pooled_out_of_fold": round(auc, 4), "cv_bce_pooled_out_of_fold": round(bce, 4)})
+        log.info("select %s: %s -> pooled CV AUC %.3f, log loss %.3f", name, _describe(g), auc, bce)
+    best = max(range(len(grid)), key=lambda i: (np.nan_to_num(scores[i]["cv_auc_pooled_out_of_fold"], nan=-1.0), -i))
+    record = {
+        "protocol": (
+            f"every grid point cross-validated on train+val only ({len(y)} images; grouped, stratified "
+            f"{p.train.cv_folds}-fold, seed {p.seed}; each fold's head fitted as the final one); test never read"
+        ),
+        "criterion": "pooled out-of-fold AUC; ties go to the earlier grid point",
+        "points": scores,
+        "chosen": grid[best],
+    }
+    log.info("select %s: chose %s (pooled CV AUC %.3f)", name, _describe(grid[best]), scores[best]["cv_auc_pooled_out_of_fold"])
+    return grid[best], runs[best], trained[best], record
+
+
+def _with(data, y, groups):
+    feats, aug_arrays = data
+    return feats, y, groups, aug_arrays
+
+
+def _describe(g: dict) -> str:
+    return ", ".join(f"{k} {v if v != '' else '(whole base)'}" for k, v in g.items())
+
+
+def choose_rule(rules: list, folds: list[Fold], oof: tuple[np.ndarray, np.ndarray], record: dict) -> tuple:
+    """The threshold rule with the best pooled out-of-fold balanced accuracy, each fold's threshold set by the rule
+    on that fold's inner validation part (as val sets the final model's), then applied to the fold's held-out part.
+    Ties go to the earlier rule."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y, prob = oof
+    scores = []
+    for rule in rules:
+        labels = np.zeros(len(y), int)
+        for fold in folds:
+            inner = predict(fold.job.head, fold.job.x_val)
+            t = youden_threshold(fold.job.y_val, inner) if rule == "youden" else float(rule)
+            labels[fold.test] = prob[fold.test] >= t
+        scores.append({"rule": rule, "cv_balanced_accuracy_pooled_out_of_fold": round(float(balanced_accuracy_score(y, labels)), 4)})
+    best = max(range(len(rules)), key=lambda i: (scores[i]["cv_balanced_accuracy_pooled_out_of_fold"], -i))
+    log.info("select threshold rule: %s", ", ".join(f"{s['rule']} {s['cv_balanced_accuracy_pooled_out_of_fold']:.3f}" for s in scores))
+    return rules[best], {**record, "threshold_rules": scores, "threshold_rule": rules[best]}
 
 
 def rerun_seeds(p: Params) -> list[int]:

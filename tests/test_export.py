@@ -139,3 +139,38 @@ def test_the_export_process_never_imports_tensorflow(small_run, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["False", "False"]
     assert (tmp_path / "export" / "smallcnn-aug" / "model.onnx").read_bytes() == p.model_file("export", "smallcnn-aug", "onnx").read_bytes()
+
+
+def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run, tmp_path):
+    """Lists under export are candidates: each is quantized and scored against fp32 on the validation images, the
+    closest kept. With every test image replaced by noise and its label flipped, the choice and its scores stay put."""
+    import shutil
+
+    from PIL import Image
+
+    from brainmri.config import load_params
+
+    p, *_ = small_run
+    grid = {"export": {"calibration_method": ["minmax", "percentile"], "reduce_range": [True, False]}}
+    q = load_params(p.root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "e")}})
+    sel = export(q, "vgg16-noaug")["int8"]["selection"]
+    assert [(c["calibration_method"], c["reduce_range"]) for c in sel["candidates"]] == [
+        ("minmax", True), ("minmax", False), ("percentile", True), ("percentile", False)
+    ]  # fmt: skip
+    change = [c["val_mean_abs_prob_change"] for c in sel["candidates"]]
+    best = sel["candidates"][change.index(min(change))]
+    assert sel["chosen"] == {"calibration_method": best["calibration_method"], "reduce_range": best["reduce_range"]}
+    folder = q.model_file("export", "vgg16-noaug", "onnx").parent
+    assert sorted(f.name for f in folder.iterdir()) == sorted(["model.onnx", "model.int8.onnx", "export.json", "scores.json"])
+
+    root = tmp_path / "copy"
+    shutil.copytree(p.root, root, ignore=shutil.ignore_patterns("export", "eval", "benchmark", "reports", "cache"))
+    noised = load_params(root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "e2")}})
+    split = pd.read_csv(noised.path("split_manifest"), keep_default_na=False)
+    test = split["split"] == "test"
+    rng = np.random.default_rng(0)
+    for name in split.loc[test, "image"]:
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noised.path("ingest_images") / name)
+    split.loc[test, "label"] = split.loc[test, "label"].map({"yes": "no", "no": "yes"})
+    split.to_csv(noised.path("split_manifest"), index=False)
+    assert export(noised, "vgg16-noaug")["int8"]["selection"] == sel

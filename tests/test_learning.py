@@ -32,7 +32,14 @@ def trained(real_ingest):
     p0, *_ = real_ingest
     over = {
         "backbones": {
-            "vgg16": {"weights": "weights/hed.weights.h5", "input_size": 64, "feature_layer": "block3_pool", "epochs": 40, "patience": 0}
+            "vgg16": {
+                "weights": "weights/hed.weights.h5",
+                "input_size": 64,
+                "feature_layer": "block3_pool",
+                "epochs": 40,
+                "patience": 0,
+                "learning_rate": 0.0001,
+            }
         },
         "train": {"cv_folds": 5, "bootstrap": 1000},
         "paths": {"models": "data/learning/models", "eval": "data/learning/eval"},

@@ -271,8 +271,69 @@ def test_train_never_reads_the_test_split(small_run, tmp_path):
     split.to_csv(q.path("split_manifest"), index=False)
     for name in ("vgg16-aug", "smallcnn-aug"):
         train(q, name)
+    # selection too: a grid chosen by CV over train+val, from the original data and from the noised copy
+    grid = {"backbones": {"vgg16": GRID}, "train": {"threshold": ["youden", 0.5]}}
+    p_grid = load_params(p.root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "grid")}})
+    q_grid = load_params(root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "grid-noised")}})
+    assert train(p_grid, "vgg16-noaug")["selection"]["points"]
+    train(q_grid, "vgg16-noaug")
+    for a_p, b_p, name in ((p, q, "vgg16-aug"), (p, q, "smallcnn-aug"), (p_grid, q_grid, "vgg16-noaug")):
         for key in ("train_metrics", "history"):
-            a, b = p.model_file("models", name, key), q.model_file("models", name, key)
+            a, b = a_p.model_file("models", name, key), b_p.model_file("models", name, key)
             assert a.read_bytes() == b.read_bytes(), (name, key)
-        wa, wb = (load_model(x.model_file("models", name, "model")).get_weights() for x in (p, q))
+        wa, wb = (load_model(x.model_file("models", name, "model")).get_weights() for x in (a_p, b_p))
         assert len(wa) == len(wb) and all(np.array_equal(a, b) for a, b in zip(wa, wb, strict=True)), name
+
+
+GRID = {"feature_layer": ["block3_pool", ""], "learning_rate": [0.01, 0.0001], "dropout": [0.2, 0.5]}
+
+
+def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is_saved(small_run, tmp_path):
+    """Lists in params are a grid: every point is cross-validated, the best pooled out-of-fold AUC wins, and the
+    saved model is built at that point (its feature layer and dropout), with the CV figures of that point's folds."""
+    p, *_ = small_run
+    over = {"backbones": {"vgg16": GRID}, "train": {"threshold": ["youden", 0.5]}, "paths": {"models": str(tmp_path / "m")}}
+    q = load_params(p.root / "params.yaml", over)
+    t = train(q, "vgg16-noaug")
+    sel = t["selection"]
+    assert [{k: pt[k] for k in GRID} for pt in sel["points"]] == [
+        {"feature_layer": f, "learning_rate": lr, "dropout": d}
+        for f in GRID["feature_layer"]
+        for lr in GRID["learning_rate"]
+        for d in GRID["dropout"]
+    ]
+    aucs = [pt["cv_auc_pooled_out_of_fold"] for pt in sel["points"]]
+    best = sel["points"][aucs.index(max(aucs))]
+    assert sel["chosen"] == {k: best[k] for k in ("feature_layer", "learning_rate", "dropout", "epochs")} == t["settings"]
+    assert len(set(aucs)) > 1  # the points differ: the choice is a real one
+    assert t["cv"]["model"]["auc"]["pooled_out_of_fold"] == best["cv_auc_pooled_out_of_fold"]  # the same folds, reused
+    rules = sel["threshold_rules"]
+    assert t["threshold_rule"] == max(rules, key=lambda r: r["cv_balanced_accuracy_pooled_out_of_fold"])["rule"]
+    model = load_model(q.model_file("models", "vgg16-noaug", "model"))
+    assert model.get_layer("head").get_layer("head_dropout").rate == best["dropout"]
+    assert model.get_layer("vgg16_features").output_shape[-1] == (256 if best["feature_layer"] == "block3_pool" else 512)
+    # the chosen point given as single values trains the same model: training beside the grid changed nothing
+    alone = {
+        **over,
+        "backbones": {"vgg16": t["settings"]},
+        "train": {"threshold": t["threshold_rule"]},
+        "paths": {"models": str(tmp_path / "a")},
+    }
+    t_alone = train(load_params(p.root / "params.yaml", alone), "vgg16-noaug")
+    assert t_alone["cv"]["model"]["auc"]["pooled_out_of_fold"] == pytest.approx(best["cv_auc_pooled_out_of_fold"], abs=2e-3)
+    assert t_alone["val"]["auc"] == pytest.approx(t["val"]["auc"], abs=2e-3)
+
+
+def test_a_grid_needs_cached_features_and_cv(small_run, tmp_path):
+    p, *_ = small_run
+    models = {"paths": {"models": str(tmp_path / "m")}}
+    q = load_params(p.root / "params.yaml", {"backbones": {"smallcnn": {"learning_rate": [0.01, 0.001]}}, **models})
+    with pytest.raises(ConfigError, match="trains end to end"):
+        train(q, "smallcnn-aug")
+    q = load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"dropout": [0.1, 0.5]}}, "train": {"cv_folds": 0}, **models})
+    with pytest.raises(ConfigError, match="set train.cv_folds to 2 or more"):
+        train(q, "vgg16-noaug")
+    with pytest.raises(ConfigError, match="without repeats"):
+        load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"epochs": [5, 5]}}})
+    with pytest.raises(ConfigError, match="non-empty"):
+        load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"feature_layer": []}}})

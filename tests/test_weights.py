@@ -125,7 +125,7 @@ def test_feature_layer_cuts_the_base_after_loading_the_weights(tmp_path):
     import h5py
 
     cut = project(tmp_path / "cut", {"weights": "weights/hed.weights.h5", "input_size": 64, "feature_layer": "block4_pool"})
-    whole = project(tmp_path / "whole", {"weights": "weights/hed.weights.h5", "input_size": 64})
+    whole = project(tmp_path / "whole", {"weights": "weights/hed.weights.h5", "input_size": 64, "feature_layer": ""})
     for p in (cut, whole):
         os.symlink(HED, p.path("weights_inbox") / "hed.weights.h5")
         weights(p, "vgg16")
