@@ -48,7 +48,8 @@ def main() -> int:
     p = load_params(args.params)
     root = p.root
     models = set(args.models or p.models)
-    stages = [s for s in topological(stage_graph(root)) if "@" not in s or s.split("@", 1)[1] in models]
+    keep = models | {p.models[m].backbone for m in models}  # weights@BACKBONE stages come with their models
+    stages = [s for s in topological(stage_graph(root)) if "@" not in s or s.split("@", 1)[1] in keep]
     if args.stages:
         stages = [s for s in stages if s.split("@")[0] in args.stages]
     if set(models) != set(p.models):

@@ -46,7 +46,7 @@ def cmd_synthesize(args) -> None:
 def cmd_predict(args) -> None:
     from brainmri.predict import predict
 
-    frame = predict(args.model, args.inputs, args.out, overwrite=args.overwrite)
+    frame = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, runtime=args.runtime)
     errors = int((frame["error"] != "").sum())
     logging.getLogger("brainmri").info("predict: %d images -> %s (%d could not be read)", len(frame), args.out, errors)
 
@@ -218,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace an existing --out regular file (never the model, an input, a folder, a link or a special file)",
+    )
+    pred.add_argument(
+        "--runtime",
+        default="onnxruntime",
+        choices=["onnxruntime", "openvino", "openvino-bf16"],
+        help="what runs the model (default: %(default)s): OpenVINO fp32 matches ONNX Runtime to 1e-6; openvino-bf16 needs a CPU "
+        "with bf16 (AMX or AVX-512 BF16). Give model.int8.onnx for int8. `brainmri benchmark` times each and checks it on val",
     )
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     pred.set_defaults(func=cmd_predict)

@@ -38,7 +38,7 @@ MAX_INPUT_SIZE = 1024  # every backbone here takes 224 px or less; 1024 bounds a
 
 @dataclass(frozen=True)
 class Model:
-    """A loaded, validated model: its session, its input's name and its metadata."""
+    """A loaded, validated model: its session, its input's name, its metadata, and what runs it."""
 
     sess: object
     input: str
@@ -47,6 +47,7 @@ class Model:
     positive: str
     negative: str
     limits: dict
+    run: object = None  # image batch -> raw outputs, on the chosen runtime (brainmri.runtimes); None: the session
 
 
 def _number(model: Path, meta: dict, key: str, kind: type, lo: float, hi: float, default=None):
@@ -60,8 +61,9 @@ def _number(model: Path, meta: dict, key: str, kind: type, lo: float, hi: float,
     return value
 
 
-def load(model: str | Path) -> Model:
-    """Open an exported model and check its metadata and input shape; one sentence on anything wrong."""
+def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> Model:
+    """Open an exported model and check its metadata and input shape; one sentence on anything wrong. ONNX Runtime
+    reads and checks the file in any case; `runtime` (brainmri.runtimes.RUNTIMES) is what then runs it."""
     model = Path(model)
     if model.suffix.lower() != ".onnx":
         raise BrainMRIError(f"{model}: --model must be an exported .onnx file (Keras and other model files are not accepted)")
@@ -94,12 +96,18 @@ def load(model: str | Path) -> Model:
         raise BrainMRIError(f"{model}: input shape {inputs[0].shape} does not match metadata input_size={size} with 3 colours")
     if not outputs or outputs[0].type != "tensor(float)":
         raise BrainMRIError(f"{model}: expected a float probability output, got {[(o.name, o.type) for o in outputs]}")
-    return Model(sess, inputs[0].name, size, threshold, pos, neg, limits)
+    run = None
+    if runtime != "onnxruntime":
+        from brainmri.runtimes import runner
+
+        run = runner(model, runtime, threads)
+    return Model(sess, inputs[0].name, size, threshold, pos, neg, limits, run)
 
 
 def _run(model: Model, x: np.ndarray, where: Path) -> np.ndarray:
     """Probabilities for one batch, checked: one finite value in 0..1 per image."""
-    out = np.asarray(model.sess.run(None, {model.input: x})[0], dtype=np.float64).reshape(-1)
+    raw = model.run(x) if model.run is not None else model.sess.run(None, {model.input: x})[0]
+    out = np.asarray(raw, dtype=np.float64).reshape(-1)
     if out.size != len(x):
         raise BrainMRIError(f"model gives {out.size} values for {len(x)} images (at {where}); expected one probability per image")
     if not np.all(np.isfinite(out) & (out >= 0) & (out <= 1)):
@@ -175,9 +183,11 @@ def _publish(tmp: Path, out: Path, key: tuple[int, int] | None) -> None:
     os.replace(tmp, out)
 
 
-def predict(model: str | Path, inputs: list[str], out: str | Path, batch: int = 16, overwrite: bool = False) -> pd.DataFrame:
+def predict(
+    model: str | Path, inputs: list[str], out: str | Path, batch: int = 16, overwrite: bool = False, runtime: str = "onnxruntime"
+) -> pd.DataFrame:
     model, out = Path(model), Path(out)
-    m = load(model)
+    m = load(model, runtime)
     files = collect(inputs)
     key = check_out(out, overwrite, model, files)
     rows, arrays, index = [], [], []
@@ -211,7 +221,7 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, batch: int = 
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
         if out.suffix.lower() == ".json":
-            doc = {"model": str(model), "threshold": m.threshold, "predictions": rows}
+            doc = {"model": str(model), "runtime": runtime, "threshold": m.threshold, "predictions": rows}
             tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         else:
             # every text field quoted: Python's csv quotes a path holding '\n' but not one holding '\r', which a reader

@@ -1,5 +1,6 @@
-"""benchmark stage: CPU latency of one model in Keras (predict and a compiled call) and ONNX Runtime (fp32, int8),
-on the same inputs and batch sizes, with the model's FLOPs next to a matrix-multiply peak measured in the same run."""
+"""benchmark stage: CPU latency of one model in Keras (predict and a compiled call), ONNX Runtime (fp32, int8) and
+OpenVINO (fp32, int8, and bf16 where the CPU has it), on the same inputs and batch sizes, with the model's FLOPs next
+to a matrix-multiply peak measured in the same run; each ONNX runtime checked against ONNX Runtime fp32 on val."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from brainmri.config import Params
 from brainmri.fsutil import write_json, write_metrics
-from brainmri.onnxrt import INPUT, session
+from brainmri.onnxrt import INPUT, cpu_flags, session
 from brainmri.preprocess import load_batch
 from brainmri.progress import log, summary
 from tasks.split import split_part
@@ -126,6 +127,59 @@ def time_calls(fn: Callable, x: np.ndarray, warmup: int, repeats: int) -> np.nda
     return out
 
 
+def openvino_runtimes(p: Params, name: str, threads: int) -> dict[str, Callable]:
+    """OpenVINO on the same exported files: fp32 and int8 always, bf16 where the CPU has bf16 instructions."""
+    from brainmri.runtimes import bf16_capable, runner
+
+    fp32, int8 = p.model_file("export", name, "onnx"), p.model_file("export", name, "onnx_int8")
+    out = {"openvino_fp32": runner(fp32, "openvino", threads), "openvino_int8": runner(int8, "openvino", threads)}
+    if bf16_capable():
+        out["openvino_bf16"] = runner(fp32, "openvino-bf16", threads)
+    return out
+
+
+def _openvino_version() -> str:
+    import openvino
+
+    return openvino.__version__
+
+
+def check_on_val(p: Params, name: str, runtimes: dict[str, Callable], size: int) -> dict:
+    """Each ONNX runtime against ONNX Runtime fp32 on the validation images (real scans: random inputs saturate the
+    sigmoid and hide differences). An fp32 runtime passes within export.parity_tolerance of every probability; a
+    bf16 or int8 one when val accuracy moves by at most 1 point (labels_changed says how many flipped). Val, never test."""
+    import json
+
+    from brainmri.metrics import point
+
+    val = split_part(p, "val")
+    x = load_batch(val.paths, size)
+    threshold = json.loads(p.model_file("models", name, "train_metrics").read_text())["threshold"]
+
+    def probs(fn):
+        return np.concatenate([np.asarray(fn(x[i : i + 8])).reshape(-1) for i in range(0, len(x), 8)]) if len(x) else np.zeros(0)
+
+    ref = probs(runtimes["onnxruntime_fp32"])
+    base = point(val.y, ref, threshold)["accuracy"]
+    out = {}
+    for rt, fn in runtimes.items():
+        if rt.startswith("keras"):
+            continue
+        prob = probs(fn)
+        diff = float(np.max(np.abs(prob - ref))) if len(x) else 0.0
+        change = 100 * (point(val.y, prob, threshold)["accuracy"] - base)
+        exact = rt.endswith("fp32")
+        out[rt] = {
+            "n_val": int(len(x)),
+            "max_abs_prob_diff": round(diff, 6),
+            "labels_changed": int(np.sum((prob >= threshold) != (ref >= threshold))),
+            "accuracy_change_points": round(change, 2),
+            "rule": f"max |p - p_ort_fp32| <= {p.export.parity_tolerance:g}" if exact else "|val accuracy change| <= 1 point",
+            "admissible": bool(diff <= p.export.parity_tolerance if exact else abs(change) <= 1.0),
+        }
+    return out
+
+
 def benchmark(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write benchmark.json; return it."""
     p.model(name)  # an unknown name stops here, before any work
@@ -150,8 +204,9 @@ def benchmark(p: Params, name: str) -> dict:
     runtimes = {
         "keras_predict": lambda x: model.predict(x, batch_size=len(x), verbose=0),
         "keras_compiled": lambda x: compiled(tf.constant(x)).numpy(),
-        "onnxruntime_fp32": lambda x: sessions["fp32"].run(None, {INPUT: x}),
-        "onnxruntime_int8": lambda x: sessions["int8"].run(None, {INPUT: x}),
+        "onnxruntime_fp32": lambda x: sessions["fp32"].run(None, {INPUT: x})[0],
+        "onnxruntime_int8": lambda x: sessions["int8"].run(None, {INPUT: x})[0],
+        **openvino_runtimes(p, name, b.threads),
     }
     paths = split_part(p, "test").paths
     images = load_batch(paths[: b.batch_size], size)
@@ -191,6 +246,15 @@ def benchmark(p: Params, name: str) -> dict:
                 }
             )
             log.info("benchmark %s: %s batch %d: %.1f ms/image (IQR %.1f)", name, rt, batch, p50, p75 - p25)
+    fidelity = check_on_val(p, name, runtimes, size)
+    fastest = {
+        f"batch_{bs}": min(
+            (r for r in rows if r["batch"] == bs and fidelity.get(r["runtime"], {}).get("admissible")),
+            key=lambda r: r["p50_ms"],
+            default={"runtime": None},
+        )["runtime"]
+        for bs in (1, b.batch_size)
+    }
     ranks = {f"batch_{bs}": ranking(rows, bs) for bs in (1, b.batch_size)}
     too_wide = [k for k, v in ranks.items() if not v["rankable"]]
     if too_wide:
@@ -217,6 +281,8 @@ def benchmark(p: Params, name: str) -> dict:
         "rows": rows,
         "ratios": ratios,
         "ranking": ranks,
+        "fidelity_on_val": fidelity,
+        "fastest_admissible": fastest,  # the fastest runtime whose val check passed: what `predict --runtime` should use here
         "spread_too_wide": bool(too_wide),
         "machine": {
             "cpu": cpu_model(),
@@ -227,6 +293,8 @@ def benchmark(p: Params, name: str) -> dict:
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
             "onnxruntime": onnxruntime.__version__,
+            "openvino": _openvino_version(),
+            "cpu_flags": cpu_flags(),  # int8 (VNNI, AMX) and bf16 instruction sets: what the int8 and bf16 rows hang on
             "numpy": np.__version__,
         },
         "settings": {"batch_sizes": [1, b.batch_size], "warmup": b.warmup, "repeats": b.repeats, "order": "interleaved rounds, rotated"},

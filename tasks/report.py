@@ -77,6 +77,9 @@ RUNTIMES = {
     "keras_compiled": "Keras compiled",
     "onnxruntime_fp32": "ORT fp32",
     "onnxruntime_int8": "ORT int8",
+    "openvino_fp32": "OpenVINO fp32",
+    "openvino_bf16": "OpenVINO bf16",
+    "openvino_int8": "OpenVINO int8",
 }
 
 
@@ -96,7 +99,8 @@ def latency_table(p: Params) -> tuple[pd.DataFrame | None, dict]:
                 {
                     "Model": name,
                     "Batch": bs,
-                    **{f"{v} ms": by[k, bs]["p50_ms"] for k, v in RUNTIMES.items()},
+                    **{f"{v} ms": by[k, bs]["p50_ms"] if (k, bs) in by else float("nan") for k, v in RUNTIMES.items()},
+                    "Fastest passing its val check": b.get("fastest_admissible", {}).get(f"batch_{bs}") or "n/a",
                     "ORT fp32 / compiled Keras": f"{r['onnxruntime_fp32_speedup_over_keras_compiled']:.2f}x",
                     "int8 / fp32": f"{r['int8_speedup_over_fp32']:.2f}x",
                     "fp32 % peak": f"{100 * by['onnxruntime_fp32', bs]['share_of_matmul_peak']:.0f}",

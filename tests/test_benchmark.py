@@ -4,13 +4,16 @@ import pytest
 
 from tasks.benchmark import matmul_peak, model_flops
 
-RUNTIMES = {"keras_predict", "keras_compiled", "onnxruntime_fp32", "onnxruntime_int8"}
+RUNTIMES = {"keras_predict", "keras_compiled", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32", "openvino_int8", "openvino_bf16"}
 
 
 def test_benchmark_file_has_every_runtime_batch_and_ratio(small_run):
     p, *_ = small_run
+    from brainmri.runtimes import bf16_capable
+
     b = json.loads(p.model_file("benchmark", "vgg16-aug", "benchmark").read_text())
-    assert {(r["runtime"], r["batch"]) for r in b["rows"]} == {(rt, bs) for rt in RUNTIMES for bs in (1, 2)}
+    expected = [rt for rt in RUNTIMES if rt != "openvino_bf16" or bf16_capable()]  # bf16 only where the CPU has it
+    assert {(r["runtime"], r["batch"]) for r in b["rows"]} == {(rt, bs) for rt in expected for bs in (1, 2)}
     for r in b["rows"]:
         assert 0 < r["p25_ms"] <= r["p50_ms"] <= r["p75_ms"] and r["p50_ms"] <= r["p95_ms"] and r["images_per_s"] > 0
         assert r["iqr_ms"] == pytest.approx(r["p75_ms"] - r["p25_ms"], abs=2e-3)
@@ -18,12 +21,20 @@ def test_benchmark_file_has_every_runtime_batch_and_ratio(small_run):
     assert b["settings"]["order"].startswith("interleaved")
     for bs in ("batch_1", "batch_2"):
         rank = b["ranking"][bs]
-        assert sorted(rank["fastest_first"]) == sorted(RUNTIMES) and rank["rankable"] == (not rank["not_told_apart"])
+        assert sorted(rank["fastest_first"]) == sorted(expected) and rank["rankable"] == (not rank["not_told_apart"])
     assert b["spread_too_wide"] == (not all(v["rankable"] for v in b["ranking"].values()))
     assert b["int8_gemm_peak_gops"] > 0 and b["numpy_matmul_peak_gflops"] > 0
     assert set(b["ratios"]) == {"batch_1", "batch_2"}
     assert b["machine"]["threads"] == 2 and b["machine"]["cores"] >= 1 and b["machine"]["onnxruntime"]
     assert b["flops_per_image"] > 0 and b["matmul_peak_gflops"] > 0
+    # every ONNX runtime checked against ONNX Runtime fp32 on the val images; OpenVINO fp32 runs the same arithmetic
+    fid = b["fidelity_on_val"]
+    assert set(fid) == {rt for rt in expected if not rt.startswith("keras")} and fid["onnxruntime_fp32"]["max_abs_prob_diff"] == 0
+    assert fid["openvino_fp32"]["max_abs_prob_diff"] <= 1e-4 and fid["openvino_fp32"]["admissible"]
+    for bs, rt in b["fastest_admissible"].items():
+        at = {r["runtime"]: r["p50_ms"] for r in b["rows"] if f"batch_{r['batch']}" == bs}
+        assert fid[rt]["admissible"] and at[rt] == min(at[k] for k in at if k in fid and fid[k]["admissible"])
+    assert set(b["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16"}
 
 
 def test_flop_count_matches_the_published_vgg16_figure():

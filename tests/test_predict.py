@@ -57,3 +57,24 @@ def test_predict_refuses_anything_but_onnx(small_run, tmp_path):
     fake.write_bytes(b"this is not a protobuf")
     with pytest.raises(BrainMRIError, match="not a loadable ONNX model"):
         predict(fake, [str(tmp_path)], tmp_path / "x.csv")
+
+
+def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_it(small_run, tmp_path, monkeypatch):
+    """OpenVINO fp32 runs the same file to within 1e-4 of ONNX Runtime, with the same labels; bf16 on a CPU without
+    bf16 instructions is one sentence, not a quiet fp32 run under a bf16 name."""
+    from brainmri import runtimes
+    from brainmri.cli import build_parser
+
+    p, *_ = small_run
+    images = sorted(p.path("ingest_images").iterdir())[:12]  # real decoded images, not random inputs
+    model = p.model_file("export", "vgg16-aug", "onnx")
+    ort = predict(model, [str(f) for f in images], tmp_path / "ort.csv")
+    ov = predict(model, [str(f) for f in images], tmp_path / "ov.json", runtime="openvino")
+    assert np.abs(ov["probability"].astype(float) - ort["probability"].astype(float)).max() <= 1e-4
+    assert list(ov["label"]) == list(ort["label"])
+    choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions if a.dest == "runtime").choices
+    assert tuple(choices) == runtimes.RUNTIMES  # the CLI offers exactly what brainmri.runtimes runs
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: ["avx2", "avx512f"])
+    with pytest.raises(BrainMRIError, match="openvino-bf16: this CPU has no bf16 instructions"):
+        predict(model, [str(images[0])], tmp_path / "bf16.csv", runtime="openvino-bf16")
+    assert not (tmp_path / "bf16.csv").exists()

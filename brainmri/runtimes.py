@@ -1,0 +1,49 @@
+"""CPU runtimes for an exported ONNX file: ONNX Runtime, and OpenVINO in fp32 or bf16. No TensorFlow.
+
+Every runtime reads the same file (model.onnx, or the int8 QDQ model.int8.onnx) and returns the tumour
+probability per image. OpenVINO is what Intel-CPU users reach for: it runs bf16 on AMX or AVX-512 BF16 cores
+and int8 QDQ graphs with VNNI. `benchmark` times each one and checks each against ONNX Runtime fp32 on the
+validation images; `predict --runtime` runs any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from brainmri.errors import BrainMRIError
+from brainmri.onnxrt import cpu_flags, session
+
+RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")  # openvino alone is fp32: its precision hint is set, never left to the CPU
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def bf16_capable() -> bool:
+    """Whether this CPU has bf16 instructions; without them OpenVINO would quietly run fp32 under a bf16 name."""
+    return any(f in cpu_flags() for f in BF16_FLAGS)
+
+
+def runner(path: str | Path, runtime: str, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from a float32 image batch (n, size, size, 3) to the model's raw output (n, 1) on `runtime`."""
+    if runtime not in RUNTIMES:
+        raise BrainMRIError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        sess = session(path, threads)
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})[0]
+    if runtime == "openvino-bf16" and not bf16_capable():
+        raise BrainMRIError(f"{runtime}: this CPU has no bf16 instructions ({' or '.join(BF16_FLAGS)}); use openvino or onnxruntime")
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if runtime.endswith("bf16") else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise BrainMRIError(f"{path}: OpenVINO cannot compile it: {str(exc).splitlines()[0][:200]}") from None
+    request = compiled.create_infer_request()
+    out = compiled.output(0)
+    return lambda x: np.asarray(request.infer({0: x})[out]).copy()
