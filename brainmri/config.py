@@ -220,8 +220,6 @@ class Train(Section):
             raise ValueError(f"train.cv_seeds must be at least 1 (one cross-validation run), got {self.cv_seeds}")
         if self.cv_folds == 1 or self.cv_folds < 0:
             raise ValueError(f"train.cv_folds must be 0 (off) or at least 2, got {self.cv_folds}")
-        if len(rules) > 1 and not self.cv_folds:
-            raise ValueError("train.threshold: a list of rules is chosen by cross-validation; set train.cv_folds to 2 or more")
         return self
 
 
@@ -333,6 +331,18 @@ class Orchestration(Section):
         return self
 
 
+class Saliency(Section):
+    min_head_share: float
+    images: int
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.require_min("saliency", images=1)
+        if not 0.0 <= self.min_head_share <= 1.0:
+            raise ValueError(f"saliency.min_head_share must be in [0, 1], got {self.min_head_share}")
+        return self
+
+
 class Audit(Section):
     folds: int
     bootstrap: int
@@ -379,6 +389,7 @@ class Params(Section):
     export: Export
     benchmark: Benchmark
     audit: Audit
+    saliency: Saliency
     external: External
     orchestration: Orchestration
     promotion: Promotion

@@ -121,14 +121,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def content_crop(img: Image.Image) -> Image.Image:
-    """Crop to the head, so padding, re-crops and marks in the margin change neither fingerprints nor model inputs.
-
-    The head is the largest connected bright region (scipy.ndimage.label) that is not a thin mark, with any
-    other thick region at least MIN_PART of its size. A box around every bright pixel would also take in
-    burned-in margin text (window/level numbers, a panel letter) or a white stripe at the edge, and then two
-    crops of one scan no longer line up: two such real pairs straddled train and test.
-    """
+def head_mask(img: Image.Image) -> np.ndarray | None:
+    """The head as a boolean mask of `img`: the largest connected bright region (scipy.ndimage.label) that is not a thin
+    mark, with any other thick region at least MIN_PART of its size; None when nothing is bright. Content cropping
+    boxes it; saliency measures how much of a model's attention falls inside it (holes filled: the ventricles are head)."""
     from scipy import ndimage
 
     a = np.asarray(img.convert("L"))
@@ -136,15 +132,27 @@ def content_crop(img: Image.Image) -> Image.Image:
     mask = ndimage.binary_closing(a > max(BACKGROUND, float(np.median(border)) + BORDER_MARGIN), iterations=CLOSING)
     labels, n = ndimage.label(mask)
     if n == 0:
-        return img
+        return None
     sizes = np.bincount(labels.ravel())
     thick = np.bincount(labels[ndimage.binary_opening(mask, iterations=THIN)], minlength=n + 1) > 0
     thick[0] = False  # the background
     if not thick.any():  # nothing but thin marks (a line drawing): fall back on every region
         thick = sizes > 0
         thick[0] = False
-    keep = thick & (sizes >= MIN_PART * sizes[thick].max())
-    ys, xs = np.nonzero(keep[labels])
+    return (thick & (sizes >= MIN_PART * sizes[thick].max()))[labels]
+
+
+def content_crop(img: Image.Image) -> Image.Image:
+    """Crop to the head, so padding, re-crops and marks in the margin change neither fingerprints nor model inputs.
+
+    The head is `head_mask`'s region. A box around every bright pixel would also take in burned-in margin text
+    (window/level numbers, a panel letter) or a white stripe at the edge, and then two crops of one scan no longer
+    line up: two such real pairs straddled train and test.
+    """
+    keep = head_mask(img)
+    if keep is None:
+        return img
+    ys, xs = np.nonzero(keep)
     return img.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
 
 

@@ -89,6 +89,21 @@ def samples_figure(samples: list[tuple[np.ndarray, str, bool]], cols: int = 6):
     return fig
 
 
+def saliency_figure(overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, str, bool]], cols: int = 6):
+    """Model inputs with their Grad-CAM heatmap laid over them and the head's outline; titled and framed as the samples."""
+    rows = max(1, -(-len(overlays) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.35 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (img, cam, mask, title, correct) in zip(axes.ravel(), overlays, strict=False):
+        ax.imshow(img)
+        ax.imshow(cam / cam.max() if cam.max() > 0 else cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=0.8)
+        ax.set_title(title, fontsize=7.5, color="#1a7f37" if correct else "#cf222e")
+    fig.tight_layout()
+    return fig
+
+
 def reliability_figure(tables: dict[str, tuple[dict, dict, str]], cols: int = 4):
     """Reliability diagrams, one panel per model: name -> (before, after, caption); each table has predicted, observed, n."""
     names = list(tables)

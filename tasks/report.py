@@ -14,7 +14,17 @@ import pandas as pd
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, write_text
 from brainmri.metrics import fmt, paired_auc_differences
-from brainmri.plots import confusion_figure, curves_figure, plt, reliability_figure, roc_figure, samples_figure, save, strips_figure
+from brainmri.plots import (
+    confusion_figure,
+    curves_figure,
+    plt,
+    reliability_figure,
+    roc_figure,
+    saliency_figure,
+    samples_figure,
+    save,
+    strips_figure,
+)
 from brainmri.progress import summary
 
 ORIGINAL = (
@@ -178,14 +188,15 @@ def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6):
     preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
     preds = preds.sort_values("confidence", ascending=False)
     picked = pd.concat([preds[preds["correct"]].head(per_kind), preds[~preds["correct"]].head(per_kind)])
-    samples = []
+    samples, paths = [], []
     for r in picked.itertuples():
-        with Image.open(p.path("ingest_images") / images[r.source_path]) as img:
+        paths.append(p.path("ingest_images") / images[r.source_path])
+        with Image.open(paths[-1]) as img:
             arr = np.asarray(img.convert("RGB"))
         mark = "right" if r.correct else "WRONG"
         samples.append((arr, f"{mark}: said {r.predicted} (p={r.probability:.2f})\nactually {r.actual}", bool(r.correct)))
     n_right, n_wrong = int(picked["correct"].sum()), int((~picked["correct"]).sum())
-    return name, samples, n_right, n_wrong
+    return name, samples, n_right, n_wrong, paths
 
 
 def lineage_table(p: Params) -> pd.DataFrame | str:
@@ -343,7 +354,8 @@ def report(p: Params) -> dict:
             ax.axis("off")
         fig.tight_layout()
         save(fig, out / "confusion_matrices.png")
-        best, samples, n_right, n_wrong = sample_grid(p, evaluated, trained)
+        best, samples, n_right, n_wrong, sample_paths = sample_grid(p, evaluated, trained)
+        saliency_md = saliency_section(p, best, samples, sample_paths, out)
         save(samples_figure(samples), out / "samples.png")
         lineage = lineage_table(p)
         weights_notes = sorted({f"- **{t['backbone']}**: {t['weights']['description']}" for t in trained.values()})
@@ -414,6 +426,7 @@ def report(p: Params) -> dict:
             "",
             "![Test images with their predictions](samples.png)",
             "",
+            *saliency_md,
             "## Lineage",
             "",
             "Where each model came from, as `dvc.lock` recorded it when this report was written; "
@@ -498,6 +511,55 @@ def external_section(p: Params, evaluated: dict) -> list:
     if intake["synthetic"]:
         text += ["**SYNTHETIC external set**: these numbers check the mechanics only; they are not a generalisation result.", ""]
     return [*text, pd.DataFrame(rows), ""] if rows else [*text, "No external image was left to score.", ""]
+
+
+def saliency_section(p: Params, best: str, samples: list, sample_paths: list, out: Path) -> list:
+    """Grad-CAM on each Keras model over the test images: the mean share of the heatmap inside the head, flagged below
+    saliency.min_head_share; and the best model's heatmaps over the sample images."""
+    from brainmri import saliency
+    from brainmri.models import load_model
+    from brainmri.preprocess import load_batch
+    from tasks.split import split_part
+
+    test = split_part(p, "test").paths  # images only: no label is read here
+    rows, overlays = [], []
+    for name in p.models:
+        model = load_model(p.model_file("models", name, "model"))
+        size = p.backbones[p.models[name].backbone].input_size
+        x = load_batch(test, size)
+        cams, head = saliency.grad_cam(model, x), saliency.masks(x)
+        share = saliency.head_share(cams, head)
+        mean = float(np.nanmean(share)) if np.isfinite(share).any() else float("nan")
+        rows.append(
+            {
+                "Model": name,
+                "Heatmap inside the head": f"{mean:.2f}",
+                "Head's share of the input": f"{float(head.mean()):.2f}",
+                "Flag": "LOOKS OUTSIDE THE HEAD" if mean < p.saliency.min_head_share else "",
+            }
+        )
+        if name == best:
+            xs = load_batch(sample_paths[: p.saliency.images], size)
+            cams_s, heads_s = saliency.grad_cam(model, xs), saliency.masks(xs)
+            for arr, cam, mask, (_, title, correct) in zip(xs, cams_s, heads_s, samples, strict=False):
+                overlays.append((arr.astype(np.uint8), cam, mask, title, correct))
+    if overlays:
+        save(saliency_figure(overlays), out / "saliency.png")
+    flagged = [r["Model"] for r in rows if r["Flag"]]
+    return [
+        "### Where the models look",
+        "",
+        "Grad-CAM heatmaps on each Keras model (the frozen base's last feature map, weighted by the gradient of the output "
+        "logit; for a no-tumour call, the evidence against tumour), over the test images, and the share of each heatmap "
+        "inside the head (the region ingest crops to, holes filled). A share below "
+        f"{p.saliency.min_head_share} (`saliency.min_head_share`) is flagged: such a model looks mostly at margins, text, "
+        "padding or borders. Compare each share with the head's share of the input, what attention spread evenly would give. "
+        + (f"Flagged: {', '.join(flagged)}." if flagged else "No model is flagged."),
+        "",
+        pd.DataFrame(rows),
+        "",
+        *([f"![Grad-CAM heatmaps of {best} over the sample images; the head's outline in white](saliency.png)", ""] if overlays else []),
+    ]
 
 
 def selection_section(p: Params, trained: dict) -> list:

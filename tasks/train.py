@@ -219,11 +219,11 @@ def train(p: Params, name: str) -> dict:
     seed_everything(p.seed)
     layers = list(dict.fromkeys(g["feature_layer"] for g in grid))  # every candidate layer, pooled in one pass
     net = build_network(p, spec.backbone, p.seed, layers=layers)  # fails here, before any work, if weights cannot be had
-    rule, selection = candidates(p.train.threshold)[0], None
-    if net.end_to_end and (len(grid) > 1 or len(candidates(p.train.threshold)) > 1):
+    rule, selection = candidates(p.train.threshold)[0], None  # with no cross-validation to choose by, the first rule
+    if net.end_to_end and len(grid) > 1:
         raise ConfigError(
             f"backbones.{spec.backbone}: {bb.application} trains end to end, so its settings cannot be chosen by "
-            "cross-validation on cached features; give single values (and one train.threshold rule)"
+            "cross-validation on cached features; give single values"
         )
     log.info("train %s: %s, weights: %s", name, bb.application, net.weights.describe())
     tr, aug, va = data_parts(p, spec.augment)
@@ -293,6 +293,13 @@ def train(p: Params, name: str) -> dict:
         "selected_epoch": int(best),
         "threshold": round(threshold, 6),
         "threshold_rule": rule,
+        "threshold_rule_chosen_by": (
+            "pooled out-of-fold balanced accuracy over train+val (selection.threshold_rules)"
+            if selection and "threshold_rules" in selection
+            else "train.threshold's first rule: this model has no cross-validation to choose by"
+            if len(candidates(p.train.threshold)) > 1
+            else "params (one rule)"
+        ),
         "settings": {k: getattr(bb, k) for k in ("feature_layer", "learning_rate", "dropout", "epochs")},
         "selection": selection or {"protocol": "single values in params: nothing chosen by measurement"},
         "train": _summary(tr.y, p_train, threshold),
@@ -402,9 +409,9 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
     spec = p.backbones[key]
     grid, rules = spec.grid(), candidates(p.train.threshold)
     cv_on = bool(p.train.cv_folds) and not (spec.fine_tune_layers and spec.fine_tune_epochs)
-    if (len(grid) > 1 or len(rules) > 1) and not cv_on:
+    if len(grid) > 1 and not cv_on:
         raise ConfigError(
-            f"backbones.{key} / train.threshold: lists are chosen by cross-validation on cached features; "
+            f"backbones.{key}: lists are a grid chosen by cross-validation on cached features; "
             "set train.cv_folds to 2 or more and fine_tune_layers to 0, or give single values"
         )
     by_layer = {k: net.split(f) for k, f in (("train", f_tr), ("aug", f_aug), ("val", f_val))}

@@ -23,13 +23,15 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
         t = trained[name]
         assert f"| {name} | {t['settings']['feature_layer'] or 'whole base'} | {t['settings']['learning_rate']} |" in chosen
     assert "test played no part in any choice" in chosen
+    look = md.split("### Where the models look", 1)[1].split("##", 1)[0]  # Grad-CAM's share inside the head, per model
+    assert all(f"| {name} |" in look for name in p.models) and "(saliency.png)" in look
     for png in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (folder / png).stat().st_size > 2000
     html = (folder / "report.html").read_text()
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]  # the review grid is drawn when any image is flagged
     groups = pd.read_csv(p.path("ingest_manifest"))["group"].value_counts()
     assert (groups > 1).any() and "![Every duplicate group, one row each](duplicates.png)" in md  # phantoms hold copies
-    assert html.count("data:image/png;base64,") == 7 + bool(flagged) and 'src="http' not in html and html.count("<table") == 5
+    assert html.count("data:image/png;base64,") == 8 + bool(flagged) and 'src="http' not in html and html.count("<table") == 6
     assert "## Calibrated probabilities" in md and "ECE before" in md  # every model's map, before and after
     for name in p.models:
         cal = trained[name]["calibration"]
@@ -73,9 +75,9 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
     n = len(p.models) + 1
-    assert seen["tables"] == [n, n, n, n, 2 * len(p.models) + 1]  # results; settings; paired AUC; calibration; latency
+    assert seen["tables"] == [n, n, n, n, n, 2 * len(p.models) + 1]  # results; settings; paired; saliency; calibration; latency
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
-    assert len(seen["images"]) == 7 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
+    assert len(seen["images"]) == 8 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}
     assert any(alt.startswith("Reliability diagrams") for *_, alt in seen["images"])
     sections = {"Results", "Data audit", "Sample test images", "Lineage", "Dataset", "Plots", "Calibrated probabilities"}

@@ -330,6 +330,10 @@ def test_a_grid_needs_cached_features_and_cv(small_run, tmp_path):
     q = load_params(p.root / "params.yaml", {"backbones": {"smallcnn": {"learning_rate": [0.01, 0.001]}}, **models})
     with pytest.raises(ConfigError, match="trains end to end"):
         train(q, "smallcnn-aug")
+    # a list of threshold rules is global: a model with no CV (end to end) takes the first, and says so
+    q = load_params(p.root / "params.yaml", {"train": {"threshold": [0.5, "youden"]}, **models})
+    t = train(q, "smallcnn-aug")
+    assert t["threshold_rule"] == 0.5 and "no cross-validation" in t["threshold_rule_chosen_by"]
     q = load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"dropout": [0.1, 0.5]}}, "train": {"cv_folds": 0}, **models})
     with pytest.raises(ConfigError, match="set train.cv_folds to 2 or more"):
         train(q, "vgg16-noaug")

@@ -1,0 +1,46 @@
+"""Saliency: a model that learned a planted marker outside the head is flagged, and its heat sits on the marker."""
+
+import numpy as np
+from factory import brain
+
+from brainmri.config import load_params
+from brainmri.models import build_head, build_network
+from brainmri.saliency import grad_cam, head_share, masks
+
+
+def marked(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Phantom heads (no tumours) on a 64 px canvas; every second one, class 1, has a bright 8 px square in a corner."""
+    xs, ys = [], []
+    for i in range(n):
+        canvas = np.zeros((64, 64), np.uint8)
+        canvas[4:60, 4:60] = brain(seed + i, tumor=False, size=(56, 56))
+        if i % 2:
+            canvas[1:9, 1:9] = 255  # outside the head: the only thing that tells the classes apart
+        xs.append(np.repeat(canvas[..., None], 3, -1))
+        ys.append(i % 2)
+    return np.stack(xs).astype(np.float32), np.array(ys)
+
+
+def test_a_model_that_learned_a_corner_marker_is_flagged_and_its_heat_is_on_the_marker(small_run):
+    import keras
+
+    p0, *_ = small_run
+    over = {"backbones": {"vgg16": {"input_size": 64, "feature_layer": "block3_pool"}}}  # an 8 x 8 map to draw heat on
+    p = load_params(p0.root / "params.yaml", over)
+    keras.utils.set_random_seed(0)
+    net = build_network(p, "vgg16", 0)
+    x, y = marked(80, 0)
+    feats = net.extractor.predict(x, verbose=0)
+    head = build_head(feats.shape[1], p.backbones["vgg16"].at(p.backbones["vgg16"].grid()[0]), 0, adapt_on=feats)
+    head.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    head.fit(feats, y, epochs=60, batch_size=16, verbose=0)
+    net.attach(head)
+    xt, yt = marked(40, 1000)
+    assert ((net.full.predict(xt, verbose=0).ravel() >= 0.5) == yt).mean() >= 0.9  # it learned the marker
+    cams, head_masks = grad_cam(net.full, xt), masks(xt)
+    assert np.allclose(cams.sum(axis=(1, 2))[cams.sum(axis=(1, 2)) > 0], 1.0, atol=1e-4)
+    share = head_share(cams, head_masks)
+    assert np.nanmean(share) < p.saliency.min_head_share  # flagged, as the report flags it
+    corner = cams[yt == 1][:, :12, :12].sum(axis=(1, 2)).mean()  # the marker's corner is 3.5% of the input...
+    assert corner > 3 * (12 * 12) / (64 * 64)  # ...and holds over 3x its share of the heat on the marked images
+    assert 0.2 < head_masks.mean() < 0.6  # the masks are the heads, not the whole canvas or nothing
