@@ -214,17 +214,22 @@ def cut(net: Network, p: Params, key: str, layers: list[str], seed: int, bb: Bac
     net.full = stack(extractor, net.head, key)
 
 
-def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | None = None) -> keras.Model:
-    """Dense, dropout, sigmoid; with `adapt_on`, the features are first standardised with their training mean and variance."""
+def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | None = None, init_seed: int | None = None) -> keras.Model:
+    """Dense, dropout, sigmoid; with `adapt_on`, the features are first standardised with their training mean and variance.
+
+    The initial weights come from `init_seed` (default `seed`) alone, never from the global random state: a thread
+    drawing from Python's `random` meanwhile (Prefect's client does, in a flow or test process) would change them."""
+    init = seed if init_seed is None else init_seed
     inp = keras.Input((n_features,), name="features")
     x = inp
     if adapt_on is not None:
         norm = keras.layers.Normalization(axis=-1, name="feature_scale")
         norm.adapt(adapt_on)
         x = norm(x)
-    x = keras.layers.Dense(bb.dense, activation="relu", name="head_dense")(x)
+    glorot = keras.initializers.GlorotUniform
+    x = keras.layers.Dense(bb.dense, activation="relu", name="head_dense", kernel_initializer=glorot(seed=init))(x)
     x = keras.layers.Dropout(bb.dropout, seed=seed, name="head_dropout")(x)
-    out = keras.layers.Dense(1, activation="sigmoid", name="tumour_probability")(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name="tumour_probability", kernel_initializer=glorot(seed=init + 1))(x)
     return keras.Model(inp, out, name="head")
 
 

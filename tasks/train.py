@@ -80,6 +80,11 @@ def predict(model, x, batch: int = 64) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def _fold_seed(seed: int, k: int) -> int:
+    """Fold k's initial-weights seed in the CV run seeded `seed`: distinct for every (run, fold) pair."""
+    return int(np.random.SeedSequence([seed, k, 7]).generate_state(1)[0] % 2**31)
+
+
 @dataclass
 class Fold:
     k: int
@@ -103,7 +108,6 @@ def cv_folds(
     less an inner grouped validation split holding a fifth of that part, which early stopping (when `patience`
     is set) reads and the fit never sees, as val in the pipeline.
     """
-    import keras
     from sklearn.model_selection import StratifiedGroupKFold
 
     from brainmri.models import build_head
@@ -119,8 +123,7 @@ def cv_folds(
         with_aug = [i for i in fit_idx if i in aug_feats]  # augmented copies of the images it fits on, only
         x_fit = np.concatenate([feats[fit_idx], *(aug_feats[i] for i in with_aug)])
         y_fit = np.concatenate([y[fit_idx], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
-        keras.utils.set_random_seed(seed + k)  # the fold's initial weights, as before the compiled loop
-        head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit)
+        head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit, init_seed=_fold_seed(seed, k))
         stream = int(np.random.SeedSequence([seed, k + 1]).generate_state(1)[0])  # its own shuffle/dropout stream
         job = HeadJob(head, x_fit, y_fit, feats[val_idx], y[val_idx], class_weights(y_fit, p.train.class_weight), stream)
         folds.append(Fold(k, te, tr, job))
@@ -401,7 +404,6 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
     train at the chosen point. With one point, all of it trains in one compiled run.
     Returns the head's history, its selected epoch, the CV summary, (labels, out-of-fold probabilities), the chosen
     backbone settings, the chosen threshold rule and the selection record."""
-    import keras
 
     from brainmri.models import build_head, cut
 
@@ -435,8 +437,7 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
         cut(net, p, key, [bb.feature_layer], p.seed, bb)
     layer = bb.feature_layer
     f_fit, y_fit = np.concatenate([by_layer["train"][layer], by_layer["aug"][layer]]), np.concatenate([tr.y, aug.y])
-    keras.utils.set_random_seed(p.seed)  # the head's initial weights: the same whether or not a grid was searched first
-    net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
+    net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))  # its initial weights from p.seed alone
     head = HeadJob(net.head, f_fit, y_fit, by_layer["val"][layer], va.y, class_weights(y_fit, p.train.class_weight), p.seed)
     reruns = []
     if cv_on:
