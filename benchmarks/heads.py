@@ -57,7 +57,7 @@ def cpu_name() -> str:
 
 def run(p, name: str, old, reseed: bool) -> dict:
     spec = p.model(name)
-    bb = p.backbones[spec.backbone]
+    bb = p.backbones[spec.backbone].at(p.backbones[spec.backbone].grid()[0])  # a grid in params: its first point
     tr, aug, va = new.data_parts(p, spec.augment)
     te = split_part(p, "test")
     new.seed_everything(p.seed)
@@ -78,7 +78,7 @@ def run(p, name: str, old, reseed: bool) -> dict:
             history, best = old.fit(net.head, f_fit, y_fit, (f_val, va.y), bb.learning_rate, bb.epochs, label=f"train {name}", **fit_args)
             cv = old._cv(p, name, tr, aug, va, f_tr, f_aug, f_val)
         else:
-            history, best, cv = new.head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
+            history, best, cv, *_ = new.head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
         seconds, cpu = time.monotonic() - start, time.process_time() - cpu
         out[path] = {
             "seconds": seconds,

@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         aug = augmented_features(p, spec.backbone, net.extractor, everything.frame, Path(tmp)) if spec.augment else {}
     runs = [cross_validate(p, args.model, feats, everything.y, groups, aug, fold_seed=p.seed + r) for r in range(args.repeats)]
-    bb = p.backbones[spec.backbone]
+    bb = p.backbones[spec.backbone].at(p.backbones[spec.backbone].grid()[0])  # a grid in params: its first point
     standard = None
     if bb.feature_layer:  # the bar as set: logistic regression on the whole base's pooled features, same folds
         q = load_params(

@@ -404,6 +404,13 @@ class Params(Section):
                 raise ValueError(f"models.{name}: a model name may hold only letters, digits, '-', '_' and '.'")
             if spec.backbone not in self.backbones:
                 raise ValueError(f"models.{name}.backbone {spec.backbone!r} is not a key of backbones ({', '.join(self.backbones)})")
+        for name, spec in self.models.items():  # a grid is chosen by CV on cached features: say so before any work
+            bb = self.backbones[spec.backbone]
+            if bb.is_grid and (not self.train.cv_folds or (bb.fine_tune_layers and bb.fine_tune_epochs) or bb.application == SMALL_CNN):
+                raise ValueError(
+                    f"backbones.{spec.backbone} (model {name}): lists are a grid chosen by cross-validation on cached features; "
+                    "that needs train.cv_folds >= 2, no fine-tuning and a frozen transfer backbone. Give single values"
+                )
         if self.promotion.model not in self.models:
             raise ValueError(f"promotion.model {self.promotion.model!r} is not a key of models ({', '.join(self.models)})")
         return self

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -96,6 +97,16 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> M
         raise BrainMRIError(f"{model}: input shape {inputs[0].shape} does not match metadata input_size={size} with 3 colours")
     if not outputs or outputs[0].type != "tensor(float)":
         raise BrainMRIError(f"{model}: expected a float probability output, got {[(o.name, o.type) for o in outputs]}")
+    if meta.get("int8_reduce_range") == "False":
+        from brainmri.onnxrt import cpu_flags
+
+        if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()):
+            logging.getLogger("brainmri").warning(
+                "%s: int8 with 8-bit weights, chosen on a CPU with VNNI (%s); this CPU has no VNNI, where u8 x s8 products "
+                "can saturate and cost accuracy: export again here, or with export.reduce_range: true",
+                model,
+                meta.get("int8_chosen_on_cpu_flags", "?"),
+            )
     run = None
     if runtime != "onnxruntime":
         from brainmri.runtimes import runner

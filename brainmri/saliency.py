@@ -31,6 +31,8 @@ def grad_cam(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
     import tensorflow as tf
 
     pre, base, pool, head = parts(model)
+    out = head.get_layer("tumour_probability")
+    hidden = [layer for layer in head.layers[1:] if layer is not out]  # [feature_scale,] head_dense, head_dropout
     size = x.shape[1]
     maps = []
     for i in range(0, len(x), batch):
@@ -38,8 +40,12 @@ def grad_cam(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
         with tf.GradientTape() as tape:
             a = base(pre(xb), training=False)
             tape.watch(a)
-            p = tf.clip_by_value(tf.reshape(head(pool(a), training=False), [-1]), 1e-7, 1 - 1e-7)
-            logit = tf.math.log(p) - tf.math.log1p(-p)  # the logit: a saturated sigmoid would give no gradient
+            h = pool(a)
+            for layer in hidden:
+                h = layer(h, training=False)
+            # the logit itself, before the sigmoid: taken from the output probability, a saturated image (|z| > 16)
+            # would have no gradient and an empty heatmap
+            logit = tf.reshape(tf.matmul(h, out.kernel) + out.bias, [-1])
         g = tape.gradient(logit, a)
         # for a tumour call the evidence for tumour; for a no-tumour call the evidence against (the sign flipped)
         sign = tf.where(logit >= 0, 1.0, -1.0)[:, None, None]

@@ -210,6 +210,12 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
                 path.replace(int8)
             else:
                 path.unlink()
+    # in the file itself: predict warns when 8-bit weights meet a CPU without VNNI, where u8 x s8 products saturate
+    proto = onnx.load(int8)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(int8_reduce_range=str(combos[best][1]), int8_chosen_on_cpu_flags=",".join(cpu_flags()))
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, int8)
     return {
         "protocol": f"every candidate quantized and scored on the {len(val.y)} validation images; test never read for the choice",
         "criterion": "smallest mean |p_int8 - p_fp32| on val; ties go to the earlier candidate",

@@ -530,12 +530,15 @@ def saliency_section(p: Params, best: str, samples: list, sample_paths: list, ou
         cams, head = saliency.grad_cam(model, x), saliency.masks(x)
         share = saliency.head_share(cams, head)
         mean = float(np.nanmean(share)) if np.isfinite(share).any() else float("nan")
+        empty = int(np.sum(~np.isfinite(share)))
+        flag = "LOOKS OUTSIDE THE HEAD" if mean < p.saliency.min_head_share else "NO HEATMAP" if not np.isfinite(mean) else ""
         rows.append(
             {
                 "Model": name,
                 "Heatmap inside the head": f"{mean:.2f}",
                 "Head's share of the input": f"{float(head.mean()):.2f}",
-                "Flag": "LOOKS OUTSIDE THE HEAD" if mean < p.saliency.min_head_share else "",
+                "Empty heatmaps": f"{empty} of {len(share)}",
+                "Flag": flag,
             }
         )
         if name == best:
@@ -594,7 +597,9 @@ def selection_section(p: Params, trained: dict) -> list:
         "the same way, by pooled out-of-fold balanced accuracy with each fold's threshold set on its inner validation part. "
         "The final head trains on train; val sets its threshold and, with the CV predictions, its calibration. The int8 "
         "file is the candidate closest to fp32 on the validation images. The chosen point's CV AUC is the best of its "
-        "grid, so it is biased upwards; the test figures above are not, because test played no part in any choice.",
+        "grid, so it is biased upwards; the test figures above are not, because test played no part in any choice made "
+        "here. Values given as single numbers in params were set by hand beforehand (some, such as 100 epochs without "
+        "early stopping, after a cross-validation of an earlier protocol that included the test images).",
         "",
         pd.DataFrame(rows),
         "",

@@ -29,12 +29,11 @@ def test_benchmark_file_has_every_runtime_batch_and_ratio(small_run):
     assert b["flops_per_image"] > 0 and b["matmul_peak_gflops"] > 0
     # every ONNX runtime checked against ONNX Runtime fp32 on the val images; OpenVINO fp32 runs the same arithmetic
     fid = b["fidelity_on_val"]
-    assert set(fid) == {rt for rt in expected if not rt.startswith("keras")} and fid["onnxruntime_fp32"]["max_abs_prob_diff"] == 0
+    assert set(fid) == {rt for rt in expected if not rt.startswith("keras")}
     assert fid["openvino_fp32"]["max_abs_prob_diff"] <= 1e-4 and fid["openvino_fp32"]["admissible"]
     for bs, rt in b["fastest_admissible"].items():
         at = {r["runtime"]: r["p50_ms"] for r in b["rows"] if f"batch_{r['batch']}" == bs}
         assert fid[rt]["admissible"] and at[rt] == min(at[k] for k in at if k in fid and fid[k]["admissible"])
-    assert set(b["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16"}
 
 
 def test_flop_count_matches_the_published_vgg16_figure():

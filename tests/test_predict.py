@@ -59,7 +59,7 @@ def test_predict_refuses_anything_but_onnx(small_run, tmp_path):
         predict(fake, [str(tmp_path)], tmp_path / "x.csv")
 
 
-def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_it(small_run, tmp_path, monkeypatch):
+def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_it(small_run, tmp_path, monkeypatch, caplog):
     """OpenVINO fp32 runs the same file to within 1e-4 of ONNX Runtime, with the same labels; bf16 on a CPU without
     bf16 instructions is one sentence, not a quiet fp32 run under a bf16 name."""
     from brainmri import runtimes
@@ -75,6 +75,22 @@ def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_
     choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions if a.dest == "runtime").choices
     assert tuple(choices) == runtimes.RUNTIMES  # the CLI offers exactly what brainmri.runtimes runs
     monkeypatch.setattr(runtimes, "cpu_flags", lambda: ["avx2", "avx512f"])
+    import logging
+
+    import onnx
+
+    from brainmri import onnxrt
+
+    int8 = onnx.load(p.model_file("export", "vgg16-aug", "onnx_int8"))  # 8-bit weights chosen on a VNNI CPU...
+    assert {q.key for q in int8.metadata_props} >= {"int8_reduce_range", "int8_chosen_on_cpu_flags"}
+    props = {q.key: q.value for q in int8.metadata_props} | {"int8_reduce_range": "False"}
+    onnx.helper.set_model_props(int8, props)
+    onnx.save(int8, tmp_path / "eight_bit.onnx")
+    monkeypatch.setattr(onnxrt, "cpu_flags", lambda: ["avx2"])  # ...meet a CPU without VNNI: predict warns
+    monkeypatch.setattr(logging.getLogger("brainmri"), "propagate", True)  # an in-process CLI run may have turned it off
+    with caplog.at_level(logging.WARNING, logger="brainmri"):
+        predict(tmp_path / "eight_bit.onnx", [str(images[0])], tmp_path / "eight.csv")
+    assert "this CPU has no VNNI" in caplog.text
     with pytest.raises(BrainMRIError, match="openvino-bf16: this CPU has no bf16 instructions"):
         predict(model, [str(images[0])], tmp_path / "bf16.csv", runtime="openvino-bf16")
     assert not (tmp_path / "bf16.csv").exists()

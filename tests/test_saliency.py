@@ -44,3 +44,9 @@ def test_a_model_that_learned_a_corner_marker_is_flagged_and_its_heat_is_on_the_
     corner = cams[yt == 1][:, :12, :12].sum(axis=(1, 2)).mean()  # the marker's corner is 3.5% of the input...
     assert corner > 3 * (12 * 12) / (64 * 64)  # ...and holds over 3x its share of the heat on the marked images
     assert 0.2 < head_masks.mean() < 0.6  # the masks are the heads, not the whole canvas or nothing
+    out = net.full.get_layer("head").get_layer("tumour_probability")  # saturate the sigmoid: logits of hundreds
+    w, b = out.get_weights()
+    out.set_weights([w * 1000, b * 1000])
+    saturated = grad_cam(net.full, xt)
+    # the logit scaled by 1000 scales every gradient alike: the same maps, where a saturated probability would give none
+    assert np.allclose(saturated, cams, atol=1e-5) and (saturated.sum(axis=(1, 2)) > 0.99).mean() > 0.8

@@ -128,6 +128,18 @@ def test_same_seed_same_weights_and_heads_train_alone_as_in_a_group(vgg16_spec):
     assert moved > 1e-2  # seeds 7 and 8 in one group: different shuffles and dropout, different heads
 
 
+def test_heads_with_their_own_rate_dropout_and_epochs_train_in_one_run_as_they_would_alone(vgg16_spec):
+    """A grid's points train side by side: each head keeps its own learning rate, dropout rate and epoch count."""
+    settings = [(0.2, 7, 0.01, 3), (0.5, 8, 0.001, 6)]  # dropout, seed, lr, epochs
+    group = [noise_heads(vgg16_spec, dropout=d, seed=s)[0] for d, s, _, _ in settings]
+    results = fit_heads(group, lr=[lr for *_, lr, _ in settings], epochs=[e for *_, e in settings], patience=0, batch=16)
+    assert [len(r.history) for r in results] == [3, 6] and [r.best for r in results] == [3, 6]
+    for job, (d, s, lr, e) in zip(group, settings, strict=True):
+        (alone,) = noise_heads(vgg16_spec, dropout=d, seed=s)
+        fit_heads([alone], lr=lr, epochs=e, patience=0, batch=16)
+        assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(job.head.get_weights(), alone.head.get_weights(), strict=True))
+
+
 def test_compiled_loop_matches_keras_fit_on_tiny_data(vgg16_spec):
     """The same head, start and hyperparameters as Keras model.fit: not identical draws, so close, not equal."""
     import keras
@@ -327,16 +339,14 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
 def test_a_grid_needs_cached_features_and_cv(small_run, tmp_path):
     p, *_ = small_run
     models = {"paths": {"models": str(tmp_path / "m")}}
-    q = load_params(p.root / "params.yaml", {"backbones": {"smallcnn": {"learning_rate": [0.01, 0.001]}}, **models})
-    with pytest.raises(ConfigError, match="trains end to end"):
-        train(q, "smallcnn-aug")
+    with pytest.raises(ConfigError, match="backbones.smallcnn .model smallcnn-aug.: lists are a grid chosen by cross-validation"):
+        load_params(p.root / "params.yaml", {"backbones": {"smallcnn": {"learning_rate": [0.01, 0.001]}}, **models})
     # a list of threshold rules is global: a model with no CV (end to end) takes the first, and says so
     q = load_params(p.root / "params.yaml", {"train": {"threshold": [0.5, "youden"]}, **models})
     t = train(q, "smallcnn-aug")
     assert t["threshold_rule"] == 0.5 and "no cross-validation" in t["threshold_rule_chosen_by"]
-    q = load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"dropout": [0.1, 0.5]}}, "train": {"cv_folds": 0}, **models})
-    with pytest.raises(ConfigError, match="set train.cv_folds to 2 or more"):
-        train(q, "vgg16-noaug")
+    with pytest.raises(ConfigError, match="needs train.cv_folds >= 2"):  # at load time, before any feature is extracted
+        load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"dropout": [0.1, 0.5]}}, "train": {"cv_folds": 0}, **models})
     with pytest.raises(ConfigError, match="without repeats"):
         load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"epochs": [5, 5]}}})
     with pytest.raises(ConfigError, match="non-empty"):
