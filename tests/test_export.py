@@ -151,7 +151,7 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
     from brainmri.config import load_params
 
     p, *_ = small_run
-    grid = {"export": {"calibration_method": ["minmax", "percentile"], "reduce_range": [True, False]}}
+    grid = {"export": {"calibration_method": ["minmax", "percentile"], "reduce_range": [True, False]}}  # 4 candidates
     q = load_params(p.root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "e")}})
     sel = export(q, "vgg16-noaug")["int8"]["selection"]
     assert [(c["calibration_method"], c["reduce_range"]) for c in sel["candidates"]] == [
