@@ -541,11 +541,11 @@ def saliency_section(p: Params, best: str, samples: list, sample_paths: list, ou
                 "Flag": flag,
             }
         )
-        if name == best:
-            xs = load_batch(sample_paths[: p.saliency.images], size)
-            cams_s, heads_s = saliency.grad_cam(model, xs), saliency.masks(xs)
-            for arr, cam, mask, (_, title, correct) in zip(xs, cams_s, heads_s, samples, strict=False):
-                overlays.append((arr.astype(np.uint8), cam, mask, title, correct))
+        if name == best:  # the sample images are test images: their heatmaps are already here
+            where = {Path(t): i for i, t in enumerate(test)}
+            for path, (_, title, correct) in zip(sample_paths[: p.saliency.images], samples, strict=False):
+                i = where[Path(path)]
+                overlays.append((x[i].astype(np.uint8), cams[i], head[i], title, correct))
     if overlays:
         save(saliency_figure(overlays), out / "saliency.png")
     flagged = [r["Model"] for r in rows if r["Flag"]]

@@ -12,7 +12,6 @@ import pandas as pd
 
 from brainmri import calibration, features
 from brainmri.config import Backbone, Params, candidates
-from brainmri.errors import ConfigError
 from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
 from brainmri.headfit import HeadJob, HeadResult, fit_heads
 from brainmri.metrics import point, youden_threshold
@@ -83,6 +82,14 @@ def predict(model, x, batch: int = 64) -> np.ndarray:
 def _fold_seed(seed: int, k: int) -> int:
     """Fold k's initial-weights seed in the CV run seeded `seed`: distinct for every (run, fold) pair."""
     return int(np.random.SeedSequence([seed, k, 7]).generate_state(1)[0] % 2**31)
+
+
+def out_of_fold(folds: list[Fold], feats: np.ndarray, n: int) -> np.ndarray:
+    """Each image's probability from the fold head that did not see it (NaN for an image in no fold's held-out part)."""
+    oof = np.full(n, np.nan)
+    for fold in folds:
+        oof[fold.test] = predict(fold.job.head, feats[fold.test])
+    return oof
 
 
 @dataclass
@@ -223,11 +230,6 @@ def train(p: Params, name: str) -> dict:
     layers = list(dict.fromkeys(g["feature_layer"] for g in grid))  # every candidate layer, pooled in one pass
     net = build_network(p, spec.backbone, p.seed, layers=layers)  # fails here, before any work, if weights cannot be had
     rule, selection = candidates(p.train.threshold)[0], None  # with no cross-validation to choose by, the first rule
-    if net.end_to_end and len(grid) > 1:
-        raise ConfigError(
-            f"backbones.{spec.backbone}: {bb.application} trains end to end, so its settings cannot be chosen by "
-            "cross-validation on cached features; give single values"
-        )
     log.info("train %s: %s, weights: %s", name, bb.application, net.weights.describe())
     tr, aug, va = data_parts(p, spec.augment)
     y_fit = np.concatenate([tr.y, aug.y])
@@ -410,12 +412,7 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
     key = p.models[name].backbone
     spec = p.backbones[key]
     grid, rules = spec.grid(), candidates(p.train.threshold)
-    cv_on = bool(p.train.cv_folds) and not (spec.fine_tune_layers and spec.fine_tune_epochs)
-    if len(grid) > 1 and not cv_on:
-        raise ConfigError(
-            f"backbones.{key}: lists are a grid chosen by cross-validation on cached features; "
-            "set train.cv_folds to 2 or more and fine_tune_layers to 0, or give single values"
-        )
+    cv_on = bool(p.train.cv_folds) and not (spec.fine_tune_layers and spec.fine_tune_epochs)  # a grid implies it (config)
     by_layer = {k: net.split(f) for k, f in (("train", f_tr), ("aug", f_aug), ("val", f_val))}
     frame = pd.concat([tr.frame, va.frame], ignore_index=True)
     y_all, groups = np.concatenate([tr.y, va.y]), frame["group"].to_numpy()
@@ -479,16 +476,14 @@ def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
     spec = p.backbones[p.models[name].backbone]
     points = [spec.at(g) for g in grid]
     data = {layer: cv_data(layer) for layer in dict.fromkeys(g["feature_layer"] for g in grid)}
-    runs = [cv_folds(p, name, *_with(data[b.feature_layer], y, groups), bb=b) for b in points]
+    runs = [cv_folds(p, name, data[b.feature_layer][0], y, groups, data[b.feature_layer][1], bb=b) for b in points]
     jobs = [f.job for run in runs for f in run]
     results = iter(train_heads(p, name, jobs, [b for b, run in zip(points, runs, strict=True) for _ in run]))
     trained = [[next(results) for _ in run] for run in runs]
     scores = []
     for g, run in zip(grid, runs, strict=True):
         feats = data[g["feature_layer"]][0]
-        oof = np.full(len(y), np.nan)
-        for fold in run:
-            oof[fold.test] = predict(fold.job.head, feats[fold.test])
+        oof = out_of_fold(run, feats, len(y))
         two = len(np.unique(y)) > 1
         auc = float(roc_auc_score(y, oof)) if two else float("nan")
         bce = float(log_loss(y, np.clip(oof, 1e-7, 1 - 1e-7), labels=[0, 1]))
@@ -506,11 +501,6 @@ def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
     }
     log.info("select %s: chose %s (pooled CV AUC %.3f)", name, _describe(grid[best]), scores[best]["cv_auc_pooled_out_of_fold"])
     return grid[best], runs[best], trained[best], record
-
-
-def _with(data, y, groups):
-    feats, aug_arrays = data
-    return feats, y, groups, aug_arrays
 
 
 def _describe(g: dict) -> str:
@@ -550,9 +540,7 @@ def seed_spread(p: Params, feats, y, cv: dict, reruns: list[list[Fold]]) -> dict
 
     aucs = [cv["model"]["auc"]["pooled_out_of_fold"]]
     for run in reruns:
-        oof = np.full(len(y), np.nan)
-        for fold in run:
-            oof[fold.test] = predict(fold.job.head, feats[fold.test])
+        oof = out_of_fold(run, feats, len(y))
         aucs.append(round(float(roc_auc_score(y, oof)), 4) if len(np.unique(y)) > 1 else float("nan"))
     return {
         "seeds": [p.seed, *rerun_seeds(p)],
