@@ -269,6 +269,12 @@ def test_train_never_reads_the_test_split(small_run, tmp_path):
     """Every test image replaced by noise and its label flipped: train writes byte-identical train.json and history,
     and a model with exactly the same weights (its file differs only in the layer names Keras numbers per process)."""
     p, *_ = small_run
+    # selection too: a grid chosen by CV over train+val. It runs on the original data first, so the copy below shares
+    # its cached features: a feature extraction repeated in one process may round differently in its last bit
+    # (oneDNN), and this test is about which images train reads, not about that.
+    grid = {"backbones": {"vgg16": GRID}, "train": {"threshold": ["youden", 0.5]}}
+    p_grid = load_params(p.root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "grid")}})
+    assert train(p_grid, "vgg16-noaug")["selection"]["points"]
     root = tmp_path / "copy"
     shutil.copytree(p.root, root, ignore=shutil.ignore_patterns("models", "eval", "export", "benchmark", "reports"))
     q = load_params(root / "params.yaml")
@@ -281,14 +287,12 @@ def test_train_never_reads_the_test_split(small_run, tmp_path):
     flip = {q.ingest.positive_class: q.ingest.negative_class, q.ingest.negative_class: q.ingest.positive_class}
     split.loc[test, "label"] = split.loc[test, "label"].map(flip)
     split.to_csv(q.path("split_manifest"), index=False)
+    cached = sorted(q.path("feature_cache").rglob("*.npy"))
     for name in ("vgg16-aug", "smallcnn-aug"):
         train(q, name)
-    # selection too: a grid chosen by CV over train+val, from the original data and from the noised copy
-    grid = {"backbones": {"vgg16": GRID}, "train": {"threshold": ["youden", 0.5]}}
-    p_grid = load_params(p.root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "grid")}})
     q_grid = load_params(root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "grid-noised")}})
-    assert train(p_grid, "vgg16-noaug")["selection"]["points"]
     train(q_grid, "vgg16-noaug")
+    assert sorted(q.path("feature_cache").rglob("*.npy")) == cached  # no feature computed: not even a test image's
     for a_p, b_p, name in ((p, q, "vgg16-aug"), (p, q, "smallcnn-aug"), (p_grid, q_grid, "vgg16-noaug")):
         for key in ("train_metrics", "history"):
             a, b = a_p.model_file("models", name, key), b_p.model_file("models", name, key)
