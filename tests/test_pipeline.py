@@ -187,32 +187,6 @@ def test_editing_the_files_a_stage_imports_makes_exactly_their_importers_stale(w
     assert clean(ws)
 
 
-def test_two_branches_overlap_benchmarks_run_alone_and_a_dvc_repro_meanwhile_stops_on_the_lock(ws):
-    import threading
-
-    from flows.pipeline import pipeline
-
-    set_param(ws, "train", "threshold", 0.5)  # every model's chain from train on
-    meanwhile = {}
-
-    def impatient():  # a second pipeline that does not wait: the flow holds DVC's lock, so it stops at once
-        time.sleep(8)
-        meanwhile["res"] = subprocess.run(["dvc", "repro"], cwd=ws, capture_output=True, text=True, timeout=120)
-
-    t = threading.Thread(target=impatient)
-    t.start()
-    result = pipeline(str(ws / "params.yaml"))
-    t.join()
-    res = meanwhile["res"]
-    assert res.returncode != 0 and "lock" in (res.stdout + res.stderr).lower() and "Running stage" not in res.stdout
-    span = {s: (r["started_at"], r["finished_at"]) for s, r in result.items() if r["ran"]}
-    (a0, a1), (b0, b1) = span["train@vgg16-aug"], span["train@smallcnn-aug"]
-    assert a0 < b1 and b0 < a1, span  # max_workers 2: the two branches' training overlaps
-    for bench in ("benchmark@vgg16-aug", "benchmark@smallcnn-aug"):
-        s0, s1 = span[bench]
-        assert all(e1 <= s0 or e0 >= s1 for name, (e0, e1) in span.items() if name != bench), span  # nothing beside it
-
-
 @pytest.mark.long
 def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage(ws):
     from flows.pipeline import pipeline
@@ -240,27 +214,55 @@ def test_a_tampered_output_is_seen_by_its_hash_and_put_back_from_dvcs_cache(ws):
     assert model.read_bytes() == original and clean(ws)
 
 
-def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_others(ws, monkeypatch):
+# a stage command run inside this wrapper appends (stage, start, end) to a file: the spans of a run that fails
+SPAN = "import json, subprocess, sys, time; t = time.time(); rc = subprocess.call(sys.argv[3:]); "
+SPAN += "open(sys.argv[1], 'a').write(json.dumps([sys.argv[2], t, time.time()]) + '\\n'); sys.exit(rc)"
+
+
+def alone(span: dict, stage: str) -> bool:
+    s0, s1 = span[stage]
+    return all(e1 <= s0 or e0 >= s1 for name, (e0, e1) in span.items() if name != stage)
+
+
+def test_new_images_rerun_everything_branches_overlap_and_a_failed_branch_does_not_stop_the_others(ws, monkeypatch, tmp_path):
+    """New scans: every stage from ingest on reruns, the two model branches in parallel (max_workers 2), each benchmark
+    alone; one branch's export fails and the others finish; a `dvc repro` started meanwhile stops on DVC's lock."""
     import sys
+    import threading
 
     import flows.pipeline as fp
     from flows.pipeline import PipelineFailed
 
-    real, calls = fp.stage_process, []
+    real, calls, spans = fp.stage_process, [], tmp_path / "spans.jsonl"
 
     def broken_export(root, stage, token):
         calls.append(stage)
         if stage == "export@vgg16-aug":  # a stage process that dies as a full disk would make it
             return [sys.executable, "-c", "import sys; print('injected: disk went away', file=sys.stderr); sys.exit(1)"]
-        return real(root, stage, token)
+        return [sys.executable, "-c", SPAN, str(spans), stage, *real(root, stage, token)]
 
     monkeypatch.setattr(fp, "stage_process", broken_export)
     for i, cls in enumerate(("no", "yes")):  # new scans arrive in the source folder
         (ws / "data/raw/synthetic" / cls / f"new scan {i}.jpg").write_bytes(encode(brain(900 + i, cls == "yes"), "JPEG"))
     onnx = ws / "data/export/vgg16-aug/model.onnx"
     before = onnx.read_bytes()
+    meanwhile = {}
+
+    def impatient():  # a second pipeline that does not wait: the flow holds DVC's lock, so it stops at once
+        time.sleep(8)
+        meanwhile["res"] = subprocess.run(["dvc", "repro"], cwd=ws, capture_output=True, text=True, timeout=120)
+
+    t = threading.Thread(target=impatient)
+    t.start()
     with pytest.raises(PipelineFailed) as err:
         fp.run(str(ws / "params.yaml"))
+    t.join()
+    res = meanwhile["res"]
+    assert res.returncode != 0 and "lock" in (res.stdout + res.stderr).lower() and "Running stage" not in res.stdout
+    span = {stage: (t0, t1) for stage, t0, t1 in map(json.loads, spans.read_text().splitlines())}
+    (a0, a1), (b0, b1) = span["train@vgg16-aug"], span["train@smallcnn-aug"]
+    assert a0 < b1 and b0 < a1, span  # max_workers 2: the two branches' training overlaps
+    assert alone(span, "benchmark@smallcnn-aug"), span  # nothing beside a benchmark
     msg = str(err.value)
     assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
     held_back = ("evaluate@vgg16-aug", "benchmark@vgg16-aug", "external@vgg16-aug", "report")
@@ -277,7 +279,9 @@ def test_new_images_rerun_everything_and_a_failed_branch_does_not_stop_the_other
     assert all(f"{stage}:" in status for stage in ("export@vgg16-aug", "evaluate@vgg16-aug", "benchmark@vgg16-aug", "report"))
 
     monkeypatch.setattr(fp, "stage_process", real)
-    assert sorted(flow(ws)) == sorted(["export@vgg16-aug", *held_back])
+    result = fp.pipeline(str(ws / "params.yaml"))
+    assert sorted(s for s, r in result.items() if r["ran"]) == sorted(["export@vgg16-aug", *held_back])
+    assert alone({s: (r["started_at"], r["finished_at"]) for s, r in result.items() if r["ran"]}, "benchmark@vgg16-aug")
     sh(ws, "dvc", "add", "-q", "data/raw/synthetic")  # the raw data's own .dvc file, for the remote below
     assert clean(ws)
 
