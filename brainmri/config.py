@@ -127,9 +127,12 @@ class Dedupe(Section):
     hash_size: int
     max_distance: int
     min_correlation: float
+    min_partial_correlation: float
 
     @model_validator(mode="after")
     def _check(self):
+        if not 0.0 < self.min_partial_correlation <= 1.0:
+            raise ValueError(f"dedupe.min_partial_correlation must be in (0, 1], got {self.min_partial_correlation}")
         if not 4 <= self.hash_size <= 32:
             raise ValueError(f"dedupe.hash_size must be between 4 and 32, got {self.hash_size}")
         if not 0 <= self.max_distance <= self.hash_size**2:

@@ -210,7 +210,8 @@ def ingest(p: Params) -> dict:
             )
     manifest = pd.DataFrame(rows)
     manifest = manifest.join(score(pd.DataFrame(looks), p.ingest.outlier_z))
-    manifest["group"] = group_ids(manifest["sha256"].tolist(), prints, p.dedupe.max_distance, p.dedupe.min_correlation)
+    dd = p.dedupe
+    manifest["group"] = group_ids(manifest["sha256"].tolist(), prints, dd.max_distance, dd.min_correlation, dd.min_partial_correlation)
     labels_per_group = manifest.groupby("group")["label"].nunique()
     manifest["conflict"] = manifest["group"].map(labels_per_group > 1)
     manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)

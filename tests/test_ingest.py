@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-from factory import REPO, brain, cmyk_jpeg, encode, make_project, png16, rgba_png, truncated_jpeg, write_dataset
+from factory import REPO, SHARED_DATA, brain, cmyk_jpeg, encode, make_project, png16, rgba_png, truncated_jpeg, write_dataset
 
 from brainmri.config import load_params
 from brainmri.errors import DataError
@@ -249,6 +249,30 @@ def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
     prints = [fingerprint(img, str(i), 8) for i, img in enumerate([plain, marked, other])]
     g = group_ids(["a", "b", "c"], prints, max_distance=10, min_correlation=0.95)
     assert g[0] == g[1] != g[2]
+
+
+def test_copies_cropped_into_the_head_join_their_original_and_no_other_scan():
+    """A real scan cut 10-25% into the head on one or two sides, then padded or rescaled: the whole-view measures no
+    longer agree, the partial rule (one image a trimmed part of the other) joins it to its original only."""
+    from PIL import Image, ImageOps
+
+    from brainmri.duplicates import fingerprint, joined
+
+    d = load_params(REPO / "params.yaml").dedupe
+    names = ["yes/Y1.jpg", "yes/Y20.jpg", "no/no 10.jpg", "no/N1.JPG"]
+    originals = [Image.open(SHARED_DATA / n).convert("RGB") for n in names]
+    copies = []
+    for k, img in enumerate(originals):
+        w, h = img.size
+        box = [(0, 0.2, 1, 1), (0, 0, 0.8, 0.85), (0.25, 0, 1, 1), (0.1, 0, 1, 0.8)][k]  # shares of width and height
+        cut = img.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)))
+        copies.append(ImageOps.expand(cut, 20, fill=30) if k % 2 else cut.resize((cut.width // 2, cut.height // 2)))
+    prints = [fingerprint(img, str(i), d.hash_size) for i, img in enumerate([*originals, *copies])]
+    whole = joined(prints, d.max_distance, d.min_correlation)
+    same = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)
+    n = len(names)
+    assert not any(whole[k, n + k] for k in range(n))  # the whole-view rule alone misses every one of them
+    assert np.array_equal(same[:n, n:], np.eye(n, dtype=bool)), same[:n, n:]  # each joins its own original, no other
 
 
 def test_the_detector_reproduces_every_verdict_of_the_reviewed_pair_list(real_ingest):

@@ -7,7 +7,7 @@ import pytest
 from factory import make_project
 
 from brainmri.config import load_params
-from brainmri.duplicates import fingerprint, group_ids
+from brainmri.duplicates import fingerprint, groups_of, joined
 from brainmri.errors import DataError
 from brainmri.images import decode_file
 from tasks.split import SPLITS, assign_groups, leaked_fraction, split
@@ -164,9 +164,10 @@ def test_real_set_grows_in_steps_of_ten_percent_and_no_earlier_image_moves(real_
 
     prints = [fingerprint(view(s), h, p0.dedupe.hash_size) for s, h in zip(full["source_path"], full["sha256"], strict=True)]
     d = p0.dedupe
+    same = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)  # a pair's verdict is the pair's alone
 
     def regroup(idx):
-        return group_ids(full["sha256"].iloc[idx].tolist(), [prints[i] for i in idx], d.max_distance, d.min_correlation)
+        return groups_of(full["sha256"].iloc[idx].tolist(), same[np.ix_(idx, idx)])
 
     assert regroup(np.arange(len(full))) == full["group"].tolist()  # the same groups as ingest found
     order = np.random.default_rng(0).permutation(len(full))
