@@ -120,9 +120,13 @@ def trims() -> list[tuple[float, float, float, float]]:
 def _thumbs(views: np.ndarray, trim=(0.0, 0.0, 0.0, 0.0)) -> np.ndarray:
     t, b, left, r = trim
     x = (_shrink(t, 1 - b) @ views @ _shrink(left, 1 - r).T).reshape(len(views), -1)
-    x -= x.mean(1, keepdims=True)
+    mean = x.mean(1, keepdims=True)
+    x -= mean
     n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(n > 0, n, 1)
+    # a flat region keeps only float32 rounding noise after the mean goes; scaled to unit norm it would be a stripe
+    # pattern that can correlate with anything, so it stays zero (correlates with nothing)
+    flat = n <= 1e-3 * (np.abs(mean) + 1) * np.sqrt(x.shape[1])
+    return np.where(flat, 0.0, x / np.where(flat, 1.0, n)).astype(np.float32)
 
 
 def partial_similarity(prints: list[Fingerprint], chunk: int = 512) -> np.ndarray:

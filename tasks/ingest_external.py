@@ -85,8 +85,9 @@ def ingest_external(p: Params) -> dict:
 
 
 def _against_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[list[str], list[str]]:
-    """Each external image's duplicate group (joined with the ingested images by ingest's own detector: equal bytes, or
-    perceptual hash and thumbnail correlation both close) and the ingested image it duplicates ('' if none)."""
+    """Each external image's duplicate group (joined with the ingested images by ingest's own detector: equal bytes,
+    perceptual hash and thumbnail correlation both close, or one a copy of the other cropped into the head) and the
+    ingested image it duplicates ('' if none)."""
     if manifest.empty:
         return [], []
     ingested = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)

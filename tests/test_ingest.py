@@ -266,7 +266,7 @@ def test_copies_cropped_into_the_head_join_their_original_and_no_other_scan():
         w, h = img.size
         box = [(0, 0.2, 1, 1), (0, 0, 0.8, 0.85), (0.25, 0, 1, 1), (0.1, 0, 1, 0.8)][k]  # shares of width and height
         cut = img.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)))
-        copies.append(ImageOps.expand(cut, 20, fill=30) if k % 2 else cut.resize((cut.width // 2, cut.height // 2)))
+        copies.append(ImageOps.expand(cut, 20, fill=(30, 30, 30)) if k % 2 else cut.resize((cut.width // 2, cut.height // 2)))
     prints = [fingerprint(img, str(i), d.hash_size) for i, img in enumerate([*originals, *copies])]
     whole = joined(prints, d.max_distance, d.min_correlation)
     same = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)
