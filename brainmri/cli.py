@@ -105,7 +105,7 @@ DEMO_BANNER = (
 
 def _headline(p) -> None:
     """Where the report is, and its results table."""
-    from tasks.report import TABLES
+    from tasks.tables import TABLES
 
     folder = p.path("report")
     print(f"\nReport: {folder / 'report.html'} (Markdown: {folder / 'report.md'})\n")

@@ -151,7 +151,7 @@ def publish_report(params_path: str) -> list[str]:
     """The report's tables as Markdown artifacts of the flow run (they read well in a remote UI: no file links)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.report import TABLES
+    from tasks.tables import TABLES
 
     folder = load_params(params_path).path("report")
     ids = []

@@ -26,6 +26,7 @@ from brainmri.plots import (
     strips_figure,
 )
 from brainmri.progress import summary
+from tasks.tables import TABLES
 
 ORIGINAL = (
     "The original study reported VGG19 with augmentation best at 86% test accuracy and VGG16 with augmentation lowest at 0.4984 test BCE, "
@@ -648,9 +649,6 @@ def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) ->
 
 
 # the tables alone, for the flow's artifacts
-TABLES = {"results": "results_table.md", "paired": "paired_auc_table.md", "latency": "latency_table.md"}
-
-
 def _html(md: list, folder) -> str:
     """A self-contained page: the same content, images inlined as data URIs."""
     body = []
