@@ -133,13 +133,13 @@ def partial_similarity(prints: list[Fingerprint], chunk: int = 512) -> np.ndarra
     """best[i, j]: the highest correlation between image i's thumbnail and image j's trimmed on one or two sides, over
     the three views and the trims whose sides look cut in image i (a copy cropped into the head is a trimmed
     original; -1 where no trim applies). O(n^2): a few seconds for 253 images on 2 cores."""
-    n = len(prints)
+    n, grid = len(prints), trims()
     best = np.full((n, n), -1.0, np.float32)
     for v in range(3):
         views = np.stack([p.views[v] for p in prints])
         cuts = np.stack([p.cuts[v] for p in prints])
         whole = _thumbs(views)
-        for trim in trims():
+        for trim in grid:
             rows = np.nonzero(cuts[:, np.array(trim) > 0].all(1))[0]  # images cut on every side this trim cuts
             if not len(rows):
                 continue

@@ -96,8 +96,8 @@ def _against_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[
         with Image.open(p.path("ingest_images") / name) as img:  # both sides normalized by the same decoder
             theirs.append(fingerprint(img, sha, p.dedupe.hash_size))
     keys = [*ingested["sha256"], *manifest["sha256"]]
-    d = p.dedupe
-    groups = group_ids(keys, [*theirs, *prints], d.max_distance, d.min_correlation, d.min_partial_correlation)
+    dd = p.dedupe
+    groups = group_ids(keys, [*theirs, *prints], dd.max_distance, dd.min_correlation, dd.min_partial_correlation)
     first = {}
     for g, src in zip(groups[: len(ingested)], ingested["source_path"], strict=True):
         first.setdefault(g, src)

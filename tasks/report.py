@@ -648,7 +648,6 @@ def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) ->
     ]
 
 
-# the tables alone, for the flow's artifacts
 def _html(md: list, folder) -> str:
     """A self-contained page: the same content, images inlined as data URIs."""
     body = []
