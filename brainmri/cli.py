@@ -11,7 +11,7 @@ from pathlib import Path
 
 from brainmri.errors import BrainMRIError
 
-STAGES = ("ingest", "audit", "split", "augment", "ingest_external", "report")
+STAGES = ("ingest", "audit", "split", "augment", "ingest_external", "ensemble", "report")
 MODEL_STAGES = ("train", "evaluate", "export", "benchmark", "external")
 BACKBONE_STAGES = ("weights",)
 
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weights": "materialise one backbone's pretrained weights under data/weights (imagenet, a local file, or none)",
         "report": "write the Markdown and HTML report with its plots from every model's metrics",
         "ingest_external": "read the external set (external.source) by ingest's rules, less duplicates of ingested images",
+        "ensemble": "average the calibrated probabilities of models chosen on CV, as one composed ONNX graph (ensemble.* params)",
         "external": "score one exported ONNX model on the external set with bootstrap intervals (external.* params)",
         "train": "train one model (a models.* entry) and select it on the validation split (train.*, backbones.* params)",
         "evaluate": "evaluate one trained model on the held-out test split with bootstrap intervals",

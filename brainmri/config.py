@@ -47,6 +47,8 @@ class Files(Section):
     card: str
     benchmark: str
     audit: str
+    cv_predictions: str
+    ensemble: str
 
 
 class Paths(Section):
@@ -74,6 +76,7 @@ class Paths(Section):
     external_manifest: str
     external_report: str
     external_eval: str
+    ensemble: str
     files: Files
 
 
@@ -360,6 +363,21 @@ class Audit(Section):
         return self
 
 
+class Ensemble(Section):
+    members: list[str]
+    max_steps: int
+    tta_flip: bool
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.require_min("ensemble", max_steps=1)
+        if len(set(self.members)) != len(self.members):
+            raise ValueError(f"ensemble.members lists a model twice: {self.members}")
+        if len(self.members) == 1:
+            raise ValueError("ensemble.members: one model is no ensemble; list two or more, or none to turn it off")
+        return self
+
+
 class ModelSpec(Section):
     backbone: str
     augment: bool
@@ -393,6 +411,7 @@ class Params(Section):
     benchmark: Benchmark
     audit: Audit
     saliency: Saliency
+    ensemble: Ensemble
     external: External
     orchestration: Orchestration
     promotion: Promotion
@@ -414,6 +433,18 @@ class Params(Section):
                     f"backbones.{spec.backbone} (model {name}): lists are a grid chosen by cross-validation on cached features; "
                     "that needs train.cv_folds >= 2, no fine-tuning and a frozen transfer backbone. Give single values"
                 )
+        for name in self.ensemble.members:  # candidates must be cross-validated transfer models of one input size
+            if name not in self.models:
+                raise ValueError(f"ensemble.members: {name!r} is not a key of models ({', '.join(self.models)})")
+            bb = self.backbones[self.models[name].backbone]
+            if not self.train.cv_folds or bb.application == SMALL_CNN or (bb.fine_tune_layers and bb.fine_tune_epochs):
+                raise ValueError(
+                    f"ensemble.members: {name!r} has no out-of-fold CV predictions to choose members by: members must be "
+                    "transfer models on cached features, with train.cv_folds >= 2 and no fine-tuning"
+                )
+        sizes = {self.backbones[self.models[n].backbone].input_size for n in self.ensemble.members}
+        if len(sizes) > 1:
+            raise ValueError(f"ensemble.members: the members take different input sizes ({sorted(sizes)}); one ONNX input needs one size")
         if self.promotion.model not in self.models:
             raise ValueError(f"promotion.model {self.promotion.model!r} is not a key of models ({', '.join(self.models)})")
         return self

@@ -445,6 +445,7 @@ def report(p: Params) -> dict:
             "",
         ]
         md += external_section(p, evaluated)
+        md += ensemble_section(p, evaluated)
         md += calibration_section(p, trained, evaluated, out)
         latency, machine = latency_table(p)
         if latency is not None:
@@ -512,6 +513,65 @@ def external_section(p: Params, evaluated: dict) -> list:
     if intake["synthetic"]:
         text += ["**SYNTHETIC external set**: these numbers check the mechanics only; they are not a generalisation result.", ""]
     return [*text, pd.DataFrame(rows), ""] if rows else [*text, "No external image was left to score.", ""]
+
+
+def ensemble_section(p: Params, evaluated: dict) -> list:
+    """The ensemble beside its best single member on CV (cross-fitted), test and the external set, and whether it is kept."""
+    e = json.loads((p.path("ensemble") / p.paths.files.ensemble).read_text())
+    head = ["## Ensemble", ""]
+    if not e["configured"]:
+        return [*head, "No ensemble: `ensemble.members` is empty.", ""]
+    best, cv, t = e["best_single"], e["cv"], e["test"]
+    flip = " (each image also mirrored left to right, both scored and averaged)" if e["tta_flip"] else ""
+
+    def diff(d: dict) -> str:
+        return f"{fmt(d['value'], '+.3f')} [{fmt(d['ci_low'], '+.3f')}, {fmt(d['ci_high'], '+.3f')}]"
+
+    rows = [
+        {
+            "": "CV AUC, cross-fitted (train+val)",
+            "Ensemble": f"{cv['ensemble_auc']:.3f}",
+            f"Best single ({best})": f"{cv['best_single_auc']:.3f}",
+            "Difference [95% CI]": diff(cv["auc_difference"]),
+        },
+        {
+            "": f"Test AUC ({t['n_images']} images)",
+            "Ensemble": _ci(t["ensemble"]["auc"], pct=False),
+            f"Best single ({best})": f"{evaluated[best]['test']['auc']['value']:.3f}" if best in evaluated else "n/a",
+            "Difference [95% CI]": diff(t["best_single_auc_difference"]),
+        },
+        {
+            "": "Test accuracy %",
+            "Ensemble": _ci(t["ensemble"]["accuracy"]),
+            f"Best single ({best})": _ci(evaluated[best]["test"]["accuracy"]) if best in evaluated else "n/a",
+            "Difference [95% CI]": "",
+        },
+    ]
+    if "external" in e:
+        x = e["external"]
+        rows.append(
+            {
+                "": f"External AUC ({x['n_images']} images{', SYNTHETIC' if x['synthetic'] else ''})",
+                "Ensemble": _ci(x["ensemble"]["auc"], pct=False),
+                f"Best single ({best})": "",
+                "Difference [95% CI]": diff(x["best_single_auc_difference"]),
+            }
+        )
+    members = ", ".join(f"{m} {w:.2f}" for m, w in e["members"].items())
+    return [
+        *head,
+        f"One ONNX graph composed of its members' exported graphs{flip}: the weighted mean of their calibrated probabilities "
+        f"(weights {members}), at threshold {e['threshold']:.3f} (Youden's J on val). Members and weights were chosen by "
+        f"{e['selection']['protocol']}. The CV row is cross-fitted: each fold's images are scored by an ensemble, and by a best "
+        "single member, both chosen on the other folds, so the choice does not flatter the difference. Differences are paired, "
+        "over duplicate-group bootstrap resamples; on test and external the best single member is scored the same way as the "
+        "ensemble.",
+        "",
+        pd.DataFrame(rows),
+        "",
+        f"**{e['decision'][0].upper()}{e['decision'][1:]}.**",
+        "",
+    ]
 
 
 def saliency_section(p: Params, best: str, samples: list, sample_paths: list, out: Path) -> list:

@@ -273,6 +273,11 @@ def train(p: Params, name: str) -> dict:
 
     held_out, fitted_on = (oof, "out-of-fold CV predictions over train+val") if oof is not None else ((va.y, scores()[1]), "val")
     cal = calibrate(p, net.full, held_out, fitted_on)
+    per_image = cv.pop("_per_image") if cv else pd.DataFrame(columns=["image", "group", "label", "fold"])
+    if oof is not None:  # what the ensemble stage chooses members on: each image's out-of-fold probability, raw and calibrated
+        per_image = per_image.assign(probability=np.round(oof[1], 6), calibrated=np.round(calibration.apply(oof[1], cal["a"], cal["c"]), 6))
+    else:
+        per_image = per_image.assign(probability=[], calibrated=[])
     p_train, p_val = scores()  # the saved model's own outputs, calibration folded in: the threshold is set on these
     if rule == "youden":
         threshold = youden_threshold(va.y, p_val)
@@ -318,6 +323,7 @@ def train(p: Params, name: str) -> dict:
         save_model(net.full, tmp / p.paths.files.model)
         write_csv(tmp / p.paths.files.history, history)
         write_json(tmp / p.paths.files.train_metrics, out)
+        write_csv(tmp / p.paths.files.cv_predictions, per_image)
         log_live(tmp / p.paths.files.live, history, out)
     summary(
         f"train {name}",
@@ -460,6 +466,10 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
     trained = trained or results[1 : 1 + len(folds)]
     cv = cv_report(p, name, feats, y_all, folds, trained, bb)
     oof = (y_all, cv.pop("predictions")["model"])  # per-image detail: calibration fits on it; train.json keeps the summary
+    fold_of = np.full(len(y_all), -1)
+    for fold in folds:
+        fold_of[fold.test] = fold.k
+    cv["_per_image"] = frame[["image", "group", "label"]].assign(fold=fold_of)  # cv_predictions.csv; popped before train.json
     cv["seed_spread"] = seed_spread(p, feats, y_all, cv, reruns)
     rule = rules[0]
     if len(rules) > 1:

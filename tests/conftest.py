@@ -53,6 +53,7 @@ def small_run(tmp_path_factory):
     from tasks.audit import audit
     from tasks.augment import augment
     from tasks.benchmark import benchmark
+    from tasks.ensemble import ensemble
     from tasks.evaluate import evaluate
     from tasks.export import export
     from tasks.external import external
@@ -79,4 +80,5 @@ def small_run(tmp_path_factory):
     for n in p.models:
         benchmark(p, n)
         external(p, n)
+    ensemble(p)  # vgg16-noaug and vgg16-aug: the two members params.yaml lists among these models
     return p, trained, evaluated, report(p)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from brainmri.config import load_params
 from brainmri.phantoms import MARKER, generate
+from tasks.ensemble import ensemble
 from tasks.external import external
 from tasks.ingest_external import ingest_external
 from tasks.report import report
@@ -39,7 +40,7 @@ def test_external_images_that_duplicate_ingested_ones_are_left_out_and_the_rest_
     with Image.open(raw / recropped) as img:  # the same scan re-cropped by 8% on one side and re-encoded
         w, h = img.size
         img.convert("RGB").crop((0, 0, int(w * 0.92), h)).save(ext / recropped.split("/")[0] / "recropped.jpg", quality=90)
-    outs = ("external_images", "external_manifest", "external_report", "external_eval", "report")
+    outs = ("external_images", "external_manifest", "external_report", "external_eval", "ensemble", "report")
     over = {"external": {"source": str(ext)}, "paths": {k: str(tmp_path / "out" / k) for k in outs}}
     q = load_params(p.root / "params.yaml", over)
     intake = ingest_external(q)
@@ -61,10 +62,13 @@ def test_external_images_that_duplicate_ingested_ones_are_left_out_and_the_rest_
     for name in p.models:
         if name != "vgg16-aug":
             external(q, name)
+    ens = ensemble(q)["external"]  # the ensemble too, beside its best single member scored the same way
+    assert ens["n_images"] == 16 and ens["synthetic"] and "ci_low" in ens["best_single_auc_difference"]
     report(q)
     text = (q.path("report") / "report.md").read_text()
     assert "## External validation" in text and "SYNTHETIC external set" in text and "16 scored" in text
     assert "| vgg16-aug |" in text.split("## External validation")[1].split("##")[0]
+    assert "External AUC (16 images, SYNTHETIC)" in text.split("## Ensemble")[1].split("\n## ")[0]
 
 
 def test_a_missing_external_source_is_one_clear_error(tmp_path):

@@ -37,8 +37,8 @@ MODELS = {
 PER_MODEL = ("train", "evaluate", "export", "benchmark", "external")
 WEIGHTS = [f"weights@{b}" for b in ("resnet50v2", "vgg19", "vgg16", "smallcnn")]  # every backbone in params
 DATA = ["ingest", "audit", "split", "augment", "ingest_external"]
-CHAIN = [*DATA, *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "report"]
-VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["report"])
+CHAIN = [*DATA, *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "ensemble", "report"]
+VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["ensemble", "report"])  # ensemble reads every model
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 TIMES = {}
 
@@ -192,7 +192,7 @@ def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage
     from flows.pipeline import pipeline
 
     set_param(ws, "train", "threshold", 0.4)  # a value never run before: no run-cache entry to restore
-    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@", "external@"))} | {"report"}
+    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@", "external@"))} | {"ensemble", "report"}
     user = subprocess.Popen(["dvc", "--wait-for-lock", "repro"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = pipeline(str(ws / "params.yaml"))
     out, _ = user.communicate(timeout=900)
@@ -265,7 +265,7 @@ def test_new_images_rerun_everything_branches_overlap_and_a_failed_branch_does_n
     assert alone(span, "benchmark@smallcnn-aug"), span  # nothing beside a benchmark
     msg = str(err.value)
     assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
-    held_back = ("evaluate@vgg16-aug", "benchmark@vgg16-aug", "external@vgg16-aug", "report")
+    held_back = ("evaluate@vgg16-aug", "benchmark@vgg16-aug", "external@vgg16-aug", "ensemble", "report")
     assert held(msg) == set(held_back) and "next:" in msg
     # ingest onwards; the weights stages feed on nothing that changed, so one `dvc status` finds them up to date
     assert sorted(calls) == sorted([s for s in CHAIN if s not in held_back and s not in WEIGHTS] + ["export@vgg16-aug"])

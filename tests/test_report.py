@@ -31,7 +31,7 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]  # the review grid is drawn when any image is flagged
     groups = pd.read_csv(p.path("ingest_manifest"))["group"].value_counts()
     assert (groups > 1).any() and "![Every duplicate group, one row each](duplicates.png)" in md  # phantoms hold copies
-    assert html.count("data:image/png;base64,") == 8 + bool(flagged) and 'src="http' not in html and html.count("<table") == 6
+    assert html.count("data:image/png;base64,") == 8 + bool(flagged) and 'src="http' not in html and html.count("<table") == 7
     assert "## Calibrated probabilities" in md and "ECE before" in md  # every model's map, before and after
     for name in p.models:
         cal = trained[name]["calibration"]
@@ -75,12 +75,13 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
     n = len(p.models) + 1
-    assert seen["tables"] == [n, n, n, n, n, 2 * len(p.models) + 1]  # results; settings; paired; saliency; calibration; latency
+    # results; settings; paired; saliency; ensemble (CV, test AUC, test accuracy); calibration; latency
+    assert seen["tables"] == [n, n, n, n, 4, n, 2 * len(p.models) + 1]
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
     assert len(seen["images"]) == 8 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}
     assert any(alt.startswith("Reliability diagrams") for *_, alt in seen["images"])
-    sections = {"Results", "Data audit", "Sample test images", "Lineage", "Dataset", "Plots", "Calibrated probabilities"}
+    sections = {"Results", "Data audit", "Sample test images", "Lineage", "Dataset", "Plots", "Calibrated probabilities", "Ensemble"}
     assert sections <= set(seen["headings"])
     assert seen["strong"] == "SYNTHETIC DATA."
     shot = np.asarray(Image.open(tmp_path / "report.png").convert("L"))
