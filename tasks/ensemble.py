@@ -74,6 +74,15 @@ def cross_fitted(y: np.ndarray, probs: np.ndarray, folds: np.ndarray, steps: int
     return ens, single, choices
 
 
+def _load(path) -> onnx.ModelProto:
+    try:
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError...: one sentence naming the file
+        raise EnsembleError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return proto
+
+
 def _feed(graph: onnx.GraphProto, tta: bool) -> str:
     """Add the nodes that make the members' input: the image batch, or it followed by its left-right mirror."""
     if not tta:
@@ -176,7 +185,7 @@ def ensemble(p: Params) -> dict:
     chosen = [i for i in range(len(members)) if weights[i] > 0]
     log.info("ensemble: weights %s", ", ".join(f"{members[i]} {weights[i]:.2f}" for i in chosen))
 
-    protos = [onnx.load(p.model_file("export", members[i], "onnx")) for i in chosen]
+    protos = [_load(p.model_file("export", members[i], "onnx")) for i in chosen]
     metas = [{x.key: x.value for x in proto.metadata_props} for proto in protos]
     size = int(metas[0]["input_size"])
     sessions = {i: session(p.model_file("export", members[i], "onnx")) for i in dict.fromkeys([*chosen, best])}

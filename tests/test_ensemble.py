@@ -14,7 +14,7 @@ from brainmri.config import load_params
 from brainmri.errors import ConfigError
 from brainmri.onnxrt import probabilities, session
 from brainmri.predict import load, predict
-from tasks.ensemble import compose, cross_fitted, ensemble, greedy_weights
+from tasks.ensemble import EnsembleError, compose, cross_fitted, ensemble, greedy_weights
 from tasks.split import split_part
 
 
@@ -97,6 +97,15 @@ def test_the_ensemble_stage_on_the_small_run(small_run, tmp_path):
     assert (got["label"] == np.where(got["probability"] >= e["threshold"], "yes", "no")).all()
     want = sum(w * predict(p.model_file("export", m, "onnx"), files, tmp_path / f"{m}.csv")["probability"] for m, w in e["members"].items())
     np.testing.assert_allclose(got["probability"], want, atol=1e-3)  # the weights in ensemble.json are rounded to 4 places
+    # a damaged member file is one sentence naming it, and nothing is written
+    q = load_params(p.root / "params.yaml", {"paths": {"export": str(tmp_path / "export"), "ensemble": str(tmp_path / "ens")}})
+    for m in e["candidates"]:
+        (q.path("export") / m).mkdir(parents=True)
+        data = p.model_file("export", m, "onnx").read_bytes()
+        q.model_file("export", m, "onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(EnsembleError, match=r"model.onnx: not a loadable ONNX model"):
+        ensemble(q)
+    assert not q.path("ensemble").exists()
     md = (p.path("report") / "report.md").read_text()
     section = md.split("## Ensemble")[1].split("\n## ")[0]
     assert "cross-fitted" in section and e["best_single"] in section and ("Kept" in section or "Not recommended" in section)
