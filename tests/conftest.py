@@ -64,6 +64,7 @@ def small_run(tmp_path_factory):
     from tasks.train import train
 
     over = {**tiny_training(), "ingest": {"source": "data/raw/synthetic", "max_side": 96}, "augment": {"copies": 1}}
+    over["ensemble"] = {"members": ["vgg16-noaug", "vgg16-aug"]}  # off by default (params.yaml says why); on here
     root = make_project(tmp_path_factory.mktemp("small"), over, replace={"models": SMALL_MODELS})
     p = load_params(root / "params.yaml")
     generate(p.resolve("data/raw/synthetic"), {"yes": True, "no": False}, 16, 1, 64, 96, 0.1)
@@ -80,5 +81,5 @@ def small_run(tmp_path_factory):
     for n in p.models:
         benchmark(p, n)
         external(p, n)
-    ensemble(p)  # vgg16-noaug and vgg16-aug: the two members params.yaml lists among these models
+    ensemble(p)
     return p, trained, evaluated, report(p)

@@ -72,8 +72,6 @@ def make_project(root: Path, overrides: dict | None = None, code: bool = False, 
     params.update(replace or {})
     if params["promotion"]["model"] not in params["models"]:  # a test's own model set: serve its first model
         params["promotion"]["model"] = next(iter(params["models"]))
-    members = [m for m in params["ensemble"]["members"] if m in params["models"]]  # the ensemble's candidates this test has
-    params["ensemble"]["members"] = members if len(members) > 1 else []
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "weights").mkdir(exist_ok=True)  # paths.weights_inbox: a dependency of the weights stages
     (root / "external").mkdir(exist_ok=True)  # external.source: no class folder, so no external set
