@@ -11,10 +11,11 @@ from factory import make_project, tiny_onnx
 from onnx import TensorProto, helper
 
 from brainmri.config import load_params
+from brainmri.ensembling import EnsembleError, compose, cross_fitted, greedy_weights
 from brainmri.errors import ConfigError
 from brainmri.onnxrt import probabilities, session
 from brainmri.predict import load, predict
-from tasks.ensemble import EnsembleError, compose, cross_fitted, ensemble, greedy_weights
+from tasks.ensemble import ensemble
 from tasks.split import split_part
 
 
