@@ -11,23 +11,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, write_json, write_metrics
 from brainmri.progress import log, summary
-
-
-def _external_images(p: Params) -> tuple[list, np.ndarray, np.ndarray] | None:
-    intake = json.loads(p.path("external_report").read_text())
-    if not intake["configured"]:
-        return None
-    manifest = pd.read_csv(p.path("external_manifest"), keep_default_na=False, dtype={"used": str})
-    used = manifest[manifest["used"] == "True"].reset_index(drop=True)
-    if used.empty:
-        return None
-    y = (used["label"] == p.ingest.positive_class).to_numpy(int)
-    return [p.path("external_images") / n for n in used["image"]], y, used["group"].to_numpy()
 
 
 def ensemble(p: Params) -> dict:
@@ -45,27 +32,28 @@ def ensemble(p: Params) -> dict:
     import onnx
     from onnx import helper
 
-    from brainmri.ensembling import EnsembleError, _load, compose, cross_fitted, greedy_weights, read_oof, score
+    from brainmri.ensembling import EnsembleError, _load, calibrated, compose, cross_fitted, greedy_weights, read_oof, score
     from brainmri.metrics import _auc, paired_auc_differences, with_intervals, youden_threshold
     from brainmri.onnxrt import session
+    from tasks.external import external_set
     from tasks.split import split_part
 
-    rows, probs = read_oof(p, members)
+    rows, raw = read_oof(p, members)
     y, groups, folds = (rows["label"] == p.ingest.positive_class).to_numpy(int), rows["group"].to_numpy(), rows["fold"].to_numpy()
-    steps = p.ensemble.max_steps
+    steps, method = p.ensemble.max_steps, p.train.calibration
+    probs = calibrated(raw, y, method)  # each member's map fitted on all out-of-fold predictions, as train fitted it
     weights = greedy_weights(y, probs, steps)  # the shipped ensemble: chosen on every train+val image's OOF prediction
     single_auc = [_auc(y, probs[:, j]) for j in range(len(members))]
-    best = int(np.argmax(single_auc))
-    ens_cf, single_cf, choices = cross_fitted(y, probs, folds, steps)
-    diff = paired_auc_differences(y, {"ensemble": ens_cf, "best_single": single_cf}, "best_single", groups, p.train.bootstrap, p.seed)
-    d = diff["ensemble"]
+    best = int(np.nanargmax(single_auc))
+    ens_cf, single_cf, choices = cross_fitted(y, raw, folds, steps, method)
+    d = paired_auc_differences(y, {"ensemble": ens_cf, "single": single_cf}, "single", groups, p.train.bootstrap, p.seed)["ensemble"]
     kept = bool(d["ci_low"] > 0)
     chosen = [i for i in range(len(members)) if weights[i] > 0]
     log.info("ensemble: weights %s", ", ".join(f"{members[i]} {weights[i]:.2f}" for i in chosen))
 
     protos = [_load(p.model_file("export", members[i], "onnx")) for i in chosen]
-    metas = [{x.key: x.value for x in proto.metadata_props} for proto in protos]
-    size = int(metas[0]["input_size"])
+    meta = {x.key: x.value for x in protos[0].metadata_props}
+    size = int(meta["input_size"])
     sessions = {i: session(p.model_file("export", members[i], "onnx")) for i in dict.fromkeys([*chosen, best])}
     tta = p.ensemble.tta_flip
     val, test = split_part(p, "val"), split_part(p, "test")
@@ -73,25 +61,37 @@ def ensemble(p: Params) -> dict:
     def members_on(paths: list) -> dict[int, np.ndarray]:
         return {i: score(s, paths, size, tta) for i, s in sessions.items()}
 
+    def mixed(on: dict[int, np.ndarray]) -> np.ndarray:
+        return sum(weights[i] * on[i] for i in chosen)
+
     on_val = members_on(val.paths)
-    threshold = youden_threshold(val.y, sum(weights[i] * on_val[i] for i in chosen))  # on val, as every model's
+    threshold = youden_threshold(val.y, mixed(on_val))  # on val, as every model's: the members' weighted mean there
     model = compose(protos, [float(weights[i]) for i in chosen], tta)
-    meta = {k: metas[0][k] for k in ("input_size", "max_side", "max_pixels", "crop_to_content", "positive_class", "negative_class")}
+    del protos
+    keep = ("input_size", "max_side", "max_pixels", "crop_to_content", "positive_class", "negative_class")
     description = " + ".join(f"{weights[i]:.2f} x {members[i]}" for i in chosen)
-    meta.update(model="ensemble", threshold=str(round(threshold, 6)), weights=f"ensemble of {description}", tta_flip=str(tta))
-    helper.set_model_props(model, meta)
+    props = {k: meta[k] for k in keep} | {"model": "ensemble", "threshold": str(round(threshold, 6))}
+    helper.set_model_props(model, props | {"members": description, "tta_flip": str(tta)})
 
     on_test = members_on(test.paths)
+    intake, used = external_set(p)
+    on_threshold = {best: float(json.loads(p.model_file("models", members[best], "train_metrics").read_text())["threshold"])}
     with atomic_dir(folder) as tmp:
         onnx.save(model, tmp / p.paths.files.onnx)
-        p_test = score(session(tmp / p.paths.files.onnx), test.paths, size, False)  # the composed graph, mirror included
-        gap = float(np.max(np.abs(p_test - sum(weights[i] * on_test[i] for i in chosen)))) if len(p_test) else 0.0
+        del model
+        composed = session(tmp / p.paths.files.onnx)
+        p_test = score(composed, test.paths, size, False)  # the composed graph, its mirror (if any) included
+        gap = float(np.max(np.abs(p_test - mixed(on_test)))) if len(p_test) else 0.0
         if gap > p.export.parity_tolerance:
             raise EnsembleError(f"the composed graph differs from its members' weighted mean by {gap:.2e} on test; nothing was written")
 
         def figures(yy, p_ens, p_single, gg) -> dict:
+            """The ensemble and the best single member (scored the same way, mirror included) with intervals, and
+            their paired AUC difference, on one labelled set."""
             return {
+                "n_images": int(len(yy)),
                 "ensemble": with_intervals(yy, p_ens, threshold, p.train.bootstrap, p.seed, groups=gg),
+                "best_single": with_intervals(yy, p_single, on_threshold[best], p.train.bootstrap, p.seed, groups=gg),
                 "best_single_auc_difference": paired_auc_differences(
                     yy, {"ensemble": p_ens, "single": p_single}, "single", gg, p.train.bootstrap, p.seed
                 )["ensemble"],
@@ -103,7 +103,7 @@ def ensemble(p: Params) -> dict:
             "members": {members[i]: round(float(weights[i]), 4) for i in chosen},
             "tta_flip": tta,
             "threshold": round(threshold, 6),
-            "threshold_rule": "youden on val, the composed model's own outputs",
+            "threshold_rule": "Youden's J on val, on the members' weighted mean (the composed graph gives it to parity_max_abs_diff)",
             "best_single": members[best],
             "selection": {
                 "protocol": (
@@ -115,14 +115,18 @@ def ensemble(p: Params) -> dict:
             },
             "cv": {
                 "protocol": (
-                    "cross-fitted: each CV fold's images scored by an ensemble and a best single member both chosen on the "
-                    f"other folds; paired AUC difference with a 95% interval over {p.train.bootstrap} duplicate-group resamples"
+                    "cross-fitted: each CV fold's images scored by an ensemble and a best single member both chosen, and "
+                    "each member's calibration map refitted, on the other folds only; paired AUC difference with a 95% "
+                    f"interval over {p.train.bootstrap} duplicate-group resamples"
+                ),
+                "limits": (
+                    "each member's own settings were chosen by CV on these same folds (optimistic for both sides), and the "
+                    "interval resamples images, not the selection: it leaves out the selection's own variance"
                 ),
                 "ensemble_auc": round(_auc(y, ens_cf), 4),
                 "best_single_auc": round(_auc(y, single_cf), 4),
                 "auc_difference": d,
                 "per_fold": choices,
-                "calibration_note": "members' calibration maps were fitted on all out-of-fold predictions, these folds included",
             },
             "kept": kept,
             "decision": (
@@ -131,16 +135,15 @@ def ensemble(p: Params) -> dict:
                 else f"not recommended: the paired CV AUC difference {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
                 "does not lie above 0, so the ensemble is not better than its best member beyond chance"
             ),
-            "test": {"n_images": int(len(test.y)), **figures(test.y, p_test, on_test[best], test.frame["group"].to_numpy())},
+            "test": figures(test.y, p_test, on_test[best], test.frame["group"].to_numpy()),
             "parity_max_abs_diff": gap,
         }
-        ext = _external_images(p)
-        if ext is not None:
-            paths, y_ext, g_ext = ext
-            sess_ens = session(tmp / p.paths.files.onnx)
-            p_ext = score(sess_ens, paths, size, False)
-            out["external"] = {"n_images": len(y_ext), **figures(y_ext, p_ext, score(sessions[best], paths, size, tta), g_ext)}
-            out["external"]["synthetic"] = bool(json.loads(p.path("external_report").read_text())["synthetic"])
+        if intake["configured"] and not used.empty:
+            paths = [p.path("external_images") / n for n in used["image"]]
+            y_ext = (used["label"] == p.ingest.positive_class).to_numpy(int)
+            single_ext = score(sessions[best], paths, size, tta)
+            out["external"] = figures(y_ext, score(composed, paths, size, False), single_ext, used["group"].to_numpy())
+            out["external"]["synthetic"] = bool(intake["synthetic"])
         write_json(tmp / p.paths.files.ensemble, out)
         t = out["test"]["ensemble"]
         write_metrics(

@@ -19,12 +19,17 @@ PARTS = (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))
 CHUNK = 64  # images decoded and scored at a time: memory stays bounded whatever the external set's size
 
 
+def external_set(p: Params) -> tuple[dict, pd.DataFrame]:
+    """ingest_external's record, and the manifest rows of the images to score (not quarantined, not duplicates)."""
+    intake = json.loads(p.path("external_report").read_text())
+    manifest = pd.read_csv(p.path("external_manifest"), keep_default_na=False, dtype={"used": str})
+    return intake, manifest[manifest["used"] == "True"].reset_index(drop=True)
+
+
 def external(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write metrics.json, scores.json and predictions.csv under paths.external_eval."""
     p.model(name)  # an unknown name stops here, before any work
-    intake = json.loads(p.path("external_report").read_text())
-    manifest = pd.read_csv(p.path("external_manifest"), keep_default_na=False, dtype={"used": str})
-    used = manifest[manifest["used"] == "True"].reset_index(drop=True)
+    intake, used = external_set(p)
     folder = p.path("external_eval") / name
     out = {"model": name, "configured": intake["configured"], "synthetic": intake["synthetic"], "n_images": int(len(used))}
     if not intake["configured"] or used.empty:

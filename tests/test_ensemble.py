@@ -11,7 +11,7 @@ from factory import make_project, tiny_onnx
 from onnx import TensorProto, helper
 
 from brainmri.config import load_params
-from brainmri.ensembling import EnsembleError, compose, cross_fitted, greedy_weights
+from brainmri.ensembling import EnsembleError, compose, cross_fitted, greedy_weights, read_oof
 from brainmri.errors import ConfigError
 from brainmri.onnxrt import probabilities, session
 from brainmri.predict import load, predict
@@ -19,15 +19,20 @@ from tasks.ensemble import ensemble
 from tasks.split import split_part
 
 
-def left_half_onnx(path, size: int = 32):
-    """probability = mean brightness of the image's left half / 255: a model that a mirror changes."""
-    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s", 0), ("e", size // 2), ("ax", 2))] + [
-        helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255])
-    ]
+def left_half_onnx(path, size: int = 32, opset: int = 13, right: bool = False):
+    """probability = mean brightness of the image's left (or right) half / 255: a model that a mirror changes."""
+    start, end = (size // 2, size) if right else (0, size // 2)
+    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s", start), ("e", end), ("ax", 2))]
+    consts += [helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255]), helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])]
+    mean = (
+        helper.make_node("ReduceMean", ["left", "axes"], ["mean"], keepdims=1)  # axes became an input in opset 18
+        if opset >= 18
+        else helper.make_node("ReduceMean", ["left"], ["mean"], axes=[1, 2, 3], keepdims=1)
+    )
     graph = helper.make_graph(
         [
             helper.make_node("Slice", ["image", "s", "e", "ax"], ["left"]),
-            helper.make_node("ReduceMean", ["left"], ["mean"], axes=[1, 2, 3], keepdims=1),
+            mean,
             helper.make_node("Flatten", ["mean"], ["flat"]),
             helper.make_node("Mul", ["flat", "scale"], ["probability"]),
         ],
@@ -36,24 +41,39 @@ def left_half_onnx(path, size: int = 32):
         [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
         consts,
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     proto.ir_version = 8
     onnx.save(proto, path)
     return path
 
 
-def test_the_composed_graph_is_the_weighted_mean_and_tta_averages_the_mirror(tmp_path):
-    mean, left = tiny_onnx(tmp_path / "mean.onnx"), left_half_onnx(tmp_path / "left.onnx")
+@pytest.mark.parametrize("opset", [13, 18])
+def test_the_composed_graph_is_the_weighted_mean_and_tta_averages_the_mirror(tmp_path, opset):
+    left = left_half_onnx(tmp_path / "left.onnx", opset=opset)
+    right = left_half_onnx(tmp_path / "right.onnx", opset=opset, right=True)
     x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
-    x[:, :, :16] *= 0.2  # a dark left half: the mirror changes what `left` sees
-    p_mean, p_left = (probabilities(session(f), x) for f in (mean, left))
-    p_left_mirror = probabilities(session(left), x[:, :, ::-1].copy())
-    for tta, want in ((False, 0.3 * p_mean + 0.7 * p_left), (True, 0.3 * p_mean + 0.7 * (p_left + p_left_mirror) / 2)):
-        model = compose([onnx.load(mean), onnx.load(left)], [0.3, 0.7], tta)
+    x[:, :, :16] *= 0.2  # a dark left half: the mirror changes what each member sees
+    p_left, p_right = (probabilities(session(f), x) for f in (left, right))
+    p_left_mirror = probabilities(session(left), x[:, :, ::-1].copy())  # the mirror's left half is the right half
+    np.testing.assert_allclose(p_left_mirror, p_right, atol=1e-6)
+    for tta, want in ((False, 0.3 * p_left + 0.7 * p_right), (True, (p_left + p_right) / 2)):
+        model = compose([onnx.load(left), onnx.load(right)], [0.3, 0.7], tta)
         onnx.save(model, tmp_path / "ens.onnx")
-        got = probabilities(session(tmp_path / "ens.onnx"), x)
-        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_allclose(probabilities(session(tmp_path / "ens.onnx"), x), want, atol=1e-6)
     assert np.abs(p_left_mirror - p_left).min() > 0.1  # so the TTA case above tells mirrored from not
+
+
+def test_the_composed_output_stays_a_probability_and_unlike_members_are_refused(tmp_path):
+    mean = tiny_onnx(tmp_path / "mean.onnx")  # opset 13; outputs 1.0 on a white image
+    white = np.full((2, 32, 32, 3), 255, np.float32)
+    onnx.save(compose([onnx.load(mean), onnx.load(mean)], [0.6, 0.6], False), tmp_path / "ens.onnx")  # weights above 1
+    assert probabilities(session(tmp_path / "ens.onnx"), white).max() == 1.0  # clipped: predict refuses anything above 1
+    with pytest.raises(EnsembleError, match="different opsets"):
+        compose([onnx.load(mean), onnx.load(left_half_onnx(tmp_path / "l18.onnx", opset=18))], [0.5, 0.5], False)
+    renamed = onnx.load(mean)
+    onnx.compose.add_prefix(renamed, "x_", inplace=True)
+    with pytest.raises(EnsembleError, match="one input named 'image'"):
+        compose([onnx.load(mean), renamed], [0.5, 0.5], False)
 
 
 def test_selection_keeps_informative_members_and_the_cross_fitted_difference_is_honest():
@@ -62,19 +82,56 @@ def test_selection_keeps_informative_members_and_the_cross_fitted_difference_is_
     y = rng.integers(0, 2, n)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     a, b = sig(y + rng.normal(0, 1, n)), sig(y + rng.normal(0, 1, n))  # two informative members, independent errors
-    noise = rng.uniform(0, 1, n)
+    noise = rng.uniform(0.01, 0.99, n)
     w = greedy_weights(y, np.column_stack([a, b, noise]), 10)
     assert w[2] == 0 and w[0] > 0 and w[1] > 0 and w.sum() == pytest.approx(1.0)
-    assert np.allclose(w * 10, np.round(w * 10))  # multiples of 1/10: counts of the best round
+    assert any(np.allclose(w * k, np.round(w * k)) for k in range(1, 11))  # counts of the best round k, k <= 10
     folds = np.arange(n) % 5
-    ens, single, choices = cross_fitted(y, np.column_stack([a, b, noise]), folds, 10)
+    ens, single, choices = cross_fitted(y, np.column_stack([a, b, noise]), folds, 10, "platt")
     assert len(choices) == 5 and all(c["weights"][2] == 0 for c in choices)
     from brainmri.metrics import paired_auc_differences
 
     d = paired_auc_differences(y, {"e": ens, "s": single}, "s", None, 300, 0)["e"]
     assert d["ci_low"] > 0  # averaging two independent errors beats either, beyond chance at n=600
-    same = cross_fitted(y, np.column_stack([a, a]), folds, 10)  # two copies of one model: nothing to gain
+    same = cross_fitted(y, np.column_stack([a, a]), folds, 10, "platt")  # two copies of one model: nothing to gain
     np.testing.assert_allclose(same[0], same[1])
+
+
+def test_bad_cv_predictions_are_one_sentence_naming_the_file(tmp_path):
+    p = load_params(make_project(tmp_path) / "params.yaml")
+    good = pd.DataFrame(
+        {"image": ["a", "b", "c", "d"], "group": ["a", "b", "c", "d"], "label": ["yes", "no", "yes", "no"], "fold": [0, 0, 1, 1]}
+    ).assign(probability=[0.9, 0.2, 0.7, 0.4], calibrated=[0.8, 0.3, 0.6, 0.4])
+    members = ["vgg16-noaug", "vgg16-aug"]
+    for m in members:
+        p.model_file("models", m, "cv_predictions").parent.mkdir(parents=True, exist_ok=True)
+        good.to_csv(p.model_file("models", m, "cv_predictions"), index=False)
+    rows, raw = read_oof(p, members)
+    assert raw.shape == (4, 2) and list(rows["fold"]) == [0, 0, 1, 1]
+    target = p.model_file("models", "vgg16-aug", "cv_predictions")
+    for bad, msg in (
+        (good.assign(calibrated=[0.8, None, 0.6, 0.4]), "column calibrated holds values that are not probabilities"),
+        (good.assign(probability=[0.9, 1.5, 0.7, 0.4]), "column probability holds values that are not probabilities"),
+        (good.assign(fold=[0, -1, 1, 1]), "column fold must hold non-negative integers"),
+        (good.assign(label=["yes", "maybe", "yes", "no"]), r"unknown label\(s\) \['maybe'\]"),
+        (good.assign(image=["a", "b", "c", "x"]), "other images or folds than vgg16-noaug's"),
+        (good.drop(columns="fold"), r"lacks column\(s\) fold"),
+        (good.iloc[:0], "no CV predictions"),
+    ):
+        bad.to_csv(target, index=False)
+        with pytest.raises(EnsembleError, match=msg):
+            read_oof(p, members)
+    target.write_bytes(b"")
+    with pytest.raises(EnsembleError, match="cannot read vgg16-aug's CV predictions"):
+        read_oof(p, members)
+    target.unlink()
+    with pytest.raises(EnsembleError, match="cannot read vgg16-aug's CV predictions"):
+        read_oof(p, members)
+    one_class = good.assign(label="yes")
+    for m in members:
+        one_class.to_csv(p.model_file("models", m, "cv_predictions"), index=False)
+    with pytest.raises(EnsembleError, match="one class only"):
+        read_oof(p, members)
 
 
 def test_the_ensemble_stage_on_the_small_run(small_run, tmp_path):

@@ -174,3 +174,28 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
     split.loc[test, "label"] = split.loc[test, "label"].map({"yes": "no", "no": "yes"})
     split.to_csv(noised.path("split_manifest"), index=False)
     assert export(noised, "vgg16-noaug")["int8"]["selection"] == sel
+
+
+def test_the_calibration_reader_gives_each_image_once_in_strided_ranges(tmp_path):
+    """ONNX Runtime's CalibStridedMinMax asks for range(i, i + 1) for i < len(reader): every image once, the last
+    partial batch included."""
+    from PIL import Image
+
+    from tasks.export import Calibration
+
+    paths = []
+    for i in range(9):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(paths[-1])
+    reader = Calibration(paths, 32, batch=4)
+    assert len(reader) == 3
+    seen = []
+    for _ in range(2):  # set_range resets the position: the same reader reads the same images again
+        for i in range(len(reader)):
+            reader.set_range(start_index=i, end_index=i + 1)
+            while (batch := reader.get_next()) is not None:
+                seen.append(batch["image"][:, 0, 0, 0])
+    got = np.concatenate(seen)
+    assert len(got) == 18 and [len(s) for s in seen] == [4, 4, 1, 4, 4, 1]
+    np.testing.assert_array_equal(got[:9], got[9:])
+    assert len(set(got[:9].tolist())) == 9  # nine different images, none twice

@@ -68,7 +68,7 @@ def test_external_images_that_duplicate_ingested_ones_are_left_out_and_the_rest_
     text = (q.path("report") / "report.md").read_text()
     assert "## External validation" in text and "SYNTHETIC external set" in text and "16 scored" in text
     assert "| vgg16-aug |" in text.split("## External validation")[1].split("##")[0]
-    assert "External AUC (16 images, SYNTHETIC)" in text.split("## Ensemble")[1].split("\n## ")[0]
+    assert "External AUC (16 images, SYNTHETIC;" in text.split("## Ensemble")[1].split("\n## ")[0]
 
 
 def test_a_missing_external_source_is_one_clear_error(tmp_path):
