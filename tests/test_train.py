@@ -236,6 +236,7 @@ def test_fine_tuning_unfreezes_only_the_top_layers(small_run, tmp_path):
     over = {
         "backbones": {"vgg16": {"fine_tune_layers": 2, "fine_tune_epochs": 2}},
         "train": {"cv_folds": 0},
+        "ensemble": {"members": []},  # fine-tuned models have no CV predictions to ensemble on
         "paths": {"models": str(tmp_path / "models")},
     }  # its own output folder: the shared run stays as it was
     q = load_params(p.root / "params.yaml", over)
