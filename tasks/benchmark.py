@@ -127,6 +127,19 @@ def time_calls(fn: Callable, x: np.ndarray, warmup: int, repeats: int) -> np.nda
     return out
 
 
+def interleaved(runtimes: dict[str, Callable], x: np.ndarray, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each runtime on `x`: `warmup` untimed calls each, then `repeats` rounds, each round timing
+    every runtime once in a rotated order, so that drifts of a shared machine hit all alike."""
+    names = list(runtimes)
+    for fn in runtimes.values():
+        time_calls(fn, x, warmup, 0)
+    seconds: dict[str, list[float]] = {rt: [] for rt in names}
+    for i in range(repeats):
+        for rt in names[i % len(names) :] + names[: i % len(names)]:
+            seconds[rt].append(time_calls(runtimes[rt], x, 0, 1)[0])
+    return seconds
+
+
 def openvino_runtimes(p: Params, name: str, threads: int) -> dict[str, Callable]:
     """OpenVINO on the same exported files: fp32 and int8 always, bf16 where the CPU has bf16 instructions."""
     from brainmri.runtimes import bf16_capable, runner
@@ -217,14 +230,8 @@ def benchmark(p: Params, name: str) -> dict:
     rows = []
     for batch in (1, b.batch_size):
         x = np.ascontiguousarray(images[:batch])
-        names = list(runtimes)
-        for fn in runtimes.values():
-            time_calls(fn, x, b.warmup, 0)
-        seconds = {rt: [] for rt in names}
-        for i in range(b.repeats):  # interleaved rounds, each in a rotated order: drifts of a shared machine hit all alike
-            for rt in names[i % len(names) :] + names[: i % len(names)]:
-                seconds[rt].append(time_calls(runtimes[rt], x, 0, 1)[0])
-        for rt in names:
+        seconds = interleaved(runtimes, x, b.warmup, b.repeats)
+        for rt in runtimes:
             per_image = np.array(seconds[rt]) / batch * 1000.0
             ips = 1000.0 / float(np.median(per_image))
             p25, p50, p75 = (float(v) for v in np.percentile(per_image, [25, 50, 75]))

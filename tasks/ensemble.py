@@ -17,6 +17,29 @@ from brainmri.fsutil import atomic_dir, write_json, write_metrics
 from brainmri.progress import log, summary
 
 
+def latency(p: Params, path, images: np.ndarray) -> dict:
+    """The composed graph timed as benchmark@MODEL times the ONNX rows of any model (ONNX Runtime and OpenVINO fp32,
+    benchmark.* settings, interleaved rounds); this stage is in orchestration.exclusive, so it runs alone."""
+    from brainmri.runtimes import runner
+    from tasks.benchmark import cpu_model, interleaved, ranking
+
+    b = p.benchmark
+    runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
+    images = np.concatenate([images] * -(-b.batch_size // max(1, len(images))))[: b.batch_size]
+    rows = []
+    for batch in (1, b.batch_size):
+        seconds = interleaved(runtimes, np.ascontiguousarray(images[:batch]), b.warmup, b.repeats)
+        for rt, s in seconds.items():
+            p25, p50, p75 = (float(v) for v in np.percentile(np.array(s) / batch * 1000.0, [25, 50, 75]))
+            rows.append({"runtime": rt, "batch": batch, "p50_ms": round(p50, 3), "p25_ms": round(p25, 3), "p75_ms": round(p75, 3)})
+    return {
+        "rows": rows,
+        "ranking": {f"batch_{bs}": ranking(rows, bs) for bs in (1, b.batch_size)},
+        "machine": {"cpu": cpu_model(), "threads": b.threads},
+        "settings": {"warmup": b.warmup, "repeats": b.repeats, "order": "interleaved rounds, rotated"},
+    }
+
+
 def ensemble(p: Params) -> dict:
     """Run the stage: choose members and weights on CV, compose and check the graph, score it on test (and the external
     set) beside the best single member; write model.onnx, ensemble.json and scores.json under paths.ensemble."""
@@ -35,6 +58,7 @@ def ensemble(p: Params) -> dict:
     from brainmri.ensembling import EnsembleError, _load, calibrated, compose, cross_fitted, greedy_weights, read_oof, score
     from brainmri.metrics import _auc, paired_auc_differences, with_intervals, youden_threshold
     from brainmri.onnxrt import session
+    from brainmri.preprocess import load_batch
     from tasks.external import external_set
     from tasks.split import split_part
 
@@ -144,6 +168,7 @@ def ensemble(p: Params) -> dict:
             single_ext = score(sessions[best], paths, size, tta)
             out["external"] = figures(y_ext, score(composed, paths, size, False), single_ext, used["group"].to_numpy())
             out["external"]["synthetic"] = bool(intake["synthetic"])
+        out["latency"] = latency(p, tmp / p.paths.files.onnx, load_batch(test.paths[: p.benchmark.batch_size], size))
         write_json(tmp / p.paths.files.ensemble, out)
         t = out["test"]["ensemble"]
         write_metrics(

@@ -556,6 +556,17 @@ def ensemble_section(p: Params) -> list:
                 "Difference [95% CI]": "",
             }
         )
+    lat = {(x["runtime"], x["batch"]): x["p50_ms"] for x in e["latency"]["rows"]}
+    big = max(bs for _, bs in lat)
+    rows += [
+        {
+            "": f"Latency, {rt.replace('_', ' ')} (ms/image, batch 1 / {big}; median)",
+            "Ensemble": f"{lat[rt, 1]:.1f} / {lat[rt, big]:.1f}",
+            "Best single member": "see the latency table",
+            "Difference [95% CI]": "",
+        }
+        for rt in ("onnxruntime_fp32", "openvino_fp32")
+    ]
     members = ", ".join(f"{m} {w:.2f}" for m, w in e["members"].items())
     return [
         *head,

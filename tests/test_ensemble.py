@@ -145,6 +145,11 @@ def test_the_ensemble_stage_on_the_small_run(small_run, tmp_path):
         rows = pd.read_csv(p.model_file("models", name, "cv_predictions"), keep_default_na=False)
         assert not set(rows["image"]) & set(test.frame["image"]) and (rows["fold"] >= 0).all()
         assert len(rows) == trained[name]["n_train"] + trained[name]["n_val"]
+    lat = e["latency"]  # timed like benchmark@MODEL's ONNX rows, both runtimes, both batch sizes
+    assert {(r["runtime"], r["batch"]) for r in lat["rows"]} == {
+        (rt, bs) for rt in ("onnxruntime_fp32", "openvino_fp32") for bs in (1, p.benchmark.batch_size)
+    }
+    assert all(0 < r["p25_ms"] <= r["p50_ms"] <= r["p75_ms"] for r in lat["rows"])
     d = e["cv"]["auc_difference"]
     assert d["ci_low"] <= d["value"] <= d["ci_high"] and e["kept"] == (d["ci_low"] > 0)
     # predict runs it like any exported model, and it gives the weighted mean of what predict gives for each member

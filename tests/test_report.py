@@ -75,8 +75,8 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
     n = len(p.models) + 1
-    # results; settings; paired; saliency; ensemble (CV, test AUC, test accuracy); calibration; latency
-    assert seen["tables"] == [n, n, n, n, 4, n, 2 * len(p.models) + 1]
+    # results; settings; paired; saliency; ensemble (CV, test AUC and accuracy, two latency rows); calibration; latency
+    assert seen["tables"] == [n, n, n, n, 6, n, 2 * len(p.models) + 1]
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
     assert len(seen["images"]) == 8 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}
