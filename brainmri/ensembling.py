@@ -203,11 +203,14 @@ def compose(protos: list[onnx.ModelProto], weights: list[float], tta: bool) -> o
     return model
 
 
-def score(sess, paths: list, size: int, tta: bool) -> np.ndarray:
-    """A session's probabilities on image files, read CHUNK at a time; with `tta` the mean over the image and its mirror."""
-    out = []
+def score(sessions: dict, paths: list, size: int, tta: bool) -> dict:
+    """Each session's probabilities on image files, read CHUNK at a time and decoded once for all sessions; with `tta`
+    the mean over the image and its mirror."""
+    out: dict = {k: [] for k in sessions}
     for i in range(0, len(paths), CHUNK):
         x = load_batch(paths[i : i + CHUNK], size)
-        prob = probabilities(sess, x)
-        out.append((prob + probabilities(sess, x[:, :, ::-1].copy())) / 2 if tta else prob)
-    return np.concatenate(out) if out else np.zeros(0)
+        mirrored = x[:, :, ::-1].copy() if tta else None
+        for k, sess in sessions.items():
+            prob = probabilities(sess, x)
+            out[k].append((prob + probabilities(sess, mirrored)) / 2 if tta else prob)
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}

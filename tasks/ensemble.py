@@ -83,7 +83,7 @@ def ensemble(p: Params) -> dict:
     val, test = split_part(p, "val"), split_part(p, "test")
 
     def members_on(paths: list) -> dict[int, np.ndarray]:
-        return {i: score(s, paths, size, tta) for i, s in sessions.items()}
+        return score(sessions, paths, size, tta)
 
     def mixed(on: dict[int, np.ndarray]) -> np.ndarray:
         return sum(weights[i] * on[i] for i in chosen)
@@ -104,7 +104,7 @@ def ensemble(p: Params) -> dict:
         onnx.save(model, tmp / p.paths.files.onnx)
         del model
         composed = session(tmp / p.paths.files.onnx)
-        p_test = score(composed, test.paths, size, False)  # the composed graph, its mirror (if any) included
+        p_test = score({0: composed}, test.paths, size, False)[0]  # the composed graph, its mirror (if any) included
         gap = float(np.max(np.abs(p_test - mixed(on_test)))) if len(p_test) else 0.0
         if gap > p.export.parity_tolerance:
             raise EnsembleError(f"the composed graph differs from its members' weighted mean by {gap:.2e} on test; nothing was written")
@@ -165,8 +165,8 @@ def ensemble(p: Params) -> dict:
         if intake["configured"] and not used.empty:
             paths = [p.path("external_images") / n for n in used["image"]]
             y_ext = (used["label"] == p.ingest.positive_class).to_numpy(int)
-            single_ext = score(sessions[best], paths, size, tta)
-            out["external"] = figures(y_ext, score(composed, paths, size, False), single_ext, used["group"].to_numpy())
+            single_ext = score({best: sessions[best]}, paths, size, tta)[best]
+            out["external"] = figures(y_ext, score({0: composed}, paths, size, False)[0], single_ext, used["group"].to_numpy())
             out["external"]["synthetic"] = bool(intake["synthetic"])
         out["latency"] = latency(p, tmp / p.paths.files.onnx, load_batch(test.paths[: p.benchmark.batch_size], size))
         write_json(tmp / p.paths.files.ensemble, out)
