@@ -528,12 +528,12 @@ def read_yaml(path: Path):
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    yaml = YAML(typ="safe", pure=True)
+    yaml = YAML(typ="safe")  # libyaml's C parser (ruamel.yaml.clib) when installed, as DVC reads the same files; YAML 1.2 either way
     depth = 0
     try:
         for event in yaml.parse(text):
             depth += isinstance(event, CollectionStartEvent) - isinstance(event, CollectionEndEvent)
-            if depth > MAX_YAML_DEPTH:  # ruamel's pure parser slows down sharply with nesting depth; stop early
+            if depth > MAX_YAML_DEPTH:  # stop before any node is built: construction recurses per level
                 raise ConfigError(f"{path}: line {event.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
             if isinstance(event, AliasEvent):
                 raise ConfigError(

@@ -95,8 +95,67 @@ def ws(tmp_path_factory, prefect_harness):
     return root
 
 
-def test_dvc_repro_then_the_flow_reruns_nothing(ws):
-    assert sorted(repro(ws)) == sorted(CHAIN)
+# a stage command run inside this wrapper appends (stage, start, end) to a file: the spans of a run that fails
+SPAN = "import json, subprocess, sys, time; t = time.time(); rc = subprocess.call(sys.argv[3:]); "
+SPAN += "open(sys.argv[1], 'a').write(json.dumps([sys.argv[2], t, time.time()]) + '\\n'); sys.exit(rc)"
+HELD_BACK = ("evaluate@vgg16-aug", "benchmark@vgg16-aug", "external@vgg16-aug", "ensemble", "report")  # downstream of export
+
+
+def alone(span: dict, stage: str) -> bool:
+    s0, s1 = span[stage]
+    return all(e1 <= s0 or e0 >= s1 for name, (e0, e1) in span.items() if name != stage)
+
+
+def test_a_first_flow_run_overlaps_branches_and_a_failed_branch_does_not_stop_the_others(ws, monkeypatch, tmp_path):
+    """The first run on the workspace: the two model branches in parallel (max_workers 2), each benchmark alone; one
+    branch's export fails and the others finish; a `dvc repro` started meanwhile stops on DVC's lock."""
+    import sys
+    import threading
+
+    import flows.pipeline as fp
+    from flows.pipeline import PipelineFailed
+
+    real, calls, spans = fp.stage_process, [], tmp_path / "spans.jsonl"
+
+    def broken_export(root, stage, token):
+        calls.append(stage)
+        if stage == "export@vgg16-aug":  # a stage process that dies as a full disk would make it
+            return [sys.executable, "-c", "import sys; print('injected: disk went away', file=sys.stderr); sys.exit(1)"]
+        return [sys.executable, "-c", SPAN, str(spans), stage, *real(root, stage, token)]
+
+    monkeypatch.setattr(fp, "stage_process", broken_export)
+    meanwhile = {}
+
+    def impatient():  # a second pipeline that does not wait: the flow holds DVC's lock, so it stops at once
+        time.sleep(8)
+        meanwhile["res"] = subprocess.run(["dvc", "repro"], cwd=ws, capture_output=True, text=True, timeout=120)
+
+    t = threading.Thread(target=impatient)
+    t.start()
+    with pytest.raises(PipelineFailed) as err:
+        fp.run(str(ws / "params.yaml"))
+    t.join()
+    res = meanwhile["res"]
+    assert res.returncode != 0 and "lock" in (res.stdout + res.stderr).lower() and "Running stage" not in res.stdout
+    span = {stage: (t0, t1) for stage, t0, t1 in map(json.loads, spans.read_text().splitlines())}
+    (a0, a1), (b0, b1) = span["train@vgg16-aug"], span["train@smallcnn-aug"]
+    assert a0 < b1 and b0 < a1, span  # max_workers 2: the two branches' training overlaps
+    assert alone(span, "benchmark@smallcnn-aug"), span  # nothing beside a benchmark
+    msg = str(err.value)
+    assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
+    assert held(msg) == set(HELD_BACK) and "next:" in msg
+    assert sorted(calls) == sorted([s for s in CHAIN if s not in HELD_BACK] + ["export@vgg16-aug"])
+    assert calls.count("export@vgg16-aug") == 2  # retried once (orchestration.retries), then failed
+    export_dir = ws / "data/export"
+    assert not (export_dir / "vgg16-aug").exists() and not [f for f in export_dir.iterdir() if f.name.startswith(".")]
+    status = sh(ws, "dvc", "status")
+    for stage in ("ingest", "augment", "train@vgg16-aug", "train@smallcnn-aug", "export@smallcnn-aug", "benchmark@smallcnn-aug"):
+        assert f"{stage}:" not in status  # finished and recorded in dvc.lock
+    assert all(f"{stage}:" in status for stage in ("export@vgg16-aug", *HELD_BACK))
+
+
+def test_dvc_repro_runs_what_failed_and_was_held_back_then_the_flow_reruns_nothing(ws):
+    assert sorted(repro(ws)) == sorted(["export@vgg16-aug", *HELD_BACK])
     lock = (ws / "dvc.lock").read_bytes()
     start = time.monotonic()
     assert repro(ws) == []
@@ -143,7 +202,7 @@ def test_a_vgg16_learning_rate_change_reruns_exactly_its_chain_and_going_back_re
     set_param(ws, "backbones", "vgg16", {"learning_rate": lr_a})  # back to A: `dvc repro` restores A from the run cache
     out = sh(ws, "dvc", "repro")
     assert "Running stage" not in out and sorted(set(re.findall(r"Stage '([^']+)' is cached", out))) == VGG16_CHAIN, out
-    assert model.read_bytes() == a and flow(ws) == [] and clean(ws)
+    assert model.read_bytes() == a and clean(ws)  # clean: the flow, which runs what `dvc status` finds stale, has nothing to do
 
     set_param(ws, "backbones", "vgg16", {"learning_rate": 0.002})  # B again: the flow restores B the same way
     result = pipeline(str(ws / "params.yaml"))
@@ -214,75 +273,22 @@ def test_a_tampered_output_is_seen_by_its_hash_and_put_back_from_dvcs_cache(ws):
     assert model.read_bytes() == original and clean(ws)
 
 
-# a stage command run inside this wrapper appends (stage, start, end) to a file: the spans of a run that fails
-SPAN = "import json, subprocess, sys, time; t = time.time(); rc = subprocess.call(sys.argv[3:]); "
-SPAN += "open(sys.argv[1], 'a').write(json.dumps([sys.argv[2], t, time.time()]) + '\\n'); sys.exit(rc)"
+def test_new_images_make_every_stage_but_the_weights_stale_for_the_flow(ws):
+    """New scans in the source folder: DVC finds ingest changed, and the flow's one `dvc status` leaves only the
+    weights stages (which feed on nothing that changed) out of its run; removing the scans makes the workspace clean."""
+    import uuid
 
+    from flows.pipeline import current, stage_graph
 
-def alone(span: dict, stage: str) -> bool:
-    s0, s1 = span[stage]
-    return all(e1 <= s0 or e0 >= s1 for name, (e0, e1) in span.items() if name != stage)
-
-
-def test_new_images_rerun_everything_branches_overlap_and_a_failed_branch_does_not_stop_the_others(ws, monkeypatch, tmp_path):
-    """New scans: every stage from ingest on reruns, the two model branches in parallel (max_workers 2), each benchmark
-    alone; one branch's export fails and the others finish; a `dvc repro` started meanwhile stops on DVC's lock."""
-    import sys
-    import threading
-
-    import flows.pipeline as fp
-    from flows.pipeline import PipelineFailed
-
-    real, calls, spans = fp.stage_process, [], tmp_path / "spans.jsonl"
-
-    def broken_export(root, stage, token):
-        calls.append(stage)
-        if stage == "export@vgg16-aug":  # a stage process that dies as a full disk would make it
-            return [sys.executable, "-c", "import sys; print('injected: disk went away', file=sys.stderr); sys.exit(1)"]
-        return [sys.executable, "-c", SPAN, str(spans), stage, *real(root, stage, token)]
-
-    monkeypatch.setattr(fp, "stage_process", broken_export)
-    for i, cls in enumerate(("no", "yes")):  # new scans arrive in the source folder
-        (ws / "data/raw/synthetic" / cls / f"new scan {i}.jpg").write_bytes(encode(brain(900 + i, cls == "yes"), "JPEG"))
-    onnx = ws / "data/export/vgg16-aug/model.onnx"
-    before = onnx.read_bytes()
-    meanwhile = {}
-
-    def impatient():  # a second pipeline that does not wait: the flow holds DVC's lock, so it stops at once
-        time.sleep(8)
-        meanwhile["res"] = subprocess.run(["dvc", "repro"], cwd=ws, capture_output=True, text=True, timeout=120)
-
-    t = threading.Thread(target=impatient)
-    t.start()
-    with pytest.raises(PipelineFailed) as err:
-        fp.run(str(ws / "params.yaml"))
-    t.join()
-    res = meanwhile["res"]
-    assert res.returncode != 0 and "lock" in (res.stdout + res.stderr).lower() and "Running stage" not in res.stdout
-    span = {stage: (t0, t1) for stage, t0, t1 in map(json.loads, spans.read_text().splitlines())}
-    (a0, a1), (b0, b1) = span["train@vgg16-aug"], span["train@smallcnn-aug"]
-    assert a0 < b1 and b0 < a1, span  # max_workers 2: the two branches' training overlaps
-    assert alone(span, "benchmark@smallcnn-aug"), span  # nothing beside a benchmark
-    msg = str(err.value)
-    assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
-    held_back = ("evaluate@vgg16-aug", "benchmark@vgg16-aug", "external@vgg16-aug", "ensemble", "report")
-    assert held(msg) == set(held_back) and "next:" in msg
-    # ingest onwards; the weights stages feed on nothing that changed, so one `dvc status` finds them up to date
-    assert sorted(calls) == sorted([s for s in CHAIN if s not in held_back and s not in WEIGHTS] + ["export@vgg16-aug"])
-    assert calls.count("export@vgg16-aug") == 2  # retried once (orchestration.retries), then failed
-    assert onnx.read_bytes() == before  # nothing half-written, nothing recorded
-    status = sh(ws, "dvc", "status")
-    for stage in ("ingest", "augment", "train@vgg16-aug", "train@smallcnn-aug", "export@smallcnn-aug", "benchmark@smallcnn-aug"):
-        assert f"{stage}:" not in status  # finished and recorded in dvc.lock
-    # what DVC finds stale; external@vgg16-aug is not, though held back: its inputs (the empty external set, the old
-    # export and eval files) did not change, until evaluate reruns below
-    assert all(f"{stage}:" in status for stage in ("export@vgg16-aug", "evaluate@vgg16-aug", "benchmark@vgg16-aug", "report"))
-
-    monkeypatch.setattr(fp, "stage_process", real)
-    result = fp.pipeline(str(ws / "params.yaml"))
-    assert sorted(s for s, r in result.items() if r["ran"]) == sorted(["export@vgg16-aug", *held_back])
-    assert alone({s: (r["started_at"], r["finished_at"]) for s, r in result.items() if r["ran"]}, "benchmark@vgg16-aug")
-    sh(ws, "dvc", "add", "-q", "data/raw/synthetic")  # the raw data's own .dvc file, for the remote below
+    new = [ws / "data/raw/synthetic" / cls / f"new scan {i}.jpg" for i, cls in enumerate(("no", "yes"))]
+    for i, path in enumerate(new):
+        path.write_bytes(encode(brain(900 + i, "yes" in path.parent.name), "JPEG"))
+    try:
+        assert "ingest:" in sh(ws, "dvc", "status")
+        assert current(str(ws), stage_graph(ws), uuid.uuid4().hex) == set(WEIGHTS)
+    finally:
+        for path in new:
+            path.unlink()
     assert clean(ws)
 
 
