@@ -25,10 +25,14 @@ lock:  ## re-pin every library (uv), then refresh versions.yaml and dvc.yaml: st
 run: setup  ## the main job: the pipeline on the dataset in ingest.source, or the offline demo when it is absent
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/brainmri quickstart
 
+# two workers (pytest-xdist): the scenario tier's processes mostly wait on start-up and DVC, the unit tier on
+# arithmetic, so side by side they share the 2 cores well; tests/conftest.py gives each tier one worker
+XDIST := -n 2 --dist loadscope
+
 test: setup  ## lint, then the unit and scenario tiers (what CI runs): every test but the `long` ones
 	$(BIN)/ruff check .
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not long"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST) -m "not long"
 
 test-all: setup  ## lint, then every test, the `long` scenarios included
 	$(BIN)/ruff check .
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST)

@@ -12,6 +12,24 @@ from factory import SHARED_DATA, make_project  # noqa: E402
 
 from brainmri.config import load_params  # noqa: E402
 
+SCENARIO_FILES = {"test_pipeline.py"}  # one shared git + DVC workspace, its tests in file order
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist the tests run in one process, in file order
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n 2 --dist loadscope` (what `make test` runs): the scenario tier on one worker, every other test on
+    the other, each in file order, so each session fixture is built once, by one worker. Written here because
+    xdist's own `loadgroup` silently stops grouping on pytest 9.2 (pytest-dev/pytest-xdist#1386)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoTiers(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "scenario" if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in SCENARIO_FILES else "units"
+
+    return TwoTiers(config, log)
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
