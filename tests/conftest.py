@@ -13,6 +13,13 @@ from factory import SHARED_DATA, make_project  # noqa: E402
 from brainmri.config import load_params  # noqa: E402
 
 SCENARIO_FILES = {"test_pipeline.py"}  # one shared git + DVC workspace, its tests in file order
+HEAVY_FIXTURES = {"small_run", "real_ingest", "trained", "cv_runs", "vgg16_spec", "ws"}  # each trains models or reads the real set
+
+
+def pytest_itemcollected(item):
+    """`heavy` marks every test that needs a heavy fixture: `pytest -m "not slow and not heavy"` is the fast tier."""
+    if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.heavy)
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist the tests run in one process, in file order
