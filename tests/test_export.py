@@ -8,7 +8,7 @@ import pytest
 from brainmri.models import load_model
 from brainmri.onnxrt import metadata, probabilities, session
 from brainmri.preprocess import load_batch
-from tasks.export import ExportError, calibration_sample, convert, export
+from tasks.export import ExportError, calibration_sample, export
 from tasks.split import Part
 
 
@@ -41,8 +41,9 @@ def test_broken_parity_fails_the_stage_and_keeps_the_old_export(small_run, monke
     folder = p.model_file("export", name, "onnx").parent
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
 
-    def broken(model_path, size, opset, x):
-        proto, p_keras = convert(model_path, size, opset, x)
+    def broken(model_path, size, opset, x):  # the conversion's own output is what small_run exported (it passed parity)
+        fp32 = p.model_file("export", name, "onnx")
+        proto, p_keras = onnx.load(fp32), probabilities(session(fp32), x)
         for init in proto.graph.initializer:  # nudge every bias: the graph no longer computes the Keras model
             if len(init.dims) == 1 and init.data_type == onnx.TensorProto.FLOAT:
                 arr = onnx.numpy_helper.to_array(init) + 0.5
@@ -141,7 +142,7 @@ def test_the_export_process_never_imports_tensorflow(small_run, tmp_path):
     assert (tmp_path / "export" / "smallcnn-aug" / "model.onnx").read_bytes() == p.model_file("export", "smallcnn-aug", "onnx").read_bytes()
 
 
-def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run, tmp_path):
+def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run, tmp_path, monkeypatch):
     """Lists under export are candidates: each is quantized and scored against fp32 on the validation images, the
     closest kept. With every test image replaced by noise and its label flipped, the choice and its scores stay put."""
     import shutil
@@ -173,6 +174,12 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noised.path("ingest_images") / name)
     split.loc[test, "label"] = split.loc[test, "label"].map({"yes": "no", "no": "yes"})
     split.to_csv(noised.path("split_manifest"), index=False)
+    fp32 = folder / "model.onnx"  # the conversion is not under test: the copy reuses the first export's graph
+
+    def converted(model_path, size, opset, x):
+        return onnx.load(fp32), probabilities(session(fp32), x)
+
+    monkeypatch.setattr("tasks.export.convert", converted)
     assert export(noised, "vgg16-noaug")["int8"]["selection"] == sel
 
 
