@@ -24,10 +24,11 @@ def pytest_itemcollected(item):
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist the tests run in one process, in file order
 def pytest_xdist_make_scheduler(config, log):
-    """`pytest -n 2 --dist loadscope` (what `make test` runs): the scenario tier on one worker, every other test on
-    the other, each in file order, so each session fixture is built once, by one worker. Written here because
+    """`pytest -n 2 --dist loadscope` (what `make test` runs): tests/test_pipeline.py on one worker, every other test
+    on the other, each in file order, so each session fixture is built once, by one worker. Also for `load` and
+    `worksteal`, which would split test_pipeline.py's shared workspace between workers. Written here because
     xdist's own `loadgroup` silently stops grouping on pytest 9.2 (pytest-dev/pytest-xdist#1386)."""
-    if config.getvalue("dist") != "loadscope":
+    if config.getvalue("dist") not in ("load", "loadscope", "worksteal"):
         return None
     from xdist.scheduler import LoadScopeScheduling
 

@@ -33,6 +33,7 @@ def write(p, cls: str, name: str, data: bytes) -> None:
     (folder / name).write_bytes(data)
 
 
+@pytest.mark.heavy  # the audit's grouped CV fits thousands of classifiers
 def test_metadata_shortcut_in_phantoms_is_found_raw_and_absent_from_the_model_inputs(tmp_path):
     """Tumour phantoms saved as '.PNG', the others as EXIF-tagged '.jpg': the files give the class away, the pixels do not."""
     p = project(tmp_path)
@@ -68,6 +69,7 @@ def _framed_phantoms(p) -> None:
             write(p, cls, f"{cls}{i}.jpg", encode(arr, "JPEG", quality=92))
 
 
+@pytest.mark.heavy  # the audit's grouped CV fits thousands of classifiers
 def test_a_framing_shortcut_reaches_the_model_inputs_unless_ingest_crops_to_the_head(tmp_path):
     p = project(tmp_path, crop_to_content=False)
     _framed_phantoms(p)

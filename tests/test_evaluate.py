@@ -43,8 +43,8 @@ def test_intervals_contain_the_value_and_narrow_with_more_images():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 40)
     prob = np.clip(y * 0.4 + rng.uniform(0, 0.6, 40), 0, 1)
-    small = with_intervals(y, prob, 0.5, 500, seed=1)
-    big = with_intervals(np.tile(y, 10), np.tile(prob, 10), 0.5, 500, seed=1)
+    small = with_intervals(y, prob, 0.5, 200, seed=1)
+    big = with_intervals(np.tile(y, 10), np.tile(prob, 10), 0.5, 200, seed=1)
     for k in POINT_METRICS:
         assert small[k]["ci_low"] <= small[k]["value"] <= small[k]["ci_high"], k
     width = lambda d: d["accuracy"]["ci_high"] - d["accuracy"]["ci_low"]  # noqa: E731

@@ -310,7 +310,23 @@ def test_input_shape_that_disagrees_with_the_metadata_is_refused_at_load(tmp_pat
         predict(bad, [str(tmp_path)], tmp_path / "out.csv")
 
 
+# predict's peak traced memory on one folder, after a warm-up call (imports, caches), in a fresh interpreter:
+# tracemalloc counts every thread's allocations, and a thread another test left running would count too
+PEAK = """
+import sys, tracemalloc
+from brainmri.predict import predict
+model, folder, out = sys.argv[1:4]
+predict(model, [folder], out + ".warm.csv", batch=8)  # predict never overwrites a file: its own
+tracemalloc.start()
+frame = predict(model, [folder], out, batch=8)
+print(tracemalloc.get_traced_memory()[1], len(frame), int((frame["error"] == "").all()))
+"""
+
+
 def test_predict_memory_does_not_grow_with_the_number_of_inputs(tmp_path, model):
+    import subprocess
+    import sys
+
     one = encode(brain(5, size=(256, 256)), "PNG")
 
     def peak(n):
@@ -319,11 +335,11 @@ def test_predict_memory_does_not_grow_with_the_number_of_inputs(tmp_path, model)
         (folder / "0.png").write_bytes(one)
         for i in range(1, n):
             os.link(folder / "0.png", folder / f"{i}.png")
-        tracemalloc.start()
-        frame = predict(model, [str(folder)], tmp_path / f"n{n}.csv", batch=8)
-        _, top = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        assert len(frame) == n and (frame["error"] == "").all()
+        cmd = [sys.executable, "-c", PEAK, str(model), str(folder), str(tmp_path / f"n{n}.csv")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        top, rows, ok = (int(v) for v in res.stdout.split()[-3:])
+        assert rows == n and ok, res.stdout
         return top
 
     small, large = peak(16), peak(320)
