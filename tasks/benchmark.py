@@ -127,6 +127,11 @@ def time_calls(fn: Callable, x: np.ndarray, warmup: int, repeats: int) -> np.nda
     return out
 
 
+def timing_batch(images: np.ndarray, n: int) -> np.ndarray:
+    """`n` images to time on: the given ones, repeated when there are fewer (a graph's cost does not depend on content)."""
+    return np.concatenate([images] * -(-n // max(1, len(images))))[:n]
+
+
 def interleaved(runtimes: dict[str, Callable], x: np.ndarray, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each runtime on `x`: `warmup` untimed calls each, then `repeats` rounds, each round timing
     every runtime once in a rotated order, so that drifts of a shared machine hit all alike."""
@@ -222,8 +227,7 @@ def benchmark(p: Params, name: str) -> dict:
         **openvino_runtimes(p, name, b.threads),
     }
     paths = split_part(p, "test").paths
-    images = load_batch(paths[: b.batch_size], size)
-    images = np.concatenate([images] * -(-b.batch_size // max(1, len(images))))[: b.batch_size]
+    images = timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size)
     flops = model_flops(model)
     peak = matmul_peak(b.threads)
     gemm = ort_gemm_peaks(b.threads)

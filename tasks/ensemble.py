@@ -21,11 +21,11 @@ def latency(p: Params, path, images: np.ndarray) -> dict:
     """The composed graph timed as benchmark@MODEL times the ONNX rows of any model (ONNX Runtime and OpenVINO fp32,
     benchmark.* settings, interleaved rounds); this stage is in orchestration.exclusive, so it runs alone."""
     from brainmri.runtimes import runner
-    from tasks.benchmark import cpu_model, interleaved, ranking
+    from tasks.benchmark import cpu_model, interleaved, ranking, timing_batch
 
     b = p.benchmark
     runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
-    images = np.concatenate([images] * -(-b.batch_size // max(1, len(images))))[: b.batch_size]
+    images = timing_batch(images, b.batch_size)
     rows = []
     for batch in (1, b.batch_size):
         seconds = interleaved(runtimes, np.ascontiguousarray(images[:batch]), b.warmup, b.repeats)

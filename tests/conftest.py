@@ -13,7 +13,8 @@ from factory import SHARED_DATA, make_project  # noqa: E402
 from brainmri.config import load_params  # noqa: E402
 
 SCENARIO_FILES = {"test_pipeline.py"}  # one shared git + DVC workspace, its tests in file order
-HEAVY_FIXTURES = {"small_run", "real_ingest", "trained", "cv_runs", "vgg16_spec", "ws"}  # each trains models or reads the real set
+# fixtures that train a model, build a shared workspace or run a stage on the real set
+HEAVY_FIXTURES = {"small_run", "real_ingest", "trained", "cv_runs", "vgg16_spec", "ws"}
 
 
 def pytest_itemcollected(item):

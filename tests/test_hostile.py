@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import struct
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 import warnings
@@ -324,9 +326,6 @@ print(tracemalloc.get_traced_memory()[1], len(frame), int((frame["error"] == "")
 
 
 def test_predict_memory_does_not_grow_with_the_number_of_inputs(tmp_path, model):
-    import subprocess
-    import sys
-
     one = encode(brain(5, size=(256, 256)), "PNG")
 
     def peak(n):
