@@ -31,6 +31,27 @@ def test_point_metrics_by_hand():
     assert m["auc"] == pytest.approx(5 / 6) and m["brier"] == pytest.approx(np.mean((prob - y) ** 2))
 
 
+def test_the_bootstrap_fast_path_equals_scikit_learn_on_ties_one_class_and_extremes():
+    """The resamples use numpy-only metrics (`_fast_point`, `_auc`); they must be what `point` (scikit-learn) gives."""
+    from sklearn.metrics import roc_auc_score
+
+    from brainmri.metrics import _auc, _fast_point
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 60))
+        y = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(int)
+        prob = np.round(rng.random(n), int(rng.integers(1, 4)))  # 1-3 decimals: many ties
+        if trial % 7 == 0:
+            prob[: n // 2] = rng.choice([0.0, 1.0, 1e-9, 1 - 1e-9], n // 2)  # at and beyond the clipping bounds
+        t = float(rng.choice([0.5, 0.3, float(prob[0])]))
+        fast, ref = _fast_point(y, prob, t), point(y, prob, t)
+        for k in POINT_METRICS:
+            assert (np.isnan(fast[k]) and np.isnan(ref[k])) or fast[k] == pytest.approx(ref[k], abs=1e-12), (trial, k)
+        if len(np.unique(y)) == 2:
+            assert _auc(y, prob) == pytest.approx(roc_auc_score(y, prob), abs=1e-12)
+
+
 def test_youden_threshold_separates_validation_classes():
     y = np.array([0, 0, 0, 1, 1, 1])
     prob = np.array([0.1, 0.2, 0.7, 0.75, 0.8, 0.9])
