@@ -1,11 +1,17 @@
 """Group exact and near-duplicate images: same bytes, or same scan re-saved, resized, marked or cropped.
 
-Two rules join a pair, and groups are their transitive closure:
+Three rules join a pair, and groups are their transitive closure:
 - the whole head region: perceptual-hash distance and thumbnail correlation both close (re-saves, rescales, marks
   in the margin, padding);
+- nearly the whole head region (`close_similarity`): the other's view trimmed by a little (at most SMALL_TRIM) on
+  one or two sides, or turned by a few degrees, correlates with it at the same bar, and so do the insides of the
+  two heads (`inner_correlation`). A crop that nicks the head, or a slight turn, stretches or tilts the whole view,
+  and the hash moves too far. The inside test keeps apart smooth heads (phantoms), whose outlines alone correlate
+  at 0.98 once cropped to the head;
 - one image is part of the other (`partial_similarity`): a copy cropped into the head. The other's view, trimmed on
-  one or two sides, correlates with it. Written by hand, as no well-kept library matches partial crops without
-  OpenCV-style keypoints. Measured by `benchmarks/duplicates.py` on perturbed copies of the real images.
+  one or two sides, correlates with it.
+Written by hand, as no well-kept library matches partial crops and small turns without OpenCV-style keypoints.
+Measured by `benchmarks/duplicates.py` on perturbed copies of the real images.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ BORDER_TOLERANCE = 12  # gray levels: a border row or column within this of the 
 BORDER_SHARE = 0.98  # ...when this share of its pixels are (a few JPEG-noise pixels or a stray mark do not stop the trim)
 CUT_BAND = 3  # view pixels (of VIEW) along a side where a straight cut shows: ~5% of the side
 CUT_SHARE = 0.6  # a side is cut when content spans this share of its band; a round head edge spans ~0.4 (real set median)
+# trims up to this share on any one or two sides need no cut side: a crop that only nicks a round head leaves no straight edge to see
+# (benchmarks/duplicates.py: 40 of 48 crops the other rules missed then correlate at 0.956 or more; different real scans at most 0.912)
+SMALL_TRIM = 0.15
+# degrees: each image's head region is also viewed turned by these (a rescan or re-save tilted slightly; the benchmark's
+# copies turn up to 3 degrees; different real scans at most 0.885)
+TURNS = (-3.0, -1.5, 1.5, 3.0)
+INNER_ERODE = 5  # view pixels (of VIEW) taken off the head's edge for the inside test: the outline band is what smooth heads share
+# inside correlation of a close match: copies of real scans 0.83 or more (1st percentile of crops, pads, turns, text),
+# different real scans at most 0.39, different smooth phantoms and synthetic heads at most 0.817 (64 x 72 px ones)
+MIN_INNER = 0.82
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,7 @@ class Fingerprint:
     thumb: np.ndarray  # zero-mean, unit-norm THUMB x THUMB vector of the content crop
     views: np.ndarray  # (3, VIEW, VIEW) float32: the head region, the head region of the frame, the frame (`frame`)
     cuts: np.ndarray  # (3, 4) bool: per view, whether its top, bottom, left, right side looks cut straight (`cut_sides`)
+    turned: np.ndarray  # (len(TURNS), VIEW, VIEW) float32: the head region of the image turned by each of TURNS
 
 
 def frame(gray: np.ndarray) -> np.ndarray:
@@ -83,7 +100,8 @@ def fingerprint(img: Image.Image, sha256: str, hash_size: int) -> Fingerprint:
     norm = np.linalg.norm(thumb)
     framed = Image.fromarray(frame(np.asarray(gray, np.float32)).astype(np.uint8))
     views = np.stack([_view(crop), _view(content_crop(framed)), _view(framed)])
-    return Fingerprint(sha256, ph, thumb / norm if norm > 0 else thumb, views, np.stack([cut_sides(v) for v in views]))
+    turned = np.stack([_view(content_crop(gray.rotate(a, resample=Image.Resampling.BILINEAR, fillcolor=0))) for a in TURNS])
+    return Fingerprint(sha256, ph, thumb / norm if norm > 0 else thumb, views, np.stack([cut_sides(v) for v in views]), turned)
 
 
 def similarity(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
@@ -95,11 +113,11 @@ def similarity(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @cache
-def _shrink(lo: float, hi: float) -> np.ndarray:
-    """THUMB x VIEW matrix: each thumbnail pixel is the mean of the view over its share of [lo, hi) (area resampling)."""
-    edges = (lo + (hi - lo) * np.arange(THUMB + 1) / THUMB) * VIEW
-    m = np.zeros((THUMB, VIEW), np.float64)
-    for i in range(THUMB):
+def _shrink(lo: float, hi: float, out: int = THUMB) -> np.ndarray:
+    """out x VIEW matrix: each output pixel is the mean of the view over its share of [lo, hi) (area resampling)."""
+    edges = (lo + (hi - lo) * np.arange(out + 1) / out) * VIEW
+    m = np.zeros((out, VIEW), np.float64)
+    for i in range(out):
         for j in range(int(edges[i]), min(VIEW, int(np.ceil(edges[i + 1])))):
             m[i, j] = max(0.0, min(edges[i + 1], j + 1) - max(edges[i], j))
     return (m / m.sum(1, keepdims=True)).astype(np.float32)
@@ -150,10 +168,63 @@ def partial_similarity(prints: list[Fingerprint], chunk: int = 512) -> np.ndarra
     return best
 
 
+def _transforms() -> list[tuple[int, tuple[float, float, float, float] | int]]:
+    """The close rule's ways of viewing the other image: (view, small trim) for the three views, (-1, turn index)."""
+    small = [t for t in trims() if max(t) <= SMALL_TRIM + 1e-9]
+    return [(v, t) for v in range(3) for t in small] + [(-1, a) for a in range(len(TURNS))]
+
+
+def close_similarity(prints: list[Fingerprint], chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(best, how): best[i, j] the highest correlation between image i's thumbnail and image j's trimmed by at most
+    SMALL_TRIM on any one or two sides (each of the three views) or turned by one of TURNS (the head region);
+    how[i, j] the index into `_transforms()` that reached it. O(n^2), in chunks of rows."""
+    n = len(prints)
+    best = np.full((n, n), -1.0, np.float32)
+    how = np.zeros((n, n), np.int32)
+    wholes = [_thumbs(np.stack([p.views[v] for p in prints])) for v in range(3)]
+    for k, (v, t) in enumerate(_transforms()):
+        whole, part = (
+            (wholes[v], _thumbs(np.stack([p.views[v] for p in prints]), t))
+            if v >= 0
+            else (wholes[0], _thumbs(np.stack([p.turned[t] for p in prints])))
+        )
+        for i in range(0, n, chunk):
+            c = whole[i : i + chunk] @ part.T
+            up = c > best[i : i + chunk]
+            best[i : i + chunk][up] = c[up]
+            how[i : i + chunk][up] = k
+    return best, how
+
+
+def inner_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two aligned views inside both heads, INNER_ERODE pixels in from their edges (-1 when too little
+    is left): what a copy shares with its original and two smooth heads do not."""
+    from scipy.ndimage import binary_erosion, gaussian_filter
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    inside = [gaussian_filter(x, 1) > max(BACKGROUND, 0.25 * float(np.percentile(x, 95))) for x in (a, b)]
+    mask = binary_erosion(inside[0] & inside[1], iterations=INNER_ERODE)
+    if mask.sum() < 50:
+        return -1.0
+    x, y = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y / norm) if norm > 1e-9 else -1.0
+
+
+def _close_pair(pi: Fingerprint, pj: Fingerprint, transform) -> float:
+    """inner_correlation of image i's view and image j's, viewed as `transform` of `_transforms()` says."""
+    v, t = transform
+    if v < 0:
+        return inner_correlation(pi.views[0], pj.turned[t])
+    top, bottom, left, right = t
+    return inner_correlation(pi.views[v], _shrink(top, 1 - bottom, VIEW) @ pj.views[v] @ _shrink(left, 1 - right, VIEW).T)
+
+
 def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:
     """Which pairs are duplicates (symmetric boolean matrix): equal bytes, both whole-view measures agreeing, or (when
-    `min_partial` is given) one a trimmed part of the other at that correlation. A pair's verdict depends on the pair
-    alone, never on the other images."""
+    `min_partial` is given) one nearly the other, trimmed a little or turned, at `min_correlation` inside and out
+    (`close_similarity`, `inner_correlation`), or one a trimmed part of the other at `min_partial`. A pair's verdict
+    depends on the pair alone, never on the other images."""
     n = len(prints)
     if not n:
         return np.zeros((0, 0), bool)
@@ -162,6 +233,11 @@ def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float,
     if min_partial is not None:
         part = partial_similarity(prints) >= min_partial
         same |= part | part.T
+        best, how = close_similarity(prints)
+        grid = _transforms()
+        for i, j in np.argwhere((best >= min_correlation) & ~same):  # few pairs: the inside test runs on these alone
+            if _close_pair(prints[i], prints[j], grid[how[i, j]]) >= MIN_INNER:
+                same[i, j] = same[j, i] = True
     shas = np.array([p.sha256 for p in prints])
     return same | (shas[:, None] == shas[None, :])
 

@@ -275,6 +275,33 @@ def test_copies_cropped_into_the_head_join_their_original_and_no_other_scan():
     assert np.array_equal(same[:n, n:], np.eye(n, dtype=bool)), same[:n, n:]  # each joins its own original, no other
 
 
+def test_copies_turned_or_nicked_join_their_original_and_smooth_heads_stay_apart():
+    """A real scan turned by 2-3 degrees, or cut a few percent into the head where no straight edge shows: the
+    whole-view hash moves too far, the close rule (a small trim or turn, inside and out) joins each copy to its own
+    original only. Smooth phantoms, whose outlines correlate at about 0.98 once cropped to the head, stay apart."""
+    from PIL import Image
+
+    from brainmri.duplicates import fingerprint, joined
+    from brainmri.phantoms import phantom
+
+    d = load_params(REPO / "params.yaml").dedupe
+    names = ["yes/Y27.jpg", "no/No22.jpg", "yes/Y17.jpg", "yes/Y3.jpg"]  # four different scans
+    originals = [Image.open(SHARED_DATA / n).convert("RGB") for n in names]
+    turned = [img.rotate(a, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)) for img, a in zip(originals[:2], (-3, 3), strict=True)]
+    nicked = [img.crop((0, 0, int(img.width * (1 - f)), img.height)) for img, f in zip(originals[2:], (0.08, 0.12), strict=True)]
+    copies = [*turned, *nicked]  # off the right side: 8 and 12% of the image
+    prints = [fingerprint(img, str(i), d.hash_size) for i, img in enumerate([*originals, *copies])]
+    whole = joined(prints, d.max_distance, d.min_correlation)
+    same = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)
+    n = len(names)
+    assert not any(whole[k, n + k] for k in range(n))  # the whole-view rule alone misses every one of them
+    assert np.array_equal(same[:n, n:], np.eye(n, dtype=bool)), same[:n, n:]  # each joins its own original, no other
+    rng = np.random.default_rng(3)
+    smooth = [fingerprint(Image.fromarray(phantom(rng, bool(i % 2), 224, 224)), f"p{i}", d.hash_size) for i in range(40)]
+    apart = joined(smooth, d.max_distance, d.min_correlation, d.min_partial_correlation)
+    assert not np.triu(apart, 1).any(), np.argwhere(np.triu(apart, 1))
+
+
 def test_the_detector_reproduces_every_verdict_of_the_reviewed_pair_list(real_ingest):
     """tests/data/reviewed_pairs.csv: every pair the detector joined on the real set and the 40 closest it kept apart,
     each marked by eye. Two images share a group exactly when their verdict is 'same scan'."""
