@@ -66,6 +66,7 @@ class Paths(Section):
     augment_images: str
     augment_manifest: str
     feature_cache: str
+    timing_cache: str
     models: str
     eval: str
     report: str
@@ -312,10 +313,11 @@ class Benchmark(Section):
     warmup: int
     repeats: int
     threads: int
+    reuse_minutes: int
 
     @model_validator(mode="after")
     def _check(self):
-        self.require_min("benchmark", batch_size=2, warmup=0, repeats=3, threads=1)
+        self.require_min("benchmark", batch_size=2, warmup=0, repeats=3, threads=1, reuse_minutes=0)
         return self
 
 

@@ -1,14 +1,22 @@
 """benchmark stage: CPU latency of one model in Keras (predict and a compiled call), ONNX Runtime (fp32, int8) and
 OpenVINO (fp32, int8, and bf16 where the CPU has it), on the same inputs and batch sizes, with the model's FLOPs next
-to a matrix-multiply peak measured in the same run; each ONNX runtime checked against ONNX Runtime fp32 on val."""
+to a matrix-multiply peak measured in the same run; each ONNX runtime checked against ONNX Runtime fp32 on val.
+
+An architecture is timed once: the aug and noaug models of a backbone, cut at the same layer, run the same graphs
+with other weights. Their timings go to a memo (paths.timing_cache) keyed by both exported graphs' structure (no
+weight values), the settings, the runtimes' versions and the machine since its last boot; a sibling's stage within
+benchmark.reuse_minutes reuses them and says so. Each model's own val check always runs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -166,7 +174,6 @@ def check_on_val(p: Params, name: str, runtimes: dict[str, Callable], size: int)
     """Each ONNX runtime against ONNX Runtime fp32 on the validation images (real scans: random inputs saturate the
     sigmoid and hide differences). An fp32 runtime passes within export.parity_tolerance of every probability; a
     bf16 or int8 one when val accuracy moves by at most 1 point (labels_changed says how many flipped). Val, never test."""
-    import json
 
     from brainmri.metrics import point
 
@@ -198,37 +205,58 @@ def check_on_val(p: Params, name: str, runtimes: dict[str, Callable], size: int)
     return out
 
 
-def benchmark(p: Params, name: str) -> dict:
-    """Run the stage for model `name`: write benchmark.json; return it."""
-    p.model(name)  # an unknown name stops here, before any work
+def _graph_digest(path) -> str:
+    """sha256 of an ONNX graph's structure: each node's operator, domain and attributes in order, and each
+    initializer's type and shape. Not names (they carry Keras's per-process counters) and not weight values."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    h = hashlib.sha256()
+    for node in g.node:
+        attrs = sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute if a.type != onnx.AttributeProto.GRAPH)
+        h.update(repr((node.op_type, node.domain, len(node.input), len(node.output), attrs)).encode())
+    for init in sorted(g.initializer, key=lambda t: (t.data_type, tuple(t.dims))):
+        h.update(repr((init.data_type, tuple(init.dims))).encode())
+    for io in (*g.input, *g.output):
+        h.update(repr(io.type).encode())
+    return h.hexdigest()
+
+
+def _boot_id() -> str:
+    try:
+        return open("/proc/sys/kernel/random/boot_id", encoding="utf-8").read().strip()
+    except OSError:
+        return platform.node()
+
+
+def timing_key(p: Params, name: str, machine: dict) -> str:
+    """What a model's timings depend on: its graphs' structure, the input size, the settings, the machine."""
     b = p.benchmark
-    import tensorflow as tf
-
-    try:  # possible only before TensorFlow starts; `brainmri benchmark` (the DVC stage) is a fresh process
-        tf.config.threading.set_intra_op_parallelism_threads(b.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        log.warning("benchmark: TensorFlow was already running in this process; its thread settings are left as they are")
-    tf_threads = tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)"
-    import keras
-    import onnxruntime
-
-    from brainmri.models import load_model
-
-    size = p.backbones[p.models[name].backbone].input_size
-    model = load_model(p.model_file("models", name, "model"))
-    compiled = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
-    sessions = {k: session(p.model_file("export", name, f), b.threads) for k, f in (("fp32", "onnx"), ("int8", "onnx_int8"))}
-    runtimes = {
-        "keras_predict": lambda x: model.predict(x, batch_size=len(x), verbose=0),
-        "keras_compiled": lambda x: compiled(tf.constant(x)).numpy(),
-        "onnxruntime_fp32": lambda x: sessions["fp32"].run(None, {INPUT: x})[0],
-        "onnxruntime_int8": lambda x: sessions["int8"].run(None, {INPUT: x})[0],
-        **openvino_runtimes(p, name, b.threads),
+    parts = {
+        "graphs": [_graph_digest(p.model_file("export", name, f)) for f in ("onnx", "onnx_int8")],
+        "input_size": p.backbones[p.models[name].backbone].input_size,
+        "settings": [b.batch_size, b.warmup, b.repeats, b.threads],
+        "machine": {**machine, "boot": _boot_id()},
     }
-    paths = split_part(p, "test").paths
-    images = timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size)
-    flops = model_flops(model)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def reused_timings(p: Params, key: str) -> dict | None:
+    """The memo of `key` when one was measured within benchmark.reuse_minutes; None otherwise."""
+    path = p.path("timing_cache") / f"{key}.json"
+    if not p.benchmark.reuse_minutes or not path.is_file():
+        return None
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8"))
+        age = (datetime.now(UTC) - datetime.fromisoformat(memo["measured_at"])).total_seconds() / 60
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable or foreign: measure again
+    return memo if 0 <= age <= p.benchmark.reuse_minutes else None
+
+
+def measure(p: Params, name: str, runtimes: dict[str, Callable], images: np.ndarray, flops: int) -> dict:
+    """Time every runtime at batch 1 and benchmark.batch_size in interleaved rounds, with the GEMM peaks."""
+    b = p.benchmark
     peak = matmul_peak(b.threads)
     gemm = ort_gemm_peaks(b.threads)
     rows = []
@@ -257,6 +285,68 @@ def benchmark(p: Params, name: str) -> dict:
                 }
             )
             log.info("benchmark %s: %s batch %d: %.1f ms/image (IQR %.1f)", name, rt, batch, p50, p75 - p25)
+    return {"rows": rows, "gemm": gemm, "numpy_peak": peak}
+
+
+def benchmark(p: Params, name: str) -> dict:
+    """Run the stage for model `name`: write benchmark.json; return it."""
+    p.model(name)  # an unknown name stops here, before any work
+    b = p.benchmark
+    import tensorflow as tf
+
+    try:  # possible only before TensorFlow starts; `brainmri benchmark` (the DVC stage) is a fresh process
+        tf.config.threading.set_intra_op_parallelism_threads(b.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        log.warning("benchmark: TensorFlow was already running in this process; its thread settings are left as they are")
+    tf_threads = tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)"
+    import keras
+    import onnxruntime
+
+    from brainmri.models import load_model
+
+    size = p.backbones[p.models[name].backbone].input_size
+    model = load_model(p.model_file("models", name, "model"))
+    compiled = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
+    sessions = {k: session(p.model_file("export", name, f), b.threads) for k, f in (("fp32", "onnx"), ("int8", "onnx_int8"))}
+    runtimes = {
+        "keras_predict": lambda x: model.predict(x, batch_size=len(x), verbose=0),
+        "keras_compiled": lambda x: compiled(tf.constant(x)).numpy(),
+        "onnxruntime_fp32": lambda x: sessions["fp32"].run(None, {INPUT: x})[0],
+        "onnxruntime_int8": lambda x: sessions["int8"].run(None, {INPUT: x})[0],
+        **openvino_runtimes(p, name, b.threads),
+    }
+    flops = model_flops(model)
+    machine = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": b.threads,
+        "tensorflow_intra_op_threads": tf_threads,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": _openvino_version(),
+        "cpu_flags": cpu_flags(),  # int8 (VNNI, AMX) and bf16 instruction sets: what the int8 and bf16 rows hang on
+        "numpy": np.__version__,
+    }
+    key = timing_key(p, name, machine)
+    memo = reused_timings(p, key)
+    if memo is not None and {r["runtime"] for r in memo["rows"]} == set(runtimes):
+        log.info(
+            "benchmark %s: the same graphs were timed for %s at %s: their timings are reused", name, memo["model"], memo["measured_at"]
+        )
+        timed = {"by": memo["model"], "at": memo["measured_at"], "reused": True}
+    else:
+        paths = split_part(p, "test").paths
+        memo = {
+            **measure(p, name, runtimes, timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size), flops),
+            "model": name,
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_json(p.path("timing_cache") / f"{key}.json", memo)
+        timed = {"by": name, "at": memo["measured_at"], "reused": False}
+    rows, gemm, peak = memo["rows"], memo["gemm"], memo["numpy_peak"]
     fidelity = check_on_val(p, name, runtimes, size)
     fastest = {
         f"batch_{bs}": min(
@@ -292,22 +382,11 @@ def benchmark(p: Params, name: str) -> dict:
         "rows": rows,
         "ratios": ratios,
         "ranking": ranks,
+        "timed": {**timed, "key": key},  # which model's stage measured these graphs, when; reused: a sibling's, same graphs
         "fidelity_on_val": fidelity,
         "fastest_admissible": fastest,  # the fastest runtime whose val check passed: what `predict --runtime` should use here
         "spread_too_wide": bool(too_wide),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "threads": b.threads,
-            "tensorflow_intra_op_threads": tf_threads,
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "openvino": _openvino_version(),
-            "cpu_flags": cpu_flags(),  # int8 (VNNI, AMX) and bf16 instruction sets: what the int8 and bf16 rows hang on
-            "numpy": np.__version__,
-        },
+        "machine": machine,
         "settings": {"batch_sizes": [1, b.batch_size], "warmup": b.warmup, "repeats": b.repeats, "order": "interleaved rounds, rotated"},
     }
     write_json(p.model_file("benchmark", name, "benchmark"), out)

@@ -117,6 +117,7 @@ def latency_table(p: Params) -> tuple[pd.DataFrame | None, dict]:
                     "fp32 % peak": f"{100 * by['onnxruntime_fp32', bs]['share_of_matmul_peak']:.0f}",
                     "int8 % peak": f"{100 * by['onnxruntime_int8', bs]['share_of_matmul_peak']:.0f}",
                     "Rankable": "yes" if b.get("ranking", {}).get(f"batch_{bs}", {}).get("rankable", True) else "no: spread too wide",
+                    "Timed by": "itself" if b.get("timed", {}).get("by", name) == name else f"{b['timed']['by']} (same graphs)",
                     "int8 Δ acc (pts)": f"{e['int8']['accuracy_change_points']:+.1f}",
                     "int8 Δ AUC": f"{e['int8']['auc_change']:+.3f}",
                 }
@@ -463,7 +464,9 @@ def report(p: Params) -> dict:
                 f"reaches {machine['peak']:.0f} GFLOP/s in float32 and {machine['int8_peak']:.0f} GOP/s in uint8 x int8 here; "
                 "'% peak' is each ONNX Runtime row's rate as a share of the peak in its precision. The runtimes are timed in "
                 "interleaved rounds; a batch size is 'rankable' when every two neighbours in speed are told apart by their "
-                "interquartile ranges.",
+                "interquartile ranges. A model whose exported graphs match a sibling's (aug and noaug of one backbone, cut at "
+                "the same layer) shows the sibling's timings ('Timed by'): one architecture is timed once, within "
+                f"benchmark.reuse_minutes ({p.benchmark.reuse_minutes}) on the same machine; each model's val check is its own.",
                 "",
                 "![Latency per image by runtime and batch size](latency.png)",
                 "",

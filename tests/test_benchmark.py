@@ -3,6 +3,7 @@ import json
 import pytest
 
 from tasks.benchmark import matmul_peak, model_flops
+from tasks.split import split_part
 
 RUNTIMES = {"keras_predict", "keras_compiled", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32", "openvino_int8", "openvino_bf16"}
 
@@ -34,6 +35,42 @@ def test_benchmark_file_has_every_runtime_batch_and_ratio(small_run):
     for bs, rt in b["fastest_admissible"].items():
         at = {r["runtime"]: r["p50_ms"] for r in b["rows"] if f"batch_{r['batch']}" == bs}
         assert fid[rt]["admissible"] and at[rt] == min(at[k] for k in at if k in fid and fid[k]["admissible"])
+
+
+def test_an_architecture_is_timed_once_and_every_model_checked_on_its_own_val(small_run):
+    """vgg16-noaug and vgg16-aug run the same graphs with other weights: the second reuses the first's timings (run
+    alone, minutes before, on this machine) and says so; smallcnn-aug's graphs differ, so it is timed itself."""
+    p, *_ = small_run
+    b = {n: json.loads(p.model_file("benchmark", n, "benchmark").read_text()) for n in p.models}
+    first, second, other = b["vgg16-noaug"], b["vgg16-aug"], b["smallcnn-aug"]
+    assert first["timed"]["by"] == "vgg16-noaug" and not first["timed"]["reused"]
+    assert second["timed"] == {**first["timed"], "reused": True} and second["rows"] == first["rows"]
+    assert other["timed"]["by"] == "smallcnn-aug" and not other["timed"]["reused"] and other["timed"]["key"] != first["timed"]["key"]
+    for name, out in b.items():  # each model's own probabilities checked, whoever timed its graphs
+        checked = {v["n_val"] for v in out["fidelity_on_val"].values()}
+        assert checked == {len(split_part(p, "val").paths)}, name
+
+
+def test_timings_are_reused_only_when_fresh_and_allowed(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from factory import make_project
+
+    from brainmri.config import load_params
+    from brainmri.fsutil import write_json
+    from tasks.benchmark import reused_timings
+
+    p = load_params(make_project(tmp_path / "proj") / "params.yaml")
+    memo = {"rows": [], "gemm": {}, "numpy_peak": 1.0, "model": "vgg16-noaug"}
+    for minutes_ago, allowed, reused in [(5, 60, True), (90, 60, False), (5, 0, False), (-30, 60, False)]:
+        write_json(
+            p.path("timing_cache") / "k.json", {**memo, "measured_at": (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()}
+        )
+        q = p.model_copy(update={"benchmark": p.benchmark.model_copy(update={"reuse_minutes": allowed})})
+        assert (reused_timings(q, "k") is not None) == reused, (minutes_ago, allowed)
+    (p.path("timing_cache") / "k.json").write_text("{not json")
+    assert reused_timings(p, "k") is None  # a broken memo is measured again, not an error
+    assert reused_timings(p, "absent") is None
 
 
 def test_flop_count_matches_the_published_vgg16_figure():

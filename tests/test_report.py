@@ -40,6 +40,7 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     assert "![Test images with their predictions](samples.png)" in md and "(the model best on validation)" in md
     assert "Lineage not recorded: no dvc.lock" in md  # run outside DVC here; tests/test_pipeline.py has the recorded case
     assert "CPU latency" in md and "ORT fp32 / compiled Keras" in md and "int8 / fp32" in md
+    assert "| vgg16-noaug (same graphs) |" in md and "| itself |" in md  # vgg16-aug shows its sibling's timings, and says so
     assert [r["Model"] for r in result["table"]] == list(p.models)
     assert "CV AUC, mean of folds ± sd" in md and "CV AUC, pooled out of fold" in md and "pooled out of fold' is one AUC" in md
     verdicts = {r["Model"]: r["Verdict"] for r in result["paired"]}
