@@ -4,10 +4,10 @@ Three rules join a pair, and groups are their transitive closure:
 - the whole head region: perceptual-hash distance and thumbnail correlation both close (re-saves, rescales, marks
   in the margin, padding);
 - nearly the whole head region (`close_similarity`): the other's view trimmed by a little (at most SMALL_TRIM) on
-  one or two sides, or turned by a few degrees, correlates with it at the same bar, and so do the insides of the
-  two heads (`inner_correlation`). A crop that nicks the head, or a slight turn, stretches or tilts the whole view,
-  and the hash moves too far. The inside test keeps apart smooth heads (phantoms), whose outlines alone correlate
-  at 0.98 once cropped to the head;
+  one or two sides, or turned by a few degrees, correlates with it at the same bar (min_correlation), and the
+  insides of the two heads correlate at MIN_INNER (`inner_correlation`). A crop that nicks the head, or a slight
+  turn, stretches or tilts the whole view, and the hash moves too far. The inside test keeps apart smooth heads
+  (phantoms), whose outlines alone correlate at 0.98 once cropped to the head;
 - one image is part of the other (`partial_similarity`): a copy cropped into the head. The other's view, trimmed on
   one or two sides, correlates with it.
 Written by hand, as no well-kept library matches partial crops and small turns without OpenCV-style keypoints.
@@ -177,17 +177,16 @@ def _transforms() -> list[tuple[int, tuple[float, float, float, float] | int]]:
 def close_similarity(prints: list[Fingerprint], chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """(best, how): best[i, j] the highest correlation between image i's thumbnail and image j's trimmed by at most
     SMALL_TRIM on any one or two sides (each of the three views) or turned by one of TURNS (the head region);
-    how[i, j] the index into `_transforms()` that reached it. O(n^2), in chunks of rows."""
+    how[i, j] the index into `_transforms()` that reached it. O(n^2) in time and in memory (6 bytes a pair, beside
+    similarity's and partial_similarity's matrices), in chunks of rows."""
     n = len(prints)
     best = np.full((n, n), -1.0, np.float32)
-    how = np.zeros((n, n), np.int32)
-    wholes = [_thumbs(np.stack([p.views[v] for p in prints])) for v in range(3)]
+    how = np.zeros((n, n), np.uint16)  # 514 transforms
+    views = [np.stack([p.views[v] for p in prints]) for v in range(3)]
+    turned = np.stack([p.turned for p in prints])
+    wholes = [_thumbs(v) for v in views]
     for k, (v, t) in enumerate(_transforms()):
-        whole, part = (
-            (wholes[v], _thumbs(np.stack([p.views[v] for p in prints]), t))
-            if v >= 0
-            else (wholes[0], _thumbs(np.stack([p.turned[t] for p in prints])))
-        )
+        whole, part = (wholes[v], _thumbs(views[v], t)) if v >= 0 else (wholes[0], _thumbs(turned[:, t]))
         for i in range(0, n, chunk):
             c = whole[i : i + chunk] @ part.T
             up = c > best[i : i + chunk]
@@ -222,8 +221,8 @@ def _close_pair(pi: Fingerprint, pj: Fingerprint, transform) -> float:
 
 def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:
     """Which pairs are duplicates (symmetric boolean matrix): equal bytes, both whole-view measures agreeing, or (when
-    `min_partial` is given) one nearly the other, trimmed a little or turned, at `min_correlation` inside and out
-    (`close_similarity`, `inner_correlation`), or one a trimmed part of the other at `min_partial`. A pair's verdict
+    `min_partial` is given) one nearly the other, trimmed a little or turned, at `min_correlation` with insides at
+    MIN_INNER (`close_similarity`, `inner_correlation`), or one a trimmed part of the other at `min_partial`. A pair's verdict
     depends on the pair alone, never on the other images."""
     n = len(prints)
     if not n:
@@ -236,7 +235,7 @@ def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float,
         best, how = close_similarity(prints)
         grid = _transforms()
         for i, j in np.argwhere((best >= min_correlation) & ~same):  # few pairs: the inside test runs on these alone
-            if _close_pair(prints[i], prints[j], grid[how[i, j]]) >= MIN_INNER:
+            if not same[i, j] and _close_pair(prints[i], prints[j], grid[how[i, j]]) >= MIN_INNER:  # (j, i) may have joined
                 same[i, j] = same[j, i] = True
     shas = np.array([p.sha256 for p in prints])
     return same | (shas[:, None] == shas[None, :])

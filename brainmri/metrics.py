@@ -59,8 +59,8 @@ def _fast_point(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, 
     """`point` in plain numpy, for the thousands of bootstrap resamples: scikit-learn's input checks cost ~5 ms a call,
     the arithmetic microseconds. The same definitions (tests/test_evaluate.py holds them to `point` within 1e-12):
     AUC as the Mann-Whitney statistic with ties counted half (what roc_auc_score's trapezoids sum to)."""
-    y = np.asarray(y, dtype=int)
-    prob = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(y, dtype=int).reshape(-1)
+    prob = np.clip(np.asarray(prob, dtype=np.float64).reshape(-1), 1e-7, 1 - 1e-7)
     pred = prob >= threshold
     pos = y == 1
     tp, fn = int(np.sum(pred & pos)), int(np.sum(~pred & pos))
@@ -134,9 +134,12 @@ def with_intervals(
 
 
 def _auc(y: np.ndarray, prob: np.ndarray) -> float:
-    """ROC AUC for two classes, as roc_auc_score computes it, without its input checks (they cost more than the AUC
-    itself over thousands of resamples)."""
-    return _rank_auc(np.asarray(y) == 1, np.asarray(prob, dtype=np.float64))
+    """ROC AUC for two classes, the value roc_auc_score gives (NaN with one class, where it raises), with a cheaper
+    input check: over thousands of resamples scikit-learn's checks cost more than the AUC itself."""
+    prob = np.asarray(prob, dtype=np.float64).reshape(-1)
+    if not np.isfinite(prob).all():
+        raise ValueError("AUC of non-finite scores (NaN or infinity)")
+    return _rank_auc(np.asarray(y).reshape(-1) == 1, prob)
 
 
 def paired_auc_differences(

@@ -4,8 +4,9 @@ to a matrix-multiply peak measured in the same run; each ONNX runtime checked ag
 
 An architecture is timed once: the aug and noaug models of a backbone, cut at the same layer, run the same graphs
 with other weights. Their timings go to a memo (paths.timing_cache) keyed by both exported graphs' structure (no
-weight values), the settings, the runtimes' versions and the machine since its last boot; a sibling's stage within
-benchmark.reuse_minutes reuses them and says so. Each model's own val check always runs."""
+weight values) and the Keras model's layers, the settings, the timing code, the runtimes' versions and the machine
+since its last boot; a sibling's stage within benchmark.reuse_minutes reuses them and says so. A stage never reuses
+its own: rerunning it measures again. Each model's own val check always runs."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -206,51 +208,84 @@ def check_on_val(p: Params, name: str, runtimes: dict[str, Callable], size: int)
 
 
 def _graph_digest(path) -> str:
-    """sha256 of an ONNX graph's structure: each node's operator, domain and attributes in order, and each
-    initializer's type and shape. Not names (they carry Keras's per-process counters) and not weight values."""
+    """sha256 of an ONNX model's structure: opsets and IR version; each node's operator, domain, attributes and
+    wiring (export's canonical_names numbers the inner tensors by position, so equal graphs have equal names); each
+    initializer's type and shape in the order the nodes first use them. Not the weight values."""
     import onnx
 
-    g = onnx.load(str(path), load_external_data=False).graph
-    h = hashlib.sha256()
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    h = hashlib.sha256(repr((model.ir_version, sorted((o.domain, o.version) for o in model.opset_import))).encode())
+    inits = {t.name: t for t in g.initializer}
     for node in g.node:
         attrs = sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute if a.type != onnx.AttributeProto.GRAPH)
-        h.update(repr((node.op_type, node.domain, len(node.input), len(node.output), attrs)).encode())
-    for init in sorted(g.initializer, key=lambda t: (t.data_type, tuple(t.dims))):
-        h.update(repr((init.data_type, tuple(init.dims))).encode())
+        h.update(repr((node.op_type, node.domain, list(node.input), list(node.output), attrs)).encode())
+        for name in node.input:
+            if name in inits:
+                h.update(repr((inits[name].data_type, tuple(inits[name].dims))).encode())
     for io in (*g.input, *g.output):
-        h.update(repr(io.type).encode())
+        h.update(repr((io.name, io.type)).encode())
     return h.hexdigest()
 
 
+def _keras_digest(model) -> str:
+    """sha256 of the Keras model's layers in order: class, parameter count and output shape (the Keras rows)."""
+
+    def describe(layer) -> tuple:
+        try:
+            shape = str(layer.output.shape)
+        except (AttributeError, ValueError):  # a layer used more than once, or never called on its own
+            shape = ""
+        return type(layer).__name__, layer.count_params() if layer.built else -1, shape
+
+    return hashlib.sha256(repr([describe(x) for x in model._flatten_layers(include_self=False, recursive=True)]).encode()).hexdigest()
+
+
 def _boot_id() -> str:
+    """Linux's id of this boot: timings from before a reboot are not reused. Elsewhere no id, so no reuse."""
     try:
-        return open("/proc/sys/kernel/random/boot_id", encoding="utf-8").read().strip()
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as f:
+            return f.read().strip()
     except OSError:
-        return platform.node()
+        return ""
 
 
-def timing_key(p: Params, name: str, machine: dict) -> str:
-    """What a model's timings depend on: its graphs' structure, the input size, the settings, the machine."""
+CODE = ("tasks/benchmark.py", "brainmri/onnxrt.py", "brainmri/runtimes.py")  # what times the runtimes and sets them up
+
+
+def timing_key(p: Params, name: str, model, machine: dict) -> str:
+    """What a model's timings depend on: its graphs' structure, the input size, the settings, the timing code, the
+    machine and its environment since the last boot."""
     b = p.benchmark
+    here = Path(__file__).resolve().parents[1]
     parts = {
         "graphs": [_graph_digest(p.model_file("export", name, f)) for f in ("onnx", "onnx_int8")],
+        "keras": _keras_digest(model),
         "input_size": p.backbones[p.models[name].backbone].input_size,
         "settings": [b.batch_size, b.warmup, b.repeats, b.threads],
-        "machine": {**machine, "boot": _boot_id()},
+        "code": [hashlib.sha256((here / c).read_bytes()).hexdigest() for c in CODE],
+        "machine": {**machine, "usable_cores": len(os.sched_getaffinity(0)), "boot": _boot_id()},
+        "environment": {
+            k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+        },
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def reused_timings(p: Params, key: str) -> dict | None:
-    """The memo of `key` when one was measured within benchmark.reuse_minutes; None otherwise."""
+def reused_timings(p: Params, key: str, name: str, runtimes: set[str]) -> dict | None:
+    """A sibling's memo of `key` (not `name`'s own: rerunning a stage measures again) when it was measured within
+    benchmark.reuse_minutes on this boot, for the same runtimes; None otherwise."""
     path = p.path("timing_cache") / f"{key}.json"
-    if not p.benchmark.reuse_minutes or not path.is_file():
+    if not p.benchmark.reuse_minutes or not _boot_id() or not path.is_file():
         return None
     try:
         memo = json.loads(path.read_text(encoding="utf-8"))
         age = (datetime.now(UTC) - datetime.fromisoformat(memo["measured_at"])).total_seconds() / 60
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unreadable or foreign: measure again
+        whole = {r["runtime"] for r in memo["rows"]} == runtimes and isinstance(memo["gemm"], dict) and memo["numpy_peak"] > 0
+        if memo["model"] == name or not whole:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # unreadable, damaged or foreign: measure again
     return memo if 0 <= age <= p.benchmark.reuse_minutes else None
 
 
@@ -330,9 +365,9 @@ def benchmark(p: Params, name: str) -> dict:
         "cpu_flags": cpu_flags(),  # int8 (VNNI, AMX) and bf16 instruction sets: what the int8 and bf16 rows hang on
         "numpy": np.__version__,
     }
-    key = timing_key(p, name, machine)
-    memo = reused_timings(p, key)
-    if memo is not None and {r["runtime"] for r in memo["rows"]} == set(runtimes):
+    key = timing_key(p, name, model, machine)
+    memo = reused_timings(p, key, name, set(runtimes))
+    if memo is not None:
         log.info(
             "benchmark %s: the same graphs were timed for %s at %s: their timings are reused", name, memo["model"], memo["measured_at"]
         )

@@ -464,9 +464,14 @@ def report(p: Params) -> dict:
                 f"reaches {machine['peak']:.0f} GFLOP/s in float32 and {machine['int8_peak']:.0f} GOP/s in uint8 x int8 here; "
                 "'% peak' is each ONNX Runtime row's rate as a share of the peak in its precision. The runtimes are timed in "
                 "interleaved rounds; a batch size is 'rankable' when every two neighbours in speed are told apart by their "
-                "interquartile ranges. A model whose exported graphs match a sibling's (aug and noaug of one backbone, cut at "
-                "the same layer) shows the sibling's timings ('Timed by'): one architecture is timed once, within "
-                f"benchmark.reuse_minutes ({p.benchmark.reuse_minutes}) on the same machine; each model's val check is its own.",
+                "interquartile ranges."
+                + (
+                    " A model whose graphs match a sibling's (aug and noaug of one backbone, cut at the same layer) shows the "
+                    "sibling's timings ('Timed by'): one architecture is timed once, within benchmark.reuse_minutes "
+                    f"({p.benchmark.reuse_minutes}) on the same machine and boot; each model's val check is its own."
+                    if p.benchmark.reuse_minutes
+                    else ""
+                ),
                 "",
                 "![Latency per image by runtime and batch size](latency.png)",
                 "",

@@ -51,7 +51,7 @@ def test_an_architecture_is_timed_once_and_every_model_checked_on_its_own_val(sm
         assert checked == {len(split_part(p, "val").paths)}, name
 
 
-def test_timings_are_reused_only_when_fresh_and_allowed(tmp_path):
+def test_timings_are_reused_only_from_a_sibling_when_fresh_whole_and_allowed(tmp_path):
     from datetime import UTC, datetime, timedelta
 
     from factory import make_project
@@ -61,16 +61,24 @@ def test_timings_are_reused_only_when_fresh_and_allowed(tmp_path):
     from tasks.benchmark import reused_timings
 
     p = load_params(make_project(tmp_path / "proj") / "params.yaml")
-    memo = {"rows": [], "gemm": {}, "numpy_peak": 1.0, "model": "vgg16-noaug"}
-    for minutes_ago, allowed, reused in [(5, 60, True), (90, 60, False), (5, 0, False), (-30, 60, False)]:
-        write_json(
-            p.path("timing_cache") / "k.json", {**memo, "measured_at": (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()}
-        )
+    rts = {"onnxruntime_fp32", "onnxruntime_int8"}
+    memo = {"rows": [{"runtime": rt} for rt in rts], "gemm": {"fp32": 1.0}, "numpy_peak": 1.0, "model": "vgg16-noaug"}
+
+    def reused(minutes_ago=5, allowed=60, name="vgg16-aug", runtimes=rts, **change) -> bool:
+        when = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
+        write_json(p.path("timing_cache") / "k.json", {**memo, "measured_at": when, **change})
         q = p.model_copy(update={"benchmark": p.benchmark.model_copy(update={"reuse_minutes": allowed})})
-        assert (reused_timings(q, "k") is not None) == reused, (minutes_ago, allowed)
+        return reused_timings(q, "k", name, runtimes) is not None
+
+    assert reused()  # a sibling's, 5 minutes old
+    assert not reused(minutes_ago=90) and not reused(minutes_ago=-30)  # too old, or from the future
+    assert not reused(allowed=0)  # reuse off
+    assert not reused(name="vgg16-noaug")  # its own: a rerun measures again
+    assert not reused(runtimes=rts | {"openvino_fp32"})  # timed without a runtime this stage has
+    assert not reused(rows=[{"p50_ms": 1.0}]) and not reused(gemm=None) and not reused(numpy_peak=None)  # damaged
     (p.path("timing_cache") / "k.json").write_text("{not json")
-    assert reused_timings(p, "k") is None  # a broken memo is measured again, not an error
-    assert reused_timings(p, "absent") is None
+    assert reused_timings(p, "k", "vgg16-aug", rts) is None  # unreadable: measured again, not an error
+    assert reused_timings(p, "absent", "vgg16-aug", rts) is None
 
 
 def test_flop_count_matches_the_published_vgg16_figure():

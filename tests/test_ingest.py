@@ -297,8 +297,15 @@ def test_copies_turned_or_nicked_join_their_original_and_smooth_heads_stay_apart
     assert not any(whole[k, n + k] for k in range(n))  # the whole-view rule alone misses every one of them
     assert np.array_equal(same[:n, n:], np.eye(n, dtype=bool)), same[:n, n:]  # each joins its own original, no other
     rng = np.random.default_rng(3)
-    smooth = [fingerprint(Image.fromarray(phantom(rng, bool(i % 2), 224, 224)), f"p{i}", d.hash_size) for i in range(40)]
-    apart = joined(smooth, d.max_distance, d.min_correlation, d.min_partial_correlation)
+    smooth = [Image.fromarray(phantom(rng, bool(i % 2), 224, 224)) for i in range(40)]
+    for i in range(40):  # and small ones, JPEG-coded, as the test fixtures' phantoms (64-96 px)
+        buf = io.BytesIO()
+        Image.fromarray(phantom(rng, bool(i % 2), int(rng.integers(64, 97)), int(rng.integers(64, 97)))).save(
+            buf, format="JPEG", quality=90
+        )
+        smooth.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    prints = [fingerprint(img, f"p{i}", d.hash_size) for i, img in enumerate(smooth)]
+    apart = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)
     assert not np.triu(apart, 1).any(), np.argwhere(np.triu(apart, 1))
 
 
