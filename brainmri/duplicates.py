@@ -4,7 +4,7 @@ Three rules join a pair, and groups are their transitive closure:
 - the whole head region: perceptual-hash distance and thumbnail correlation both close (re-saves, rescales, marks
   in the margin, padding);
 - nearly the whole head region (`close_similarity`): the other's view trimmed by a little (at most SMALL_TRIM) on
-  one or two sides, or turned by a few degrees, correlates with it at the same bar (min_correlation), and the
+  one or two sides, or turned by a few degrees, correlates with it at the crop rule's bar (min_partial), and the
   insides of the two heads correlate at MIN_INNER (`inner_correlation`). A crop that nicks the head, or a slight
   turn, stretches or tilts the whole view, and the hash moves too far. The inside test keeps apart smooth heads
   (phantoms), whose outlines alone correlate at 0.98 once cropped to the head;
@@ -221,7 +221,7 @@ def _close_pair(pi: Fingerprint, pj: Fingerprint, transform) -> float:
 
 def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:
     """Which pairs are duplicates (symmetric boolean matrix): equal bytes, both whole-view measures agreeing, or (when
-    `min_partial` is given) one nearly the other, trimmed a little or turned, at `min_correlation` with insides at
+    `min_partial` is given) one nearly the other, trimmed a little or turned, at `min_partial` with insides at
     MIN_INNER (`close_similarity`, `inner_correlation`), or one a trimmed part of the other at `min_partial`. A pair's verdict
     depends on the pair alone, never on the other images."""
     n = len(prints)
@@ -234,7 +234,7 @@ def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float,
         same |= part | part.T
         best, how = close_similarity(prints)
         grid = _transforms()
-        for i, j in np.argwhere((best >= min_correlation) & ~same):  # few pairs: the inside test runs on these alone
+        for i, j in np.argwhere((best >= min_partial) & ~same):  # few pairs: the inside test runs on these alone
             if not same[i, j] and _close_pair(prints[i], prints[j], grid[how[i, j]]) >= MIN_INNER:  # (j, i) may have joined
                 same[i, j] = same[j, i] = True
     shas = np.array([p.sha256 for p in prints])
