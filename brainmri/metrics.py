@@ -41,17 +41,23 @@ def point(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]
     prob = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
     pred = (prob >= threshold).astype(int)
     (tn, fp), (fn, tp) = confusion(y, pred)
+    auc = float(skm.roc_auc_score(y, prob)) if len(np.unique(y)) == 2 else float("nan")
+    return _from_counts(tp, fp, fn, tn, float(skm.log_loss(y, prob, labels=[0, 1])), auc, float(np.mean((prob - y) ** 2)))
+
+
+def _from_counts(tp: int, fp: int, fn: int, tn: int, bce: float, auc: float, brier: float) -> dict[str, float]:
+    """POINT_METRICS from the confusion counts and the three probability scores (NaN where a ratio is undefined)."""
     div = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
     sens, prec = div(tp, tp + fn), div(tp, tp + fp)
     return {
-        "accuracy": div(tp + tn, len(y)),
-        "bce": float(skm.log_loss(y, prob, labels=[0, 1])),
-        "auc": float(skm.roc_auc_score(y, prob)) if len(np.unique(y)) == 2 else float("nan"),
+        "accuracy": div(tp + tn, tp + tn + fp + fn),
+        "bce": bce,
+        "auc": auc,
         "sensitivity": sens,
         "specificity": div(tn, tn + fp),
         "precision": prec,
         "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
-        "brier": float(np.mean((prob - y) ** 2)),
+        "brier": brier,
     }
 
 
@@ -65,18 +71,8 @@ def _fast_point(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, 
     pos = y == 1
     tp, fn = int(np.sum(pred & pos)), int(np.sum(~pred & pos))
     fp, tn = int(np.sum(pred & ~pos)), int(np.sum(~pred & ~pos))
-    div = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
-    sens, prec = div(tp, tp + fn), div(tp, tp + fp)
-    return {
-        "accuracy": div(tp + tn, len(y)),
-        "bce": float(-np.mean(np.where(pos, np.log(prob), np.log(1 - prob)))),
-        "auc": _rank_auc(pos, prob),
-        "sensitivity": sens,
-        "specificity": div(tn, tn + fp),
-        "precision": prec,
-        "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
-        "brier": float(np.mean((prob - y) ** 2)),
-    }
+    bce = float(-np.mean(np.where(pos, np.log(prob), np.log(1 - prob))))
+    return _from_counts(tp, fp, fn, tn, bce, _rank_auc(pos, prob), float(np.mean((prob - y) ** 2)))
 
 
 def _rank_auc(pos: np.ndarray, prob: np.ndarray) -> float:

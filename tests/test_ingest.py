@@ -251,14 +251,25 @@ def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
     assert g[0] == g[1] != g[2]
 
 
+def assert_each_copy_joins_only_its_original(originals: list, copies: list) -> None:
+    """copies[k] is a copy of originals[k] (all different scans) that the whole-view rule misses: the full detector
+    joins each copy to its own original and no other."""
+    from brainmri.duplicates import fingerprint, joined
+
+    d = load_params(REPO / "params.yaml").dedupe
+    prints = [fingerprint(img, str(i), d.hash_size) for i, img in enumerate([*originals, *copies])]
+    whole = joined(prints, d.max_distance, d.min_correlation)
+    same = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)
+    n = len(originals)
+    assert not any(whole[k, n + k] for k in range(n))  # the whole-view rule alone misses every one of them
+    assert np.array_equal(same[:n, n:], np.eye(n, dtype=bool)), same[:n, n:]  # each joins its own original, no other
+
+
 def test_copies_cropped_into_the_head_join_their_original_and_no_other_scan():
     """A real scan cut 10-25% into the head on one or two sides, then padded or rescaled: the whole-view measures no
     longer agree, the partial rule (one image a trimmed part of the other) joins it to its original only."""
     from PIL import Image, ImageOps
 
-    from brainmri.duplicates import fingerprint, joined
-
-    d = load_params(REPO / "params.yaml").dedupe
     names = ["yes/Y1.jpg", "yes/Y20.jpg", "no/no 10.jpg", "no/N1.JPG"]
     originals = [Image.open(SHARED_DATA / n).convert("RGB") for n in names]
     copies = []
@@ -267,12 +278,7 @@ def test_copies_cropped_into_the_head_join_their_original_and_no_other_scan():
         box = [(0, 0.2, 1, 1), (0, 0, 0.8, 0.85), (0.25, 0, 1, 1), (0.1, 0, 1, 0.8)][k]  # shares of width and height
         cut = img.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)))
         copies.append(ImageOps.expand(cut, 20, fill=(30, 30, 30)) if k % 2 else cut.resize((cut.width // 2, cut.height // 2)))
-    prints = [fingerprint(img, str(i), d.hash_size) for i, img in enumerate([*originals, *copies])]
-    whole = joined(prints, d.max_distance, d.min_correlation)
-    same = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)
-    n = len(names)
-    assert not any(whole[k, n + k] for k in range(n))  # the whole-view rule alone misses every one of them
-    assert np.array_equal(same[:n, n:], np.eye(n, dtype=bool)), same[:n, n:]  # each joins its own original, no other
+    assert_each_copy_joins_only_its_original(originals, copies)
 
 
 def test_copies_turned_or_nicked_join_their_original_and_smooth_heads_stay_apart():
@@ -290,12 +296,7 @@ def test_copies_turned_or_nicked_join_their_original_and_smooth_heads_stay_apart
     turned = [img.rotate(a, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)) for img, a in zip(originals[:2], (-3, 3), strict=True)]
     nicked = [img.crop((0, 0, int(img.width * (1 - f)), img.height)) for img, f in zip(originals[2:], (0.08, 0.12), strict=True)]
     copies = [*turned, *nicked]  # off the right side: 8 and 12% of the image
-    prints = [fingerprint(img, str(i), d.hash_size) for i, img in enumerate([*originals, *copies])]
-    whole = joined(prints, d.max_distance, d.min_correlation)
-    same = joined(prints, d.max_distance, d.min_correlation, d.min_partial_correlation)
-    n = len(names)
-    assert not any(whole[k, n + k] for k in range(n))  # the whole-view rule alone misses every one of them
-    assert np.array_equal(same[:n, n:], np.eye(n, dtype=bool)), same[:n, n:]  # each joins its own original, no other
+    assert_each_copy_joins_only_its_original(originals, copies)
     rng = np.random.default_rng(3)
     smooth = [Image.fromarray(phantom(rng, bool(i % 2), 224, 224)) for i in range(40)]
     for i in range(40):  # and small ones, JPEG-coded, as the test fixtures' phantoms (64-96 px)
