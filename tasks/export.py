@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def head_nodes(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
-def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, reduce_range: bool) -> None:
+def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, reduce_range: bool, ranges: Path | None = None) -> None:
     """Static int8 quantization (QDQ, per-channel weights) of the base, calibrated on `calibration_paths`.
 
     Relu, MaxPool, Add and Mul are quantized with the convolutions, so that tensors stay int8 from one
@@ -170,6 +171,10 @@ def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, re
     its standardisation of pooled features magnifies int8 error (measured: a 21-point accuracy loss for
     ResNet50V2 when its Mul and Add were quantized too). `reduce_range` keeps weights to 7 bits so that the
     u8 x s8 pair sums of CPUs without VNNI cannot saturate.
+
+    `ranges` is ONNX Runtime's calibration cache (a JSON file of every activation's range): calibration runs and
+    writes it when the file is absent, and is skipped when it is there. Activation ranges do not depend on
+    `reduce_range` (a weight setting), so the candidates of one calibration method share one calibration.
     """
     prep = int8_path.with_name("prep.onnx")
     quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
@@ -186,6 +191,7 @@ def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, re
         weight_type=QuantType.QInt8,
         calibrate_method=CALIBRATION[method],
         extra_options={"CalibStridedMinMax": 1},  # one batch at a time into the histograms (Calibration's docstring)
+        calibration_cache_path=ranges,
     )
     prep.unlink()
 
@@ -205,23 +211,28 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
     p32 = probabilities(session(fp32), x_val)
     combos = list(itertools.product(candidates(p.export.calibration_method), candidates(p.export.reduce_range)))
     scores = []
-    for i, (method, reduce_range) in enumerate(combos):
-        target = int8 if len(combos) == 1 else int8.with_name(f"candidate{i}.onnx")
-        log.info(
-            "export %s: quantizing to int8 (%s, reduce_range %s), calibrated on %d training images", name, method, reduce_range, len(calib)
-        )
-        quantize(fp32, target, calib, size, method, reduce_range)
-        p8 = probabilities(session(target), x_val)
-        m32, m8 = point(val.y, p32, threshold), point(val.y, p8, threshold)
-        scores.append(
-            {
-                "calibration_method": method,
-                "reduce_range": reduce_range,
-                "val_mean_abs_prob_change": round(float(np.mean(np.abs(p8 - p32))) if len(x_val) else 0.0, 5),
-                "val_accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),
-                "val_auc_change": round(m8["auc"] - m32["auc"], 4),
-            }
-        )
+    with tempfile.TemporaryDirectory() as ranges:  # one calibration per method, shared by its reduce_range candidates
+        for i, (method, reduce_range) in enumerate(combos):
+            target = int8 if len(combos) == 1 else int8.with_name(f"candidate{i}.onnx")
+            log.info(
+                "export %s: quantizing to int8 (%s, reduce_range %s), calibrated on %d training images",
+                name,
+                method,
+                reduce_range,
+                len(calib),
+            )
+            quantize(fp32, target, calib, size, method, reduce_range, Path(ranges) / f"{method}.json")
+            p8 = probabilities(session(target), x_val)
+            m32, m8 = point(val.y, p32, threshold), point(val.y, p8, threshold)
+            scores.append(
+                {
+                    "calibration_method": method,
+                    "reduce_range": reduce_range,
+                    "val_mean_abs_prob_change": round(float(np.mean(np.abs(p8 - p32))) if len(x_val) else 0.0, 5),
+                    "val_accuracy_change_points": round(100 * (m8["accuracy"] - m32["accuracy"]), 2),
+                    "val_auc_change": round(m8["auc"] - m32["auc"], 4),
+                }
+            )
     best = min(range(len(combos)), key=lambda i: (scores[i]["val_mean_abs_prob_change"], i))
     if len(combos) > 1:
         for i in range(len(combos)):

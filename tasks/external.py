@@ -10,8 +10,6 @@ import pandas as pd
 
 from brainmri.config import Params
 from brainmri.fsutil import atomic_dir, write_csv, write_json, write_metrics
-from brainmri.metrics import fmt, with_intervals
-from brainmri.onnxrt import metadata, probabilities, session
 from brainmri.preprocess import load_batch
 from brainmri.progress import summary
 
@@ -44,6 +42,11 @@ def external(p: Params, name: str) -> dict:
             write_csv(tmp / p.paths.files.predictions, pd.DataFrame(columns=["source_path", "label", "probability", "predicted"]))
         summary(f"external {name}", out["note"])
         return out
+
+    # imported here, where there is a set to score: without one (the default) the stage needs neither scikit-learn
+    # nor ONNX Runtime, and skips their second of start-up
+    from brainmri.metrics import fmt, with_intervals
+    from brainmri.onnxrt import metadata, probabilities, session
 
     sess = session(p.model_file("export", name, "onnx"))
     meta = metadata(sess)

@@ -12,7 +12,10 @@ from factory import SHARED_DATA, make_project  # noqa: E402
 
 from brainmri.config import load_params  # noqa: E402
 
-SCENARIO_FILES = {"test_pipeline.py"}  # one shared git + DVC workspace, its tests in file order
+# the scenario worker's files: test_pipeline.py's shared git + DVC workspace, its tests in file order; and
+# test_faults.py (projects of its own, stage processes killed mid-run), which evens the two workers' loads: measured
+# with --durations on 2 cores, the scenario files took 432 + 36 s and the rest 487 - 36 s
+SCENARIO_FILES = {"test_pipeline.py", "test_faults.py"}
 # fixtures that train a model, build a shared workspace or run a stage on the real set
 HEAVY_FIXTURES = {"small_run", "real_ingest", "trained", "cv_runs", "vgg16_spec", "ws"}
 
@@ -25,7 +28,7 @@ def pytest_itemcollected(item):
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist the tests run in one process, in file order
 def pytest_xdist_make_scheduler(config, log):
-    """`pytest -n 2 --dist loadscope` (what `make test` runs): tests/test_pipeline.py on one worker, every other test
+    """`pytest -n 2 --dist loadscope` (what `make test` runs): SCENARIO_FILES on one worker, every other test
     on the other, each in file order, so each session fixture is built once, by one worker. Also for `load` and
     `worksteal`, which would split test_pipeline.py's shared workspace between workers. Written here because
     xdist's own `loadgroup` silently stops grouping on pytest 9.2 (pytest-dev/pytest-xdist#1386)."""

@@ -77,6 +77,29 @@ def test_reduce_range_keeps_int8_weights_to_7_bits(small_run, tmp_path, reduce_r
     assert prob.shape == (len(x),) and np.all((prob >= 0) & (prob <= 1))
 
 
+def test_int8_candidates_share_one_calibration_and_get_the_file_their_own_would_give(small_run, tmp_path, monkeypatch):
+    """The reduce_range candidates of one calibration method read the activation ranges the first one wrote (ONNX
+    Runtime's calibration cache): no image is fed a second time, and the file is byte for byte the one its own
+    calibration gives."""
+    from tasks import export as stage
+    from tasks.split import split_part
+
+    p, *_ = small_run
+    fp32 = p.model_file("export", "vgg16-noaug", "onnx")
+    images, size, ranges = split_part(p, "train").paths[:8], p.backbones["vgg16"].input_size, tmp_path / "percentile.json"
+    fed = []
+    real_next = stage.Calibration.get_next
+    monkeypatch.setattr(stage.Calibration, "get_next", lambda self: fed.append(1) or real_next(self))
+    stage.quantize(fp32, tmp_path / "a.onnx", images, size, "percentile", True, ranges)
+    calibrated = len(fed)
+    assert calibrated > 0 and ranges.is_file()
+    stage.quantize(fp32, tmp_path / "shared.onnx", images, size, "percentile", False, ranges)
+    assert len(fed) == calibrated  # the ranges came from the file
+    stage.quantize(fp32, tmp_path / "own.onnx", images, size, "percentile", False)
+    assert len(fed) > calibrated
+    assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "own.onnx").read_bytes()
+
+
 def test_int8_keeps_the_head_float_and_the_base_int8(small_run, tmp_path):
     """Only the base is quantized: no quantize/dequantize node after the global pooling, every convolution fed int8."""
     from tasks.export import GLOBAL_POOLING, quantize

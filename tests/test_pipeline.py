@@ -293,10 +293,13 @@ def test_new_images_make_every_stage_but_the_weights_stale_for_the_flow(ws):
 
 
 def test_a_failed_run_ends_in_one_summary_without_traceback_and_keeps_what_was_produced(ws):
+    from prefect.settings import PREFECT_API_URL
+
     manifest = (ws / "data/ingest/manifest.csv").read_bytes()
     set_param(ws, "ingest", "min_images_per_class", 1000)  # bad data for these params: ingest exits 2
+    server = {"PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's test server, as a user's running server: no start-up
     try:
-        res = subprocess.run(["brainmri", "run"], cwd=ws, capture_output=True, text=True, timeout=600, env={**os.environ, **GIT})
+        res = subprocess.run(["brainmri", "run"], cwd=ws, capture_output=True, text=True, timeout=600, env={**os.environ, **GIT, **server})
     finally:
         set_param(ws, "ingest", "min_images_per_class", 5)
     err = res.stdout + res.stderr
