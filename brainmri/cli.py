@@ -25,9 +25,13 @@ def _params(args, overrides: dict | None = None):
 def cmd_stage(args) -> None:
     import importlib
 
-    module = importlib.import_module(f"tasks.{args.command}")
-    extra = (args.model,) if args.command in MODEL_STAGES else (args.backbone,) if args.command in BACKBONE_STAGES else ()
-    getattr(module, args.command)(_params(args), *extra)
+    from brainmri import quiet
+
+    p = _params(args)
+    with quiet.shared(p.path("timing_cache")):  # no stage times while this one runs (brainmri/quiet.py); imports included
+        module = importlib.import_module(f"tasks.{args.command}")
+        extra = (args.model,) if args.command in MODEL_STAGES else (args.backbone,) if args.command in BACKBONE_STAGES else ()
+        getattr(module, args.command)(p, *extra)
 
 
 def cmd_synthesize(args) -> None:

@@ -177,10 +177,6 @@ def task_runner(o: Orchestration):
     return DaskTaskRunner(cluster_kwargs={"n_workers": o.max_workers, "threads_per_worker": 1, "processes": True})
 
 
-def _exclusive(stage: str, o: Orchestration) -> bool:
-    return stage.split("@")[0] in o.exclusive
-
-
 @contextmanager
 def workspace_lock(root: str, token: str):
     """DVC's workspace lock, held for the whole flow run as one `dvc repro` holds it; taken only while no other DVC
@@ -216,7 +212,9 @@ def workspace_lock(root: str, token: str):
 
 
 def schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool) -> tuple[dict, dict, list[str]]:
-    """Submit each stage as soon as its upstream is done, up to max_workers at once; exclusive stages run alone.
+    """Submit each stage as soon as its upstream is done, up to max_workers at once. A stage that times runtimes
+    (orchestration.exclusive) runs beside the others and has the machine to itself only while it times: the timing
+    lock of brainmri/quiet.py, which each stage's process holds shared.
 
     Written here rather than with Prefect's `wait_for`: a task waiting on its upstream would hold a worker thread
     while it waits, and Prefect's tag concurrency limits need a limit created on the server beforehand.
@@ -242,8 +240,6 @@ def _schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: 
                 held.append(stage)
                 continue
             if not graph[stage] <= done.keys() or len(running) >= o.max_workers:
-                continue
-            if any(_exclusive(s, o) for s in running) or (_exclusive(stage, o) and running):
                 continue
             log.info("%s: started", stage)
             running[stage] = reproduce_stage.with_options(**opts).submit(root, stage, token, verbose)

@@ -14,12 +14,16 @@ The last line on stdout is a JSON record of what happened (ran, restored from th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 from pathlib import Path
+
+from brainmri import quiet
+from brainmri.config import load_params
 
 BUSY = 75  # exit code: another process holds files of this workspace; the flow waits and tries again
 FAILED = 1  # exit code: the stage's command failed; the JSON record carries its own exit code
@@ -82,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     dvc_log.setLevel(logging.DEBUG)  # our reader gets DVC's reasons for rerunning a stage (debug records)
     dvc_log.addHandler(outcome)
     record: dict = {"stage": args.stage, "ran": False, "restored": False}
-    with Repo(".") as repo:
+    p = load_params(Path(args.root) / "params.yaml")
+    if args.stage.split("@")[0] in p.orchestration.exclusive:  # it times: it takes the timing lock itself
+        hold = contextlib.nullcontext()
+    else:  # shared around DVC's own work (hashing, caching) too; the stage command inherits the hold (quiet.HELD)
+        hold = quiet.shared(p.path("timing_cache"))
+        os.environ[quiet.HELD] = str(p.path("timing_cache").resolve())
+    with hold, Repo(".") as repo:
         repo.lock = make_lock(os.path.join(repo.tmp_dir, f"flow-{args.token}.lock"), tmp_dir=repo.tmp_dir, wait=True)
         with lock_repo(repo):
             holders = foreign_holders(repo.tmp_dir, args.token)

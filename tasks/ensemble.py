@@ -19,17 +19,19 @@ from brainmri.progress import log, summary
 
 def latency(p: Params, path, images: np.ndarray) -> dict:
     """The composed graph timed as benchmark@MODEL times the ONNX rows of any model (ONNX Runtime and OpenVINO fp32,
-    benchmark.* settings, interleaved rounds); this stage is in orchestration.exclusive, so it runs alone."""
+    benchmark.* settings, interleaved rounds), with no other stage process running (brainmri/quiet.py)."""
+    from brainmri import quiet
     from brainmri.runtimes import runner
     from tasks.benchmark import cpu_model, interleaved, ranking, timing_batch
 
     b = p.benchmark
     runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
     images = timing_batch(images, b.batch_size)
+    with quiet.alone(p.path("timing_cache")):
+        seconds = {batch: interleaved(runtimes, np.ascontiguousarray(images[:batch]), b.warmup, b.repeats) for batch in (1, b.batch_size)}
     rows = []
     for batch in (1, b.batch_size):
-        seconds = interleaved(runtimes, np.ascontiguousarray(images[:batch]), b.warmup, b.repeats)
-        for rt, s in seconds.items():
+        for rt, s in seconds[batch].items():
             p25, p50, p75 = (float(v) for v in np.percentile(np.array(s) / batch * 1000.0, [25, 50, 75]))
             rows.append({"runtime": rt, "batch": batch, "p50_ms": round(p50, 3), "p25_ms": round(p25, 3), "p75_ms": round(p75, 3)})
     return {

@@ -1,0 +1,91 @@
+"""The timing lock (brainmri/quiet.py): stage processes hold it shared, a timing stage alone, between real processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from brainmri import quiet
+from brainmri.errors import ConfigError
+
+# a process that waits for `start` to exist, then holds the lock (shared or alone) for `hold` seconds, and writes
+# when it asked for the lock, got it and let it go
+HOLDER = """
+import json, os, sys, time
+from brainmri import quiet
+folder, how, hold, out, start = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
+while not os.path.exists(start):
+    time.sleep(0.01)
+asked = time.time()
+open(out + ".asked", "w").close()
+with (quiet.shared if how == "shared" else quiet.alone)(folder):
+    got = time.time()
+    open(out + ".got", "w").close()
+    time.sleep(hold)
+    left = time.time()
+json.dump({"asked": asked, "got": got, "left": left}, open(out, "w"))
+"""
+
+
+def holder(tmp_path, name: str, how: str, hold: float, start) -> tuple[subprocess.Popen, object]:
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, "-c", HOLDER, str(tmp_path / "locks"), how, str(hold), str(out), str(start)]
+    return subprocess.Popen(cmd), out
+
+
+def wait_for(path, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_a_timing_waits_for_running_stages_and_stages_that_start_meanwhile_wait_for_it(tmp_path):
+    go = tmp_path / "go"
+    running, r_out = holder(tmp_path, "running", "shared", 1.5, go)
+    go.touch()
+    wait_for(tmp_path / "running.json.got")
+    timing, t_out = holder(tmp_path, "timing", "alone", 1.0, tmp_path / "running.json.got")
+    wait_for(tmp_path / "timing.json.asked")
+    time.sleep(0.3)  # the timing process is now queued at the lock, holding the turnstile
+    later, l_out = holder(tmp_path, "later", "shared", 0.1, tmp_path / "timing.json.asked")
+    for proc in (running, timing, later):
+        assert proc.wait(timeout=120) == 0
+    r, t, lt = (json.loads(p.read_text()) for p in (r_out, t_out, l_out))
+    assert t["got"] >= r["left"]  # the timing began only when the running stage ended
+    assert lt["asked"] < t["got"] and lt["got"] >= t["left"]  # the stage that came meanwhile waited for the timing
+    assert r["got"] < t["asked"]  # and the first stage was not held up by anything
+
+
+def test_a_stage_that_holds_it_shared_times_alone_and_gets_its_shared_hold_back(tmp_path):
+    folder = tmp_path / "locks"
+    with quiet.shared(folder):
+        with quiet.alone(folder):  # its own shared hold would block this forever if it were kept
+            pass
+        # held shared again: a timing process now waits for this one
+        timing, _ = holder(tmp_path, "timing", "alone", 0.0, tmp_path / "timing.json.asked")
+        (tmp_path / "timing.json.asked").touch()
+        time.sleep(1.0)
+        assert timing.poll() is None and not (tmp_path / "timing.json.got").exists()
+    assert timing.wait(timeout=60) == 0
+
+
+def test_a_killed_stage_leaves_no_lock_and_a_held_parent_is_a_clear_error(tmp_path, monkeypatch):
+    go = tmp_path / "go"
+    running, _ = holder(tmp_path, "running", "shared", 600, go)
+    go.touch()
+    wait_for(tmp_path / "running.json.got")
+    os.kill(running.pid, signal.SIGKILL)
+    running.wait(timeout=60)
+    timing, t_out = holder(tmp_path, "timing", "alone", 0.0, go)
+    assert timing.wait(timeout=60) == 0 and t_out.is_file()  # the kernel let go of the dead process's hold
+
+    monkeypatch.setenv(quiet.HELD, str((tmp_path / "locks").resolve()))  # a flow process holding it for this one
+    with quiet.shared(tmp_path / "locks"):  # inherited: nothing to take
+        with pytest.raises(ConfigError, match="orchestration.exclusive"):
+            with quiet.alone(tmp_path / "locks"):
+                pass
