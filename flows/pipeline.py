@@ -109,7 +109,8 @@ def _stage_env(verbose: bool) -> dict:
 
 def stage_process(root: str, stage: str, token: str) -> list[str]:
     """The command line of the process that reproduces one stage."""
-    return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token]
+    quiet = load_params(Path(root) / "params.yaml").path("timing_cache")  # the timing lock's folder (brainmri/quiet.py)
+    return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token, "--quiet", str(quiet.resolve())]
 
 
 @task(name="reproduce_stage", task_run_name="{stage}", retry_condition_fn=retry_on_io_error)
@@ -213,7 +214,7 @@ def workspace_lock(root: str, token: str):
 
 def schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool) -> tuple[dict, dict, list[str]]:
     """Submit each stage as soon as its upstream is done, up to max_workers at once. A stage that times runtimes
-    (orchestration.exclusive) runs beside the others and has the machine to itself only while it times: the timing
+    (orchestration.exclusive) runs beside the others, and no other stage process works while it times: the timing
     lock of brainmri/quiet.py, which each stage's process holds shared.
 
     Written here rather than with Prefect's `wait_for`: a task waiting on its upstream would hold a worker thread

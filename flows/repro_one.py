@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 from brainmri import quiet
-from brainmri.config import load_params
 
 BUSY = 75  # exit code: another process holds files of this workspace; the flow waits and tries again
 FAILED = 1  # exit code: the stage's command failed; the JSON record carries its own exit code
@@ -73,11 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("root")
     ap.add_argument("stage")
     ap.add_argument("--token", required=True, help="the flow run's id: names its private lock, marks its processes in DVC's rwlock")
+    ap.add_argument(
+        "--quiet", default="", help="the timing lock's folder (paths.timing_cache, brainmri/quiet.py), held shared around DVC's work"
+    )
     args = ap.parse_args(argv)
+    with quiet.shared(args.quiet) if args.quiet else contextlib.nullcontext():  # before DVC's imports: they are work too
+        return _reproduce(args)
+
+
+def _reproduce(args) -> int:
+    import dvc.stage.run
     from dvc.exceptions import ReproductionError
     from dvc.lock import make_lock
     from dvc.repo import Repo, lock_repo
 
+    command = dvc.stage.run.cmd_run  # run_stage looks it up here at each call, as its own unlocked_repo wraps it
+
+    def unheld(*a, **kw):  # the stage command holds the timing lock itself (brainmri/cli.py): let go of ours meanwhile
+        with quiet.released(args.quiet) if args.quiet else contextlib.nullcontext():
+            return command(*a, **kw)
+
+    dvc.stage.run.cmd_run = unheld
     os.chdir(args.root)  # DVC resolves some paths against the working directory
     outcome = Outcome()
     dvc_log = logging.getLogger("dvc")
@@ -86,13 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     dvc_log.setLevel(logging.DEBUG)  # our reader gets DVC's reasons for rerunning a stage (debug records)
     dvc_log.addHandler(outcome)
     record: dict = {"stage": args.stage, "ran": False, "restored": False}
-    p = load_params(Path(args.root) / "params.yaml")
-    if args.stage.split("@")[0] in p.orchestration.exclusive:  # it times: it takes the timing lock itself
-        hold = contextlib.nullcontext()
-    else:  # shared around DVC's own work (hashing, caching) too; the stage command inherits the hold (quiet.HELD)
-        hold = quiet.shared(p.path("timing_cache"))
-        os.environ[quiet.HELD] = str(p.path("timing_cache").resolve())
-    with hold, Repo(".") as repo:
+    with Repo(".") as repo:
         repo.lock = make_lock(os.path.join(repo.tmp_dir, f"flow-{args.token}.lock"), tmp_dir=repo.tmp_dir, wait=True)
         with lock_repo(repo):
             holders = foreign_holders(repo.tmp_dir, args.token)

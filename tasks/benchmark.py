@@ -368,24 +368,25 @@ def benchmark(p: Params, name: str) -> dict:
     }
     key = timing_key(p, name, model, machine)
     memo = reused_timings(p, key, name, set(runtimes))
-    if memo is not None:
+    if memo is None:
+        paths = split_part(p, "test").paths
+        images = timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size)
+        with quiet.alone(p.path("timing_cache")):  # no other stage process works while the runtimes are timed
+            memo = reused_timings(p, key, name, set(runtimes))  # a sibling may have timed the same graphs while this one waited
+            if memo is None:
+                start = time.time()
+                memo = {
+                    **measure(p, name, runtimes, images, flops),
+                    "model": name,
+                    "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+                memo["window"] = [start, time.time()]  # Unix times: the timed calls had the machine alone
+                write_json(p.path("timing_cache") / f"{key}.json", memo)
+    if memo["model"] != name:
         log.info(
             "benchmark %s: the same graphs were timed for %s at %s: their timings are reused", name, memo["model"], memo["measured_at"]
         )
-        timed = {"by": memo["model"], "at": memo["measured_at"], "reused": True, "window": memo.get("window")}
-    else:
-        paths = split_part(p, "test").paths
-        images = timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size)
-        with quiet.alone(p.path("timing_cache")):  # no other stage process runs while the runtimes are timed
-            start = time.time()
-            memo = {
-                **measure(p, name, runtimes, images, flops),
-                "model": name,
-                "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            memo["window"] = [round(start, 3), round(time.time(), 3)]  # Unix times: the timed calls had the machine alone
-        write_json(p.path("timing_cache") / f"{key}.json", memo)
-        timed = {"by": name, "at": memo["measured_at"], "reused": False, "window": memo["window"]}
+    timed = {"by": memo["model"], "at": memo["measured_at"], "reused": memo["model"] != name, "window": memo.get("window")}
     rows, gemm, peak = memo["rows"], memo["gemm"], memo["numpy_peak"]
     fidelity = check_on_val(p, name, runtimes, size)
     fastest = {

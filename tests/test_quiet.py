@@ -1,5 +1,6 @@
 """The timing lock (brainmri/quiet.py): stage processes hold it shared, a timing stage alone, between real processes."""
 
+import fcntl
 import json
 import os
 import signal
@@ -61,31 +62,43 @@ def test_a_timing_waits_for_running_stages_and_stages_that_start_meanwhile_wait_
     assert r["got"] < t["asked"]  # and the first stage was not held up by anything
 
 
+def held_exclusively_elsewhere(folder) -> bool:
+    """Whether another holder keeps the lock from being taken exclusively, tried without waiting."""
+    with open(folder / quiet.LOCK, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def test_a_stage_that_holds_it_shared_times_alone_and_gets_its_shared_hold_back(tmp_path):
     folder = tmp_path / "locks"
     with quiet.shared(folder):
+        assert held_exclusively_elsewhere(folder)
         with quiet.alone(folder):  # its own shared hold would block this forever if it were kept
-            pass
-        # held shared again: a timing process now waits for this one
-        timing, _ = holder(tmp_path, "timing", "alone", 0.0, tmp_path / "timing.json.asked")
-        (tmp_path / "timing.json.asked").touch()
-        time.sleep(1.0)
-        assert timing.poll() is None and not (tmp_path / "timing.json.got").exists()
-    assert timing.wait(timeout=60) == 0
+            with quiet.released(folder):  # nothing of its own to let go of while it holds the lock alone
+                pass
+        assert held_exclusively_elsewhere(folder)  # shared again after the timing
+        with quiet.released(folder):  # as the flow's process while the stage command runs
+            assert not held_exclusively_elsewhere(folder)
+        assert held_exclusively_elsewhere(folder)
+    assert not held_exclusively_elsewhere(folder)
 
 
-def test_a_killed_stage_leaves_no_lock_and_a_held_parent_is_a_clear_error(tmp_path, monkeypatch):
+def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path):
     go = tmp_path / "go"
     running, _ = holder(tmp_path, "running", "shared", 600, go)
     go.touch()
     wait_for(tmp_path / "running.json.got")
+    assert held_exclusively_elsewhere(tmp_path / "locks")
     os.kill(running.pid, signal.SIGKILL)
     running.wait(timeout=60)
     timing, t_out = holder(tmp_path, "timing", "alone", 0.0, go)
     assert timing.wait(timeout=60) == 0 and t_out.is_file()  # the kernel let go of the dead process's hold
 
-    monkeypatch.setenv(quiet.HELD, str((tmp_path / "locks").resolve()))  # a flow process holding it for this one
-    with quiet.shared(tmp_path / "locks"):  # inherited: nothing to take
-        with pytest.raises(ConfigError, match="orchestration.exclusive"):
-            with quiet.alone(tmp_path / "locks"):
-                pass
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(ConfigError, match="paths.timing_cache"):
+        with quiet.shared(tmp_path / "a file" / "locks"):
+            pass
