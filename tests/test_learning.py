@@ -41,7 +41,7 @@ def trained(real_ingest):
                 "learning_rate": 0.0001,
             }
         },
-        "train": {"cv_folds": 5, "bootstrap": 1000},
+        "train": {"cv_folds": 5, "cv_seeds": 1, "bootstrap": 1000},  # one CV run: the seed spread is not under test here
         "paths": {"models": "data/learning/models", "eval": "data/learning/eval"},
     }
     inbox = p0.path("weights_inbox")
