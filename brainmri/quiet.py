@@ -14,8 +14,9 @@ the timing side preference: it first takes the turnstile, which every new shared
 only for the stages already working, not for every stage that starts meanwhile. The kernel releases a flock when its
 process dies, so a killed stage leaves no lock behind. A process that holds the lock shared and asks for it
 exclusively (the benchmark stage under `brainmri benchmark`) gives up its shared hold while it waits and takes it back
-after. With BRAINMRI_QUIET_LOG set to a file, each hold is appended to it as a JSON line (pid, kind, start, end: Unix
-times inside the hold), which a scenario test reads.
+after. With BRAINMRI_QUIET_LOG set to a file, each hold is appended to it as a JSON line (pid, the process's first
+arguments, kind, start, end: Unix times inside the hold), which a scenario test reads. A stage taken out of
+`orchestration.exclusive` times without the lock.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from brainmri.errors import ConfigError
@@ -45,8 +47,9 @@ def _open(folder: Path, name: str):
 
 def _log(kind: str, start: float) -> None:
     if os.environ.get(LOG):
+        who = [Path(sys.argv[0]).name, *sys.argv[1:3]]  # `brainmri STAGE [MODEL]`, or repro_one.py ROOT STAGE
         with open(os.environ[LOG], "a", encoding="utf-8") as f:
-            f.write(json.dumps({"pid": os.getpid(), "kind": kind, "start": start, "end": time.time()}) + "\n")
+            f.write(json.dumps({"pid": os.getpid(), "argv": who, "kind": kind, "start": start, "end": time.time()}) + "\n")
 
 
 def _take_shared(folder: Path) -> tuple[object, float]:
@@ -106,3 +109,9 @@ def alone(folder: str | Path) -> Iterator[None]:
             yield
         finally:
             _log("alone", start)
+
+
+def timing(folder: str | Path, stage: str, exclusive: list[str]):
+    """`alone(folder)` for a stage named in orchestration.exclusive (`exclusive`); nothing for one taken out of it,
+    whose timings then run beside other stages."""
+    return alone(folder) if stage in exclusive else nullcontext()

@@ -107,10 +107,17 @@ def _stage_env(verbose: bool) -> dict:
     return env
 
 
+_LOCKS: dict[str, str] = {}  # per workspace root, the timing lock's folder (brainmri/quiet.py), read once per flow run
+
+
+def lock_folder(root: str) -> str:
+    return str(load_params(Path(root) / "params.yaml").path("timing_cache").resolve())
+
+
 def stage_process(root: str, stage: str, token: str) -> list[str]:
     """The command line of the process that reproduces one stage."""
-    quiet = load_params(Path(root) / "params.yaml").path("timing_cache")  # the timing lock's folder (brainmri/quiet.py)
-    return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token, "--quiet", str(quiet.resolve())]
+    quiet = _LOCKS.get(root) or lock_folder(root)
+    return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token, "--quiet", quiet]
 
 
 @task(name="reproduce_stage", task_run_name="{stage}", retry_condition_fn=retry_on_io_error)
@@ -221,6 +228,7 @@ def schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: b
     while it waits, and Prefect's tag concurrency limits need a limit created on the server beforehand.
     """
     token = uuid.uuid4().hex
+    _LOCKS[root] = lock_folder(root)  # params as the flow validated them at its start: an edit mid-run does not move it
     with workspace_lock(root, token):
         return _schedule(root, graph, o, verbose, token)
 

@@ -371,7 +371,8 @@ def benchmark(p: Params, name: str) -> dict:
     if memo is None:
         paths = split_part(p, "test").paths
         images = timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size)
-        with quiet.alone(p.path("timing_cache")):  # no other stage process works while the runtimes are timed
+        # no other stage process works while the runtimes are timed (benchmark is in orchestration.exclusive)
+        with quiet.timing(p.path("timing_cache"), "benchmark", p.orchestration.exclusive):
             memo = reused_timings(p, key, name, set(runtimes))  # a sibling may have timed the same graphs while this one waited
             if memo is None:
                 start = time.time()

@@ -27,7 +27,7 @@ def latency(p: Params, path, images: np.ndarray) -> dict:
     b = p.benchmark
     runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
     images = timing_batch(images, b.batch_size)
-    with quiet.alone(p.path("timing_cache")):
+    with quiet.timing(p.path("timing_cache"), "ensemble", p.orchestration.exclusive):
         seconds = {batch: interleaved(runtimes, np.ascontiguousarray(images[:batch]), b.warmup, b.repeats) for batch in (1, b.batch_size)}
     rows = []
     for batch in (1, b.batch_size):

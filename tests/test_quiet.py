@@ -13,12 +13,12 @@ import pytest
 from brainmri import quiet
 from brainmri.errors import ConfigError
 
-# a process that waits for `start` to exist, then holds the lock (shared or alone) for `hold` seconds, and writes
-# when it asked for the lock, got it and let it go
+# a process that waits for `start` to exist, then holds the lock (shared or alone) until `release` exists ('-': not at
+# all), and writes when it asked for the lock, got it and let it go
 HOLDER = """
 import json, os, sys, time
 from brainmri import quiet
-folder, how, hold, out, start = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
+folder, how, release, out, start = sys.argv[1:6]
 while not os.path.exists(start):
     time.sleep(0.01)
 asked = time.time()
@@ -26,51 +26,57 @@ open(out + ".asked", "w").close()
 with (quiet.shared if how == "shared" else quiet.alone)(folder):
     got = time.time()
     open(out + ".got", "w").close()
-    time.sleep(hold)
+    while release != "-" and not os.path.exists(release):
+        time.sleep(0.01)
     left = time.time()
 json.dump({"asked": asked, "got": got, "left": left}, open(out, "w"))
 """
 
 
-def holder(tmp_path, name: str, how: str, hold: float, start) -> tuple[subprocess.Popen, object]:
+def holder(tmp_path, name: str, how: str, release, start) -> tuple[subprocess.Popen, object]:
     out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "-c", HOLDER, str(tmp_path / "locks"), how, str(hold), str(out), str(start)]
+    cmd = [sys.executable, "-c", HOLDER, str(tmp_path / "locks"), how, str(release), str(out), str(start)]
     return subprocess.Popen(cmd), out
 
 
-def wait_for(path, timeout: float = 60) -> None:
+def wait_for(ready, timeout: float = 60) -> None:
+    """Until `ready` (a path that must exist, or a function) holds."""
     end = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < end, f"{path} never appeared"
+    while not (ready() if callable(ready) else ready.exists()):
+        assert time.monotonic() < end, f"{ready} never came"
         time.sleep(0.01)
 
 
+def taken(path, how=fcntl.LOCK_EX) -> bool:
+    """Whether another open file holds a flock on `path` that keeps `how` from being taken, tried without waiting."""
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def test_a_timing_waits_for_running_stages_and_stages_that_start_meanwhile_wait_for_it(tmp_path):
-    go = tmp_path / "go"
-    running, r_out = holder(tmp_path, "running", "shared", 1.5, go)
+    go, release = tmp_path / "go", tmp_path / "release"
+    running, r_out = holder(tmp_path, "running", "shared", release, go)
     go.touch()
     wait_for(tmp_path / "running.json.got")
-    timing, t_out = holder(tmp_path, "timing", "alone", 1.0, tmp_path / "running.json.got")
-    wait_for(tmp_path / "timing.json.asked")
-    time.sleep(0.3)  # the timing process is now queued at the lock, holding the turnstile
-    later, l_out = holder(tmp_path, "later", "shared", 0.1, tmp_path / "timing.json.asked")
+    timing, t_out = holder(tmp_path, "timing", "alone", "-", go)
+    wait_for(lambda: taken(tmp_path / "locks" / quiet.TURNSTILE))  # the timing process holds the turnstile: it is queued
+    later, l_out = holder(tmp_path, "later", "shared", "-", go)
+    wait_for(tmp_path / "later.json.asked")
+    release.touch()  # only now does the running stage end
     for proc in (running, timing, later):
         assert proc.wait(timeout=120) == 0
     r, t, lt = (json.loads(p.read_text()) for p in (r_out, t_out, l_out))
     assert t["got"] >= r["left"]  # the timing began only when the running stage ended
     assert lt["asked"] < t["got"] and lt["got"] >= t["left"]  # the stage that came meanwhile waited for the timing
-    assert r["got"] < t["asked"]  # and the first stage was not held up by anything
 
 
 def held_exclusively_elsewhere(folder) -> bool:
-    """Whether another holder keeps the lock from being taken exclusively, tried without waiting."""
-    with open(folder / quiet.LOCK, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    return taken(folder / quiet.LOCK)
 
 
 def test_a_stage_that_holds_it_shared_times_alone_and_gets_its_shared_hold_back(tmp_path):
@@ -78,6 +84,7 @@ def test_a_stage_that_holds_it_shared_times_alone_and_gets_its_shared_hold_back(
     with quiet.shared(folder):
         assert held_exclusively_elsewhere(folder)
         with quiet.alone(folder):  # its own shared hold would block this forever if it were kept
+            assert taken(folder / quiet.LOCK, fcntl.LOCK_SH)  # alone: not even a shared hold can be taken now
             with quiet.released(folder):  # nothing of its own to let go of while it holds the lock alone
                 pass
         assert held_exclusively_elsewhere(folder)  # shared again after the timing
@@ -89,13 +96,13 @@ def test_a_stage_that_holds_it_shared_times_alone_and_gets_its_shared_hold_back(
 
 def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path):
     go = tmp_path / "go"
-    running, _ = holder(tmp_path, "running", "shared", 600, go)
+    running, _ = holder(tmp_path, "running", "shared", tmp_path / "never", go)
     go.touch()
     wait_for(tmp_path / "running.json.got")
     assert held_exclusively_elsewhere(tmp_path / "locks")
     os.kill(running.pid, signal.SIGKILL)
     running.wait(timeout=60)
-    timing, t_out = holder(tmp_path, "timing", "alone", 0.0, go)
+    timing, t_out = holder(tmp_path, "timing", "alone", "-", go)
     assert timing.wait(timeout=60) == 0 and t_out.is_file()  # the kernel let go of the dead process's hold
 
     (tmp_path / "a file").write_text("")
