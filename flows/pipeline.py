@@ -107,25 +107,17 @@ def _stage_env(verbose: bool) -> dict:
     return env
 
 
-_LOCKS: dict[str, str] = {}  # per workspace root, the timing lock's folder (brainmri/quiet.py), read once per flow run
-
-
-def lock_folder(root: str) -> str:
-    return str(load_params(Path(root) / "params.yaml").path("timing_cache").resolve())
-
-
-def stage_process(root: str, stage: str, token: str) -> list[str]:
-    """The command line of the process that reproduces one stage."""
-    quiet = _LOCKS.get(root) or lock_folder(root)
-    return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token, "--quiet", quiet]
+def stage_process(root: str, stage: str, token: str, lock: str) -> list[str]:
+    """The command line of the process that reproduces one stage; `lock` is the timing lock's folder (brainmri/quiet.py)."""
+    return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token, "--quiet", lock]
 
 
 @task(name="reproduce_stage", task_run_name="{stage}", retry_condition_fn=retry_on_io_error)
-def reproduce_stage(root: str, stage: str, token: str, verbose: bool = False) -> dict:
+def reproduce_stage(root: str, stage: str, token: str, lock: str, verbose: bool = False) -> dict:
     """Bring one DVC stage up to date through DVC (run, restore from the run-cache, or nothing); its log goes to Prefect."""
     run_log = get_run_logger()
     start, said, started_at = time.monotonic(), False, time.time()
-    cmd = stage_process(root, stage, token)
+    cmd = stage_process(root, stage, token, lock)
     while True:
         lines: list[str] = []
         with subprocess.Popen(
@@ -228,12 +220,14 @@ def schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: b
     while it waits, and Prefect's tag concurrency limits need a limit created on the server beforehand.
     """
     token = uuid.uuid4().hex
-    _LOCKS[root] = lock_folder(root)  # params as the flow validated them at its start: an edit mid-run does not move it
+    lock = str(load_params(Path(root) / "params.yaml").path("timing_cache").resolve())  # read once: an edit mid-run does not move it
     with workspace_lock(root, token):
-        return _schedule(root, graph, o, verbose, token)
+        return _schedule(root, graph, o, verbose, token, lock)
 
 
-def _schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool, token: str) -> tuple[dict, dict, list[str]]:
+def _schedule(
+    root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool, token: str, lock: str
+) -> tuple[dict, dict, list[str]]:
     opts = {"retries": o.retries, "retry_delay_seconds": o.retry_delay}
     order = topological(graph)
     done, failed, held, running = {}, {}, [], {}
@@ -251,7 +245,7 @@ def _schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: 
             if not graph[stage] <= done.keys() or len(running) >= o.max_workers:
                 continue
             log.info("%s: started", stage)
-            running[stage] = reproduce_stage.with_options(**opts).submit(root, stage, token, verbose)
+            running[stage] = reproduce_stage.with_options(**opts).submit(root, stage, token, lock, verbose)
         if not running:
             continue
         future = next(as_completed(list(running.values())))

@@ -56,7 +56,6 @@ def convert(model_path: Path, size: int, opset: int, x: np.ndarray) -> tuple[onn
     """The ONNX model and the Keras model's probabilities on `x`, both from a spawned worker process: this one
     never imports TensorFlow, and the GiBs tf2onnx takes go back to the OS before parity and calibration."""
     import multiprocessing
-    import tempfile
     from unittest import mock
 
     with tempfile.TemporaryDirectory() as folder:
@@ -209,6 +208,7 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
     val = split_part(p, "val")
     x_val = load_batch(val.paths, size)
     p32 = probabilities(session(fp32), x_val)
+    m32 = point(val.y, p32, threshold)
     combos = list(itertools.product(candidates(p.export.calibration_method), candidates(p.export.reduce_range)))
     scores = []
     with tempfile.TemporaryDirectory() as ranges:  # one calibration per method, shared by its reduce_range candidates
@@ -223,7 +223,7 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
             )
             quantize(fp32, target, calib, size, method, reduce_range, Path(ranges) / f"{method}.json")
             p8 = probabilities(session(target), x_val)
-            m32, m8 = point(val.y, p32, threshold), point(val.y, p8, threshold)
+            m8 = point(val.y, p8, threshold)
             scores.append(
                 {
                     "calibration_method": method,

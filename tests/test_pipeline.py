@@ -114,11 +114,11 @@ def test_a_first_flow_run_overlaps_branches_and_a_failed_branch_does_not_stop_th
 
     real, calls, spans = fp.stage_process, [], tmp_path / "spans.jsonl"
 
-    def broken_export(root, stage, token):
+    def broken_export(root, stage, token, lock):
         calls.append(stage)
         if stage == "export@vgg16-aug":  # a stage process that dies as a full disk would make it
             return [sys.executable, "-c", "import sys; print('injected: disk went away', file=sys.stderr); sys.exit(1)"]
-        return [sys.executable, "-c", SPAN, str(spans), stage, *real(root, stage, token)]
+        return [sys.executable, "-c", SPAN, str(spans), stage, *real(root, stage, token, lock)]
 
     monkeypatch.setattr(fp, "stage_process", broken_export)
     monkeypatch.setenv(quiet.LOG, str(tmp_path / "holds.jsonl"))  # every stage process logs its holds of the timing lock

@@ -75,23 +75,19 @@ def test_a_timing_waits_for_running_stages_and_stages_that_start_meanwhile_wait_
     assert lt["asked"] < t["got"] and lt["got"] >= t["left"]  # the stage that came meanwhile waited for the timing
 
 
-def held_exclusively_elsewhere(folder) -> bool:
-    return taken(folder / quiet.LOCK)
-
-
 def test_a_stage_that_holds_it_shared_times_alone_and_gets_its_shared_hold_back(tmp_path):
     folder = tmp_path / "locks"
     with quiet.shared(folder):
-        assert held_exclusively_elsewhere(folder)
+        assert taken(folder / quiet.LOCK)
         with quiet.alone(folder):  # its own shared hold would block this forever if it were kept
             assert taken(folder / quiet.LOCK, fcntl.LOCK_SH)  # alone: not even a shared hold can be taken now
             with quiet.released(folder):  # nothing of its own to let go of while it holds the lock alone
                 pass
-        assert held_exclusively_elsewhere(folder)  # shared again after the timing
+        assert taken(folder / quiet.LOCK)  # shared again after the timing
         with quiet.released(folder):  # as the flow's process while the stage command runs
-            assert not held_exclusively_elsewhere(folder)
-        assert held_exclusively_elsewhere(folder)
-    assert not held_exclusively_elsewhere(folder)
+            assert not taken(folder / quiet.LOCK)
+        assert taken(folder / quiet.LOCK)
+    assert not taken(folder / quiet.LOCK)
 
 
 def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path):
@@ -99,7 +95,7 @@ def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path)
     running, _ = holder(tmp_path, "running", "shared", tmp_path / "never", go)
     go.touch()
     wait_for(tmp_path / "running.json.got")
-    assert held_exclusively_elsewhere(tmp_path / "locks")
+    assert taken(tmp_path / "locks" / quiet.LOCK)
     os.kill(running.pid, signal.SIGKILL)
     running.wait(timeout=60)
     timing, t_out = holder(tmp_path, "timing", "alone", "-", go)
