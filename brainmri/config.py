@@ -49,6 +49,8 @@ class Files(Section):
     audit: str
     cv_predictions: str
     ensemble: str
+    saliency: str
+    heatmaps: str
 
 
 class Paths(Section):
@@ -78,6 +80,7 @@ class Paths(Section):
     external_report: str
     external_eval: str
     ensemble: str
+    saliency: str
     files: Files
 
 

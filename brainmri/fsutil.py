@@ -95,3 +95,18 @@ def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
     if bad:
         raise TypeError(f"{path}: metrics must be numbers: {bad}")
     write_json(path, {k: (None if v != v else v) for k, v in metrics.items()})  # NaN (one-class splits) as null
+
+
+def write_npz(path: str | os.PathLike, **arrays) -> None:
+    """Arrays as a compressed .npz that np.load reads, atomically and byte-reproducibly: np.savez_compressed stamps
+    each member with the time of writing, so equal arrays would give a new file (and DVC a changed output) each run."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for key, value in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(value), allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(), zipfile.ZIP_DEFLATED)

@@ -50,14 +50,20 @@ def _metric_paths(root: Path) -> dict[str, list[str]]:
         os.chdir(here)
 
 
-def lineage(root: str | Path, target: str | Path, with_metrics: bool = True) -> dict:
-    """The stages that produced `target` and everything upstream of them, from dvc.lock, plus the git state."""
+def read_lock(root: str | Path) -> dict:
+    """dvc.lock's stages; read once by a caller that asks for the lineage of several artifacts (it is ~0.4 s a read)."""
+    lock_file = Path(root).resolve() / "dvc.lock"
+    if not lock_file.is_file():
+        raise BrainMRIError(f"no dvc.lock in {Path(root).resolve()}: run `dvc repro` or `brainmri run` first, then ask for lineage")
+    return (read_yaml(lock_file) or {}).get("stages", {})
+
+
+def lineage(root: str | Path, target: str | Path, with_metrics: bool = True, stages: dict | None = None) -> dict:
+    """The stages that produced `target` and everything upstream of them, from dvc.lock (or `stages`, its
+    `read_lock`), plus the git state."""
     root = Path(root).resolve()
     rel = Path(target).resolve().relative_to(root).as_posix() if Path(target).is_absolute() else Path(target).as_posix()
-    lock_file = root / "dvc.lock"
-    if not lock_file.is_file():
-        raise BrainMRIError(f"no dvc.lock in {root}: run `dvc repro` or `brainmri run` first, then ask for lineage")
-    stages = (read_yaml(lock_file) or {}).get("stages", {})
+    stages = read_lock(root) if stages is None else stages
 
     def producers(path: str) -> list[str]:
         return [n for n, s in stages.items() for o in s.get("outs", []) if _inside(path, o["path"]) or _inside(o["path"], path)]

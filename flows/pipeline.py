@@ -181,6 +181,15 @@ def task_runner(o: Orchestration):
 def workspace_lock(root: str, token: str):
     """DVC's workspace lock, held for the whole flow run as one `dvc repro` holds it; taken only while no other DVC
     process is inside a stage (its read/write locks), so the flow never waits on a repro that waits on the flow."""
+    lock = take_workspace_lock(root, token)
+    try:
+        yield
+    finally:
+        release_workspace_lock(root, token, lock)
+
+
+def take_workspace_lock(root: str, token: str):
+    """workspace_lock's taking half: DVC's lock object, held."""
     from dvc.lock import LockError, make_lock
 
     from flows.repro_one import foreign_holders
@@ -204,34 +213,52 @@ def workspace_lock(root: str, token: str):
             log.info("waiting for another DVC process in %s: %s", root, "; ".join(holders))
             said = True
         time.sleep(2)
-    try:
-        yield
-    finally:
-        lock.unlock()
-        (tmp / f"flow-{token}.lock").unlink(missing_ok=True)
+    return lock
 
 
-def schedule(root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool) -> tuple[dict, dict, list[str]]:
+def release_workspace_lock(root: str, token: str, lock) -> None:
+    lock.unlock()
+    (Path(root) / ".dvc" / "tmp" / f"flow-{token}.lock").unlink(missing_ok=True)
+
+
+# Workspace locks that `run` took before the flow started, by token; the flow's scheduling releases its own when done.
+# Both run in this process: `run` calls the flow directly, and a flow's tasks run in its threads (or, with Dask, in
+# other processes that never see this dict: they only run stage processes).
+_HANDED: dict[str, object] = {}
+
+
+def schedule(
+    root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool, prepared: dict | None = None
+) -> tuple[dict, dict, list[str]]:
     """Submit each stage as soon as its upstream is done, up to max_workers at once. A stage that times runtimes
     (orchestration.exclusive) runs beside the others, and no other stage process works while it times: the timing
     lock of brainmri/quiet.py, which each stage's process holds shared.
 
     Written here rather than with Prefect's `wait_for`: a task waiting on its upstream would hold a worker thread
     while it waits, and Prefect's tag concurrency limits need a limit created on the server beforehand.
+
+    With `prepared` (from `prepare`, by `run`), the workspace lock is already held under its token and `dvc status`
+    already read under it; the lock is released here when the stages are done, as it would be otherwise.
     """
-    token = uuid.uuid4().hex
     lock = str(load_params(Path(root) / "params.yaml").path("timing_cache").resolve())  # read once: an edit mid-run does not move it
+    if prepared and prepared["token"] in _HANDED:
+        token = prepared["token"]
+        try:
+            return _schedule(root, graph, o, verbose, token, lock, set(prepared["current"]))
+        finally:
+            release_workspace_lock(root, token, _HANDED.pop(token))
+    token = uuid.uuid4().hex
     with workspace_lock(root, token):
-        return _schedule(root, graph, o, verbose, token, lock)
+        return _schedule(root, graph, o, verbose, token, lock, current(root, graph, token))
 
 
 def _schedule(
-    root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool, token: str, lock: str
+    root: str, graph: dict[str, set[str]], o: Orchestration, verbose: bool, token: str, lock: str, fresh: set[str]
 ) -> tuple[dict, dict, list[str]]:
     opts = {"retries": o.retries, "retry_delay_seconds": o.retry_delay}
     order = topological(graph)
     done, failed, held, running = {}, {}, [], {}
-    for stage in current(root, graph, token):  # up to date, and nothing upstream will change: no process needed
+    for stage in fresh:  # up to date, and nothing upstream will change: no process needed
         done[stage] = {"stage": stage, "ran": False, "restored": False, "reasons": [], "seconds": 0.0, "checked": "dvc status"}
     if done:
         log.info("%d of %d stages up to date (dvc status)", len(done), len(order))
@@ -293,24 +320,23 @@ def failure_summary(failed: dict, held: list[str]) -> str:
 
 
 @flow(name="brainmri-stages")
-def run_stages(root: str, graph: dict, o: Orchestration, verbose: bool = False):
+def run_stages(root: str, graph: dict, o: Orchestration, verbose: bool = False, prepared: dict | None = None):
     """Bring every stage up to date in DAG order, branches in parallel."""
-    done, failed, held = schedule(root, {k: set(v) for k, v in graph.items()}, o, verbose)
+    done, failed, held = schedule(root, {k: set(v) for k, v in graph.items()}, o, verbose, prepared)
     if failed:
         return Failed(message=failure_summary(failed, held), data=PipelineFailed(failure_summary(failed, held)))
     return done
 
 
 @flow(name="brainmri-pipeline")
-def pipeline(params_path: str = "params.yaml", verbose: bool = False, promote: bool = False) -> dict:
-    """Run the pipeline on `params_path`: every stage `dvc repro` would run, by DVC; then the report's tables as artifacts."""
+def pipeline(params_path: str = "params.yaml", verbose: bool = False, promote: bool = False, prepared: dict | None = None) -> dict:
+    """Run the pipeline on `params_path`: every stage `dvc repro` would run, by DVC; then the report's tables as artifacts.
+    `prepared`: DVC's graph and status, read by `run` while Prefect's server started (see `prepare`)."""
     p = load_params(params_path)
     root = str(Path(p.root).resolve())
-    graph = stage_graph(Path(root))
+    graph = prepared["graph"] if prepared else {k: sorted(v) for k, v in stage_graph(Path(root)).items()}
     o = p.orchestration
-    state = run_stages.with_options(task_runner=task_runner(o))(
-        root, {k: sorted(v) for k, v in graph.items()}, o, verbose, return_state=True
-    )
+    state = run_stages.with_options(task_runner=task_runner(o))(root, graph, o, verbose, prepared, return_state=True)
     if state.is_failed():
         return Failed(message=state.message)
     stages = state.result()
@@ -333,9 +359,47 @@ def promote_model(params_path: str, stages: dict) -> dict:
 
 
 def run(params_path: str, verbose: bool = False, promote: bool = False) -> dict:
-    """The flow from the command line: its result, or PipelineFailed with one summary (no traceback)."""
-    load_params(params_path)  # bad params: one sentence here, before Prefect starts (and logs a traceback)
-    state = pipeline(params_path, verbose, promote, return_state=True)
+    """The flow from the command line: its result, or PipelineFailed with one summary (no traceback).
+
+    Prefect's temporary server (when no PREFECT_API_URL is set) takes about 5 s to start, in a process of its own,
+    and DVC's graph and `dvc status` about 3.5 s in this one: `run` does both at once (`prepare`), then starts the
+    flow. The flow, run any other way (a deployment, a test), reads them itself."""
+    p = load_params(params_path)  # bad params: one sentence here, before Prefect starts (and logs a traceback)
+    root, token = str(Path(p.root).resolve()), uuid.uuid4().hex
+    server = start_server_beside()
+    _HANDED[token] = take_workspace_lock(root, token)
+    try:
+        prepared = prepare(root, token)
+        if server is not None:
+            server.result()  # its start-up error, if any, is Prefect's own message
+        state = pipeline(params_path, verbose, promote, prepared, return_state=True)
+    finally:
+        if token in _HANDED:  # the flow never reached its stages
+            release_workspace_lock(root, token, _HANDED.pop(token))
     if state.is_failed():
         raise PipelineFailed(state.message or "the pipeline failed")
     return state.result()
+
+
+def prepare(root: str, token: str) -> dict:
+    """DVC's stage graph and the stages `dvc status` finds up to date, read under the workspace lock `token` holds."""
+    graph = stage_graph(Path(root))
+    return {"token": token, "graph": {k: sorted(v) for k, v in graph.items()}, "current": sorted(current(root, graph, token))}
+
+
+def start_server_beside():
+    """Prefect's temporary server, started in a thread exactly as Prefect's client would start it on first use (the
+    same singleton, so the flow finds it running); None when a server is configured (PREFECT_API_URL) or the
+    temporary one is off. Its process starts on another core while this one reads DVC's workspace."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-server")
+    future = pool.submit(SubprocessASGIServer().start)
+    pool.shutdown(wait=False)
+    return future

@@ -204,12 +204,16 @@ def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6):
 def lineage_table(p: Params) -> pd.DataFrame | str:
     """Per model, where it came from (dvc.lock): its file's hash, the data manifest's, its key params and the git commit."""
     from brainmri.errors import BrainMRIError
-    from brainmri.lineage import lineage
+    from brainmri.lineage import lineage, read_lock
 
     rows = []
+    try:
+        stages = read_lock(p.root)
+    except BrainMRIError as exc:
+        return f"Lineage not recorded: {exc}."
     for name in p.models:
         try:
-            info = lineage(p.root, p.model_file("models", name, "model"), with_metrics=False)
+            info = lineage(p.root, p.model_file("models", name, "model"), with_metrics=False, stages=stages)
         except BrainMRIError as exc:
             return f"Lineage not recorded: {exc}."
         chain = {e["stage"]: e for e in info["chain"]}
@@ -594,38 +598,33 @@ def ensemble_section(p: Params) -> list:
 
 
 def saliency_section(p: Params, best: str, samples: list, sample_paths: list, out: Path) -> list:
-    """Grad-CAM on each Keras model over the test images: the mean share of the heatmap inside the head, flagged below
-    saliency.min_head_share; and the best model's heatmaps over the sample images."""
-    from brainmri import saliency
-    from brainmri.models import load_model
+    """The saliency stage's Grad-CAM shares per model, flagged below saliency.min_head_share; and the best model's
+    heatmaps over the sample images."""
     from brainmri.preprocess import load_batch
-    from tasks.split import split_part
 
-    test = split_part(p, "test").paths  # images only: no label is read here
     rows, overlays = [], []
     for name in p.models:
-        model = load_model(p.model_file("models", name, "model"))
-        size = p.backbones[p.models[name].backbone].input_size
-        x = load_batch(test, size)
-        cams, head = saliency.grad_cam(model, x), saliency.masks(x)
-        share = saliency.head_share(cams, head)
-        mean = float(np.nanmean(share)) if np.isfinite(share).any() else float("nan")
-        empty = int(np.sum(~np.isfinite(share)))
+        r = json.loads(p.model_file("saliency", name, "saliency").read_text())
+        mean = float("nan") if r["mean_share_inside_head"] is None else r["mean_share_inside_head"]  # None: every heatmap empty
         flag = "LOOKS OUTSIDE THE HEAD" if mean < p.saliency.min_head_share else "NO HEATMAP" if not np.isfinite(mean) else ""
         rows.append(
             {
                 "Model": name,
                 "Heatmap inside the head": f"{mean:.2f}",
-                "Head's share of the input": f"{float(head.mean()):.2f}",
-                "Empty heatmaps": f"{empty} of {len(share)}",
+                "Head's share of the input": f"{r['head_share_of_input']:.2f}",
+                "Empty heatmaps": f"{r['empty_heatmaps']} of {r['n_images']}",
                 "Flag": flag,
             }
         )
-        if name == best:  # the sample images are test images: their heatmaps are already here
-            where = {Path(t): i for i, t in enumerate(test)}
-            for path, (_, title, correct) in zip(sample_paths[: p.saliency.images], samples, strict=False):
-                i = where[Path(path)]
-                overlays.append((x[i].astype(np.uint8), cams[i], head[i], title, correct))
+        if name == best:  # the sample images are test images: the saliency stage drew their heatmaps
+            with np.load(p.model_file("saliency", name, "heatmaps")) as f:
+                at = {image: i for i, image in enumerate(f["images"].tolist())}
+                cams, heads = f["cams"].astype(np.float32), f["heads"]
+            picked = [(path, s) for path, s in zip(sample_paths[: p.saliency.images], samples, strict=False) if Path(path).stem in at]
+            x = load_batch([path for path, _ in picked], r["input_size"])
+            for xi, (path, (_, title, correct)) in zip(x, picked, strict=True):
+                i = at[Path(path).stem]
+                overlays.append((xi.astype(np.uint8), cams[i], heads[i], title, correct))
     if overlays:
         save(saliency_figure(overlays), out / "saliency.png")
     flagged = [r["Model"] for r in rows if r["Flag"]]

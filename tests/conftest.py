@@ -90,6 +90,7 @@ def small_run(tmp_path_factory):
     from tasks.ingest import ingest
     from tasks.ingest_external import ingest_external
     from tasks.report import report
+    from tasks.saliency import saliency
     from tasks.split import split
     from tasks.train import train
 
@@ -112,4 +113,5 @@ def small_run(tmp_path_factory):
         benchmark(p, n)
         external(p, n)
     ensemble(p)
+    saliency(p)
     return p, trained, evaluated, report(p)

@@ -33,6 +33,7 @@ def test_every_subcommand_has_help(tmp_path):
         "evaluate",
         "export",
         "benchmark",
+        "saliency",
         "report",
         "synthesize",
         "predict",

@@ -37,8 +37,8 @@ MODELS = {
 PER_MODEL = ("train", "evaluate", "export", "benchmark", "external")
 WEIGHTS = [f"weights@{b}" for b in ("resnet50v2", "vgg19", "vgg16", "smallcnn")]  # every backbone in params
 DATA = ["ingest", "audit", "split", "augment", "ingest_external"]
-CHAIN = [*DATA, *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "ensemble", "report"]
-VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["ensemble", "report"])  # ensemble reads every model
+CHAIN = [*DATA, *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "ensemble", "saliency", "report"]
+VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["ensemble", "saliency", "report"])  # they read every model
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 TIMES = {}
 
@@ -254,7 +254,8 @@ def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage
     from flows.pipeline import pipeline
 
     set_param(ws, "train", "threshold", 0.4)  # a value never run before: no run-cache entry to restore
-    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@", "external@"))} | {"ensemble", "report"}
+    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@", "external@"))}
+    stale |= {"ensemble", "saliency", "report"}
     user = subprocess.Popen(["dvc", "--wait-for-lock", "repro"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = pipeline(str(ws / "params.yaml"))
     out, _ = user.communicate(timeout=900)
@@ -472,6 +473,7 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
     from tasks.evaluate import evaluate
     from tasks.ingest import ingest
     from tasks.report import report
+    from tasks.saliency import saliency
     from tasks.split import split
     from tasks.train import train
 
@@ -493,6 +495,7 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
         assert external(p, name)["n_images"] == 0
         assert m["n_test"] == 38 and 0.0 <= m["test"]["auc"]["value"] <= 1.0
         assert t["weights"]["kind"] == "none"
+    saliency(p)
     table = report(p)["table"]
     assert len(table) == 7 and len(p.models) == 7
     assert "38 images" in (p.path("report") / "report.md").read_text()

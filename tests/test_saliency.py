@@ -50,3 +50,37 @@ def test_a_model_that_learned_a_corner_marker_is_flagged_and_its_heat_is_on_the_
     saturated = grad_cam(net.full, xt)
     # the logit scaled by 1000 scales every gradient alike: the same maps, where a saturated probability would give none
     assert np.allclose(saturated, cams, atol=1e-5) and (saturated.sum(axis=(1, 2)) > 0.99).mean() > 0.8
+
+
+def test_the_saliency_stage_records_what_the_report_shows_and_reads_no_test_label(small_run, tmp_path):
+    """The stage's record agrees with its heatmaps; with every test label flipped, its files are the same bytes; the
+    report's table shows the recorded shares."""
+    import json
+
+    import pandas as pd
+
+    from tasks.saliency import saliency
+
+    p, *_ = small_run
+    for name in p.models:
+        r = json.loads(p.model_file("saliency", name, "saliency").read_text())
+        with np.load(p.model_file("saliency", name, "heatmaps")) as f:
+            cams, heads, images = f["cams"].astype(np.float32), f["heads"], f["images"].tolist()
+        share = head_share(cams, heads)
+        assert images == list(r["share_by_image"]) and len(images) == r["n_images"] > 0
+        assert np.allclose(share, [np.nan if v is None else v for v in r["share_by_image"].values()], atol=2e-3, equal_nan=True)
+        assert abs(np.nanmean(share) - r["mean_share_inside_head"]) < 2e-3  # float16 heatmaps on disk, float32 in the record
+    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    flip = {p.ingest.positive_class: p.ingest.negative_class, p.ingest.negative_class: p.ingest.positive_class}
+    split.loc[split["split"] == "test", "label"] = split.loc[split["split"] == "test", "label"].map(flip)
+    manifest = tmp_path / "split.csv"
+    split.to_csv(manifest, index=False)
+    q = load_params(p.root / "params.yaml", {"paths": {"split_manifest": str(manifest), "saliency": str(tmp_path / "s")}})
+    saliency(q)
+    for name in p.models:
+        for file in ("saliency", "heatmaps"):
+            assert q.model_file("saliency", name, file).read_bytes() == p.model_file("saliency", name, file).read_bytes(), (name, file)
+    look = (p.path("report") / "report.md").read_text().split("### Where the models look", 1)[1]
+    for name in p.models:
+        r = json.loads(p.model_file("saliency", name, "saliency").read_text())
+        assert f"| {name} | {r['mean_share_inside_head']:.2f} | {r['head_share_of_input']:.2f} |" in look
