@@ -80,12 +80,38 @@ def main(argv: list[str] | None = None) -> int:
         return _reproduce(args)
 
 
+def read_lock_for_update(rt_parse):
+    """DVC's parser for the file it is about to rewrite, made fast for a dvc.lock with no comments.
+
+    Before writing a stage's entry DVC re-reads all of dvc.lock with ruamel.yaml's round-trip parser, which keeps
+    comments and layout and is pure Python: on the demo's 47-stage, 210 KB dvc.lock it took 1.9 s of the 4-5 s of
+    DVC's work per stage (profiled), and the flow's stage processes write dvc.lock one at a time. dvc.lock is
+    generated, so it has no comments to keep: read that way, by the same library's C-accelerated safe parser
+    (0.3 s), DVC's own dumper writes the same bytes (tests/test_pipeline.py checks this on a real lock file). A
+    lock file with a comment or an anchor (a '#' or '&' anywhere), or one the safe parser refuses (a tag), goes
+    through DVC's parser as before."""
+
+    def parse(text, path):
+        if os.path.basename(str(path)) == "dvc.lock" and "#" not in text and "&" not in text:
+            from dvc.utils.serialize._yaml import parse_yaml
+
+            try:
+                return parse_yaml(text, path, typ="safe")
+            except Exception:  # noqa: BLE001  (DVC's own parser then says what is wrong, as it always has)
+                pass
+        return rt_parse(text, path)
+
+    return parse
+
+
 def _reproduce(args) -> int:
     import dvc.stage.run
+    import dvc.utils.serialize._yaml as dvc_yaml
     from dvc.exceptions import ReproductionError
     from dvc.lock import make_lock
     from dvc.repo import Repo, lock_repo
 
+    dvc_yaml.parse_yaml_for_update = read_lock_for_update(dvc_yaml.parse_yaml_for_update)  # modify_yaml reads it per call
     command = dvc.stage.run.cmd_run  # run_stage looks it up here at each call, as its own unlocked_repo wraps it
 
     def unheld(*a, **kw):  # the stage command holds the timing lock itself (brainmri/cli.py): let go of ours meanwhile

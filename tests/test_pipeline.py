@@ -266,6 +266,29 @@ def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage
     assert clean(ws)
 
 
+def test_the_flows_fast_read_of_dvc_lock_gives_dvcs_own_bytes_back(ws):
+    """flows/repro_one.py reads dvc.lock for DVC's rewrite with the C-accelerated safe parser: DVC's own dumper then
+    writes exactly the bytes its round-trip parser would have; a lock file with a comment goes the round-trip way."""
+    import io
+
+    import dvc.utils.serialize._yaml as dvc_yaml
+
+    from flows.repro_one import read_lock_for_update
+
+    text = (ws / "dvc.lock").read_text()
+    fast = read_lock_for_update(dvc_yaml.parse_yaml_for_update)
+
+    def dumped(data):
+        out = io.StringIO()
+        dvc_yaml._dump(data, out)
+        return out.getvalue()
+
+    assert text.count("\n") > 500 and type(fast(text, "dvc.lock")) is dict  # a real lock file, read the fast way
+    assert dumped(fast(text, "dvc.lock")) == dumped(dvc_yaml.parse_yaml_for_update(text, "dvc.lock")) == text
+    commented = "# kept by the round trip\n" + text
+    assert dumped(fast(commented, "dvc.lock")) == commented
+
+
 def test_a_tampered_output_is_seen_by_its_hash_and_put_back_from_dvcs_cache(ws):
     model = ws / "data/models/vgg16-aug/model.keras"
     original = model.read_bytes()
