@@ -11,8 +11,8 @@ from pathlib import Path
 
 from brainmri.errors import BrainMRIError
 
-STAGES = ("ingest", "audit", "split", "augment", "ingest_external", "ensemble", "saliency", "report")
-MODEL_STAGES = ("train", "evaluate", "export", "benchmark", "external")
+STAGES = ("ingest", "audit", "split", "augment", "ingest_external", "ensemble", "report")
+MODEL_STAGES = ("train", "evaluate", "export", "benchmark", "external", "saliency")
 BACKBONE_STAGES = ("weights",)
 
 
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "split": "split into train/val/test, stratified, keeping duplicate groups together (split.* params)",
         "augment": "write augmented copies of the training images (augment.* params)",
         "weights": "materialise one backbone's pretrained weights under data/weights (imagenet, a local file, or none)",
-        "saliency": "Grad-CAM of every model over the test images and the share of each heatmap inside the head (for the report)",
+        "saliency": "Grad-CAM of one model over the test images and the share of each heatmap inside the head (for the report)",
         "report": "write the Markdown and HTML report with its plots from every model's metrics",
         "ingest_external": "read the external set (external.source) by ingest's rules, less duplicates of ingested images",
         "ensemble": "average the calibrated probabilities of models chosen on CV, as one composed ONNX graph (ensemble.* params)",

@@ -334,6 +334,7 @@ def pipeline(params_path: str = "params.yaml", verbose: bool = False, promote: b
     `prepared`: DVC's graph and status, read by `run` while Prefect's server started (see `prepare`)."""
     p = load_params(params_path)
     root = str(Path(p.root).resolve())
+    prepared = prepared if prepared and prepared.get("token") in _HANDED else None  # only `run`'s, read under the lock it holds
     graph = prepared["graph"] if prepared else {k: sorted(v) for k, v in stage_graph(Path(root)).items()}
     o = p.orchestration
     state = run_stages.with_options(task_runner=task_runner(o))(root, graph, o, verbose, prepared, return_state=True)
@@ -371,7 +372,7 @@ def run(params_path: str, verbose: bool = False, promote: bool = False) -> dict:
     try:
         prepared = prepare(root, token)
         if server is not None:
-            server.result()  # its start-up error, if any, is Prefect's own message
+            log.info("Prefect: a temporary server for this run at %s (PREFECT_API_URL names a lasting one)", server.result())
         state = pipeline(params_path, verbose, promote, prepared, return_state=True)
     finally:
         if token in _HANDED:  # the flow never reached its stages
@@ -399,7 +400,12 @@ def start_server_beside():
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
+    def start() -> str:
+        server = SubprocessASGIServer()
+        server.start()  # its start-up error, if any, is Prefect's own message
+        return server.api_url
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-server")
-    future = pool.submit(SubprocessASGIServer().start)
+    future = pool.submit(start)
     pool.shutdown(wait=False)
     return future

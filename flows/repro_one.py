@@ -104,14 +104,20 @@ def read_lock_for_update(rt_parse):
     return parse
 
 
+def install_fast_lock_read() -> None:
+    """Give DVC's `modify_yaml` (which looks its parser up at each call) the fast read of dvc.lock, in this process."""
+    import dvc.utils.serialize._yaml as dvc_yaml
+
+    dvc_yaml.parse_yaml_for_update = read_lock_for_update(dvc_yaml.parse_yaml_for_update)
+
+
 def _reproduce(args) -> int:
     import dvc.stage.run
-    import dvc.utils.serialize._yaml as dvc_yaml
     from dvc.exceptions import ReproductionError
     from dvc.lock import make_lock
     from dvc.repo import Repo, lock_repo
 
-    dvc_yaml.parse_yaml_for_update = read_lock_for_update(dvc_yaml.parse_yaml_for_update)  # modify_yaml reads it per call
+    install_fast_lock_read()
     command = dvc.stage.run.cmd_run  # run_stage looks it up here at each call, as its own unlocked_repo wraps it
 
     def unheld(*a, **kw):  # the stage command holds the timing lock itself (brainmri/cli.py): let go of ours meanwhile

@@ -605,13 +605,13 @@ def saliency_section(p: Params, best: str, samples: list, sample_paths: list, ou
     rows, overlays = [], []
     for name in p.models:
         r = json.loads(p.model_file("saliency", name, "saliency").read_text())
-        mean = float("nan") if r["mean_share_inside_head"] is None else r["mean_share_inside_head"]  # None: every heatmap empty
+        mean, head = (float("nan") if r[k] is None else r[k] for k in ("mean_share_inside_head", "head_share_of_input"))  # JSON null
         flag = "LOOKS OUTSIDE THE HEAD" if mean < p.saliency.min_head_share else "NO HEATMAP" if not np.isfinite(mean) else ""
         rows.append(
             {
                 "Model": name,
                 "Heatmap inside the head": f"{mean:.2f}",
-                "Head's share of the input": f"{r['head_share_of_input']:.2f}",
+                "Head's share of the input": f"{head:.2f}",
                 "Empty heatmaps": f"{r['empty_heatmaps']} of {r['n_images']}",
                 "Flag": flag,
             }
@@ -620,10 +620,10 @@ def saliency_section(p: Params, best: str, samples: list, sample_paths: list, ou
             with np.load(p.model_file("saliency", name, "heatmaps")) as f:
                 at = {image: i for i, image in enumerate(f["images"].tolist())}
                 cams, heads = f["cams"].astype(np.float32), f["heads"]
-            picked = [(path, s) for path, s in zip(sample_paths[: p.saliency.images], samples, strict=False) if Path(path).stem in at]
+            picked = list(zip(sample_paths[: p.saliency.images], samples, strict=False))
             x = load_batch([path for path, _ in picked], r["input_size"])
             for xi, (path, (_, title, correct)) in zip(x, picked, strict=True):
-                i = at[Path(path).stem]
+                i = at[Path(path).stem]  # every sample is a test image, with its heatmap: a missing one is a bug, so KeyError
                 overlays.append((xi.astype(np.uint8), cams[i], heads[i], title, correct))
     if overlays:
         save(saliency_figure(overlays), out / "saliency.png")

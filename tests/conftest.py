@@ -113,5 +113,6 @@ def small_run(tmp_path_factory):
         benchmark(p, n)
         external(p, n)
     ensemble(p)
-    saliency(p)
+    for n in p.models:
+        saliency(p, n)
     return p, trained, evaluated, report(p)

@@ -34,11 +34,11 @@ MODELS = {
     "vgg16-aug": {"backbone": "vgg16", "augment": True},
     "smallcnn-aug": {"backbone": "smallcnn", "augment": True},
 }
-PER_MODEL = ("train", "evaluate", "export", "benchmark", "external")
+PER_MODEL = ("train", "evaluate", "export", "benchmark", "external", "saliency")
 WEIGHTS = [f"weights@{b}" for b in ("resnet50v2", "vgg19", "vgg16", "smallcnn")]  # every backbone in params
 DATA = ["ingest", "audit", "split", "augment", "ingest_external"]
-CHAIN = [*DATA, *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "ensemble", "saliency", "report"]
-VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["ensemble", "saliency", "report"])  # they read every model
+CHAIN = [*DATA, *WEIGHTS, *(f"{stage}@{m}" for m in MODELS for stage in PER_MODEL), "ensemble", "report"]
+VGG16_CHAIN = sorted([f"{stage}@vgg16-aug" for stage in PER_MODEL] + ["ensemble", "report"])  # ensemble reads every model
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 TIMES = {}
 
@@ -254,8 +254,8 @@ def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage
     from flows.pipeline import pipeline
 
     set_param(ws, "train", "threshold", 0.4)  # a value never run before: no run-cache entry to restore
-    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@", "external@"))}
-    stale |= {"ensemble", "saliency", "report"}
+    stale = {s for s in CHAIN if s.startswith(("train@", "evaluate@", "export@", "benchmark@", "external@", "saliency@"))}
+    stale |= {"ensemble", "report"}
     user = subprocess.Popen(["dvc", "--wait-for-lock", "repro"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = pipeline(str(ws / "params.yaml"))
     out, _ = user.communicate(timeout=900)
@@ -266,17 +266,26 @@ def test_a_flow_and_a_dvc_repro_at_once_both_finish_and_never_run_the_same_stage
     assert clean(ws)
 
 
-def test_the_flows_fast_read_of_dvc_lock_gives_dvcs_own_bytes_back(ws):
+def test_the_flows_fast_read_of_dvc_lock_gives_dvcs_own_bytes_back(ws, monkeypatch, tmp_path):
     """flows/repro_one.py reads dvc.lock for DVC's rewrite with the C-accelerated safe parser: DVC's own dumper then
-    writes exactly the bytes its round-trip parser would have; a lock file with a comment goes the round-trip way."""
+    writes exactly the bytes its round-trip parser would have; a lock file with a comment goes the round-trip way.
+    (dvc.lock is the earlier tests' in this module.)"""
     import io
 
     import dvc.utils.serialize._yaml as dvc_yaml
 
-    from flows.repro_one import read_lock_for_update
+    from flows.repro_one import install_fast_lock_read, read_lock_for_update
 
     text = (ws / "dvc.lock").read_text()
-    fast = read_lock_for_update(dvc_yaml.parse_yaml_for_update)
+    rt = dvc_yaml.parse_yaml_for_update  # DVC's round-trip read
+    fast = read_lock_for_update(rt)
+    monkeypatch.setattr(dvc_yaml, "parse_yaml_for_update", rt)  # put back after the test
+    install_fast_lock_read()  # as each stage process does: DVC's own rewrite of a lock file now reads it the fast way
+    copy = tmp_path / "dvc.lock"
+    copy.write_text(text)
+    with dvc_yaml.modify_yaml(copy) as data:
+        assert type(data) is dict  # the safe parser's (the round trip gives a CommentedMap)
+    assert copy.read_text() == text
 
     def dumped(data):
         out = io.StringIO()
@@ -284,7 +293,7 @@ def test_the_flows_fast_read_of_dvc_lock_gives_dvcs_own_bytes_back(ws):
         return out.getvalue()
 
     assert text.count("\n") > 500 and type(fast(text, "dvc.lock")) is dict  # a real lock file, read the fast way
-    assert dumped(fast(text, "dvc.lock")) == dumped(dvc_yaml.parse_yaml_for_update(text, "dvc.lock")) == text
+    assert dumped(fast(text, "dvc.lock")) == dumped(rt(text, "dvc.lock")) == text
     commented = "# kept by the round trip\n" + text
     assert dumped(fast(commented, "dvc.lock")) == commented
 
@@ -322,17 +331,18 @@ def test_new_images_make_every_stage_but_the_weights_stale_for_the_flow(ws):
 
 
 def test_a_failed_run_ends_in_one_summary_without_traceback_and_keeps_what_was_produced(ws):
-    from prefect.settings import PREFECT_API_URL
-
+    """`brainmri run` as a user without a Prefect server runs it: Prefect's temporary server starts once, beside DVC's
+    reading of the workspace (flows.pipeline.start_server_beside), and the flow uses it."""
     manifest = (ws / "data/ingest/manifest.csv").read_bytes()
     set_param(ws, "ingest", "min_images_per_class", 1000)  # bad data for these params: ingest exits 2
-    server = {"PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's test server, as a user's running server: no start-up
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | GIT
     try:
-        res = subprocess.run(["brainmri", "run"], cwd=ws, capture_output=True, text=True, timeout=600, env={**os.environ, **GIT, **server})
+        res = subprocess.run(["brainmri", "run"], cwd=ws, capture_output=True, text=True, timeout=600, env=env)
     finally:
         set_param(ws, "ingest", "min_images_per_class", 5)
     err = res.stdout + res.stderr
     assert res.returncode == 2, err
+    assert err.count("Prefect: a temporary server for this run at http://127.0.0.1:") == 1, err  # started by `run`
     assert "Traceback" not in err and "1 stage(s) failed" in err and "ingest failed (exit code 2)" in err
     assert {"audit", "split", "ingest_external"} <= held(err) and "next:" in err and "Finished in state" not in err
     assert (ws / "data/ingest/manifest.csv").read_bytes() == manifest  # DVC's removed outputs are put back
@@ -518,7 +528,7 @@ def test_whole_chain_on_the_real_dataset_at_32px(tmp_path):
         assert external(p, name)["n_images"] == 0
         assert m["n_test"] == 38 and 0.0 <= m["test"]["auc"]["value"] <= 1.0
         assert t["weights"]["kind"] == "none"
-    saliency(p)
+        saliency(p, name)
     table = report(p)["table"]
     assert len(table) == 7 and len(p.models) == 7
     assert "38 images" in (p.path("report") / "report.md").read_text()

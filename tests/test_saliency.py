@@ -76,11 +76,14 @@ def test_the_saliency_stage_records_what_the_report_shows_and_reads_no_test_labe
     manifest = tmp_path / "split.csv"
     split.to_csv(manifest, index=False)
     q = load_params(p.root / "params.yaml", {"paths": {"split_manifest": str(manifest), "saliency": str(tmp_path / "s")}})
-    saliency(q)
     for name in p.models:
+        saliency(q, name)
         for file in ("saliency", "heatmaps"):
             assert q.model_file("saliency", name, file).read_bytes() == p.model_file("saliency", name, file).read_bytes(), (name, file)
-    look = (p.path("report") / "report.md").read_text().split("### Where the models look", 1)[1]
+    look = (p.path("report") / "report.md").read_text().split("### Where the models look", 1)[1].split("\n## ", 1)[0]
     for name in p.models:
         r = json.loads(p.model_file("saliency", name, "saliency").read_text())
-        assert f"| {name} | {r['mean_share_inside_head']:.2f} | {r['head_share_of_input']:.2f} |" in look
+        flag = "LOOKS OUTSIDE THE HEAD" if r["mean_share_inside_head"] < p.saliency.min_head_share else ""
+        row = f"| {name} | {r['mean_share_inside_head']:.2f} | {r['head_share_of_input']:.2f} | {r['empty_heatmaps']} of {r['n_images']} |"
+        assert f"{row} {flag} |".replace("  ", " ") in look.replace("  ", " "), (row, look)
+    assert "(saliency.png)" in look and (p.path("report") / "saliency.png").stat().st_size > 2000  # the best model's overlays
