@@ -392,6 +392,7 @@ def start_server_beside():
     """Prefect's temporary server, started in a thread exactly as Prefect's client would start it on first use (the
     same singleton, so the flow finds it running); None when a server is configured (PREFECT_API_URL) or the
     temporary one is off. Its process starts on another core while this one reads DVC's workspace."""
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
@@ -406,6 +407,6 @@ def start_server_beside():
         return server.api_url
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-server")
-    future = pool.submit(start)
+    future = pool.submit(contextvars.copy_context().run, start)  # the caller's Prefect settings (temporary_settings) too
     pool.shutdown(wait=False)
     return future
