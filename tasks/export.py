@@ -158,7 +158,9 @@ def head_nodes(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
-def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, reduce_range: bool, ranges: Path | None = None) -> None:
+def quantize(
+    fp32_path, int8_path, calibration_paths, size: int, method: str, reduce_range: bool, ranges: Path | None = None, prep=None
+) -> None:
     """Static int8 quantization (QDQ, per-channel weights) of the base, calibrated on `calibration_paths`.
 
     Relu, MaxPool, Add and Mul are quantized with the convolutions, so that tensors stay int8 from one
@@ -174,9 +176,13 @@ def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, re
     `ranges` is ONNX Runtime's calibration cache (a JSON file of every activation's range): calibration runs and
     writes it when the file is absent, and is skipped when it is there. Activation ranges do not depend on
     `reduce_range` (a weight setting), so the candidates of one calibration method share one calibration.
+    `prep` likewise keeps ONNX Runtime's pre-processed fp32 model (shape inference, graph optimisation) for the next
+    candidate: made when absent, reused when there; without it, made beside `int8_path` and removed after.
     """
-    prep = int8_path.with_name("prep.onnx")
-    quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+    keep = prep is not None
+    prep = prep or int8_path.with_name("prep.onnx")
+    if not prep.is_file():
+        quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
     quantize_static(
         str(prep),
         str(int8_path),
@@ -192,7 +198,8 @@ def quantize(fp32_path, int8_path, calibration_paths, size: int, method: str, re
         extra_options={"CalibStridedMinMax": 1},  # one batch at a time into the histograms (Calibration's docstring)
         calibration_cache_path=ranges,
     )
-    prep.unlink()
+    if not keep:
+        prep.unlink()
 
 
 def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, threshold: float) -> dict:
@@ -211,7 +218,7 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
     m32 = point(val.y, p32, threshold)
     combos = list(itertools.product(candidates(p.export.calibration_method), candidates(p.export.reduce_range)))
     scores = []
-    with tempfile.TemporaryDirectory() as ranges:  # one calibration per method, shared by its reduce_range candidates
+    with tempfile.TemporaryDirectory() as shared:  # one pre-processing, and one calibration per method, for every candidate
         for i, (method, reduce_range) in enumerate(combos):
             target = int8 if len(combos) == 1 else int8.with_name(f"candidate{i}.onnx")
             log.info(
@@ -221,7 +228,7 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
                 reduce_range,
                 len(calib),
             )
-            quantize(fp32, target, calib, size, method, reduce_range, Path(ranges) / f"{method}.json")
+            quantize(fp32, target, calib, size, method, reduce_range, Path(shared) / f"{method}.json", Path(shared) / "prep.onnx")
             p8 = probabilities(session(target), x_val)
             m8 = point(val.y, p8, threshold)
             scores.append(
