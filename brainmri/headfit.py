@@ -11,8 +11,14 @@ Hand-written rather than a library loop because the heads are trained side by si
 the final head, or later the points of a grid): their weights are stacked on a leading head axis, each head steps
 through its own training rows, and a head whose epoch has no rows left, or which has stopped, skips the Adam update.
 Keras's Adam updates whole variables and cannot skip one slice, so its update rule is written out below (the same
-formula and constants as keras.optimizers.Adam). The heads are independent: each one's shuffle and dropout draw from
-its own seed, so a head trains the same alone or in a group, up to float rounding.
+formula and constants as keras.optimizers.Adam), and so are the two-layer head's gradients. The heads are
+independent: each one's shuffle and dropout draw from its own seed, so a head trains the same alone or in a group, up
+to float rounding.
+
+Where the time goes (benchmarks/head_speed.py): at 2048-d features a step's two matrix products take about a third
+of it, and Adam's update another half: a pass that reads the weights, both moments and the gradient and writes three
+of them back, 28 bytes per weight, memory-bound. XLA fuses that update into one kernel; TensorFlow's own kernels
+took 15 passes (about 2x the time).
 
 The heads are built by `build_head` (adapted Normalization, initial weights from Keras's initialisers) and trained in
 place: the trained weights are assigned back into the same Keras model, which is what gets saved.
@@ -149,6 +155,24 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
 
 
 _TRACED: dict = {}
+_ADAM: list = []
+
+
+def _adam(p, g, m, v, on, alpha):
+    """Adam's update of every parameter, as keras.optimizers.Adam, for the heads where `on` is 1; in one XLA-fused
+    kernel: element-wise only, so the result does not depend on how XLA splits the work between threads."""
+    import tensorflow as tf
+
+    if not _ADAM:
+
+        def update(p, g, m, v, on, alpha):
+            m = tuple(mk + o * (gk - mk) * (1 - BETA_1) for mk, gk, o in zip(m, g, on, strict=True))
+            v = tuple(vk + o * (tf.square(gk) - vk) * (1 - BETA_2) for vk, gk, o in zip(v, g, on, strict=True))
+            p = tuple(pk - o * (mk * a) / (tf.sqrt(vk) + EPSILON) for pk, mk, vk, o, a in zip(p, m, v, on, alpha, strict=True))
+            return p, m, v
+
+        _ADAM.append(tf.function(update, jit_compile=True, autograph=False))
+    return _ADAM[0](p, g, m, v, on, alpha)
 
 
 def _loop(*args, epochs: int, patience: int, batch: int):
@@ -179,11 +203,10 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         """`value` [H] shaped to broadcast against a stacked parameter [H, ...]."""
         return tf.reshape(value, [heads] + [1] * (len(param.shape) - 1))
 
-    def forward(p, xs, keep=None):
-        h = tf.nn.relu(tf.einsum("hbd,hdu->hbu", xs, p[0]) + p[1][:, None])
-        if keep is not None:
-            h = h * keep / (1.0 - rate)[:, None, None]  # inverted dropout, as keras.layers.Dropout, at each head's rate
-        return tf.einsum("hbu,hu->hb", h, p[2]) + p[3][:, None]  # logits
+    def forward(p, xs):
+        """Logits without dropout. Batched matrix products, not einsum: einsum's gradient spent 2.5x the products' time."""
+        h = tf.nn.relu(tf.matmul(xs, p[0]) + p[1][:, None])
+        return tf.matmul(h, p[2][:, :, None])[:, :, 0] + p[3][:, None]
 
     def draws(offset, shape):
         """Uniform draws from each head's own stream: independent of which other heads train beside it."""
@@ -198,35 +221,38 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         xb = (tf.gather(x, rows) - mean[:, None]) * scale[:, None]
         yb = tf.gather(y, rows)
         n = tf.reduce_sum(mask, axis=1)
-        with tf.GradientTape() as tape:
-            tape.watch(p)
-            logits = forward(p, xb, tf.gather(keep, s, axis=1))
-            bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=logits)
-            loss = tf.reduce_sum(mask * w * bce, axis=1) / tf.maximum(n, 1.0)  # Keras: weighted sum over the batch size
-            total = tf.reduce_sum(loss)
-        grads = tape.gradient(total, p)
+        # the gradients written out (dense -> relu -> dropout -> dense -> sigmoid cross-entropy): a GradientTape over
+        # the same graph took about 20% more CPU time a step (benchmarks/head_speed.py)
+        z = tf.matmul(xb, p[0]) + p[1][:, None]  # [H, batch, units]
+        kept = tf.gather(keep, s, axis=1) / (1.0 - rate)[:, None, None]  # inverted dropout (keras.layers.Dropout), at each head's rate
+        h = tf.nn.relu(z) * kept
+        logits = tf.matmul(h, p[2][:, :, None])[:, :, 0] + p[3][:, None]
+        bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=logits)
+        coef = mask * w / tf.maximum(n, 1.0)[:, None]  # Keras: a weighted sum over the batch size
+        loss = tf.reduce_sum(coef * bce, axis=1)
+        d_logits = coef * (tf.sigmoid(logits) - yb)  # d bce / d logits = sigmoid(logits) - label
+        d_z = d_logits[:, :, None] * p[2][:, None, :] * kept * tf.cast(z > 0, tf.float32)
+        grads = (
+            tf.matmul(xb, d_z, transpose_a=True),  # W1 [H, d, units]
+            tf.reduce_sum(d_z, axis=1),  # b1
+            tf.matmul(h, d_logits[:, :, None], transpose_a=True)[:, :, 0],  # w2
+            tf.reduce_sum(d_logits, axis=1),  # b2
+        )
         on = live * tf.cast(n > 0, tf.float32)  # 1 where this head takes an Adam step now
         t = t + on
         alpha = lr * tf.sqrt(1.0 - tf.pow(BETA_2, tf.maximum(t, 1.0))) / (1.0 - tf.pow(BETA_1, tf.maximum(t, 1.0)))
-        new_p, new_m, new_v = [], [], []
-        for k in range(4):
-            o = per_head(p[k], on)
-            mk = m[k] + o * (grads[k] - m[k]) * (1 - BETA_1)
-            vk = v[k] + o * (tf.square(grads[k]) - v[k]) * (1 - BETA_2)
-            new_p.append(p[k] - o * (mk * per_head(p[k], alpha)) / (tf.sqrt(vk) + EPSILON))
-            new_m.append(mk)
-            new_v.append(vk)
+        new_p, new_m, new_v = _adam(p, grads, m, v, tuple(per_head(q, on) for q in p), tuple(per_head(q, alpha) for q in p))
         correct = tf.cast(tf.equal(tf.cast(logits > 0, tf.float32), yb), tf.float32)
         sums = sums + tf.stack([loss * n, n, tf.reduce_sum(mask * correct, axis=1)])  # Keras: class weights weigh the loss, not accuracy
         return s + 1, (tuple(new_p), tuple(new_m), tuple(new_v), t, sums)
 
     def steps_compiled(p, m, v, t, order, keep, live):
-        """One epoch's mini-batch steps, in the same graph as the rest. Not compiled by XLA: XLA's CPU runtime can give
-        different results for the same inputs when it runs on several threads (jax-ml/jax#39741, on AMD CPUs), and a
-        retrained model must equal the first (CI, on another CPU, once saw a retrain differ; the feature cache
-        key was also at fault, see brainmri.features). TensorFlow's own kernels are deterministic
-        under tf.config.experimental.enable_op_determinism, which the train stage sets. XLA was about 2x faster
-        for 2048-d features (ResNet50V2)."""
+        """One epoch's mini-batch steps, in the same graph as the rest. Not compiled by XLA as a whole (only Adam's
+        element-wise update is, see `_adam`): XLA's CPU runtime can give different results for the same inputs when
+        it runs reductions or matrix products on several threads (jax-ml/jax#39741, on AMD CPUs), and a retrained
+        model must equal the first (CI, on another CPU, once saw a retrain differ; the feature cache key was also at
+        fault, see brainmri.features). TensorFlow's own kernels are deterministic under
+        tf.config.experimental.enable_op_determinism, which the train stage sets."""
         _, (p, m, v, t, sums) = tf.while_loop(
             lambda s, _: s < steps,
             lambda s, state: one_step(s, state, order, keep, live),
