@@ -154,6 +154,28 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
     return results
 
 
+def loss_and_grads(p, xb, yb, kept, coef):
+    """Logits [H, b], per-head loss [H] and its gradients with respect to (W1, b1, w2, b2) for stacked heads:
+    dense -> relu -> dropout (`kept`: 0 or 1/(1-rate)) -> dense -> sigmoid cross-entropy, each row weighted by `coef`.
+    Written out rather than taken from a GradientTape, which took about 20% more CPU time a step
+    (benchmarks/head_speed.py); tests/test_train.py checks it against the tape."""
+    import tensorflow as tf
+
+    z = tf.matmul(xb, p[0]) + p[1][:, None]  # [H, batch, units]
+    h = tf.nn.relu(z) * kept
+    logits = tf.matmul(h, p[2][:, :, None])[:, :, 0] + p[3][:, None]
+    loss = tf.reduce_sum(coef * tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=logits), axis=1)
+    d_logits = coef * (tf.sigmoid(logits) - yb)  # d bce / d logits = sigmoid(logits) - label
+    d_z = d_logits[:, :, None] * p[2][:, None, :] * kept * tf.cast(z > 0, tf.float32)
+    grads = (
+        tf.matmul(xb, d_z, transpose_a=True),  # W1 [H, d, units]
+        tf.reduce_sum(d_z, axis=1),  # b1
+        tf.matmul(h, d_logits[:, :, None], transpose_a=True)[:, :, 0],  # w2
+        tf.reduce_sum(d_logits, axis=1),  # b2
+    )
+    return logits, loss, grads
+
+
 _TRACED: dict = {}
 _ADAM: list = []
 
@@ -221,23 +243,9 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         xb = (tf.gather(x, rows) - mean[:, None]) * scale[:, None]
         yb = tf.gather(y, rows)
         n = tf.reduce_sum(mask, axis=1)
-        # the gradients written out (dense -> relu -> dropout -> dense -> sigmoid cross-entropy): a GradientTape over
-        # the same graph took about 20% more CPU time a step (benchmarks/head_speed.py)
-        z = tf.matmul(xb, p[0]) + p[1][:, None]  # [H, batch, units]
         kept = tf.gather(keep, s, axis=1) / (1.0 - rate)[:, None, None]  # inverted dropout (keras.layers.Dropout), at each head's rate
-        h = tf.nn.relu(z) * kept
-        logits = tf.matmul(h, p[2][:, :, None])[:, :, 0] + p[3][:, None]
-        bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=logits)
         coef = mask * w / tf.maximum(n, 1.0)[:, None]  # Keras: a weighted sum over the batch size
-        loss = tf.reduce_sum(coef * bce, axis=1)
-        d_logits = coef * (tf.sigmoid(logits) - yb)  # d bce / d logits = sigmoid(logits) - label
-        d_z = d_logits[:, :, None] * p[2][:, None, :] * kept * tf.cast(z > 0, tf.float32)
-        grads = (
-            tf.matmul(xb, d_z, transpose_a=True),  # W1 [H, d, units]
-            tf.reduce_sum(d_z, axis=1),  # b1
-            tf.matmul(h, d_logits[:, :, None], transpose_a=True)[:, :, 0],  # w2
-            tf.reduce_sum(d_logits, axis=1),  # b2
-        )
+        logits, loss, grads = loss_and_grads(p, xb, yb, kept, coef)
         on = live * tf.cast(n > 0, tf.float32)  # 1 where this head takes an Adam step now
         t = t + on
         alpha = lr * tf.sqrt(1.0 - tf.pow(BETA_2, tf.maximum(t, 1.0))) / (1.0 - tf.pow(BETA_1, tf.maximum(t, 1.0)))

@@ -128,6 +128,36 @@ def test_same_seed_same_weights_and_heads_train_alone_as_in_a_group(vgg16_spec):
     assert moved > 1e-2  # seeds 7 and 8 in one group: different shuffles and dropout, different heads
 
 
+def test_the_written_out_head_gradients_equal_automatic_differentiation():
+    """brainmri.headfit.loss_and_grads against a GradientTape over the same loss: stacked heads with dropout, class
+    weights, a padded (zero-weight) row, and pre-activations on both sides of relu's kink."""
+    import tensorflow as tf
+
+    from brainmri.headfit import loss_and_grads
+
+    rng = np.random.default_rng(3)
+    heads, b, d, u = 3, 8, 12, 5
+    p = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in [(heads, d, u), (heads, u), (heads, u), (heads,)]]
+    xb = tf.constant(rng.normal(size=(heads, b, d)).astype(np.float32))
+    yb = tf.constant((rng.random((heads, b)) < 0.5).astype(np.float32))
+    kept = tf.constant(((rng.random((heads, b, u)) >= 0.4) / 0.6).astype(np.float32))
+    coef = rng.uniform(0.5, 1.5, (heads, b)).astype(np.float32)
+    coef[:, -1] = 0.0  # a padding row: no weight, no gradient
+    coef = tf.constant(coef / b)
+    logits, loss, grads = loss_and_grads(p, xb, yb, kept, coef)
+    with tf.GradientTape() as tape:
+        tape.watch(p)
+        h = tf.nn.relu(tf.einsum("hbd,hdu->hbu", xb, p[0]) + p[1][:, None]) * kept
+        want_logits = tf.einsum("hbu,hu->hb", h, p[2]) + p[3][:, None]
+        want_loss = tf.reduce_sum(coef * tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=want_logits), axis=1)
+        total = tf.reduce_sum(want_loss)
+    want = tape.gradient(total, p)
+    assert np.allclose(logits, want_logits, atol=1e-5) and np.allclose(loss, want_loss, atol=1e-6)
+    for got, ref in zip(grads, want, strict=True):
+        assert got.shape == ref.shape and np.allclose(got, ref, rtol=1e-5, atol=1e-6), float(np.abs(got - ref).max())
+    assert float(np.abs(np.asarray(want[0])).max()) > 1e-2  # the check has something to compare
+
+
 def test_heads_with_their_own_rate_dropout_and_epochs_train_in_one_run_as_they_would_alone(vgg16_spec):
     """A grid's points train side by side: each head keeps its own learning rate, dropout rate and epoch count."""
     settings = [(0.2, 7, 0.01, 3), (0.5, 8, 0.001, 6)]  # dropout, seed, lr, epochs
