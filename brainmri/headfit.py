@@ -226,7 +226,7 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         return tf.reshape(value, [heads] + [1] * (len(param.shape) - 1))
 
     def forward(p, xs):
-        """Logits without dropout. Batched matrix products, not einsum: einsum's gradient spent 2.5x the products' time."""
+        """Validation logits (no dropout), with the same batched products as `loss_and_grads`."""
         h = tf.nn.relu(tf.matmul(xs, p[0]) + p[1][:, None])
         return tf.matmul(h, p[2][:, :, None])[:, :, 0] + p[3][:, None]
 
@@ -260,7 +260,8 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         it runs reductions or matrix products on several threads (jax-ml/jax#39741, on AMD CPUs), and a retrained
         model must equal the first (CI, on another CPU, once saw a retrain differ; the feature cache key was also at
         fault, see brainmri.features). TensorFlow's own kernels are deterministic under
-        tf.config.experimental.enable_op_determinism, which the train stage sets."""
+        tf.config.experimental.enable_op_determinism, which the train stage sets; that setting does not govern the
+        XLA-compiled Adam update, whose determinism rests on its being element-wise (see `_adam`)."""
         _, (p, m, v, t, sums) = tf.while_loop(
             lambda s, _: s < steps,
             lambda s, state: one_step(s, state, order, keep, live),

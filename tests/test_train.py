@@ -158,6 +158,34 @@ def test_the_written_out_head_gradients_equal_automatic_differentiation():
     assert float(np.abs(np.asarray(want[0])).max()) > 1e-2  # the check has something to compare
 
 
+def test_the_fused_adam_update_is_keras_adams_formula_and_skips_heads_that_take_no_step():
+    """brainmri.headfit._adam (XLA-fused) against keras.optimizers.Adam's update written with TensorFlow's own
+    kernels, one parameter at a time, for all four stacked parameters, with per-head step sizes and one head off."""
+    import tensorflow as tf
+
+    from brainmri.headfit import BETA_1, BETA_2, EPSILON, _adam
+
+    rng = np.random.default_rng(5)
+    heads = 3
+    shapes = [(heads, 6, 4), (heads, 4), (heads, 4), (heads,)]
+    small = lambda s: 10.0 ** rng.uniform(-8, 0, s)  # noqa: E731  (gradients and moments near 0 too, where epsilon's place matters)
+    p, m = ([tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes] for _ in range(2))
+    g = [tf.constant((rng.normal(size=s) * small(s)).astype(np.float32)) for s in shapes]
+    v = [tf.constant((rng.random(size=s) * small(s) ** 2).astype(np.float32)) for s in shapes]
+    on_h, alpha_h = np.array([1.0, 0.0, 1.0], np.float32), np.array([1e-3, 5e-2, 2e-2], np.float32)
+    per = lambda a, q: tf.constant(a.reshape([heads] + [1] * (len(q.shape) - 1)))  # noqa: E731
+    got = _adam(tuple(p), tuple(g), tuple(m), tuple(v), tuple(per(on_h, q) for q in p), tuple(per(alpha_h, q) for q in p))
+    for k in range(4):
+        m_k = BETA_1 * m[k] + (1 - BETA_1) * g[k]
+        v_k = BETA_2 * v[k] + (1 - BETA_2) * tf.square(g[k])
+        p_k = p[k] - per(alpha_h, p[k]) * m_k / (tf.sqrt(v_k) + EPSILON)
+        for out, want, before in zip((got[0][k], got[1][k], got[2][k]), (p_k, m_k, v_k), (p[k], m[k], v[k]), strict=True):
+            out, want, before = np.asarray(out), np.asarray(want), np.asarray(before)
+            assert np.allclose(out[on_h == 1], want[on_h == 1], rtol=1e-5, atol=1e-6)
+            assert np.array_equal(out[1], before[1])  # the head that takes no step keeps its weights and moments
+    assert not np.allclose(np.asarray(got[0][0][0]), np.asarray(p[0][0]))  # and the others moved: the check can fail
+
+
 def test_heads_with_their_own_rate_dropout_and_epochs_train_in_one_run_as_they_would_alone(vgg16_spec):
     """A grid's points train side by side: each head keeps its own learning rate, dropout rate and epoch count."""
     settings = [(0.2, 7, 0.01, 3), (0.5, 8, 0.001, 6)]  # dropout, seed, lr, epochs
