@@ -26,6 +26,7 @@ place: the trained weights are assigned back into the same Keras model, which is
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,24 +178,25 @@ def loss_and_grads(p, xb, yb, kept, coef):
 
 
 _TRACED: dict = {}
-_ADAM: list = []
 
 
-def _adam(p, g, m, v, on, alpha):
-    """Adam's update of every parameter, as keras.optimizers.Adam, for the heads where `on` is 1; in one XLA-fused
-    kernel: element-wise only, so the result does not depend on how XLA splits the work between threads."""
+@functools.cache
+def _adam_update():
+    """Adam's update of every parameter, as keras.optimizers.Adam, for the heads where `on` [H] is 1, each at its own
+    step size `alpha` [H]; one XLA-fused kernel, built once per process (traced once per shape): element-wise only,
+    so the result does not depend on how XLA splits the work between threads."""
     import tensorflow as tf
 
-    if not _ADAM:
+    def update(p, g, m, v, on, alpha):
+        def per_head(value, q):  # [H] shaped to broadcast against a stacked parameter [H, ...]
+            return tf.reshape(value, [-1] + [1] * (len(q.shape) - 1))
 
-        def update(p, g, m, v, on, alpha):
-            m = tuple(mk + o * (gk - mk) * (1 - BETA_1) for mk, gk, o in zip(m, g, on, strict=True))
-            v = tuple(vk + o * (tf.square(gk) - vk) * (1 - BETA_2) for vk, gk, o in zip(v, g, on, strict=True))
-            p = tuple(pk - o * (mk * a) / (tf.sqrt(vk) + EPSILON) for pk, mk, vk, o, a in zip(p, m, v, on, alpha, strict=True))
-            return p, m, v
+        m = tuple(mk + per_head(on, mk) * (gk - mk) * (1 - BETA_1) for mk, gk in zip(m, g, strict=True))
+        v = tuple(vk + per_head(on, vk) * (tf.square(gk) - vk) * (1 - BETA_2) for vk, gk in zip(v, g, strict=True))
+        p = tuple(pk - per_head(on, pk) * (mk * per_head(alpha, pk)) / (tf.sqrt(vk) + EPSILON) for pk, mk, vk in zip(p, m, v, strict=True))
+        return p, m, v
 
-        _ADAM.append(tf.function(update, jit_compile=True, autograph=False))
-    return _ADAM[0](p, g, m, v, on, alpha)
+    return tf.function(update, jit_compile=True, autograph=False)
 
 
 def _loop(*args, epochs: int, patience: int, batch: int):
@@ -243,25 +245,25 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         xb = (tf.gather(x, rows) - mean[:, None]) * scale[:, None]
         yb = tf.gather(y, rows)
         n = tf.reduce_sum(mask, axis=1)
-        kept = tf.gather(keep, s, axis=1) / (1.0 - rate)[:, None, None]  # inverted dropout (keras.layers.Dropout), at each head's rate
+        kept = tf.gather(keep, s, axis=1)
         coef = mask * w / tf.maximum(n, 1.0)[:, None]  # Keras: a weighted sum over the batch size
         logits, loss, grads = loss_and_grads(p, xb, yb, kept, coef)
         on = live * tf.cast(n > 0, tf.float32)  # 1 where this head takes an Adam step now
         t = t + on
         alpha = lr * tf.sqrt(1.0 - tf.pow(BETA_2, tf.maximum(t, 1.0))) / (1.0 - tf.pow(BETA_1, tf.maximum(t, 1.0)))
-        new_p, new_m, new_v = _adam(p, grads, m, v, tuple(per_head(q, on) for q in p), tuple(per_head(q, alpha) for q in p))
+        new_p, new_m, new_v = _adam_update()(p, grads, m, v, on, alpha)
         correct = tf.cast(tf.equal(tf.cast(logits > 0, tf.float32), yb), tf.float32)
         sums = sums + tf.stack([loss * n, n, tf.reduce_sum(mask * correct, axis=1)])  # Keras: class weights weigh the loss, not accuracy
         return s + 1, (tuple(new_p), tuple(new_m), tuple(new_v), t, sums)
 
     def steps_compiled(p, m, v, t, order, keep, live):
         """One epoch's mini-batch steps, in the same graph as the rest. Not compiled by XLA as a whole (only Adam's
-        element-wise update is, see `_adam`): XLA's CPU runtime can give different results for the same inputs when
+        element-wise update is, see `_adam_update`): XLA's CPU runtime can give different results for the same inputs when
         it runs reductions or matrix products on several threads (jax-ml/jax#39741, on AMD CPUs), and a retrained
         model must equal the first (CI, on another CPU, once saw a retrain differ; the feature cache key was also at
         fault, see brainmri.features). TensorFlow's own kernels are deterministic under
         tf.config.experimental.enable_op_determinism, which the train stage sets; that setting does not govern the
-        XLA-compiled Adam update, whose determinism rests on its being element-wise (see `_adam`)."""
+        XLA-compiled Adam update, whose determinism rests on its being element-wise (see `_adam_update`)."""
         _, (p, m, v, t, sums) = tf.while_loop(
             lambda s, _: s < steps,
             lambda s, state: one_step(s, state, order, keep, live),
@@ -276,6 +278,7 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         keys = tf.where(fit_mask > 0, draws(2 * e64, [width]), 2.0)  # a fresh permutation of each head's own rows
         order = tf.reshape(tf.argsort(keys, axis=1, stable=True), [heads, steps, batch])
         keep = tf.cast(draws(2 * e64 + 1, [steps, batch, units]) >= rate[:, None, None, None], tf.float32)
+        keep = keep / (1.0 - rate)[:, None, None, None]  # inverted dropout (keras.layers.Dropout), at each head's rate
         p, m, v, t, sums = steps_compiled(p, m, v, t, order, keep, live)
         v_logits = forward(p, x_val)
         v_bce = tf.reduce_sum(val_mask * tf.nn.sigmoid_cross_entropy_with_logits(labels=y_val, logits=v_logits), axis=1)

@@ -159,11 +159,11 @@ def test_the_written_out_head_gradients_equal_automatic_differentiation():
 
 
 def test_the_fused_adam_update_is_keras_adams_formula_and_skips_heads_that_take_no_step():
-    """brainmri.headfit._adam (XLA-fused) against keras.optimizers.Adam's update written with TensorFlow's own
+    """brainmri.headfit._adam_update (XLA-fused) against keras.optimizers.Adam's update written with TensorFlow's own
     kernels, one parameter at a time, for all four stacked parameters, with per-head step sizes and one head off."""
     import tensorflow as tf
 
-    from brainmri.headfit import BETA_1, BETA_2, EPSILON, _adam
+    from brainmri.headfit import BETA_1, BETA_2, EPSILON, _adam_update
 
     rng = np.random.default_rng(5)
     heads = 3
@@ -174,7 +174,7 @@ def test_the_fused_adam_update_is_keras_adams_formula_and_skips_heads_that_take_
     v = [tf.constant((rng.random(size=s) * small(s) ** 2).astype(np.float32)) for s in shapes]
     on_h, alpha_h = np.array([1.0, 0.0, 1.0], np.float32), np.array([1e-3, 5e-2, 2e-2], np.float32)
     per = lambda a, q: tf.constant(a.reshape([heads] + [1] * (len(q.shape) - 1)))  # noqa: E731
-    got = _adam(tuple(p), tuple(g), tuple(m), tuple(v), tuple(per(on_h, q) for q in p), tuple(per(alpha_h, q) for q in p))
+    got = _adam_update()(tuple(p), tuple(g), tuple(m), tuple(v), tf.constant(on_h), tf.constant(alpha_h))
     for k in range(4):
         m_k = BETA_1 * m[k] + (1 - BETA_1) * g[k]
         v_k = BETA_2 * v[k] + (1 - BETA_2) * tf.square(g[k])
