@@ -143,14 +143,20 @@ def timing_batch(images: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([images] * -(-n // max(1, len(images))))[:n]
 
 
-def interleaved(runtimes: dict[str, Callable], x: np.ndarray, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each runtime on `x`: `warmup` untimed calls each, then `repeats` rounds, each round timing
-    every runtime once in a rotated order, so that drifts of a shared machine hit all alike."""
+def interleaved(runtimes: dict[str, Callable], x: np.ndarray, b) -> dict[str, list[float]]:
+    """Seconds per call of each runtime on `x`: `b.warmup` untimed calls each, then rounds, each timing every runtime
+    once in a rotated order, so that drifts of a shared machine hit all alike. Rounds stop at `b.repeats`, or sooner,
+    once `b.min_repeats` rounds are done and `b.seconds` have passed since the first: a round of seven runtimes on
+    VGG19 at batch 8 takes about 7 s on 2 cores, one at batch 1 of a small model a few milliseconds, and a fixed
+    count spent minutes on the first to gain nothing on the second."""
     names = list(runtimes)
     for fn in runtimes.values():
-        time_calls(fn, x, warmup, 0)
+        time_calls(fn, x, b.warmup, 0)
     seconds: dict[str, list[float]] = {rt: [] for rt in names}
-    for i in range(repeats):
+    start = time.perf_counter()
+    for i in range(b.repeats):
+        if i >= b.min_repeats and time.perf_counter() - start >= b.seconds:
+            break
         for rt in names[i % len(names) :] + names[: i % len(names)]:
             seconds[rt].append(time_calls(runtimes[rt], x, 0, 1)[0])
     return seconds
@@ -263,7 +269,7 @@ def timing_key(p: Params, name: str, model, machine: dict) -> str:
         "graphs": [_graph_digest(p.model_file("export", name, f)) for f in ("onnx", "onnx_int8")],
         "keras": _keras_digest(model),
         "input_size": p.backbones[p.models[name].backbone].input_size,
-        "settings": [b.batch_size, b.warmup, b.repeats, b.threads],
+        "settings": [b.batch_size, b.warmup, b.repeats, b.min_repeats, b.seconds, b.threads],
         "code": [hashlib.sha256((here / c).read_bytes()).hexdigest() for c in CODE],
         "machine": {**machine, "usable_cores": len(os.sched_getaffinity(0)), "boot": _boot_id()},
         "environment": {
@@ -298,7 +304,7 @@ def measure(p: Params, name: str, runtimes: dict[str, Callable], images: np.ndar
     rows = []
     for batch in (1, b.batch_size):
         x = np.ascontiguousarray(images[:batch])
-        seconds = interleaved(runtimes, x, b.warmup, b.repeats)
+        seconds = interleaved(runtimes, x, b)
         for rt in runtimes:
             per_image = np.array(seconds[rt]) / batch * 1000.0
             ips = 1000.0 / float(np.median(per_image))
@@ -308,6 +314,7 @@ def measure(p: Params, name: str, runtimes: dict[str, Callable], images: np.ndar
                 {
                     "runtime": rt,
                     "batch": batch,
+                    "rounds": len(per_image),  # timed calls behind these figures (benchmark.min_repeats to .repeats)
                     "p50_ms": round(p50, 3),
                     "p25_ms": round(p25, 3),
                     "p75_ms": round(p75, 3),
@@ -429,7 +436,14 @@ def benchmark(p: Params, name: str) -> dict:
         "fastest_admissible": fastest,  # the fastest runtime whose val check passed: what `predict --runtime` should use here
         "spread_too_wide": bool(too_wide),
         "machine": machine,
-        "settings": {"batch_sizes": [1, b.batch_size], "warmup": b.warmup, "repeats": b.repeats, "order": "interleaved rounds, rotated"},
+        "settings": {
+            "batch_sizes": [1, b.batch_size],
+            "warmup": b.warmup,
+            "repeats": b.repeats,
+            "min_repeats": b.min_repeats,
+            "seconds": b.seconds,
+            "order": "interleaved rounds, rotated; stop at repeats, or after min_repeats once seconds have passed",
+        },
     }
     write_json(p.model_file("benchmark", name, "benchmark"), out)
     write_metrics(

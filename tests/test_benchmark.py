@@ -107,3 +107,30 @@ def test_onnx_runtime_gemm_peaks_are_plausible_rates():
 
     peaks = ort_gemm_peaks(threads=1, n=256, repeats=3)
     assert 1.0 < peaks["fp32"] < 10_000.0 and 1.0 < peaks["int8"] < 100_000.0
+
+
+def test_timed_rounds_stop_at_the_time_budget_but_never_below_min_repeats_nor_above_repeats():
+    """Every runtime gets the same number of rounds; slow calls stop at min_repeats once the budget has passed, fast
+    ones run every round up to repeats, and a budget of 0 gives exactly min_repeats."""
+    import time
+    from types import SimpleNamespace
+
+    from tasks.benchmark import interleaved
+
+    calls = {"slow": 0, "slower": 0}
+
+    def sleeper(name, s):
+        def call(x):
+            calls[name] += 1
+            time.sleep(s)
+
+        return call
+
+    settings = SimpleNamespace(warmup=1, repeats=10, min_repeats=3, seconds=0.05)
+    slow = interleaved({"slow": sleeper("slow", 0.02), "slower": sleeper("slower", 0.03)}, None, settings)
+    assert {k: len(v) for k, v in slow.items()} == {"slow": 3, "slower": 3}  # the budget passed in round 2
+    assert calls == {"slow": 4, "slower": 4} and min(slow["slower"]) >= 0.03  # one untimed call each, then 3 timed
+    fast = interleaved({"a": lambda x: None, "b": lambda x: None}, None, SimpleNamespace(warmup=0, repeats=10, min_repeats=3, seconds=60))
+    assert {k: len(v) for k, v in fast.items()} == {"a": 10, "b": 10}
+    none = interleaved({"a": lambda x: None}, None, SimpleNamespace(warmup=0, repeats=10, min_repeats=4, seconds=0))
+    assert len(none["a"]) == 4

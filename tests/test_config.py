@@ -35,6 +35,7 @@ def test_every_param_has_a_why_comment():
         ({"ingest": {"positive_class": "tumour"}}, "'tumour' is not one of ingest.classes"),
         ({"seed": "42"}, "'seed': input should be a valid integer"),
         ({"augment": {"brightness": [1.2, 0.8]}}, "augment.brightness"),
+        ({"benchmark": {"min_repeats": 21}}, "benchmark.min_repeats (21) must not exceed benchmark.repeats (20)"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, override, needle):
