@@ -108,12 +108,21 @@ def ort_gemm_peaks(threads: int, n: int = 1024, repeats: int = 5) -> dict[str, f
     return out
 
 
+TIGHT = 0.10  # an IQR within a tenth of the median is a precise measurement: two such whose quartiles overlap are tied
+
+
 def ranking(rows: list[dict], batch: int) -> dict:
-    """The runtimes at one batch size, fastest first by median, and whether the spread lets them be ranked: two
-    neighbours are told apart only when the slower one's 25th percentile lies above the faster one's 75th."""
+    """The runtimes at one batch size, fastest first by median. Two neighbours are told apart when the slower one's
+    25th percentile lies above the faster one's 75th. When their quartiles overlap but both spreads are narrow
+    (IQR within TIGHT of the median), they are `tied`: measured well, equally fast. Otherwise they are
+    `not_told_apart`, and the batch size is not rankable: the spread is too wide."""
     at = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["p50_ms"])
-    mixed = [[a["runtime"], b["runtime"]] for a, b in zip(at, at[1:], strict=False) if b["p25_ms"] <= a["p75_ms"]]
-    return {"fastest_first": [r["runtime"] for r in at], "not_told_apart": mixed, "rankable": not mixed}
+    tied, mixed = [], []
+    for a, b in zip(at, at[1:], strict=False):
+        if b["p25_ms"] <= a["p75_ms"]:
+            narrow = all(r["p75_ms"] - r["p25_ms"] <= TIGHT * r["p50_ms"] for r in (a, b))
+            (tied if narrow else mixed).append([a["runtime"], b["runtime"]])
+    return {"fastest_first": [r["runtime"] for r in at], "tied": tied, "not_told_apart": mixed, "rankable": not mixed, "tie_iqr": TIGHT}
 
 
 def cpu_model() -> str:

@@ -102,7 +102,12 @@ def latency_table(p: Params) -> tuple[pd.DataFrame | None, dict]:
         if not (path.is_file() and exp.is_file()):
             return None, {}
         b, e = json.loads(path.read_text()), json.loads(exp.read_text())
-        machine = {**b["machine"], "peak": b["matmul_peak_gflops"], "int8_peak": b.get("int8_gemm_peak_gops", float("nan"))}
+        machine = {
+            **b["machine"],
+            "peak": b["matmul_peak_gflops"],
+            "int8_peak": b.get("int8_gemm_peak_gops", float("nan")),
+            "tie_iqr": next(iter(b.get("ranking", {}).values()), {}).get("tie_iqr", float("nan")),
+        }
         by = {(r["runtime"], r["batch"]): r for r in b["rows"]}
         for bs in b["settings"]["batch_sizes"]:
             r = b["ratios"][f"batch_{bs}"]
@@ -116,13 +121,21 @@ def latency_table(p: Params) -> tuple[pd.DataFrame | None, dict]:
                     "int8 / fp32": f"{r['int8_speedup_over_fp32']:.2f}x",
                     "fp32 % peak": f"{100 * by['onnxruntime_fp32', bs]['share_of_matmul_peak']:.0f}",
                     "int8 % peak": f"{100 * by['onnxruntime_int8', bs]['share_of_matmul_peak']:.0f}",
-                    "Rankable": "yes" if b.get("ranking", {}).get(f"batch_{bs}", {}).get("rankable", True) else "no: spread too wide",
+                    "Rankable": rankable(b.get("ranking", {}).get(f"batch_{bs}", {})),
                     "Timed by": "itself" if b.get("timed", {}).get("by", name) == name else f"{b['timed']['by']} (same graphs)",
                     "int8 Δ acc (pts)": f"{e['int8']['accuracy_change_points']:+.1f}",
                     "int8 Δ AUC": f"{e['int8']['auc_change']:+.3f}",
                 }
             )
     return pd.DataFrame(rows), machine
+
+
+def rankable(rank: dict) -> str:
+    """The report's 'Rankable' cell for one batch size's ranking (tasks/benchmark.py's ranking)."""
+    if not rank.get("rankable", True):
+        return "no: spread too wide"
+    ties = "; ".join(" = ".join(pair) for pair in rank.get("tied", []))
+    return f"yes (tied: {ties})" if ties else "yes"
 
 
 def latency_figure(table: pd.DataFrame):
@@ -468,7 +481,8 @@ def report(p: Params) -> dict:
                 f"reaches {machine['peak']:.0f} GFLOP/s in float32 and {machine['int8_peak']:.0f} GOP/s in uint8 x int8 here; "
                 "'% peak' is each ONNX Runtime row's rate as a share of the peak in its precision. The runtimes are timed in "
                 "interleaved rounds; a batch size is 'rankable' when every two neighbours in speed are told apart by their "
-                "interquartile ranges."
+                "interquartile ranges, or tied: quartiles that overlap while both are narrow (an IQR within "
+                f"{machine['tie_iqr']:.0%} of the median)."
                 + (
                     " A model whose graphs match a sibling's (aug and noaug of one backbone, cut at the same layer) shows the "
                     "sibling's timings ('Timed by'): one architecture is timed once, within benchmark.reuse_minutes "

@@ -97,9 +97,15 @@ def test_ranking_tells_runtimes_apart_only_when_their_quartiles_do_not_overlap()
 
     row = lambda rt, p25, p50, p75: {"runtime": rt, "batch": 1, "p25_ms": p25, "p50_ms": p50, "p75_ms": p75}  # noqa: E731
     apart = ranking([row("a", 9, 10, 11), row("b", 19, 20, 21), row("c", 4, 5, 6)], 1)
-    assert apart == {"fastest_first": ["c", "a", "b"], "not_told_apart": [], "rankable": True}
+    assert apart == {"fastest_first": ["c", "a", "b"], "tied": [], "not_told_apart": [], "rankable": True, "tie_iqr": 0.1}
     mixed = ranking([row("a", 9, 10, 14), row("b", 12, 13, 15)], 1)
-    assert mixed["not_told_apart"] == [["a", "b"]] and not mixed["rankable"]
+    assert mixed["not_told_apart"] == [["a", "b"]] and not mixed["tied"] and not mixed["rankable"]
+    # two runtimes measured tightly (IQR 4% of the median) at the same speed: a tie, not a spread too wide to rank
+    tie = ranking([row("a", 9.8, 10.0, 10.2), row("b", 9.9, 10.1, 10.3), row("c", 30, 31, 32)], 1)
+    assert tie == {"fastest_first": ["a", "b", "c"], "tied": [["a", "b"]], "not_told_apart": [], "rankable": True, "tie_iqr": 0.1}
+    # one of the pair noisy (IQR 30% of the median): not told apart
+    loose = ranking([row("a", 9.8, 10.0, 10.2), row("b", 8.0, 10.1, 11.0)], 1)
+    assert loose["not_told_apart"] == [["a", "b"]] and not loose["tied"] and not loose["rankable"]
 
 
 def test_onnx_runtime_gemm_peaks_are_plausible_rates():
