@@ -314,6 +314,7 @@ class Export(Section):
 class Benchmark(Section):
     batch_size: int
     warmup: int
+    warmup_next: int
     repeats: int
     min_repeats: int
     seconds: float
@@ -322,7 +323,9 @@ class Benchmark(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        self.require_min("benchmark", batch_size=2, warmup=0, repeats=3, min_repeats=3, seconds=0, threads=1, reuse_minutes=0)
+        self.require_min(
+            "benchmark", batch_size=2, warmup=0, warmup_next=0, repeats=3, min_repeats=3, seconds=0, threads=1, reuse_minutes=0
+        )
         if self.min_repeats > self.repeats:
             raise ValueError(f"benchmark.min_repeats ({self.min_repeats}) must not exceed benchmark.repeats ({self.repeats})")
         return self

@@ -152,15 +152,16 @@ def timing_batch(images: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([images] * -(-n // max(1, len(images))))[:n]
 
 
-def interleaved(runtimes: dict[str, Callable], x: np.ndarray, b) -> dict[str, list[float]]:
-    """Seconds per call of each runtime on `x`: `b.warmup` untimed calls each, then rounds, each timing every runtime
+def interleaved(runtimes: dict[str, Callable], x: np.ndarray, b, first: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each runtime on `x`: `b.warmup` untimed calls each (`b.warmup_next` when the runtimes
+    have already run at another batch size: `first` False), then rounds, each timing every runtime
     once in a rotated order, so that drifts of a shared machine hit all alike. Rounds stop at `b.repeats`, or sooner,
     once `b.min_repeats` rounds are done and `b.seconds` have passed since the first: a round of seven runtimes on
     VGG19 at batch 8 takes about 7 s on 2 cores, one at batch 1 of a small model a few milliseconds, and a fixed
     count spent minutes on the first to gain nothing on the second."""
     names = list(runtimes)
     for fn in runtimes.values():
-        time_calls(fn, x, b.warmup, 0)
+        time_calls(fn, x, b.warmup if first else b.warmup_next, 0)
     seconds: dict[str, list[float]] = {rt: [] for rt in names}
     start = time.perf_counter()
     for i in range(b.repeats):
@@ -278,7 +279,7 @@ def timing_key(p: Params, name: str, model, machine: dict) -> str:
         "graphs": [_graph_digest(p.model_file("export", name, f)) for f in ("onnx", "onnx_int8")],
         "keras": _keras_digest(model),
         "input_size": p.backbones[p.models[name].backbone].input_size,
-        "settings": [b.batch_size, b.warmup, b.repeats, b.min_repeats, b.seconds, b.threads],
+        "settings": [b.batch_size, b.warmup, b.warmup_next, b.repeats, b.min_repeats, b.seconds, b.threads],
         "code": [hashlib.sha256((here / c).read_bytes()).hexdigest() for c in CODE],
         "machine": {**machine, "usable_cores": len(os.sched_getaffinity(0)), "boot": _boot_id()},
         "environment": {
@@ -313,7 +314,7 @@ def measure(p: Params, name: str, runtimes: dict[str, Callable], images: np.ndar
     rows = []
     for batch in (1, b.batch_size):
         x = np.ascontiguousarray(images[:batch])
-        seconds = interleaved(runtimes, x, b)
+        seconds = interleaved(runtimes, x, b, first=batch == 1)
         for rt in runtimes:
             per_image = np.array(seconds[rt]) / batch * 1000.0
             ips = 1000.0 / float(np.median(per_image))
@@ -448,6 +449,7 @@ def benchmark(p: Params, name: str) -> dict:
         "settings": {
             "batch_sizes": [1, b.batch_size],
             "warmup": b.warmup,
+            "warmup_next": b.warmup_next,
             "repeats": b.repeats,
             "min_repeats": b.min_repeats,
             "seconds": b.seconds,

@@ -28,7 +28,7 @@ def latency(p: Params, path, images: np.ndarray) -> dict:
     runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
     images = timing_batch(images, b.batch_size)
     with quiet.timing(p.path("timing_cache"), "ensemble", p.orchestration.exclusive):
-        seconds = {batch: interleaved(runtimes, np.ascontiguousarray(images[:batch]), b) for batch in (1, b.batch_size)}
+        seconds = {batch: interleaved(runtimes, np.ascontiguousarray(images[:batch]), b, first=batch == 1) for batch in (1, b.batch_size)}
     rows = []
     for batch in (1, b.batch_size):
         for rt, s in seconds[batch].items():
@@ -40,6 +40,7 @@ def latency(p: Params, path, images: np.ndarray) -> dict:
         "machine": {"cpu": cpu_model(), "threads": b.threads},
         "settings": {
             "warmup": b.warmup,
+            "warmup_next": b.warmup_next,
             "repeats": b.repeats,
             "min_repeats": b.min_repeats,
             "seconds": b.seconds,

@@ -132,11 +132,14 @@ def test_timed_rounds_stop_at_the_time_budget_but_never_below_min_repeats_nor_ab
 
         return call
 
-    settings = SimpleNamespace(warmup=1, repeats=10, min_repeats=3, seconds=0.05)
+    settings = SimpleNamespace(warmup=1, warmup_next=2, repeats=10, min_repeats=3, seconds=0.05)
     slow = interleaved({"slow": sleeper("slow", 0.02), "slower": sleeper("slower", 0.03)}, None, settings)
     assert {k: len(v) for k, v in slow.items()} == {"slow": 3, "slower": 3}  # the budget passed in round 2
     assert calls == {"slow": 4, "slower": 4} and min(slow["slower"]) >= 0.03  # one untimed call each, then 3 timed
-    fast = interleaved({"a": lambda x: None, "b": lambda x: None}, None, SimpleNamespace(warmup=0, repeats=10, min_repeats=3, seconds=60))
+    interleaved({"slow": sleeper("slow", 0.02), "slower": sleeper("slower", 0.03)}, None, settings, first=False)
+    assert calls == {"slow": 9, "slower": 9}  # at a later batch size: warmup_next (2) untimed calls, then 3 timed
+    free = {"a": lambda x: None, "b": lambda x: None}
+    fast = interleaved(free, None, SimpleNamespace(warmup=0, warmup_next=0, repeats=10, min_repeats=3, seconds=60))
     assert {k: len(v) for k, v in fast.items()} == {"a": 10, "b": 10}
-    none = interleaved({"a": lambda x: None}, None, SimpleNamespace(warmup=0, repeats=10, min_repeats=4, seconds=0))
+    none = interleaved({"a": lambda x: None}, None, SimpleNamespace(warmup=0, warmup_next=0, repeats=10, min_repeats=4, seconds=0))
     assert len(none["a"]) == 4
