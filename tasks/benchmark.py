@@ -172,6 +172,18 @@ def interleaved(runtimes: dict[str, Callable], x: np.ndarray, b, first: bool = T
     return seconds
 
 
+def round_settings(b) -> dict:
+    """How `interleaved` timed the calls, for the records that carry its timings."""
+    return {
+        "warmup": b.warmup,
+        "warmup_next": b.warmup_next,
+        "repeats": b.repeats,
+        "min_repeats": b.min_repeats,
+        "seconds": b.seconds,
+        "order": "interleaved rounds, rotated; stop at repeats, or after min_repeats once seconds have passed",
+    }
+
+
 def openvino_runtimes(p: Params, name: str, threads: int) -> dict[str, Callable]:
     """OpenVINO on the same exported files: fp32 and int8 always, bf16 where the CPU has bf16 instructions."""
     from brainmri.runtimes import bf16_capable, runner
@@ -446,15 +458,7 @@ def benchmark(p: Params, name: str) -> dict:
         "fastest_admissible": fastest,  # the fastest runtime whose val check passed: what `predict --runtime` should use here
         "spread_too_wide": bool(too_wide),
         "machine": machine,
-        "settings": {
-            "batch_sizes": [1, b.batch_size],
-            "warmup": b.warmup,
-            "warmup_next": b.warmup_next,
-            "repeats": b.repeats,
-            "min_repeats": b.min_repeats,
-            "seconds": b.seconds,
-            "order": "interleaved rounds, rotated; stop at repeats, or after min_repeats once seconds have passed",
-        },
+        "settings": {"batch_sizes": [1, b.batch_size], **round_settings(b)},
     }
     write_json(p.model_file("benchmark", name, "benchmark"), out)
     write_metrics(

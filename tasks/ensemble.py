@@ -22,7 +22,7 @@ def latency(p: Params, path, images: np.ndarray) -> dict:
     benchmark.* settings, interleaved rounds), with no other stage process running (brainmri/quiet.py)."""
     from brainmri import quiet
     from brainmri.runtimes import runner
-    from tasks.benchmark import cpu_model, interleaved, ranking, timing_batch
+    from tasks.benchmark import cpu_model, interleaved, ranking, round_settings, timing_batch
 
     b = p.benchmark
     runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
@@ -38,14 +38,7 @@ def latency(p: Params, path, images: np.ndarray) -> dict:
         "rows": rows,
         "ranking": {f"batch_{bs}": ranking(rows, bs) for bs in (1, b.batch_size)},
         "machine": {"cpu": cpu_model(), "threads": b.threads},
-        "settings": {
-            "warmup": b.warmup,
-            "warmup_next": b.warmup_next,
-            "repeats": b.repeats,
-            "min_repeats": b.min_repeats,
-            "seconds": b.seconds,
-            "order": "interleaved rounds, rotated; stop at repeats, or after min_repeats once seconds have passed",
-        },
+        "settings": round_settings(b),
     }
 
 
