@@ -37,6 +37,11 @@ KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.
 KINDS[stat.S_IFDIR] = "a folder"
 BACKGROUND = 24  # 8-bit level below which a pixel counts as background when cropping to the content
 BORDER_MARGIN = 10  # ...or this far above the image border's median level: some scans sit on gray (25), not black, film
+BORDER_BAND = 0.03  # that level is the median of a band this deep (a share of the shorter side, at least 3 px) along the
+# edges, not of the outermost pixels alone: 12 real scans carry a thin white frame line, whose level (122-255) set the
+# threshold above the head, so the crop took a panel letter, a tumour or part of a head, or nothing (benchmarks/crops.py)
+PAPER = 200  # a border level above this is a white page or slide the scan was pasted on (3 real scans: 254-255), far
+# above any film (black, or gray at 25); a head that fills its view puts its skull in the band (a real one: 161)
 CLOSING = 2  # binary-closing iterations that bridge dark gaps splitting one head into pieces (without it, real pairs were lost)
 THIN = 3  # binary-opening iterations: a region with nothing left after it (text strokes, edge stripes under ~7 px) is a mark
 MIN_PART = 0.05  # a thick region at least this share of the largest is head too (a head split by a dark gap); smaller blobs are not
@@ -121,15 +126,45 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def _border_level(a: np.ndarray) -> float:
+    k = max(3, round(BORDER_BAND * min(a.shape)))
+    return float(np.median(np.concatenate([a[:k].ravel(), a[-k:].ravel(), a[:, :k].ravel(), a[:, -k:].ravel()])))
+
+
 def head_mask(img: Image.Image) -> np.ndarray | None:
     """The head as a boolean mask of `img`: the largest connected bright region (scipy.ndimage.label) that is not a thin
     mark, with any other thick region at least MIN_PART of its size; None when nothing is bright. Content cropping
-    boxes it; saliency measures how much of a model's attention falls inside it (holes filled: the ventricles are head)."""
+    boxes it; saliency measures how much of a model's attention falls inside it (holes filled: the ventricles are head).
+    A scan pasted on white (a page, a slide) is looked for inside the largest region darker than the white; when that
+    region has no film of its own around the head, it is the head."""
     from scipy import ndimage
 
     a = np.asarray(img.convert("L"))
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    mask = ndimage.binary_closing(a > max(BACKGROUND, float(np.median(border)) + BORDER_MARGIN), iterations=CLOSING)
+    level = _border_level(a)
+    if level <= PAPER:
+        return _bright_regions(a, level)
+    labels, n = ndimage.label(a < level - BORDER_MARGIN)
+    if n == 0:
+        return None
+    dark = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    ys, xs = np.nonzero(dark)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    inner = a[y0:y1, x0:x1]
+    inner_level = _border_level(inner)
+    if inner_level > PAPER:  # the head itself lies on the white, no film around it: the dark region is the head
+        return ndimage.binary_fill_holes(dark)
+    found = _bright_regions(inner, inner_level)
+    if found is None:
+        return None
+    out = np.zeros(a.shape, bool)
+    out[y0:y1, x0:x1] = found
+    return out
+
+
+def _bright_regions(a: np.ndarray, level: float) -> np.ndarray | None:
+    from scipy import ndimage
+
+    mask = ndimage.binary_closing(a > max(BACKGROUND, level + BORDER_MARGIN), iterations=CLOSING)
     labels, n = ndimage.label(mask)
     if n == 0:
         return None

@@ -251,6 +251,52 @@ def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
     assert g[0] == g[1] != g[2]
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_content_crop_sees_past_a_thin_bright_frame_along_the_edges(seed):
+    """10 real scans carry a 1-2 px white line along three or four edges. The background level came from the outermost
+    pixels, so the line set it (127-237), and the crop took a panel letter, the tumour of a dim scan, or nothing."""
+    from PIL import Image, ImageDraw
+
+    from brainmri.images import content_crop
+
+    rng = np.random.default_rng(seed)
+    head = np.pad(brain(seed, tumor=True, size=(120, 110)), 30).astype(np.float64)
+    if seed % 2:  # a dim scan (as FLAIR often is) with one bright lesion: the lesion alone clears a frame-set threshold
+        head *= 0.4
+        yy, xx = np.mgrid[: head.shape[0], : head.shape[1]]
+        head[(yy - 80) ** 2 + (xx - 70) ** 2 < 15**2] = 230
+    plain = Image.fromarray(head.astype(np.uint8))
+    framed = np.array(plain)
+    width, level = int(rng.integers(1, 3)), int(rng.integers(120, 256))
+    sides = [slice(None)] * 4
+    edges = [(slice(0, width), sides[0]), (slice(-width, None), sides[1]), (sides[2], slice(0, width)), (sides[3], slice(-width, None))]
+    for k in rng.permutation(4)[: 3 + seed % 2]:  # three or four sides
+        framed[edges[k]] = level
+    marked = Image.fromarray(framed)
+    if seed % 4 < 2:
+        ImageDraw.Draw(marked).text((framed.shape[1] - 12, framed.shape[0] - 14), "B", fill=255)  # a panel letter
+    a, b = content_crop(plain), content_crop(marked)
+    assert a.width > 50 and a.height > 60, a.size  # the head (66-84 x 86-106 px), not the lesion (31 x 31)
+    assert abs(a.width - b.width) <= 2 and abs(a.height - b.height) <= 2, (a.size, b.size)  # and the same head when framed
+
+
+@pytest.mark.parametrize("film", [True, False])
+def test_content_crop_finds_a_scan_pasted_on_white(film):
+    """3 real scans lie on a white page or slide, on their own black film or with none around the head: every pixel was
+    below a threshold set by the white, and nothing was cropped."""
+    from PIL import Image
+
+    from brainmri.images import content_crop
+
+    head = np.pad(brain(3, tumor=True, size=(120, 110)), 30)
+    a = content_crop(Image.fromarray(head))
+    page = np.full((head.shape[0] + 90, head.shape[1] + 70), 255, np.uint8)
+    page[20 : 20 + head.shape[0], 50 : 50 + head.shape[1]] = head if film else np.where(head > 24, head, 255)
+    b = content_crop(Image.fromarray(page))
+    slack = 2 if film else 12  # with no film, the head's bright rim merges with the white and the box ends inside it
+    assert abs(a.width - b.width) <= slack and abs(a.height - b.height) <= slack, (a.size, b.size)
+
+
 def assert_each_copy_joins_only_its_original(originals: list, copies: list) -> None:
     """copies[k] is a copy of originals[k] (all different scans) that the whole-view rule misses: the full detector
     joins each copy to its own original and no other."""
