@@ -36,6 +36,11 @@ def test_every_param_has_a_why_comment():
         ({"seed": "42"}, "'seed': input should be a valid integer"),
         ({"augment": {"brightness": [1.2, 0.8]}}, "augment.brightness"),
         ({"benchmark": {"min_repeats": 21}}, "benchmark.min_repeats (21) must not exceed benchmark.repeats (20)"),
+        ({"seed": -1}, "seed must be in [0, 2**32), got -1"),
+        ({"seed": 2**40}, "seed must be in [0, 2**32)"),
+        ({"ingest": {"outlier_z": float("nan")}}, "'ingest.outlier_z': NaN is not a value"),
+        ({"export": {"parity_tolerance": float("nan")}}, "'export.parity_tolerance': NaN is not a value"),
+        ({"ingest": {"max_pixels": 2**70}}, "'ingest.max_pixels': an integer of 71 bits is too large"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, override, needle):
@@ -73,3 +78,37 @@ def test_missing_key_and_missing_file(tmp_path):
         load_params(tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("paths", "needle"),
+    [
+        ({"ingest_images": ""}, "paths.ingest_images '' is the project folder"),  # it replaced the whole project with PNGs
+        ({"ingest_images": "."}, "is the project folder"),
+        ({"augment_images": ".."}, "or holds it"),
+        ({"report": "/"}, "or holds it"),
+        ({"ingest_images": "data/raw/brain_tumor_dataset"}, "overlaps ingest.source"),  # replaced the raw data
+        ({"external_images": "data/raw"}, "overlaps ingest.source"),  # holds it
+        ({"weights": "weights/x"}, "overlaps paths.weights_inbox"),
+        ({"ingest_manifest": "params.yaml"}, "overlaps params.yaml"),
+        ({"registry": "dvc.yaml"}, "overlaps dvc.yaml"),
+        ({"models": ".git"}, "overlaps .git"),
+        ({"report": "tasks"}, "overlaps paths.code + tasks"),
+        ({"eval": "data/models/eval"}, "overlaps paths.eval"),  # another output's folder
+        ({"models": "data"}, "overlaps paths.models 'data'"),
+    ],
+)
+def test_an_output_path_cannot_replace_the_project_its_inputs_or_another_output(tmp_path, paths, needle):
+    """A stage replaces its outputs whole: paths.ingest_images '' once replaced the whole project with PNGs."""
+    make_project(tmp_path, {"paths": paths})
+    with pytest.raises(ConfigError) as exc:
+        load_params(tmp_path / "params.yaml")
+    assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize("value", ["9" * 4301, "0x" + "f" * 5000])
+def test_an_integer_too_long_to_read_or_use_is_one_sentence(tmp_path, value):
+    text = (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("seed: 42", f"seed: {value}", 1))
+    with pytest.raises(ConfigError, match=r"params.yaml: .*(digits|too large)"):
+        load_params(tmp_path / "params.yaml")
