@@ -11,6 +11,7 @@ ingest.archive_max_bytes in all, counting real bytes: declared sizes can lie.
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 import stat
 import tarfile
@@ -21,6 +22,9 @@ from brainmri.errors import DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 CHUNK = 1 << 20
+MAX_TAR_META = 1 << 16  # bytes of a tar's GNU long-name or pax header: tarfile reads its declared size whole into memory
+# before any member cap counts it (a 1.5 MB .tar.gz declaring 1.5 GB took 1.65 GB); a path is at most 4,096 bytes
+MAX_NAME_PART = 255  # bytes of one file or folder name: the usual file-system limit, checked before anything is written
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 
 
@@ -64,6 +68,12 @@ class _Members:
         shown = printable(name)
         if name != shown:
             raise DataError(f"{self.archive.name}: member {shown!r} has a name that is not valid UTF-8")
+        if "\x00" in name:
+            raise DataError(f"{self.archive.name}: member {shown!r} has a NUL byte in its name")
+        if any(len(part.encode()) > MAX_NAME_PART for part in name.replace("\\", "/").split("/")):
+            raise DataError(
+                f"{self.archive.name}: member {shown[:80]!r}... has a name part over {MAX_NAME_PART} bytes, too long for a file name"
+            )
         norm = name.replace("\\", "/")
         pure = PurePosixPath(norm)
         if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
@@ -91,6 +101,10 @@ class _Members:
             out = open(dest, "xb")  # noqa: SIM115 - closed below; 'x': a clash with an earlier member is refused, not overwritten
         except (FileExistsError, NotADirectoryError, IsADirectoryError):
             raise DataError(f"{archive.name}: member {shown!r} clashes with another member's path; refusing the archive") from None
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise DataError(f"{archive.name}: member {shown[:80]!r}... has a path too long to write here") from None
         with out:
             size = 0
             while True:
@@ -114,6 +128,10 @@ class _Members:
             dest.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise DataError(f"{archive.name}: folder member {printable(name)!r} clashes with a file member; refusing the archive") from None
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise DataError(f"{archive.name}: folder member {printable(name)[:80]!r}... has a path too long to write here") from None
 
 
 def _extract_zip(archive: Path, dest: Path, m: _Members) -> None:
@@ -146,9 +164,21 @@ def _extract_zip(archive: Path, dest: Path, m: _Members) -> None:
                 m.copy(archive, src, dest / pure, info.filename)
 
 
+class _CappedTarInfo(tarfile.TarInfo):
+    """tarfile's member header, refusing a long-name or pax header that declares more than MAX_TAR_META bytes before
+    reading it. Overrides the private _proc_member (stable since Python 3.2): tarfile has no public hook there."""
+
+    META = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tf):
+        if self.type in self.META and self.size > MAX_TAR_META:
+            raise tarfile.HeaderError(f"an extended header declares {self.size} bytes (at most {MAX_TAR_META})")
+        return super()._proc_member(tf)
+
+
 def _extract_tar(archive: Path, dest: Path, m: _Members) -> None:
     with _library(archive, "the tar header"):
-        tf = tarfile.open(archive, mode="r:*")
+        tf = tarfile.open(archive, mode="r:*", tarinfo=_CappedTarInfo)
     with tf:
         previous = "the first member"
         while True:

@@ -17,6 +17,7 @@ min..max range, and an image with any NaN or infinite pixel is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -33,6 +34,12 @@ from brainmri.errors import DecodeError, ImageError
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "GIF", "WEBP"})
 INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 CHUNK = 1 << 20
+BLOCK_PIXELS = 1 << 20  # pixels per block of rows when high bit depths go to 8 bits: 8 MB of float64 at a time
+MAX_JPEG_SCANS = 100  # a progressive JPEG decodes every scan over the whole image: 2,000 repeated 120-byte scans (a 259 KB
+# file) took 45 s at 36 MP, so a file under the byte cap could take hours. Encoders write 1 (baseline) to about 10 (every
+# real scan here: at most 10, EXIF thumbnails included); libjpeg-turbo's own tools offer the same kind of limit (-maxscans)
+UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR})  # the file's own fault
+ROTATING = frozenset(range(2, 9))  # EXIF orientations that flip or turn the image; 1 is upright, anything else is invalid
 KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 KINDS[stat.S_IFDIR] = "a folder"
 BACKGROUND = 24  # 8-bit level below which a pixel counts as background when cropping to the content
@@ -85,12 +92,17 @@ def read_capped(path: str | Path, max_bytes: int) -> bytes:
     file systems), so memory never holds more than `max_bytes`. Special files are judged by os.stat, which
     follows links, and opened with O_NONBLOCK, so a named pipe or a device is never read and never blocks.
     """
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if stat.S_ISREG(st.st_mode) and st.st_size <= max_bytes else -1
+    except OSError as exc:
+        if exc.errno not in UNREADABLE:
+            raise  # an I/O error of the disk: the run fails and can be retried, the image is not quarantined for it
+        raise ImageError(f"cannot be read: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ImageError(f"not a regular file ({KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}); not read")
     if st.st_size > max_bytes:
         raise ImageError(f"{st.st_size} bytes is over the cap ingest.max_file_bytes={max_bytes}; not read")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with open(fd, "rb", buffering=0) as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for something else between stat and open
             raise ImageError("not a regular file (replaced while being opened); not read")
@@ -116,6 +128,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             raise DecodeError(f"corrupt or truncated image header: {_reason(exc)}") from None
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {img.format}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}")
+    if img.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ImageError(f"a JPEG of {scans} scans (start-of-scan markers) is refused; at most {MAX_JPEG_SCANS}")
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(f"{width}x{height} = {width * height} pixels is over the cap ingest.max_pixels={max_pixels}")
@@ -215,20 +229,44 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     full = rgb
     if crop_to_content:  # after the downscale; the fingerprint finds the head in the uncropped view itself
         rgb = content_crop(rgb)
-    return Decoded(rgb, digest, fmt, mode, width, height, orientation not in (0, 1), note, len(data), len(exif) > 0, full)
+    return Decoded(
+        rgb,
+        digest,
+        fmt,
+        mode,
+        width,
+        height,
+        isinstance(orientation, int) and orientation in ROTATING,
+        note,
+        len(data),
+        len(exif) > 0,
+        full,
+    )
 
 
 def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int, crop_to_content: bool = False) -> Decoded:
     return decode_bytes(read_capped(path, max_bytes), max_pixels=max_pixels, max_side=max_side, crop_to_content=crop_to_content)
 
 
+def _by_rows(arr: np.ndarray, fn) -> np.ndarray:
+    """fn over blocks of rows into 8 bits: a 40 MP image never holds a float64 copy of itself (whole, the 16-bit and
+    32-bit conversions peaked at 1.1-1.3 GB for one 6320 x 6320 file of 78-250 KB)."""
+    out = np.empty(arr.shape, np.uint8)
+    step = max(1, BLOCK_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    for i in range(0, arr.shape[0], step):
+        out[i : i + step] = fn(arr[i : i + step])
+    return out
+
+
 def scale_integer(arr: np.ndarray) -> tuple[np.ndarray, str]:
     """Integer pixels to 8 bits: by the bit range used if they fit 16 bits, else by their min..max range, noted."""
     lo, hi = int(arr.min()), int(arr.max())
     if lo >= 0 and hi <= 0xFFFF:
-        bits = max(8, hi.bit_length())  # 12-bit data in a 16-bit container: scale by 4095, not 65535
-        return np.clip(np.rint(arr / ((2**bits - 1) / 255.0)), 0, 255).astype(np.uint8), ""
-    arr8 = np.rint(255 * (arr.astype(np.float64) - lo) / (hi - lo)).astype(np.uint8)
+        scale = (2 ** max(8, hi.bit_length()) - 1) / 255.0  # 12-bit data in a 16-bit container: scale by 4095, not 65535
+        return _by_rows(arr, lambda a: np.clip(np.rint(a / scale), 0, 255)), ""
+    if hi == lo:  # one value throughout: no range to scale by
+        return np.zeros(arr.shape, np.uint8), f"integer pixels all {lo}, outside 16 bits; mapped to 0"
+    arr8 = _by_rows(arr, lambda a: np.rint(255 * (a.astype(np.float64) - lo) / (hi - lo)))
     return arr8, f"integer pixels {lo}..{hi} do not fit 16 bits; scaled by their range to 0..255"
 
 
@@ -238,7 +276,7 @@ def scale_float(arr: np.ndarray) -> np.ndarray:
     if bad:
         raise ImageError(f"{bad} of {arr.size} float pixels are NaN or infinite; a float image needs finite values")
     lo, hi = float(arr.min()), float(arr.max())
-    return np.zeros(arr.shape, np.uint8) if hi <= lo else np.rint(255 * (arr - lo) / (hi - lo)).astype(np.uint8)
+    return np.zeros(arr.shape, np.uint8) if hi <= lo else _by_rows(arr, lambda a: np.rint(255 * (a.astype(np.float64) - lo) / (hi - lo)))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -250,7 +288,7 @@ def to_rgb_noted(img: Image.Image, fmt: str | None = None) -> tuple[Image.Image,
     mode = img.mode
     if mode in INTEGER_MODES or mode == "F":
         with _library(fmt):
-            arr = np.asarray(img, dtype=np.float64) if mode == "F" else np.asarray(img).astype(np.int64)
+            arr = np.asarray(img)  # float32 or 16/32-bit integers: converted a block of rows at a time (_by_rows)
         arr8, note = (scale_float(arr), "") if mode == "F" else scale_integer(arr)
         return Image.fromarray(arr8, "L").convert("RGB"), note
     if mode == "CMYK":

@@ -130,17 +130,28 @@ def collect(inputs: list[str]) -> list[Path]:
     """Files named directly, plus every non-hidden entry under the folders named (recursively), in sorted order.
 
     Links to folders and folders that cannot be listed are kept as entries, so they get an error row instead of
-    vanishing; links are never followed into folders.
+    vanishing; links are never followed into folders. The walk keeps its own stack: Python 3.11's os.walk recurses,
+    and a folder nested 1,200 deep overflowed it.
     """
     out = []
     for item in inputs:
+        if not item:
+            raise BrainMRIError("an input is an empty string; name a file or folder ('.' for this folder)")
         path = Path(item)
         if path.is_dir():  # named directly: walked even through a link; links inside are not followed
             unlistable: list[Path] = []
-            for root, dirs, files in os.walk(path, onerror=lambda e, bad=unlistable: bad.append(Path(e.filename))):
-                links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in links)
-                out += [Path(root) / f for f in sorted(files + links) if not f.startswith(".")]
+            stack = [path]
+            while stack:
+                folder = stack.pop()
+                try:
+                    with os.scandir(folder) as it:
+                        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+                except OSError:
+                    unlistable.append(folder)
+                    continue
+                subs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+                out += [Path(e.path) for e in entries if not e.is_dir(follow_symlinks=False)]
+                stack += reversed(subs)  # depth first, in name order, as os.walk goes
             out += unlistable
         elif path.exists() or path.is_symlink():
             out.append(path)
@@ -157,14 +168,22 @@ def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+MAX_OUT_NAME = 255 - 16  # the file-name limit less the temporary name's additions ('.' + name + '.XXXXXXXX.tmp')
+
+
 def check_out(out: Path, overwrite: bool, model: Path, files: list[Path]) -> tuple[int, int] | None:
     """Refuse an --out that is not a new file or (with overwrite) a replaceable regular one; its identity if it exists."""
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise BrainMRIError(f"--out {out}: must end in .csv or .json")
+    if len(out.name.encode()) > MAX_OUT_NAME:
+        raise BrainMRIError(f"--out {out.name[:40]}...: a name of {len(out.name.encode())} bytes; at most {MAX_OUT_NAME}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # before any work: a parent that cannot be a folder fails now
         st = os.lstat(out)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise BrainMRIError(f"--out {out}: cannot be written there ({exc.strerror or exc})") from None
     if stat.S_ISLNK(st.st_mode):
         raise BrainMRIError(f"--out {out} is a symbolic link; name a regular file or a new one")
     if not stat.S_ISREG(st.st_mode):
@@ -194,13 +213,8 @@ def _publish(tmp: Path, out: Path, key: tuple[int, int] | None) -> None:
     os.replace(tmp, out)
 
 
-def predict(
-    model: str | Path, inputs: list[str], out: str | Path, batch: int = 16, overwrite: bool = False, runtime: str = "onnxruntime"
-) -> pd.DataFrame:
-    model, out = Path(model), Path(out)
-    m = load(model, runtime)
-    files = collect(inputs)
-    key = check_out(out, overwrite, model, files)
+def _predict_files(m: Model, files: list[Path], batch: int) -> tuple[pd.DataFrame, list[dict]]:
+    """One row per file: its probability and label, or why it could not be read."""
     rows, arrays, index = [], [], []
 
     def flush():
@@ -224,12 +238,24 @@ def predict(
             flush()
     if arrays:
         flush()
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    return pd.DataFrame(rows, columns=COLUMNS), rows
+
+
+def predict(
+    model: str | Path, inputs: list[str], out: str | Path, batch: int = 16, overwrite: bool = False, runtime: str = "onnxruntime"
+) -> pd.DataFrame:
+    model, out = Path(model), Path(out)
+    m = load(model, runtime)
+    files = collect(inputs)
+    key = check_out(out, overwrite, model, files)
+    try:  # the output's temporary file first: a folder we may not write to fails before any image is read
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise BrainMRIError(f"--out {out}: cannot be written there ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(name)
     try:
+        frame, rows = _predict_files(m, files, batch)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
         if out.suffix.lower() == ".json":
             doc = {"model": str(model), "runtime": runtime, "threshold": m.threshold, "predictions": rows}

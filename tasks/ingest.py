@@ -62,11 +62,19 @@ def image_id(source_path: str) -> str:
     return hashlib.sha256(source_path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
+def listing(folder: Path) -> list[str]:
+    """A folder's entries, sorted; one that may not be listed is a layout error of the data, not a crash to retry."""
+    try:
+        return sorted(os.listdir(folder))
+    except PermissionError as exc:
+        raise DataError(f"{folder} cannot be listed: {exc.strerror}") from None
+
+
 def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict], list[dict]]:
     """List the class folders' files; stop on layout errors, set aside hidden files and unusable names."""
     files, skipped, quarantined = [], [], []
     present = []
-    for name in sorted(os.listdir(folder)):
+    for name in listing(folder):
         path = folder / name
         if name == MARKER:
             continue
@@ -86,7 +94,7 @@ def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict]
         if label not in present:
             raise DataError(f"class folder {label!r} is missing from {folder}; expected {classes}")
         n_before = len(files) + len(quarantined)
-        for name in sorted(os.listdir(folder / label)):
+        for name in listing(folder / label):
             rel, path = f"{label}/{name}", folder / label / name
             shown = escaped(archives.printable(rel))
             if is_hidden(name):

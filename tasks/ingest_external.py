@@ -8,7 +8,6 @@ rules, with ingest's errors: both class folders, images directly inside them.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pandas as pd
@@ -21,7 +20,7 @@ from brainmri.fsutil import atomic_dir, write_csv, write_json
 from brainmri.images import save_png
 from brainmri.phantoms import MARKER
 from brainmri.progress import summary
-from tasks.ingest import decoded, image_id, open_source, scan
+from tasks.ingest import decoded, image_id, listing, open_source, scan
 
 COLUMNS = ["image_id", "source_path", "label", "image", "sha256", "group", "duplicate_of", "used"]
 
@@ -37,7 +36,7 @@ def ingest_external(p: Params) -> dict:
         )
     rows, prints, quarantined, skipped, n_files, synthetic = [], [], [], [], 0, False
     with open_source(source, p, "external.source") as folder, atomic_dir(p.path("external_images")) as out:
-        configured = any(not name.startswith(".") for name in os.listdir(folder))  # anything else: scan's own errors
+        configured = any(not name.startswith(".") for name in listing(folder))  # anything else: scan's own errors
         if configured:
             files, skipped, quarantined = scan(folder, p.ingest.classes)
             synthetic = (folder / MARKER).is_file()
@@ -90,6 +89,8 @@ def _against_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[
     ingested image it duplicates ('' if none)."""
     if manifest.empty:
         return [], []
+    if not p.path("ingest_manifest").is_file():
+        raise DataError(f"{p.path('ingest_manifest')} not found: run the ingest stage before ingest_external (dvc repro orders them)")
     ingested = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
     theirs = []
     for name, sha in zip(ingested["image"], ingested["sha256"], strict=True):

@@ -123,6 +123,22 @@ def _tar_bytes(members, gz=False):
     return buf.getvalue()
 
 
+def _tar_meta(gz=True, **info_fields):
+    """A tar whose one extra member carries a hostile header: a GNU long name, pax records, a name with a NUL byte."""
+    buf = io.BytesIO()
+    fmt = tarfile.GNU_FORMAT if "name" in info_fields else tarfile.PAX_FORMAT
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w", format=fmt) as tf:
+        for name, data in _members().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("yes/extra.jpg")
+        for key, value in info_fields.items():
+            setattr(info, key, value)
+        tf.addfile(info, io.BytesIO(b""))
+    return buf.getvalue()
+
+
 def _corrupt_deflate(data: bytes, member: bytes) -> bytes:
     buf = bytearray(data)
     pos = buf.find(member) + len(member)  # first byte of the member's compressed data (no extra field)
@@ -157,6 +173,11 @@ ARCHIVES = {
     "damaged tar header mid-archive": ("tar", lambda: _damaged_tar_header(_tar_bytes(_members())), "header follows member .no.no 0.jpg"),
     "corrupt gzip data": ("tar.gz", lambda: _flip_middle(_tar_bytes(_members(), gz=True)), "cannot be read"),
     "truncated tar.gz": ("tar.gz", lambda: _tar_bytes(_members(), gz=True)[:-300], "cannot be read"),
+    # tarfile reads a long-name or pax header whole into memory: a 1.5 MB .tar.gz declaring 1.5 GB took 1.65 GB
+    "tar long-name header over the cap": ("tar.gz", lambda: _tar_meta(name="no/" + "a" * 70_000 + ".jpg"), "extended header declares"),
+    "tar pax header over the cap": ("tar", lambda: _tar_meta(gz=False, pax_headers={"comment": "x" * 70_000}), "extended header declares"),
+    "NUL byte in a pax path": ("tar", lambda: _tar_meta(gz=False, pax_headers={"path": "no/a\x00b.jpg"}), "has a NUL byte in its name"),
+    "name part too long to write": ("zip", lambda: _zip_bytes(_members(), extra=[("no/" + "a" * 300 + ".jpg", b"x")]), "over 255 bytes"),
     "member over max_file_bytes": ("zip", lambda: _zip_bytes(_members(), extra=[("yes/big.jpg", bytes(9000))]), "declares 9000 bytes"),
 }
 
@@ -270,10 +291,15 @@ def test_out_is_a_new_file_and_replaces_only_a_regular_file_with_overwrite(tmp_p
         "link.csv": "is a symbolic link",
         "params.yaml": "must end in .csv or .json",
         "model.onnx": "must end in .csv or .json",
+        "in/no/no 0.jpg/out.csv": "cannot be written there",  # a parent that is a file
+        "o" * 250 + ".csv": "a name of 254 bytes; at most 239",  # failed after predicting, in mkstemp (name + '.tmp')
+        "o" * 300 + ".csv": "a name of 304 bytes",
     }
     for name, message in refused.items():
         target = tmp_path / name
-        before = target.read_bytes() if target.is_file() and not target.is_symlink() and name != "fifo.csv" else None
+        before = None
+        with contextlib.suppress(OSError):  # a name too long to look up
+            before = target.read_bytes() if target.is_file() and not target.is_symlink() and name != "fifo.csv" else None
         with within(20):
             code = main(["predict", "--model", str(model), "--out", str(target), "--overwrite", str(folder)])
         err = capsys.readouterr().err
@@ -281,6 +307,31 @@ def test_out_is_a_new_file_and_replaces_only_a_regular_file_with_overwrite(tmp_p
         if before is not None:
             assert target.read_bytes() == before, name
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_folder_nested_deeper_than_the_interpreter_recurses_is_walked(tmp_path, model):
+    """Python 3.11's os.walk recurses: 1,200 levels raised RecursionError."""
+    folder = tmp_path / "in"
+    deep = str(folder)
+    os.mkdir(deep)
+    for _ in range(1200):  # one level at a time: pathlib's and os.makedirs's parents=True recurse too
+        deep += "/d"
+        os.mkdir(deep)
+    (Path(deep) / "scan.png").write_bytes(encode(brain(3), "PNG"))
+    (folder / "top.png").write_bytes(encode(brain(4), "PNG"))
+    try:
+        frame = predict(model, [str(folder)], tmp_path / "out.csv")
+        assert [Path(p).name for p in frame["path"]] == ["top.png", "scan.png"] and not frame["error"].any()
+    finally:  # one level at a time: shutil.rmtree recurses too, and pytest's clean-up of old temporary folders would fail
+        os.remove(os.path.join(deep, "scan.png"))
+        while deep != str(folder):
+            os.rmdir(deep)
+            deep = os.path.dirname(deep)
+
+
+def test_an_empty_input_is_refused_not_read_as_this_folder(tmp_path, model):
+    with pytest.raises(BrainMRIError, match="an input is an empty string"):
+        predict(model, [""], tmp_path / "out.csv")
 
 
 BAD_META = {
@@ -416,6 +467,53 @@ def test_thirty_two_bit_integers_are_scaled_by_their_range_with_a_note(offset):
     expect = np.rint(255 * (arr - arr.min()) / (arr.max() - arr.min()))
     assert dec.mode == "I" and np.array_equal(got, expect) and got.max() == 255 and got.min() == 0  # no saturation
     assert "do not fit 16 bits; scaled by their range" in dec.note
+
+
+def test_constant_integers_outside_sixteen_bits_are_black_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it divided by a zero range
+        dec = decode_bytes(_tiff(np.full((40, 30), 100_000, np.int32)), **LIMITS)
+    assert np.asarray(dec.image).max() == 0 and "all 100000" in dec.note
+
+
+def _progressive_jpeg(extra_scans: int, side: int = 64) -> bytes:
+    """A progressive JPEG whose last scan is repeated `extra_scans` more times: valid, and each scan is decoded over
+    the whole image (2,000 of them, 259 KB at 6000 x 6000 px, took 45 s)."""
+    data = encode(Image.fromarray(np.pad(brain(5), 8)).resize((side, side)), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra_scans + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    assert decode_bytes(_progressive_jpeg(0), **LIMITS).format == "JPEG"  # an ordinary progressive file: about 10 scans
+    assert decode_bytes(_progressive_jpeg(80), **LIMITS).format == "JPEG"  # under the cap: decoded
+    with within(5), pytest.raises(ImageError, match=r"a JPEG of \d+ scans .* at most 100"):
+        decode_bytes(_progressive_jpeg(200, side=4000), **LIMITS)
+
+
+def test_only_a_real_exif_turn_counts_as_rotated():
+    img = Image.fromarray(brain(6))
+    for orientation, turned in ((1, False), (6, True), (9, False), (65535, False)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        assert decode_bytes(encode(img, "JPEG", exif=exif.tobytes()), **LIMITS).exif_rotated is turned, orientation
+
+
+def test_a_file_we_may_not_read_is_one_reason_not_a_traceback(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "x.jpg"
+    path.write_bytes(encode(brain(4), "JPEG"))
+    real_open = os.open
+
+    def forbidden(f, *args, **kw):  # as a file of another user with mode 000 (the tests may run as root)
+        if f == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(f))
+        return real_open(f, *args, **kw)
+
+    monkeypatch.setattr(images.os, "open", forbidden)
+    with pytest.raises(ImageError, match="cannot be read: Permission denied"):
+        decode_file(path, max_bytes=10**6, **LIMITS)
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
@@ -596,4 +694,34 @@ def test_an_io_error_of_our_own_disk_is_not_quarantined_but_raised_for_a_retry(t
 
     monkeypatch.setattr(images.os, "open", failing_open)
     with pytest.raises(OSError, match="Input/output error"):
+        ingest(p)
+
+
+def test_an_image_or_class_folder_we_may_not_read_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    """As files of another user with mode 000 (the tests may run as root, who reads anything): an image is quarantined
+    with the reason, a class folder stops ingest with one sentence; neither is an I/O failure worth a retry."""
+    import errno
+
+    from tasks import ingest as ingest_module
+
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=3)
+    real_open, real_listdir = os.open, os.listdir
+
+    def forbidden_open(path, flags, *args, **kw):
+        if str(path).endswith("yes 1.jpg"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(images.os, "open", forbidden_open)
+    report = ingest(p)
+    assert {q["source_path"]: q["reason"] for q in report["quarantined"]} == {"yes/yes 1.jpg": "cannot be read: Permission denied"}
+
+    def forbidden_listdir(path):
+        if str(path).endswith("/no"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(ingest_module.os, "listdir", forbidden_listdir)
+    with pytest.raises(DataError, match=r"ds/no cannot be listed: Permission denied"):
         ingest(p)
