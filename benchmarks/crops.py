@@ -1,9 +1,10 @@
 """Where the crop to the head may have gone wrong: each image's head box as a share of its view, smallest first.
 
-Decodes every image under a dataset folder (one sub-folder per class) as ingest does, and finds the head as ingest's
-crop does (brainmri.images.head_mask). It prints how many images found no head (they are kept uncropped) and every
-image whose head box covers less than --share of its view: a panel letter, a lesion or a frame line taken for the
-head leaves a small box. --sheet draws the smallest boxes over their images for a look. Example:
+Decodes every non-hidden file under a dataset folder (one sub-folder per class; ingest.exclude is not applied) with
+ingest's limits, and finds the head as ingest's crop does (brainmri.images.head_mask). It prints how many images found
+no head (they are kept uncropped) and every image whose head box covers less than --share of its view: a panel
+letter, a lesion or a frame line taken for the head leaves a small box. --sheet draws the smallest boxes over their
+images for a look. Example:
     python benchmarks/crops.py ../shared/data/brain_tumor_dataset --sheet crops.png
 """
 
@@ -33,7 +34,8 @@ def main() -> int:
     args = ap.parse_args()
     ing = load_params(args.params).ingest
     rows, none = [], []
-    for path in sorted(f for f in args.folder.rglob("*") if f.is_file()):
+    hidden = lambda f: any(x.startswith(".") for x in f.relative_to(args.folder).parts)  # noqa: E731 - as ingest skips them
+    for path in sorted(f for f in args.folder.rglob("*") if f.is_file() and not hidden(f)):
         try:
             view = decode_file(path, max_pixels=ing.max_pixels, max_side=ing.max_side, max_bytes=ing.max_file_bytes).image
         except BrainMRIError as exc:

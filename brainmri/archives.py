@@ -25,6 +25,7 @@ CHUNK = 1 << 20
 MAX_TAR_META = 1 << 16  # bytes of a tar's GNU long-name or pax header: tarfile reads its declared size whole into memory
 # before any member cap counts it (a 1.5 MB .tar.gz declaring 1.5 GB took 1.65 GB); a path is at most 4,096 bytes
 MAX_NAME_PART = 255  # bytes of one file or folder name: the usual file-system limit, checked before anything is written
+MAX_DEPTH = 32  # folders a member may sit in: a dataset needs 2 (class/file); 1,500 overflowed pathlib's recursive mkdir
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 
 
@@ -78,6 +79,8 @@ class _Members:
         pure = PurePosixPath(norm)
         if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
             raise DataError(f"{self.archive.name}: member {shown!r} has an absolute path; refusing to extract outside the data folder")
+        if len(pure.parts) > MAX_DEPTH:
+            raise DataError(f"{self.archive.name}: member {shown[:80]!r}... is nested {len(pure.parts)} levels deep (at most {MAX_DEPTH})")
         if ".." in pure.parts:
             raise DataError(f"{self.archive.name}: member {shown!r} climbs out of the archive with '..'; refusing to extract it")
         if declared > self.max_file_bytes:

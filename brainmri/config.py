@@ -435,8 +435,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _check_models(self):
-        if not 0 <= self.seed < 2**32:  # numpy's and TensorFlow's seeds: non-negative, and 32 bits is what every library takes
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not 0 <= self.seed < 2**31:  # non-negative, and seed + k (per fold, per CV run) within the 32 bits every library takes
+            raise ValueError(f"seed must be in [0, 2**31), got {self.seed}")
         for name, spec in self.models.items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"models.{name}: a model name may hold only letters, digits, '-', '_' and '.'")
@@ -591,7 +591,10 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: dict | None = None) -
 
 
 INPUT_PATHS = ("code", "weights_inbox", "files")  # paths.* keys that are not outputs (the code, the weights inbox, file names)
-PROJECT_FILES = (".git", ".dvc", "dvc.yaml", "dvc.lock", ".dvcignore", ".gitignore", "README.md", "pyproject.toml", "Makefile")
+PROJECT_FILES = (  # beside this params file and beside the code (the demo's params are in demo/, its repository one up)
+    *(".git", ".dvc", "dvc.yaml", "dvc.lock", ".dvcignore", ".gitignore", "README.md", "pyproject.toml", "Makefile", "params.yaml"),
+    *("versions.yaml", "requirements.lock", "prefect.yaml", ".venv", ".ci"),
+)
 CODE_FOLDERS = ("brainmri", "tasks", "flows", "tests", "benchmarks", "demo")  # under paths.code
 
 
@@ -599,42 +602,48 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _holds(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents
+
+
 def check_outputs(p: Params, file: Path) -> None:
     """No output path (paths.*) is the project folder or holds it, and none equals, holds or lies in another output, an input
     (ingest.source, external.source, synthetic.out, paths.weights_inbox) or a file or folder the project needs (this
-    params file, DVC's and git's, the code). A stage replaces its outputs whole (fsutil.atomic_dir, DVC's own
-    cleanup), so an output of '' or the raw data's folder would delete the project or the data."""
+    params file, DVC's and git's, the code). A stage replaces its outputs whole (fsutil.atomic_dir), so an output of
+    '' or the raw data's folder would delete the project or the data. Paths are compared as written and as resolved
+    through links. Checked wherever the code loads params; plain `dvc repro` deletes a stage's outputs before its
+    command runs, so after editing paths run `brainmri params` (it loads them) first."""
     root = p.root
 
-    def norm(rel: str) -> Path:  # lexical: a symlinked data folder elsewhere is still the project's
-        return Path(os.path.normpath(root / rel))
+    def forms(rel: str) -> tuple[Path, Path]:  # as written (a symlinked data folder is still the project's), and resolved
+        joined = root / rel
+        return Path(os.path.normpath(joined)), Path(os.path.realpath(joined))
 
     outs = {f"paths.{k}": getattr(p.paths, k) for k in Paths.model_fields if k not in INPUT_PATHS}
     for key, rel in outs.items():
-        where = norm(rel)
-        if not rel.strip() or where == root or where in root.parents:
+        if not rel.strip() or any(_holds(w, r) for w, r in zip(forms(rel), (root, root.resolve()), strict=True)):
             raise ConfigError(f"{file}: {key} {rel!r} is the project folder {root} or holds it: a stage replaces its outputs whole")
     keep = {"ingest.source": p.ingest.source, "synthetic.out": p.synthetic.out, "paths.weights_inbox": p.paths.weights_inbox}
     if p.external.source.strip():
         keep["external.source"] = p.external.source
     keep.update({name: name for name in (file.name, *PROJECT_FILES)})
-    keep.update({f"paths.code + {name}": p.paths.code + name for name in CODE_FOLDERS})
+    keep.update({f"paths.code + {name}": p.paths.code + name for name in (*CODE_FOLDERS, *PROJECT_FILES)})
     keep.update(outs)
-    names = list(keep)
     for key in outs:
-        for other in names:
-            kept = norm(keep[other])
-            if kept == root or kept in root.parents:  # the project's own folder seen from the code (the demo in demo/)
-                continue
-            if other != key and _overlap(norm(outs[key]), kept):
+        mine = forms(outs[key])
+        for other, rel in keep.items():
+            theirs = forms(rel)
+            if other == key or any(_holds(t, r) for t, r in zip(theirs, (root, root.resolve()), strict=True)):
+                continue  # itself, or the project's own folder seen from the code (the demo in demo/)
+            if any(_overlap(a, b) for a, b in zip(mine, theirs, strict=True)):
                 raise ConfigError(
-                    f"{file}: {key} {outs[key]!r} overlaps {other} {keep[other]!r}: a stage replaces its outputs whole, "
+                    f"{file}: {key} {outs[key]!r} overlaps {other} {rel!r}: a stage replaces its outputs whole, "
                     "so each output needs a path of its own"
                 )
 
 
 def _check_values(data, where: str = "") -> None:
-    """NaN compares false with every bound, so no range check would catch it; and an integer past 64 bits is no
+    """NaN compares false with every bound, so no range check would catch it, and no setting means infinity; an integer past 64 bits is no
     count or seed any library takes (JSON records and NumPy fail on it far from here)."""
     if isinstance(data, dict):
         for key, value in data.items():
@@ -642,8 +651,8 @@ def _check_values(data, where: str = "") -> None:
     elif isinstance(data, list):
         for i, value in enumerate(data):
             _check_values(value, f"{where}{i}.")
-    elif isinstance(data, float) and math.isnan(data):
-        raise ConfigError(f"'{where[:-1]}': NaN is not a value; give a number")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"'{where[:-1]}': {data} is not a value any setting takes; give a finite number")
     elif isinstance(data, int) and not isinstance(data, bool) and abs(data) >= 2**63:
         raise ConfigError(f"'{where[:-1]}': an integer of {data.bit_length()} bits is too large (at most 2**63 - 1)")
 

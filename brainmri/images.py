@@ -38,7 +38,8 @@ BLOCK_PIXELS = 1 << 20  # pixels per block of rows when high bit depths go to 8 
 MAX_JPEG_SCANS = 100  # a progressive JPEG decodes every scan over the whole image: 2,000 repeated 120-byte scans (a 259 KB
 # file) took 45 s at 36 MP, so a file under the byte cap could take hours. Encoders write 1 (baseline) to about 10 (every
 # real scan here: at most 10, EXIF thumbnails included); libjpeg-turbo's own tools offer the same kind of limit (-maxscans)
-UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR})  # the file's own fault
+UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP})  # the file's own fault: a reason, not a
+# retry; a file that vanished (ENOENT: a set still syncing) or a disk error fails the run, which can then be retried
 ROTATING = frozenset(range(2, 9))  # EXIF orientations that flip or turn the image; 1 is upright, anything else is invalid
 KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 KINDS[stat.S_IFDIR] = "a folder"

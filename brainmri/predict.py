@@ -168,7 +168,7 @@ def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-MAX_OUT_NAME = 255 - 16  # the file-name limit less the temporary name's additions ('.' + name + '.XXXXXXXX.tmp')
+MAX_OUT_NAME = 255 - 14  # the file-name limit less the temporary name's additions ('.' + name + '.XXXXXXXX.tmp')
 
 
 def check_out(out: Path, overwrite: bool, model: Path, files: list[Path]) -> tuple[int, int] | None:

@@ -36,10 +36,11 @@ def test_every_param_has_a_why_comment():
         ({"seed": "42"}, "'seed': input should be a valid integer"),
         ({"augment": {"brightness": [1.2, 0.8]}}, "augment.brightness"),
         ({"benchmark": {"min_repeats": 21}}, "benchmark.min_repeats (21) must not exceed benchmark.repeats (20)"),
-        ({"seed": -1}, "seed must be in [0, 2**32), got -1"),
-        ({"seed": 2**40}, "seed must be in [0, 2**32)"),
-        ({"ingest": {"outlier_z": float("nan")}}, "'ingest.outlier_z': NaN is not a value"),
-        ({"export": {"parity_tolerance": float("nan")}}, "'export.parity_tolerance': NaN is not a value"),
+        ({"seed": -1}, "seed must be in [0, 2**31), got -1"),
+        ({"seed": 2**40}, "seed must be in [0, 2**31)"),
+        ({"ingest": {"outlier_z": float("nan")}}, "'ingest.outlier_z': nan is not a value"),
+        ({"export": {"parity_tolerance": float("nan")}}, "'export.parity_tolerance': nan is not a value"),
+        ({"benchmark": {"seconds": float("inf")}}, "'benchmark.seconds': inf is not a value"),
         ({"ingest": {"max_pixels": 2**70}}, "'ingest.max_pixels': an integer of 71 bits is too large"),
     ],
 )
@@ -96,6 +97,8 @@ def test_missing_key_and_missing_file(tmp_path):
         ({"report": "tasks"}, "overlaps paths.code + tasks"),
         ({"eval": "data/models/eval"}, "overlaps paths.eval"),  # another output's folder
         ({"models": "data"}, "overlaps paths.models 'data'"),
+        ({"timing_cache": "versions.yaml"}, "overlaps versions.yaml"),  # a DVC dependency of every stage
+        ({"timing_cache": ".venv"}, "overlaps .venv"),
     ],
 )
 def test_an_output_path_cannot_replace_the_project_its_inputs_or_another_output(tmp_path, paths, needle):
@@ -112,3 +115,24 @@ def test_an_integer_too_long_to_read_or_use_is_one_sentence(tmp_path, value):
     (tmp_path / "params.yaml").write_text(text.replace("seed: 42", f"seed: {value}", 1))
     with pytest.raises(ConfigError, match=r"params.yaml: .*(digits|too large)"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_an_output_path_through_a_link_is_compared_where_it_leads(tmp_path):
+    """The project reached through a symlinked folder (macOS's /tmp is one): an absolute output written through the
+    link named the project itself, and the text alone did not show it."""
+    make_project(tmp_path / "real" / "proj")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for out in (tmp_path / "link" / "proj", tmp_path / "link" / "proj" / "data" / "raw"):
+        with pytest.raises(ConfigError, match="or holds it|overlaps ingest.source"):
+            load_params(tmp_path / "link" / "proj" / "params.yaml", {"paths": {"report": str(out)}})
+    assert load_params(tmp_path / "link" / "proj" / "params.yaml", {"paths": {"report": str(tmp_path / "elsewhere")}})
+
+
+def test_the_demo_workspace_guards_the_repository_one_level_up(tmp_path):
+    """The demo's params live in demo/ and its code one level up (paths.code '../'): the repository's own files are
+    protected from there too, while the demo's own outputs load."""
+    make_project(tmp_path / "demo", {"paths": {"code": "../", "weights_inbox": "../weights"}})
+    assert load_params(tmp_path / "demo" / "params.yaml")
+    for out, what in (("../.git", ".git"), ("../params.yaml", "params.yaml"), ("../tasks", "tasks")):
+        with pytest.raises(ConfigError, match=f"overlaps paths.code \\+ {re.escape(what)}"):
+            load_params(tmp_path / "demo" / "params.yaml", {"paths": {"report": out}})

@@ -253,7 +253,7 @@ def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_content_crop_sees_past_a_thin_bright_frame_along_the_edges(seed):
-    """10 real scans carry a 1-2 px white line along three or four edges. The background level came from the outermost
+    """12 real scans carry a thin white line along three or four edges. The background level came from the outermost
     pixels, so the line set it (127-237), and the crop took a panel letter, the tumour of a dim scan, or nothing."""
     from PIL import Image, ImageDraw
 
