@@ -7,6 +7,7 @@ import math
 import os
 import re
 import stat
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,7 +116,7 @@ class Ingest(Section):
             raise ValueError(f"ingest.outlier_z must be above 0, got {self.outlier_z}")
         paths = [e.path for e in self.exclude]
         if len(set(paths)) != len(paths):
-            raise ValueError(f"ingest.exclude lists a path twice: {sorted(x for x in set(paths) if paths.count(x) > 1)}")
+            raise ValueError(f"ingest.exclude lists a path twice: {sorted(x for x, k in Counter(paths).items() if k > 1)}")
         if any(not e.reason.strip() for e in self.exclude):
             raise ValueError("ingest.exclude: every excluded file needs a reason")
         if len(self.classes) != 2 or len(set(self.classes)) != 2:

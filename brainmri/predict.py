@@ -226,6 +226,10 @@ def _predict_files(m: Model, files: list[Path], batch: int) -> tuple[pd.DataFram
 
     for f in files:
         row = {"path": printable(str(f)), "probability": None, "label": None, "error": ""}
+        if f.is_dir() and not f.is_symlink():  # only a folder the walk could not list comes back as an entry
+            row["error"] = "a folder that cannot be listed; not read"
+            rows.append(row)
+            continue
         try:
             dec = decode_file(f, **m.limits)
         except (ImageError, OSError) as exc:  # OSError: the input itself is unreadable (permissions, vanished)

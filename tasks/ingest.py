@@ -80,7 +80,9 @@ def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict]
             continue
         if is_hidden(name):
             skipped.append({"source_path": archives.printable(name), "reason": "hidden or system file"})
-        elif not path.is_dir() or path.is_symlink():
+        elif path.is_symlink():
+            raise DataError(f"{archives.printable(name)!r} in {folder} is a symbolic link; class folders must be real folders")
+        elif not path.is_dir():
             raise DataError(
                 f"{archives.printable(name)!r} in {folder}: unexpected file at the top level; expected only the class folders {classes}"
             )

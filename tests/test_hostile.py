@@ -330,6 +330,23 @@ def test_a_folder_nested_deeper_than_the_interpreter_recurses_is_walked(tmp_path
             deep = os.path.dirname(deep)
 
 
+def test_a_folder_predict_cannot_list_is_an_error_row_saying_so(tmp_path, model, monkeypatch):
+    from brainmri import predict as predict_module
+
+    folder = write_dataset(tmp_path / "in", n=2)
+    real_scandir = os.scandir
+
+    def forbidden(path):  # as a folder of another user with mode 000 (the tests may run as root)
+        if str(path).endswith("/no"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(predict_module.os, "scandir", forbidden)
+    frame = predict(model, [str(folder)], tmp_path / "out.csv")
+    errors = dict(zip(frame["path"].map(lambda p: Path(p).name), frame["error"], strict=True))
+    assert errors["no"] == "a folder that cannot be listed; not read" and len(frame) == 3
+
+
 def test_an_empty_input_is_refused_not_read_as_this_folder(tmp_path, model):
     with pytest.raises(BrainMRIError, match="an input is an empty string"):
         predict(model, [""], tmp_path / "out.csv")

@@ -211,6 +211,15 @@ def test_symlinks_and_undecodable_names_in_a_folder_are_quarantined(tmp_path):
     assert report["n_ingested"] == 6
 
 
+def test_a_class_folder_that_is_a_link_is_named_as_one(tmp_path):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    os.rename(ds / "yes", tmp_path / "yes-elsewhere")
+    os.symlink(tmp_path / "yes-elsewhere", ds / "yes")
+    with pytest.raises(DataError, match="'yes' in .* is a symbolic link; class folders must be real folders"):
+        ingest(p)
+
+
 def test_real_dataset_ingests_all_253(real_ingest):
     _, report, _ = real_ingest
     assert report["n_files"] == 253 and report["n_ingested"] == 253 and report["quarantined"] == []
