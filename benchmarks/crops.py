@@ -1,7 +1,7 @@
 """Where the crop to the head may have gone wrong: each image's head box as a share of its view, smallest first.
 
 Decodes every non-hidden file under a dataset folder (one sub-folder per class; ingest.exclude is not applied) with
-ingest's limits, and finds the head as ingest's crop does (brainmri.images.head_mask). It prints how many images found
+ingest's limits, and finds the head's box as ingest's crop does (brainmri.images.head_box). It prints how many images found
 no head (they are kept uncropped) and every image whose head box covers less than --share of its view: a panel
 letter, a lesion or a frame line taken for the head leaves a small box. --sheet draws the smallest boxes over their
 images for a look. Example:
@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from brainmri.config import load_params
 from brainmri.errors import BrainMRIError
-from brainmri.images import decode_file, head_mask
+from brainmri.images import decode_file, head_box
 
 TILE = 200  # px per image on the contact sheet
 
@@ -41,12 +41,10 @@ def main() -> int:
         except BrainMRIError as exc:
             print(f"{path}: not decoded: {exc}", file=sys.stderr)
             continue
-        mask = head_mask(view)
-        if mask is None:
+        box = head_box(view)
+        if box is None:
             none.append(path)
             continue
-        ys, xs = np.nonzero(mask)
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         rows.append(((box[2] - box[0]) * (box[3] - box[1]) / (view.width * view.height), path, box, view))
     rows.sort(key=lambda r: r[0])
     shares = np.array([r[0] for r in rows])

@@ -630,7 +630,8 @@ def check_outputs(p: Params, file: Path) -> None:
     if p.external.source.strip():
         keep["external.source"] = p.external.source
     keep.update({name: name for name in (file.name, *PROJECT_FILES)})
-    keep.update({f"paths.code + {name}": p.paths.code + name for name in (*CODE_FOLDERS, *PROJECT_FILES)})
+    beside_code = (*CODE_FOLDERS, *PROJECT_FILES) if p.paths.code else CODE_FOLDERS  # "": the project files are those above
+    keep.update({f"paths.code + {name}": p.paths.code + name for name in beside_code})
     keep.update(outs)
     seen = {other: forms(rel) for other, rel in keep.items()}
     # the project's own folder seen from the code (the demo in demo/) holds every output by design

@@ -95,15 +95,15 @@ def read_capped(path: str | Path, max_bytes: int) -> bytes:
     """
     try:
         st = os.stat(path)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if stat.S_ISREG(st.st_mode) and st.st_size <= max_bytes else -1
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"not a regular file ({KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}); not read")
+        if st.st_size > max_bytes:
+            raise ImageError(f"{st.st_size} bytes is over the cap ingest.max_file_bytes={max_bytes}; not read")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno not in UNREADABLE:
             raise  # an I/O error of the disk: the run fails and can be retried, the image is not quarantined for it
         raise ImageError(f"cannot be read: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"not a regular file ({KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}); not read")
-    if st.st_size > max_bytes:
-        raise ImageError(f"{st.st_size} bytes is over the cap ingest.max_file_bytes={max_bytes}; not read")
     with open(fd, "rb", buffering=0) as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for something else between stat and open
             raise ImageError("not a regular file (replaced while being opened); not read")
@@ -199,11 +199,17 @@ def content_crop(img: Image.Image) -> Image.Image:
     (window/level numbers, a panel letter) or a white stripe at the edge, and then two crops of one scan no longer
     line up: two such real pairs straddled train and test.
     """
+    box = head_box(img)
+    return img if box is None else img.crop(box)
+
+
+def head_box(img: Image.Image) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of `head_mask`'s region, what content_crop keeps; None when no head is found."""
     keep = head_mask(img)
     if keep is None:
-        return img
+        return None
     ys, xs = np.nonzero(keep)
-    return img.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content: bool = False) -> Decoded:
@@ -221,6 +227,7 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     with _library(fmt):
         exif = img.getexif()
         orientation = exif.get(0x0112, 1)
+        rotated = isinstance(orientation, int) and orientation in ROTATING  # an invalid value turns nothing
         upright = ImageOps.exif_transpose(img)
     rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
@@ -230,19 +237,7 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     full = rgb
     if crop_to_content:  # after the downscale; the fingerprint finds the head in the uncropped view itself
         rgb = content_crop(rgb)
-    return Decoded(
-        rgb,
-        digest,
-        fmt,
-        mode,
-        width,
-        height,
-        isinstance(orientation, int) and orientation in ROTATING,
-        note,
-        len(data),
-        len(exif) > 0,
-        full,
-    )
+    return Decoded(rgb, digest, fmt, mode, width, height, rotated, note, len(data), len(exif) > 0, full)
 
 
 def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int, crop_to_content: bool = False) -> Decoded:
@@ -253,7 +248,7 @@ def _by_rows(arr: np.ndarray, fn) -> np.ndarray:
     """fn over blocks of rows into 8 bits: a 40 MP image never holds a float64 copy of itself (whole, the 16-bit and
     32-bit conversions peaked at 1.1-1.3 GB for one 6320 x 6320 file of 78-250 KB)."""
     out = np.empty(arr.shape, np.uint8)
-    step = max(1, BLOCK_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    step = max(1, BLOCK_PIXELS // max(1, arr.shape[1]))
     for i in range(0, arr.shape[0], step):
         out[i : i + step] = fn(arr[i : i + step])
     return out
