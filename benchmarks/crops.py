@@ -1,7 +1,7 @@
 """Where the crop to the head may have gone wrong: each image's head box as a share of its view, smallest first.
 
 Decodes every non-hidden file under a dataset folder (one sub-folder per class; ingest.exclude is not applied) with
-ingest's limits, and finds the head's box as ingest's crop does (brainmri.images.head_box). It prints how many images found
+ingest's limits, and finds the head's box as ingest's crop does (brainmri.intake.decode.head_box). It prints how many images found
 no head (they are kept uncropped) and every image whose head box covers less than --share of its view: a panel
 letter, a lesion or a frame line taken for the head leaves a small box. --sheet draws the smallest boxes over their
 images for a look. Example:
@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from brainmri.config import load_params
-from brainmri.errors import BrainMRIError
-from brainmri.images import decode_file, head_box
+from brainmri.core.errors import BrainMRIError
+from brainmri.intake.decode import decode_file, head_box
 
 TILE = 200  # px per image on the contact sheet
 

@@ -3,7 +3,7 @@
 Every real image gets one perturbed copy per kind (and one with three kinds at once): cropped 5-25% off one or two
 sides, padded, rescaled 0.5-2x, a letter or a line of text burned into a corner or margin, re-encoded as JPEG at
 quality 30-95, gamma 0.8-1.25, rotated by up to 3 degrees. Each copy goes through the same decoding boundary as
-ingest (encoded bytes -> brainmri.images.decode_bytes) and ingest's fingerprint. Printed, in one run:
+ingest (encoded bytes -> brainmri.intake.decode.decode_bytes) and ingest's fingerprint. Printed, in one run:
 
 - recall: the share of copies the detector groups with their original, per kind and overall (target: 99%), grouped
   with every copy present (as ingest groups a folder) and alone (each copy joined directly to its original's group);
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from brainmri.config import load_params  # noqa: E402
-from brainmri.duplicates import fingerprint, groups_of, joined  # noqa: E402
-from brainmri.images import decode_bytes, decode_file  # noqa: E402
+from brainmri.intake.decode import decode_bytes, decode_file  # noqa: E402
+from brainmri.intake.duplicates import fingerprint, groups_of, joined  # noqa: E402
 
 
 def crop(img, rng):

@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from brainmri import features
 from brainmri.config import load_params
-from brainmri.models import build_head, build_network
-from brainmri.preprocess import load_batch
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn import features
+from brainmri.learn.models import build_head, build_network
 from tasks.train import class_weights, data_parts, seed_everything
 from tasks.weights import weights
 

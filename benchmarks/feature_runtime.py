@@ -25,8 +25,8 @@ from feature_cache import overrides  # noqa: E402  (same folder)
 from int8_speed import cpu
 
 from brainmri.config import load_params
-from brainmri.models import load_model
-from brainmri.preprocess import load_batch
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn.models import load_model
 from tasks.export import to_onnx
 from tasks.split import split_part
 

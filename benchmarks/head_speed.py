@@ -1,4 +1,4 @@
-"""Head training alone, at the sizes the pipeline trains: the compiled loop (brainmri.headfit) on synthetic features.
+"""Head training alone, at the sizes the pipeline trains: the compiled loop (brainmri.learn.headfit) on synthetic features.
 
 Six heads at once, as one model's final head and its 5 CV folds train (the issue's "head training including 5-fold
 CV"), 100 epochs, batch 32, no early stopping, the params' head (dense 256, dropout), under the same op determinism
@@ -20,8 +20,8 @@ import numpy as np
 from heads import cpu_name  # noqa: E402  (same folder)
 
 from brainmri.config import load_params
-from brainmri.headfit import HeadJob, fit_heads
-from brainmri.models import build_head
+from brainmri.learn.headfit import HeadJob, fit_heads
+from brainmri.learn.models import build_head
 
 SIZES = [(512, 170), (2048, 170), (512, 860), (2048, 860)]  # (feature width, training rows)
 

@@ -1,4 +1,4 @@
-"""Head training on cached features: the compiled loop (brainmri.headfit) against the Keras-fit path it replaced.
+"""Head training on cached features: the compiled loop (brainmri.learn.headfit) against the Keras-fit path it replaced.
 
 For each model, on the same split, seed and initial weights, both paths train the final head and its 5-fold CV:
 the old one is tasks/train.py exactly as it was at --old-commit (read with `git show`, not copied), the new one is
@@ -29,9 +29,9 @@ import pandas as pd
 from feature_cache import overrides  # noqa: E402  (same folder)
 from sklearn.metrics import roc_auc_score
 
-from brainmri import features
 from brainmri.config import load_params
-from brainmri.models import build_head, build_network
+from brainmri.learn import features
+from brainmri.learn.models import build_head, build_network
 from tasks import train as new
 from tasks.split import split_part
 
@@ -135,7 +135,10 @@ def main() -> None:
         print(pd.DataFrame(rows[-1:]).round(4).to_string(index=False), flush=True)
     import tensorflow as tf
 
-    print(f"\nhead training incl. {p.train.cv_folds}-fold CV, old = tasks/train.py@{args.old_commit} (Keras fit), new = brainmri.headfit")
+    print(
+        f"\nhead training incl. {p.train.cv_folds}-fold CV, old = tasks/train.py@{args.old_commit} (Keras fit), "
+        "new = brainmri.learn.headfit"
+    )
     print(f"CPU: {cpu_name()}; TensorFlow {tf.__version__}; Python {sys.version.split()[0]}")
     print(pd.DataFrame(rows).round(4).to_markdown(index=False))
 

@@ -22,8 +22,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from brainmri.config import load_params
-from brainmri.onnxrt import metadata, session
-from brainmri.predict import predict
+from brainmri.deploy.onnxrt import metadata, session
+from brainmri.deploy.predict import predict
 
 
 def peer_probabilities(files: list[str]) -> np.ndarray:

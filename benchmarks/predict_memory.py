@@ -26,7 +26,7 @@ from fuzz import cpu  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
-from brainmri.predict import predict
+from brainmri.deploy.predict import predict
 t = time.perf_counter()
 frame = predict(sys.argv[1], [sys.argv[2]], sys.argv[3])
 print(json.dumps({"rows": len(frame), "errors": int((frame["error"] != "").sum()), "seconds": time.perf_counter() - t,

@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 from feature_cache import overrides  # noqa: E402  (same folder)
 
-from brainmri import features
 from brainmri.config import load_params
-from brainmri.fsutil import write_csv
-from brainmri.images import load_rgb, save_png
-from brainmri.models import build_network
-from brainmri.progress import progress
+from brainmri.core.files import write_csv
+from brainmri.core.progress import progress
+from brainmri.intake.decode import load_rgb, save_png
+from brainmri.learn import features
+from brainmri.learn.models import build_network
 from tasks.augment import copies
 from tasks.split import make_part
 from tasks.train import cross_validate, seed_everything

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
 
-from brainmri.errors import ConfigError
+from brainmri.core.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 

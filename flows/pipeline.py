@@ -23,7 +23,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from brainmri.config import Orchestration, load_params
-from brainmri.errors import BrainMRIError
+from brainmri.core.errors import BrainMRIError
 
 log = logging.getLogger("brainmri")
 LOCK_WAIT_SECONDS = 1800  # how long a stage waits for another DVC process (a user's `dvc repro`) before giving up
@@ -108,7 +108,7 @@ def _stage_env(verbose: bool) -> dict:
 
 
 def stage_process(root: str, stage: str, token: str, lock: str) -> list[str]:
-    """The command line of the process that reproduces one stage; `lock` is the timing lock's folder (brainmri/quiet.py)."""
+    """The command line of the process that reproduces one stage; `lock` is the timing lock's folder (brainmri/core/timing_lock.py)."""
     return [sys.executable, "-m", "flows.repro_one", root, stage, "--token", token, "--quiet", lock]
 
 
@@ -151,7 +151,7 @@ def publish_report(params_path: str) -> list[str]:
     """The report's tables as Markdown artifacts of the flow run (they read well in a remote UI: no file links)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.tables import TABLES
+    from brainmri.report.tables import TABLES
 
     folder = load_params(params_path).path("report")
     ids = []
@@ -232,7 +232,7 @@ def schedule(
 ) -> tuple[dict, dict, list[str]]:
     """Submit each stage as soon as its upstream is done, up to max_workers at once. A stage that times runtimes
     (orchestration.exclusive) runs beside the others, and no other stage process works while it times: the timing
-    lock of brainmri/quiet.py, which each stage's process holds shared.
+    lock of brainmri/core/timing_lock.py, which each stage's process holds shared.
 
     Written here rather than with Prefect's `wait_for`: a task waiting on its upstream would hold a worker thread
     while it waits, and Prefect's tag concurrency limits need a limit created on the server beforehand.

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.fsutil import atomic_path, write_json
-from brainmri.lineage import git_state, md5
+from brainmri.core.files import atomic_path, write_json
+from brainmri.provenance.lineage import git_state, md5
 
 log = logging.getLogger("brainmri")
 SERVED = "model.onnx"  # the served model's file name inside paths.served
@@ -36,8 +36,8 @@ def read_registry(p: Params) -> dict:
 
 def score(p: Params, onnx_file: Path, paths: list[Path]) -> np.ndarray:
     """Tumour probabilities from an exported model, with the one preprocessing path (no TensorFlow)."""
-    from brainmri.onnxrt import metadata, probabilities, session
-    from brainmri.preprocess import load_batch
+    from brainmri.deploy.onnxrt import metadata, probabilities, session
+    from brainmri.intake.preprocess import load_batch
 
     sess = session(onnx_file, p.benchmark.threads)
     size = int(metadata(sess)["input_size"])
@@ -46,7 +46,7 @@ def score(p: Params, onnx_file: Path, paths: list[Path]) -> np.ndarray:
 
 def decide(p: Params, candidate: Path, served: Path | None) -> dict:
     """Compare the candidate with the served model on the validation split; return the decision and its numbers."""
-    from brainmri.metrics import paired_auc_differences
+    from brainmri.stats.metrics import paired_auc_differences
     from tasks.split import split_part
 
     if served is None or not served.is_file():

@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from brainmri import quiet
+from brainmri.core import timing_lock
 
 BUSY = 75  # exit code: another process holds files of this workspace; the flow waits and tries again
 FAILED = 1  # exit code: the stage's command failed; the JSON record carries its own exit code
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("stage")
     ap.add_argument("--token", required=True, help="the flow run's id: names its private lock, marks its processes in DVC's rwlock")
     ap.add_argument(
-        "--quiet", default="", help="the timing lock's folder (paths.timing_cache, brainmri/quiet.py), held shared around DVC's work"
+        "--quiet", default="", help="the timing lock's folder (paths.timing_cache, core/timing_lock.py), held shared around DVC's work"
     )
     args = ap.parse_args(argv)
-    with quiet.shared(args.quiet) if args.quiet else contextlib.nullcontext():  # before DVC's imports: they are work too
+    with timing_lock.shared(args.quiet) if args.quiet else contextlib.nullcontext():  # before DVC's imports: they are work too
         return _reproduce(args)
 
 
@@ -120,8 +120,8 @@ def _reproduce(args) -> int:
     install_fast_lock_read()
     command = dvc.stage.run.cmd_run  # run_stage looks it up here at each call, as its own unlocked_repo wraps it
 
-    def unheld(*a, **kw):  # the stage command holds the timing lock itself (brainmri/cli.py): let go of ours meanwhile
-        with quiet.released(args.quiet) if args.quiet else contextlib.nullcontext():
+    def unheld(*a, **kw):  # the stage command holds the timing lock itself (flows/cli.py): let go of ours meanwhile
+        with timing_lock.released(args.quiet) if args.quiet else contextlib.nullcontext():
             return command(*a, **kw)
 
     dvc.stage.run.cmd_run = unheld

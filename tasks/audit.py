@@ -21,12 +21,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
 from brainmri.config import Params
-from brainmri.errors import DataError
-from brainmri.fsutil import write_json, write_metrics
-from brainmri.images import BACKGROUND, load_rgb
-from brainmri.metrics import _auc, group_resamples
-from brainmri.preprocess import square
-from brainmri.progress import summary
+from brainmri.core.errors import DataError
+from brainmri.core.files import write_json, write_metrics
+from brainmri.core.progress import summary
+from brainmri.intake.decode import BACKGROUND, load_rgb
+from brainmri.intake.preprocess import square
+from brainmri.stats.metrics import _auc, group_resamples
 
 CATEGORICAL = ("format", "mode", "upper_case_extension", "exif")
 BORDER = 1 / 16  # the outer ring of the square, 1/16 of its side wide, is the 'border' whose statistics are audited
@@ -87,7 +87,7 @@ def classifier(features: pd.DataFrame, seed: int):
 
 
 def auc_interval(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
-    """AUC with a 95% percentile interval over resamples of whole duplicate groups (brainmri.metrics' bootstrap and
+    """AUC with a 95% percentile interval over resamples of whole duplicate groups (brainmri.stats.metrics' bootstrap and
     its numpy AUC: scikit-learn's input checks cost ~5 ms a call, most of the stage's time over 2 x 2000 resamples)."""
     draws = [_auc(y[i], prob[i]) for i in group_resamples(groups, len(y), n_boot, seed) if len(np.unique(y[i])) == 2]
     lo, hi = np.percentile(draws, [2.5, 97.5])

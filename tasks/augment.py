@@ -9,9 +9,9 @@ import pandas as pd
 from PIL import Image, ImageEnhance
 
 from brainmri.config import Augment, Params
-from brainmri.fsutil import atomic_dir, write_csv
-from brainmri.images import load_rgb, save_png
-from brainmri.progress import progress, summary
+from brainmri.core.files import atomic_dir, write_csv
+from brainmri.core.progress import progress, summary
+from brainmri.intake.decode import load_rgb, save_png
 from tasks.split import split_part
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmri import quiet
 from brainmri.config import Params
-from brainmri.fsutil import write_json, write_metrics
-from brainmri.onnxrt import INPUT, cpu_flags, session
-from brainmri.preprocess import load_batch
-from brainmri.progress import log, summary
+from brainmri.core import timing_lock
+from brainmri.core.files import write_json, write_metrics
+from brainmri.core.progress import log, summary
+from brainmri.deploy.onnxrt import INPUT, cpu_flags, session
+from brainmri.intake.preprocess import load_batch
 from tasks.split import split_part
 
 
@@ -186,7 +186,7 @@ def round_settings(b) -> dict:
 
 def openvino_runtimes(p: Params, name: str, threads: int) -> dict[str, Callable]:
     """OpenVINO on the same exported files: fp32 and int8 always, bf16 where the CPU has bf16 instructions."""
-    from brainmri.runtimes import bf16_capable, runner
+    from brainmri.deploy.runtimes import bf16_capable, runner
 
     fp32, int8 = p.model_file("export", name, "onnx"), p.model_file("export", name, "onnx_int8")
     out = {"openvino_fp32": runner(fp32, "openvino", threads), "openvino_int8": runner(int8, "openvino", threads)}
@@ -206,7 +206,7 @@ def check_on_val(p: Params, name: str, runtimes: dict[str, Callable], size: int)
     sigmoid and hide differences). An fp32 runtime passes within export.parity_tolerance of every probability; a
     bf16 or int8 one when val accuracy moves by at most 1 point (labels_changed says how many flipped). Val, never test."""
 
-    from brainmri.metrics import point
+    from brainmri.stats.metrics import point
 
     val = split_part(p, "val")
     x = load_batch(val.paths, size)
@@ -279,7 +279,7 @@ def _boot_id() -> str:
         return ""
 
 
-CODE = ("tasks/benchmark.py", "brainmri/onnxrt.py", "brainmri/runtimes.py")  # what times the runtimes and sets them up
+CODE = ("tasks/benchmark.py", "brainmri/deploy/onnxrt.py", "brainmri/deploy/runtimes.py")  # what times the runtimes and sets them up
 
 
 def timing_key(p: Params, name: str, model, machine: dict) -> str:
@@ -368,7 +368,7 @@ def benchmark(p: Params, name: str) -> dict:
     import keras
     import onnxruntime
 
-    from brainmri.models import load_model
+    from brainmri.learn.models import load_model
 
     size = p.backbones[p.models[name].backbone].input_size
     model = load_model(p.model_file("models", name, "model"))
@@ -401,7 +401,7 @@ def benchmark(p: Params, name: str) -> dict:
         paths = split_part(p, "test").paths
         images = timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size)
         # no other stage process works while the runtimes are timed (benchmark is in orchestration.exclusive)
-        with quiet.timing(p.path("timing_cache"), "benchmark", p.orchestration.exclusive):
+        with timing_lock.timing(p.path("timing_cache"), "benchmark", p.orchestration.exclusive):
             memo = reused_timings(p, key, name, set(runtimes))  # a sibling may have timed the same graphs while this one waited
             if memo is None:
                 start = time.time()

@@ -13,21 +13,21 @@ import json
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.fsutil import atomic_dir, write_json, write_metrics
-from brainmri.progress import log, summary
+from brainmri.core.files import atomic_dir, write_json, write_metrics
+from brainmri.core.progress import log, summary
 
 
 def latency(p: Params, path, images: np.ndarray) -> dict:
     """The composed graph timed as benchmark@MODEL times the ONNX rows of any model (ONNX Runtime and OpenVINO fp32,
-    benchmark.* settings, interleaved rounds), with no other stage process running (brainmri/quiet.py)."""
-    from brainmri import quiet
-    from brainmri.runtimes import runner
+    benchmark.* settings, interleaved rounds), with no other stage process running (brainmri/core/timing_lock.py)."""
+    from brainmri.core import timing_lock
+    from brainmri.deploy.runtimes import runner
     from tasks.benchmark import cpu_model, interleaved, ranking, round_settings, timing_batch
 
     b = p.benchmark
     runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
     images = timing_batch(images, b.batch_size)
-    with quiet.timing(p.path("timing_cache"), "ensemble", p.orchestration.exclusive):
+    with timing_lock.timing(p.path("timing_cache"), "ensemble", p.orchestration.exclusive):
         seconds = {batch: interleaved(runtimes, np.ascontiguousarray(images[:batch]), b, first=batch == 1) for batch in (1, b.batch_size)}
     rows = []
     for batch in (1, b.batch_size):
@@ -57,10 +57,10 @@ def ensemble(p: Params) -> dict:
     import onnx
     from onnx import helper
 
-    from brainmri.ensembling import EnsembleError, _load, calibrated, compose, cross_fitted, greedy_weights, read_oof, score
-    from brainmri.metrics import _auc, paired_auc_differences, with_intervals, youden_threshold
-    from brainmri.onnxrt import session
-    from brainmri.preprocess import load_batch
+    from brainmri.deploy.onnxrt import session
+    from brainmri.intake.preprocess import load_batch
+    from brainmri.learn.ensembling import EnsembleError, _load, calibrated, compose, cross_fitted, greedy_weights, read_oof, score
+    from brainmri.stats.metrics import _auc, paired_auc_differences, with_intervals, youden_threshold
     from tasks.external import external_set
     from tasks.split import split_part
 

@@ -10,16 +10,16 @@ import json
 import numpy as np
 import pandas as pd
 
-from brainmri import calibration
 from brainmri.config import Params
-from brainmri.errors import BrainMRIError
-from brainmri.fsutil import jsonable, write_csv, write_json, write_metrics
-from brainmri.lineage import lineage, md5
-from brainmri.metrics import confusion, fmt, with_intervals
-from brainmri.onnxrt import INPUT, probabilities, session
-from brainmri.plots import confusion_figure, save
-from brainmri.preprocess import load_batch
-from brainmri.progress import summary
+from brainmri.core.errors import BrainMRIError
+from brainmri.core.files import jsonable, write_csv, write_json, write_metrics
+from brainmri.core.progress import summary
+from brainmri.deploy.onnxrt import INPUT, probabilities, session
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn import calibration
+from brainmri.provenance.lineage import lineage, md5
+from brainmri.report.plots import confusion_figure, save
+from brainmri.stats.metrics import confusion, fmt, with_intervals
 from tasks.split import split_part
 
 

@@ -15,12 +15,12 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from brainmri.config import Params
-from brainmri.errors import BrainMRIError
-from brainmri.fsutil import atomic_dir, write_json, write_metrics
-from brainmri.metrics import point
-from brainmri.onnxrt import INPUT, probabilities, session
-from brainmri.preprocess import load_batch
-from brainmri.progress import log, summary
+from brainmri.core.errors import BrainMRIError
+from brainmri.core.files import atomic_dir, write_json, write_metrics
+from brainmri.core.progress import log, summary
+from brainmri.deploy.onnxrt import INPUT, probabilities, session
+from brainmri.intake.preprocess import load_batch
+from brainmri.stats.metrics import point
 from tasks.split import Part, split_part
 
 PROTOBUF_IMPL = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
@@ -50,7 +50,7 @@ def _convert_to_file(model_path: str, size: int, opset: int, out: str, images: s
     # that fails can be skipped; off, the conversion takes 35% less time and a fraction of the memory, and a failing pass
     # fails the export (the parity check would catch a wrong graph either way)
     os.environ["TF2ONNX_CATCH_ERRORS"] = "FALSE"
-    from brainmri.models import load_model
+    from brainmri.learn.models import load_model
 
     model = load_model(model_path)
     onnx.save(to_onnx(model, size, opset), out)
@@ -216,7 +216,7 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
     import itertools
 
     from brainmri.config import candidates
-    from brainmri.onnxrt import cpu_flags
+    from brainmri.deploy.onnxrt import cpu_flags
 
     val = split_part(p, "val")
     x_val = load_batch(val.paths, size)

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
-from brainmri.fsutil import atomic_dir, write_csv, write_json, write_metrics
-from brainmri.preprocess import load_batch
-from brainmri.progress import summary
+from brainmri.core.files import atomic_dir, write_csv, write_json, write_metrics
+from brainmri.core.progress import summary
+from brainmri.intake.preprocess import load_batch
 
 PARTS = (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))
 CHUNK = 64  # images decoded and scored at a time: memory stays bounded whatever the external set's size
@@ -45,8 +45,8 @@ def external(p: Params, name: str) -> dict:
 
     # imported here, where there is a set to score: without one (the default) the stage needs neither scikit-learn
     # nor ONNX Runtime, and skips their second of start-up
-    from brainmri.metrics import fmt, with_intervals
-    from brainmri.onnxrt import metadata, probabilities, session
+    from brainmri.deploy.onnxrt import metadata, probabilities, session
+    from brainmri.stats.metrics import fmt, with_intervals
 
     sess = session(p.model_file("export", name, "onnx"))
     meta = metadata(sess)

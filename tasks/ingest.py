@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainmri import archives
 from brainmri.config import Params
-from brainmri.duplicates import fingerprint, group_ids
-from brainmri.errors import DataError, ImageError
-from brainmri.fsutil import atomic_dir, write_csv, write_json
-from brainmri.images import decode_file, save_png
-from brainmri.outliers import features, score
-from brainmri.phantoms import MARKER
-from brainmri.progress import progress, summary
+from brainmri.core.errors import DataError, ImageError
+from brainmri.core.files import atomic_dir, write_csv, write_json
+from brainmri.core.progress import progress, summary
+from brainmri.intake import archives
+from brainmri.intake.decode import decode_file, save_png
+from brainmri.intake.duplicates import fingerprint, group_ids
+from brainmri.intake.outliers import features, score
+from brainmri.intake.phantoms import MARKER
 
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "icon\r"})
 EXTENSIONS = {

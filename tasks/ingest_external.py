@@ -14,12 +14,12 @@ import pandas as pd
 from PIL import Image
 
 from brainmri.config import Params
-from brainmri.duplicates import fingerprint, group_ids
-from brainmri.errors import DataError
-from brainmri.fsutil import atomic_dir, write_csv, write_json
-from brainmri.images import save_png
-from brainmri.phantoms import MARKER
-from brainmri.progress import summary
+from brainmri.core.errors import DataError
+from brainmri.core.files import atomic_dir, write_csv, write_json
+from brainmri.core.progress import summary
+from brainmri.intake.decode import save_png
+from brainmri.intake.duplicates import fingerprint, group_ids
+from brainmri.intake.phantoms import MARKER
 from tasks.ingest import decoded, image_id, listing, open_source, scan
 
 COLUMNS = ["image_id", "source_path", "label", "image", "sha256", "group", "duplicate_of", "used"]

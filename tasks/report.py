@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
-from brainmri.fsutil import atomic_dir, write_text
-from brainmri.metrics import fmt, paired_auc_differences
-from brainmri.plots import (
+from brainmri.core.files import atomic_dir, write_text
+from brainmri.core.progress import summary
+from brainmri.report.plots import (
     confusion_figure,
     curves_figure,
     plt,
@@ -25,8 +25,8 @@ from brainmri.plots import (
     save,
     strips_figure,
 )
-from brainmri.progress import summary
-from tasks.tables import TABLES
+from brainmri.report.tables import TABLES
+from brainmri.stats.metrics import fmt, paired_auc_differences
 
 ORIGINAL = (
     "The original study reported VGG19 with augmentation best at 86% test accuracy and VGG16 with augmentation lowest at 0.4984 test BCE, "
@@ -216,8 +216,8 @@ def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6):
 
 def lineage_table(p: Params) -> pd.DataFrame | str:
     """Per model, where it came from (dvc.lock): its file's hash, the data manifest's, its key params and the git commit."""
-    from brainmri.errors import BrainMRIError
-    from brainmri.lineage import lineage, read_lock
+    from brainmri.core.errors import BrainMRIError
+    from brainmri.provenance.lineage import lineage, read_lock
 
     rows = []
     try:
@@ -614,7 +614,7 @@ def ensemble_section(p: Params) -> list:
 def saliency_section(p: Params, best: str, samples: list, sample_paths: list, out: Path) -> list:
     """The saliency stage's Grad-CAM shares per model, flagged below saliency.min_head_share; and the best model's
     heatmaps over the sample images."""
-    from brainmri.preprocess import load_batch
+    from brainmri.intake.preprocess import load_batch
 
     rows, overlays = [], []
     for name in p.models:

@@ -1,4 +1,4 @@
-"""saliency stage: where one model looks. Grad-CAM on the Keras model over the test images (brainmri.saliency), and the
+"""saliency stage: where one model looks. Grad-CAM on the Keras model over the test images (brainmri.learn.saliency), and the
 share of each heatmap inside the head; the report reads every model's and flags those that look elsewhere.
 
 A stage of its own per model, not part of the report: it is the one step there that runs Keras models, so the report
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.fsutil import atomic_dir, write_json, write_npz
-from brainmri.preprocess import load_batch
-from brainmri.progress import log
+from brainmri.core.files import atomic_dir, write_json, write_npz
+from brainmri.core.progress import log
+from brainmri.intake.preprocess import load_batch
 from tasks.split import split_part
 
 
@@ -23,8 +23,8 @@ def saliency(p: Params, name: str) -> dict:
     """Run the stage for model `name`: Grad-CAM over the test images; write its record and its heatmaps (with the
     head masks) under paths.saliency/MODEL; return the record."""
     p.model(name)  # an unknown name stops here, before any work
-    from brainmri import saliency as cam
-    from brainmri.models import load_model
+    from brainmri.learn import saliency as cam
+    from brainmri.learn.models import load_model
 
     test = split_part(p, "test").paths  # images only: no label is read here
     images = [Path(t).stem for t in test]  # image ids
@@ -34,7 +34,7 @@ def saliency(p: Params, name: str) -> dict:
     share = cam.head_share(cams, head)
     finite = np.isfinite(share)
     record = {
-        "method": "Grad-CAM on the Keras model (brainmri/saliency.py), over the test images; labels not read",
+        "method": "Grad-CAM on the Keras model (brainmri/learn/saliency.py), over the test images; labels not read",
         "input_size": int(x.shape[1]),
         "n_images": len(share),
         "mean_share_inside_head": float(np.mean(share[finite])) if finite.any() else None,  # None: every heatmap empty

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
-from brainmri.errors import DataError
-from brainmri.fsutil import write_csv, write_json
-from brainmri.progress import summary
+from brainmri.core.errors import DataError
+from brainmri.core.files import write_csv, write_json
+from brainmri.core.progress import summary
 
 SPLITS = ("train", "val", "test")
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri import calibration, features
 from brainmri.config import Backbone, Params, candidates
-from brainmri.fsutil import atomic_dir, jsonable, write_csv, write_json
-from brainmri.headfit import HeadJob, HeadResult, fit_heads
-from brainmri.metrics import point, youden_threshold
-from brainmri.preprocess import load_batch
-from brainmri.progress import log, summary
+from brainmri.core.files import atomic_dir, jsonable, write_csv, write_json
+from brainmri.core.progress import log, summary
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn import calibration, features
+from brainmri.learn.headfit import HeadJob, HeadResult, fit_heads
+from brainmri.stats.metrics import point, youden_threshold
 from tasks.split import Part, make_part, split_part
 
 
@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
 def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw, label: str) -> tuple[pd.DataFrame, int]:
     """Keras fit for `epochs` epochs and keep the last; with `patience`, stop early on validation loss and keep its best epoch.
 
-    For networks trained on images (the reference CNN, fine-tuning); heads on cached features train in brainmri.headfit."""
+    For networks trained on images (the reference CNN, fine-tuning); heads on cached features train in brainmri.learn.headfit."""
     import keras
 
     class EpochLog(keras.callbacks.Callback):
@@ -117,7 +117,7 @@ def cv_folds(
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from brainmri.models import build_head
+    from brainmri.learn.models import build_head
 
     bb = bb or setting(p, name)
     seed = p.seed if fold_seed is None else fold_seed
@@ -219,7 +219,7 @@ def cross_validate(p: Params, name: str, feats, y, groups, aug_feats: dict[int, 
 
 def train(p: Params, name: str) -> dict:
     """Run the stage for model `name`: write the model, its history and train.json; return train.json."""
-    from brainmri.models import build_network, save_model
+    from brainmri.learn.models import build_network, save_model
 
     p.model(name)  # an unknown name stops here, before any work
     start = time.monotonic()
@@ -413,7 +413,7 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
     Returns the head's history, its selected epoch, the CV summary, (labels, out-of-fold probabilities), the chosen
     backbone settings, the chosen threshold rule and the selection record."""
 
-    from brainmri.models import build_head, cut
+    from brainmri.learn.models import build_head, cut
 
     key = p.models[name].backbone
     spec = p.backbones[key]

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from brainmri.config import SMALL_CNN, Params
-from brainmri.errors import ConfigError, WeightsError
-from brainmri.fsutil import atomic_dir, write_json
-from brainmri.progress import summary
+from brainmri.core.errors import ConfigError, WeightsError
+from brainmri.core.files import atomic_dir, write_json
+from brainmri.core.progress import summary
 
 FILES = ("weights.weights.h5", "weights.h5")  # the copy keeps the source's kind: Keras 3 reads `.weights.h5` as its own
 # format and any other `.h5` as the legacy one (ImageNet downloads are legacy files)
@@ -49,7 +49,7 @@ def _recording_downloads(seen: list[str]):
 
 
 def _imagenet_file(p: Params, key: str) -> Path:
-    from brainmri.models import _offline_message, application
+    from brainmri.learn.models import _offline_message, application
 
     bb = p.backbones[key]
     cls = application(bb.application, key)
@@ -99,7 +99,7 @@ def weights(p: Params, key: str) -> dict:
         if source is not None:
             shutil.copyfile(source, tmp / record["file"])
             if kind == "file":
-                from brainmri.models import load_base
+                from brainmri.learn.models import load_base
 
                 load_base(p, key, tmp / record["file"])  # checked: it must fit the backbone, or stop here with the reason
         write_json(tmp / RECORD, record)

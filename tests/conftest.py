@@ -79,7 +79,7 @@ def small_run(tmp_path_factory):
     """The whole chain in process on 2 x 16 phantoms at 32 px, three models, every stage."""
     from factory import materialise_weights, tiny_training
 
-    from brainmri.phantoms import generate
+    from brainmri.intake.phantoms import generate
     from tasks.audit import audit
     from tasks.augment import augment
     from tasks.benchmark import benchmark

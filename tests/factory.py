@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from brainmri.config import merge
-from brainmri.phantoms import phantom
+from brainmri.intake.phantoms import phantom
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "brain_tumor_dataset"

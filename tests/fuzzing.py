@@ -220,8 +220,8 @@ def _limit(seconds: float):
 
 
 def _decode_batch(seeds, seed: int, start: int, count: int) -> dict:
-    from brainmri.errors import ImageError
-    from brainmri.images import decode_bytes
+    from brainmri.core.errors import ImageError
+    from brainmri.intake.decode import decode_bytes
 
     ok = refused = 0
     failures = []
@@ -250,8 +250,8 @@ def _pipeline_batch(seeds, seed: int, start: int, count: int, work: Path) -> dic
     import pandas as pd
     from factory import make_project, tiny_onnx
 
-    from brainmri.cli import main
     from brainmri.config import load_params
+    from flows.cli import main
 
     logging.disable(logging.CRITICAL)
     rng = np.random.default_rng([seed, start, 7])
@@ -310,7 +310,7 @@ def _pipeline_batch(seeds, seed: int, start: int, count: int, work: Path) -> dic
                 for n in names
                 if n[:1] != b"."
             )
-            from brainmri.archives import printable
+            from brainmri.intake.archives import printable
 
             got = pd.read_csv(out, keep_default_na=False)
             stats.update(predicted=int((got["error"] == "").sum()), predict_errors=int((got["error"] != "").sum()))

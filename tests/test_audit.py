@@ -9,7 +9,7 @@ from factory import brain, encode, make_project
 from PIL import Image
 
 from brainmri.config import load_params
-from brainmri.errors import DataError
+from brainmri.core.errors import DataError
 from tasks.audit import audit
 from tasks.ingest import ingest
 

@@ -10,7 +10,7 @@ RUNTIMES = {"keras_predict", "keras_compiled", "onnxruntime_fp32", "onnxruntime_
 
 def test_benchmark_file_has_every_runtime_batch_and_ratio(small_run):
     p, *_ = small_run
-    from brainmri.runtimes import bf16_capable
+    from brainmri.deploy.runtimes import bf16_capable
 
     b = json.loads(p.model_file("benchmark", "vgg16-aug", "benchmark").read_text())
     expected = [rt for rt in RUNTIMES if rt != "openvino_bf16" or bf16_capable()]  # bf16 only where the CPU has it
@@ -57,7 +57,7 @@ def test_timings_are_reused_only_from_a_sibling_when_fresh_whole_and_allowed(tmp
     from factory import make_project
 
     from brainmri.config import load_params
-    from brainmri.fsutil import write_json
+    from brainmri.core.files import write_json
     from tasks.benchmark import reused_timings
 
     p = load_params(make_project(tmp_path / "proj") / "params.yaml")

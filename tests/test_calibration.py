@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from brainmri import calibration
+from brainmri.learn import calibration
 
 
 def overconfident(n=4000, temperature=3.0, seed=0):
@@ -46,7 +46,7 @@ def test_ece_uses_equal_mass_bins_and_the_reliability_table_sums_to_n():
 def test_folding_into_the_output_layer_gives_the_mapped_probabilities():
     import keras
 
-    from brainmri.models import build_head
+    from brainmri.learn.models import build_head
 
     class Spec:
         dense, dropout = 8, 0.0

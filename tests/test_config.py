@@ -6,7 +6,7 @@ from factory import REPO, make_project
 from pydantic import ValidationError
 
 from brainmri.config import load_params
-from brainmri.errors import ConfigError
+from brainmri.core.errors import ConfigError
 
 
 def test_repository_params_load_and_are_frozen():

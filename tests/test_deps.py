@@ -2,8 +2,8 @@
 
 from factory import REPO
 
-from brainmri import codedeps
 from brainmri.config import read_yaml
+from brainmri.provenance import codedeps
 
 
 def test_dvc_yaml_lists_exactly_the_files_each_stage_imports():
@@ -50,7 +50,7 @@ def test_write_rewrites_only_code_deps_and_keeps_comments(tmp_path):
     for name in (codedeps.LOCK_FILE, codedeps.VERSIONS_FILE, "params.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     text = (REPO / "dvc.yaml").read_text()
-    broken = text.replace("      - ${paths.code}brainmri/plots.py\n", "", 1)
+    broken = text.replace("      - ${paths.code}brainmri/report/plots.py\n", "", 1)
     assert broken != text
     (tmp_path / "dvc.yaml").write_text(broken)
     assert codedeps.write(tmp_path, tmp_path / "dvc.yaml") == ["evaluate"]  # the one stage whose list lost a file

@@ -11,10 +11,10 @@ from factory import make_project, tiny_onnx
 from onnx import TensorProto, helper
 
 from brainmri.config import load_params
-from brainmri.ensembling import EnsembleError, compose, cross_fitted, greedy_weights, read_oof
-from brainmri.errors import ConfigError
-from brainmri.onnxrt import probabilities, session
-from brainmri.predict import load, predict
+from brainmri.core.errors import ConfigError
+from brainmri.deploy.onnxrt import probabilities, session
+from brainmri.deploy.predict import load, predict
+from brainmri.learn.ensembling import EnsembleError, compose, cross_fitted, greedy_weights, read_oof
 from tasks.ensemble import ensemble
 from tasks.split import split_part
 
@@ -89,7 +89,7 @@ def test_selection_keeps_informative_members_and_the_cross_fitted_difference_is_
     folds = np.arange(n) % 5
     ens, single, choices = cross_fitted(y, np.column_stack([a, b, noise]), folds, 10, "platt")
     assert len(choices) == 5 and all(c["weights"][2] == 0 for c in choices)
-    from brainmri.metrics import paired_auc_differences
+    from brainmri.stats.metrics import paired_auc_differences
 
     d = paired_auc_differences(y, {"e": ens, "s": single}, "s", None, 300, 0)["e"]
     assert d["ci_low"] > 0  # averaging two independent errors beats either, beyond chance at n=600

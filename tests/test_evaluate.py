@@ -5,8 +5,16 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from brainmri.metrics import POINT_METRICS, confusion, group_resamples, paired_auc_differences, point, with_intervals, youden_threshold
-from brainmri.plots import confusion_figure
+from brainmri.report.plots import confusion_figure
+from brainmri.stats.metrics import (
+    POINT_METRICS,
+    confusion,
+    group_resamples,
+    paired_auc_differences,
+    point,
+    with_intervals,
+    youden_threshold,
+)
 
 
 def test_confusion_rows_are_actual_and_columns_predicted():
@@ -35,7 +43,7 @@ def test_the_bootstrap_fast_path_equals_scikit_learn_on_ties_one_class_and_extre
     """The resamples use numpy-only metrics (`_fast_point`, `_auc`); they must be what `point` (scikit-learn) gives."""
     from sklearn.metrics import roc_auc_score
 
-    from brainmri.metrics import _auc, _fast_point
+    from brainmri.stats.metrics import _auc, _fast_point
 
     rng = np.random.default_rng(0)
     for trial in range(300):

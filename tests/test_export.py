@@ -5,9 +5,9 @@ import onnx
 import pandas as pd
 import pytest
 
-from brainmri.models import load_model
-from brainmri.onnxrt import metadata, probabilities, session
-from brainmri.preprocess import load_batch
+from brainmri.deploy.onnxrt import metadata, probabilities, session
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn.models import load_model
 from tasks.export import ExportError, calibration_sample, export
 from tasks.split import Part
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from brainmri.config import load_params
-from brainmri.phantoms import MARKER, generate
+from brainmri.intake.phantoms import MARKER, generate
 from tasks.ensemble import ensemble
 from tasks.external import external
 from tasks.ingest_external import ingest_external
@@ -74,7 +74,7 @@ def test_external_images_that_duplicate_ingested_ones_are_left_out_and_the_rest_
 def test_a_missing_external_source_is_one_clear_error(tmp_path):
     from factory import make_project
 
-    from brainmri.errors import DataError
+    from brainmri.core.errors import DataError
 
     p = load_params(make_project(tmp_path, {"external": {"source": "nowhere"}}) / "params.yaml")
     with pytest.raises(DataError, match=r"external set not found at .*nowhere \(external.source in params.yaml\)"):

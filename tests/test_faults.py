@@ -14,9 +14,9 @@ import pytest
 from factory import make_project, materialise_weights, tiny_training
 
 from brainmri.config import load_params
-from brainmri.models import load_model
-from brainmri.phantoms import generate
-from brainmri.preprocess import load_batch
+from brainmri.intake.phantoms import generate
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn.models import load_model
 from tasks.augment import augment
 from tasks.ingest import ingest
 from tasks.split import split, split_part
@@ -130,7 +130,7 @@ def test_sigkill_during_training_epochs_and_during_export_then_rerun_gives_the_s
 def test_keras_files_load_in_safe_mode_only(tmp_path):
     import keras
 
-    from brainmri.models import load_model
+    from brainmri.learn.models import load_model
 
     inp = keras.Input((4,))
     out = keras.layers.Lambda(lambda x: x * 2)(inp)  # arbitrary Python code inside a model file

@@ -24,12 +24,12 @@ import pytest
 from factory import SHARED_DATA, brain, encode, make_project, png16, tiny_onnx, write_dataset
 from PIL import Image
 
-from brainmri import images
-from brainmri.cli import main
 from brainmri.config import load_params
-from brainmri.errors import BrainMRIError, DataError, DecodeError, ImageError
-from brainmri.images import decode_bytes, decode_file
-from brainmri.predict import predict
+from brainmri.core.errors import BrainMRIError, DataError, DecodeError, ImageError
+from brainmri.deploy.predict import predict
+from brainmri.intake import decode as images
+from brainmri.intake.decode import decode_bytes, decode_file
+from flows.cli import main
 from tasks.ingest import ingest
 
 DATA = Path(__file__).parent / "data"
@@ -331,7 +331,7 @@ def test_a_folder_nested_deeper_than_the_interpreter_recurses_is_walked(tmp_path
 
 
 def test_a_folder_predict_cannot_list_is_an_error_row_saying_so(tmp_path, model, monkeypatch):
-    from brainmri import predict as predict_module
+    from brainmri.deploy import predict as predict_module
 
     folder = write_dataset(tmp_path / "in", n=2)
     real_scandir = os.scandir
@@ -385,7 +385,7 @@ def test_input_shape_that_disagrees_with_the_metadata_is_refused_at_load(tmp_pat
 # tracemalloc counts every thread's allocations, and a thread another test left running would count too
 PEAK = """
 import sys, tracemalloc
-from brainmri.predict import predict
+from brainmri.deploy.predict import predict
 model, folder, out = sys.argv[1:4]
 predict(model, [folder], out + ".warm.csv", batch=8)  # predict never overwrites a file: its own
 tracemalloc.start()

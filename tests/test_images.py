@@ -3,8 +3,8 @@ import pytest
 from factory import brain, cmyk_jpeg, encode, png16, rgba_png, truncated_jpeg
 from PIL import Image
 
-from brainmri.errors import ImageError
-from brainmri.images import decode_bytes
+from brainmri.core.errors import ImageError
+from brainmri.intake.decode import decode_bytes
 
 LIMITS = {"max_pixels": 10_000_000, "max_side": 512}
 

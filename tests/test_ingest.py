@@ -10,7 +10,7 @@ import pytest
 from factory import REPO, SHARED_DATA, brain, cmyk_jpeg, encode, make_project, png16, rgba_png, truncated_jpeg, write_dataset
 
 from brainmri.config import load_params
-from brainmri.errors import DataError
+from brainmri.core.errors import DataError
 from tasks.ingest import ingest
 
 
@@ -243,7 +243,7 @@ def test_real_scans_saved_twice_with_margin_marks_share_a_group(real_ingest):
 def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
     from PIL import Image, ImageDraw
 
-    from brainmri.duplicates import content_crop, fingerprint, group_ids
+    from brainmri.intake.duplicates import content_crop, fingerprint, group_ids
 
     head = np.pad(brain(7, tumor=True, size=(120, 110)), 30)  # on a black margin
     plain = Image.fromarray(head)
@@ -266,7 +266,7 @@ def test_content_crop_sees_past_a_thin_bright_frame_along_the_edges(seed):
     pixels, so the line set it (127-237), and the crop took a panel letter, the tumour of a dim scan, or nothing."""
     from PIL import Image, ImageDraw
 
-    from brainmri.images import content_crop
+    from brainmri.intake.decode import content_crop
 
     rng = np.random.default_rng(seed)
     head = np.pad(brain(seed, tumor=True, size=(120, 110)), 30).astype(np.float64)
@@ -295,7 +295,7 @@ def test_content_crop_finds_a_scan_pasted_on_white(film):
     below a threshold set by the white, and nothing was cropped."""
     from PIL import Image
 
-    from brainmri.images import content_crop
+    from brainmri.intake.decode import content_crop
 
     head = np.pad(brain(3, tumor=True, size=(120, 110)), 30)
     a = content_crop(Image.fromarray(head))
@@ -309,7 +309,7 @@ def test_content_crop_finds_a_scan_pasted_on_white(film):
 def assert_each_copy_joins_only_its_original(originals: list, copies: list) -> None:
     """copies[k] is a copy of originals[k] (all different scans) that the whole-view rule misses: the full detector
     joins each copy to its own original and no other."""
-    from brainmri.duplicates import fingerprint, joined
+    from brainmri.intake.duplicates import fingerprint, joined
 
     d = load_params(REPO / "params.yaml").dedupe
     prints = [fingerprint(img, str(i), d.hash_size) for i, img in enumerate([*originals, *copies])]
@@ -342,8 +342,8 @@ def test_copies_turned_or_nicked_join_their_original_and_smooth_heads_stay_apart
     original only. Smooth phantoms, whose outlines correlate at about 0.98 once cropped to the head, stay apart."""
     from PIL import Image
 
-    from brainmri.duplicates import fingerprint, joined
-    from brainmri.phantoms import phantom
+    from brainmri.intake.duplicates import fingerprint, joined
+    from brainmri.intake.phantoms import phantom
 
     d = load_params(REPO / "params.yaml").dedupe
     names = ["yes/Y27.jpg", "no/No22.jpg", "yes/Y17.jpg", "yes/Y3.jpg"]  # four different scans

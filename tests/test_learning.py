@@ -2,7 +2,7 @@
 labels permuted by duplicate group inside train+val bring cross-validated AUC down to chance.
 
 Small and fast: the shared HED VGG16 weights cut at block3_pool on 64 px inputs (features of all 253 images take a
-few seconds), heads trained in brainmri.headfit's compiled loop, every permutation's folds in one run.
+few seconds), heads trained in brainmri.learn.headfit's compiled loop, every permutation's folds in one run.
 """
 
 import os
@@ -12,10 +12,10 @@ import pytest
 from factory import REPO
 from sklearn.metrics import roc_auc_score
 
-from brainmri import features
 from brainmri.config import load_params
-from brainmri.metrics import with_intervals
-from brainmri.models import build_network
+from brainmri.learn import features
+from brainmri.learn.models import build_network
+from brainmri.stats.metrics import with_intervals
 from tasks.split import split_part
 from tasks.train import cv_folds, predict, seed_everything, train, train_heads
 from tasks.weights import weights
@@ -106,7 +106,7 @@ def test_the_default_calibration_lowers_the_log_loss_of_held_out_images(trained,
     model scores 0.07 on average (0.10 at the 95th percentile, simulated), so it ranks maps poorly at this size."""
     from sklearn.metrics import log_loss
 
-    from brainmri import calibration
+    from brainmri.learn import calibration
 
     p, t = trained
     y, groups, _, (real, *_) = cv_runs

@@ -1,6 +1,6 @@
 import numpy as np
 
-from brainmri.phantoms import MARKER, generate, phantom
+from brainmri.intake.phantoms import MARKER, generate, phantom
 
 
 def test_phantoms_are_deterministic_and_tumours_differ():

@@ -17,7 +17,7 @@ import yaml
 from factory import SHARED_DATA, brain, encode, make_project, materialise_weights, tiny_training
 
 from brainmri.config import load_params
-from brainmri.lineage import md5
+from brainmri.provenance.lineage import md5
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ def test_a_first_flow_run_overlaps_branches_and_a_failed_branch_does_not_stop_th
     import threading
 
     import flows.pipeline as fp
-    from brainmri import quiet
+    from brainmri.core import timing_lock
     from flows.pipeline import PipelineFailed
 
     real, calls, spans = fp.stage_process, [], tmp_path / "spans.jsonl"
@@ -121,7 +121,7 @@ def test_a_first_flow_run_overlaps_branches_and_a_failed_branch_does_not_stop_th
         return [sys.executable, "-c", SPAN, str(spans), stage, *real(root, stage, token, lock)]
 
     monkeypatch.setattr(fp, "stage_process", broken_export)
-    monkeypatch.setenv(quiet.LOG, str(tmp_path / "holds.jsonl"))  # every stage process logs its holds of the timing lock
+    monkeypatch.setenv(timing_lock.LOG, str(tmp_path / "holds.jsonl"))  # every stage process logs its holds of the timing lock
     meanwhile = {}
 
     def impatient():  # a second pipeline that does not wait: the flow holds DVC's lock, so it stops at once
@@ -139,7 +139,7 @@ def test_a_first_flow_run_overlaps_branches_and_a_failed_branch_does_not_stop_th
     span = {stage: (t0, t1) for stage, t0, t1 in map(json.loads, spans.read_text().splitlines())}
     (a0, a1), (b0, b1) = span["train@vgg16-aug"], span["train@smallcnn-aug"]
     assert a0 < b1 and b0 < a1, span  # max_workers 2: the two branches' training overlaps
-    holds = [json.loads(line) for line in (tmp_path / "holds.jsonl").read_text().splitlines()]  # brainmri/quiet.py's log
+    holds = [json.loads(line) for line in (tmp_path / "holds.jsonl").read_text().splitlines()]  # brainmri/core/timing_lock.py's log
     timing, working = [h for h in holds if h["kind"] == "alone"], [h for h in holds if h["kind"] == "shared"]
     ran = set(calls) - {"export@vgg16-aug"}  # every stage of this first run ran, but the injected failure
     assert ran <= {h["argv"][2] for h in working if h["argv"][0] == "repro_one.py"}  # DVC's work for each, under the lock
@@ -219,15 +219,15 @@ def test_editing_the_files_a_stage_imports_makes_exactly_their_importers_stale(w
     group, not per file: tests/test_deps.py checks that dvc.yaml lists exactly each stage's imports)."""
     from dvc.repo import Repo
 
-    from brainmri import codedeps
     from brainmri.config import read_yaml
+    from brainmri.provenance import codedeps
 
     expected = codedeps.expected_deps(ws, read_yaml(ws / "dvc.yaml"))
     files = sorted({d.removeprefix(codedeps.CODE_PREFIX) for deps in expected.values() for d in deps})
     by_importers: dict[frozenset, list[str]] = {}
     for rel in files:
         by_importers.setdefault(frozenset(s for s, deps in expected.items() if codedeps.CODE_PREFIX + rel in deps), []).append(rel)
-    glue = ["flows/pipeline.py", "flows/repro_one.py", "brainmri/cli.py", "brainmri/codedeps.py"]
+    glue = ["flows/pipeline.py", "flows/repro_one.py", "flows/cli.py", "brainmri/provenance/codedeps.py"]
     cases = [*by_importers.items(), (frozenset(), glue)]
     assert len(cases) > 5 and sum(len(g) for _, g in cases) == len(files) + len(glue)
     here = os.getcwd()

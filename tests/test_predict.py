@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from factory import REPO
 
-from brainmri.errors import BrainMRIError
-from brainmri.predict import predict
+from brainmri.core.errors import BrainMRIError
+from brainmri.deploy.predict import predict
 
 
 def test_predict_uses_the_training_preprocessing(small_run, tmp_path):
@@ -36,7 +36,8 @@ def test_folders_bad_files_json_and_no_tensorflow(small_run, tmp_path):
     (folder / ".DS_Store").write_bytes(b"\0")
     model = p.model_file("export", "vgg16-aug", "onnx")
     code = (
-        f"import sys; from brainmri.predict import predict; f = predict({str(model)!r}, [{str(folder)!r}], {str(tmp_path / 'o.json')!r}); "
+        "import sys; from brainmri.deploy.predict import predict; "
+        f"f = predict({str(model)!r}, [{str(folder)!r}], {str(tmp_path / 'o.json')!r}); "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'; print(len(f))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -62,8 +63,8 @@ def test_predict_refuses_anything_but_onnx(small_run, tmp_path):
 def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_it(small_run, tmp_path, monkeypatch, caplog):
     """OpenVINO fp32 runs the same file to within 1e-4 of ONNX Runtime, with the same labels; bf16 on a CPU without
     bf16 instructions is one sentence, not a quiet fp32 run under a bf16 name."""
-    from brainmri import runtimes
-    from brainmri.cli import build_parser
+    from brainmri.deploy import runtimes
+    from flows.cli import build_parser
 
     p, *_ = small_run
     images = sorted(p.path("ingest_images").iterdir())[:12]  # real decoded images, not random inputs
@@ -73,13 +74,13 @@ def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_
     assert np.abs(ov["probability"].astype(float) - ort["probability"].astype(float)).max() <= 1e-4
     assert list(ov["label"]) == list(ort["label"])
     choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions if a.dest == "runtime").choices
-    assert tuple(choices) == runtimes.RUNTIMES  # the CLI offers exactly what brainmri.runtimes runs
+    assert tuple(choices) == runtimes.RUNTIMES  # the CLI offers exactly what brainmri.deploy.runtimes runs
     monkeypatch.setattr(runtimes, "cpu_flags", lambda: ["avx2", "avx512f"])
     import logging
 
     import onnx
 
-    from brainmri import onnxrt
+    from brainmri.deploy import onnxrt
 
     int8 = onnx.load(p.model_file("export", "vgg16-aug", "onnx_int8"))  # 8-bit weights chosen on a VNNI CPU...
     assert {q.key for q in int8.metadata_props} >= {"int8_reduce_range", "int8_chosen_on_cpu_flags"}

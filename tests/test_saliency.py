@@ -4,8 +4,8 @@ import numpy as np
 from factory import brain
 
 from brainmri.config import load_params
-from brainmri.models import build_head, build_network
-from brainmri.saliency import grad_cam, head_share, masks
+from brainmri.learn.models import build_head, build_network
+from brainmri.learn.saliency import grad_cam, head_share, masks
 
 
 def marked(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,9 +7,9 @@ import pytest
 from factory import make_project
 
 from brainmri.config import load_params
-from brainmri.duplicates import fingerprint, groups_of, joined
-from brainmri.errors import DataError
-from brainmri.images import decode_file
+from brainmri.core.errors import DataError
+from brainmri.intake.decode import decode_file
+from brainmri.intake.duplicates import fingerprint, groups_of, joined
 from tasks.split import SPLITS, assign_groups, leaked_fraction, split
 
 

@@ -9,12 +9,12 @@ from factory import REPO, make_project, tiny_training
 from PIL import Image
 from sklearn.metrics import log_loss, roc_auc_score
 
-from brainmri import calibration, features
 from brainmri.config import load_params
-from brainmri.errors import ConfigError
-from brainmri.headfit import HeadJob, fit_heads
-from brainmri.models import build_head, build_network, load_model
-from brainmri.preprocess import load_batch
+from brainmri.core.errors import ConfigError
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn import calibration, features
+from brainmri.learn.headfit import HeadJob, fit_heads
+from brainmri.learn.models import build_head, build_network, load_model
 from tasks.split import split_part
 from tasks.train import class_weights, fit, train
 
@@ -129,11 +129,11 @@ def test_same_seed_same_weights_and_heads_train_alone_as_in_a_group(vgg16_spec):
 
 
 def test_the_written_out_head_gradients_equal_automatic_differentiation():
-    """brainmri.headfit.loss_and_grads against a GradientTape over the same loss: stacked heads with dropout, class
+    """brainmri.learn.headfit.loss_and_grads against a GradientTape over the same loss: stacked heads with dropout, class
     weights, a padded (zero-weight) row, and pre-activations on both sides of relu's kink."""
     import tensorflow as tf
 
-    from brainmri.headfit import loss_and_grads
+    from brainmri.learn.headfit import loss_and_grads
 
     rng = np.random.default_rng(3)
     heads, b, d, u = 3, 8, 12, 5
@@ -159,11 +159,11 @@ def test_the_written_out_head_gradients_equal_automatic_differentiation():
 
 
 def test_the_fused_adam_update_is_keras_adams_formula_and_skips_heads_that_take_no_step():
-    """brainmri.headfit._adam_update (XLA-fused) against keras.optimizers.Adam's update written with TensorFlow's own
+    """brainmri.learn.headfit._adam_update (XLA-fused) against keras.optimizers.Adam's update written with TensorFlow's own
     kernels, one parameter at a time, for all four stacked parameters, with per-head step sizes and one head off."""
     import tensorflow as tf
 
-    from brainmri.headfit import BETA_1, BETA_2, EPSILON, _adam_update
+    from brainmri.learn.headfit import BETA_1, BETA_2, EPSILON, _adam_update
 
     rng = np.random.default_rng(5)
     heads = 3
@@ -311,7 +311,7 @@ def test_fine_tuning_unfreezes_only_the_top_layers(small_run, tmp_path):
 
 def test_saved_model_reproduces_the_validation_metrics(small_run):
     """What evaluate, export and predict load is what train selected: the round trip through .keras loses nothing."""
-    from brainmri.metrics import point
+    from brainmri.stats.metrics import point
     from tasks.split import split_part
 
     p, trained, *_ = small_run

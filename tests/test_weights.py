@@ -8,8 +8,8 @@ import pytest
 from factory import REPO, make_project
 
 from brainmri.config import load_params
-from brainmri.errors import ConfigError, WeightsError
-from brainmri.models import build_base, build_network
+from brainmri.core.errors import ConfigError, WeightsError
+from brainmri.learn.models import build_base, build_network
 from tasks.weights import weights
 
 HED = REPO.parent / "shared" / "weights" / "vgg16_hed_notop.weights.h5"

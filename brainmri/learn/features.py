@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.fsutil import atomic_path
-from brainmri.preprocess import load_batch
-from brainmri.progress import log, progress
+from brainmri.core.files import atomic_path
+from brainmri.core.progress import log, progress
+from brainmri.intake.preprocess import load_batch
 
 PREPROCESS = Path(__file__).with_name("preprocess.py")
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brainmri.fsutil import atomic_path  # noqa: E402
+from brainmri.core.files import atomic_path  # noqa: E402
 
 
 def save(fig, path: str | Path) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from brainmri.errors import DecodeError, ImageError
+from brainmri.core.errors import DecodeError, ImageError
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "GIF", "WEBP"})
 INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})

@@ -9,12 +9,12 @@ import onnx
 import pandas as pd
 from onnx import TensorProto, helper, numpy_helper
 
-from brainmri import calibration
 from brainmri.config import Params
-from brainmri.errors import BrainMRIError
-from brainmri.metrics import _auc
-from brainmri.onnxrt import INPUT, probabilities
-from brainmri.preprocess import load_batch
+from brainmri.core.errors import BrainMRIError
+from brainmri.deploy.onnxrt import INPUT, probabilities
+from brainmri.intake.preprocess import load_batch
+from brainmri.learn import calibration
+from brainmri.stats.metrics import _auc
 
 OUTPUT = "probability"  # the composed graph's output: (batch, 1) float32, as every exported model's
 CHUNK = 32  # images decoded and scored at a time: memory stays bounded whatever the set's size

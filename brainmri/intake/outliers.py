@@ -17,7 +17,7 @@ from PIL import Image
 from scipy import stats
 from sklearn.neighbors import LocalOutlierFactor
 
-from brainmri.images import BACKGROUND, content_crop
+from brainmri.intake.decode import BACKGROUND, content_crop
 
 SIDE = 64  # the content crop is resized to this square before the statistics: enough for shape and texture, cheap
 NEIGHBOURS = 10  # LOF compares each image's density with that of its 10 nearest: small groups of alike images stay inliers

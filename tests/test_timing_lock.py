@@ -1,4 +1,4 @@
-"""The timing lock (brainmri/quiet.py): stage processes hold it shared, a timing stage alone, between real processes."""
+"""The timing lock (brainmri/core/timing_lock.py): stage processes hold it shared, a timing stage alone, between real processes."""
 
 import fcntl
 import json
@@ -10,20 +10,20 @@ import time
 
 import pytest
 
-from brainmri import quiet
-from brainmri.errors import ConfigError
+from brainmri.core import timing_lock
+from brainmri.core.errors import ConfigError
 
 # a process that waits for `start` to exist, then holds the lock (shared or alone) until `release` exists ('-': not at
 # all), and writes when it asked for the lock, got it and let it go
 HOLDER = """
 import json, os, sys, time
-from brainmri import quiet
+from brainmri.core import timing_lock
 folder, how, release, out, start = sys.argv[1:6]
 while not os.path.exists(start):
     time.sleep(0.01)
 asked = time.time()
 open(out + ".asked", "w").close()
-with (quiet.shared if how == "shared" else quiet.alone)(folder):
+with (timing_lock.shared if how == "shared" else timing_lock.alone)(folder):
     got = time.time()
     open(out + ".got", "w").close()
     while release != "-" and not os.path.exists(release):
@@ -64,7 +64,7 @@ def test_a_timing_waits_for_running_stages_and_stages_that_start_meanwhile_wait_
     go.touch()
     wait_for(tmp_path / "running.json.got")
     timing, t_out = holder(tmp_path, "timing", "alone", "-", go)
-    wait_for(lambda: taken(tmp_path / "locks" / quiet.TURNSTILE))  # the timing process holds the turnstile: it is queued
+    wait_for(lambda: taken(tmp_path / "locks" / timing_lock.TURNSTILE))  # the timing process holds the turnstile: it is queued
     later, l_out = holder(tmp_path, "later", "shared", "-", go)
     wait_for(tmp_path / "later.json.asked")
     release.touch()  # only now does the running stage end
@@ -77,17 +77,17 @@ def test_a_timing_waits_for_running_stages_and_stages_that_start_meanwhile_wait_
 
 def test_a_stage_that_holds_it_shared_times_alone_and_gets_its_shared_hold_back(tmp_path):
     folder = tmp_path / "locks"
-    with quiet.shared(folder):
-        assert taken(folder / quiet.LOCK)
-        with quiet.alone(folder):  # its own shared hold would block this forever if it were kept
-            assert taken(folder / quiet.LOCK, fcntl.LOCK_SH)  # alone: not even a shared hold can be taken now
-            with quiet.released(folder):  # nothing of its own to let go of while it holds the lock alone
+    with timing_lock.shared(folder):
+        assert taken(folder / timing_lock.LOCK)
+        with timing_lock.alone(folder):  # its own shared hold would block this forever if it were kept
+            assert taken(folder / timing_lock.LOCK, fcntl.LOCK_SH)  # alone: not even a shared hold can be taken now
+            with timing_lock.released(folder):  # nothing of its own to let go of while it holds the lock alone
                 pass
-        assert taken(folder / quiet.LOCK)  # shared again after the timing
-        with quiet.released(folder):  # as the flow's process while the stage command runs
-            assert not taken(folder / quiet.LOCK)
-        assert taken(folder / quiet.LOCK)
-    assert not taken(folder / quiet.LOCK)
+        assert taken(folder / timing_lock.LOCK)  # shared again after the timing
+        with timing_lock.released(folder):  # as the flow's process while the stage command runs
+            assert not taken(folder / timing_lock.LOCK)
+        assert taken(folder / timing_lock.LOCK)
+    assert not taken(folder / timing_lock.LOCK)
 
 
 def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path):
@@ -95,7 +95,7 @@ def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path)
     running, _ = holder(tmp_path, "running", "shared", tmp_path / "never", go)
     go.touch()
     wait_for(tmp_path / "running.json.got")
-    assert taken(tmp_path / "locks" / quiet.LOCK)
+    assert taken(tmp_path / "locks" / timing_lock.LOCK)
     os.kill(running.pid, signal.SIGKILL)
     running.wait(timeout=60)
     timing, t_out = holder(tmp_path, "timing", "alone", "-", go)
@@ -103,5 +103,5 @@ def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path)
 
     (tmp_path / "a file").write_text("")
     with pytest.raises(ConfigError, match="paths.timing_cache"):
-        with quiet.shared(tmp_path / "a file" / "locks"):
+        with timing_lock.shared(tmp_path / "a file" / "locks"):
             pass

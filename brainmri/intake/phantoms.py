@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from brainmri.fsutil import atomic_dir
+from brainmri.core.files import atomic_dir
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx, angle):

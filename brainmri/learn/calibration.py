@@ -17,7 +17,7 @@ import pandas as pd
 from scipy.special import expit
 
 EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] before the logit: a saturated float32 sigmoid gives exactly 0 or 1
-OUTPUT_LAYER = "tumour_probability"  # the sigmoid Dense layer of every head (brainmri.models.build_head)
+OUTPUT_LAYER = "tumour_probability"  # the sigmoid Dense layer of every head (brainmri.learn.models.build_head)
 
 
 def logit(prob: np.ndarray) -> np.ndarray:

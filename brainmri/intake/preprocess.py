@@ -2,7 +2,7 @@
 
 An image becomes a float32 array of raw RGB values (0-255), padded to a square with black (MRI background)
 and resized to the model's input size. Each backbone's own `preprocess_input` is built into the model as
-its first layer (brainmri.models), so this step never differs between backbones and needs no TensorFlow.
+its first layer (brainmri.learn.models), so this step never differs between backbones and needs no TensorFlow.
 """
 
 from __future__ import annotations

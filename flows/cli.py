@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from brainmri.errors import BrainMRIError
+from brainmri.core.errors import BrainMRIError
 
 STAGES = ("ingest", "audit", "split", "augment", "ingest_external", "ensemble", "report")
 MODEL_STAGES = ("train", "evaluate", "export", "benchmark", "external", "saliency")
@@ -25,17 +25,17 @@ def _params(args, overrides: dict | None = None):
 def cmd_stage(args) -> None:
     import importlib
 
-    from brainmri import quiet
+    from brainmri.core import timing_lock
 
     p = _params(args)
-    with quiet.shared(p.path("timing_cache")):  # no stage times while this one runs (brainmri/quiet.py); imports included
+    with timing_lock.shared(p.path("timing_cache")):  # no stage times while this one runs (brainmri/core/timing_lock.py); imports included
         module = importlib.import_module(f"tasks.{args.command}")
         extra = (args.model,) if args.command in MODEL_STAGES else (args.backbone,) if args.command in BACKBONE_STAGES else ()
         getattr(module, args.command)(p, *extra)
 
 
 def cmd_synthesize(args) -> None:
-    from brainmri.phantoms import generate
+    from brainmri.intake.phantoms import generate
 
     p = _params(args)
     s = p.synthetic
@@ -48,7 +48,7 @@ def cmd_synthesize(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from brainmri.predict import predict
+    from brainmri.deploy.predict import predict
 
     frame = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, runtime=args.runtime)
     errors = int((frame["error"] != "").sum())
@@ -74,7 +74,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_lineage(args) -> None:
-    from brainmri.lineage import lineage, md5, render
+    from brainmri.provenance.lineage import lineage, md5, render
 
     p = _params(args)
     target = Path(args.artifact).resolve()
@@ -109,7 +109,7 @@ DEMO_BANNER = (
 
 def _headline(p) -> None:
     """Where the report is, and its results table."""
-    from tasks.tables import TABLES
+    from brainmri.report.tables import TABLES
 
     folder = p.path("report")
     print(f"\nReport: {folder / 'report.html'} (Markdown: {folder / 'report.md'})\n")
@@ -118,7 +118,7 @@ def _headline(p) -> None:
 
 
 def cmd_demo(args) -> None:
-    from brainmri.demo import prepare
+    from flows.demo import prepare
     from flows.pipeline import run
 
     print(DEMO_BANNER, flush=True)
@@ -142,8 +142,8 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_deps(args) -> None:
-    from brainmri import codedeps
     from brainmri.config import read_yaml
+    from brainmri.provenance import codedeps
 
     root = Path(args.params).resolve().parent
     dvc_file = root / "dvc.yaml"

@@ -11,8 +11,8 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from brainmri.config import Params, load_params, read_yaml
-from brainmri.errors import ConfigError
-from brainmri.fsutil import atomic_path, write_text
+from brainmri.core.errors import ConfigError
+from brainmri.core.files import atomic_path, write_text
 
 log = logging.getLogger("brainmri")
 FOLDER = "demo"
@@ -54,7 +54,7 @@ def prepare(root: str | Path) -> Params:
             subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=demo, check=True, capture_output=True)
     p = load_params(demo / "params.yaml")
     if not p.resolve(p.ingest.source).is_dir():
-        from brainmri.phantoms import generate
+        from brainmri.intake.phantoms import generate
 
         s = p.synthetic
         tumor = {c: c == p.ingest.positive_class for c in p.ingest.classes}

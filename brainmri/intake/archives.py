@@ -18,7 +18,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from brainmri.errors import DataError
+from brainmri.core.errors import DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 CHUNK = 1 << 20

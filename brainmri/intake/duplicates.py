@@ -25,7 +25,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from brainmri.images import BACKGROUND, content_crop
+from brainmri.intake.decode import BACKGROUND, content_crop
 
 THUMB = 32  # side of the grayscale thumbnail used to confirm a near-duplicate by correlation
 VIEW = 64  # side of the stored views the partial matcher trims and shrinks to THUMB (2x THUMB: trims stay sub-pixel)

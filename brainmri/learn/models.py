@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.config import SMALL_CNN, Backbone, Params
-from brainmri.errors import ConfigError
-from brainmri.fsutil import atomic_path
+from brainmri.core.errors import ConfigError
+from brainmri.core.files import atomic_path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is noise here; Python errors still surface
 import keras  # noqa: E402

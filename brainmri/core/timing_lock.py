@@ -30,9 +30,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from brainmri.errors import ConfigError
+from brainmri.core.errors import ConfigError
 
-LOCK, TURNSTILE = "quiet.lock", "quiet.turnstile"
+LOCK, TURNSTILE = "timing.lock", "timing.turnstile"
 LOG = "BRAINMRI_QUIET_LOG"
 _shared: dict[Path, tuple[object, float]] = {}  # this process's shared holds by folder (file, since): `alone` lets go of them
 

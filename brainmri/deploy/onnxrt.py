@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from brainmri.errors import BrainMRIError
+from brainmri.core.errors import BrainMRIError
 
 INPUT = "image"  # the exported graph's input: (batch, size, size, 3) float32 raw RGB 0-255
 

@@ -1,7 +1,7 @@
 """`brainmri predict`: run an exported ONNX model on image files and folders, without TensorFlow.
 
 Each image goes through the same decoding as ingest (format from content, EXIF, every mode to RGB, the same size
-cap) and the same preprocessing as training (brainmri.preprocess); threshold, class names and limits come from the
+cap) and the same preprocessing as training (brainmri.intake.preprocess); threshold, class names and limits come from the
 model's metadata, written by the export stage and validated here when the model is loaded.
 
 It cannot hurt: a file that is not a regular file (a named pipe, a device, a link to one) gets an error row and
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri.archives import printable
-from brainmri.errors import BrainMRIError, ImageError
-from brainmri.fsutil import _UMASK
-from brainmri.images import KINDS, decode_file
-from brainmri.onnxrt import metadata, session
-from brainmri.preprocess import square
+from brainmri.core.errors import BrainMRIError, ImageError
+from brainmri.core.files import _UMASK
+from brainmri.deploy.onnxrt import metadata, session
+from brainmri.intake.archives import printable
+from brainmri.intake.decode import KINDS, decode_file
+from brainmri.intake.preprocess import square
 
 COLUMNS = ["path", "probability", "label", "error"]
 OUT_SUFFIXES = (".csv", ".json")
@@ -48,7 +48,7 @@ class Model:
     positive: str
     negative: str
     limits: dict
-    run: object = None  # image batch -> raw outputs, on the chosen runtime (brainmri.runtimes); None: the session
+    run: object = None  # image batch -> raw outputs, on the chosen runtime (brainmri.deploy.runtimes); None: the session
 
 
 def _number(model: Path, meta: dict, key: str, kind: type, lo: float, hi: float, default=None):
@@ -64,7 +64,7 @@ def _number(model: Path, meta: dict, key: str, kind: type, lo: float, hi: float,
 
 def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> Model:
     """Open an exported model and check its metadata and input shape; one sentence on anything wrong. ONNX Runtime
-    reads and checks the file in any case; `runtime` (brainmri.runtimes.RUNTIMES) is what then runs it."""
+    reads and checks the file in any case; `runtime` (brainmri.deploy.runtimes.RUNTIMES) is what then runs it."""
     model = Path(model)
     if model.suffix.lower() != ".onnx":
         raise BrainMRIError(f"{model}: --model must be an exported .onnx file (Keras and other model files are not accepted)")
@@ -98,7 +98,7 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> M
     if not outputs or outputs[0].type != "tensor(float)":
         raise BrainMRIError(f"{model}: expected a float probability output, got {[(o.name, o.type) for o in outputs]}")
     if meta.get("int8_reduce_range") == "False":
-        from brainmri.onnxrt import cpu_flags
+        from brainmri.deploy.onnxrt import cpu_flags
 
         if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()):
             logging.getLogger("brainmri").warning(
@@ -109,7 +109,7 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> M
             )
     run = None
     if runtime != "onnxruntime":
-        from brainmri.runtimes import runner
+        from brainmri.deploy.runtimes import runner
 
         run = runner(model, runtime, threads)
     return Model(sess, inputs[0].name, size, threshold, pos, neg, limits, run)

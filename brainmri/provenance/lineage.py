@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from brainmri.config import read_yaml
-from brainmri.errors import BrainMRIError
+from brainmri.core.errors import BrainMRIError
 
 
 def git_state(root: Path) -> dict:

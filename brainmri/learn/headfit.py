@@ -261,7 +261,7 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         element-wise update is, see `_adam_update`): XLA's CPU runtime can give different results for the same inputs when
         it runs reductions or matrix products on several threads (jax-ml/jax#39741, on AMD CPUs), and a retrained
         model must equal the first (CI, on another CPU, once saw a retrain differ; the feature cache key was also at
-        fault, see brainmri.features). TensorFlow's own kernels are deterministic under
+        fault, see brainmri.learn.features). TensorFlow's own kernels are deterministic under
         tf.config.experimental.enable_op_determinism, which the train stage sets; that setting does not govern the
         XLA-compiled Adam update, whose determinism rests on its being element-wise (see `_adam_update`)."""
         _, (p, m, v, t, sums) = tf.while_loop(

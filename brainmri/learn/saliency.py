@@ -2,7 +2,7 @@
 
 Grad-CAM (Selvaraju et al. 2017) weights each channel of the frozen base's last feature map by the mean gradient of
 the output logit with respect to it, sums and clips at zero, and upsamples to the input. The head is the region
-ingest crops to (brainmri.images.head_mask, holes filled). A model whose heatmaps fall mostly outside it looks at
+ingest crops to (brainmri.intake.decode.head_mask, holes filled). A model whose heatmaps fall mostly outside it looks at
 margins, text, padding or borders, not anatomy, and the report flags it.
 
 Written here, not taken from a library: tf-keras-vis and keras-cv's Grad-CAM need a flat model with a named conv
@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from brainmri.images import head_mask
+from brainmri.intake.decode import head_mask
 
 
 def parts(model):
-    """(preprocess layer, base, pooling layer, head) of a saved brainmri model (brainmri.models.stack)."""
+    """(preprocess layer, base, pooling layer, head) of a saved brainmri model (brainmri.learn.models.stack)."""
     import keras
 
     extractor = next(layer for layer in model.layers if layer.name.endswith("_features"))

@@ -1,0 +1,1 @@
+"""The report's parts: figures and the Markdown tables' names."""

@@ -1,0 +1,1 @@
+"""Statistics on predictions: metrics with group-bootstrap intervals, paired comparisons, thresholds."""
