@@ -25,10 +25,10 @@ from feature_cache import overrides  # noqa: E402  (same folder)
 from int8_speed import cpu
 
 from brainmri.config import load_params
+from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn.models import load_model
 from tasks.export import to_onnx
-from tasks.split import split_part
 
 
 def interleaved(fns: dict, batches: list[np.ndarray], rounds: int) -> dict[str, list[float]]:

@@ -30,10 +30,10 @@ from feature_cache import overrides  # noqa: E402  (same folder)
 from sklearn.metrics import roc_auc_score
 
 from brainmri.config import load_params
+from brainmri.intake.parts import split_part
 from brainmri.learn import features
 from brainmri.learn.models import build_head, build_network
 from tasks import train as new
-from tasks.split import split_part
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,10 +23,10 @@ from brainmri.config import load_params
 from brainmri.core.files import write_csv
 from brainmri.core.progress import progress
 from brainmri.intake.decode import load_rgb, save_png
+from brainmri.intake.parts import make_part
 from brainmri.learn import features
 from brainmri.learn.models import build_network
 from tasks.augment import copies
-from tasks.split import make_part
 from tasks.train import cross_validate, seed_everything
 from tasks.weights import weights
 

@@ -46,8 +46,8 @@ def score(p: Params, onnx_file: Path, paths: list[Path]) -> np.ndarray:
 
 def decide(p: Params, candidate: Path, served: Path | None) -> dict:
     """Compare the candidate with the served model on the validation split; return the decision and its numbers."""
+    from brainmri.intake.parts import split_part
     from brainmri.stats.metrics import paired_auc_differences
-    from tasks.split import split_part
 
     if served is None or not served.is_file():
         return {"promote": True, "reason": "no model is served yet"}

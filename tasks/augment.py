@@ -12,7 +12,7 @@ from brainmri.config import Augment, Params
 from brainmri.core.files import atomic_dir, write_csv
 from brainmri.core.progress import progress, summary
 from brainmri.intake.decode import load_rgb, save_png
-from tasks.split import split_part
+from brainmri.intake.parts import split_part
 
 
 def draw(rng: np.random.Generator, a: Augment) -> dict:

@@ -27,8 +27,8 @@ from brainmri.core import timing_lock
 from brainmri.core.files import write_json, write_metrics
 from brainmri.core.progress import log, summary
 from brainmri.deploy.onnxrt import INPUT, cpu_flags, session
+from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
-from tasks.split import split_part
 
 
 def model_flops(model) -> int:

@@ -58,11 +58,11 @@ def ensemble(p: Params) -> dict:
     from onnx import helper
 
     from brainmri.deploy.onnxrt import session
+    from brainmri.intake.parts import split_part
     from brainmri.intake.preprocess import load_batch
     from brainmri.learn.ensembling import EnsembleError, _load, calibrated, compose, cross_fitted, greedy_weights, read_oof, score
     from brainmri.stats.metrics import _auc, paired_auc_differences, with_intervals, youden_threshold
     from tasks.external import external_set
-    from tasks.split import split_part
 
     rows, raw = read_oof(p, members)
     y, groups, folds = (rows["label"] == p.ingest.positive_class).to_numpy(int), rows["group"].to_numpy(), rows["fold"].to_numpy()

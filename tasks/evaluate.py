@@ -15,12 +15,12 @@ from brainmri.core.errors import BrainMRIError
 from brainmri.core.files import jsonable, write_csv, write_json, write_metrics
 from brainmri.core.progress import summary
 from brainmri.deploy.onnxrt import INPUT, probabilities, session
+from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn import calibration
 from brainmri.provenance.lineage import lineage, md5
 from brainmri.report.plots import confusion_figure, save
 from brainmri.stats.metrics import confusion, fmt, with_intervals
-from tasks.split import split_part
 
 
 def evaluate(p: Params, name: str) -> dict:

@@ -19,9 +19,9 @@ from brainmri.core.errors import BrainMRIError
 from brainmri.core.files import atomic_dir, write_json, write_metrics
 from brainmri.core.progress import log, summary
 from brainmri.deploy.onnxrt import INPUT, probabilities, session
+from brainmri.intake.parts import Part, split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.stats.metrics import point
-from tasks.split import Part, split_part
 
 PROTOBUF_IMPL = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
 

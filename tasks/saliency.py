@@ -15,8 +15,8 @@ import numpy as np
 from brainmri.config import Params
 from brainmri.core.files import atomic_dir, write_json, write_npz
 from brainmri.core.progress import log
+from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
-from tasks.split import split_part
 
 
 def saliency(p: Params, name: str) -> dict:

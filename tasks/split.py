@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +13,7 @@ from brainmri.config import Params
 from brainmri.core.errors import DataError
 from brainmri.core.files import write_csv, write_json
 from brainmri.core.progress import summary
-
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class Part:
-    """Rows of one split (or of the augment manifest), in a fixed order, with their image files and labels."""
-
-    frame: pd.DataFrame
-    paths: list[Path]
-    y: np.ndarray  # 1 = tumour
-
-
-def make_part(p: Params, frame: pd.DataFrame, folder: Path) -> Part:
-    frame = frame.reset_index(drop=True)
-    return Part(frame, [folder / n for n in frame["image"]], (frame["label"] == p.ingest.positive_class).to_numpy(int))
-
-
-def split_part(p: Params, which: str) -> Part:
-    """The `which` split (train, val or test) of the split manifest, sorted by source path."""
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
-    return make_part(p, split[split["split"] == which].sort_values("source_path", kind="stable"), p.path("ingest_images"))
+from brainmri.intake.parts import SPLITS
 
 
 def _order_key(seed: int, group: str) -> str:

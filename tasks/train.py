@@ -13,11 +13,11 @@ import pandas as pd
 from brainmri.config import Backbone, Params, candidates
 from brainmri.core.files import atomic_dir, jsonable, write_csv, write_json
 from brainmri.core.progress import log, summary
+from brainmri.intake.parts import Part, make_part, split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn import calibration, features
 from brainmri.learn.headfit import HeadJob, HeadResult, fit_heads
 from brainmri.stats.metrics import point, youden_threshold
-from tasks.split import Part, make_part, split_part
 
 
 def data_parts(p: Params, augment: bool) -> tuple[Part, Part, Part]:

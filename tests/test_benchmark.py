@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from brainmri.intake.parts import split_part
 from tasks.benchmark import matmul_peak, model_flops
-from tasks.split import split_part
 
 RUNTIMES = {"keras_predict", "keras_compiled", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32", "openvino_int8", "openvino_bf16"}
 

@@ -14,9 +14,9 @@ from brainmri.config import load_params
 from brainmri.core.errors import ConfigError
 from brainmri.deploy.onnxrt import probabilities, session
 from brainmri.deploy.predict import load, predict
+from brainmri.intake.parts import split_part
 from brainmri.learn.ensembling import EnsembleError, compose, cross_fitted, greedy_weights, read_oof
 from tasks.ensemble import ensemble
-from tasks.split import split_part
 
 
 def left_half_onnx(path, size: int = 32, opset: int = 13, right: bool = False):

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from brainmri.deploy.onnxrt import metadata, probabilities, session
+from brainmri.intake.parts import Part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn.models import load_model
 from tasks.export import ExportError, calibration_sample, export
-from tasks.split import Part
 
 
 def test_exported_models_match_keras_and_carry_their_metadata(small_run):
@@ -62,8 +62,8 @@ def test_reduce_range_keeps_int8_weights_to_7_bits(small_run, tmp_path, reduce_r
     """export.reduce_range: weights within [-64, 64], so u8 x s8 pair sums cannot saturate on CPUs without VNNI."""
     from onnx import numpy_helper
 
+    from brainmri.intake.parts import split_part
     from tasks.export import quantize
-    from tasks.split import split_part
 
     p, *_ = small_run
     fp32 = p.model_file("export", "vgg16-noaug", "onnx")
@@ -81,8 +81,8 @@ def test_int8_candidates_share_one_calibration_and_get_the_file_their_own_would_
     """The reduce_range candidates of one calibration method read the activation ranges the first one wrote (ONNX
     Runtime's calibration cache): no image is fed a second time, and the file is byte for byte the one its own
     calibration gives."""
+    from brainmri.intake.parts import split_part
     from tasks import export as stage
-    from tasks.split import split_part
 
     p, *_ = small_run
     fp32 = p.model_file("export", "vgg16-noaug", "onnx")
@@ -102,8 +102,8 @@ def test_int8_candidates_share_one_calibration_and_get_the_file_their_own_would_
 
 def test_int8_keeps_the_head_float_and_the_base_int8(small_run, tmp_path):
     """Only the base is quantized: no quantize/dequantize node after the global pooling, every convolution fed int8."""
+    from brainmri.intake.parts import split_part
     from tasks.export import GLOBAL_POOLING, quantize
-    from tasks.split import split_part
 
     p, *_ = small_run
     out = tmp_path / "q.onnx"

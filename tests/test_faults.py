@@ -14,12 +14,13 @@ import pytest
 from factory import make_project, materialise_weights, tiny_training
 
 from brainmri.config import load_params
+from brainmri.intake.parts import split_part
 from brainmri.intake.phantoms import generate
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn.models import load_model
 from tasks.augment import augment
 from tasks.ingest import ingest
-from tasks.split import split, split_part
+from tasks.split import split
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from factory import REPO
 from sklearn.metrics import roc_auc_score
 
 from brainmri.config import load_params
+from brainmri.intake.parts import split_part
 from brainmri.learn import features
 from brainmri.learn.models import build_network
 from brainmri.stats.metrics import with_intervals
-from tasks.split import split_part
 from tasks.train import cv_folds, predict, seed_everything, train, train_heads
 from tasks.weights import weights
 

@@ -6,9 +6,10 @@ import pytest
 from factory import make_project, write_dataset
 
 from brainmri.config import load_params
+from brainmri.intake.parts import split_part
 from flows import promote
 from tasks.ingest import ingest
-from tasks.split import split, split_part
+from tasks.split import split
 
 
 @pytest.fixture(scope="module")

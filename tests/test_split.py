@@ -10,7 +10,8 @@ from brainmri.config import load_params
 from brainmri.core.errors import DataError
 from brainmri.intake.decode import decode_file
 from brainmri.intake.duplicates import fingerprint, groups_of, joined
-from tasks.split import SPLITS, assign_groups, leaked_fraction, split
+from brainmri.intake.parts import SPLITS
+from tasks.split import assign_groups, leaked_fraction, split
 
 
 def fake_manifest(seed=0, n_groups=60):

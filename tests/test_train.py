@@ -11,11 +11,11 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from brainmri.config import load_params
 from brainmri.core.errors import ConfigError
+from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn import calibration, features
 from brainmri.learn.headfit import HeadJob, fit_heads
 from brainmri.learn.models import build_head, build_network, load_model
-from tasks.split import split_part
 from tasks.train import class_weights, fit, train
 
 HED = REPO.parent / "shared" / "weights" / "vgg16_hed_notop.weights.h5"
@@ -311,8 +311,8 @@ def test_fine_tuning_unfreezes_only_the_top_layers(small_run, tmp_path):
 
 def test_saved_model_reproduces_the_validation_metrics(small_run):
     """What evaluate, export and predict load is what train selected: the round trip through .keras loses nothing."""
+    from brainmri.intake.parts import split_part
     from brainmri.stats.metrics import point
-    from tasks.split import split_part
 
     p, trained, *_ = small_run
     va = split_part(p, "val")

@@ -1,0 +1,36 @@
+"""The split's parts as the stages read them: rows of one split (or of the augment manifest), their files and labels.
+
+Only the split stage decides splits (tasks/split.py); every stage that reads one reads it here, so a change to how
+splits are made does not make the stages that merely read them stale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainmri.config import Params
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Part:
+    """Rows of one split (or of the augment manifest), in a fixed order, with their image files and labels."""
+
+    frame: pd.DataFrame
+    paths: list[Path]
+    y: np.ndarray  # 1 = tumour
+
+
+def make_part(p: Params, frame: pd.DataFrame, folder: Path) -> Part:
+    frame = frame.reset_index(drop=True)
+    return Part(frame, [folder / n for n in frame["image"]], (frame["label"] == p.ingest.positive_class).to_numpy(int))
+
+
+def split_part(p: Params, which: str) -> Part:
+    """The `which` split (train, val or test) of the split manifest, sorted by source path."""
+    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    return make_part(p, split[split["split"] == which].sort_values("source_path", kind="stable"), p.path("ingest_images"))
