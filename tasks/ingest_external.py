@@ -11,16 +11,17 @@ from __future__ import annotations
 import time
 
 import pandas as pd
-from PIL import Image
 
 from brainmri.config import Params
 from brainmri.core.errors import DataError
 from brainmri.core.files import atomic_dir, write_csv, write_json
 from brainmri.core.progress import summary
 from brainmri.intake.decode import save_png
-from brainmri.intake.duplicates import fingerprint, group_ids
+from brainmri.intake.duplicates import fingerprint
+from brainmri.intake.ingested import match_ingested
+from brainmri.intake.manifest import external_report
 from brainmri.intake.phantoms import MARKER
-from tasks.ingest import decoded, image_id, listing, open_source, scan
+from brainmri.intake.sources import decoded, image_id, listing, open_source, scan
 
 COLUMNS = ["image_id", "source_path", "label", "image", "sha256", "group", "duplicate_of", "used"]
 
@@ -47,28 +48,12 @@ def ingest_external(p: Params) -> dict:
                 prints.append(fingerprint(dec.image, dec.sha256, p.dedupe.hash_size))
                 rows.append({"image_id": iid, "source_path": f.source_path, "label": f.label, "image": f"{iid}.png", "sha256": dec.sha256})
         manifest = pd.DataFrame(rows, columns=COLUMNS[:5])
-        manifest["group"], manifest["duplicate_of"] = _against_ingested(p, manifest, prints)
+        manifest["group"], manifest["duplicate_of"] = match_ingested(p, manifest, prints)
         manifest["used"] = manifest["duplicate_of"] == ""
         for name in manifest.loc[~manifest["used"], "image"]:
             (out / name).unlink()  # a copy of a training, validation or test image: not scored, not kept
     manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)
-    used = manifest[manifest["used"]]
-    report = {
-        "configured": configured,
-        "source": p.external.source,
-        "synthetic": synthetic,
-        "n_files": n_files,
-        "n_decoded": int(len(manifest)),
-        "n_quarantined": len(quarantined),
-        "quarantined": quarantined,
-        "n_skipped": len(skipped),
-        "n_duplicates_of_ingested": int((~manifest["used"]).sum()),
-        "duplicates_of_ingested": manifest.loc[~manifest["used"], ["source_path", "duplicate_of"]].to_dict(orient="records"),
-        "n_used": int(len(used)),
-        "per_class": {c: int((used["label"] == c).sum()) for c in p.ingest.classes},
-        "n_groups": int(used["group"].nunique()),
-        "seconds": round(time.monotonic() - start, 1),
-    }
+    report = external_report(p, configured, synthetic, n_files, quarantined, skipped, manifest, time.monotonic() - start)
     write_csv(p.path("external_manifest"), manifest[COLUMNS])
     write_json(p.path("external_report"), report)
     if not configured:
@@ -77,30 +62,7 @@ def ingest_external(p: Params) -> dict:
         summary(
             "ingest_external",
             f"{n_files} files -> {len(manifest)} decoded, {len(quarantined)} quarantined; "
-            f"{report['n_duplicates_of_ingested']} duplicate an ingested image and are left out; {len(used)} scored"
+            f"{report['n_duplicates_of_ingested']} duplicate an ingested image and are left out; {report['n_used']} scored"
             + (" (SYNTHETIC: a check of the mechanics only)" if synthetic else ""),
         )
     return report
-
-
-def _against_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[list[str], list[str]]:
-    """Each external image's duplicate group (joined with the ingested images by ingest's own detector: equal bytes,
-    perceptual hash and thumbnail correlation both close, or one a copy of the other cropped into the head) and the
-    ingested image it duplicates ('' if none)."""
-    if manifest.empty:
-        return [], []
-    if not p.path("ingest_manifest").is_file():
-        raise DataError(f"{p.path('ingest_manifest')} not found: run the ingest stage before ingest_external (dvc repro orders them)")
-    ingested = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
-    theirs = []
-    for name, sha in zip(ingested["image"], ingested["sha256"], strict=True):
-        with Image.open(p.path("ingest_images") / name) as img:  # both sides normalized by the same decoder
-            theirs.append(fingerprint(img, sha, p.dedupe.hash_size))
-    keys = [*ingested["sha256"], *manifest["sha256"]]
-    dd = p.dedupe
-    groups = group_ids(keys, [*theirs, *prints], dd.max_distance, dd.min_correlation, dd.min_partial_correlation)
-    first = {}
-    for g, src in zip(groups[: len(ingested)], ingested["source_path"], strict=True):
-        first.setdefault(g, src)
-    mine = groups[len(ingested) :]
-    return mine, [first.get(g, "") for g in mine]

@@ -720,7 +720,7 @@ def test_an_image_or_class_folder_we_may_not_read_is_a_reason_not_a_crash(tmp_pa
     with the reason, a class folder stops ingest with one sentence; neither is an I/O failure worth a retry."""
     import errno
 
-    from tasks import ingest as ingest_module
+    from brainmri.intake import sources as ingest_module
 
     p = project(tmp_path)
     write_dataset(p.resolve("data/raw/ds"), n=3)

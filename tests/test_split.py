@@ -11,7 +11,8 @@ from brainmri.core.errors import DataError
 from brainmri.intake.decode import decode_file
 from brainmri.intake.duplicates import fingerprint, groups_of, joined
 from brainmri.intake.parts import SPLITS
-from tasks.split import assign_groups, leaked_fraction, split
+from brainmri.intake.splitting import assign_groups, leaked_fraction
+from tasks.split import split
 
 
 def fake_manifest(seed=0, n_groups=60):

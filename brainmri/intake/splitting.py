@@ -1,0 +1,136 @@
+"""How the split stage splits: duplicate groups kept whole, stratified by class, and a ledger that keeps every image where
+it was first placed as the data grows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainmri.config import Params
+from brainmri.core.errors import DataError
+from brainmri.intake.parts import SPLITS
+
+
+def _order_key(seed: int, group: str) -> str:
+    return hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()
+
+
+def assign_groups(
+    groups: pd.DataFrame, fractions: dict[str, float], seed: int, start: dict[str, dict[str, int]] | None = None
+) -> dict[str, str]:
+    """Map group id -> split. `groups` has one row per group: `group`, `label`, `size`.
+
+    Per class, groups are visited largest first (ties in a seeded, content-derived order) and each goes to the
+    split furthest below its target, so proportions match the targets while no group is ever divided.
+    `start` counts the images per class (then split) already placed by the ledger: targets cover them too,
+    so new groups fill whichever splits earlier data left short.
+    """
+    out: dict[str, str] = {}
+    for label, g in groups.groupby("label", sort=True):
+        g = g.assign(key=[_order_key(seed, x) for x in g["group"]]).sort_values(["size", "key"], ascending=[False, True])
+        count = {s: (start or {}).get(label, {}).get(s, 0) for s in SPLITS}
+        total = g["size"].sum() + sum(count.values())
+        target = {s: fractions[s] * total for s in SPLITS}
+        for group, size in zip(g["group"], g["size"], strict=True):
+            best = max(SPLITS, key=lambda s: (target[s] - count[s]) / target[s])
+            out[group] = best
+            count[best] += size
+    return out
+
+
+# The ledger: every image ever assigned, keyed by the sha256 of its file bytes, with its split. A stateless rule
+# (split = hash of a group's id) cannot keep a group put when a new copy joins it, since whichever member names
+# the group may change, and on 253 images hashing alone leaves test's class shares ~8 points off target (binomial
+# noise on 38 images); so the split stage remembers what it assigned. It is a DVC output kept between runs
+# (persist), read back on the next run: known images keep their split, only groups with no known member are
+# placed, and removed images stay listed, so one that returns goes back where it was. A changed seed or
+# fractions is a deliberate re-split: the ledger is then started afresh, and the report says so.
+def read_ledger(path: Path, seed: int, fractions: dict[str, float]) -> tuple[dict[str, dict], str | None]:
+    """Earlier assignments {sha256: {split, source_path}}, and why none are used (None when they are)."""
+    if not path.exists():
+        return {}, "no ledger yet: first split"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        images = data["images"]
+        if not all(isinstance(v, dict) and v.get("split") in SPLITS for v in images.values()):
+            raise ValueError("an entry lacks a split train, val or test")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: the split ledger is unreadable ({exc}); restore it (dvc checkout) or delete it to split afresh") from exc
+    if data.get("seed") != seed or data.get("fractions") != fractions:
+        return {}, f"seed or fractions changed (ledger: seed {data.get('seed')}, {data.get('fractions')}): split afresh"
+    return images, None
+
+
+def assign(
+    usable: pd.DataFrame, ledger: dict[str, dict], fractions: dict[str, float], seed: int
+) -> tuple[dict[str, str], list[dict], list[str]]:
+    """Map group id -> split; list the merges (groups whose known members the ledger had in different splits) and the new groups.
+
+    A group with known members keeps their split; a new image that bridges groups from different splits is the
+    one case that moves images: the merged group goes where most of its known images are (ties: train, val, test).
+    """
+    out: dict[str, str] = {}
+    merges = []
+    for gid, m in usable.groupby("group", sort=True):
+        known = m[m["sha256"].isin(ledger.keys())]
+        if known.empty:
+            continue
+        was = known["sha256"].map(lambda h: ledger[h]["split"])
+        votes = was.value_counts()
+        out[gid] = max(SPLITS, key=lambda s: (votes.get(s, 0), -SPLITS.index(s)))
+        if len(votes) > 1:
+            moved = known[was != out[gid]]
+            pairs = zip(moved["source_path"], moved["sha256"], strict=True)
+            merges.append({"group": gid, "split": out[gid], "moved": [{"source_path": sp, "from": ledger[h]["split"]} for sp, h in pairs]})
+    placed = usable[usable["group"].isin(out.keys())]
+    start = {c: placed.loc[placed["label"] == c, "group"].map(out).value_counts().to_dict() for c in placed["label"].unique()}
+    new = usable[~usable["group"].isin(out.keys())]
+    groups = new.groupby("group").agg(label=("label", "first"), size=("label", "size")).reset_index()
+    out.update(assign_groups(groups, fractions, seed, start))
+    return out, merges, sorted(groups["group"])
+
+
+def leaked_fraction(frame: pd.DataFrame, split_col: str = "split") -> float:
+    """Share of test images whose duplicate group also has a member in train."""
+    train_groups = set(frame.loc[frame[split_col] == "train", "group"])
+    test = frame[frame[split_col] == "test"]
+    return float(test["group"].isin(train_groups).mean()) if len(test) else 0.0
+
+
+def naive_split(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
+    """What a plain stratified random split (ignoring duplicates) would do, for the report's comparison."""
+    rng = np.random.default_rng(seed)
+    out = pd.Series("train", index=frame.index)
+    for _, idx in frame.groupby("label").groups.items():
+        idx = rng.permutation(np.asarray(sorted(idx)))
+        n_test, n_val = round(fractions["test"] * len(idx)), round(fractions["val"] * len(idx))
+        out[idx[:n_test]] = "test"
+        out[idx[n_test : n_test + n_val]] = "val"
+    return out
+
+
+def split_report(p: Params, manifest: pd.DataFrame, usable: pd.DataFrame, fractions: dict[str, float]) -> dict:
+    """split's report.json: counts and class shares per split, the leakage check against a naive split, dropped conflicts."""
+    classes = p.ingest.classes
+    counts = {s: {c: int(((usable["split"] == s) & (usable["label"] == c)).sum()) for c in classes} for s in SPLITS}
+    overall = {c: float((usable["label"] == c).mean()) for c in classes}
+    share = {s: {c: counts[s][c] / max(1, sum(counts[s].values())) for c in classes} for s in SPLITS}
+    per_class = {c: {s: counts[s][c] / max(1, sum(counts[x][c] for x in SPLITS)) for s in SPLITS} for c in classes}
+    excluded = manifest[manifest["conflict"].astype(bool)]
+    return {
+        "seed": p.seed,
+        "fractions": fractions,
+        "counts": counts,
+        "groups": {s: int(usable.loc[usable["split"] == s, "group"].nunique()) for s in SPLITS},
+        "class_share": {s: {c: round(v, 4) for c, v in share[s].items()} for s in SPLITS},
+        "max_class_share_deviation": round(max(abs(share[s][c] - overall[c]) for s in SPLITS for c in classes), 4),
+        "class_fraction_by_split": {c: {s: round(v, 4) for s, v in per_class[c].items()} for c in classes},
+        "max_fraction_deviation": round(max(abs(per_class[c][s] - fractions[s]) for s in SPLITS for c in classes), 4),
+        "test_leak": leaked_fraction(usable),
+        "naive_split_test_leak": round(leaked_fraction(usable.assign(naive=naive_split(usable, fractions, p.seed)), "naive"), 4),
+        "excluded_conflicts": sorted(excluded["source_path"]),
+    }
