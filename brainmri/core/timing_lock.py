@@ -14,7 +14,7 @@ the timing side preference: it first takes the turnstile, which every new shared
 only for the stages already working, not for every stage that starts meanwhile. The kernel releases a flock when its
 process dies, so a killed stage leaves no lock behind. A process that holds the lock shared and asks for it
 exclusively (the benchmark stage under `brainmri benchmark`) gives up its shared hold while it waits and takes it back
-after. With BRAINMRI_QUIET_LOG set to a file, each hold is appended to it as a JSON line (pid, the process's first
+after. With BRAINMRI_TIMING_LOCK_LOG set to a file, each hold is appended to it as a JSON line (pid, the process's first
 arguments, kind, start, end: Unix times inside the hold), which a scenario test reads. A stage taken out of
 `orchestration.exclusive` times without the lock.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 from brainmri.core.errors import ConfigError
 
 LOCK, TURNSTILE = "timing.lock", "timing.turnstile"
-LOG = "BRAINMRI_QUIET_LOG"
+LOG = "BRAINMRI_TIMING_LOCK_LOG"
 _shared: dict[Path, tuple[object, float]] = {}  # this process's shared holds by folder (file, since): `alone` lets go of them
 
 
