@@ -25,8 +25,9 @@ import numpy as np
 from brainmri.config import Params
 from brainmri.core import timing_lock
 from brainmri.core.files import write_json, write_metrics
+from brainmri.core.machine import cpu_flags, cpu_model
 from brainmri.core.progress import log, summary
-from brainmri.deploy.onnxrt import INPUT, cpu_flags, session
+from brainmri.deploy.onnxrt import INPUT, session
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 
@@ -123,16 +124,6 @@ def ranking(rows: list[dict], batch: int) -> dict:
             narrow = all(r["p75_ms"] - r["p25_ms"] <= TIGHT * r["p50_ms"] for r in (a, b))
             (tied if narrow else mixed).append([a["runtime"], b["runtime"]])
     return {"fastest_first": [r["runtime"] for r in at], "tied": tied, "not_told_apart": mixed, "rankable": not mixed, "tie_iqr": TIGHT}
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_calls(fn: Callable, x: np.ndarray, warmup: int, repeats: int) -> np.ndarray:
@@ -279,7 +270,8 @@ def _boot_id() -> str:
         return ""
 
 
-CODE = ("tasks/benchmark.py", "brainmri/deploy/onnxrt.py", "brainmri/deploy/runtimes.py")  # what times the runtimes and sets them up
+# what times the runtimes and sets them up, and the CPU lookup (once this stage's own)
+CODE = ("tasks/benchmark.py", "brainmri/core/machine.py", "brainmri/deploy/onnxrt.py", "brainmri/deploy/runtimes.py")
 
 
 def timing_key(p: Params, name: str, model, machine: dict) -> str:

@@ -21,8 +21,9 @@ def latency(p: Params, path, images: np.ndarray) -> dict:
     """The composed graph timed as benchmark@MODEL times the ONNX rows of any model (ONNX Runtime and OpenVINO fp32,
     benchmark.* settings, interleaved rounds), with no other stage process running (brainmri/core/timing_lock.py)."""
     from brainmri.core import timing_lock
+    from brainmri.core.machine import cpu_model
     from brainmri.deploy.runtimes import runner
-    from tasks.benchmark import cpu_model, interleaved, ranking, round_settings, timing_batch
+    from tasks.benchmark import interleaved, ranking, round_settings, timing_batch
 
     b = p.benchmark
     runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}

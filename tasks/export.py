@@ -216,7 +216,7 @@ def quantize_best(p: Params, name: str, fp32, int8, calib: list, size: int, thre
     import itertools
 
     from brainmri.config import candidates
-    from brainmri.deploy.onnxrt import cpu_flags
+    from brainmri.core.machine import cpu_flags
 
     val = split_part(p, "val")
     x_val = load_batch(val.paths, size)

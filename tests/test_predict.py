@@ -80,14 +80,14 @@ def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_
 
     import onnx
 
-    from brainmri.deploy import onnxrt
+    from brainmri.core import machine
 
     int8 = onnx.load(p.model_file("export", "vgg16-aug", "onnx_int8"))  # 8-bit weights chosen on a VNNI CPU...
     assert {q.key for q in int8.metadata_props} >= {"int8_reduce_range", "int8_chosen_on_cpu_flags"}
     props = {q.key: q.value for q in int8.metadata_props} | {"int8_reduce_range": "False"}
     onnx.helper.set_model_props(int8, props)
     onnx.save(int8, tmp_path / "eight_bit.onnx")
-    monkeypatch.setattr(onnxrt, "cpu_flags", lambda: ["avx2"])  # ...meet a CPU without VNNI: predict warns
+    monkeypatch.setattr(machine, "cpu_flags", lambda: ["avx2"])  # ...meet a CPU without VNNI: predict warns
     monkeypatch.setattr(logging.getLogger("brainmri"), "propagate", True)  # an in-process CLI run may have turned it off
     with caplog.at_level(logging.WARNING, logger="brainmri"):
         predict(tmp_path / "eight_bit.onnx", [str(images[0])], tmp_path / "eight.csv")

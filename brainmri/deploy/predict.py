@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainmri.core import machine
 from brainmri.core.errors import BrainMRIError, ImageError
 from brainmri.core.files import _UMASK
 from brainmri.deploy.onnxrt import metadata, session
@@ -98,9 +99,7 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> M
     if not outputs or outputs[0].type != "tensor(float)":
         raise BrainMRIError(f"{model}: expected a float probability output, got {[(o.name, o.type) for o in outputs]}")
     if meta.get("int8_reduce_range") == "False":
-        from brainmri.deploy.onnxrt import cpu_flags
-
-        if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()):
+        if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine.cpu_flags()):
             logging.getLogger("brainmri").warning(
                 "%s: int8 with 8-bit weights, chosen on a CPU with VNNI (%s); this CPU has no VNNI, where u8 x s8 products "
                 "can saturate and cost accuracy: export again here, or with export.reduce_range: true",
