@@ -17,32 +17,6 @@ from brainmri.core.files import atomic_dir, write_json, write_metrics
 from brainmri.core.progress import log, summary
 
 
-def latency(p: Params, path, images: np.ndarray) -> dict:
-    """The composed graph timed as benchmark@MODEL times the ONNX rows of any model (ONNX Runtime and OpenVINO fp32,
-    benchmark.* settings, interleaved rounds), with no other stage process running (brainmri/core/timing_lock.py)."""
-    from brainmri.core import timing_lock
-    from brainmri.core.machine import cpu_model
-    from brainmri.deploy.runtimes import runner
-    from tasks.benchmark import interleaved, ranking, round_settings, timing_batch
-
-    b = p.benchmark
-    runtimes = {rt: runner(path, kind, b.threads) for rt, kind in (("onnxruntime_fp32", "onnxruntime"), ("openvino_fp32", "openvino"))}
-    images = timing_batch(images, b.batch_size)
-    with timing_lock.timing(p.path("timing_cache"), "ensemble", p.orchestration.exclusive):
-        seconds = {batch: interleaved(runtimes, np.ascontiguousarray(images[:batch]), b, first=batch == 1) for batch in (1, b.batch_size)}
-    rows = []
-    for batch in (1, b.batch_size):
-        for rt, s in seconds[batch].items():
-            p25, p50, p75 = (float(v) for v in np.percentile(np.array(s) / batch * 1000.0, [25, 50, 75]))
-            rows.append({"runtime": rt, "batch": batch, "p50_ms": round(p50, 3), "p25_ms": round(p25, 3), "p75_ms": round(p75, 3)})
-    return {
-        "rows": rows,
-        "ranking": {f"batch_{bs}": ranking(rows, bs) for bs in (1, b.batch_size)},
-        "machine": {"cpu": cpu_model(), "threads": b.threads},
-        "settings": round_settings(b),
-    }
-
-
 def ensemble(p: Params) -> dict:
     """Run the stage: choose members and weights on CV, compose and check the graph, score it on test (and the external
     set) beside the best single member; write model.onnx, ensemble.json and scores.json under paths.ensemble."""
@@ -58,6 +32,7 @@ def ensemble(p: Params) -> dict:
     import onnx
     from onnx import helper
 
+    from brainmri.bench.measure import composed_latency
     from brainmri.deploy.onnxrt import session
     from brainmri.intake.parts import split_part
     from brainmri.intake.preprocess import load_batch
@@ -171,7 +146,7 @@ def ensemble(p: Params) -> dict:
             single_ext = score({best: sessions[best]}, paths, size, tta)[best]
             out["external"] = figures(y_ext, score({0: composed}, paths, size, False)[0], single_ext, used["group"].to_numpy())
             out["external"]["synthetic"] = bool(intake["synthetic"])
-        out["latency"] = latency(p, tmp / p.paths.files.onnx, load_batch(test.paths[: p.benchmark.batch_size], size))
+        out["latency"] = composed_latency(p, tmp / p.paths.files.onnx, load_batch(test.paths[: p.benchmark.batch_size], size))
         write_json(tmp / p.paths.files.ensemble, out)
         t = out["test"]["ensemble"]
         write_metrics(
