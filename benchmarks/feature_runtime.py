@@ -25,10 +25,10 @@ from feature_cache import overrides  # noqa: E402  (same folder)
 
 from brainmri.config import load_params
 from brainmri.core.machine import cpu_flags, cpu_model
+from brainmri.export.convert import to_onnx
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn.models import load_model
-from tasks.export import to_onnx
 
 
 def interleaved(fns: dict, batches: list[np.ndarray], rounds: int) -> dict[str, list[float]]:
