@@ -123,4 +123,4 @@ def test_the_deploy_layer_never_imports_tensorflow_nor_the_learning_or_export_co
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
-    assert {"onnxrt", "predict", "runtimes"} <= set(modules)
+    assert {"onnxrt", "predict", "runtimes", "scoring"} <= set(modules)
