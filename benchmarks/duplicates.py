@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from brainmri.config import load_params  # noqa: E402
+from brainmri.core.machine import cpu_model  # noqa: E402
 from brainmri.intake.decode import decode_bytes, decode_file  # noqa: E402
 from brainmri.intake.duplicates import fingerprint, groups_of, joined  # noqa: E402
 
@@ -148,8 +148,7 @@ def main() -> None:
     index = {rel: k for k, (rel, _) in enumerate(originals)}
     diff = reviewed[reviewed["verdict"] == "different scans"]
     reviewed_merged = sum(groups[index[a]] == groups[index[b]] for a, b in zip(diff["a"], diff["b"], strict=True))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine())
-    print(f"CPU: {cpu}; {n} real images, {len(copies)} perturbed copies, seed {args.seed}, {time.monotonic() - start:.0f} s")
+    print(f"CPU: {cpu_model()}; {n} real images, {len(copies)} perturbed copies, seed {args.seed}, {time.monotonic() - start:.0f} s")
     print(
         f"dedupe: hash_size {d.hash_size}, max_distance {d.max_distance}, min_correlation {d.min_correlation}, "
         f"min_partial_correlation {d.min_partial_correlation}"

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 from feature_cache import overrides  # noqa: E402  (same folder)
-from int8_speed import cpu
 
 from brainmri.config import load_params
+from brainmri.core.machine import cpu_flags, cpu_model
+from brainmri.export.convert import to_onnx
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn.models import load_model
-from tasks.export import to_onnx
 
 
 def interleaved(fns: dict, batches: list[np.ndarray], rounds: int) -> dict[str, list[float]]:
@@ -102,10 +102,8 @@ def main() -> None:
     ap.add_argument("--opset", type=int, default=17)
     args = ap.parse_args()
     p = load_params(args.params, overrides(args.set))
-    name, flags = cpu()
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags += [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in text]
-    print(f"CPU: {name}; int8/bf16 flags: {', '.join(flags) or 'none'}; threads {p.benchmark.threads}")
+    flags = cpu_flags()
+    print(f"CPU: {cpu_model()}; int8/bf16 flags: {', '.join(flags) or 'none'}; threads {p.benchmark.threads}")
     for m in args.models:
         run(p, m, args.images, args.rounds, args.opset)
 

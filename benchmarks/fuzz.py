@@ -10,8 +10,6 @@ traceback, a hang, a memory refusal or a lost row). Exit 1 if there was any fail
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,10 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fuzzing  # noqa: E402
 
-
-def cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), platform.processor())
+from brainmri.core.machine import cpu_model  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +29,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=500, help="inputs per worker process (pipeline: per dataset folder)")
     ap.add_argument("--seed", type=int, default=16)
     args = ap.parse_args()
-    print(f"CPU: {cpu()}; memory cap {fuzzing.MEMORY_CAP >> 30} GiB per worker, {fuzzing.CASE_TIMEOUT:g} s per case")
+    print(f"CPU: {cpu_model()}; memory cap {fuzzing.MEMORY_CAP >> 30} GiB per worker, {fuzzing.CASE_TIMEOUT:g} s per case")
     failed = 0
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         for mode, total, batch in (("decode", args.decode, 2 * args.batch), ("pipeline", args.pipeline, args.batch)):

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from heads import cpu_name  # noqa: E402  (same folder)
 
 from brainmri.config import load_params
+from brainmri.core.machine import cpu_model
 from brainmri.learn.headfit import HeadJob, fit_heads
 from brainmri.learn.models import build_head
 
@@ -36,7 +36,7 @@ def main() -> None:
     tf.config.experimental.enable_op_determinism()  # as the train stage runs
     p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     bb = p.backbones["resnet50v2"].at(p.backbones["resnet50v2"].grid()[0])
-    print(f"CPU: {cpu_name()}; {args.heads} heads, {args.epochs} epochs, batch {p.train.batch_size}")
+    print(f"CPU: {cpu_model()}; {args.heads} heads, {args.epochs} epochs, batch {p.train.batch_size}")
     for d, n in SIZES:
         rng = np.random.default_rng(0)
         jobs = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from feature_cache import overrides  # noqa: E402  (same folder)
 from sklearn.metrics import roc_auc_score
 
 from brainmri.config import load_params
+from brainmri.core.machine import cpu_model
 from brainmri.intake.parts import split_part
 from brainmri.learn import features
 from brainmri.learn.models import build_head, build_network
@@ -45,14 +45,6 @@ def old_module(commit: str):
     mod = importlib.util.module_from_spec(spec)
     exec(compile(src, f"{commit}:tasks/train.py", "exec"), mod.__dict__)  # noqa: S102  (our own file from git history)
     return mod
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def run(p, name: str, old, reseed: bool) -> dict:
@@ -139,7 +131,7 @@ def main() -> None:
         f"\nhead training incl. {p.train.cv_folds}-fold CV, old = tasks/train.py@{args.old_commit} (Keras fit), "
         "new = brainmri.learn.headfit"
     )
-    print(f"CPU: {cpu_name()}; TensorFlow {tf.__version__}; Python {sys.version.split()[0]}")
+    print(f"CPU: {cpu_model()}; TensorFlow {tf.__version__}; Python {sys.version.split()[0]}")
     print(pd.DataFrame(rows).round(4).to_markdown(index=False))
 
 

@@ -1,4 +1,5 @@
-"""int8 against fp32 ONNX Runtime latency on this CPU, in one run; needs onnxruntime, numpy and onnx only.
+"""int8 against fp32 ONNX Runtime latency on this CPU, in one run; needs onnxruntime, numpy and onnx only (and
+this repository's brainmri/core/machine.py, which needs nothing, for the CPU lookup).
 
 The int8 gain depends on the CPU's integer dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX), so it
 differs from machine to machine: this prints which the CPU has next to the measured ratios, and the kernel
@@ -11,20 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-
-def cpu() -> tuple[str, list[str]]:
-    text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    name = re.search(r"model name\s*:\s*(.*)", text)
-    flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split()) if "flags" in text else set()
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return (name.group(1) if name else platform.processor()), [f for f in wanted if f in flags]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from brainmri.core.machine import INT8_FLAGS, cpu_flags, cpu_model  # noqa: E402  (the repository's, stdlib only)
 
 
 def fp32_twin(int8_path: str) -> bytes:
@@ -157,7 +153,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args()
-    name, flags = cpu()
+    name, flags = cpu_model(), cpu_flags(INT8_FLAGS)
     print(f"CPU: {name}; {os.cpu_count()} cores; int8 instructions: {', '.join(flags) or 'none found'}; onnxruntime {ort.__version__}")
     print(f"{'threads':>7} {'batch':>5} {'fp32 ms/img':>11} {'int8 ms/img':>11} {'int8 speed-up':>13}")
     float_model = fp32_twin(args.int8) if args.fp32 == "twin" else args.fp32

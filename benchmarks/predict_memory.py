@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from factory import SHARED_DATA, tiny_onnx  # noqa: E402
-from fuzz import cpu  # noqa: E402
+
+from brainmri.core.machine import cpu_model  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
@@ -40,7 +41,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
     sources = sorted(f for f in SHARED_DATA.glob("*/*.jpg"))[:50]
-    print(f"CPU: {cpu()}; model input {args.size} px; inputs cycle through {len(sources)} real JPEG scans")
+    print(f"CPU: {cpu_model()}; model input {args.size} px; inputs cycle through {len(sources)} real JPEG scans")
     env = {**os.environ, "PYTHONPATH": str(REPO), "BRAINMRI_QUIET": "1"}
     peaks = {}
     with tempfile.TemporaryDirectory(prefix="predict-memory-") as tmp:

@@ -298,19 +298,19 @@ class Backbone(Section):
 class Export(Section):
     opset: int
     parity_tolerance: float
-    calibration_images: int
-    calibration_method: Literal["minmax", "percentile", "entropy"] | list[Literal["minmax", "percentile", "entropy"]]
+    int8_calibration_images: int
+    int8_calibration_method: Literal["minmax", "percentile", "entropy"] | list[Literal["minmax", "percentile", "entropy"]]
     reduce_range: bool | list[bool]
 
     @model_validator(mode="after")
     def _check(self):
-        for key in ("calibration_method", "reduce_range"):
+        for key in ("int8_calibration_method", "reduce_range"):
             values = candidates(getattr(self, key))
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"export.{key}: a list of candidates must be non-empty and without repeats, got {getattr(self, key)}")
         if not 13 <= self.opset <= 21:
             raise ValueError(f"export.opset must be between 13 and 21 (what tf2onnx and ONNX Runtime support), got {self.opset}")
-        self.require_min("export", parity_tolerance=0, calibration_images=1)
+        self.require_min("export", parity_tolerance=0, int8_calibration_images=1)
         return self
 
 

@@ -100,7 +100,7 @@ def tiny_training(size: int = 32, epochs: int = 3) -> dict:
     return {
         "backbones": {k: {**bb, **(single if k != "smallcnn" else {})} for k in ("resnet50v2", "vgg19", "vgg16", "smallcnn")},
         "train": {"bootstrap": 50, "cv_folds": 2, "threshold": "youden"},
-        "export": {"calibration_images": 8, "reduce_range": True},  # one int8 candidate: tests of the choice set their own
+        "export": {"int8_calibration_images": 8, "reduce_range": True},  # one int8 candidate: tests of the choice set their own
         "benchmark": {"batch_size": 2, "warmup": 1, "repeats": 3, "min_repeats": 3},
     }
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from brainmri.bench.peaks import matmul_peak, model_flops
 from brainmri.intake.parts import split_part
-from tasks.benchmark import matmul_peak, model_flops
 
 RUNTIMES = {"keras_predict", "keras_compiled", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32", "openvino_int8", "openvino_bf16"}
 
@@ -56,9 +56,9 @@ def test_timings_are_reused_only_from_a_sibling_when_fresh_whole_and_allowed(tmp
 
     from factory import make_project
 
+    from brainmri.bench.timing_cache import reused_timings
     from brainmri.config import load_params
     from brainmri.core.files import write_json
-    from tasks.benchmark import reused_timings
 
     p = load_params(make_project(tmp_path / "proj") / "params.yaml")
     rts = {"onnxruntime_fp32", "onnxruntime_int8"}
@@ -93,7 +93,7 @@ def test_matmul_peak_is_a_plausible_rate():
 
 
 def test_ranking_tells_runtimes_apart_only_when_their_quartiles_do_not_overlap():
-    from tasks.benchmark import ranking
+    from brainmri.bench.ranking import ranking
 
     row = lambda rt, p25, p50, p75: {"runtime": rt, "batch": 1, "p25_ms": p25, "p50_ms": p50, "p75_ms": p75}  # noqa: E731
     apart = ranking([row("a", 9, 10, 11), row("b", 19, 20, 21), row("c", 4, 5, 6)], 1)
@@ -109,7 +109,7 @@ def test_ranking_tells_runtimes_apart_only_when_their_quartiles_do_not_overlap()
 
 
 def test_onnx_runtime_gemm_peaks_are_plausible_rates():
-    from tasks.benchmark import ort_gemm_peaks
+    from brainmri.bench.peaks import ort_gemm_peaks
 
     peaks = ort_gemm_peaks(threads=1, n=256, repeats=3)
     assert 1.0 < peaks["fp32"] < 10_000.0 and 1.0 < peaks["int8"] < 100_000.0
@@ -121,7 +121,7 @@ def test_timed_rounds_stop_at_the_time_budget_but_never_below_min_repeats_nor_ab
     import time
     from types import SimpleNamespace
 
-    from tasks.benchmark import interleaved
+    from brainmri.bench.timing import interleaved
 
     calls = {"slow": 0, "slower": 0}
 

@@ -14,8 +14,10 @@ from brainmri.config import load_params
 from brainmri.core.errors import ConfigError
 from brainmri.deploy.onnxrt import probabilities, session
 from brainmri.deploy.predict import load, predict
+from brainmri.export.compose import compose
 from brainmri.intake.parts import split_part
-from brainmri.learn.ensembling import EnsembleError, compose, cross_fitted, greedy_weights, read_oof
+from brainmri.learn.ensemble_cv import cross_fitted, read_oof
+from brainmri.stats.ensemble_selection import EnsembleError, greedy_weights
 from tasks.ensemble import ensemble
 
 

@@ -6,10 +6,12 @@ import pandas as pd
 import pytest
 
 from brainmri.deploy.onnxrt import metadata, probabilities, session
+from brainmri.export.convert import ExportError
+from brainmri.export.quantize import int8_calibration_sample
 from brainmri.intake.parts import Part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn.models import load_model
-from tasks.export import ExportError, calibration_sample, export
+from tasks.export import export
 
 
 def test_exported_models_match_keras_and_carry_their_metadata(small_run):
@@ -62,8 +64,8 @@ def test_reduce_range_keeps_int8_weights_to_7_bits(small_run, tmp_path, reduce_r
     """export.reduce_range: weights within [-64, 64], so u8 x s8 pair sums cannot saturate on CPUs without VNNI."""
     from onnx import numpy_helper
 
+    from brainmri.export.quantize import quantize
     from brainmri.intake.parts import split_part
-    from tasks.export import quantize
 
     p, *_ = small_run
     fp32 = p.model_file("export", "vgg16-noaug", "onnx")
@@ -81,29 +83,29 @@ def test_int8_candidates_share_one_calibration_and_get_the_file_their_own_would_
     """The reduce_range candidates of one calibration method read the activation ranges the first one wrote (ONNX
     Runtime's calibration cache): no image is fed a second time, and the file is byte for byte the one its own
     calibration gives."""
+    from brainmri.export import quantize as module
     from brainmri.intake.parts import split_part
-    from tasks import export as stage
 
     p, *_ = small_run
     fp32 = p.model_file("export", "vgg16-noaug", "onnx")
     images, size, ranges = split_part(p, "train").paths[:8], p.backbones["vgg16"].input_size, tmp_path / "percentile.json"
     fed = []
-    real_next = stage.Calibration.get_next
-    monkeypatch.setattr(stage.Calibration, "get_next", lambda self: fed.append(1) or real_next(self))
-    stage.quantize(fp32, tmp_path / "a.onnx", images, size, "percentile", True, ranges)
+    real_next = module.Int8CalibrationReader.get_next
+    monkeypatch.setattr(module.Int8CalibrationReader, "get_next", lambda self: fed.append(1) or real_next(self))
+    module.quantize(fp32, tmp_path / "a.onnx", images, size, "percentile", True, ranges)
     calibrated = len(fed)
     assert calibrated > 0 and ranges.is_file()
-    stage.quantize(fp32, tmp_path / "shared.onnx", images, size, "percentile", False, ranges)
+    module.quantize(fp32, tmp_path / "shared.onnx", images, size, "percentile", False, ranges)
     assert len(fed) == calibrated  # the ranges came from the file
-    stage.quantize(fp32, tmp_path / "own.onnx", images, size, "percentile", False)
+    module.quantize(fp32, tmp_path / "own.onnx", images, size, "percentile", False)
     assert len(fed) > calibrated
     assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "own.onnx").read_bytes()
 
 
 def test_int8_keeps_the_head_float_and_the_base_int8(small_run, tmp_path):
     """Only the base is quantized: no quantize/dequantize node after the global pooling, every convolution fed int8."""
+    from brainmri.export.quantize import GLOBAL_POOLING, quantize
     from brainmri.intake.parts import split_part
-    from tasks.export import GLOBAL_POOLING, quantize
 
     p, *_ = small_run
     out = tmp_path / "q.onnx"
@@ -136,15 +138,15 @@ def train_like(n_no: int, n_yes: int) -> Part:
     return Part(frame, [], (frame["label"] == "yes").to_numpy(int))
 
 
-def test_calibration_sample_is_seeded_and_class_stratified():
+def test_int8_calibration_sample_is_seeded_and_class_stratified():
     part = train_like(68, 108)  # the real training split's classes
-    a = calibration_sample(part, 32, seed=42)
+    a = int8_calibration_sample(part, 32, seed=42)
     labels = part.frame["label"].iloc[a]
     assert len(a) == len(set(a)) == 32 and a == sorted(a)
     assert abs(int((labels == "yes").sum()) - 32 * 108 / 176) <= 1  # 19.6 expected: 19 or 20 'yes', not 0
-    assert calibration_sample(part, 32, seed=42) == a and calibration_sample(part, 32, seed=7) != a
-    assert calibration_sample(part, 500, seed=42) == list(range(176))  # more asked than there are: all of them
-    small = calibration_sample(train_like(3, 40), 8, seed=0)
+    assert int8_calibration_sample(part, 32, seed=42) == a and int8_calibration_sample(part, 32, seed=7) != a
+    assert int8_calibration_sample(part, 500, seed=42) == list(range(176))  # more asked than there are: all of them
+    small = int8_calibration_sample(train_like(3, 40), 8, seed=0)
     assert (train_like(3, 40).y[small] == 0).sum() >= 1  # a rare class still gets its share, rounded
 
 
@@ -175,7 +177,7 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
     from brainmri.config import load_params
 
     p, *_ = small_run
-    grid = {"export": {"calibration_method": ["minmax", "percentile"], "reduce_range": [True, False]}}  # 4 candidates
+    grid = {"export": {"int8_calibration_method": ["minmax", "percentile"], "reduce_range": [True, False]}}  # 4 candidates
     q = load_params(p.root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "e")}})
     sel = export(q, "vgg16-noaug")["int8"]["selection"]
     assert [(c["calibration_method"], c["reduce_range"]) for c in sel["candidates"]] == [
@@ -206,18 +208,18 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
     assert export(noised, "vgg16-noaug")["int8"]["selection"] == sel
 
 
-def test_the_calibration_reader_gives_each_image_once_in_strided_ranges(tmp_path):
+def test_the_int8_calibration_reader_gives_each_image_once_in_strided_ranges(tmp_path):
     """ONNX Runtime's CalibStridedMinMax asks for range(i, i + 1) for i < len(reader): every image once, the last
     partial batch included."""
     from PIL import Image
 
-    from tasks.export import Calibration
+    from brainmri.export.quantize import Int8CalibrationReader
 
     paths = []
     for i in range(9):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(paths[-1])
-    reader = Calibration(paths, 32, batch=4)
+    reader = Int8CalibrationReader(paths, 32, batch=4)
     assert len(reader) == 3
     seen = []
     for _ in range(2):  # set_range resets the position: the same reader reads the same images again

@@ -80,14 +80,14 @@ def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_
 
     import onnx
 
-    from brainmri.deploy import onnxrt
+    from brainmri.core import machine
 
     int8 = onnx.load(p.model_file("export", "vgg16-aug", "onnx_int8"))  # 8-bit weights chosen on a VNNI CPU...
     assert {q.key for q in int8.metadata_props} >= {"int8_reduce_range", "int8_chosen_on_cpu_flags"}
     props = {q.key: q.value for q in int8.metadata_props} | {"int8_reduce_range": "False"}
     onnx.helper.set_model_props(int8, props)
     onnx.save(int8, tmp_path / "eight_bit.onnx")
-    monkeypatch.setattr(onnxrt, "cpu_flags", lambda: ["avx2"])  # ...meet a CPU without VNNI: predict warns
+    monkeypatch.setattr(machine, "cpu_flags", lambda: ["avx2"])  # ...meet a CPU without VNNI: predict warns
     monkeypatch.setattr(logging.getLogger("brainmri"), "propagate", True)  # an in-process CLI run may have turned it off
     with caplog.at_level(logging.WARNING, logger="brainmri"):
         predict(tmp_path / "eight_bit.onnx", [str(images[0])], tmp_path / "eight.csv")
@@ -95,3 +95,32 @@ def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_
     with pytest.raises(BrainMRIError, match="openvino-bf16: this CPU has no bf16 instructions"):
         predict(model, [str(images[0])], tmp_path / "bf16.csv", runtime="openvino-bf16")
     assert not (tmp_path / "bf16.csv").exists()
+
+
+def test_the_deploy_layer_never_imports_tensorflow_nor_the_learning_or_export_code():
+    """brainmri.deploy is what users install to predict: none of its modules names TensorFlow, Keras, tf2onnx,
+    brainmri.learn or brainmri.export in an import (inside functions too), and importing all of them in a fresh process
+    loads none of those."""
+    import ast
+
+    banned = ("tensorflow", "keras", "tf2onnx", "brainmri.learn", "brainmri.export")
+
+    def is_banned(module: str) -> bool:
+        return any(module == b or module.startswith(b + ".") for b in banned)
+
+    modules = sorted(f.stem for f in (REPO / "brainmri" / "deploy").glob("*.py") if f.stem != "__init__")
+    for stem in ["__init__", *modules]:
+        tree = ast.parse((REPO / "brainmri" / "deploy" / f"{stem}.py").read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if is_banned(n)], f"brainmri/deploy/{stem}.py imports {names}"
+    code = (
+        "import importlib, sys; "
+        f"[importlib.import_module('brainmri.deploy.' + m) for m in {modules!r}]; "
+        f"print(sorted(m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in {banned!r})))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    assert {"onnxrt", "predict", "runtimes", "scoring"} <= set(modules)

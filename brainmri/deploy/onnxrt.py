@@ -33,19 +33,3 @@ def probabilities(sess: ort.InferenceSession, x: np.ndarray, batch: int = 16) ->
     name = sess.get_inputs()[0].name
     out = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(out).reshape(-1).astype(np.float64) if out else np.zeros(0)
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")  # what int8 and bf16 speed hang on
-
-
-def cpu_flags() -> list[str]:
-    """Which of CPU_FLAGS this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FLAGS if flag in have]
-    except OSError:
-        pass
-    return []

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainmri.core import machine
 from brainmri.core.errors import BrainMRIError, ImageError
 from brainmri.core.files import _UMASK
 from brainmri.deploy.onnxrt import metadata, session
@@ -66,14 +67,39 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> M
     """Open an exported model and check its metadata and input shape; one sentence on anything wrong. ONNX Runtime
     reads and checks the file in any case; `runtime` (brainmri.deploy.runtimes.RUNTIMES) is what then runs it."""
     model = Path(model)
+    _check_model_file(model)
+    sess = session(model)
+    meta = metadata(sess)
+    size, threshold, pos, neg = _read_metadata(model, meta)
+    limits = {
+        "max_pixels": _number(model, meta, "max_pixels", int, 1, 1_000_000_000, 40_000_000),  # as ingest did
+        "max_side": _number(model, meta, "max_side", int, 1, 65_535, 512),
+        "max_bytes": _number(model, meta, "max_file_bytes", int, 1, 10**12, MAX_FILE_BYTES),
+        "crop_to_content": meta.get("crop_to_content", "False") == "True",  # as ingest normalized the training images
+    }
+    _check_input_output(model, sess, size)
+    if meta.get("int8_reduce_range") == "False":
+        _warn_without_vnni(model, meta)
+    run = None
+    if runtime != "onnxruntime":
+        from brainmri.deploy.runtimes import runner
+
+        run = runner(model, runtime, threads)
+    return Model(sess, sess.get_inputs()[0].name, size, threshold, pos, neg, limits, run)
+
+
+def _check_model_file(model: Path) -> None:
+    """Refuse anything but an existing regular .onnx file, before ONNX Runtime opens it."""
     if model.suffix.lower() != ".onnx":
         raise BrainMRIError(f"{model}: --model must be an exported .onnx file (Keras and other model files are not accepted)")
     if not model.exists():
         raise BrainMRIError(f"{model}: model file not found")
     if not model.is_file():  # a named pipe would block the loader, a device would feed it forever
         raise BrainMRIError(f"{model}: the model is not a regular file")
-    sess = session(model)
-    meta = metadata(sess)
+
+
+def _read_metadata(model: Path, meta: dict) -> tuple[int, float, str, str]:
+    """The input size, threshold and class names export wrote into the model, checked."""
     missing = [k for k in ("input_size", "threshold", "positive_class", "negative_class") if k not in meta]
     if missing:
         raise BrainMRIError(f"{model}: not exported by brainmri (metadata lacks {', '.join(missing)})")
@@ -82,12 +108,11 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> M
     pos, neg = meta["positive_class"], meta["negative_class"]
     if not pos.strip() or not neg.strip() or pos == neg:
         raise BrainMRIError(f"{model}: metadata classes {pos!r} and {neg!r} must be two different non-empty names")
-    limits = {
-        "max_pixels": _number(model, meta, "max_pixels", int, 1, 1_000_000_000, 40_000_000),  # as ingest did
-        "max_side": _number(model, meta, "max_side", int, 1, 65_535, 512),
-        "max_bytes": _number(model, meta, "max_file_bytes", int, 1, 10**12, MAX_FILE_BYTES),
-        "crop_to_content": meta.get("crop_to_content", "False") == "True",  # as ingest normalized the training images
-    }
+    return size, threshold, pos, neg
+
+
+def _check_input_output(model: Path, sess, size: int) -> None:
+    """One float input of shape (batch, size, size, 3) and a float output, as export makes them."""
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
         shapes = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
@@ -97,22 +122,17 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> M
         raise BrainMRIError(f"{model}: input shape {inputs[0].shape} does not match metadata input_size={size} with 3 colours")
     if not outputs or outputs[0].type != "tensor(float)":
         raise BrainMRIError(f"{model}: expected a float probability output, got {[(o.name, o.type) for o in outputs]}")
-    if meta.get("int8_reduce_range") == "False":
-        from brainmri.deploy.onnxrt import cpu_flags
 
-        if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()):
-            logging.getLogger("brainmri").warning(
-                "%s: int8 with 8-bit weights, chosen on a CPU with VNNI (%s); this CPU has no VNNI, where u8 x s8 products "
-                "can saturate and cost accuracy: export again here, or with export.reduce_range: true",
-                model,
-                meta.get("int8_chosen_on_cpu_flags", "?"),
-            )
-    run = None
-    if runtime != "onnxruntime":
-        from brainmri.deploy.runtimes import runner
 
-        run = runner(model, runtime, threads)
-    return Model(sess, inputs[0].name, size, threshold, pos, neg, limits, run)
+def _warn_without_vnni(model: Path, meta: dict) -> None:
+    """Warn when an int8 model with 8-bit weights meets a CPU without VNNI."""
+    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine.cpu_flags()):
+        logging.getLogger("brainmri").warning(
+            "%s: int8 with 8-bit weights, chosen on a CPU with VNNI (%s); this CPU has no VNNI, where u8 x s8 products "
+            "can saturate and cost accuracy: export again here, or with export.reduce_range: true",
+            model,
+            meta.get("int8_chosen_on_cpu_flags", "?"),
+        )
 
 
 def _run(model: Model, x: np.ndarray, where: Path) -> np.ndarray:

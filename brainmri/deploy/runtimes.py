@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.core.errors import BrainMRIError
-from brainmri.deploy.onnxrt import cpu_flags, session
+from brainmri.core.machine import cpu_flags
+from brainmri.deploy.onnxrt import session
 
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")  # openvino alone is fp32: its precision hint is set, never left to the CPU
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -8,6 +8,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 POINT_METRICS = ("accuracy", "bce", "auc", "sensitivity", "specificity", "precision", "f1", "brier")
+INTERVAL_PARTS = (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))  # scores.json: key suffix, interval part
 
 
 def fmt(value, spec: str = ".3f", scale: float = 1.0) -> str:
@@ -127,6 +128,11 @@ def with_intervals(
         lo, hi = _percentiles(draws[k])
         out[k] = {"value": round(values[k], 4), "ci_low": lo, "ci_high": hi}
     return out
+
+
+def interval_scores(prefix: str, metrics: dict[str, dict], keys: tuple[str, ...]) -> dict[str, float]:
+    """Flat scores.json entries of metrics with intervals: `prefix` + metric + suffix for the value and both bounds."""
+    return {f"{prefix}{k}{suffix}": metrics[k][part] for k in keys for suffix, part in INTERVAL_PARTS}
 
 
 def _auc(y: np.ndarray, prob: np.ndarray) -> float:

@@ -1,0 +1,49 @@
+"""What evaluate records of one model on the test split: the metrics with group-bootstrap intervals, a row per image,
+and the ROC curve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from brainmri.intake.parts import Part
+from brainmri.stats.metrics import with_intervals
+
+
+def evaluation_record(name: str, part: Part, prob: np.ndarray, threshold: float, n_boot: int, seed: int, ece: float) -> dict:
+    """metrics.json: the test figures with 95% intervals over `n_boot` duplicate-group resamples, and the expected
+    calibration error `ece` of the calibrated model's probabilities."""
+    y, test = part.y, part.frame
+    return {
+        "model": name,
+        "n_test": int(len(y)),
+        "n_positive": int(y.sum()),
+        "threshold": threshold,
+        "points_per_image": round(100.0 / max(1, len(y)), 2),
+        "bootstrap_resamples": n_boot,
+        "bootstrap_unit": "duplicate group",  # whole groups are drawn: a scan and its copy are one case, not two
+        "n_groups": int(test["group"].nunique()),
+        "test": with_intervals(y, prob, threshold, n_boot, seed, groups=test["group"].to_numpy()),
+        "calibration": {  # of the calibrated model train saved; train.json has the fit on out-of-fold predictions
+            "ece_test": round(ece, 4),
+            "bins": "10 equal-mass",
+            "note": f"{len(y)} test images: a coarse check of the map fitted without them",
+        },
+    }
+
+
+def prediction_table(part: Part, prob: np.ndarray, pred: np.ndarray, names: tuple[str, str]) -> pd.DataFrame:
+    """One row per test image: its probability, actual and predicted class (`names`: negative, positive), and whether
+    they agree."""
+    y = part.y
+    return part.frame[["source_path", "group", "label"]].assign(
+        probability=np.round(prob, 6), actual=[names[v] for v in y], predicted=[names[v] for v in pred], correct=pred == y
+    )
+
+
+def roc_table(y: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
+    """The ROC curve's points, thresholds clipped to 0..1 (scikit-learn puts an infinite one first)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, prob)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.clip(thr, 0, 1)}).round(6)
