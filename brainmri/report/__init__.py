@@ -1,1 +1,2 @@
-"""The report's parts: figures and the Markdown tables' names."""
+"""The report's parts: one module per section (each reads its own files and draws its own figures), the figures, and
+the Markdown and HTML rendering."""

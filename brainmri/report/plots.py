@@ -1,4 +1,5 @@
-"""Figures for people: labelled confusion matrices, ROC curves and training curves, saved as PNG."""
+"""Figures for people: labelled confusion matrices, ROC curves, training curves, samples, heatmaps, reliability
+diagrams, duplicate strips and latency bars, saved as PNG."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ def confusion_figure(matrix: np.ndarray, names: tuple[str, str], title: str, ax=
     for (r, c), v in np.ndenumerate(matrix):
         ax.text(c, r, str(int(v)), ha="center", va="center", color="white" if v > peak / 2 else "black", fontsize=12)
     return fig or ax.figure
+
+
+def confusion_grid(matrices: dict[str, np.ndarray], names: tuple[str, str]):
+    """Every model's confusion matrix, four to a row: name -> matrix; `names` as confusion_figure's."""
+    cols = min(4, len(matrices))
+    fig, axes = plt.subplots(-(-len(matrices) // cols), cols, figsize=(3.4 * cols, 3.0 * -(-len(matrices) // cols)), squeeze=False)
+    for ax, (name, matrix) in zip(axes.ravel(), matrices.items(), strict=False):
+        confusion_figure(matrix, names, name, ax=ax)
+    for ax in axes.ravel()[len(matrices) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
 
 
 def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
@@ -134,5 +147,22 @@ def strips_figure(strips: list[tuple[str, list[tuple[np.ndarray, str]]]], max_co
             ax.imshow(img, cmap="gray")
             ax.set_title(caption, fontsize=6)
         row[0].text(-0.08, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def latency_figure(table, labels: list[str]):
+    """Median ms per image, one panel per batch size, one bar per runtime `label` (the table's '<label> ms' column)."""
+    batches = sorted(table["Batch"].unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, bs in zip(axes[0], batches, strict=True):
+        t = table[table["Batch"] == bs]
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            ax.bar([j + i * width for j in range(len(t))], t[f"{label} ms"], width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(t))], labels=list(t["Model"]), rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("ms per image (median)")
+        ax.set_title(f"batch {bs}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,0 +1,56 @@
+"""The report's 'Sample test images': the most confident right and wrong calls of the model best on validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from brainmri.config import Params
+from brainmri.report.plots import samples_figure, save
+from brainmri.report.results import best_on_validation
+
+
+class Samples(NamedTuple):
+    model: str  # the model best on validation, whose calls these are
+    shown: list  # (image, title, correct) per sample, right calls first
+    paths: list  # each sample's ingested image file, in the same order
+    n_right: int
+    n_wrong: int
+
+
+def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6) -> Samples:
+    """Test images of the model best on validation (never chosen on test): its most confident right and wrong calls."""
+    from PIL import Image
+
+    name = best_on_validation(p, trained)
+    preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
+    images = pd.read_csv(p.path("split_manifest")).set_index("source_path")["image"]
+    preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
+    preds = preds.sort_values("confidence", ascending=False)
+    picked = pd.concat([preds[preds["correct"]].head(per_kind), preds[~preds["correct"]].head(per_kind)])
+    samples, paths = [], []
+    for r in picked.itertuples():
+        paths.append(p.path("ingest_images") / images[r.source_path])
+        with Image.open(paths[-1]) as img:
+            arr = np.asarray(img.convert("RGB"))
+        mark = "right" if r.correct else "WRONG"
+        samples.append((arr, f"{mark}: said {r.predicted} (p={r.probability:.2f})\nactually {r.actual}", bool(r.correct)))
+    n_right, n_wrong = int(picked["correct"].sum()), int((~picked["correct"]).sum())
+    return Samples(name, samples, paths, n_right, n_wrong)
+
+
+def samples_section(samples: Samples, out: Path) -> list:
+    """The section's lines; the grid drawn into `out` as samples.png."""
+    save(samples_figure(samples.shown), out / "samples.png")
+    return [
+        "## Sample test images",
+        "",
+        f"The test images {samples.model} (the model best on validation) got most confidently right ({samples.n_right} shown, "
+        f"green) and wrong ({samples.n_wrong} shown, red).",
+        "",
+        "![Test images with their predictions](samples.png)",
+        "",
+    ]
