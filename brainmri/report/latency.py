@@ -22,7 +22,7 @@ RUNTIMES = {
 
 
 def rankable(rank: dict) -> str:
-    """The report's 'Rankable' cell for one batch size's ranking (tasks/benchmark.py's ranking)."""
+    """The report's 'Rankable' cell for one batch size's ranking (brainmri/bench/ranking.py)."""
     if not rank.get("rankable", True):
         return "no: spread too wide"
     ties = "; ".join(" = ".join(pair) for pair in rank.get("tied", []))
