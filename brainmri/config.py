@@ -16,6 +16,7 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
 
 from brainmri.core.errors import ConfigError
+from brainmri.core.limits import CLASS_NAME, MAX_INPUT_SIZE, MAX_SIDE, NAME, path_problem
 
 PARAMS_FILE = "params.yaml"
 
@@ -86,9 +87,25 @@ class Paths(Section):
     saliency: str
     files: Files
 
+    @model_validator(mode="after")
+    def _check(self):
+        for key in type(self).model_fields:
+            if key != "files" and (why := path_problem(getattr(self, key))):
+                raise ValueError(f"paths.{key} {why}")
+        for key, name in self.files.model_dump().items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(f"paths.files.{key} {name!r} must be a plain file name (letters, digits, '_', '.', '-')")
+        return self
+
 
 class External(Section):
     source: str
+
+    @model_validator(mode="after")
+    def _check(self):
+        if why := path_problem(self.source):
+            raise ValueError(f"external.source {why}")
+        return self
 
 
 class Exclusion(Section):
@@ -119,6 +136,18 @@ class Ingest(Section):
             raise ValueError(f"ingest.exclude lists a path twice: {sorted(x for x, k in Counter(paths).items() if k > 1)}")
         if any(not e.reason.strip() for e in self.exclude):
             raise ValueError("ingest.exclude: every excluded file needs a reason")
+        if why := path_problem(self.source):
+            raise ValueError(f"ingest.source {why}")
+        for name in self.classes:
+            if not CLASS_NAME.fullmatch(name):
+                raise ValueError(
+                    f"ingest.classes: {name[:80]!r} is not a usable class folder name: 1-64 letters, digits, spaces, '_', '.' "
+                    "or '-', starting with a letter or digit and not ending in a space"
+                )
+        if self.max_side > MAX_SIDE:
+            raise ValueError(
+                f"ingest.max_side must be at most {MAX_SIDE} (what predict accepts in a model's metadata), got {self.max_side}"
+            )
         if len(self.classes) != 2 or len(set(self.classes)) != 2:
             raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
         if self.positive_class not in self.classes:
@@ -198,6 +227,8 @@ class Synthetic(Section):
     @model_validator(mode="after")
     def _check(self):
         self.require_min("synthetic", n_per_class=1)
+        if why := path_problem(self.out):
+            raise ValueError(f"synthetic.out {why}")
         if not 32 <= self.min_size <= self.max_size:
             raise ValueError(f"synthetic sizes need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
         if not 0.0 <= self.duplicate_fraction <= 0.5:
@@ -265,8 +296,11 @@ class Backbone(Section):
         for layer in candidates(self.feature_layer):
             if layer and not re.fullmatch(r"[A-Za-z0-9_]+", layer):
                 raise ValueError(f"feature_layer must be empty (the whole base) or a layer name such as block4_pool, got {layer!r}")
-        if self.input_size < 32:
-            raise ValueError(f"input_size must be at least 32 pixels (the smallest the backbones accept), got {self.input_size}")
+        if not 32 <= self.input_size <= MAX_INPUT_SIZE:
+            raise ValueError(
+                f"input_size must be between 32 pixels (the smallest the backbones accept) and {MAX_INPUT_SIZE} "
+                f"(what predict accepts in a model's metadata), got {self.input_size}"
+            )
         self.require_min("backbone", dense=1, patience=0, fine_tune_layers=0, fine_tune_epochs=0)
         for epochs in candidates(self.epochs):
             if epochs < 1:
@@ -438,9 +472,15 @@ class Params(Section):
     def _check_models(self):
         if not 0 <= self.seed < 2**31:  # non-negative, and seed + k (per fold, per CV run) within the 32 bits every library takes
             raise ValueError(f"seed must be in [0, 2**31), got {self.seed}")
+        for section, keys in (("models", self.models), ("backbones", self.backbones)):  # dvc.yaml puts them into shell commands
+            for name in keys:
+                if not NAME.fullmatch(name):
+                    raise ValueError(
+                        f"{section}.{name[:80]!r}: a name is 1-64 letters, digits, '-', '_' and '.', starting with a letter or digit"
+                    )
+        for key, bb in self.backbones.items():
+            self._check_weights(key, bb.weights)
         for name, spec in self.models.items():
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise ValueError(f"models.{name}: a model name may hold only letters, digits, '-', '_' and '.'")
             if spec.backbone not in self.backbones:
                 raise ValueError(f"models.{name}.backbone {spec.backbone!r} is not a key of backbones ({', '.join(self.backbones)})")
         for name, spec in self.models.items():  # a grid is chosen by CV on cached features: say so before any work
@@ -465,6 +505,19 @@ class Params(Section):
         if self.promotion.model not in self.models:
             raise ValueError(f"promotion.model {self.promotion.model!r} is not a key of models ({', '.join(self.models)})")
         return self
+
+    def _check_weights(self, key: str, weights: str) -> None:
+        """A weights file must lie in the weights inbox once its path is normalized: 'weights/../elsewhere/x.h5' does not."""
+        if weights in ("imagenet", "none"):
+            return
+        if why := path_problem(weights):
+            raise ValueError(f"backbones.{key}.weights {why}")
+        inbox = os.path.normpath(self.paths.weights_inbox)
+        if not os.path.normpath(weights).startswith(inbox + os.sep):
+            raise ValueError(
+                f"backbones.{key}.weights {weights!r} is outside the weights inbox {self.paths.weights_inbox}/ "
+                "(paths.weights_inbox) once '..' is resolved; put the file, or a symlink to it, there"
+            )
 
     @property
     def root(self) -> Path:
