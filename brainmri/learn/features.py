@@ -17,9 +17,10 @@ import numpy as np
 from brainmri.config import Params
 from brainmri.core.files import atomic_path
 from brainmri.core.progress import log, progress
+from brainmri.intake import preprocess
 from brainmri.intake.preprocess import load_batch
 
-PREPROCESS = Path(__file__).with_name("preprocess.py")
+PREPROCESS = Path(preprocess.__file__)  # the image preprocessing's code: part of the cache key
 
 
 def _sha(data: bytes) -> str:
