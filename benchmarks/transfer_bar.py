@@ -26,8 +26,9 @@ from brainmri.intake.augment import copies
 from brainmri.intake.decode import load_rgb, save_png
 from brainmri.intake.parts import make_part
 from brainmri.learn import features
+from brainmri.learn.crossval import cross_validate
+from brainmri.learn.fitting import seed_everything
 from brainmri.learn.models import build_network
-from tasks.train import cross_validate, seed_everything
 from tasks.weights import weights
 
 
