@@ -16,8 +16,8 @@ import numpy as np
 from brainmri.config import load_params
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn import features
+from brainmri.learn.fitting import class_weights, data_parts, seed_everything
 from brainmri.learn.models import build_head, build_network
-from tasks.train import class_weights, data_parts, seed_everything
 from tasks.weights import weights
 
 

@@ -2,7 +2,7 @@
 
 For each model, on the same split, seed and initial weights, both paths train the final head and its 5-fold CV:
 the old one is tasks/train.py exactly as it was at --old-commit (read with `git show`, not copied), the new one is
-tasks.train.head_and_cv. Printed per model: val and test AUC of the final head, CV AUC (mean of folds), the largest
+brainmri.learn.transfer.head_and_cv. Printed per model: val and test AUC of the final head, CV AUC (mean of folds), the largest
 per-image change of test probability between the two, and the wall time of head training incl. CV (feature
 extraction excluded: both read the same cache; the new path's time includes tracing and compiling its tf.function),
 wall and CPU seconds of this process (on a shared machine the CPU time is the steadier of the two).
@@ -31,9 +31,9 @@ from sklearn.metrics import roc_auc_score
 from brainmri.config import load_params
 from brainmri.core.machine import cpu_model
 from brainmri.intake.parts import split_part
-from brainmri.learn import features
+from brainmri.learn import features, fitting
 from brainmri.learn.models import build_head, build_network
-from tasks import train as new
+from brainmri.learn.transfer import head_and_cv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,9 +50,9 @@ def old_module(commit: str):
 def run(p, name: str, old, reseed: bool) -> dict:
     spec = p.model(name)
     bb = p.backbones[spec.backbone].at(p.backbones[spec.backbone].grid()[0])  # a grid in params: its first point
-    tr, aug, va = new.data_parts(p, spec.augment)
+    tr, aug, va = fitting.data_parts(p, spec.augment)
     te = split_part(p, "test")
-    new.seed_everything(p.seed)
+    fitting.seed_everything(p.seed)
     net = build_network(p, spec.backbone, p.seed)
     f_tr, f_aug, f_val, f_te = (
         features.extract(p, spec.backbone, net.extractor, part.paths, d)
@@ -60,7 +60,7 @@ def run(p, name: str, old, reseed: bool) -> dict:
     )
     out = {}
     for path in ("old", "new"):
-        new.seed_everything(p.seed)  # the same global random state as the stage at this point: same initial weights
+        fitting.seed_everything(p.seed)  # the same global random state as the stage at this point: same initial weights
         net = build_network(p, spec.backbone, p.seed)
         start, cpu = time.monotonic(), time.process_time()
         if path == "old":  # the old stage's lines, calling the old module's fit and _cv
@@ -70,30 +70,31 @@ def run(p, name: str, old, reseed: bool) -> dict:
             history, best = old.fit(net.head, f_fit, y_fit, (f_val, va.y), bb.learning_rate, bb.epochs, label=f"train {name}", **fit_args)
             cv = old._cv(p, name, tr, aug, va, f_tr, f_aug, f_val)
         else:
-            history, best, cv, *_ = new.head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
+            result = head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
+            history, best, cv = result.history, result.best, result.cv
         seconds, cpu = time.monotonic() - start, time.process_time() - cpu
         out[path] = {
             "seconds": seconds,
             "cpu_s": cpu,
             "best": best,
             "epochs": len(history),
-            "val_auc": roc_auc_score(va.y, new.predict(net.head, f_val)),
-            "test_auc": roc_auc_score(te.y, new.predict(net.head, f_te)),
+            "val_auc": roc_auc_score(va.y, fitting.predict(net.head, f_val)),
+            "test_auc": roc_auc_score(te.y, fitting.predict(net.head, f_te)),
             "cv_auc": cv["model"]["auc"]["mean"],
-            "p_test": new.predict(net.head, f_te),
+            "p_test": fitting.predict(net.head, f_te),
         }
     noise = {}
     if reseed:  # the old path's own draw noise: its final head again, same initial weights, shuffle/dropout seed + 1
         import keras
 
-        new.seed_everything(p.seed)
+        fitting.seed_everything(p.seed)
         net = build_network(p, spec.backbone, p.seed)
         f_fit, y_fit = np.concatenate([f_tr, f_aug]), np.concatenate([tr.y, aug.y])
         net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))
         keras.utils.set_random_seed(p.seed + 1)
         fit_args = {"batch": p.train.batch_size, "cw": old.class_weights(y_fit, p.train.class_weight), "patience": bb.patience}
         old.fit(net.head, f_fit, y_fit, (f_val, va.y), bb.learning_rate, bb.epochs, label=f"train {name}", **fit_args)
-        p_alt = new.predict(net.head, f_te)
+        p_alt = fitting.predict(net.head, f_te)
         noise = {
             "old reseeded: test_auc": roc_auc_score(te.y, p_alt),
             "old reseeded: max |dp| test": float(np.abs(out["old"]["p_test"] - p_alt).max()),

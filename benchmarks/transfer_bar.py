@@ -22,12 +22,13 @@ from feature_cache import overrides  # noqa: E402  (same folder)
 from brainmri.config import load_params
 from brainmri.core.files import write_csv
 from brainmri.core.progress import progress
+from brainmri.intake.augment import copies
 from brainmri.intake.decode import load_rgb, save_png
 from brainmri.intake.parts import make_part
 from brainmri.learn import features
+from brainmri.learn.crossval import cross_validate
+from brainmri.learn.fitting import seed_everything
 from brainmri.learn.models import build_network
-from tasks.augment import copies
-from tasks.train import cross_validate, seed_everything
 from tasks.weights import weights
 
 

@@ -4,7 +4,8 @@ from factory import brain, make_project, write_dataset
 from PIL import Image
 
 from brainmri.config import load_params
-from tasks.augment import apply, augment
+from brainmri.intake.augment import apply
+from tasks.augment import augment
 from tasks.ingest import ingest
 from tasks.split import split
 

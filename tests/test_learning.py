@@ -15,9 +15,11 @@ from sklearn.metrics import roc_auc_score
 from brainmri.config import load_params
 from brainmri.intake.parts import split_part
 from brainmri.learn import features
+from brainmri.learn.crossval import cv_folds
+from brainmri.learn.fitting import predict, seed_everything, train_heads
 from brainmri.learn.models import build_network
 from brainmri.stats.metrics import with_intervals
-from tasks.train import cv_folds, predict, seed_everything, train, train_heads
+from tasks.train import train
 from tasks.weights import weights
 
 HED = REPO.parent / "shared" / "weights" / "vgg16_hed_notop.weights.h5"

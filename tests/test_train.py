@@ -14,9 +14,10 @@ from brainmri.core.errors import ConfigError
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn import calibration, features
+from brainmri.learn.fitting import class_weights, fit
 from brainmri.learn.headfit import HeadJob, fit_heads
 from brainmri.learn.models import build_head, build_network, load_model
-from tasks.train import class_weights, fit, train
+from tasks.train import train
 
 HED = REPO.parent / "shared" / "weights" / "vgg16_hed_notop.weights.h5"
 

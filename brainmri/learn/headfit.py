@@ -110,19 +110,7 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
     for j in jobs:
         if len(j.x_fit) == 0 or len(j.x_val) == 0:
             raise ValueError("fit_heads: every head needs at least one training and one validation row")
-    # one pool of feature rows; each head indexes its own (a few MB even for 2048-d features and six heads)
-    x = np.concatenate([a for j in jobs for a in (j.x_fit, j.x_val)]).astype(np.float32)
-    y = np.concatenate([a for j in jobs for a in (j.y_fit, j.y_val)]).astype(np.float32).reshape(-1)
-    n_fit = np.array([len(j.x_fit) for j in jobs], np.int32)
-    n_val = np.array([len(j.x_val) for j in jobs], np.int32)
-    starts = np.cumsum([0] + [len(j.x_fit) + len(j.x_val) for j in jobs])[:-1]
-    width = int(-(-n_fit.max() // batch) * batch)  # whole batches; a head's rows past its own count are masked
-    fit_rows = _pad([s0 + np.arange(n) for s0, n in zip(starts, n_fit, strict=True)], width)
-    val_rows = _pad([s0 + f + np.arange(n) for s0, f, n in zip(starts, n_fit, n_val, strict=True)], int(n_val.max()))
-    weights = np.zeros((len(jobs), width), np.float32)
-    for i, j in enumerate(jobs):
-        cw = j.class_weight or {0: 1.0, 1: 1.0}
-        weights[i, : n_fit[i]] = np.where(np.asarray(j.y_fit) > 0.5, cw[1], cw[0])
+    x, y, fit_rows, n_fit, weights, val_rows, n_val = _row_layout(jobs, batch)
     stack = lambda k: tf.constant(np.stack([a[k] for a in arrays]).astype(np.float32))  # noqa: E731
     out = _loop(
         tf.constant(x),
@@ -141,6 +129,30 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
         patience=int(patience),
         batch=int(batch),
     )
+    return _results(jobs, out)
+
+
+def _row_layout(jobs: list[HeadJob], batch: int) -> tuple[np.ndarray, ...]:
+    """The group's feature rows in one pool, and each head's view of it: (x, y, fit_rows, n_fit, weights, val_rows,
+    n_val), its training rows padded to whole batches (`weights` 0 past its own count) and its validation rows."""
+    # one pool of feature rows; each head indexes its own (a few MB even for 2048-d features and six heads)
+    x = np.concatenate([a for j in jobs for a in (j.x_fit, j.x_val)]).astype(np.float32)
+    y = np.concatenate([a for j in jobs for a in (j.y_fit, j.y_val)]).astype(np.float32).reshape(-1)
+    n_fit = np.array([len(j.x_fit) for j in jobs], np.int32)
+    n_val = np.array([len(j.x_val) for j in jobs], np.int32)
+    starts = np.cumsum([0] + [len(j.x_fit) + len(j.x_val) for j in jobs])[:-1]
+    width = int(-(-n_fit.max() // batch) * batch)  # whole batches; a head's rows past its own count are masked
+    fit_rows = _pad([s0 + np.arange(n) for s0, n in zip(starts, n_fit, strict=True)], width)
+    val_rows = _pad([s0 + f + np.arange(n) for s0, f, n in zip(starts, n_fit, n_val, strict=True)], int(n_val.max()))
+    weights = np.zeros((len(jobs), width), np.float32)
+    for i, j in enumerate(jobs):
+        cw = j.class_weight or {0: 1.0, 1: 1.0}
+        weights[i, : n_fit[i]] = np.where(np.asarray(j.y_fit) > 0.5, cw[1], cw[0])
+    return x, y, fit_rows, n_fit, weights, val_rows, n_val
+
+
+def _results(jobs: list[HeadJob], out) -> list[HeadResult]:
+    """The compiled loop's output: each head's weights assigned back into its Keras model, and its history."""
     params, hist, run, best = out
     params, hist, run, best = [np.asarray(p) for p in params], np.asarray(hist), np.asarray(run), np.asarray(best)
     results = []
@@ -211,37 +223,73 @@ def _loop(*args, epochs: int, patience: int, batch: int):
 
 
 def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, *, epochs, patience, batch):
-    import tensorflow as tf
+    """The traced body: every epoch of every head (`_Loop`); returns (weights, history, epochs run, selected epoch)."""
+    loop = _Loop(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, epochs, patience, batch)
+    return loop.run(params)
 
-    heads, width = fit_rows.shape[0], fit_rows.shape[1]
-    steps = width // batch
-    units = params[0].shape[-1]
-    mean, scale = params[4], params[5]
-    start = tuple(params[:4])  # W1 [H,d,u], b1 [H,u], w2 [H,u], b2 [H]
-    fit_mask = tf.cast(tf.range(width)[None, :] < n_fit[:, None], tf.float32)
-    val_mask = tf.cast(tf.range(val_rows.shape[1])[None, :] < n_val[:, None], tf.float32)
-    x_val = (tf.gather(x, val_rows) - mean[:, None]) * scale[:, None]  # [H,V,d]: fixed, so standardised once
-    y_val = tf.gather(y, val_rows)
 
-    def per_head(param, value):
+class _Loop:
+    """The loop's fixed inputs and, as methods, the parts of an epoch: the shuffle and dropout draws, the mini-batch
+    steps, the validation pass and early stopping. Stacked on a leading head axis H; built while tracing."""
+
+    def __init__(self, x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, epochs, patience, batch):
+        import tensorflow as tf
+
+        self.x, self.y, self.fit_rows, self.weights, self.n_val, self.seeds = x, y, fit_rows, weights, n_val, seeds
+        self.lr, self.rate, self.max_epochs = lr, rate, max_epochs
+        self.epochs, self.patience, self.batch = epochs, patience, batch
+        self.heads, self.width = fit_rows.shape[0], fit_rows.shape[1]
+        self.steps = self.width // batch
+        self.units = params[0].shape[-1]
+        self.mean, self.scale = params[4], params[5]
+        self.fit_mask = tf.cast(tf.range(self.width)[None, :] < n_fit[:, None], tf.float32)
+        self.val_mask = tf.cast(tf.range(val_rows.shape[1])[None, :] < n_val[:, None], tf.float32)
+        self.x_val = (tf.gather(x, val_rows) - self.mean[:, None]) * self.scale[:, None]  # [H,V,d]: fixed, so standardised once
+        self.y_val = tf.gather(y, val_rows)
+
+    def per_head(self, param, value):
         """`value` [H] shaped to broadcast against a stacked parameter [H, ...]."""
-        return tf.reshape(value, [heads] + [1] * (len(param.shape) - 1))
+        import tensorflow as tf
 
-    def forward(p, xs):
+        return tf.reshape(value, [self.heads] + [1] * (len(param.shape) - 1))
+
+    def forward(self, p, xs):
         """Validation logits (no dropout), with the same batched products as `loss_and_grads`."""
+        import tensorflow as tf
+
         h = tf.nn.relu(tf.matmul(xs, p[0]) + p[1][:, None])
         return tf.matmul(h, p[2][:, :, None])[:, :, 0] + p[3][:, None]
 
-    def draws(offset, shape):
+    def draws(self, offset, shape):
         """Uniform draws from each head's own stream: independent of which other heads train beside it."""
-        return tf.stack([tf.random.stateless_uniform(shape, tf.stack([seeds[h], offset]), alg="philox") for h in range(heads)])
+        import tensorflow as tf
 
-    def one_step(s, state, order, keep, live):
+        seeds = self.seeds
+        return tf.stack([tf.random.stateless_uniform(shape, tf.stack([seeds[h], offset]), alg="philox") for h in range(self.heads)])
+
+    def shuffle_and_dropout(self, epoch):
+        """The epoch's batch order [H, steps, batch] (a fresh permutation of each head's own rows) and dropout
+        multipliers [H, steps, batch, units]."""
+        import tensorflow as tf
+
+        heads, rate = self.heads, self.rate
+        e64 = tf.cast(epoch, tf.int64)
+        keys = tf.where(self.fit_mask > 0, self.draws(2 * e64, [self.width]), 2.0)
+        order = tf.reshape(tf.argsort(keys, axis=1, stable=True), [heads, self.steps, self.batch])
+        keep = tf.cast(self.draws(2 * e64 + 1, [self.steps, self.batch, self.units]) >= rate[:, None, None, None], tf.float32)
+        keep = keep / (1.0 - rate)[:, None, None, None]  # inverted dropout (keras.layers.Dropout), at each head's rate
+        return order, keep
+
+    def one_step(self, s, state, order, keep, live):
+        """Mini-batch `s` of the epoch: each live head's loss on its batch, its gradients and Adam step."""
+        import tensorflow as tf
+
+        x, y, mean, scale = self.x, self.y, self.mean, self.scale
         p, m, v, t, sums = state
         pos = tf.gather(order, s, axis=1)  # [H, batch]: positions in each head's padded row list
-        mask = tf.gather(fit_mask, pos, batch_dims=1)
-        w = tf.gather(weights, pos, batch_dims=1)
-        rows = tf.gather(fit_rows, pos, batch_dims=1)
+        mask = tf.gather(self.fit_mask, pos, batch_dims=1)
+        w = tf.gather(self.weights, pos, batch_dims=1)
+        rows = tf.gather(self.fit_rows, pos, batch_dims=1)
         xb = (tf.gather(x, rows) - mean[:, None]) * scale[:, None]
         yb = tf.gather(y, rows)
         n = tf.reduce_sum(mask, axis=1)
@@ -250,13 +298,13 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         logits, loss, grads = loss_and_grads(p, xb, yb, kept, coef)
         on = live * tf.cast(n > 0, tf.float32)  # 1 where this head takes an Adam step now
         t = t + on
-        alpha = lr * tf.sqrt(1.0 - tf.pow(BETA_2, tf.maximum(t, 1.0))) / (1.0 - tf.pow(BETA_1, tf.maximum(t, 1.0)))
+        alpha = self.lr * tf.sqrt(1.0 - tf.pow(BETA_2, tf.maximum(t, 1.0))) / (1.0 - tf.pow(BETA_1, tf.maximum(t, 1.0)))
         new_p, new_m, new_v = _adam_update()(p, grads, m, v, on, alpha)
         correct = tf.cast(tf.equal(tf.cast(logits > 0, tf.float32), yb), tf.float32)
         sums = sums + tf.stack([loss * n, n, tf.reduce_sum(mask * correct, axis=1)])  # Keras: class weights weigh the loss, not accuracy
         return s + 1, (tuple(new_p), tuple(new_m), tuple(new_v), t, sums)
 
-    def steps_compiled(p, m, v, t, order, keep, live):
+    def steps_compiled(self, p, m, v, t, order, keep, live):
         """One epoch's mini-batch steps, in the same graph as the rest. Not compiled by XLA as a whole (only Adam's
         element-wise update is, see `_adam_update`): XLA's CPU runtime can give different results for the same inputs when
         it runs reductions or matrix products on several threads (jax-ml/jax#39741, on AMD CPUs), and a retrained
@@ -264,58 +312,84 @@ def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, 
         fault, see brainmri.learn.features). TensorFlow's own kernels are deterministic under
         tf.config.experimental.enable_op_determinism, which the train stage sets; that setting does not govern the
         XLA-compiled Adam update, whose determinism rests on its being element-wise (see `_adam_update`)."""
+        import tensorflow as tf
+
         _, (p, m, v, t, sums) = tf.while_loop(
-            lambda s, _: s < steps,
-            lambda s, state: one_step(s, state, order, keep, live),
-            (tf.constant(0), (p, m, v, t, tf.zeros([3, heads]))),
+            lambda s, _: s < self.steps,
+            lambda s, state: self.one_step(s, state, order, keep, live),
+            (tf.constant(0), (p, m, v, t, tf.zeros([3, self.heads]))),
         )
         return p, m, v, t, sums
 
-    def one_epoch(epoch, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist):
-        running = tf.logical_not(stopped)
-        live = tf.cast(running, tf.float32)
-        e64 = tf.cast(epoch, tf.int64)
-        keys = tf.where(fit_mask > 0, draws(2 * e64, [width]), 2.0)  # a fresh permutation of each head's own rows
-        order = tf.reshape(tf.argsort(keys, axis=1, stable=True), [heads, steps, batch])
-        keep = tf.cast(draws(2 * e64 + 1, [steps, batch, units]) >= rate[:, None, None, None], tf.float32)
-        keep = keep / (1.0 - rate)[:, None, None, None]  # inverted dropout (keras.layers.Dropout), at each head's rate
-        p, m, v, t, sums = steps_compiled(p, m, v, t, order, keep, live)
-        v_logits = forward(p, x_val)
+    def validation(self, p):
+        """Each head's (val_loss, val_accuracy) [H] on its own validation rows."""
+        import tensorflow as tf
+
+        y_val, val_mask, n_val = self.y_val, self.val_mask, self.n_val
+        v_logits = self.forward(p, self.x_val)
         v_bce = tf.reduce_sum(val_mask * tf.nn.sigmoid_cross_entropy_with_logits(labels=y_val, logits=v_logits), axis=1)
         v_correct = tf.cast(tf.equal(tf.cast(v_logits > 0, tf.float32), y_val), tf.float32)
         val_loss = v_bce / tf.cast(n_val, tf.float32)
         val_acc = tf.reduce_sum(val_mask * v_correct, axis=1) / tf.cast(n_val, tf.float32)
+        return val_loss, val_acc
+
+    def early_stopping(self, epoch, p, val_loss, running, best_p, best_loss, best_epoch, wait, stopped):
+        """keras EarlyStopping(monitor='val_loss', patience, restore_best_weights=True), per head: the weights and
+        epoch to keep so far, the best loss, the epochs since it, and whether the head has stopped."""
+        import tensorflow as tf
+
+        better = tf.logical_and(running, val_loss < best_loss)
+        take = tf.logical_and(running, tf.logical_or(better, tf.equal(epoch, 0)))  # Keras holds epoch 1's weights first
+        best_p = tuple(tf.where(self.per_head(q, take), q, b) for q, b in zip(p, best_p, strict=True))
+        best_loss = tf.where(better, val_loss, best_loss)
+        best_epoch = tf.where(take, epoch, best_epoch)
+        wait = tf.where(better, 0, tf.where(running, wait + 1, wait))
+        stopped = tf.logical_or(stopped, tf.logical_and(wait >= self.patience, epoch > 0))
+        return best_p, best_loss, best_epoch, wait, stopped
+
+    def one_epoch(self, epoch, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist):
+        import tensorflow as tf
+
+        running = tf.logical_not(stopped)
+        live = tf.cast(running, tf.float32)
+        order, keep = self.shuffle_and_dropout(epoch)
+        p, m, v, t, sums = self.steps_compiled(p, m, v, t, order, keep, live)
+        val_loss, val_acc = self.validation(p)
         row = tf.stack([sums[0] / sums[1], sums[2] / sums[1], val_loss, val_acc])
         hist = tf.tensor_scatter_nd_update(hist, tf.reshape(epoch, [1, 1]), row[None])
         run = tf.where(running, epoch + 1, run)
-        if patience > 0:  # keras EarlyStopping(monitor='val_loss', patience, restore_best_weights=True), per head
-            better = tf.logical_and(running, val_loss < best_loss)
-            take = tf.logical_and(running, tf.logical_or(better, tf.equal(epoch, 0)))  # Keras holds epoch 1's weights first
-            best_p = tuple(tf.where(per_head(q, take), q, b) for q, b in zip(p, best_p, strict=True))
-            best_loss = tf.where(better, val_loss, best_loss)
-            best_epoch = tf.where(take, epoch, best_epoch)
-            wait = tf.where(better, 0, tf.where(running, wait + 1, wait))
-            stopped = tf.logical_or(stopped, tf.logical_and(wait >= patience, epoch > 0))
+        if self.patience > 0:
+            best_p, best_loss, best_epoch, wait, stopped = self.early_stopping(
+                epoch, p, val_loss, running, best_p, best_loss, best_epoch, wait, stopped
+            )
         else:
             best_epoch = run - 1
-        stopped = tf.logical_or(stopped, epoch + 1 >= max_epochs)  # a head's own epoch count: it takes no further step
+        stopped = tf.logical_or(stopped, epoch + 1 >= self.max_epochs)  # a head's own epoch count: it takes no further step
         return epoch + 1, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist
 
-    zeros = tuple(tf.zeros_like(q) for q in start)
-    init = (
-        tf.constant(0),
-        start,
-        zeros,
-        zeros,
-        tf.zeros([heads]),  # Adam's step count, per head
-        start,
-        tf.fill([heads], np.float32(np.inf)),
-        tf.zeros([heads], tf.int32),
-        tf.zeros([heads], tf.int32),
-        tf.zeros([heads], tf.bool),
-        tf.zeros([heads], tf.int32),
-        tf.zeros([epochs, 4, heads]),  # per epoch: loss, accuracy, val_loss, val_accuracy of each head
-    )
-    out = tf.while_loop(lambda e, *rest: tf.logical_and(e < epochs, tf.logical_not(tf.reduce_all(rest[8]))), one_epoch, init)
-    p, best_p, best_epoch, run, hist = out[1], out[5], out[7], out[10], out[11]
-    return (best_p if patience > 0 else p), hist, run, best_epoch
+    def run(self, params):
+        """Every epoch until each head has stopped: (the weights it keeps, history [epochs, 4, H], epochs run, selected
+        epoch), per head."""
+        import tensorflow as tf
+
+        heads = self.heads
+        start = tuple(params[:4])  # W1 [H,d,u], b1 [H,u], w2 [H,u], b2 [H]
+        zeros = tuple(tf.zeros_like(q) for q in start)
+        init = (
+            tf.constant(0),
+            start,
+            zeros,
+            zeros,
+            tf.zeros([heads]),  # Adam's step count, per head
+            start,
+            tf.fill([heads], np.float32(np.inf)),
+            tf.zeros([heads], tf.int32),
+            tf.zeros([heads], tf.int32),
+            tf.zeros([heads], tf.bool),
+            tf.zeros([heads], tf.int32),
+            tf.zeros([self.epochs, 4, heads]),  # per epoch: loss, accuracy, val_loss, val_accuracy of each head
+        )
+        cond = lambda e, *rest: tf.logical_and(e < self.epochs, tf.logical_not(tf.reduce_all(rest[8])))  # noqa: E731
+        out = tf.while_loop(cond, self.one_epoch, init)
+        p, best_p, best_epoch, run, hist = out[1], out[5], out[7], out[10], out[11]
+        return (best_p if self.patience > 0 else p), hist, run, best_epoch

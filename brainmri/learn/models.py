@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 from brainmri.config import SMALL_CNN, Backbone, Params
 from brainmri.core.errors import ConfigError
 from brainmri.core.files import atomic_path
+from brainmri.learn.weights import RECORD, weights_kind
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is noise here; Python errors still surface
 import keras  # noqa: E402
@@ -51,10 +51,10 @@ def weights_source(p: Params, key: str) -> WeightsSource:
     """What the weights stage materialised for backbone `key` (data/weights/KEY/): train reads only that."""
     folder = p.path("weights") / key
     try:
-        record = json.loads((folder / "source.json").read_text())
+        record = json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
         raise ConfigError(f"backbones.{key}: no weights materialised in {folder}; run `brainmri weights {key}` (dvc repro does)") from None
-    if record.get("kind") != (p.backbones[key].weights if p.backbones[key].weights in ("imagenet", "none") else "file"):
+    if record.get("kind") != weights_kind(p, key):
         raise ConfigError(f"{folder}: holds {record.get('kind')} weights but params ask for {p.backbones[key].weights!r}; run `dvc repro`")
     if record["kind"] == "none":
         return WeightsSource("none")
@@ -92,17 +92,6 @@ def _small_cnn(size: int) -> keras.Model:
         x = keras.layers.BatchNormalization()(x)
         x = keras.layers.MaxPooling2D()(x)
     return keras.Model(inp, x, name="smallcnn_base")
-
-
-def _offline_message(key: str, exc: Exception) -> str:
-    url = re.search(r"https?://\S+?\.h5", str(exc))
-    fname = url.group(0).rsplit("/", 1)[-1] if url else "the backbone's ImageNet weights file"
-    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / fname
-    return (
-        f"backbones.{key}.weights is 'imagenet' but Keras could not download {fname}"
-        f"{' from ' + url.group(0) if url else ''} (no internet?). Either download it once into {cache}, "
-        f"or set backbones.{key}.weights to a local weights file, or to 'none' to train from random weights."
-    )
 
 
 def load_base(p: Params, key: str, weights_file: Path | None) -> keras.Model:

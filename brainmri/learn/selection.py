@@ -1,0 +1,83 @@
+"""Choices made by measurement on train+val only: the grid point (pooled out-of-fold AUC) and the threshold rule
+(pooled out-of-fold balanced accuracy); and the final threshold that rule sets."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from brainmri.config import Params
+from brainmri.core.progress import log
+from brainmri.learn import calibration
+from brainmri.learn.crossval import Fold, cv_folds, out_of_fold
+from brainmri.learn.fitting import predict, train_heads
+from brainmri.stats.metrics import youden_threshold
+
+
+def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
+    """Cross-validate every grid point on train+val (grouped, stratified, the pipeline's folds and seed) and choose
+    the one with the best pooled out-of-fold AUC; ties go to the earlier point. Test images are never read.
+    Returns the chosen point, its folds and their trained heads, and the record of every point's scores."""
+    spec = p.backbones[p.models[name].backbone]
+    points = [spec.at(g) for g in grid]
+    data = {layer: cv_data(layer) for layer in dict.fromkeys(g["feature_layer"] for g in grid)}
+    runs = [cv_folds(p, name, data[b.feature_layer][0], y, groups, data[b.feature_layer][1], bb=b) for b in points]
+    jobs = [f.job for run in runs for f in run]
+    results = iter(train_heads(p, name, jobs, [b for b, run in zip(points, runs, strict=True) for _ in run]))
+    trained = [[next(results) for _ in run] for run in runs]
+    scores = [_point_scores(name, g, run, data[g["feature_layer"]][0], y) for g, run in zip(grid, runs, strict=True)]
+    best = max(range(len(grid)), key=lambda i: (np.nan_to_num(scores[i]["cv_auc_pooled_out_of_fold"], nan=-1.0), -i))
+    record = {
+        "protocol": (
+            f"every grid point cross-validated on train+val only ({len(y)} images; grouped, stratified "
+            f"{p.train.cv_folds}-fold, seed {p.seed}; each fold's head fitted as the final one); test never read"
+        ),
+        "criterion": "pooled out-of-fold AUC; ties go to the earlier grid point",
+        "points": scores,
+        "chosen": grid[best],
+    }
+    log.info("select %s: chose %s (pooled CV AUC %.3f)", name, _describe(grid[best]), scores[best]["cv_auc_pooled_out_of_fold"])
+    return grid[best], runs[best], trained[best], record
+
+
+def _point_scores(name: str, g: dict, run: list[Fold], feats, y) -> dict:
+    """Grid point `g` with the pooled out-of-fold AUC and log loss of its cross-validation `run`."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    oof = out_of_fold(run, feats, len(y))
+    two = len(np.unique(y)) > 1
+    auc = float(roc_auc_score(y, oof)) if two else float("nan")
+    bce = float(log_loss(y, np.clip(oof, 1e-7, 1 - 1e-7), labels=[0, 1]))
+    log.info("select %s: %s -> pooled CV AUC %.3f, log loss %.3f", name, _describe(g), auc, bce)
+    return {**g, "cv_auc_pooled_out_of_fold": round(auc, 4), "cv_bce_pooled_out_of_fold": round(bce, 4)}
+
+
+def _describe(g: dict) -> str:
+    return ", ".join(f"{k} {v if v != '' else '(whole base)'}" for k, v in g.items())
+
+
+def choose_rule(rules: list, folds: list[Fold], oof: tuple[np.ndarray, np.ndarray], record: dict) -> tuple:
+    """The threshold rule with the best pooled out-of-fold balanced accuracy, each fold's threshold set by the rule
+    on that fold's inner validation part (as val sets the final model's), then applied to the fold's held-out part.
+    Ties go to the earlier rule."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y, prob = oof
+    scores = []
+    for rule in rules:
+        labels = np.zeros(len(y), int)
+        for fold in folds:
+            inner = predict(fold.job.head, fold.job.x_val)
+            t = youden_threshold(fold.job.y_val, inner) if rule == "youden" else float(rule)
+            labels[fold.test] = prob[fold.test] >= t
+        scores.append({"rule": rule, "cv_balanced_accuracy_pooled_out_of_fold": round(float(balanced_accuracy_score(y, labels)), 4)})
+    best = max(range(len(rules)), key=lambda i: (scores[i]["cv_balanced_accuracy_pooled_out_of_fold"], -i))
+    log.info("select threshold rule: %s", ", ".join(f"{s['rule']} {s['cv_balanced_accuracy_pooled_out_of_fold']:.3f}" for s in scores))
+    return rules[best], {**record, "threshold_rules": scores, "threshold_rule": rules[best]}
+
+
+def threshold(rule, y_val: np.ndarray, p_val: np.ndarray, cal: dict) -> float:
+    """The final model's threshold: Youden's on its (calibrated) val outputs, or the fixed `rule` mapped through `cal`."""
+    if rule == "youden":
+        return youden_threshold(y_val, p_val)
+    # a fixed threshold is on the raw outputs' scale: mapped with them, it gives the labels it gave before
+    return float(calibration.apply(float(rule), cal["a"], cal["c"]))
