@@ -70,6 +70,7 @@ def test_dvc_yaml_interpolates_into_commands_only_values_params_constrain(tmp_pa
         ({"ingest": {"classes": ["no", "y" * 500_000], "positive_class": "no"}}, "is not a usable class folder name"),
         ({"ingest": {"classes": ["no", "../yes"], "positive_class": "no"}}, "is not a usable class folder name"),
         ({"backbones": {"vgg16": {"weights": "weights/../elsewhere/x.h5"}}}, "outside the weights inbox"),
+        ({"backbones": {"vgg16": {"weights": "params.yaml"}}}, "outside the weights inbox"),  # was caught by the weights stage
         ({"ingest": {"source": "d" * 5000}}, "ingest.source is 5000 bytes long"),
         ({"ingest": {"source": "data/" + "x" * 300}}, "ingest.source has a file or folder name over 255 bytes"),
         ({"external": {"source": "ext\nernal"}}, "external.source holds a control character"),

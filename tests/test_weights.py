@@ -61,7 +61,6 @@ def test_a_local_file_is_copied_checked_and_loaded(tmp_path):
     ("vgg16", "needle"),
     [
         ({"weights": "weights/missing.h5"}, "backbones.vgg16.weights: weights file .* not found"),
-        ({"weights": "params.yaml"}, "outside the weights inbox"),
         ({"weights": "weights/junk.h5"}, "does not fit VGG16"),
         ({"weights": "none", "application": "VGG17"}, "unknown backbone 'VGG17'"),
     ],
