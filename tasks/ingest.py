@@ -9,7 +9,7 @@ from brainmri.core.files import atomic_dir, write_csv, write_json
 from brainmri.core.progress import summary
 from brainmri.intake.decode import save_png
 from brainmri.intake.duplicates import fingerprint
-from brainmri.intake.manifest import build_manifest, check_class_counts, ingest_report, manifest_row
+from brainmri.intake.manifest import build_manifest, check_class_counts, check_usable_counts, ingest_report, manifest_row
 from brainmri.intake.outliers import features
 from brainmri.intake.phantoms import MARKER
 from brainmri.intake.sources import decoded, drop_excluded, image_id, open_source, scan
@@ -31,8 +31,9 @@ def ingest(p: Params) -> dict:
             prints.append(fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size))
             looks.append(features(dec.uncropped))  # label-independent appearance, for the outlier screen (it finds the head itself)
             rows.append(manifest_row(f, dec, iid))
-        check_class_counts(rows, p, source)
-    manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe)
+        check_class_counts([r["label"] for r in rows], p, source)
+        manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe)
+        check_usable_counts(manifest, p, source)  # inside the block: on failure no image is published
     report = ingest_report(p, n_files, skipped, quarantined, excluded, manifest, time.monotonic() - start, synthetic)
     write_csv(p.path("ingest_manifest"), manifest)
     write_json(p.path("ingest_report"), report)

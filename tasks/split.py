@@ -8,7 +8,7 @@ from brainmri.config import Params
 from brainmri.core.files import write_csv, write_json
 from brainmri.core.progress import summary
 from brainmri.intake.parts import SPLITS
-from brainmri.intake.splitting import assign, read_ledger, split_report
+from brainmri.intake.splitting import assign, check_splittable, read_ledger, split_report
 
 
 def split(p: Params) -> dict:
@@ -16,6 +16,7 @@ def split(p: Params) -> dict:
     manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
     manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)
     usable = manifest[~manifest["conflict"].astype(bool)].copy()
+    check_splittable(usable, p)
     fractions = {"train": p.split.train, "val": p.split.val, "test": p.split.test}
     ledger, reset = read_ledger(p.path("split_ledger"), p.seed, fractions)
     assigned, merges, new_groups = assign(usable, ledger, fractions, p.seed)

@@ -775,3 +775,43 @@ def test_an_image_or_class_folder_we_may_not_read_is_a_reason_not_a_crash(tmp_pa
     monkeypatch.setattr(ingest_module.os, "listdir", forbidden_listdir)
     with pytest.raises(DataError, match=r"ds/no cannot be listed: Permission denied"):
         ingest(p)
+
+
+# --- counts after conflicts, sources that cannot be opened (issue 32) ---------------------------------------------
+
+
+def test_a_set_filed_under_both_classes_stops_ingest_and_publishes_nothing(tmp_path):
+    """Every image filed under both classes passed ingest (the class minimum was counted before conflicts were
+    dropped); split then wrote 0/0/0 with exit 0 and train crashed later with a KeyError."""
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=6)
+    for f in (ds / "no").iterdir():
+        (ds / "yes" / f"copy of {f.name}").write_bytes(f.read_bytes())
+    for f in list((ds / "yes").iterdir()):
+        if not f.name.startswith("copy of"):
+            (ds / "no" / f"copy of {f.name}").write_bytes(f.read_bytes())
+    with pytest.raises(DataError, match=r"too few usable images .* once 24 images in duplicate groups with conflicting labels"):
+        ingest(p)
+    assert not p.path("ingest_images").exists() and not p.path("ingest_manifest").exists()
+
+
+def test_split_refuses_a_manifest_whose_classes_are_all_conflicts(tmp_path):
+    from tasks.split import split
+
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=6)
+    ingest(p)
+    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    m.assign(conflict=m["label"] == "yes").to_csv(p.path("ingest_manifest"), index=False)  # as if every tumour were in conflict
+    with pytest.raises(DataError, match=r"too few usable images to split: \{'no': 6, 'yes': 0\}|\{'yes': 0\}"):
+        split(p)
+    assert not p.path("split_manifest").exists()
+
+
+def test_a_source_that_cannot_be_opened_is_one_sentence(tmp_path):
+    p = project(tmp_path)
+    loop = p.resolve("data/raw/ds")
+    loop.parent.mkdir(parents=True, exist_ok=True)
+    loop.symlink_to(loop)  # a link to itself: ELOOP
+    with pytest.raises(DataError, match=r"ingest.source .* cannot be opened: Too many levels of symbolic links"):
+        ingest(p)

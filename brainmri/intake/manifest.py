@@ -48,15 +48,25 @@ def manifest_row(f: SourceFile, dec: Decoded, iid: str) -> dict:
     }
 
 
-def check_class_counts(rows: list[dict], p: Params, source: Path) -> None:
-    """Stop when a class has fewer usable images than ingest.min_images_per_class."""
-    per_class = Counter(r["label"] for r in rows)
+def check_class_counts(labels: list[str], p: Params, source: Path, after: str = "") -> None:
+    """Stop when a class has fewer usable images than ingest.min_images_per_class; `after` says what was already dropped."""
+    per_class = Counter(labels)
     short = {c: per_class.get(c, 0) for c in p.ingest.classes if per_class.get(c, 0) < p.ingest.min_images_per_class}
     if short:
         raise DataError(
-            f"too few usable images in {source}: {short} "
+            f"too few usable images in {source}{after}: {short} "
             f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}); see the quarantine reasons"
         )
+
+
+def check_usable_counts(manifest: pd.DataFrame, p: Params, source: Path) -> None:
+    """The class minimum again once label conflicts are dropped (split drops them): a set filed under both classes
+    passed the first count, and split then wrote 0/0/0 images."""
+    usable = manifest.loc[~manifest["conflict"].astype(bool), "label"].tolist()
+    dropped = len(manifest) - len(usable)
+    check_class_counts(
+        usable, p, source, f" once {dropped} images in duplicate groups with conflicting labels are dropped" if dropped else ""
+    )
 
 
 def build_manifest(rows: list[dict], prints: list, looks: list, outlier_z: float, dd: Dedupe) -> pd.DataFrame:

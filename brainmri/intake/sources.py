@@ -109,11 +109,15 @@ def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict]
 def open_source(source: Path, p: Params, param: str = "ingest.source"):
     """Yield the folder that holds the class folders: the source itself, or a safely extracted archive.
     `param` names the params key the source came from, in errors."""
-    if not source.exists():
+    try:
+        source.stat()
+    except FileNotFoundError:
         raise DataError(
             f"dataset not found at {source} ({param} in params.yaml): put the class folders "
             f"{p.ingest.classes} there, or point {param} at a folder or .zip/.tar.gz archive"
-        )
+        ) from None
+    except OSError as exc:  # a name too long, a link loop, a folder we may not enter: the path's fault, one sentence
+        raise DataError(f"{param} {str(source)[:200]!r} cannot be opened: {exc.strerror or exc}") from None
     if source.is_dir():
         yield source
         return

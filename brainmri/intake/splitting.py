@@ -134,3 +134,15 @@ def split_report(p: Params, manifest: pd.DataFrame, usable: pd.DataFrame, fracti
         "naive_split_test_leak": round(leaked_fraction(usable.assign(naive=naive_split(usable, fractions, p.seed)), "naive"), 4),
         "excluded_conflicts": sorted(excluded["source_path"]),
     }
+
+
+def check_splittable(usable: pd.DataFrame, p: Params) -> None:
+    """Stop before writing anything when a class has fewer usable images than ingest.min_images_per_class: with every
+    image in a label conflict, split once wrote 0/0/0 with exit 0 and train crashed later."""
+    counts = usable["label"].value_counts()
+    short = {c: int(counts.get(c, 0)) for c in p.ingest.classes if counts.get(c, 0) < p.ingest.min_images_per_class}
+    if short:
+        raise DataError(
+            f"{p.path('ingest_manifest')}: too few usable images to split: {short} once label conflicts are dropped "
+            f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}); run ingest again, or resolve the conflicts"
+        )
