@@ -815,3 +815,62 @@ def test_a_source_that_cannot_be_opened_is_one_sentence(tmp_path):
     loop.symlink_to(loop)  # a link to itself: ELOOP
     with pytest.raises(DataError, match=r"ingest.source .* cannot be opened: Too many levels of symbolic links"):
         ingest(p)
+
+
+# --- lineage on hostile paths and lock files (issue 32) --------------------------------------------------------
+
+LOCK = """schema: '2.0'
+stages:
+  ingest:
+    cmd: brainmri ingest
+    deps:
+    - path: data/raw/ds
+      md5: aa
+    outs:
+    - path: data/ingest/manifest.csv
+      md5: bb
+  split:
+    cmd: brainmri split
+    deps:
+    - path: data/ingest/manifest.csv
+      md5: bb
+    outs:
+    - path: data/split/split.csv
+      md5: cc
+"""
+
+
+def _lineage_cli(root: Path, target: str, capsys) -> tuple[int, str]:
+    code = main(["--params", str(root / "params.yaml"), "lineage", str(root / target)])  # an absolute target stays one
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("lock", "target", "message"),
+    [
+        (LOCK, "/etc/passwd", "outside the project"),
+        (LOCK, "../elsewhere/model.onnx", "outside the project"),
+        ("<<<<<<< HEAD\n" + LOCK + "=======\nstages: {}\n>>>>>>> theirs\n", "data/split/split.csv", "dvc.lock: not valid YAML"),
+        (LOCK.replace("path: data/raw/ds", "path: data/split/split.csv"), "data/split/split.csv", "in a cycle"),
+        ("stages: [1, 2]\n", "data/split/split.csv", "not a lock file as DVC writes it"),
+        (LOCK.replace("    - path: data/raw/ds\n      md5: aa\n", "    - 7\n"), "data/split/split.csv", "not a lock file as DVC writes it"),
+    ],
+)
+def test_lineage_of_hostile_targets_and_lock_files_is_one_sentence(tmp_path, capsys, lock, target, message):
+    root = make_project(tmp_path / "proj")
+    (root / "dvc.lock").write_text(lock)
+    code, err = _lineage_cli(root, target, capsys)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_lineage_through_a_data_folder_that_is_a_symlink_to_another_disk(tmp_path):
+    from brainmri.provenance.lineage import lineage
+
+    root = make_project(tmp_path / "proj")
+    (root / "dvc.lock").write_text(LOCK)
+    elsewhere = tmp_path / "other-disk" / "data"
+    (elsewhere / "split").mkdir(parents=True)
+    (elsewhere / "split" / "split.csv").write_text("x\n")
+    (root / "data").symlink_to(elsewhere)
+    info = lineage(root, root / "data" / "split" / "split.csv", with_metrics=False)
+    assert [s["stage"] for s in info["chain"]] == ["split", "ingest"] and info["target"] == "data/split/split.csv"

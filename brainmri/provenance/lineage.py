@@ -5,6 +5,7 @@ from __future__ import annotations
 import graphlib
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -37,8 +38,7 @@ def _inside(path: str, folder: str) -> bool:
 
 def _metric_paths(root: Path) -> dict[str, list[str]]:
     """Per stage, its outputs declared as metrics in dvc.yaml (DVC's own reading of it)."""
-    import os
-
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     here = os.getcwd()
@@ -46,23 +46,65 @@ def _metric_paths(root: Path) -> dict[str, list[str]]:
     try:
         with Repo(".") as repo:
             return {s.name: [o.def_path for o in s.outs if o.metric] for s in repo.index.stages if s.cmd}  # not `dvc add` data
+    except DvcException as exc:
+        raise BrainMRIError(f"{root}: DVC cannot read this workspace's dvc.yaml: {str(exc).splitlines()[0]}") from None
     finally:
         os.chdir(here)
 
 
 def read_lock(root: str | Path) -> dict:
-    """dvc.lock's stages; read once by a caller that asks for the lineage of several artifacts (it is ~0.4 s a read)."""
+    """dvc.lock's stages, checked to be what DVC writes; read once by a caller that asks for the lineage of several
+    artifacts (it is ~0.4 s a read)."""
+    from ruamel.yaml import YAMLError
+
     lock_file = Path(root).resolve() / "dvc.lock"
     if not lock_file.is_file():
         raise BrainMRIError(f"no dvc.lock in {Path(root).resolve()}: run `dvc repro` or `brainmri run` first, then ask for lineage")
-    return (read_yaml(lock_file) or {}).get("stages", {})
+    try:
+        data = read_yaml(lock_file) or {}
+    except YAMLError as exc:  # merge-conflict markers, a bad edit: one sentence, its line
+        mark = getattr(exc, "problem_mark", None)
+        raise BrainMRIError(
+            f"{lock_file}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}; restore it (git checkout dvc.lock)"
+        ) from None
+    stages = data.get("stages", {}) if isinstance(data, dict) else None
+    if not _is_lock(stages):
+        raise BrainMRIError(f"{lock_file}: not a lock file as DVC writes it (stages with cmd, deps, outs and params); restore it")
+    return stages
+
+
+def _is_lock(stages) -> bool:
+    """Whether `stages` has the shape of dvc.lock's: name -> {cmd: str, deps/outs: [{path: str, ...}], params: {file: {...}}}."""
+    if not isinstance(stages, dict):
+        return False
+    for stage in stages.values():
+        if not isinstance(stage, dict) or not isinstance(stage.get("cmd", ""), str | list):
+            return False
+        for key in ("deps", "outs"):
+            entries = stage.get(key, [])
+            if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries):
+                return False
+        params = stage.get("params", {})
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            return False
+    return True
+
+
+def relative_to_project(root: Path, target: str | Path) -> str:
+    """`target` as a path inside the project, as dvc.lock names it: through a symlinked data folder it is still the
+    project's path (it is compared as written, then resolved); outside the project, one sentence."""
+    target = Path(target)
+    for base, path in ((root, Path(os.path.abspath(root / target))), (root.resolve(), (root / target).resolve())):
+        if path == base or path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+    raise BrainMRIError(f"{target}: outside the project {root}; lineage covers what this project's stages wrote")
 
 
 def lineage(root: str | Path, target: str | Path, with_metrics: bool = True, stages: dict | None = None) -> dict:
     """The stages that produced `target` and everything upstream of them, from dvc.lock (or `stages`, its
     `read_lock`), plus the git state."""
     root = Path(root).resolve()
-    rel = Path(target).resolve().relative_to(root).as_posix() if Path(target).is_absolute() else Path(target).as_posix()
+    rel = relative_to_project(root, target)
     stages = read_lock(root) if stages is None else stages
 
     def producers(path: str) -> list[str]:
@@ -77,9 +119,13 @@ def lineage(root: str | Path, target: str | Path, with_metrics: bool = True, sta
         if name not in upstream:
             upstream[name] = {u for d in stages[name].get("deps", []) for u in producers(d["path"]) if u != name}
             queue += upstream[name]
-    metrics = _metric_paths(root) if with_metrics else {}
     chain = []
-    for name in reversed(list(graphlib.TopologicalSorter(upstream).static_order())):  # the artifact first, raw data last
+    try:
+        order = list(graphlib.TopologicalSorter(upstream).static_order())
+    except graphlib.CycleError as exc:
+        raise BrainMRIError(f"dvc.lock: its stages depend on each other in a cycle ({' -> '.join(exc.args[1])}); restore it") from None
+    metrics = _metric_paths(root) if with_metrics else {}
+    for name in reversed(order):  # the artifact first, raw data last
         s = stages[name]
         entry = {
             "stage": name,
