@@ -60,6 +60,7 @@ class Files(Section):
 class Paths(Section):
     code: str
     weights_inbox: str
+    data_root: str
     weights: str
     served: str
     registry: str
@@ -644,10 +645,10 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: dict | None = None) -
     return params
 
 
-INPUT_PATHS = ("code", "weights_inbox", "files")  # paths.* keys that are not outputs (the code, the weights inbox, file names)
+INPUT_PATHS = ("code", "weights_inbox", "files", "data_root")  # paths.* keys that are not outputs (the code, the weights inbox, file names)
 PROJECT_FILES = (  # beside this params file and beside the code (the demo's params are in demo/, its repository one up)
     *(".git", ".dvc", "dvc.yaml", "dvc.lock", ".dvcignore", ".gitignore", "README.md", "pyproject.toml", "Makefile", "params.yaml"),
-    *("versions.yaml", "requirements.lock", "prefect.yaml", ".venv", ".ci"),
+    *("versions.yaml", "requirements.lock", "prefect.yaml", ".venv", ".ci", "docs", "mkdocs.yml"),
 )
 CODE_FOLDERS = ("brainmri", "tasks", "flows", "tests", "benchmarks", "demo")  # under paths.code
 
@@ -697,6 +698,51 @@ def check_outputs(p: Params, file: Path) -> None:
                     f"{file}: {key} {outs[key]!r} overlaps {other} {keep[other]!r}: a stage replaces its outputs whole, "
                     "so each output needs a path of its own"
                 )
+    check_inside(p, file, roots)
+
+
+DATA_ROOT_MARKER = ".brainmri-data-root"  # in paths.data_root: brainmri made this folder, so what is under it is brainmri's
+
+
+def check_inside(p: Params, file: Path, roots: tuple[str, str]) -> None:
+    """Every output lies inside the project, or under paths.data_root: a folder outside the project that brainmri made
+    (or found empty) and marked. A stage replaces its outputs whole, so an output pointed at a user's folder elsewhere
+    replaced that folder's contents."""
+
+    def forms(rel: str) -> tuple[str, str]:
+        joined = os.path.join(p.root, rel)
+        return os.path.normpath(joined), os.path.realpath(joined)
+
+    bases = [roots]
+    if p.paths.data_root:
+        bases.append(_data_root(p, file, forms(p.paths.data_root), roots))
+    for key in Paths.model_fields:
+        if key in INPUT_PATHS:
+            continue
+        rel = getattr(p.paths, key)
+        if not any(_holds(b, f) for base in bases for b, f in zip(base, forms(rel), strict=True)):  # a link of the user's: theirs
+            raise ConfigError(
+                f"{file}: paths.{key} {rel!r} lies outside the project {p.root}; outputs stay inside it unless "
+                "paths.data_root names a folder outside it for them"
+            )
+
+
+def _data_root(p: Params, file: Path, data_root: tuple[str, str], roots: tuple[str, str]) -> tuple[str, str]:
+    """paths.data_root, checked: not holding the project, and new, empty or marked by brainmri (then marked)."""
+    if any(_holds(d, r) for d, r in zip(data_root, roots, strict=True)):
+        raise ConfigError(f"{file}: paths.data_root {p.paths.data_root!r} holds the project; name a folder of its own outside it")
+    folder = Path(data_root[0])
+    try:
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / DATA_ROOT_MARKER).is_file():
+            raise ConfigError(
+                f"{file}: paths.data_root {p.paths.data_root!r} holds files brainmri did not write (no {DATA_ROOT_MARKER} "
+                "in it); name a new or empty folder, so that nothing of yours is replaced"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / DATA_ROOT_MARKER).touch()
+    except OSError as exc:
+        raise ConfigError(f"{file}: paths.data_root {p.paths.data_root!r} cannot be used: {exc.strerror or exc}") from None
+    return data_root
 
 
 def _check_values(data, where: str = "") -> None:

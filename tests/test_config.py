@@ -125,7 +125,10 @@ def test_an_output_path_through_a_link_is_compared_where_it_leads(tmp_path):
     for out in (tmp_path / "link" / "proj", tmp_path / "link" / "proj" / "data" / "raw"):
         with pytest.raises(ConfigError, match="or holds it|overlaps ingest.source"):
             load_params(tmp_path / "link" / "proj" / "params.yaml", {"paths": {"report": str(out)}})
-    assert load_params(tmp_path / "link" / "proj" / "params.yaml", {"paths": {"report": str(tmp_path / "elsewhere")}})
+    with pytest.raises(ConfigError, match="lies outside the project"):  # a user's folder elsewhere: replaced, before
+        load_params(tmp_path / "link" / "proj" / "params.yaml", {"paths": {"report": str(tmp_path / "elsewhere")}})
+    over = {"paths": {"report": str(tmp_path / "out" / "r"), "data_root": str(tmp_path / "out")}}
+    assert load_params(tmp_path / "link" / "proj" / "params.yaml", over)  # a data root outside it, named
 
 
 def test_the_demo_workspace_guards_the_repository_one_level_up(tmp_path):

@@ -163,7 +163,16 @@ def test_the_ensemble_stage_on_the_small_run(small_run, tmp_path):
     want = sum(w * predict(p.model_file("export", m, "onnx"), files, tmp_path / f"{m}.csv")["probability"] for m, w in e["members"].items())
     np.testing.assert_allclose(got["probability"], want, atol=1e-3)  # the weights in ensemble.json are rounded to 4 places
     # a damaged member file is one sentence naming it, and nothing is written
-    q = load_params(p.root / "params.yaml", {"paths": {"export": str(tmp_path / "export"), "ensemble": str(tmp_path / "ens")}})
+    q = load_params(
+        p.root / "params.yaml",
+        {
+            "paths": {
+                "export": str(tmp_path / "out" / "export"),
+                "ensemble": str(tmp_path / "out" / "ens"),
+                "data_root": str(tmp_path / "out"),
+            }
+        },
+    )
     for m in e["candidates"]:
         (q.path("export") / m).mkdir(parents=True)
         data = p.model_file("export", m, "onnx").read_bytes()

@@ -178,7 +178,7 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
 
     p, *_ = small_run
     grid = {"export": {"int8_calibration_method": ["minmax", "percentile"], "reduce_range": [True, False]}}  # 4 candidates
-    q = load_params(p.root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "e")}})
+    q = load_params(p.root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "out" / "e"), "data_root": str(tmp_path / "out")}})
     sel = export(q, "vgg16-noaug")["int8"]["selection"]
     assert [(c["calibration_method"], c["reduce_range"]) for c in sel["candidates"]] == [
         ("minmax", True), ("minmax", False), ("percentile", True), ("percentile", False)
@@ -191,7 +191,9 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
 
     root = tmp_path / "copy"
     shutil.copytree(p.root, root, ignore=shutil.ignore_patterns("export", "eval", "benchmark", "reports", "cache"))
-    noised = load_params(root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "e2")}})
+    noised = load_params(
+        root / "params.yaml", {**grid, "paths": {"export": str(tmp_path / "out2" / "e2"), "data_root": str(tmp_path / "out2")}}
+    )
     split = pd.read_csv(noised.path("split_manifest"), keep_default_na=False)
     test = split["split"] == "test"
     rng = np.random.default_rng(0)

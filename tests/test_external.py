@@ -41,7 +41,7 @@ def test_external_images_that_duplicate_ingested_ones_are_left_out_and_the_rest_
         w, h = img.size
         img.convert("RGB").crop((0, 0, int(w * 0.92), h)).save(ext / recropped.split("/")[0] / "recropped.jpg", quality=90)
     outs = ("external_images", "external_manifest", "external_report", "external_eval", "ensemble", "report")
-    over = {"external": {"source": str(ext)}, "paths": {k: str(tmp_path / "out" / k) for k in outs}}
+    over = {"external": {"source": str(ext)}, "paths": {**{k: str(tmp_path / "out" / k) for k in outs}, "data_root": str(tmp_path / "out")}}
     q = load_params(p.root / "params.yaml", over)
     intake = ingest_external(q)
     assert intake["configured"] and intake["synthetic"] and (ext / MARKER).is_file()

@@ -874,3 +874,25 @@ def test_lineage_through_a_data_folder_that_is_a_symlink_to_another_disk(tmp_pat
     (root / "data").symlink_to(elsewhere)
     info = lineage(root, root / "data" / "split" / "split.csv", with_metrics=False)
     assert [s["stage"] for s in info["chain"]] == ["split", "ingest"] and info["target"] == "data/split/split.csv"
+
+
+def test_a_second_writer_never_deletes_the_first_writers_temporary_folder(tmp_path):
+    """Two `brainmri ingest` runs at once: the second deleted the first's temporary folder while it was being written."""
+    from brainmri.core.files import atomic_dir
+
+    out = tmp_path / "images"
+    with atomic_dir(out) as first:
+        (first / "a.png").write_bytes(b"a")
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:  # a live writer's folder, as another process names it
+            theirs = tmp_path / f".images.{sleeper.pid}-abcd.tmp"
+            theirs.mkdir()
+            dead = tmp_path / ".images.999999999-dead.tmp"  # a killed run's leftover
+            dead.mkdir()
+            with atomic_dir(out) as second:
+                (second / "b.png").write_bytes(b"b")
+            assert theirs.is_dir() and first.is_dir() and not dead.exists()
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # the last writer to finish wins, whole

@@ -92,3 +92,24 @@ def test_a_hostile_backbone_key_is_refused_naming_it(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=re.escape(f"backbones.{HOSTILE!r}: a name is 1-64 letters")):
         load_params(tmp_path / "params.yaml")
+
+
+def test_an_output_outside_the_project_is_refused_unless_under_a_data_root_brainmri_made(tmp_path):
+    """paths.ingest_images pointing at a user's folder outside the project passed params, and ingest replaced that
+    folder's contents with exit 0."""
+    root = make_project(tmp_path / "proj")
+    mine = tmp_path / "my photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ConfigError, match=r"paths.ingest_images .* lies outside the project"):
+        load_params(root / "params.yaml", {"paths": {"ingest_images": str(mine)}})
+    with pytest.raises(ConfigError, match=r"paths.data_root .* holds files brainmri did not write"):
+        load_params(root / "params.yaml", {"paths": {"ingest_images": str(mine / "x"), "data_root": str(mine)}})
+    with pytest.raises(ConfigError, match=r"paths.data_root .* holds the project"):
+        load_params(root / "params.yaml", {"paths": {"ingest_images": str(tmp_path / "x"), "data_root": str(tmp_path)}})
+    assert (mine / "holiday.jpg").read_bytes() == b"precious" and sorted(p.name for p in mine.iterdir()) == ["holiday.jpg"]
+    data = tmp_path / "scratch"
+    p = load_params(root / "params.yaml", {"paths": {"ingest_images": str(data / "images"), "data_root": str(data)}})
+    assert p.path("ingest_images") == data / "images" and (data / ".brainmri-data-root").is_file()
+    (data / "images").mkdir()  # brainmri's own folder under its marked root: loads again
+    assert load_params(root / "params.yaml", {"paths": {"ingest_images": str(data / "images"), "data_root": str(data)}})

@@ -73,9 +73,9 @@ def test_the_saliency_stage_records_what_the_report_shows_and_reads_no_test_labe
     split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
     flip = {p.ingest.positive_class: p.ingest.negative_class, p.ingest.negative_class: p.ingest.positive_class}
     split.loc[split["split"] == "test", "label"] = split.loc[split["split"] == "test", "label"].map(flip)
-    manifest = tmp_path / "split.csv"
+    manifest, out = tmp_path / "out" / "split.csv", {"saliency": str(tmp_path / "out" / "s"), "data_root": str(tmp_path / "out")}
+    q = load_params(p.root / "params.yaml", {"paths": {"split_manifest": str(manifest), **out}})  # makes the data root
     split.to_csv(manifest, index=False)
-    q = load_params(p.root / "params.yaml", {"paths": {"split_manifest": str(manifest), "saliency": str(tmp_path / "s")}})
     for name in p.models:
         saliency(q, name)
         for file in ("saliency", "heatmaps"):

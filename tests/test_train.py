@@ -270,7 +270,9 @@ def test_train_writes_model_history_and_metrics(small_run):
 def test_same_params_give_the_same_metrics(small_run, tmp_path):
     """A retrain in the same process reads every feature from the cache and gives byte-identical train.json."""
     p, trained, *_ = small_run
-    q = load_params(p.root / "params.yaml", {"paths": {"models": str(tmp_path / "models")}})  # the shared run stays
+    q = load_params(
+        p.root / "params.yaml", {"paths": {"models": str(tmp_path / "out" / "models"), "data_root": str(tmp_path / "out")}}
+    )  # the shared run stays
     cached = sorted(p.path("feature_cache").rglob("*.npy"))
     again = train(q, "vgg16-aug")
     assert sorted(p.path("feature_cache").rglob("*.npy")) == cached  # nothing recomputed: the key is stable in-process
@@ -296,7 +298,7 @@ def test_fine_tuning_unfreezes_only_the_top_layers(small_run, tmp_path):
         "backbones": {"vgg16": {"fine_tune_layers": 2, "fine_tune_epochs": 2}},
         "train": {"cv_folds": 0},
         "ensemble": {"members": []},  # fine-tuned models have no CV predictions to ensemble on
-        "paths": {"models": str(tmp_path / "models")},
+        "paths": {"models": str(tmp_path / "out" / "models"), "data_root": str(tmp_path / "out")},
     }  # its own output folder: the shared run stays as it was
     q = load_params(p.root / "params.yaml", over)
     before = load_model(p.model_file("models", "vgg16-noaug", "model"))
@@ -333,7 +335,9 @@ def test_train_never_reads_the_test_split(small_run, tmp_path):
     # its cached features: a feature extraction repeated in one process may round differently in its last bit
     # (oneDNN), and this test is about which images train reads, not about that.
     grid = {"backbones": {"vgg16": GRID}, "train": {"threshold": ["youden", 0.5]}}
-    p_grid = load_params(p.root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "grid")}})
+    p_grid = load_params(
+        p.root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "out" / "grid"), "data_root": str(tmp_path / "out")}}
+    )
     assert train(p_grid, "vgg16-noaug")["selection"]["points"]
     root = tmp_path / "copy"
     shutil.copytree(p.root, root, ignore=shutil.ignore_patterns("models", "eval", "export", "benchmark", "reports"))
@@ -350,7 +354,9 @@ def test_train_never_reads_the_test_split(small_run, tmp_path):
     cached = sorted(q.path("feature_cache").rglob("*.npy"))
     for name in ("vgg16-aug", "smallcnn-aug"):
         train(q, name)
-    q_grid = load_params(root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "grid-noised")}})
+    q_grid = load_params(
+        root / "params.yaml", {**grid, "paths": {"models": str(tmp_path / "out2" / "grid-noised"), "data_root": str(tmp_path / "out2")}}
+    )
     train(q_grid, "vgg16-noaug")
     assert sorted(q.path("feature_cache").rglob("*.npy")) == cached  # no feature computed: not even a test image's
     for a_p, b_p, name in ((p, q, "vgg16-aug"), (p, q, "smallcnn-aug"), (p_grid, q_grid, "vgg16-noaug")):
@@ -368,7 +374,11 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
     """Lists in params are a grid: every point is cross-validated, the best pooled out-of-fold AUC wins, and the
     saved model is built at that point (its feature layer and dropout), with the CV figures of that point's folds."""
     p, *_ = small_run
-    over = {"backbones": {"vgg16": GRID}, "train": {"threshold": ["youden", 0.5]}, "paths": {"models": str(tmp_path / "m")}}
+    over = {
+        "backbones": {"vgg16": GRID},
+        "train": {"threshold": ["youden", 0.5]},
+        "paths": {"models": str(tmp_path / "out" / "m"), "data_root": str(tmp_path / "out")},
+    }
     q = load_params(p.root / "params.yaml", over)
     t = train(q, "vgg16-noaug")
     sel = t["selection"]
@@ -393,7 +403,7 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
         **over,
         "backbones": {"vgg16": t["settings"]},
         "train": {"threshold": t["threshold_rule"]},
-        "paths": {"models": str(tmp_path / "a")},
+        "paths": {"models": str(tmp_path / "out" / "a"), "data_root": str(tmp_path / "out")},
     }
     t_alone = train(load_params(p.root / "params.yaml", alone), "vgg16-noaug")
     assert t_alone["cv"]["model"]["auc"]["pooled_out_of_fold"] == pytest.approx(best["cv_auc_pooled_out_of_fold"], abs=2e-3)
@@ -402,7 +412,7 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
 
 def test_a_grid_needs_cached_features_and_cv(small_run, tmp_path):
     p, *_ = small_run
-    models = {"paths": {"models": str(tmp_path / "m")}}
+    models = {"paths": {"models": str(tmp_path / "out" / "m"), "data_root": str(tmp_path / "out")}}
     with pytest.raises(ConfigError, match="backbones.smallcnn .model smallcnn-aug.: lists are a grid chosen by cross-validation"):
         load_params(p.root / "params.yaml", {"backbones": {"smallcnn": {"learning_rate": [0.01, 0.001]}}, **models})
     # a list of threshold rules is global: a model with no CV (end to end) takes the first, and says so

@@ -40,26 +40,44 @@ def atomic_path(path: str | os.PathLike):
 def atomic_dir(path: str | os.PathLike):
     """Yield an empty temporary folder beside `path`; swap it into place only if the block succeeds.
 
-    Temporary folders a killed earlier run left beside `path` are removed first: a stage output has one writer.
+    Temporary folders a killed earlier run left beside `path` are removed first, never one whose process still runs
+    (its pid is in the name): a second `brainmri ingest` deleted the first's folder while it was being written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if stale.is_dir() and stale.suffix in (".tmp", ".old"):
+        if stale.is_dir() and stale.suffix in (".tmp", ".old") and not _writer_alive(stale.name[len(path.name) + 2 :]):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writer_alive(tail: str) -> bool:
+    """Whether the process named at the start of a temporary folder's name ('PID-random.tmp') still runs."""
+    pid = tail.split("-", 1)[0]
+    return pid.isdigit() and pid_alive(int(pid))  # no pid: an older version's leftover, stale
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (signal 0 probes without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
