@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -140,3 +142,41 @@ def test_feature_layer_cuts_the_base_after_loading_the_weights(tmp_path):
     assert build_network(cut, "vgg16", seed=0).extractor.output_shape == (None, 512)
     with pytest.raises(ConfigError, match="vgg16 has no layer 'block6_pool'; its last layers are .*block5_pool"):
         build_base(load_params(cut.root / "params.yaml", {"backbones": {"vgg16": {"feature_layer": "block6_pool"}}}), "vgg16")
+
+
+def _bomb(path, declared: tuple, shape_ok: bool = False) -> None:
+    """An HDF5 file of a few KB whose one dataset declares `declared` float32 values, gzip-compressed zeros."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/conv2d/vars/0", shape=declared, dtype="float32", chunks=True, compression="gzip", fillvalue=0)
+
+
+PEAK_WEIGHTS = """
+import resource, sys
+from brainmri.config import load_params
+from tasks.weights import weights
+try:
+    weights(load_params(sys.argv[1]), "vgg16")
+except Exception as exc:
+    print(type(exc).__name__, str(exc)[:300])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+
+
+@pytest.mark.parametrize(
+    ("declared", "needle"),
+    [
+        ((20_000, 20_000), "matches none of the backbone's variables"),  # 1.6 GB declared in a few KB
+        ((3, 3, 3, 64), None),  # a real shape, but a file of one variable: Keras itself refuses it
+    ],
+)
+def test_a_weights_file_that_declares_too_much_is_refused_from_its_headers(tmp_path, declared, needle):
+    """A 4 MB weights file declaring a 1.5 GB dataset took 6.7 GB of memory before it was refused."""
+    p = project(tmp_path, {"weights": "weights/bomb.weights.h5", "input_size": 64})
+    _bomb(p.path("weights_inbox") / "bomb.weights.h5", declared)
+    assert (p.path("weights_inbox") / "bomb.weights.h5").stat().st_size < 100_000
+    res = subprocess.run([sys.executable, "-c", PEAK_WEIGHTS, str(p.root / "params.yaml")], capture_output=True, text=True, timeout=300)
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("ConfigError") and (needle is None or needle in lines[0]), res.stdout + res.stderr[-2000:]
+    assert float(lines[-1]) < 1.0, f"peak {lines[-1]} GiB"  # TensorFlow and VGG16 itself take about 0.6

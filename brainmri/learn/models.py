@@ -105,11 +105,44 @@ def load_base(p: Params, key: str, weights_file: Path | None) -> keras.Model:
     except ValueError as exc:
         raise ConfigError(f"backbones.{key}: {bb.application} cannot be built at input_size {bb.input_size}: {exc}") from None
     if weights_file is not None:
+        check_weights_file(weights_file, base, f"backbones.{key}.weights: {weights_file} does not fit {bb.application}(include_top=False)")
         try:
             base.load_weights(weights_file)
         except Exception as exc:
             raise ConfigError(f"backbones.{key}.weights: {weights_file} does not fit {bb.application}(include_top=False): {exc}") from None
     return base
+
+
+MAX_WEIGHTS_OBJECTS = 10_000  # groups and datasets walked in a weights file: VGG16's has 60, ResNet50V2's about 1,300
+
+
+def check_weights_file(path: Path, model: keras.Model, refusal: str) -> None:
+    """Every dataset the HDF5 file declares has a float dtype and the shape of one of `model`'s variables, and together
+    they are no larger than the model, checked from the file's headers before any weight is read: a 4 MB file
+    declaring a 1.5 GB dataset took 6.7 GB of memory to refuse."""
+    import h5py
+
+    shapes = {tuple(v.shape) for v in model.weights}
+    budget = 2 * sum(int(np.prod(v.shape)) * 8 for v in model.weights)  # float64 copies of every variable, twice over
+    found: list = []
+
+    def visit(name, obj):
+        found.append((name, obj.shape, obj.dtype) if isinstance(obj, h5py.Dataset) else None)
+        return True if len(found) > MAX_WEIGHTS_OBJECTS else None  # a value other than None stops the walk
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except Exception as exc:  # h5py raises OSError, KeyError, ValueError... on a file that is no HDF5
+        raise ConfigError(f"{refusal}: not a readable HDF5 weights file ({type(exc).__name__})") from None
+    if len(found) > MAX_WEIGHTS_OBJECTS:
+        raise ConfigError(f"{refusal}: the file holds over {MAX_WEIGHTS_OBJECTS} groups and datasets")
+    datasets = [d for d in found if d is not None]
+    for name, shape, dtype in datasets:
+        if dtype.kind != "f" or tuple(shape) not in shapes:
+            raise ConfigError(f"{refusal}: its dataset {name[:120]} ({dtype}, shape {shape}) matches none of the backbone's variables")
+    if sum(int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in datasets) > budget:
+        raise ConfigError(f"{refusal}: its datasets declare more weights than the backbone has")
 
 
 def build_base(p: Params, key: str, layer: str | None = None) -> tuple[keras.Model, WeightsSource]:
