@@ -70,6 +70,7 @@ class Paths(Section):
     split_manifest: str
     split_report: str
     split_ledger: str
+    split_test_history: str
     augment_images: str
     augment_manifest: str
     feature_cache: str

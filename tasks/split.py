@@ -8,7 +8,16 @@ from brainmri.config import Params
 from brainmri.core.files import write_csv, write_json
 from brainmri.core.progress import summary
 from brainmri.intake.parts import SPLITS
-from brainmri.intake.splitting import assign, check_splittable, read_ledger, split_report
+from brainmri.intake.splitting import (
+    assign,
+    check_splittable,
+    how_test_changed,
+    ledger_summary,
+    read_ledger,
+    read_test_history,
+    split_report,
+    updated_test_history,
+)
 
 
 def split(p: Params) -> dict:
@@ -29,16 +38,11 @@ def split(p: Params) -> dict:
     cols = ["source_path", "label", "group", "split", "image_id", "image"]
     write_csv(p.path("split_manifest"), usable[cols])
     write_json(p.path("split_ledger"), {"seed": p.seed, "fractions": fractions, "images": dict(sorted(ledger.items()))})
+    history = read_test_history(p.path("split_test_history"))
+    write_json(p.path("split_test_history"), updated_test_history(history, usable))
     report = split_report(p, manifest, usable, fractions)
-    new = usable["group"].isin(new_groups)
-    report["ledger"] = {
-        "reset": reset,
-        "images_kept": int((~new).sum()),  # in a group with a member the ledger knew: its split was not chosen again
-        "images_new": int(new.sum()),
-        "groups_new": len(new_groups),
-        "merges": merges,
-        "images_moved": sum(len(m["moved"]) for m in merges),
-    }
+    report["ledger"] = ledger_summary(usable, new_groups, merges, reset)
+    report["test_changes"] = how_test_changed(history, manifest, usable, reset, merges)
     write_json(p.path("split_report"), report)
     counts = report["counts"]
     summary(

@@ -121,23 +121,51 @@ def test_ledger_follows_content_not_names(tmp_path):
     assert where(b) == {"renamed/" + k: v for k, v in where(a).items()}
 
 
-def test_a_bridging_image_merges_two_groups_and_the_move_is_logged(tmp_path):
+def test_a_bridging_image_merges_a_test_group_into_train_and_every_earlier_test_image_stays_in_test(tmp_path):
+    """A new image joins a large train group and a small test group. The ledger once put the merged group where
+    most of its images were: the test images moved into train and were trained on. Now a merged group holding an
+    earlier test image stays in test, the train images move there, and the report says which and why."""
     m = fake_manifest()
     a, _ = run_split(tmp_path, m)
     yes = a[a["label"] == "yes"]
     sizes = yes.groupby("group").size()
-    big = yes[yes["split"] == "train"].groupby("group").size().idxmax()  # joined with a smaller test group:
-    small = sizes[yes[yes["split"] == "test"].groupby("group").size().index].idxmin()  # the test images move
+    big = yes[yes["split"] == "train"].groupby("group").size().idxmax()  # joined with a smaller test group
+    small = sizes[yes[yes["split"] == "test"].groupby("group").size().index].idxmin()
     assert sizes[big] > sizes[small]
     bridge = m.iloc[[0]].assign(source_path="yes/bridge.jpg", label="yes", group=big, sha256="b" * 64, image_id="f" * 16)
     grown = pd.concat([m.assign(group=m["group"].replace(small, big)), bridge], ignore_index=True)
     b, report = run_split(tmp_path, grown)
     (merge,) = report["ledger"]["merges"]
-    expected = sorted(a.loc[a["group"] == small, "source_path"])
-    assert merge["group"] == big and merge["split"] == "train"
-    assert sorted(x["source_path"] for x in merge["moved"]) == expected and {x["from"] for x in merge["moved"]} == {"test"}
-    assert moved(where(a), where(b)) == dict.fromkeys(expected, ("test", "train"))
-    assert report["ledger"]["images_moved"] == len(expected)
+    was_train = sorted(a.loc[a["group"] == big, "source_path"])
+    assert merge["group"] == big and merge["split"] == "test"
+    assert sorted(x["source_path"] for x in merge["moved"]) == was_train and {x["from"] for x in merge["moved"]} == {"train"}
+    assert moved(where(a), where(b)) == dict.fromkeys(was_train, ("train", "test"))
+    earlier_test = set(a.loc[a["split"] == "test", "source_path"])
+    assert all(where(b)[sp] == "test" for sp in earlier_test)  # no earlier test image left test
+    changes = report["test_changes"]
+    assert changes["removed"] == [] and changes["n_now"] == changes["n_before"] + len(was_train) + 1
+    why = {c["source_path"]: c["why"] for c in changes["added"]}
+    assert why["yes/bridge.jpg"] == "new image, placed in test" and all(why[sp].startswith("moved from train") for sp in was_train)
+    p = load_params(tmp_path / "params.yaml")
+    history = json.loads(p.path("split_test_history").read_text())
+    assert earlier_test | set(was_train) | {"yes/bridge.jpg"} == set(history["ever"].values())
+
+
+def test_a_label_conflict_that_reaches_a_test_image_is_reported_and_the_history_keeps_it(tmp_path):
+    m = fake_manifest()
+    a, _ = run_split(tmp_path, m)
+    victim = a[a["split"] == "test"].iloc[0]
+    clash = m[m["source_path"] == victim["source_path"]].assign(
+        source_path="no/clash.jpg", label="no" if victim["label"] == "yes" else "yes", sha256="c" * 64, image_id="e" * 16
+    )
+    grown = pd.concat([m, clash], ignore_index=True)
+    grown["conflict"] = grown["group"].map(grown.groupby("group")["label"].nunique() > 1)
+    b, report = run_split(tmp_path, grown)
+    removed = {r["source_path"]: r["why"] for r in report["test_changes"]["removed"]}
+    lost = sorted(a.loc[a["group"] == victim["group"], "source_path"])
+    assert sorted(removed) == lost and set(removed.values()) == {"in a duplicate group with conflicting labels"}
+    history = json.loads(load_params(tmp_path / "params.yaml").path("split_test_history").read_text())
+    assert set(lost) <= set(history["ever"].values()) and not set(lost) & set(b["source_path"])
 
 
 def test_a_changed_seed_splits_afresh_and_a_broken_ledger_is_named(tmp_path):

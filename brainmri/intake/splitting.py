@@ -71,7 +71,9 @@ def assign(
     """Map group id -> split; list the merges (groups whose known members the ledger had in different splits) and the new groups.
 
     A group with known members keeps their split; a new image that bridges groups from different splits is the
-    one case that moves images: the merged group goes where most of its known images are (ties: train, val, test).
+    one case that moves images, and never out of test: a merged group holding an earlier test image stays in test
+    (its train and val members move there); otherwise it goes where most of its known images are (ties: train).
+    Models retrained on the new split are then scored on every image they were scored on before, and more.
     """
     out: dict[str, str] = {}
     merges = []
@@ -81,7 +83,7 @@ def assign(
             continue
         was = known["sha256"].map(lambda h: ledger[h]["split"])
         votes = was.value_counts()
-        out[gid] = max(SPLITS, key=lambda s: (votes.get(s, 0), -SPLITS.index(s)))
+        out[gid] = "test" if "test" in votes else max(SPLITS, key=lambda s: (votes.get(s, 0), -SPLITS.index(s)))
         if len(votes) > 1:
             moved = known[was != out[gid]]
             pairs = zip(moved["source_path"], moved["sha256"], strict=True)
@@ -92,6 +94,19 @@ def assign(
     groups = new.groupby("group").agg(label=("label", "first"), size=("label", "size")).reset_index()
     out.update(assign_groups(groups, fractions, seed, start))
     return out, merges, sorted(groups["group"])
+
+
+def ledger_summary(usable: pd.DataFrame, new_groups: list[str], merges: list[dict], reset: str | None) -> dict:
+    """The split report's account of the ledger: kept, newly placed and moved images."""
+    new = usable["group"].isin(new_groups)
+    return {
+        "reset": reset,
+        "images_kept": int((~new).sum()),  # in a group with a member the ledger knew: its split was not chosen again
+        "images_new": int(new.sum()),
+        "groups_new": len(new_groups),
+        "merges": merges,
+        "images_moved": sum(len(m["moved"]) for m in merges),
+    }
 
 
 def leaked_fraction(frame: pd.DataFrame, split_col: str = "split") -> float:
@@ -146,3 +161,60 @@ def check_splittable(usable: pd.DataFrame, p: Params) -> None:
             f"{p.path('ingest_manifest')}: too few usable images to split: {short} once label conflicts are dropped "
             f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}); run ingest again, or resolve the conflicts"
         )
+
+
+# The test history: the sha256 of every image ever placed in test, and the test set of the last run, kept between
+# runs (a DVC output with persist) beside the ledger. The ledger starts afresh on a deliberate re-split; this does not,
+# so whether an image was ever a test image stays auditable, and each run says how its test set changed.
+def read_test_history(path: Path) -> dict:
+    """{"ever": {sha256: source_path when first placed}, "last": [sha256 of the last run's test set]}; empty at first."""
+    if not path.exists():
+        return {"ever": {}, "last": []}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data.get("ever"), dict) or not isinstance(data.get("last"), list):
+            raise ValueError("it needs 'ever' (a mapping) and 'last' (a list)")
+    except (ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: the test history is unreadable ({exc}); restore it (dvc checkout)") from None
+    return data
+
+
+def how_test_changed(history: dict, manifest: pd.DataFrame, usable: pd.DataFrame, reset: str | None, merges: list[dict]) -> dict:
+    """How this run's test set differs from the last run's, each image with why: the report's audit of test."""
+    moved = {m["source_path"]: m["from"] for merge in merges for m in merge["moved"]}
+    now = usable.loc[usable["split"] == "test"]
+    before, current = set(history["last"]), set(now["sha256"])
+    ingested = dict(zip(manifest["sha256"], manifest["conflict"].astype(bool), strict=True))
+    removed = []
+    for sha in sorted(before - current):
+        why = (
+            "re-split: " + reset
+            if reset and sha in ingested and not ingested[sha]
+            else (
+                "in a duplicate group with conflicting labels"
+                if ingested.get(sha)
+                else "no longer ingested (removed, quarantined or excluded)"
+            )
+        )
+        removed.append({"sha256": sha, "source_path": history["ever"].get(sha, ""), "why": why})
+    added = [
+        {"sha256": h, "source_path": sp, "why": _why_added(h, sp, history, moved)}
+        for h, sp in zip(now["sha256"], now["source_path"], strict=True)
+        if h not in before
+    ]
+    return {"n_before": len(before), "n_now": len(current), "added": added, "removed": removed}
+
+
+def _why_added(sha: str, source_path: str, history: dict, moved: dict[str, str]) -> str:
+    if source_path in moved:
+        return f"moved from {moved[source_path]}: a new image joined its duplicate group to a test group"
+    return "in test before, and back" if sha in history["ever"] else "new image, placed in test"
+
+
+def updated_test_history(history: dict, usable: pd.DataFrame) -> dict:
+    """The history with this run's test images added to "ever" (never removed) and set as "last"."""
+    now = usable.loc[usable["split"] == "test"]
+    ever = dict(history["ever"])
+    for h, sp in zip(now["sha256"], now["source_path"], strict=True):
+        ever.setdefault(h, sp)
+    return {"ever": dict(sorted(ever.items())), "last": sorted(now["sha256"])}
