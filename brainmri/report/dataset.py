@@ -33,11 +33,28 @@ def dataset_section(p: Params, ingest: dict, split: dict, out: Path) -> list:
         f"(a naive random split: {split['naive_split_test_leak']:.0%}); each class within "
         f"{100 * split['max_fraction_deviation']:.1f} points of the split fractions.",
         f"- Split ledger: {split['ledger']['images_kept']} images kept the split they had, {split['ledger']['images_new']} "
-        f"were placed anew, {split['ledger']['images_moved']} moved because a new image joined groups from different splits.",
+        f"were placed anew, {split['ledger']['images_moved']} moved because a new image joined groups from different splits "
+        "(never out of test).",
+        *test_change_lines(split.get("test_changes")),
         "",
         *duplicate_strips(p, out),
         *data_audit_section(p, ingest, out),
     ]
+
+
+def test_change_lines(changes: dict | None) -> list:
+    """How the test set changed since the last run, image by image with why (data/split/test_history.json keeps
+    every image ever placed in test)."""
+    if not changes:
+        return []
+    head = f"- Test set since the last run: {changes['n_before']} -> {changes['n_now']} images"
+    if not changes["added"] and not changes["removed"]:
+        return [head + ", unchanged." if changes["n_before"] else head + " (the first split)."]
+    lines = [head + f": {len(changes['added'])} added, {len(changes['removed'])} removed."]
+    for kind, rows in (("added", changes["added"]), ("removed", changes["removed"])):
+        lines += [f"  - {kind}: `{r['source_path']}`: {r['why']}" for r in rows[:20]]
+        lines += [f"  - ... and {len(rows) - 20} more {kind} (data/split/report.json)"] if len(rows) > 20 else []
+    return lines
 
 
 def duplicate_strips(p: Params, out: Path) -> list:
