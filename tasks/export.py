@@ -25,9 +25,9 @@ def export(p: Params, name: str) -> dict:
     start = time.monotonic()
     trained = json.loads(p.model_file("models", name, "train_metrics").read_text())
     size = p.backbones[p.models[name].backbone].input_size
-    test = split_part(p, "test")
+    val = split_part(p, "val")  # parity and the int8 change on val: test stays unread until evaluate
     train = split_part(p, "train")
-    x = load_batch(test.paths, size)
+    x = load_batch(val.paths, size)
 
     proto, p_keras = convert(p.model_file("models", name, "model"), size, p.export.opset, x)
     meta = onnx_metadata(p, name, size, trained)
@@ -52,7 +52,7 @@ def export(p: Params, name: str) -> dict:
             "input_size": size,
             "metadata": meta,
             "parity": parity,
-            "int8": int8_record(test.y, p_onnx, p_int8, t, selection, len(int8_images), classes),
+            "int8": int8_record(val.y, p_onnx, p_int8, t, selection, len(int8_images), classes),
             "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
         }
         write_json(tmp / p.paths.files.export_metrics, out)
@@ -61,7 +61,7 @@ def export(p: Params, name: str) -> dict:
         write_metrics(tmp / p.paths.files.scores, {"parity_max_abs_diff": parity["max_abs_diff"], **changes})
     summary(
         f"export {name} ({time.monotonic() - start:.0f} s)",
-        f"parity max |diff| {parity['max_abs_diff']:.1e} on {len(x)} test images; int8 accuracy change "
+        f"parity max |diff| {parity['max_abs_diff']:.1e} on {len(x)} val images; int8 accuracy change "
         f"{i8['accuracy_change_points']:+.1f} points, AUC change {i8['auc_change']:+.3f}",
     )
     return out

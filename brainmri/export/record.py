@@ -32,17 +32,19 @@ def check_parity(name: str, p_keras: np.ndarray, p_onnx: np.ndarray, threshold: 
     same_labels = bool(np.array_equal(p_keras >= threshold, p_onnx >= threshold))
     if diff > tolerance or not same_labels:
         raise ExportError(
-            f"{name}: ONNX output differs from Keras on the test images: max |p_keras - p_onnx| = {diff:.2e} "
+            f"{name}: ONNX output differs from Keras on the val images: max |p_keras - p_onnx| = {diff:.2e} "
             f"(export.parity_tolerance {tolerance:.0e}), labels identical: {same_labels}; "
             "nothing was written"
         )
-    return {"n_images": int(len(p_onnx)), "max_abs_diff": diff, "tolerance": tolerance, "labels_identical": same_labels}
+    return {"images": "val", "n_images": int(len(p_onnx)), "max_abs_diff": diff, "tolerance": tolerance, "labels_identical": same_labels}
 
 
 def int8_record(y, p_onnx: np.ndarray, p_int8: np.ndarray, threshold: float, selection: dict, images: int, classes: dict) -> dict:
-    """The chosen int8 file against fp32 on the test images; it was calibrated on `images` images, `classes` of each."""
+    """The chosen int8 file against fp32 on the val images (test stays unread until evaluate); it was calibrated on
+    `images` images, `classes` of each."""
     m32, m8 = point(y, p_onnx, threshold), point(y, p_int8, threshold)
     return {
+        "images": "val",  # the change int8 makes, measured where its settings were chosen
         "settings": selection["chosen"],
         "selection": selection,
         "calibration_images": images,  # int8 calibration images (the key export.json has always had)
