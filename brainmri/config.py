@@ -269,7 +269,8 @@ class Train(Section):
         return self
 
 
-GRID = ("feature_layer", "learning_rate", "dropout", "epochs")  # backbone settings a list turns into a grid, chosen by CV
+GRID = ("feature_layer", "learning_rate", "dropout", "epochs", "dense", "l2")  # backbone settings a list turns into a grid, chosen by CV
+LINEAR_FIXED = ("learning_rate", "dropout", "epochs")  # what a linear head (dense 0, fitted to convergence) does not use
 
 
 class Backbone(Section):
@@ -278,7 +279,8 @@ class Backbone(Section):
     input_size: int
     pooling: Literal["avg", "max"]
     feature_layer: str | list[str]
-    dense: int
+    dense: int | list[int]
+    l2: float | list[float]
     dropout: float | list[float]
     learning_rate: float | list[float]
     epochs: int | list[int]
@@ -303,7 +305,8 @@ class Backbone(Section):
                 f"input_size must be between 32 pixels (the smallest the backbones accept) and {MAX_INPUT_SIZE} "
                 f"(what predict accepts in a model's metadata), got {self.input_size}"
             )
-        self.require_min("backbone", dense=1, patience=0, fine_tune_layers=0, fine_tune_epochs=0)
+        self.require_min("backbone", patience=0, fine_tune_layers=0, fine_tune_epochs=0)
+        self._check_head()
         for epochs in candidates(self.epochs):
             if epochs < 1:
                 raise ValueError(f"backbone.epochs must be at least 1, got {epochs}")
@@ -316,11 +319,35 @@ class Backbone(Section):
                     raise ValueError(f"{key} must be between 0 and 1, got {v}")
         return self
 
+    def _check_head(self) -> None:
+        """dense 0 is a linear head: a logistic regression on the standardised features, which needs an L2 penalty."""
+        dense, l2 = candidates(self.dense), candidates(self.l2)
+        if any(d < 0 for d in dense) or any(v < 0 for v in l2):
+            raise ValueError(f"dense and l2 must be at least 0, got dense {self.dense}, l2 {self.l2}")
+        if 0 in dense and not any(v > 0 for v in l2):
+            raise ValueError(
+                "dense 0 (a linear head) needs an l2 above 0 among the candidates: a logistic regression without a penalty diverges"
+            )
+        if 0 in dense and self.application == SMALL_CNN:
+            raise ValueError(f"dense 0 (a linear head on cached features) does not apply to {SMALL_CNN}, which trains end to end")
+
     def grid(self) -> list[dict]:
-        """Every combination of the GRID settings' candidates, in params order (the first is the grid's first point)."""
+        """Every combination of the GRID settings' candidates, in params order (the first is the grid's first point).
+        A linear head (dense 0) ignores learning_rate, dropout and epochs, so it appears once per other setting, at
+        their first candidates, and only with an l2 above 0."""
         import itertools
 
-        return [dict(zip(GRID, combo, strict=True)) for combo in itertools.product(*(candidates(getattr(self, k)) for k in GRID))]
+        firsts = {k: candidates(getattr(self, k))[0] for k in LINEAR_FIXED}
+        points = []
+        for combo in itertools.product(*(candidates(getattr(self, k)) for k in GRID)):
+            point = dict(zip(GRID, combo, strict=True))
+            if point["dense"] == 0:
+                if point["l2"] == 0:
+                    continue
+                point.update(firsts)
+            if point not in points:
+                points.append(point)
+        return points
 
     def at(self, setting: dict) -> Backbone:
         """This backbone with the grid settings fixed to `setting`'s values."""

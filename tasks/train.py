@@ -1,4 +1,5 @@
-"""train stage: one model = one backbone, with or without the augmented copies, selected on the validation split."""
+"""train stage: one model = one backbone, with or without the augmented copies, its settings, calibration and
+threshold chosen on train+val by cross-validation; val is a held-out check."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 from brainmri.config import Params
 from brainmri.core.files import atomic_dir, write_csv, write_json
 from brainmri.core.progress import log, summary
+from brainmri.learn import calibration
 from brainmri.learn.calibrate import calibrate
-from brainmri.learn.fitting import class_weights, data_parts, seed_everything, setting, train_end_to_end
+from brainmri.learn.fitting import class_weights, data_parts, decision_data, seed_everything, setting, train_end_to_end
 from brainmri.learn.live import log_live
 from brainmri.learn.record import cv_predictions, train_record, train_summary
 from brainmri.learn.selection import threshold
@@ -35,13 +37,11 @@ def train(p: Params, name: str) -> dict:
     cw = class_weights(y_fit, p.train.class_weight)
     fit_args = {"batch": p.train.batch_size, "cw": cw, "patience": bb.patience}
     run = (train_end_to_end if net.end_to_end else train_transfer)(p, name, net, tr, aug, va, y_fit, fit_args)
-    if run.oof is not None:
-        cal = calibrate(p, net.full, run.oof, "out-of-fold CV predictions over train+val")
-    else:
-        cal = calibrate(p, net.full, (va.y, run.scores()[1]), "val")
-    p_train, p_val = run.scores()  # the saved model's own outputs, calibration folded in: the threshold is set on these
-    t = threshold(run.rule, va.y, p_val, cal)
-    out = train_record(p, name, net, run, (tr, aug, va), cw, cal, t, (p_train, p_val))
+    held_out, where = decision_data(run, va)  # pooled out-of-fold predictions over train+val; val without CV
+    cal = calibrate(p, net.full, held_out, where)
+    t = threshold(run.rule, held_out[0], calibration.apply(held_out[1], cal["a"], cal["c"]), cal)
+    p_train, p_val = run.scores()  # the saved model's own outputs, calibration folded in
+    out = train_record(p, name, net, run, (tr, aug, va), cw, cal, (t, where), (p_train, p_val))
 
     with atomic_dir(p.model_file("models", name, "model").parent) as tmp:
         save_model(net.full, tmp / p.paths.files.model)

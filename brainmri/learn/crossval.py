@@ -37,7 +37,8 @@ def cv_folds(
 
     In each fold the head is fitted as in the pipeline: on the fold's training part (plus its augmented copies)
     less an inner grouped validation split holding a fifth of that part, which early stopping (when `patience`
-    is set) reads and the fit never sees, as val in the pipeline.
+    is set) reads and the fit never sees, as val in the pipeline. A linear head has no epochs to choose, so it fits on
+    the whole training part (and its copies), as the logistic-regression baseline does.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -48,7 +49,8 @@ def cv_folds(
     for k, (tr, te) in enumerate(splitter.split(feats, y, groups)):
         inner = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed + k)
         fit_i, val_i = next(inner.split(feats[tr], y[tr], groups[tr]))
-        folds.append(Fold(k, te, tr, _fold_job(p, bb, feats, y, aug_feats, tr[fit_i], tr[val_i], seed, k)))
+        fit_idx = tr if bb.dense == 0 else tr[fit_i]
+        folds.append(Fold(k, te, tr, _fold_job(p, bb, feats, y, aug_feats, fit_idx, tr[val_i], seed, k)))
     return folds
 
 
@@ -91,17 +93,22 @@ def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[H
     pooled = {who: point(y, oof[who], 0.5) for who in ("model", "baseline")}
     return {
         "folds": p.train.cv_folds,
-        "selection": (
-            f"early stopping (patience {bb.patience}) on an inner grouped validation split of each fold's training part"
-            if bb.patience
-            else f"{bb.epochs} epochs, no early stopping; an inner grouped validation split of each fold's training part held out"
-        ),
+        "selection": _protocol(bb),
         "n_images": int(len(y)),
         "model": {m: _stats(frame, pooled, "model", m) for m in METRICS},
         "baseline_logreg": {m: _stats(frame, pooled, "baseline", m) for m in METRICS},
         "per_fold": frame.round(4).to_dict(orient="records"),
         "predictions": oof,
     }
+
+
+def _protocol(bb: Backbone) -> str:
+    """How each fold's head was fitted, in words."""
+    if bb.dense == 0:
+        return f"a linear head (logistic regression, l2 {bb.l2}) fitted to convergence on each fold's whole training part"
+    if bb.patience:
+        return f"early stopping (patience {bb.patience}) on an inner grouped validation split of each fold's training part"
+    return f"{bb.epochs} epochs, no early stopping; an inner grouped validation split of each fold's training part held out"
 
 
 def _fold_scores(p: Params, name: str, feats, y, fold: Fold, res: HeadResult, oof: dict) -> dict:

@@ -35,6 +35,15 @@ class Trained:
     scores: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
 
+def decision_data(run: Trained, va: Part) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    """(labels, raw probabilities) that calibration and the threshold are set on, and their description: the pooled
+    out-of-fold predictions over train+val (5.5 times val's images on the real set), or val for a model without
+    cross-validation."""
+    if run.oof is not None:
+        return run.oof, f"pooled out-of-fold predictions over train+val ({len(run.oof[0])} images)"
+    return (va.y, run.scores()[1]), f"val ({len(va.y)} images; this model has no cross-validation)"
+
+
 def data_parts(p: Params, augment: bool) -> tuple[Part, Part, Part]:
     """(train originals, their augmented copies or nothing, val) in a fixed order."""
     aug = pd.read_csv(p.path("augment_manifest"), keep_default_na=False) if augment else pd.DataFrame(columns=["image", "label"])
@@ -104,8 +113,8 @@ def train_heads(p: Params, name: str, jobs: list[HeadJob], settings: list[Backbo
     """Train heads of model `name` in compiled runs, each at its own grid point's learning rate and epochs (by default
     the grid's first); log each one's end."""
     settings = settings or [setting(p, name)] * len(jobs)
-    lrs, epochs = [s.learning_rate for s in settings], [s.epochs for s in settings]
-    results = fit_heads(jobs, lrs, epochs, settings[0].patience, p.train.batch_size)
+    lrs, epochs, l2s = [s.learning_rate for s in settings], [s.epochs for s in settings], [s.l2 for s in settings]
+    results = fit_heads(jobs, lrs, epochs, settings[0].patience, p.train.batch_size, l2s)
     for r in results:
         last = r.history.iloc[-1]
         log.debug(

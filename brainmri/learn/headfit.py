@@ -58,20 +58,23 @@ class HeadResult:
 
 def _head_arrays(head) -> tuple[np.ndarray, ...]:
     """(W1, b1, w2, b2, mean, 1/std, dropout rate) of a build_head model; a head without Normalization gets 0 and 1."""
-    import keras
-
     dense, out = head.get_layer("head_dense"), head.get_layer("tumour_probability")
     (w1, b1), (w2, b2) = dense.get_weights(), out.get_weights()
-    d = w1.shape[0]
-    names = [layer.name for layer in head.layers]
-    if "feature_scale" in names:
-        norm = head.get_layer("feature_scale")
-        mean = np.asarray(norm.mean, np.float32).reshape(d)
-        # keras.layers.Normalization divides by max(sqrt(variance), epsilon)
-        scale = 1.0 / np.maximum(np.sqrt(np.asarray(norm.variance, np.float32).reshape(d)), keras.backend.epsilon())
-    else:
-        mean, scale = np.zeros(d, np.float32), np.ones(d, np.float32)
-    return w1, b1, w2.reshape(-1), b2.reshape(()), mean, scale.astype(np.float32), float(head.get_layer("head_dropout").rate)
+    mean, scale = _scaling(head, w1.shape[0])
+    return w1, b1, w2.reshape(-1), b2.reshape(()), mean, scale, float(head.get_layer("head_dropout").rate)
+
+
+def _scaling(head, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, 1/std) of the head's Normalization layer, float32; 0 and 1 without one."""
+    import keras
+
+    if "feature_scale" not in [layer.name for layer in head.layers]:
+        return np.zeros(d, np.float32), np.ones(d, np.float32)
+    norm = head.get_layer("feature_scale")
+    mean = np.asarray(norm.mean, np.float32).reshape(d)
+    # keras.layers.Normalization divides by max(sqrt(variance), epsilon)
+    scale = 1.0 / np.maximum(np.sqrt(np.asarray(norm.variance, np.float32).reshape(d)), keras.backend.epsilon())
+    return mean, scale.astype(np.float32)
 
 
 def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
@@ -81,29 +84,72 @@ def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
     return out
 
 
-def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int) -> list[HeadResult]:
+def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int, l2=0.0) -> list[HeadResult]:
     """Train every job's head on its own data for its `epochs` epochs in compiled runs, keeping the last epoch;
     with `patience` > 0, stop a head after `patience` epochs without a lower validation loss and keep its best epoch
-    (keras.callbacks.EarlyStopping(monitor='val_loss', restore_best_weights=True)).
+    (keras.callbacks.EarlyStopping(monitor='val_loss', restore_best_weights=True)). A linear head (no hidden layer)
+    is a logistic regression, fitted to convergence (`fit_linear`).
 
-    `lr` and `epochs` are one value for every head or one per job (the points of a settings grid); each head's
+    `lr`, `epochs` and `l2` are one value for every head or one per job (the points of a settings grid); each head's
     dropout rate is its own Dropout layer's. Heads of one width (features x units) train in one compiled run."""
     if not jobs:
         return []
     lrs = np.broadcast_to(np.asarray(lr, np.float32), (len(jobs),))
     eps = np.broadcast_to(np.asarray(epochs, np.int32), (len(jobs),))
+    l2s = np.broadcast_to(np.asarray(l2, np.float32), (len(jobs),))
     shapes: dict[tuple, list[int]] = {}
-    for i, j in enumerate(jobs):
-        w1 = j.head.get_layer("head_dense").kernel
-        shapes.setdefault(tuple(w1.shape), []).append(i)
     results: list[HeadResult | None] = [None] * len(jobs)
+    for i, j in enumerate(jobs):
+        if is_linear(j.head):
+            results[i] = fit_linear(j, float(l2s[i]))
+        else:
+            shapes.setdefault(tuple(j.head.get_layer("head_dense").kernel.shape), []).append(i)
     for idx in shapes.values():
-        for i, r in zip(idx, _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch), strict=True):
+        for i, r in zip(idx, _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch, l2s[idx]), strict=True):
             results[i] = r
     return results
 
 
-def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: int, batch: int) -> list[HeadResult]:
+def is_linear(head) -> bool:
+    """A head without a hidden layer (build_head with dense 0)."""
+    return "head_dense" not in [layer.name for layer in head.layers]
+
+
+def _standardised(head, x: np.ndarray) -> np.ndarray:
+    """`x` through the head's Normalization layer, by the layer's own arithmetic (identity without one)."""
+    *_, mean, scale = _scaling(head, x.shape[1])
+    return ((x - mean) * scale).astype(np.float64)
+
+
+def fit_linear(job: HeadJob, l2: float) -> HeadResult:
+    """A linear head fitted as scikit-learn's logistic regression (L-BFGS, to convergence) on the standardised
+    features, minimising the class-weighted mean log loss plus `l2` times the squared weights (scikit-learn's
+    C = 1 / (2 * l2 * the weights' sum)); the intercept is not penalised. Its coefficients go into the Keras head, so
+    the saved model and its ONNX export compute the same probabilities. With class weights 'balanced' and
+    l2 = 1 / (2 n), it is the logistic-regression baseline of the cross-validation report."""
+    from sklearn.linear_model import LogisticRegression
+
+    xs, y = _standardised(job.head, job.x_fit), np.asarray(job.y_fit).reshape(-1)
+    cw = job.class_weight or {0: 1.0, 1: 1.0}
+    sw = np.where(y > 0.5, cw[1], cw[0])
+    model = LogisticRegression(C=1.0 / (2.0 * l2 * sw.sum()), max_iter=5000).fit(xs, y, sample_weight=sw)
+    out = job.head.get_layer("tumour_probability")
+    out.set_weights([model.coef_.reshape(-1, 1).astype(np.float32), model.intercept_.astype(np.float32)])
+    row = {"epoch": 1, **_linear_scores(model, xs, y, sw, "")}
+    row.update(_linear_scores(model, _standardised(job.head, job.x_val), np.asarray(job.y_val).reshape(-1), None, "val_"))
+    return HeadResult(pd.DataFrame([{**row, "selected": True}], columns=HISTORY_COLUMNS), 1)
+
+
+def _linear_scores(model, xs, y, sw, prefix: str) -> dict:
+    """Keras's history columns for a fitted logistic regression: (weighted) log loss and accuracy."""
+    from sklearn.metrics import log_loss
+
+    prob = model.predict_proba(xs)[:, 1]
+    loss = float(log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), sample_weight=sw, labels=[0, 1]))
+    return {f"{prefix}loss": loss, f"{prefix}accuracy": float(np.mean((prob >= 0.5) == (y > 0.5)))}
+
+
+def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: int, batch: int, l2s: np.ndarray) -> list[HeadResult]:
     import tensorflow as tf
 
     arrays = [_head_arrays(j.head) for j in jobs]
@@ -125,9 +171,11 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
         tf.constant(lrs),
         tf.constant(np.array([a[-1] for a in arrays], np.float32)),
         tf.constant(eps),
+        tf.constant(np.asarray(l2s, np.float32)),
         epochs=int(eps.max()),
         patience=int(patience),
         batch=int(batch),
+        penalised=bool(np.any(l2s > 0)),  # traced without the penalty's ops when no head has one: as before it existed
     )
     return _results(jobs, out)
 
@@ -167,9 +215,10 @@ def _results(jobs: list[HeadJob], out) -> list[HeadResult]:
     return results
 
 
-def loss_and_grads(p, xb, yb, kept, coef):
+def loss_and_grads(p, xb, yb, kept, coef, l2=None):
     """Logits [H, b], per-head loss [H] and its gradients with respect to (W1, b1, w2, b2) for stacked heads:
-    dense -> relu -> dropout (`kept`: 0 or 1/(1-rate)) -> dense -> sigmoid cross-entropy, each row weighted by `coef`.
+    dense -> relu -> dropout (`kept`: 0 or 1/(1-rate)) -> dense -> sigmoid cross-entropy, each row weighted by `coef`,
+    plus `l2` [H] times the squared weights of both layers (keras.regularizers.L2 on their kernels) when given.
     Written out rather than taken from a GradientTape, which took about 20% more CPU time a step
     (benchmarks/head_speed.py); tests/test_train.py checks it against the tape."""
     import tensorflow as tf
@@ -186,6 +235,9 @@ def loss_and_grads(p, xb, yb, kept, coef):
         tf.matmul(h, d_logits[:, :, None], transpose_a=True)[:, :, 0],  # w2
         tf.reduce_sum(d_logits, axis=1),  # b2
     )
+    if l2 is not None:
+        loss = loss + l2 * (tf.reduce_sum(tf.square(p[0]), axis=[1, 2]) + tf.reduce_sum(tf.square(p[2]), axis=1))
+        grads = (grads[0] + 2.0 * l2[:, None, None] * p[0], grads[1], grads[2] + 2.0 * l2[:, None] * p[2], grads[3])
     return logits, loss, grads
 
 
@@ -211,20 +263,23 @@ def _adam_update():
     return tf.function(update, jit_compile=True, autograph=False)
 
 
-def _loop(*args, epochs: int, patience: int, batch: int):
+def _loop(*args, epochs: int, patience: int, batch: int, penalised: bool):
     """The compiled loop: one tf.function per setting and array shapes, each traced once (the number of heads is static)."""
     import tensorflow as tf
 
-    key = (epochs, patience, batch, *(tuple(a.shape) for a in args[:8]), *(tuple(a.shape) for a in args[8]))
+    key = (epochs, patience, batch, penalised, *(tuple(a.shape) for a in args[:8]), *(tuple(a.shape) for a in args[8]))
     if key not in _TRACED:
-        body = lambda *a: _epochs(*a, epochs=epochs, patience=patience, batch=batch)  # noqa: E731
+        body = lambda *a: _epochs(*a, epochs=epochs, patience=patience, batch=batch, penalised=penalised)  # noqa: E731
         _TRACED[key] = tf.function(body, autograph=False)
     return _TRACED[key](*args)
 
 
-def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, *, epochs, patience, batch):
+def _epochs(
+    x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, l2, *, epochs, patience, batch, penalised
+):
     """The traced body: every epoch of every head (`_Loop`); returns (weights, history, epochs run, selected epoch)."""
     loop = _Loop(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, epochs, patience, batch)
+    loop.l2 = l2 if penalised else None
     return loop.run(params)
 
 
@@ -295,7 +350,7 @@ class _Loop:
         n = tf.reduce_sum(mask, axis=1)
         kept = tf.gather(keep, s, axis=1)
         coef = mask * w / tf.maximum(n, 1.0)[:, None]  # Keras: a weighted sum over the batch size
-        logits, loss, grads = loss_and_grads(p, xb, yb, kept, coef)
+        logits, loss, grads = loss_and_grads(p, xb, yb, kept, coef, self.l2)
         on = live * tf.cast(n > 0, tf.float32)  # 1 where this head takes an Adam step now
         t = t + on
         alpha = self.lr * tf.sqrt(1.0 - tf.pow(BETA_2, tf.maximum(t, 1.0))) / (1.0 - tf.pow(BETA_1, tf.maximum(t, 1.0)))

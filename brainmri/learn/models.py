@@ -237,7 +237,8 @@ def cut(net: Network, p: Params, key: str, layers: list[str], seed: int, bb: Bac
 
 
 def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | None = None, init_seed: int | None = None) -> keras.Model:
-    """Dense, dropout, sigmoid; with `adapt_on`, the features are first standardised with their training mean and variance.
+    """Dense, dropout, sigmoid (dense 0: the sigmoid unit alone); with `adapt_on`, the features are first standardised
+    with their training mean and variance.
 
     The initial weights come from `init_seed` (default `seed`) alone, never from the global random state: a thread
     drawing from Python's `random` meanwhile (Prefect's client does, in a flow or test process) would change them."""
@@ -249,10 +250,16 @@ def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | 
         norm.adapt(adapt_on)
         x = norm(x)
     glorot = keras.initializers.GlorotUniform
-    x = keras.layers.Dense(bb.dense, activation="relu", name="head_dense", kernel_initializer=glorot(seed=init))(x)
-    x = keras.layers.Dropout(bb.dropout, seed=seed, name="head_dropout")(x)
-    out = keras.layers.Dense(1, activation="sigmoid", name="tumour_probability", kernel_initializer=glorot(seed=init + 1))(x)
-    return keras.Model(inp, out, name="head")
+    penalty = keras.regularizers.L2(bb.l2) if bb.l2 else None  # what Keras's own fit (the end-to-end reference) minimises too
+    if bb.dense:  # a hidden layer; dense 0 is a linear head, the logistic regression on the standardised features
+        x = keras.layers.Dense(
+            bb.dense, activation="relu", name="head_dense", kernel_initializer=glorot(seed=init), kernel_regularizer=penalty
+        )(x)
+        x = keras.layers.Dropout(bb.dropout, seed=seed, name="head_dropout")(x)
+    last = keras.layers.Dense(
+        1, activation="sigmoid", name="tumour_probability", kernel_initializer=glorot(seed=init + 1), kernel_regularizer=penalty
+    )
+    return keras.Model(inp, last(x), name="head")
 
 
 def _renumber_shared_ids(node, ids: dict):

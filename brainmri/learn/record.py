@@ -5,18 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from brainmri.config import Params, candidates
+from brainmri.config import GRID, Params, candidates
 from brainmri.core.files import jsonable
 from brainmri.intake.parts import Part
 from brainmri.learn import calibration
 from brainmri.learn.fitting import Trained
-from brainmri.stats.metrics import point
+from brainmri.stats.metrics import point, with_intervals
 
 
-def train_record(p: Params, name: str, net, run: Trained, parts: tuple[Part, Part, Part], cw, cal: dict, threshold: float, scores) -> dict:
-    """train.json: the model, its weights and data, its training, threshold, settings and how they were chosen, its
-    train and val figures (`scores`: the saved model's train and val probabilities), its calibration and CV."""
+def train_record(p: Params, name: str, net, run: Trained, parts: tuple[Part, Part, Part], cw, cal: dict, decision, scores) -> dict:
+    """train.json: the model, its weights and data, its training, threshold (`decision`: it and what it was set on),
+    settings and how they were chosen, its train and val figures (`scores`: the saved model's train and val
+    probabilities, val a held-out check of the threshold), its calibration and CV."""
     tr, aug, va = parts
+    threshold, set_on = decision
     bb, spec = run.bb, p.models[name]
     out = {
         "model": name,
@@ -39,7 +41,9 @@ def train_record(p: Params, name: str, net, run: Trained, parts: tuple[Part, Par
         "threshold": round(threshold, 6),
         "threshold_rule": run.rule,
         "threshold_rule_chosen_by": _rule_chosen_by(p, run.selection),
-        "settings": {k: getattr(bb, k) for k in ("feature_layer", "learning_rate", "dropout", "epochs")},
+        "threshold_set_on": set_on,
+        "threshold_check_on_val": _val_check(p, va, scores[1], threshold),
+        "settings": {k: getattr(bb, k) for k in GRID},
         "selection": run.selection or {"protocol": "single values in params: nothing chosen by measurement"},
         "train": _summary(tr.y, scores[0], threshold),
         "val": _summary(va.y, scores[1], threshold),
@@ -49,9 +53,16 @@ def train_record(p: Params, name: str, net, run: Trained, parts: tuple[Part, Par
     return jsonable(out)
 
 
+def _val_check(p: Params, va: Part, prob: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity and balanced accuracy on val at the threshold set elsewhere, with 95% group-bootstrap
+    intervals: val's images helped set neither the threshold nor the settings of a cross-validated model."""
+    m = with_intervals(va.y, prob, threshold, p.train.bootstrap, p.seed, va.frame["group"].to_numpy())
+    return {"n_images": int(len(va.y)), **{k: m[k] for k in ("sensitivity", "specificity", "balanced_accuracy") if k in m}}
+
+
 def _rule_chosen_by(p: Params, selection: dict | None) -> str:
     if selection and "threshold_rules" in selection:
-        return "pooled out-of-fold balanced accuracy over train+val (selection.threshold_rules)"
+        return "cross-fitted pooled out-of-fold balanced accuracy over train+val (selection.threshold_rules)"
     if len(candidates(p.train.threshold)) > 1:
         return "train.threshold's first rule: this model has no cross-validation to choose by"
     return "params (one rule)"

@@ -1,5 +1,6 @@
-"""Choices made by measurement on train+val only: the grid point (pooled out-of-fold AUC) and the threshold rule
-(pooled out-of-fold balanced accuracy); and the final threshold that rule sets."""
+"""Choices made by measurement on train+val only: the grid point (pooled out-of-fold AUC), the threshold rule
+(cross-fitted pooled out-of-fold balanced accuracy), and the threshold that rule sets on the pooled out-of-fold
+predictions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from brainmri.config import Params
 from brainmri.core.progress import log
 from brainmri.learn import calibration
 from brainmri.learn.crossval import Fold, cv_folds, out_of_fold
-from brainmri.learn.fitting import predict, train_heads
+from brainmri.learn.fitting import train_heads
 from brainmri.stats.metrics import youden_threshold
 
 
@@ -55,9 +56,10 @@ def _describe(g: dict) -> str:
     return ", ".join(f"{k} {v if v != '' else '(whole base)'}" for k, v in g.items())
 
 
-def choose_rule(rules: list, folds: list[Fold], oof: tuple[np.ndarray, np.ndarray], record: dict) -> tuple:
-    """The threshold rule with the best pooled out-of-fold balanced accuracy, each fold's threshold set by the rule
-    on that fold's inner validation part (as val sets the final model's), then applied to the fold's held-out part.
+def choose_rule(rules: list, fold: np.ndarray, oof: tuple[np.ndarray, np.ndarray], record: dict) -> tuple:
+    """The threshold rule with the best pooled out-of-fold balanced accuracy, cross-fitted: each fold's images are
+    labelled at the threshold the rule sets on the other folds' out-of-fold predictions, so no image helps set the
+    threshold it is judged at. Chosen on raw outputs: calibration is monotone, so it changes no rule's labels.
     Ties go to the earlier rule."""
     from sklearn.metrics import balanced_accuracy_score
 
@@ -65,19 +67,19 @@ def choose_rule(rules: list, folds: list[Fold], oof: tuple[np.ndarray, np.ndarra
     scores = []
     for rule in rules:
         labels = np.zeros(len(y), int)
-        for fold in folds:
-            inner = predict(fold.job.head, fold.job.x_val)
-            t = youden_threshold(fold.job.y_val, inner) if rule == "youden" else float(rule)
-            labels[fold.test] = prob[fold.test] >= t
+        for k in np.unique(fold[fold >= 0]):
+            held, rest = fold == k, (fold != k) & (fold >= 0)
+            labels[held] = prob[held] >= (youden_threshold(y[rest], prob[rest]) if rule == "youden" else float(rule))
         scores.append({"rule": rule, "cv_balanced_accuracy_pooled_out_of_fold": round(float(balanced_accuracy_score(y, labels)), 4)})
     best = max(range(len(rules)), key=lambda i: (scores[i]["cv_balanced_accuracy_pooled_out_of_fold"], -i))
     log.info("select threshold rule: %s", ", ".join(f"{s['rule']} {s['cv_balanced_accuracy_pooled_out_of_fold']:.3f}" for s in scores))
     return rules[best], {**record, "threshold_rules": scores, "threshold_rule": rules[best]}
 
 
-def threshold(rule, y_val: np.ndarray, p_val: np.ndarray, cal: dict) -> float:
-    """The final model's threshold: Youden's on its (calibrated) val outputs, or the fixed `rule` mapped through `cal`."""
+def threshold(rule, y: np.ndarray, prob: np.ndarray, cal: dict) -> float:
+    """The final model's threshold: Youden's on calibrated probabilities `prob` of labels `y` (the pooled out-of-fold
+    predictions over train+val, or val without cross-validation), or the fixed `rule` mapped through `cal`."""
     if rule == "youden":
-        return youden_threshold(y_val, p_val)
+        return youden_threshold(y, prob)
     # a fixed threshold is on the raw outputs' scale: mapped with them, it gives the labels it gave before
     return float(calibration.apply(float(rule), cal["a"], cal["c"]))

@@ -126,9 +126,10 @@ def _with_cv(p: Params, name: str, out: Trained, data: TrainVal, feats, folds: l
     and the threshold rule chosen on the folds when params list several."""
     cv = cv_report(p, name, feats, data.y, folds, trained, out.bb)
     oof = (data.y, cv.pop("predictions")["model"])  # per-image detail: calibration fits on it; train.json keeps the summary
-    per_image = data.frame[["image", "group", "label"]].assign(fold=fold_of(folds, len(data.y)))  # cv_predictions.csv
+    fold = fold_of(folds, len(data.y))
+    per_image = data.frame[["image", "group", "label"]].assign(fold=fold)  # cv_predictions.csv
     cv["seed_spread"] = seed_spread(p, feats, data.y, cv, reruns)
     rules, rule, selection = candidates(p.train.threshold), out.rule, out.selection
     if len(rules) > 1:
-        rule, selection = choose_rule(rules, folds, oof, selection or {})
+        rule, selection = choose_rule(rules, fold, oof, selection or {})
     return replace(out, cv=cv, oof=oof, per_image=per_image, rule=rule, selection=selection)

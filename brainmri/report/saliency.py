@@ -1,5 +1,5 @@
 """The report's 'Where the models look': the saliency stage's Grad-CAM shares per model, and the heatmaps of the model
-best on validation over the sample images."""
+best by CV over the sample images."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The report's 'Sample test images': the most confident right and wrong calls of the model best on validation."""
+"""The report's 'Sample test images': the most confident right and wrong calls of the reference model (best by pooled CV AUC)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pandas as pd
 
 from brainmri.config import Params
 from brainmri.report.plots import samples_figure, save
-from brainmri.report.results import best_on_validation
+from brainmri.report.results import reference_model
 
 
 class Samples(NamedTuple):
-    model: str  # the model best on validation, whose calls these are
+    model: str  # the reference model (best by pooled CV AUC), whose calls these are
     shown: list  # (image, title, correct) per sample, right calls first
     paths: list  # each sample's ingested image file, in the same order
     n_right: int
@@ -22,10 +22,10 @@ class Samples(NamedTuple):
 
 
 def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6) -> Samples:
-    """Test images of the model best on validation (never chosen on test): its most confident right and wrong calls."""
+    """Test images of the reference model (best by pooled CV AUC) (never chosen on test): its most confident right and wrong calls."""
     from PIL import Image
 
-    name = best_on_validation(p, trained)
+    name = reference_model(p, trained)
     preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
     images = pd.read_csv(p.path("split_manifest")).set_index("source_path")["image"]
     preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
@@ -48,8 +48,8 @@ def samples_section(samples: Samples, out: Path) -> list:
     return [
         "## Sample test images",
         "",
-        f"The test images {samples.model} (the model best on validation) got most confidently right ({samples.n_right} shown, "
-        f"green) and wrong ({samples.n_wrong} shown, red).",
+        f"The test images {samples.model} (the reference model, best by pooled CV AUC) got most confidently right "
+        f"({samples.n_right} shown, green) and wrong ({samples.n_wrong} shown, red).",
         "",
         "![Test images with their predictions](samples.png)",
         "",

@@ -23,11 +23,21 @@ def _settings_row(p: Params, name: str, t: dict) -> dict:
         "Learning rate": settings.get("learning_rate", ""),
         "Dropout": settings.get("dropout", ""),
         "Epochs": settings.get("epochs", ""),
+        "Head": ("linear" if settings.get("dense") == 0 else f"{settings.get('dense')} units") if "dense" in settings else "",
+        "L2": settings.get("l2", ""),
         "Threshold rule": t.get("threshold_rule", ""),
+        "Threshold set on": t.get("threshold_set_on", "val"),
+        "Val check: sensitivity / specificity [95% CI]": _val_check(t.get("threshold_check_on_val")),
         "Grid points": len(points) or 1,
         "Chosen point's pooled CV AUC": f"{chosen_auc:.3f}" if chosen_auc is not None else "n/a",
         "int8 (chosen on val)": f"{i8.get('calibration_method', '')}, reduce_range {i8.get('reduce_range', '')}" if i8 else "n/a",
     }
+
+
+def _val_check(check: dict | None) -> str:
+    if not check:
+        return "n/a"
+    return " / ".join(f"{m['value']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" for m in (check["sensitivity"], check["specificity"]))
 
 
 def selection_section(p: Params, trained: dict) -> list:
@@ -36,14 +46,14 @@ def selection_section(p: Params, trained: dict) -> list:
     return [
         "### Settings, and how they were chosen",
         "",
-        "Lists in `params.yaml` are grids: every point is cross-validated on train+val only (grouped, stratified folds; "
-        "each fold's head fitted as the final one) and the best pooled out-of-fold AUC wins; the threshold rule is chosen "
-        "the same way, by pooled out-of-fold balanced accuracy with each fold's threshold set on its inner validation part. "
-        "The final head trains on train; val sets its threshold and, with the CV predictions, its calibration. The int8 "
-        "file is the candidate closest to fp32 on the validation images. The chosen point's CV AUC is the best of its "
-        "grid, so it is biased upwards; the test figures above are not, because test played no part in any choice made "
-        "here. Values given as single numbers in params were set by hand beforehand (some, such as 100 epochs without "
-        "early stopping, after a cross-validation of an earlier protocol that included the test images).",
+        "Where each number was set. **Train+val, by cross-validation** (grouped, stratified folds; each fold's head "
+        "fitted as the final one): every grid point of `params.yaml` (feature layer, head: linear or hidden layer, L2, "
+        "learning rate, dropout, epochs), by pooled out-of-fold AUC; the threshold rule, by cross-fitted pooled "
+        "out-of-fold balanced accuracy; the calibration map and the threshold itself, on the pooled out-of-fold "
+        "predictions. **Train**: the final head's weights. **Val**: the int8 file (the candidate closest to fp32) and the "
+        "held-out check of the threshold in the last column; a model without cross-validation (the reference CNN) "
+        "sets its calibration and threshold on val. **Test**: nothing; it was read only to produce the figures above. "
+        "The chosen point's CV AUC is the best of its grid, so biased upwards; its seed spread and the test figures are not.",
         "",
         pd.DataFrame(rows),
         "",
