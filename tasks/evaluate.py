@@ -33,7 +33,9 @@ def evaluate(p: Params, name: str) -> dict:
     prob = probabilities(session(p.model_file("export", name, "onnx")), load_batch(part.paths, bb.input_size))
     threshold = float(trained["threshold"])
     pred = (prob >= threshold).astype(int)
-    metrics = evaluation_record(name, part, prob, threshold, p.train.bootstrap, p.seed, calibration.ece(y, prob))
+    metrics = evaluation_record(
+        name, part, prob, threshold, p.train.bootstrap, p.seed, calibration.ece(y, prob), calibration.ece_if_calibrated(prob, seed=p.seed)
+    )
     names = (neg, pos)
     matrix = confusion(y, pred)
 

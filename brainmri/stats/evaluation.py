@@ -10,9 +10,10 @@ from brainmri.intake.parts import Part
 from brainmri.stats.metrics import with_intervals
 
 
-def evaluation_record(name: str, part: Part, prob: np.ndarray, threshold: float, n_boot: int, seed: int, ece: float) -> dict:
+def evaluation_record(name: str, part: Part, prob: np.ndarray, threshold: float, n_boot: int, seed: int, ece: float, chance: dict) -> dict:
     """metrics.json: the test figures with 95% intervals over `n_boot` duplicate-group resamples, and the expected
-    calibration error `ece` of the calibrated model's probabilities."""
+    calibration error `ece` of the calibrated model's probabilities beside `chance`, what a perfectly calibrated
+    model would score on as many images."""
     y, test = part.y, part.frame
     return {
         "model": name,
@@ -26,6 +27,7 @@ def evaluation_record(name: str, part: Part, prob: np.ndarray, threshold: float,
         "test": with_intervals(y, prob, threshold, n_boot, seed, groups=test["group"].to_numpy()),
         "calibration": {  # of the calibrated model train saved; train.json has the fit on out-of-fold predictions
             "ece_test": round(ece, 4),
+            "ece_if_perfectly_calibrated": chance,  # simulated: labels drawn from the model's own probabilities
             "bins": "10 equal-mass",
             "note": f"{len(y)} test images: a coarse check of the map fitted without them",
         },
