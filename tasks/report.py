@@ -41,7 +41,7 @@ def report(p: Params) -> dict:
             *results_section(p, table, trained, paired, best_val),
             *dataset_section(p, ingest, split, out),
             *samples_section(samples, out),
-            *saliency_section(p, samples, out),
+            *saliency_section(p, samples.model, trained[samples.model]["threshold"], out),
             *lineage_section(p),
             *PLOTS_SECTION,
             *external_section(p, evaluated),

@@ -1,9 +1,10 @@
-"""saliency stage: where one model looks. Grad-CAM on the Keras model over the test images (brainmri.learn.saliency), and the
-share of each heatmap inside the head; the report reads every model's and flags those that look elsewhere.
+"""saliency stage: where one model looks. Grad-CAM on the Keras model over the validation images
+(brainmri.learn.saliency), the share of each heatmap inside the head, and the model's call on each image; the report
+reads every model's, flags those that look elsewhere and draws the reference model's most confident calls.
 
 A stage of its own per model, not part of the report: it is the one step there that runs Keras models, so the report
 imports no TensorFlow, an edit to the report reruns no Grad-CAM, and retraining one model reruns its own only. It
-reads test images, never their labels.
+reads val, never test: only evaluate opens test images.
 """
 
 from __future__ import annotations
@@ -20,27 +21,30 @@ from brainmri.intake.preprocess import load_batch
 
 
 def saliency(p: Params, name: str) -> dict:
-    """Run the stage for model `name`: Grad-CAM over the test images; write its record and its heatmaps (with the
-    head masks) under paths.saliency/MODEL; return the record."""
+    """Run the stage for model `name`: Grad-CAM over the validation images; write its record and its heatmaps (with
+    the head masks) under paths.saliency/MODEL; return the record."""
     p.model(name)  # an unknown name stops here, before any work
     from brainmri.learn import saliency as cam
     from brainmri.learn.models import load_model
 
-    test = split_part(p, "test").paths  # images only: no label is read here
-    images = [Path(t).stem for t in test]  # image ids
+    val = split_part(p, "val")
+    images = [Path(t).stem for t in val.paths]  # image ids
     model = load_model(p.model_file("models", name, "model"))
-    x = load_batch(test, int(model.inputs[0].shape[1]))  # the size the model was built for
-    cams, head = cam.grad_cam(model, x), cam.masks(x)
+    x = load_batch(val.paths, int(model.inputs[0].shape[1]))  # the size the model was built for
+    (cams, prob), head = cam.grad_cam(model, x), cam.masks(x)
     share = cam.head_share(cams, head)
     finite = np.isfinite(share)
     record = {
-        "method": "Grad-CAM on the Keras model (brainmri/learn/saliency.py), over the test images; labels not read",
+        "method": "Grad-CAM on the Keras model (brainmri/learn/saliency.py), over the validation images",
+        "images": "val",
         "input_size": int(x.shape[1]),
         "n_images": len(share),
         "mean_share_inside_head": float(np.mean(share[finite])) if finite.any() else None,  # None: every heatmap empty
         "head_share_of_input": float(head.mean()) if len(head) else None,
         "empty_heatmaps": int(np.sum(~finite)),
         "share_by_image": dict(zip(images, share.tolist(), strict=True)),  # NaN (null): an empty heatmap
+        "probability_by_image": dict(zip(images, np.round(prob, 6).tolist(), strict=True)),  # for the report's samples
+        "label_by_image": dict(zip(images, val.frame["label"].tolist(), strict=True)),
     }
     with atomic_dir(p.path("saliency") / name) as out:
         write_json(out / p.paths.files.saliency, record)

@@ -1,5 +1,7 @@
 import os
+import sys
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("BRAINMRI_QUIET", "1")
@@ -74,9 +76,31 @@ SMALL_MODELS = {
 }
 
 
+# Which stage opened which test image during small_run: a Python audit hook (sys.addaudithook) sees every open() of
+# any library that opens files from Python (Pillow, NumPy, Keras's loaders), not only the project's own calls.
+TEST_IMAGE_READS: dict = {"stage": None, "test_paths": frozenset(), "reads": {}}
+
+
+def _record_test_image_reads(event: str, args: tuple) -> None:
+    if event == "open" and TEST_IMAGE_READS["stage"] and args and isinstance(args[0], (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(args[0]))
+        if path in TEST_IMAGE_READS["test_paths"]:
+            TEST_IMAGE_READS["reads"].setdefault(TEST_IMAGE_READS["stage"], set()).add(path)
+
+
+def _stage(name: str, fn, *args):
+    """Run one stage function, its opens of test images recorded under `name`."""
+    TEST_IMAGE_READS["stage"] = name
+    try:
+        return fn(*args)
+    finally:
+        TEST_IMAGE_READS["stage"] = None
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
-    """The whole chain in process on 2 x 16 phantoms at 32 px, three models, every stage."""
+    """The whole chain in process on 2 x 16 phantoms at 32 px, three models, every stage; which stage opened a test
+    image is recorded (TEST_IMAGE_READS)."""
     from factory import materialise_weights, tiny_training
 
     from brainmri.intake.phantoms import generate
@@ -102,17 +126,21 @@ def small_run(tmp_path_factory):
     ingest(p)
     audit(p)
     split(p)
-    augment(p)
-    ingest_external(p)  # external.source holds no class folder: the "no external set" case
+    split_rows = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    test_files = split_rows.loc[split_rows["split"] == "test", "image"]
+    TEST_IMAGE_READS["test_paths"] = frozenset(os.path.abspath(p.path("ingest_images") / f) for f in test_files)
+    sys.addaudithook(_record_test_image_reads)
+    _stage("augment", augment, p)
+    _stage("ingest_external", ingest_external, p)  # external.source holds no class folder: the "no external set" case
     materialise_weights(p)
-    trained = {n: train(p, n) for n in p.models}
+    trained = {n: _stage("train", train, p, n) for n in p.models}
     for n in p.models:
-        export(p, n)
-    evaluated = {n: evaluate(p, n) for n in p.models}  # the exported ONNX files, as users deploy them
+        _stage("export", export, p, n)
+    evaluated = {n: _stage("evaluate", evaluate, p, n) for n in p.models}  # the exported ONNX files, as users deploy them
     for n in p.models:
-        benchmark(p, n)
-        external(p, n)
-    ensemble(p)
+        _stage("benchmark", benchmark, p, n)
+        _stage("external", external, p, n)
+    _stage("ensemble", ensemble, p)
     for n in p.models:
-        saliency(p, n)
-    return p, trained, evaluated, report(p)
+        _stage("saliency", saliency, p, n)
+    return p, trained, evaluated, _stage("report", report, p)

@@ -134,3 +134,14 @@ def test_evaluate_writes_every_field(small_run):
         assert c["rows"] == "actual" and c["labels"] == ["no", "yes"]
         assert np.array(c["matrix"]).sum(axis=1).tolist() == [int((preds["label"] == "no").sum()), int((preds["label"] == "yes").sum())]
         assert p.model_file("eval", name, "confusion_png").stat().st_size > 1000
+
+
+def test_only_evaluate_and_the_report_open_a_test_image(small_run):
+    """Test stays unread until evaluate: every stage of the small chain ran under an audit hook that records which
+    stage opened which test image file (tests/conftest.py). Export's parity check, the ensemble's and Grad-CAM used to
+    read test images; they choose nothing, but val serves as well."""
+    from conftest import TEST_IMAGE_READS
+
+    reads = TEST_IMAGE_READS["reads"]
+    assert TEST_IMAGE_READS["test_paths"] and set(reads.get("evaluate", ())) == set(TEST_IMAGE_READS["test_paths"])
+    assert set(reads) <= {"evaluate", "report"}, {stage: len(paths) for stage, paths in reads.items()}

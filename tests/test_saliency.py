@@ -37,7 +37,7 @@ def test_a_model_that_learned_a_corner_marker_is_flagged_and_its_heat_is_on_the_
     net.attach(head)
     xt, yt = marked(40, 1000)
     assert ((net.full.predict(xt, verbose=0).ravel() >= 0.5) == yt).mean() >= 0.9  # it learned the marker
-    cams, head_masks = grad_cam(net.full, xt), masks(xt)
+    (cams, _), head_masks = grad_cam(net.full, xt), masks(xt)
     assert np.allclose(cams.sum(axis=(1, 2))[cams.sum(axis=(1, 2)) > 0], 1.0, atol=1e-4)
     share = head_share(cams, head_masks)
     assert np.nanmean(share) < p.saliency.min_head_share  # flagged, as the report flags it
@@ -47,12 +47,12 @@ def test_a_model_that_learned_a_corner_marker_is_flagged_and_its_heat_is_on_the_
     out = net.full.get_layer("head").get_layer("tumour_probability")  # saturate the sigmoid: logits of hundreds
     w, b = out.get_weights()
     out.set_weights([w * 1000, b * 1000])
-    saturated = grad_cam(net.full, xt)
+    saturated, _ = grad_cam(net.full, xt)
     # the logit scaled by 1000 scales every gradient alike: the same maps, where a saturated probability would give none
     assert np.allclose(saturated, cams, atol=1e-5) and (saturated.sum(axis=(1, 2)) > 0.99).mean() > 0.8
 
 
-def test_the_saliency_stage_records_what_the_report_shows_and_reads_no_test_label(small_run, tmp_path):
+def test_the_saliency_stage_records_what_the_report_shows_and_reads_no_test_image(small_run, tmp_path):
     """The stage's record agrees with its heatmaps; with every test label flipped, its files are the same bytes; the
     report's table shows the recorded shares."""
     import json

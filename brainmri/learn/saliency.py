@@ -26,15 +26,16 @@ def parts(model):
     return extractor.get_layer("preprocess"), base, extractor.get_layer("pool"), model.get_layer("head")
 
 
-def grad_cam(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    """Heatmaps (n, size, size), each summing to 1 (all zero where Grad-CAM found no positive evidence either way)."""
+def grad_cam(model, x: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps (n, size, size), each summing to 1 (all zero where Grad-CAM found no positive evidence either way),
+    and the model's probability for each image (the same forward pass: the output logit through the sigmoid)."""
     import tensorflow as tf
 
     pre, base, pool, head = parts(model)
     out = head.get_layer("tumour_probability")
     hidden = [layer for layer in head.layers[1:] if layer is not out]  # [feature_scale,] head_dense, head_dropout
     size = x.shape[1]
-    maps = []
+    maps, logits = [], []
     for i in range(0, len(x), batch):
         # the base runs outside the tape: recorded, its ops were differentiated too (their filter and input gradients,
         # two thirds of the stage's time for VGG19), though the heatmap needs the gradient at its output only
@@ -48,13 +49,16 @@ def grad_cam(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
             # would have no gradient and an empty heatmap
             logit = tf.reshape(tf.matmul(h, out.kernel) + out.bias, [-1])
         g = tape.gradient(logit, a)
+        logits.append(logit.numpy())
         # for a tumour call the evidence for tumour; for a no-tumour call the evidence against (the sign flipped)
         sign = tf.where(logit >= 0, 1.0, -1.0)[:, None, None]
         cam = tf.nn.relu(sign * tf.reduce_sum(tf.reduce_mean(g, axis=(1, 2), keepdims=True) * a, axis=-1))
         cam = tf.image.resize(cam[..., None], (size, size), method="bilinear")[..., 0].numpy()
         total = cam.sum(axis=(1, 2), keepdims=True)
         maps.append(np.divide(cam, total, out=np.zeros_like(cam), where=total > 0))
-    return np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32)
+    if not maps:
+        return np.zeros((0, size, size), np.float32), np.zeros(0, np.float32)
+    return np.concatenate(maps), 1.0 / (1.0 + np.exp(-np.concatenate(logits).astype(np.float64)))
 
 
 def masks(x: np.ndarray) -> np.ndarray:

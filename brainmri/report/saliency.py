@@ -1,5 +1,5 @@
 """The report's 'Where the models look': the saliency stage's Grad-CAM shares per model, and the heatmaps of the model
-best by CV over the sample images."""
+best by CV over its most confident validation calls."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pandas as pd
 
 from brainmri.config import Params
 from brainmri.report.plots import saliency_figure, save
-from brainmri.report.samples import Samples
 
 
 def _share_row(p: Params, name: str, r: dict) -> dict:
@@ -27,32 +26,38 @@ def _share_row(p: Params, name: str, r: dict) -> dict:
     }
 
 
-def _overlays(p: Params, r: dict, samples: Samples) -> list:
-    """The first saliency.images samples as the model saw them, with their heatmaps and head masks (the sample images are
-    test images: the saliency stage drew their heatmaps)."""
+def _overlays(p: Params, r: dict, name: str, threshold: float) -> list:
+    """The first saliency.images of `name`'s most confident right and wrong calls on val (half each, right first), as
+    the model saw them, with their heatmaps and head masks: the saliency stage recorded each call and its heatmap."""
     from brainmri.intake.preprocess import load_batch
 
-    with np.load(p.model_file("saliency", samples.model, "heatmaps")) as f:
+    images = pd.read_csv(p.path("split_manifest"), keep_default_na=False).set_index("image_id")["image"]
+    calls = pd.DataFrame({"probability": r["probability_by_image"], "label": r["label_by_image"]})
+    said = np.where(calls["probability"] >= threshold, p.ingest.positive_class, p.ingest.negative_class)
+    calls = calls.assign(said=said, correct=said == calls["label"], confidence=(calls["probability"] - threshold).abs())
+    calls = calls.sort_values("confidence", ascending=False, kind="stable")
+    half = -(-p.saliency.images // 2)
+    picked = pd.concat([calls[calls["correct"]].head(half), calls[~calls["correct"]].head(half)]).head(p.saliency.images)
+    with np.load(p.model_file("saliency", name, "heatmaps")) as f:
         at = {image: i for i, image in enumerate(f["images"].tolist())}
         cams, heads = f["cams"].astype(np.float32), f["heads"]
-    picked = list(zip(samples.paths[: p.saliency.images], samples.shown, strict=False))
-    x = load_batch([path for path, _ in picked], r["input_size"])
+    x = load_batch([p.path("ingest_images") / images[i] for i in picked.index], r["input_size"])
     overlays = []
-    for xi, (path, (_, title, correct)) in zip(x, picked, strict=True):
-        i = at[Path(path).stem]  # every sample is a test image, with its heatmap: a missing one is a bug, so KeyError
-        overlays.append((xi.astype(np.uint8), cams[i], heads[i], title, correct))
+    for xi, (image, c) in zip(x, picked.iterrows(), strict=True):
+        title = f"{'right' if c.correct else 'WRONG'}: said {c.said} (p={c.probability:.2f})\nactually {c.label}"
+        overlays.append((xi.astype(np.uint8), cams[at[image]], heads[at[image]], title, bool(c.correct)))
     return overlays
 
 
-def saliency_section(p: Params, samples: Samples, out: Path) -> list:
-    """The Grad-CAM shares per model, flagged below saliency.min_head_share; and the heatmaps of the samples' model
-    (drawn into `out`)."""
+def saliency_section(p: Params, reference: str, threshold: float, out: Path) -> list:
+    """The Grad-CAM shares per model, flagged below saliency.min_head_share; and the heatmaps of the reference model's
+    most confident right and wrong calls on val, at its `threshold` (drawn into `out`)."""
     rows, overlays = [], []
     for name in p.models:
         r = json.loads(p.model_file("saliency", name, "saliency").read_text())
         rows.append(_share_row(p, name, r))
-        if name == samples.model:
-            overlays = _overlays(p, r, samples)
+        if name == reference:
+            overlays = _overlays(p, r, name, threshold)
     if overlays:
         save(saliency_figure(overlays), out / "saliency.png")
     flagged = [r["Model"] for r in rows if r["Flag"]]
@@ -60,7 +65,8 @@ def saliency_section(p: Params, samples: Samples, out: Path) -> list:
         "### Where the models look",
         "",
         "Grad-CAM heatmaps on each Keras model (the frozen base's last feature map, weighted by the gradient of the output "
-        "logit; for a no-tumour call, the evidence against tumour), over the test images, and the share of each heatmap "
+        "logit; for a no-tumour call, the evidence against tumour), over the validation images (test is read by evaluate "
+        "alone), and the share of each heatmap "
         "inside the head (the region ingest crops to, holes filled). A share below "
         f"{p.saliency.min_head_share} (`saliency.min_head_share`) is flagged: such a model looks mostly at margins, text, "
         "padding or borders. Compare each share with the head's share of the input, what attention spread evenly would give. "
@@ -69,7 +75,10 @@ def saliency_section(p: Params, samples: Samples, out: Path) -> list:
         pd.DataFrame(rows),
         "",
         *(
-            [f"![Grad-CAM heatmaps of {samples.model} over the sample images; the head's outline in white](saliency.png)", ""]
+            [
+                f"![Grad-CAM heatmaps of {reference}'s most confident right and wrong calls on val; the head's outline in white](saliency.png)",
+                "",
+            ]
             if overlays
             else []
         ),
