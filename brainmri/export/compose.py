@@ -9,8 +9,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from brainmri.config import Params
 from brainmri.deploy.onnxrt import INPUT, session
-from brainmri.deploy.scoring import score_files
-from brainmri.intake.parts import Part
 from brainmri.learn.ensemble_cv import Selection
 from brainmri.stats.ensemble_selection import EnsembleError
 from brainmri.stats.metrics import youden_threshold
@@ -106,16 +104,16 @@ def compose(protos: list[onnx.ModelProto], weights: list[float], tta: bool) -> o
     return model
 
 
-def composed_ensemble(p: Params, s: Selection, val: Part) -> tuple[onnx.ModelProto, dict, int, float]:
+def composed_ensemble(p: Params, s: Selection) -> tuple[onnx.ModelProto, dict, int, float]:
     """The chosen members' graphs composed into one, with its metadata; ONNX Runtime sessions of the chosen members
-    and the best single one; the input size; the threshold: Youden's on val, as every model's, on the members'
-    weighted mean there (with ensemble.tta_flip, each member's mean over the image and its mirror)."""
+    and the best single one; the input size; the threshold: Youden's on the cross-fitted out-of-fold predictions over
+    train+val (each fold's images scored by an ensemble chosen on the other folds), not on val's 39 images."""
     members, tta = s.members, p.ensemble.tta_flip
     protos = [load_member(p.model_file("export", members[i], "onnx")) for i in s.chosen]
     meta = {x.key: x.value for x in protos[0].metadata_props}
     size = int(meta["input_size"])
     sessions = {i: session(p.model_file("export", members[i], "onnx")) for i in dict.fromkeys([*s.chosen, s.best])}
-    threshold = youden_threshold(val.y, s.mixed(score_files(sessions, val.paths, size, tta)))
+    threshold = youden_threshold(s.y, s.ensemble_cv)
     model = compose(protos, [float(s.weights[i]) for i in s.chosen], tta)
     del protos
     props = {k: meta[k] for k in METADATA} | {"model": "ensemble", "threshold": str(round(threshold, 6))}
@@ -127,5 +125,5 @@ def parity_gap(p_composed: np.ndarray, p_members: np.ndarray, tolerance: float) 
     """The composed graph's largest distance from its members' weighted mean; EnsembleError beyond `tolerance`."""
     gap = float(np.max(np.abs(p_composed - p_members))) if len(p_composed) else 0.0
     if gap > tolerance:
-        raise EnsembleError(f"the composed graph differs from its members' weighted mean by {gap:.2e} on test; nothing was written")
+        raise EnsembleError(f"the composed graph differs from its members' weighted mean by {gap:.2e} on val; nothing was written")
     return gap

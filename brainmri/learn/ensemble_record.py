@@ -9,8 +9,9 @@ from brainmri.stats.metrics import _auc
 
 
 def ensemble_record(p: Params, s: Selection, threshold: float, test: dict, gap: float) -> dict:
-    """ensemble.json without its external and latency parts: `test` is the figures on test, `gap` the composed graph's
-    largest distance from its members' weighted mean there."""
+    """ensemble.json without its external and latency parts: `test` is the figures on test (the members' evaluate
+    predictions, weighted; without the mirror when ensemble.tta_flip is on), `gap` the composed graph's largest distance
+    from its members' weighted mean on val."""
     members, d = s.members, s.difference
     return {
         "configured": True,
@@ -18,7 +19,7 @@ def ensemble_record(p: Params, s: Selection, threshold: float, test: dict, gap: 
         "members": {members[i]: round(float(s.weights[i]), 4) for i in s.chosen},
         "tta_flip": p.ensemble.tta_flip,
         "threshold": round(threshold, 6),
-        "threshold_rule": "Youden's J on val, on the members' weighted mean (the composed graph gives it to parity_max_abs_diff)",
+        "threshold_rule": "Youden's J on the cross-fitted out-of-fold predictions over train+val (threshold_check_on_val: val, held out)",
         "best_single": members[s.best],
         "selection": {
             "protocol": (

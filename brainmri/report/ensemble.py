@@ -23,7 +23,7 @@ def _row(what: str, ensemble: str, best_single: str, difference: str = "") -> di
 def _scored_rows(e: dict) -> list[dict]:
     """AUC and accuracy rows on each set the ensemble was scored on (test, and external when there is one)."""
     rows = []
-    for key, label in (("test", "Test"), ("external", "External")):
+    for key, label in (("threshold_check_on_val", "Val (threshold check)"), ("test", "Test"), ("external", "External")):
         if key not in e:
             continue
         s = e[key]
@@ -37,6 +37,9 @@ def _scored_rows(e: dict) -> list[dict]:
             )
         )
         rows.append(_row(f"{label} accuracy %", ci(s["ensemble"]["accuracy"]), ci(s["best_single"]["accuracy"])))
+        if key == "threshold_check_on_val":  # the threshold set on CV, checked where it was not set
+            for m in ("sensitivity", "specificity"):
+                rows.append(_row(f"{label} {m} %", ci(s["ensemble"][m]), ci(s["best_single"][m])))
     return rows
 
 
@@ -72,12 +75,14 @@ def ensemble_section(p: Params) -> list:
     return [
         *head,
         f"One ONNX graph composed of its members' exported graphs{flip}: the weighted mean of their calibrated probabilities "
-        f"(weights {members}), at threshold {e['threshold']:.3f} (Youden's J on val). Members and weights were chosen by "
+        f"(weights {members}), at threshold {e['threshold']:.3f} (Youden's J on the cross-fitted out-of-fold predictions over "
+        f"train+val; val is its held-out check). Members and weights were chosen by "
         f"{e['selection']['protocol']}. The CV row is cross-fitted: each fold's images are scored by an ensemble, and by a best "
         "single member, both chosen (and the members' calibration maps refitted) on the other folds, which removes the bias of "
         f"choosing the members and weights. It does not remove everything: {cv['limits']}. Differences are paired, over "
-        "duplicate-group bootstrap resamples; on test and external the best single member is scored the same way as the "
-        "ensemble, at its own threshold.",
+        "duplicate-group bootstrap resamples; on val, test and external the best single member is scored the same way as "
+        "the ensemble, at its own threshold. Test is scored from the members' own test predictions (evaluate's files, "
+        "without the mirror), so no stage but evaluate opens a test image.",
         "",
         pd.DataFrame([cv_row, *_scored_rows(e), *_latency_rows(e)]),
         "",

@@ -76,7 +76,7 @@ def saliency_section(p: Params, reference: str, threshold: float, out: Path) -> 
         "",
         *(
             [
-                f"![Grad-CAM heatmaps of {reference}'s most confident right and wrong calls on val; the head's outline in white](saliency.png)",
+                f"![Grad-CAM heatmaps of {reference}'s most confident calls on val; the head's outline in white](saliency.png)",
                 "",
             ]
             if overlays

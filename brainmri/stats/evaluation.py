@@ -49,3 +49,14 @@ def roc_table(y: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
 
     fpr, tpr, thr = roc_curve(y, prob)
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.clip(thr, 0, 1)}).round(6)
+
+
+def evaluated_probabilities(p, name: str, part: Part) -> np.ndarray:
+    """Model `name`'s test probabilities as evaluate recorded them (its exported ONNX file's, 6 decimals), in the order
+    of `part`'s rows: what another stage scores test with, without opening a test image."""
+    path = p.model_file("eval", name, "predictions")
+    frame = pd.read_csv(path, keep_default_na=False).set_index("source_path")
+    missing = sorted(set(part.frame["source_path"]) - set(frame.index))
+    if missing:
+        raise ValueError(f"{path}: no prediction for {len(missing)} test images (e.g. {missing[0]}); run evaluate@{name} again")
+    return frame.loc[part.frame["source_path"], "probability"].to_numpy(float)
