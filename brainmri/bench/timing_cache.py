@@ -108,12 +108,12 @@ def reused_timings(p: Params, key: str, name: str, runtimes: set[str]) -> dict |
 
 
 def timed_or_reused(p: Params, name: str, key: str, runtimes: dict[str, Callable], size: int, flops: int) -> dict:
-    """The memo of `key`: a sibling's (reused_timings), else measured now on the first test images, with no other
+    """The memo of `key`: a sibling's (reused_timings), else measured now on the first val images, with no other
     stage process working (benchmark is in orchestration.exclusive), and kept for the next sibling."""
     b = p.benchmark
     memo = reused_timings(p, key, name, set(runtimes))
     if memo is None:
-        paths = split_part(p, "test").paths
+        paths = split_part(p, "val").paths  # timings do not depend on which images; test stays unread until evaluate
         images = timing_batch(load_batch(paths[: b.batch_size], size), b.batch_size)
         with timing_lock.timing(p.path("timing_cache"), "benchmark", p.orchestration.exclusive):
             memo = reused_timings(p, key, name, set(runtimes))  # a sibling may have timed the same graphs while this one waited
