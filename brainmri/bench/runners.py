@@ -1,5 +1,5 @@
-"""The runtimes a benchmark times on one model's files (Keras predict and a compiled call, ONNX Runtime fp32 and
-int8, OpenVINO fp32, int8 and bf16 where the CPU has it), and the record of the machine they ran on."""
+"""The runtimes a benchmark times on one model's files (a compiled Keras call, ONNX Runtime fp32 and int8, OpenVINO
+fp32, int8 and bf16 where the CPU has it), and the record of the machine they ran on."""
 
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ def runners(p: Params, name: str, model, threads: int) -> dict[str, Callable]:
     compiled = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
     sessions = {k: session(p.model_file("export", name, f), threads) for k, f in (("fp32", "onnx"), ("int8", "onnx_int8"))}
     return {
-        "keras_predict": lambda x: model.predict(x, batch_size=len(x), verbose=0),
         "keras_compiled": lambda x: compiled(tf.constant(x)).numpy(),
         "onnxruntime_fp32": lambda x: sessions["fp32"].run(None, {INPUT: x})[0],
         "onnxruntime_int8": lambda x: sessions["int8"].run(None, {INPUT: x})[0],

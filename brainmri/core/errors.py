@@ -1,6 +1,5 @@
 """Errors the command line reports as one clear sentence instead of a traceback."""
 
-
 MAX_MESSAGE = 2000  # characters: a message quoting a hostile value (a 500 KB class name) stays a sentence
 
 
