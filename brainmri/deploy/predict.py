@@ -324,6 +324,8 @@ def predict(
         finally:
             tmp.unlink(missing_ok=True)
     failed = int((frame["error"] != "").sum())
+    if not len(frame):
+        raise NothingScoredError(f"no input file was found, so nothing was scored ({out} lists none)")
     if failed == len(frame):
         raise NothingScoredError(f"none of the {len(frame)} inputs could be scored ({failed} failed; each one's reason is in {out})")
     return frame

@@ -34,6 +34,16 @@ _thread: threading.Thread | None = None
 _vetted: set[tuple] = set()
 
 
+def _forget_thread() -> None:
+    """In a forked child the watching thread is gone: the next deadline starts a new one."""
+    global _lock, _thread
+    _lock, _thread = threading.Lock(), None
+    _active.clear()
+
+
+os.register_at_fork(after_in_child=_forget_thread)
+
+
 def _loop() -> None:
     while True:
         time.sleep(POLL_SECONDS)
