@@ -11,7 +11,7 @@ per image. Prints the peak RSS of each run and the ratio of the largest count to
 `--models` then runs predict on the smallest count with each model: tiny; vgg19 (VGG19's convolutions at 224 px,
 random weights: the largest exported model's cost); bomb:OP:N (tests/fuzzing.py: OP asks for N float32 values);
 loop:BODY (2^62 trips, stopped at a 5 s limit). predict's model runs in a worker process: each line gives predict's
-own peak RSS, the worker's, and their sum (an upper bound of what the two held at once).
+own peak RSS, the worker's, and the most the two held at the same moment (sampled every 2 ms).
 """
 
 from __future__ import annotations
@@ -32,18 +32,49 @@ from factory import SHARED_DATA, tiny_onnx  # noqa: E402
 from brainmri.core.machine import cpu_model  # noqa: E402
 
 CHILD = """
-import json, resource, sys, time
+import json, re, resource, sys, time
 from brainmri.core.errors import BrainMRIError
+from brainmri.deploy import sandbox
 from brainmri.deploy.predict import predict
+
+def high_water(pid):  # VmHWM: this process's own peak (ru_maxrss also counts what the parent held when it forked)
+    try:
+        return int(re.search(r"VmHWM:\\s+(\\d+)", open(f"/proc/{pid}/status").read()).group(1)) / 1024
+    except (OSError, AttributeError):  # gone: ended by its cap
+        return None
+
+def rss(pid):
+    try:
+        return int(open(f"/proc/{pid}/statm").read().split()[1]) * 4096 / 2**20
+    except (OSError, IndexError):
+        return 0.0
+
+workers, live, together = [], [], [0.0]
+start, close = sandbox.Worker.__init__, sandbox.Worker.close
+def starting(self, *a, **k):
+    start(self, *a, **k)
+    live.append(self.proc.pid)
+def closing(self):
+    workers.append(high_water(self.proc.pid))
+    close(self)
+sandbox.Worker.__init__, sandbox.Worker.close = starting, closing
+
+def sample():  # both processes' resident memory at the same moments, every 2 ms: what they hold together
+    while True:
+        together[0] = max(together[0], rss("self") + sum(rss(w) for w in live))
+        time.sleep(0.002)
+
+import threading
+threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
 try:
-    frame = predict(sys.argv[1], [sys.argv[2]], sys.argv[3], bounds={"run_seconds": 5.0} if "loop" in sys.argv[1] else None)
+    frame = predict(sys.argv[1], sys.argv[2:-1], sys.argv[-1], bounds={"run_seconds": 5.0} if "loop" in sys.argv[1] else None)
     rows, errors, outcome = len(frame), int((frame["error"] != "").sum()), "scored"
 except BrainMRIError as exc:
-    rows, errors, outcome = 0, 0, str(exc).rsplit(": ", 1)[0][-90:]
+    rows, errors, outcome = 0, 0, str(exc).split(": ", 1)[-1]
+worker = max([w for w in workers if w is not None], default=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 print(json.dumps({"rows": rows, "errors": errors, "seconds": time.perf_counter() - t, "outcome": outcome,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "peak_rss_mb": high_water("self"), "worker_rss_mb": worker, "together_mb": together[0]}))
 """
 
 
@@ -68,6 +99,7 @@ def main() -> int:
     ap.add_argument("--counts", type=int, nargs="+", default=[100, 10_000])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--models", nargs="*", default=[], help="tiny, vgg19, bomb:OP:N or loop:BODY (see above)")
+    ap.add_argument("--extra", nargs="*", default=[], help="more input files for --models (a 40-megapixel scan, say)")
     args = ap.parse_args()
     sources = sorted(f for f in SHARED_DATA.glob("*/*.jpg"))[:50]
     print(f"CPU: {cpu_model()}; model input {args.size} px; inputs cycle through {len(sources)} real JPEG scans")
@@ -102,12 +134,13 @@ def main() -> int:
         for spec in args.models:
             model = build(spec, Path(tmp) / f"{spec.replace(':', '-')}.onnx", args.size)
             n = min(args.counts)
-            cmd = [sys.executable, "-c", CHILD, str(model), str(Path(tmp) / f"n{n}"), str(Path(tmp) / f"{model.stem}.csv")]
+            inputs = [str(Path(tmp) / f"n{n}"), *args.extra]
+            cmd = [sys.executable, "-c", CHILD, str(model), *inputs, str(Path(tmp) / f"{model.stem}.csv")]
             r = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=True).stdout.splitlines()[-1])
-            total = r["peak_rss_mb"] + r["worker_rss_mb"]
+            both = r["together_mb"]
             print(
-                f"{spec:>28}: {r['outcome'][:60]:<60} {r['seconds']:5.1f} s; predict {r['peak_rss_mb']:6.1f} MB + worker "
-                f"{r['worker_rss_mb']:6.1f} MB = {total:6.1f} MB ({'under' if total < 1536 else 'OVER'} 1.5 GiB)"
+                f"{spec:>30}: {r['outcome'][:70]:<70} {r['seconds']:5.1f} s; peaks: predict {r['peak_rss_mb']:6.1f} MB, worker "
+                f"{r['worker_rss_mb']:6.1f} MB, both at once {both:6.1f} MB ({'under' if both < 1536 else 'OVER'} 1.5 GiB)"
             )
     lo, hi = min(args.counts), max(args.counts)
     ratio = peaks[hi] / peaks[lo]

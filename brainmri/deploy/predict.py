@@ -93,6 +93,7 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0, boun
             worker.compile(config)
         m = Model(worker, meta.size, meta.threshold, meta.positive, meta.negative, meta.limits)
         _run(m, np.zeros((1, meta.size, meta.size, 3), np.float32), "a probe of one black image")
+        worker.check_resident()
     except BaseException:
         worker.close()
         raise

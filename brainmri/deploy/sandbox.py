@@ -1,15 +1,16 @@
 """A model file run in a worker process under a memory cap and a time limit, so that a hostile graph fails by name.
 
 A few hundred bytes of ONNX can ask for gigabytes (ConstantOfShape, Expand, Tile, Range with a huge shape) or loop
-2^62 times; OpenVINO constant-folds such graphs while compiling, ONNX Runtime's terminate flag is never looked at by
-a Loop whose body is empty, and neither runtime lets go of a kernel it is in. Measured (2 cores, AMD EPYC): a 3 GB
-ConstantOfShape model reached 3.0 GB RSS in ONNX Runtime and OpenVINO; OpenVINO compiled a 2^62 Loop for ever; ONNX
-Runtime's arena limit stopped the allocation bombs and its terminate flag the Loops with a node in their body, but not
-the empty one. Only a process of its own bounds every case: the worker runs under RLIMIT_DATA (every private writable
-mapping: heap, arenas, thread stacks) and is killed when a call outlives its time, and that kill leaves this process
-as it was. The worker is a fresh interpreter (not a fork: a parent holding TensorFlow would hand it gigabytes of
-copy-on-write pages that count against its cap), in a session of its own (a Ctrl-C at the terminal reaches only this
-process, which ends it), and it dies with its parent (PR_SET_PDEATHSIG).
+2^62 times. Measured on 2 cores (AMD EPYC), in process: ONNX Runtime ran each 3 GB bomb to 3.0 GB RSS; OpenVINO was
+still compiling (constant-folding) the ConstantOfShape bomb and a 2^62 Loop after 30 s, and its cancel() took 2 s to
+stop an Expand whose size comes from the input, by then at 3.0 GB. ONNX Runtime's arena limit (max_mem) stopped its
+allocation bombs and RunOptions.terminate stopped Loops whose body holds a node, but not a Loop with an empty body,
+and neither runtime lets go of a kernel it is in, nor of Ctrl-C meanwhile. Only a process of its own bounds every
+case: the worker runs under RLIMIT_DATA (every private writable mapping: heap, arenas, thread stacks) and is killed
+when a call outlives its time, which leaves this process as it was. The worker is a fresh interpreter (not a fork: a
+parent holding TensorFlow would hand it gigabytes of copy-on-write pages that count against its cap), in a session of
+its own (a Ctrl-C at the terminal reaches only this process, which ends it), and it dies with its parent
+(PR_SET_PDEATHSIG). It costs about 0.4 s to start, while this process no longer imports ONNX Runtime.
 
 Messages are a JSON header and raw array bytes over the worker's stdin and stdout: nothing is unpickled.
 """
@@ -33,9 +34,11 @@ import numpy as np
 
 from brainmri.core.errors import BrainMRIError
 
-MEMORY_BYTES = 1 << 30  # the worker's data segment: the largest exported model (VGG19 at 224 px) peaks at ~0.6 GB at batch 16
+MEMORY_BYTES = 1 << 30  # the worker's data segment: VGG19's convolutions peak at 0.74 GB RSS at batch 16 and 224 px
+RESIDENT_BYTES = 320 << 20  # what a loaded model may keep between batches, while predict decodes the next images (a
+# 40-megapixel RGBA scan takes 1.1 GB): VGG19 keeps 0.25 GB; a graph whose constants fold into 400 MB at load is refused
 LOAD_SECONDS = 300.0  # reading and compiling a file: OpenVINO compiles VGG19 in ~10 s on 2 busy cores
-RUN_SECONDS = 300.0  # one batch: VGG19 scores 16 images at 224 px in ~6 s on 2 busy cores
+RUN_SECONDS = 300.0  # one batch: VGG19's convolutions score 16 images at 224 px in 21 s on 2 busy cores
 HEAD = struct.Struct("<II")  # header bytes, payload bytes
 DTYPES = ("<f4", "<f8", "<f2", "<i8", "<i4", "<u1", "|u1", "|b1", "<i2", "<u2", "|i1")  # what an output may come back as
 
@@ -173,6 +176,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+def _resident() -> int:
+    """This process's resident memory in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _serve(memory: int, parent: int) -> None:
     """The worker's loop: one request, one reply, until its input closes."""
     import resource
@@ -200,6 +212,7 @@ def _serve(memory: int, parent: int) -> None:
             full = str(exc).lower()
             kind = "memory" if any(s in full for s in ("bad_alloc", "allocate", "out of memory")) else "error"
             reply = {"error": kind, "message": one_line(exc)}
+        reply["resident"] = _resident()
         _write(wire_out, reply, data)
 
 
@@ -225,6 +238,7 @@ class Worker:
     def __init__(self, path: str | Path, memory: int | None = None, load_seconds: float | None = None, run_seconds: float | None = None):
         self.path, self.memory = Path(path), memory or MEMORY_BYTES  # the module's values when called: tests lower them
         self.load_seconds, self.run_seconds = load_seconds or LOAD_SECONDS, run_seconds or RUN_SECONDS
+        self.resident = 0  # the worker's resident bytes after its last reply
         root = str(Path(__file__).resolve().parents[2])  # the folder holding brainmri/: the worker imports this very code
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
         cmd = [sys.executable, "-m", "brainmri.deploy.sandbox", str(self.memory), str(os.getpid())]
@@ -256,6 +270,7 @@ class Worker:
             self.close()
             raise ModelLimitError(f"{self.path}: {self._death(doing)}") from None
         reply, data = msg
+        self.resident = int(reply.get("resident", 0))
         if "error" in reply:
             if reply["error"] == "memory":
                 raise ModelLimitError(f"{self.path}: past the memory cap of {self.memory / 2**30:g} GiB {doing} ({reply['message']})")
@@ -284,6 +299,12 @@ class Worker:
             self._call({"op": "compile", "path": str(self.path), "config": config}, b"", self.load_seconds, "compiling it")
         except ModelRunError as exc:
             raise ModelRunError(f"{self.path}: OpenVINO cannot compile it: {str(exc).split(': ', 2)[-1]}") from None
+
+    def check_resident(self) -> None:
+        """ModelLimitError when the loaded model keeps more than RESIDENT_BYTES between batches."""
+        if self.resident > RESIDENT_BYTES:
+            held, cap = f"{self.resident / 2**20:.0f} MB", f"{RESIDENT_BYTES / 2**20:.0f} MB"
+            raise ModelLimitError(f"{self.path}: keeps {held} once loaded, past the cap of {cap} on what a model holds between batches")
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The model's raw output for a float32 batch."""
