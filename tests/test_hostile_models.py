@@ -16,7 +16,7 @@ import onnx
 import pandas as pd
 import pytest
 from factory import REPO, brain, encode, tiny_onnx, write_dataset
-from fuzzing import BOMB_OPS, LOOP_BODIES, bomb, brainmri_graph, loop, lying_size
+from fuzzing import BOMB_OPS, LOOP_BODIES, bomb, brainmri_graph, loop, lying_size, resident_bomb
 
 from brainmri.core.errors import BrainMRIError
 from brainmri.deploy.predict import predict
@@ -57,6 +57,13 @@ def test_a_model_that_asks_for_3_gb_fails_by_name_and_writes_nothing(tmp_path, i
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out.csv").exists() and leftovers(tmp_path) == []
     assert time.monotonic() - start < 30
+
+
+def test_a_model_that_keeps_300_mb_between_batches_is_refused(tmp_path, images):
+    """It would sit beside the next batch's decoding (a 40-megapixel scan takes 1.1 GB) and pass 1.5 GiB together."""
+    with pytest.raises(BrainMRIError, match=r"keeps \d+ MB once loaded, past the cap of 320 MB"):
+        predict(save(resident_bomb(), tmp_path / "fat.onnx"), [str(images)], tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

@@ -37,7 +37,7 @@ from brainmri.core.errors import BrainMRIError
 MEMORY_BYTES = 1 << 30  # the worker's data segment: VGG19's convolutions peak at 0.74 GB RSS at batch 16 and 224 px
 RESIDENT_BYTES = 320 << 20  # what a loaded model may keep between batches, while predict decodes the next images (a
 # 40-megapixel RGBA scan takes 1.1 GB): VGG19 keeps 0.25 GB; a graph whose constants fold into 400 MB at load is refused
-LOAD_SECONDS = 300.0  # reading and compiling a file: OpenVINO compiles VGG19 in ~10 s on 2 busy cores
+LOAD_SECONDS = 300.0  # starting the worker, reading and compiling a file: VGG19 takes under 1 s in either runtime
 RUN_SECONDS = 300.0  # one batch: VGG19's convolutions score 16 images at 224 px in 21 s on 2 busy cores
 HEAD = struct.Struct("<II")  # header bytes, payload bytes
 DTYPES = ("<f4", "<f8", "<f2", "<i8", "<i4", "<u1", "|u1", "|b1", "<i2", "<u2", "|i1")  # what an output may come back as
