@@ -4,13 +4,19 @@ Hand-written rather than Hypothesis because the inputs are real files mutated wi
 with right or wrong CRCs, JPEG and WebP metadata segments, TIFF headers), a case must be reproducible from
 (seed, index) alone so that a worker process can regenerate it, and the offline environment has no Hypothesis.
 
-Two levels, each run in worker processes (`python tests/fuzzing.py SEED START COUNT MODE`) under a memory cap
+Four surfaces, each run in worker processes (`python tests/fuzzing.py SEED START COUNT MODE`) under a memory cap
 (RLIMIT_AS) with a per-case timeout (SIGALRM), and a batch timeout in the parent for hangs inside C code:
 - "decode": each mutated input through the decoding boundary: it must decode or raise ImageError;
 - "pipeline": a dataset folder of mutated files with hostile names (every control character, invalid UTF-8,
   very long names) through `brainmri ingest`, `split` and `predict` (in process, via cli.main): exit 0 or 2,
   no traceback, and no lost row: every file is ingested, quarantined or skipped, split reads exactly the rows
-  ingest wrote, and predict writes one row per file, read back exactly.
+  ingest wrote, and predict writes one row per file, read back exactly;
+- "metadata": export's model metadata with values export never writes through predict's reader: accepted within
+  brainmri.deploy.metadata's limits, or refused in one short printable sentence;
+- "graph": small export-like ONNX models whose extra branch is a random ConstantOfShape, Expand, Tile, Range, Loop
+  (2^0..2^62 trips, a body that adds, passes through or is empty) or Reshape, with random sizes and metadata, through
+  predict under a small memory cap and time limit: scored, or refused in one line, never a traceback, a hang, a
+  temporary file left, or a worker past 1 GiB.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "brain_tumor_dataset"
 LIMITS = {"max_pixels": 40_000_000, "max_side": 512}
 MEMORY_CAP = 3 << 30  # bytes of address space per worker: onnxruntime and numpy map about 1 GB before any work
 CASE_TIMEOUT = 10.0  # seconds per input; the largest real image decodes in about 20 ms
+GRAPH_MEMORY = 512 << 20  # a fuzzed model's worker: its memory cap (RLIMIT_DATA) ...
+GRAPH_SECONDS = 2.0  # ... and its time limit per batch; a model that runs past either is refused by name
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 PNG_CHUNKS = (b"tEXt", b"zTXt", b"iTXt", b"iCCP", b"eXIf", b"sBIT", b"tRNS", b"PLTE", b"gAMA", b"pHYs", b"acTL", b"fcTL", b"IDAT")
 
@@ -321,11 +329,335 @@ def _pipeline_batch(seeds, seed: int, start: int, count: int, work: Path) -> dic
     return {"cases": count, **stats, "failures": failures}
 
 
+# --- hostile models: ONNX graphs and metadata for predict ------------------------------------------------------
+
+EXPORTED_META = {  # what export writes (brainmri/export/record.py onnx_metadata, every value through str())
+    "model": "vgg16-aug",
+    "input_size": "32",
+    "max_side": "512",
+    "max_pixels": "40000000",
+    "crop_to_content": "False",
+    "threshold": "0.5",
+    "positive_class": "yes",
+    "negative_class": "no",
+    "weights": "random initialisation (no pretrained weights)",
+}
+BOMB_OPS = ("ConstantOfShape", "Expand", "Tile", "Range", "ExpandFromInput")
+LOOP_BODIES = ("add", "identity", "empty")
+
+
+def brainmri_graph(nodes, inits, extra: str | None, meta: dict | None = None, opset: int = 17, shape=None, size: int = 32):
+    """An ONNX model as export makes them (input 'image' (batch, size, size, 3), output 'probability' (batch, 1),
+    metadata as export writes it) whose probability is the mean brightness / 255, plus 0 x sum(`extra`), so that the
+    `nodes` computing `extra` run and are not pruned."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    tail = [
+        h.make_node(
+            "ReduceMean",
+            ["image", "axes123"] if opset >= 18 else ["image"],
+            ["mean"],
+            keepdims=1,
+            **({} if opset >= 18 else {"axes": [1, 2, 3]}),
+        )
+    ]
+    tail += [h.make_node("Flatten", ["mean"], ["flat"]), h.make_node("Mul", ["flat", "scale"], ["probability" if extra is None else "p0"])]
+    if extra is not None:
+        tail += [
+            h.make_node("Cast", [extra], ["extra_f"], to=T.FLOAT),
+            h.make_node("ReduceSum", ["extra_f"], ["extra_sum"], keepdims=0),
+            h.make_node("Mul", ["extra_sum", "zero"], ["extra_zero"]),
+            h.make_node("Add", ["p0", "extra_zero"], ["probability"]),
+        ]
+    inits = [*inits, nh.from_array(np.array(1 / 255, np.float32), "scale"), nh.from_array(np.array(0, np.float32), "zero")]
+    inits.append(nh.from_array(np.array([1, 2, 3], np.int64), "axes123"))
+    graph = h.make_graph(
+        [*nodes, *tail],
+        "hostile",
+        [h.make_tensor_value_info("image", T.FLOAT, list(shape or ["batch", size, size, 3]))],
+        [h.make_tensor_value_info("probability", T.FLOAT, ["batch", 1])],
+        inits,
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    proto.ir_version = 8
+    h.set_model_props(proto, {**EXPORTED_META, "input_size": str(size), **(meta or {})})
+    return proto
+
+
+def bomb(op: str, n: int = 750_000_000, **kw):
+    """A few hundred bytes that ask for n float32 values (3 GB at the default) when run."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    def const(name, value, dtype=np.int64):
+        return nh.from_array(np.array(value, dtype), name)
+
+    if op == "ConstantOfShape":
+        nodes, inits = [h.make_node("ConstantOfShape", ["n"], ["big"], value=h.make_tensor("v", T.FLOAT, [1], [1.0]))], [const("n", [n])]
+    elif op == "Expand":
+        nodes, inits = [h.make_node("Expand", ["one", "n"], ["big"])], [const("one", [1.0], np.float32), const("n", [n])]
+    elif op == "Tile":
+        nodes, inits = [h.make_node("Tile", ["one", "n"], ["big"])], [const("one", [1.0], np.float32), const("n", [n])]
+    elif op == "Range":
+        nodes = [h.make_node("Range", ["a", "b", "d"], ["big"])]
+        inits = [const("a", 0.0, np.float32), const("b", float(n), np.float32), const("d", 1.0, np.float32)]
+    else:  # ExpandFromInput: the size is batch x n, so nothing can be folded before the image arrives
+        nodes = [
+            h.make_node("Shape", ["image"], ["shape"]),
+            h.make_node("Slice", ["shape", "s0", "s1"], ["batch"]),
+            h.make_node("Mul", ["batch", "n"], ["total"]),
+            h.make_node("Expand", ["one", "total"], ["big"]),
+        ]
+        inits = [const("s0", [0]), const("s1", [1]), const("n", [n]), const("one", [1.0], np.float32)]
+    return brainmri_graph(nodes, inits, "big", **kw)
+
+
+def resident_bomb(n: int = 110_000_000, **kw):
+    """n float32 values that ONNX Runtime folds into a constant at load and keeps (one of them is picked by the input's
+    brightest pixel), so the loaded model holds them between batches: 440 MB at the default, within the run's cap."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    nodes = [
+        h.make_node("Tile", ["one", "n"], ["big"]),
+        h.make_node("ReduceMax", ["image"], ["brightest"], keepdims=0),
+        h.make_node("Cast", ["brightest"], ["index"], to=T.INT64),
+        h.make_node("Gather", ["big", "index"], ["used"]),
+    ]
+    inits = [nh.from_array(np.array([1.0], np.float32), "one"), nh.from_array(np.array([n], np.int64), "n")]
+    return brainmri_graph(nodes, inits, "used", **kw)
+
+
+def loop(body: str = "add", trips: int = 2**62, from_input: bool = False, **kw):
+    """A Loop of `trips` iterations carrying one value; its body adds 1, is a single Identity, or holds no node. With
+    `from_input` the count is the brightest pixel times `trips`: none on a black image, for ever on a scan."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    ins = [
+        h.make_tensor_value_info("i", T.INT64, []),
+        h.make_tensor_value_info("cond", T.BOOL, []),
+        h.make_tensor_value_info("x", T.FLOAT, [1]),
+    ]
+    inits = []
+    if body == "add":
+        nodes, outs = [h.make_node("Identity", ["cond"], ["cond_out"]), h.make_node("Add", ["x", "step"], ["x_out"])], ["cond_out", "x_out"]
+        inits = [nh.from_array(np.array([1.0], np.float32), "step")]
+    elif body == "identity":
+        nodes, outs = [h.make_node("Identity", ["cond"], ["cond_out"])], ["cond_out", "x"]
+    else:
+        nodes, outs = [], ["cond", "x"]
+    graph = h.make_graph(
+        nodes, "body", ins, [h.make_tensor_value_info(outs[0], T.BOOL, []), h.make_tensor_value_info(outs[1], T.FLOAT, [1])], inits
+    )
+    outer = [nh.from_array(np.array(True), "go"), nh.from_array(np.array([0.0], np.float32), "x0")]
+    count = []
+    if from_input:
+        outer.append(nh.from_array(np.array(float(trips), np.float32), "per_level"))
+        count = [
+            h.make_node("ReduceMax", ["image"], ["brightest"], keepdims=0),
+            h.make_node("Mul", ["brightest", "per_level"], ["trips_f"]),
+            h.make_node("Cast", ["trips_f"], ["trips"], to=T.INT64),
+        ]
+    else:
+        outer.append(nh.from_array(np.array(trips, np.int64), "trips"))
+    return brainmri_graph([*count, h.make_node("Loop", ["trips", "go", "x0"], ["x_final"], body=graph)], outer, "x_final", **kw)
+
+
+def lying_size(real: int = 64, **kw):
+    """Metadata says 32 px; the graph's input dimensions are left open and it reshapes its input to `real` px."""
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    nodes = [h.make_node("Reshape", ["image", "real"], ["reshaped"])]
+    inits = [nh.from_array(np.array([-1, real, real, 3], np.int64), "real")]
+    return brainmri_graph(nodes, inits, "reshaped", shape=["batch", "height", "width", 3], **kw)
+
+
+def vgg19(path: Path, size: int = 224) -> Path:
+    """VGG19's convolutions at `size` px with random weights, and a sigmoid head, with export's metadata: what the
+    largest exported model costs to run (80 MB of weights; 0.7 GB peak at batch 16 and 224 px)."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [h.make_node("Transpose", ["image"], ["x0"], perm=[0, 3, 1, 2])], []
+    cur, c_in, k = "x0", 3, 0
+    for block, (n, c) in enumerate([(2, 64), (2, 128), (4, 256), (4, 512), (4, 512)]):
+        for _ in range(n):
+            w = (rng.standard_normal((c, c_in, 3, 3)) * np.sqrt(2 / (9 * c_in))).astype(np.float32)
+            inits += [nh.from_array(w, f"w{k}"), nh.from_array(np.zeros(c, np.float32), f"b{k}")]
+            nodes += [h.make_node("Conv", [cur, f"w{k}", f"b{k}"], [f"c{k}"], pads=[1, 1, 1, 1]), h.make_node("Relu", [f"c{k}"], [f"r{k}"])]
+            cur, c_in, k = f"r{k}", c, k + 1
+        nodes.append(h.make_node("MaxPool", [cur], [f"p{block}"], kernel_shape=[2, 2], strides=[2, 2]))
+        cur = f"p{block}"
+    inits += [nh.from_array((rng.standard_normal((512, 1)) * 0.01).astype(np.float32), "wd"), nh.from_array(np.zeros(1, np.float32), "bd")]
+    nodes += [h.make_node("GlobalAveragePool", [cur], ["g"]), h.make_node("Flatten", ["g"], ["f"])]
+    nodes += [h.make_node("Gemm", ["f", "wd", "bd"], ["z"]), h.make_node("Sigmoid", ["z"], ["probability"])]
+    graph = h.make_graph(
+        nodes,
+        "vgg19",
+        [h.make_tensor_value_info("image", T.FLOAT, ["batch", size, size, 3])],
+        [h.make_tensor_value_info("probability", T.FLOAT, ["batch", 1])],
+        inits,
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    proto.ir_version = 8
+    h.set_model_props(proto, {**EXPORTED_META, "input_size": str(size)})
+    onnx.save(proto, path)
+    return path
+
+
+def random_metadata(rng) -> dict:
+    """Export's metadata with one to three values replaced by something export never writes (or by what it writes)."""
+    meta = dict(EXPORTED_META)
+    odd = [
+        "true", "false", "TRUE", "1", "0", "yes", "", " True", "True ", "None", "nan", "-nan", "inf", "-inf", "1e400", "-1",
+        "0x20", "1_000", " 224", "224 ", "+224", "2.0", "1.", ".5", "1e-05", "3.4e38", "99999999999999999999", "\x00", "\n",
+        "a\nb", "\u202e", "\u2028", "=cmd()", "@SUM(A1)", "-0", "0.0", "1.0", "32", "1024", "1025", "31", "65535", "65536",
+        "40000000", "40000001", "250000000", "250000001", "\x7f", "\u00e9", "x" * 101, "y" * 5000,
+    ]  # fmt: skip
+    for _ in range(int(rng.integers(1, 4))):
+        key = [*EXPORTED_META, "max_file_bytes", "int8_reduce_range", "tta_flip", "int8_chosen_on_cpu_flags", f"extra{rng.integers(99)}"][
+            int(rng.integers(14))
+        ]
+        roll = rng.random()
+        if roll < 0.1:
+            meta.pop(key, None)
+        elif roll < 0.2:
+            meta[key] = "".join(chr(int(c)) for c in rng.integers(1, 0x3000, int(rng.integers(0, 30))))
+        elif roll < 0.25:
+            meta.update({f"k{i}": "v" for i in range(int(rng.integers(1, 100)))})
+        else:
+            meta[key] = odd[int(rng.integers(len(odd)))]
+    return meta
+
+
+def random_graph(rng):
+    """A small export-like model whose extra branch is a random chain of the ops above, with random shapes, sizes,
+    trip counts and metadata: most are refused, run past a cap, or fail in the runtime; some run."""
+    kind = int(rng.integers(5))
+    meta = random_metadata(rng) if rng.random() < 0.3 else None
+    size = int((32, 32, 48, 64, 1024, 8, 2048)[int(rng.integers(7))]) if rng.random() < 0.2 else 32
+    if meta is None and size != 32:
+        meta = {"input_size": str(size)}
+    kw = {"meta": meta, "opset": int((13, 17, 18)[int(rng.integers(3))])}
+    if kind == 0:
+        n, op = int(10 ** rng.uniform(0, 10.5)), BOMB_OPS[int(rng.integers(5))]  # 1 .. 3e10 values
+        return f"bomb:{op}:{n}", bomb(op, n, **kw)
+    if kind == 1:
+        trips = int(2 ** rng.uniform(0, 62.9))
+        body = LOOP_BODIES[int(rng.integers(3))]
+        return f"loop:{body}:{trips}", loop(body, trips, **kw)
+    if kind == 2:
+        real = int((16, 32, 64, 1)[int(rng.integers(4))])
+        return f"lying_size:{real}", lying_size(real, **kw)
+    if kind == 3:  # a Reshape to a random shape, most of them impossible
+        from onnx import helper as h
+        from onnx import numpy_helper as nh
+
+        shape = [int(v) for v in rng.integers(-1, 40, int(rng.integers(1, 5)))]
+        nodes = [h.make_node("Reshape", ["image", "to"], ["reshaped"])]
+        return f"reshape:{shape}", brainmri_graph(nodes, [nh.from_array(np.array(shape, np.int64), "to")], "reshaped", **kw)
+    return "plain", brainmri_graph(
+        [], [], None, shape=["batch", size, size, 3][: int(rng.integers(3, 5))] if rng.random() < 0.2 else None, size=size, **kw
+    )
+
+
+def _metadata_batch(seed: int, start: int, count: int) -> dict:
+    """Random metadata through predict's reader: it is accepted as in range, or refused in one sentence naming the key."""
+    from brainmri.deploy import metadata
+
+    accepted = refused = 0
+    failures = []
+    for i in range(start, start + count):
+        meta = random_metadata(np.random.default_rng([seed, i, 3]))
+        try:
+            m = metadata.read(meta)
+        except metadata.MetadataError as exc:
+            refused += 1
+            text = str(exc)
+            if "\n" in text or "\r" in text or len(text) > 400 or not text.isprintable():
+                failures.append({"case": i, "kind": "metadata", "error": f"not one short printable line: {text[:300]!r}"})
+            continue
+        except BaseException as exc:  # noqa: BLE001
+            failures.append({"case": i, "kind": "metadata", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        accepted += 1
+        ok = metadata.MIN_INPUT_SIZE <= m.size <= metadata.MAX_INPUT_SIZE and 0 <= m.threshold <= 1
+        ok &= all(n.isprintable() and 0 < len(n) <= metadata.MAX_CLASS_NAME for n in (m.positive, m.negative))
+        ok &= meta.get("crop_to_content", "False") in metadata.BOOLEANS and m.limits["max_pixels"] <= metadata.MAX_PIXELS
+        if not ok:
+            failures.append({"case": i, "kind": "metadata", "error": f"accepted out of range: {meta!r}"[:500]})
+    return {"cases": count, "accepted": accepted, "refused": refused, "failures": failures}
+
+
+def _graph_batch(seed: int, start: int, count: int, work: Path) -> dict:
+    """Random small graphs through predict on two real scans, each under a small memory cap and short time limits:
+    scored or refused in one line (BrainMRIError), never a traceback, a hang or a temporary file left."""
+    import onnx
+
+    from brainmri.core.errors import BrainMRIError
+    from brainmri.deploy.predict import predict
+
+    goods = [data for fmt, data in corpus() if fmt == "JPEG"][:2]
+    images = work / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for k, data in enumerate(goods):
+        (images / f"scan {k}.jpg").write_bytes(data)
+    bounds = {"memory": GRAPH_MEMORY, "load_seconds": 20.0, "run_seconds": GRAPH_SECONDS}
+    stats = {"scored": 0, "refused": 0, "limit": 0}
+    failures = []
+    for i in range(start, start + count):
+        name, proto = random_graph(np.random.default_rng([seed, i, 5]))
+        path, out = work / f"m{i}.onnx", work / f"out{i}.csv"
+        onnx.save(proto, path)
+        _limit(CASE_TIMEOUT + 20 + 2 * GRAPH_SECONDS)
+        try:
+            predict(path, [str(images)], out, bounds=bounds)
+            stats["scored"] += 1
+        except BrainMRIError as exc:
+            text = str(exc)
+            stats["limit" if type(exc).__name__ == "ModelLimitError" else "refused"] += 1
+            if "\n" in text or "Traceback" in text:
+                failures.append({"case": i, "kind": f"graph {name}", "error": f"not one line: {text[:300]!r}"})
+        except BaseException as exc:  # noqa: BLE001 - a timeout included
+            failures.append({"case": i, "kind": f"graph {name}", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        left = [p.name for p in work.iterdir() if p.name.startswith(".")]
+        if left:
+            failures.append({"case": i, "kind": f"graph {name}", "error": f"left behind: {left}"})
+            for p in work.iterdir():
+                if p.name.startswith("."):
+                    p.unlink()
+        path.unlink()
+        out.unlink(missing_ok=True)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if children > 1 << 30:
+        failures.append({"case": f"{start}+{count}", "kind": "graph", "error": f"a model's worker reached {children >> 20} MB"})
+    return {"cases": count, **stats, "worker_peak_rss_mb": children / 2**20, "failures": failures}
+
+
 def worker(seed: int, start: int, count: int, mode: str, work: str) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
     seeds = corpus()
     t0 = time.perf_counter()
-    result = _decode_batch(seeds, seed, start, count) if mode == "decode" else _pipeline_batch(seeds, seed, start, count, Path(work))
+    if mode == "decode":
+        result = _decode_batch(seeds, seed, start, count)
+    elif mode == "metadata":
+        result = _metadata_batch(seed, start, count)
+    elif mode == "graph":
+        result = _graph_batch(seed, start, count, Path(work))
+    else:
+        result = _pipeline_batch(seeds, seed, start, count, Path(work))
     result["seconds"] = time.perf_counter() - t0
     result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))

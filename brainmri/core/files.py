@@ -106,6 +106,23 @@ def write_csv(path: str | os.PathLike, frame) -> None:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula (OWASP CSV injection)
+
+
+def formula_safe(frame):
+    """A copy of a pandas DataFrame whose text cells that start like a formula are prefixed with a single quote, which
+    spreadsheets show as text and do not run; numbers, and text that starts otherwise, are left exactly as they were.
+    For CSV files people open, whose cells the pipeline does not read back (a manifest's would then differ)."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        if not is_numeric_dtype(values) and not is_bool_dtype(values):  # text: object, or pandas' own string type
+            out[column] = values.map(lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_PREFIXES) else v)
+    return out
+
+
 def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
     """A DVC metrics file: flat, numbers only (`dvc metrics show` and `dvc exp show` read it); the full record lives
     beside it as a plain output. A non-number here is our bug, not the data's."""

@@ -1,4 +1,7 @@
-"""ONNX Runtime sessions for exported models; needs no TensorFlow (used by export, benchmark and predict)."""
+"""ONNX Runtime sessions for exported models; needs no TensorFlow (used by export, benchmark and predict).
+
+A session is made only after its file was vetted in a bounded worker, and each of its runs is under a deadline
+(brainmri.deploy.watchdog); what it computes is ONNX Runtime's, unchanged."""
 
 from __future__ import annotations
 
@@ -8,28 +11,57 @@ import numpy as np
 import onnxruntime as ort
 
 from brainmri.core.errors import BrainMRIError
+from brainmri.deploy import sandbox, watchdog
 
 INPUT = "image"  # the exported graph's input: (batch, size, size, 3) float32 raw RGB 0-255
 
 
-def session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
+class Session:
+    """An ONNX Runtime session whose runs are bounded in time; everything else is the session's own."""
+
+    def __init__(self, sess: ort.InferenceSession, path: Path):
+        self._sess, self._path = sess, path
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+    def run(self, output_names, feed, run_options=None):
+        options = run_options or ort.RunOptions()
+
+        def stop():
+            options.terminate = True
+
+        try:
+            with watchdog.deadline(watchdog.RUN_SECONDS, stop, str(self._path)):
+                return self._sess.run(output_names, feed, options)
+        except sandbox.ModelLimitError:
+            raise
+        except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidArgument types
+            if options.terminate:
+                limit = f"{watchdog.RUN_SECONDS:g} s"
+                raise sandbox.ModelLimitError(f"{self._path}: still running after {limit}, the time limit; stopped") from None
+            raise sandbox.ModelRunError(f"{self._path}: ONNX Runtime failed running it: {sandbox.one_line(exc)}") from None
+
+
+def session(path: str | Path, threads: int = 0) -> Session:
     """A CPU session; `threads` sets intra-op threads (0: ONNX Runtime's default), inter-op is 1."""
+    watchdog.vet(path, "onnxruntime", threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return Session(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), Path(path))
     except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidProtobuf types
         raise BrainMRIError(f"{path}: not a loadable ONNX model: {str(exc).splitlines()[0][:200]}") from None
 
 
-def metadata(sess: ort.InferenceSession) -> dict[str, str]:
+def metadata(sess: Session) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
-def probabilities(sess: ort.InferenceSession, x: np.ndarray, batch: int = 16) -> np.ndarray:
+def probabilities(sess: Session, x: np.ndarray, batch: int = 16) -> np.ndarray:
     name = sess.get_inputs()[0].name
     out = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(out).reshape(-1).astype(np.float64) if out else np.zeros(0)

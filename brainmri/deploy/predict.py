@@ -7,17 +7,22 @@ model's metadata, written by the export stage and validated here when the model 
 It cannot hurt: a file that is not a regular file (a named pipe, a device, a link to one) gets an error row and
 is never read; images are decoded and run in batches, so memory does not grow with the number of inputs (only
 the small result rows do); `--out` is written as a new file and replaces an existing regular file only with
-`overwrite`, and never the model, an input, a folder, a link or a special file.
+`overwrite`, and never the model, an input, a folder, a link or a special file; its CSV cells cannot run as
+spreadsheet formulas. The model runs in a worker process under a memory cap and time limits (brainmri.deploy.sandbox),
+so a hostile graph fails by name; Ctrl-C, SIGTERM and SIGHUP end predict at once, with no temporary file left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
+import signal
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,66 +31,73 @@ import pandas as pd
 
 from brainmri.core import machine
 from brainmri.core.errors import BrainMRIError, ImageError
-from brainmri.core.files import _UMASK
-from brainmri.deploy.onnxrt import metadata, session
+from brainmri.core.files import _UMASK, formula_safe
+from brainmri.deploy import metadata, sandbox
+from brainmri.deploy.runtimes import openvino_config
 from brainmri.intake.archives import printable
 from brainmri.intake.decode import KINDS, decode_file
 from brainmri.intake.preprocess import square
 
 COLUMNS = ["path", "probability", "label", "error"]
 OUT_SUFFIXES = (".csv", ".json")
-MAX_FILE_BYTES = 250_000_000  # ingest.max_file_bytes's default, for models whose metadata does not carry it
-MAX_INPUT_SIZE = 1024  # every backbone here takes 224 px or less; 1024 bounds a batch at 16 x 1024^2 x 3 float32 = 200 MB
+BATCH_PIXELS = 16 * 256 * 256  # images a batch times their pixels: 16 up to 256 px, fewer above (1 at 1024 px)
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # end predict as Ctrl-C does: the worker killed, no temporary file left
 
 
-@dataclass(frozen=True)
+class NothingScoredError(BrainMRIError):
+    """predict could score none of its inputs."""
+
+
+@dataclass
 class Model:
-    """A loaded, validated model: its session, its input's name, its metadata, and what runs it."""
+    """A loaded, validated model: its worker process (brainmri.deploy.sandbox), its metadata, and what runs it."""
 
-    sess: object
-    input: str
+    worker: sandbox.Worker
     size: int
     threshold: float
     positive: str
     negative: str
     limits: dict
-    run: object = None  # image batch -> raw outputs, on the chosen runtime (brainmri.deploy.runtimes); None: the session
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.worker.run(x)
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _number(model: Path, meta: dict, key: str, kind: type, lo: float, hi: float, default=None):
-    raw = meta.get(key, default)
-    try:
-        value = kind(raw)
-    except (TypeError, ValueError):
-        raise BrainMRIError(f"{model}: metadata {key}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not lo <= value <= hi:  # NaN fails this too
-        raise BrainMRIError(f"{model}: metadata {key}={raw!r} is outside {lo}..{hi}")
-    return value
-
-
-def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0) -> Model:
-    """Open an exported model and check its metadata and input shape; one sentence on anything wrong. ONNX Runtime
-    reads and checks the file in any case; `runtime` (brainmri.deploy.runtimes.RUNTIMES) is what then runs it."""
+def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0, bounds: dict | None = None) -> Model:
+    """Open an exported model in a worker process and check its metadata, its input shape and a probe run on one black
+    image; one sentence on anything wrong. ONNX Runtime reads and checks the file in any case; `runtime`
+    (brainmri.deploy.runtimes.RUNTIMES) is what then runs it. `bounds`: the worker's memory and seconds (sandbox.Worker)."""
     model = Path(model)
+    config = openvino_config(runtime, threads)  # an unknown runtime, or bf16 on a CPU without it: before any work
     _check_model_file(model)
-    sess = session(model)
-    meta = metadata(sess)
-    size, threshold, pos, neg = _read_metadata(model, meta)
-    limits = {
-        "max_pixels": _number(model, meta, "max_pixels", int, 1, 1_000_000_000, 40_000_000),  # as ingest did
-        "max_side": _number(model, meta, "max_side", int, 1, 65_535, 512),
-        "max_bytes": _number(model, meta, "max_file_bytes", int, 1, 10**12, MAX_FILE_BYTES),
-        "crop_to_content": meta.get("crop_to_content", "False") == "True",  # as ingest normalized the training images
-    }
-    _check_input_output(model, sess, size)
-    if meta.get("int8_reduce_range") == "False":
-        _warn_without_vnni(model, meta)
-    run = None
-    if runtime != "onnxruntime":
-        from brainmri.deploy.runtimes import runner
-
-        run = runner(model, runtime, threads)
-    return Model(sess, sess.get_inputs()[0].name, size, threshold, pos, neg, limits, run)
+    worker = sandbox.Worker(model, **(bounds or {}))
+    try:
+        info = worker.open(threads)
+        try:
+            meta = metadata.read(info["meta"])
+        except metadata.MetadataError as exc:
+            raise metadata.MetadataError(f"{printable(str(model))}: {exc}") from None
+        _check_input_output(model, info, meta.size)
+        if meta.int8_reduce_range is False:
+            _warn_without_vnni(model, meta.cpu_flags)
+        if config is not None:
+            worker.compile(config)
+        m = Model(worker, meta.size, meta.threshold, meta.positive, meta.negative, meta.limits)
+        _run(m, np.zeros((1, meta.size, meta.size, 3), np.float32), "a probe of one black image")
+        worker.check_resident()
+    except BaseException:
+        worker.close()
+        raise
+    return m
 
 
 def _check_model_file(model: Path) -> None:
@@ -98,47 +110,36 @@ def _check_model_file(model: Path) -> None:
         raise BrainMRIError(f"{model}: the model is not a regular file")
 
 
-def _read_metadata(model: Path, meta: dict) -> tuple[int, float, str, str]:
-    """The input size, threshold and class names export wrote into the model, checked."""
-    missing = [k for k in ("input_size", "threshold", "positive_class", "negative_class") if k not in meta]
-    if missing:
-        raise BrainMRIError(f"{model}: not exported by brainmri (metadata lacks {', '.join(missing)})")
-    size = _number(model, meta, "input_size", int, 32, MAX_INPUT_SIZE)
-    threshold = _number(model, meta, "threshold", float, 0.0, 1.0)  # training's Youden threshold lies in 0..1
-    pos, neg = meta["positive_class"], meta["negative_class"]
-    if not pos.strip() or not neg.strip() or pos == neg:
-        raise BrainMRIError(f"{model}: metadata classes {pos!r} and {neg!r} must be two different non-empty names")
-    return size, threshold, pos, neg
+def _check_input_output(model: Path, info: dict, size: int) -> None:
+    """One float input of shape (batch, size, size, 3), its batch dimension free, and a float output, as export makes them."""
+    inputs, outputs = info["inputs"], info["outputs"]
+    if len(inputs) != 1 or inputs[0][1] != "tensor(float)" or len(inputs[0][2]) != 4:
+        shapes = ", ".join(f"{printable(str(n))[:40]} {t} {s}" for n, t, s in inputs[:4])
+        raise BrainMRIError(f"{model}: expected one float input of shape (batch, {size}, {size}, 3), got {shapes[:300]}")
+    shape = inputs[0][2]
+    if any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (size, size, 3), strict=True)):
+        raise BrainMRIError(f"{model}: input shape {shape} does not match metadata input_size={size} with 3 colours")
+    if isinstance(shape[0], int):
+        raise BrainMRIError(f"{model}: input shape {shape} fixes the batch at {shape[0]}; an exported model takes any batch")
+    if not outputs or outputs[0][1] != "tensor(float)":
+        kinds = [(printable(str(n))[:40], t) for n, t, _ in outputs[:4]]
+        raise BrainMRIError(f"{model}: expected a float probability output, got {kinds}")
 
 
-def _check_input_output(model: Path, sess, size: int) -> None:
-    """One float input of shape (batch, size, size, 3) and a float output, as export makes them."""
-    inputs, outputs = sess.get_inputs(), sess.get_outputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
-        shapes = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
-        raise BrainMRIError(f"{model}: expected one float input of shape (batch, {size}, {size}, 3), got {shapes}")
-    dims = inputs[0].shape[1:]
-    if any(isinstance(d, int) and d != want for d, want in zip(dims, (size, size, 3), strict=True)):
-        raise BrainMRIError(f"{model}: input shape {inputs[0].shape} does not match metadata input_size={size} with 3 colours")
-    if not outputs or outputs[0].type != "tensor(float)":
-        raise BrainMRIError(f"{model}: expected a float probability output, got {[(o.name, o.type) for o in outputs]}")
-
-
-def _warn_without_vnni(model: Path, meta: dict) -> None:
+def _warn_without_vnni(model: Path, flags: str) -> None:
     """Warn when an int8 model with 8-bit weights meets a CPU without VNNI."""
     if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine.cpu_flags()):
         logging.getLogger("brainmri").warning(
             "%s: int8 with 8-bit weights, chosen on a CPU with VNNI (%s); this CPU has no VNNI, where u8 x s8 products "
             "can saturate and cost accuracy: export again here, or with export.reduce_range: true",
             model,
-            meta.get("int8_chosen_on_cpu_flags", "?"),
+            flags or "?",
         )
 
 
-def _run(model: Model, x: np.ndarray, where: Path) -> np.ndarray:
+def _run(model: Model, x: np.ndarray, where: str) -> np.ndarray:
     """Probabilities for one batch, checked: one finite value in 0..1 per image."""
-    raw = model.run(x) if model.run is not None else model.sess.run(None, {model.input: x})[0]
-    out = np.asarray(raw, dtype=np.float64).reshape(-1)
+    out = np.asarray(model.run(x), dtype=np.float64).reshape(-1)
     if out.size != len(x):
         raise BrainMRIError(f"model gives {out.size} values for {len(x)} images (at {where}); expected one probability per image")
     if not np.all(np.isfinite(out) & (out >= 0) & (out <= 1)):
@@ -238,7 +239,7 @@ def _predict_files(m: Model, files: list[Path], batch: int) -> tuple[pd.DataFram
     rows, arrays, index = [], [], []
 
     def flush():
-        for i, prob in zip(index, _run(m, np.stack(arrays).astype(np.float32), files[index[0]]), strict=True):
+        for i, prob in zip(index, _run(m, np.stack(arrays).astype(np.float32), printable(str(files[index[0]]))), strict=True):
             rows[i]["probability"] = round(float(prob), 6)
             rows[i]["label"] = m.positive if prob >= m.threshold else m.negative
         arrays.clear()
@@ -265,30 +266,67 @@ def _predict_files(m: Model, files: list[Path], batch: int) -> tuple[pd.DataFram
     return pd.DataFrame(rows, columns=COLUMNS), rows
 
 
-def predict(
-    model: str | Path, inputs: list[str], out: str | Path, batch: int = 16, overwrite: bool = False, runtime: str = "onnxruntime"
-) -> pd.DataFrame:
-    model, out = Path(model), Path(out)
-    m = load(model, runtime)
-    files = collect(inputs)
-    key = check_out(out, overwrite, model, files)
-    try:  # the output's temporary file first: a folder we may not write to fails before any image is read
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as exc:
-        raise BrainMRIError(f"--out {out}: cannot be written there ({exc.strerror or exc})") from None
-    os.close(fd)
-    tmp = Path(name)
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt here, as Ctrl-C does, so that the clean-up runs (the worker killed,
+    the temporary output removed) and the command line says so in one line; the handlers before are restored after."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    old = {name: signal.signal(getattr(signal, name), stop) for name in STOP_SIGNALS}
     try:
-        frame, rows = _predict_files(m, files, batch)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
-        if out.suffix.lower() == ".json":
-            doc = {"model": str(model), "runtime": runtime, "threshold": m.threshold, "predictions": rows}
-            tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        else:
-            # every text field quoted: Python's csv quotes a path holding '\n' but not one holding '\r', which a reader
-            # then takes for a line end (found by tests/fuzzing.py); quoted, every path reads back exactly
-            frame.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
-        _publish(tmp, out, key)
+        yield
     finally:
-        tmp.unlink(missing_ok=True)
+        for name, handler in old.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _write(tmp: Path, out: Path, model: Path, runtime: str, m: Model, frame: pd.DataFrame, rows: list[dict]) -> None:
+    """The rows as JSON, or as CSV with every text field quoted and formula-safe (brainmri.core.files.formula_safe)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
+    if out.suffix.lower() == ".json":
+        doc = {"model": str(model), "runtime": runtime, "threshold": m.threshold, "predictions": rows}
+        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    else:
+        # every text field quoted: Python's csv quotes a path holding '\n' but not one holding '\r', which a reader
+        # then takes for a line end (found by tests/fuzzing.py); quoted, every path reads back exactly
+        formula_safe(frame).to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
+
+
+def predict(
+    model: str | Path,
+    inputs: list[str],
+    out: str | Path,
+    batch: int = 16,
+    overwrite: bool = False,
+    runtime: str = "onnxruntime",
+    bounds: dict | None = None,
+) -> pd.DataFrame:
+    """Score `inputs` with `model` into `out`; NothingScoredError (after writing `out`) when no input could be scored.
+    `batch` images a call, fewer for inputs above 256 px (BATCH_PIXELS); `bounds`: the worker's (sandbox.Worker)."""
+    model, out = Path(model), Path(out)
+    with _stopped_by_signals(), load(model, runtime, bounds=bounds) as m:
+        files = collect(inputs)
+        key = check_out(out, overwrite, model, files)
+        try:  # the output's temporary file first: a folder we may not write to fails before any image is read
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        except OSError as exc:
+            raise BrainMRIError(f"--out {out}: cannot be written there ({exc.strerror or exc})") from None
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            frame, rows = _predict_files(m, files, max(1, min(batch, BATCH_PIXELS // m.size**2)))
+            _write(tmp, out, model, runtime, m, frame, rows)
+            _publish(tmp, out, key)
+        finally:
+            tmp.unlink(missing_ok=True)
+    failed = int((frame["error"] != "").sum())
+    if not len(frame):
+        raise NothingScoredError(f"no input file was found, so nothing was scored ({out} lists none)")
+    if failed == len(frame):
+        raise NothingScoredError(f"none of the {len(frame)} inputs could be scored ({failed} failed; each one's reason is in {out})")
     return frame

@@ -15,6 +15,7 @@ import numpy as np
 
 from brainmri.core.errors import BrainMRIError
 from brainmri.core.machine import cpu_flags
+from brainmri.deploy import sandbox, watchdog
 from brainmri.deploy.onnxrt import session
 
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")  # openvino alone is fp32: its precision hint is set, never left to the CPU
@@ -26,25 +27,46 @@ def bf16_capable() -> bool:
     return any(f in cpu_flags() for f in BF16_FLAGS)
 
 
-def runner(path: str | Path, runtime: str, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from a float32 image batch (n, size, size, 3) to the model's raw output (n, 1) on `runtime`."""
+def openvino_config(runtime: str, threads: int = 0) -> dict | None:
+    """OpenVINO's configuration for `runtime` (None for ONNX Runtime); one sentence for an unknown runtime, or bf16 on a
+    CPU without bf16 instructions."""
     if runtime not in RUNTIMES:
         raise BrainMRIError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "onnxruntime":
-        sess = session(path, threads)
-        name = sess.get_inputs()[0].name
-        return lambda x: sess.run(None, {name: x})[0]
+        return None
     if runtime == "openvino-bf16" and not bf16_capable():
         raise BrainMRIError(f"{runtime}: this CPU has no bf16 instructions ({' or '.join(BF16_FLAGS)}); use openvino or onnxruntime")
-    import openvino as ov
-
     config = {"INFERENCE_PRECISION_HINT": "bf16" if runtime.endswith("bf16") else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+def runner(path: str | Path, runtime: str, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from a float32 image batch (n, size, size, 3) to the model's raw output (n, 1) on `runtime`, in this
+    process; the file vetted first and each call under a deadline (brainmri.deploy.watchdog)."""
+    config = openvino_config(runtime, threads)
+    if config is None:
+        sess = session(path, threads)
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})[0]
+    import openvino as ov
+
+    watchdog.vet(path, runtime, threads, config)
     try:
         compiled = ov.Core().compile_model(str(path), "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
-        raise BrainMRIError(f"{path}: OpenVINO cannot compile it: {str(exc).splitlines()[0][:200]}") from None
+        raise BrainMRIError(f"{path}: OpenVINO cannot compile it: {sandbox.one_line(exc)}") from None
     request = compiled.create_infer_request()
     out = compiled.output(0)
-    return lambda x: np.asarray(request.infer({0: x})[out]).copy()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            with watchdog.deadline(watchdog.RUN_SECONDS, request.cancel, str(path)):
+                return np.asarray(request.infer({0: x})[out]).copy()
+        except BrainMRIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OpenVINO's own exception types
+            raise sandbox.ModelRunError(f"{path}: OpenVINO failed running it: {sandbox.one_line(exc)}") from None
+
+    return run

@@ -1,0 +1,108 @@
+"""An exported model's metadata, read strictly: exactly the forms export writes (brainmri/export/record.py
+onnx_metadata, every value through str()), numbers within the ranges below, strings short and printable.
+
+The limits are the module constants; the params that export carries into a model (ingest.max_side, max_pixels,
+max_file_bytes, a backbone's input_size) must stay within them, or predict refuses the model it made. The pixel and
+byte caps are what keeps a predict run under 1.5 GiB: decoding a 40-megapixel RGBA PNG at max_side 512 peaks at
+1.1 GB (measured on 2 cores, AMD EPYC), and the model's worker holds up to brainmri.deploy.sandbox.MEMORY_BYTES more.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from brainmri.core.errors import BrainMRIError
+
+MIN_INPUT_SIZE = 32  # the smallest input the backbones accept (config.Backbone checks the same)
+MAX_INPUT_SIZE = 1024  # every backbone here takes 224 px or less; predict scores fewer images a batch above 256 px
+MAX_SIDE = 65_535  # ingest.max_side: PIL's largest side
+MAX_PIXELS = 40_000_000  # ingest.max_pixels's default: decoding that many, RGBA, peaks at 1.1 GB
+MAX_FILE_BYTES = 250_000_000  # ingest.max_file_bytes's default: predict holds a whole file while decoding it
+MAX_CLASS_NAME = 100  # characters of a class name, which every output row repeats
+MAX_VALUE_CHARS = 4096  # characters of any metadata value (a weights description, an ensemble's members)
+MAX_KEYS = 64  # export writes a dozen
+BOOLEANS = ("True", "False")  # str(bool): what export writes for crop_to_content, int8_reduce_range, tta_flip
+REQUIRED = ("input_size", "threshold", "positive_class", "negative_class")
+_INT = re.compile(r"-?[0-9]+")  # str(int)
+_FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?(e[-+][0-9]+)?|-?[0-9]+")  # str(float), or an int where a float goes
+
+
+class MetadataError(BrainMRIError):
+    """A model's metadata is not what export writes."""
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What predict takes from a model's metadata, checked."""
+
+    size: int
+    threshold: float
+    positive: str
+    negative: str
+    limits: dict  # decode_file's keyword arguments: max_pixels, max_side, max_bytes, crop_to_content
+    int8_reduce_range: bool | None
+    cpu_flags: str
+
+
+def _shown(raw: str) -> str:
+    return repr(raw) if len(raw) <= 40 else f"{raw[:40]!r}... ({len(raw)} characters)"
+
+
+def _number(meta: dict, key: str, kind: type, lo: float, hi: float, default=None):
+    """`key` as an int or float within lo..hi, written as str() writes it; MetadataError otherwise."""
+    raw = meta.get(key, None if default is None else str(default))
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise MetadataError(f"metadata {key}={_shown(str(raw))} is not {'an integer' if kind is int else 'a number'}") from None
+    if not lo <= value <= hi or (kind is float and not math.isfinite(value)):  # NaN fails the range too
+        raise MetadataError(f"metadata {key}={_shown(raw)} is outside {lo}..{hi}")
+    if not (_INT if kind is int else _FLOAT).fullmatch(raw):  # int() and float() also take ' 1', '1_0', '+1', '1.'
+        raise MetadataError(f"metadata {key}={_shown(raw)} is not written as export writes {'an integer' if kind is int else 'a number'}")
+    return value
+
+
+def _boolean(meta: dict, key: str, default: str | None) -> bool | None:
+    raw = meta.get(key, default)
+    if raw is None:
+        return None
+    if raw not in BOOLEANS:
+        raise MetadataError(f"metadata {key}={_shown(raw)} is neither True nor False, the two values export writes")
+    return raw == "True"
+
+
+def _text(meta: dict, key: str, limit: int) -> str:
+    raw = meta.get(key, "")
+    if len(raw) > limit or not raw.isprintable():
+        why = f"is longer than {limit} characters" if len(raw) > limit else "holds a control or other unprintable character"
+        raise MetadataError(f"metadata {key}={_shown(raw)} {why}")
+    return raw
+
+
+def read(meta: dict[str, str]) -> Metadata:
+    """Every value predict uses, checked; MetadataError (one sentence naming the key) on anything else."""
+    if len(meta) > MAX_KEYS:
+        raise MetadataError(f"the metadata has {len(meta)} entries; an exported model has at most {MAX_KEYS}")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise MetadataError(f"not exported by brainmri (metadata lacks {', '.join(missing)})")
+    for key, value in meta.items():
+        if len(key) > 100 or len(value) > MAX_VALUE_CHARS:
+            name = key if len(key) <= 100 and key.isprintable() else _shown(key)
+            raise MetadataError(f"metadata {name}={_shown(value)} is longer than {MAX_VALUE_CHARS} characters")
+    size = _number(meta, "input_size", int, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+    threshold = _number(meta, "threshold", float, 0.0, 1.0)  # training's Youden threshold lies in 0..1
+    pos, neg = _text(meta, "positive_class", MAX_CLASS_NAME), _text(meta, "negative_class", MAX_CLASS_NAME)
+    if not pos.strip() or not neg.strip() or pos == neg:
+        raise MetadataError(f"metadata classes {_shown(pos)} and {_shown(neg)} must be two different non-empty names")
+    limits = {
+        "max_pixels": _number(meta, "max_pixels", int, 1, MAX_PIXELS, MAX_PIXELS),  # as ingest did
+        "max_side": _number(meta, "max_side", int, 1, MAX_SIDE, 512),
+        "max_bytes": _number(meta, "max_file_bytes", int, 1, MAX_FILE_BYTES, MAX_FILE_BYTES),
+        "crop_to_content": _boolean(meta, "crop_to_content", "False"),  # as ingest normalized the training images
+    }
+    _boolean(meta, "tta_flip", None)  # an ensemble's: not used here, but held to what export writes
+    reduce_range = _boolean(meta, "int8_reduce_range", None)
+    return Metadata(size, threshold, pos, neg, limits, reduce_range, _text(meta, "int8_chosen_on_cpu_flags", 1000))
