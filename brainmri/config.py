@@ -16,7 +16,7 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
 
 from brainmri.core.errors import ConfigError
-from brainmri.core.limits import CLASS_NAME, MAX_INPUT_SIZE, MAX_SIDE, NAME, path_problem
+from brainmri.core.limits import CLASS_NAME, MAX_FILE_BYTES, MAX_INPUT_SIZE, MAX_PIXELS, MAX_SIDE, MIN_INPUT_SIZE, NAME, path_problem
 
 PARAMS_FILE = "params.yaml"
 
@@ -146,10 +146,11 @@ class Ingest(Section):
                     f"ingest.classes: {name[:80]!r} is not a usable class folder name: 1-64 letters, digits, spaces, '_', '.' "
                     "or '-', starting with a letter or digit and not ending in a space"
                 )
-        if self.max_side > MAX_SIDE:
-            raise ValueError(
-                f"ingest.max_side must be at most {MAX_SIDE} (what predict accepts in a model's metadata), got {self.max_side}"
-            )
+        for key, most in (("max_side", MAX_SIDE), ("max_pixels", MAX_PIXELS), ("max_file_bytes", MAX_FILE_BYTES)):
+            if getattr(self, key) > most:  # export writes these into every model; predict refuses a model past them
+                raise ValueError(
+                    f"ingest.{key} must be at most {most} (what predict accepts in a model's metadata), got {getattr(self, key)}"
+                )
         if len(self.classes) != 2 or len(set(self.classes)) != 2:
             raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
         if self.positive_class not in self.classes:
@@ -300,7 +301,7 @@ class Backbone(Section):
         for layer in candidates(self.feature_layer):
             if layer and not re.fullmatch(r"[A-Za-z0-9_]+", layer):
                 raise ValueError(f"feature_layer must be empty (the whole base) or a layer name such as block4_pool, got {layer!r}")
-        if not 32 <= self.input_size <= MAX_INPUT_SIZE:
+        if not MIN_INPUT_SIZE <= self.input_size <= MAX_INPUT_SIZE:
             raise ValueError(
                 f"input_size must be between 32 pixels (the smallest the backbones accept) and {MAX_INPUT_SIZE} "
                 f"(what predict accepts in a model's metadata), got {self.input_size}"

@@ -66,6 +66,8 @@ def test_dvc_yaml_interpolates_into_commands_only_values_params_constrain(tmp_pa
     [
         ({"backbones": {"vgg16": {"input_size": 2048}}}, "input_size must be between 32 .* and 1024"),
         ({"ingest": {"max_side": 70000}}, "ingest.max_side must be at most 65535"),
+        ({"ingest": {"max_pixels": 50_000_000}}, "ingest.max_pixels must be at most 40000000"),  # predict refused its model
+        ({"ingest": {"max_file_bytes": 300_000_000}}, "ingest.max_file_bytes must be at most 250000000"),
         ({"ingest": {"classes": [" ", "yes"], "positive_class": "yes"}}, "ingest.classes: ' ' is not a usable class folder name"),
         ({"ingest": {"classes": ["no", "y" * 500_000], "positive_class": "no"}}, "is not a usable class folder name"),
         ({"ingest": {"classes": ["no", "../yes"], "positive_class": "no"}}, "is not a usable class folder name"),

@@ -5,8 +5,12 @@ input_size 2048, a class named " ") is checked here, on both sides, against the 
 
 import re
 
+MIN_INPUT_SIZE = 32  # the smallest input the backbones accept
 MAX_INPUT_SIZE = 1024  # every backbone here takes 224 px or less; 1024 bounds a batch at 16 x 1024^2 x 3 float32 = 200 MB
 MAX_SIDE = 65_535  # ingest's downscale target at most the largest side a PNG, JPEG or WebP encoder writes
+MAX_PIXELS = 40_000_000  # ingest.max_pixels at most: decoding that many RGBA pixels peaks at 1.1 GB, and predict
+# (which decodes by the model's own metadata) must stay under 1.5 GiB with the model's worker beside it
+MAX_FILE_BYTES = 250_000_000  # ingest.max_file_bytes at most: predict holds a whole file while decoding it
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # model and backbone keys: they reach dvc.yaml's shell commands
 CLASS_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?")  # a folder name, a CSV column, a report label
 MAX_PATH_BYTES = 4096  # Linux's PATH_MAX: a longer path cannot be opened, and a traceback named no key

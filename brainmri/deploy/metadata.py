@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 from brainmri.core.errors import BrainMRIError
 
-MIN_INPUT_SIZE = 32  # the smallest input the backbones accept (config.Backbone checks the same)
-MAX_INPUT_SIZE = 1024  # every backbone here takes 224 px or less; predict scores fewer images a batch above 256 px
-MAX_SIDE = 65_535  # ingest.max_side: PIL's largest side
-MAX_PIXELS = 40_000_000  # ingest.max_pixels's default: decoding that many, RGBA, peaks at 1.1 GB
-MAX_FILE_BYTES = 250_000_000  # ingest.max_file_bytes's default: predict holds a whole file while decoding it
+# the limits params share (brainmri/core/limits.py: what params accept, predict accepts in a model's metadata)
+from brainmri.core.limits import MAX_FILE_BYTES, MAX_INPUT_SIZE, MAX_PIXELS, MAX_SIDE, MIN_INPUT_SIZE  # noqa: E402
+
 MAX_CLASS_NAME = 100  # characters of a class name, which every output row repeats
 MAX_VALUE_CHARS = 4096  # characters of any metadata value (a weights description, an ensemble's members)
 MAX_KEYS = 64  # export writes a dozen
