@@ -13,6 +13,15 @@ from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_LIVE: set[Path] = set()  # temporary files and folders being written now, removed by remove_temporaries on an interrupt
+
+
+def remove_temporaries() -> None:
+    """Remove every temporary file and folder still being written: what an interrupted process calls before it exits
+    without unwinding (a stage interrupted inside a long TensorFlow call cannot reach its `finally` in time)."""
+    for tmp in list(_LIVE):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _LIVE.discard(tmp)
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
@@ -27,6 +36,7 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary file beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     tmp = _tmp_sibling(path, path.suffix)
+    _LIVE.add(tmp)
     try:
         yield tmp
         if tmp.exists():
@@ -34,6 +44,7 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _LIVE.discard(tmp)
 
 
 @contextlib.contextmanager
@@ -49,6 +60,7 @@ def atomic_dir(path: str | os.PathLike):
         if stale.is_dir() and stale.suffix in (".tmp", ".old") and not _writer_alive(stale.name[len(path.name) + 2 :]):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
+    _LIVE.add(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
@@ -61,6 +73,7 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _LIVE.discard(tmp)
 
 
 def _writer_alive(tail: str) -> bool:
