@@ -156,9 +156,10 @@ def test_the_export_process_never_imports_tensorflow(small_run, tmp_path):
     import sys
 
     p, *_ = small_run
+    paths = {"paths": {"export": str(tmp_path / "export"), "data_root": str(tmp_path)}}  # a data root of the test's own
     code = (
         "import sys; from brainmri.config import load_params; from tasks.export import export; "
-        f"export(load_params({str(p.root / 'params.yaml')!r}, {{'paths': {{'export': {str(tmp_path / 'export')!r}}}}}), 'smallcnn-aug'); "
+        f"export(load_params({str(p.root / 'params.yaml')!r}, {paths!r}), 'smallcnn-aug'); "
         "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

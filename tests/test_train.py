@@ -9,7 +9,7 @@ from factory import REPO, make_project, tiny_training
 from PIL import Image
 from sklearn.metrics import log_loss, roc_auc_score
 
-from brainmri.config import load_params
+from brainmri.config import GRID, load_params
 from brainmri.core.errors import ConfigError
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
@@ -282,7 +282,7 @@ def test_same_params_give_the_same_metrics(small_run, tmp_path):
 
 
 def test_too_small_input_and_unknown_model_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="input_size must be at least 32"):
+    with pytest.raises(ConfigError, match="input_size must be between 32"):
         load_params(make_project(tmp_path / "a", {"backbones": {"vgg16": {"input_size": 16}}}) / "params.yaml")
     with pytest.raises(ConfigError, match="models.x.backbone 'vgg17' is not a key of backbones"):
         load_params(make_project(tmp_path / "b", {"models": {"x": {"backbone": "vgg17", "augment": True}}}) / "params.yaml")
@@ -390,7 +390,7 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
     ]
     aucs = [pt["cv_auc_pooled_out_of_fold"] for pt in sel["points"]]
     best = sel["points"][aucs.index(max(aucs))]
-    assert sel["chosen"] == {k: best[k] for k in ("feature_layer", "learning_rate", "dropout", "epochs")} == t["settings"]
+    assert sel["chosen"] == {k: best[k] for k in GRID} == t["settings"]
     assert len(set(aucs)) > 1  # the points differ: the choice is a real one
     assert t["cv"]["model"]["auc"]["pooled_out_of_fold"] == best["cv_auc_pooled_out_of_fold"]  # the same folds, reused
     rules = sel["threshold_rules"]
