@@ -9,7 +9,8 @@ from factory import REPO, make_project, tiny_training
 from PIL import Image
 from sklearn.metrics import log_loss, roc_auc_score
 
-from brainmri.config import GRID, load_params
+from brainmri.config import GRID as SETTINGS
+from brainmri.config import load_params
 from brainmri.core.errors import ConfigError
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
@@ -390,7 +391,7 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
     ]
     aucs = [pt["cv_auc_pooled_out_of_fold"] for pt in sel["points"]]
     best = sel["points"][aucs.index(max(aucs))]
-    assert sel["chosen"] == {k: best[k] for k in GRID} == t["settings"]
+    assert sel["chosen"] == {k: best[k] for k in SETTINGS} == t["settings"]
     assert len(set(aucs)) > 1  # the points differ: the choice is a real one
     assert t["cv"]["model"]["auc"]["pooled_out_of_fold"] == best["cv_auc_pooled_out_of_fold"]  # the same folds, reused
     rules = sel["threshold_rules"]
