@@ -308,6 +308,11 @@ class Backbone(Section):
             )
         self.require_min("backbone", patience=0, fine_tune_layers=0, fine_tune_epochs=0)
         self._check_head()
+        self._check_training()
+        return self
+
+    def _check_training(self) -> None:
+        """Epochs, dropout and learning rates in their ranges, every candidate of a grid."""
         for epochs in candidates(self.epochs):
             if epochs < 1:
                 raise ValueError(f"backbone.epochs must be at least 1, got {epochs}")
@@ -318,7 +323,6 @@ class Backbone(Section):
             for v in values:
                 if not 0.0 < v < 1.0:
                     raise ValueError(f"{key} must be between 0 and 1, got {v}")
-        return self
 
     def _check_head(self) -> None:
         """dense 0 is a linear head: a logistic regression on the standardised features, which needs an L2 penalty."""
@@ -510,17 +514,28 @@ class Params(Section):
                     )
         for key, bb in self.backbones.items():
             self._check_weights(key, bb.weights)
+        self._check_grids()
+        self._check_ensemble()
+        if self.promotion.model not in self.models:
+            raise ValueError(f"promotion.model {self.promotion.model!r} is not a key of models ({', '.join(self.models)})")
+        return self
+
+    def _check_grids(self) -> None:
+        """Every model names a backbone; a grid is chosen by CV on cached features: say so before any work."""
         for name, spec in self.models.items():
             if spec.backbone not in self.backbones:
                 raise ValueError(f"models.{name}.backbone {spec.backbone!r} is not a key of backbones ({', '.join(self.backbones)})")
-        for name, spec in self.models.items():  # a grid is chosen by CV on cached features: say so before any work
+        for name, spec in self.models.items():
             bb = self.backbones[spec.backbone]
             if bb.is_grid and (not self.train.cv_folds or (bb.fine_tune_layers and bb.fine_tune_epochs) or bb.application == SMALL_CNN):
                 raise ValueError(
                     f"backbones.{spec.backbone} (model {name}): lists are a grid chosen by cross-validation on cached features; "
                     "that needs train.cv_folds >= 2, no fine-tuning and a frozen transfer backbone. Give single values"
                 )
-        for name in self.ensemble.members:  # candidates must be cross-validated transfer models of one input size
+
+    def _check_ensemble(self) -> None:
+        """Ensemble candidates must be cross-validated transfer models of one input size."""
+        for name in self.ensemble.members:
             if name not in self.models:
                 raise ValueError(f"ensemble.members: {name!r} is not a key of models ({', '.join(self.models)})")
             bb = self.backbones[self.models[name].backbone]
@@ -532,9 +547,6 @@ class Params(Section):
         sizes = {self.backbones[self.models[n].backbone].input_size for n in self.ensemble.members}
         if len(sizes) > 1:
             raise ValueError(f"ensemble.members: the members take different input sizes ({sorted(sizes)}); one ONNX input needs one size")
-        if self.promotion.model not in self.models:
-            raise ValueError(f"promotion.model {self.promotion.model!r} is not a key of models ({', '.join(self.models)})")
-        return self
 
     def _check_weights(self, key: str, weights: str) -> None:
         """A weights file must lie in the weights inbox once its path is normalized: 'weights/../elsewhere/x.h5' does not."""

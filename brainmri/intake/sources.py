@@ -59,25 +59,7 @@ def listing(folder: Path) -> list[str]:
 def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict], list[dict]]:
     """List the class folders' files; stop on layout errors, set aside hidden files and unusable names."""
     files, skipped, quarantined = [], [], []
-    present = []
-    for name in listing(folder):
-        path = folder / name
-        if name == MARKER:
-            continue
-        if is_hidden(name):
-            skipped.append({"source_path": archives.printable(name), "reason": "hidden or system file"})
-        elif path.is_symlink():
-            raise DataError(f"{archives.printable(name)!r} in {folder} is a symbolic link; class folders must be real folders")
-        elif not path.is_dir():
-            raise DataError(
-                f"{archives.printable(name)!r} in {folder}: unexpected file at the top level; expected only the class folders {classes}"
-            )
-        elif name not in classes:
-            raise DataError(
-                f"unknown class folder {archives.printable(name)!r} in {folder}; expected {classes} (set ingest.classes in params.yaml)"
-            )
-        else:
-            present.append(name)
+    present = _class_folders(folder, classes, skipped)
     for label in classes:
         if label not in present:
             raise DataError(f"class folder {label!r} is missing from {folder}; expected {classes}")
@@ -87,22 +69,50 @@ def scan(folder: Path, classes: list[str]) -> tuple[list[SourceFile], list[dict]
             shown = escaped(archives.printable(rel))
             if is_hidden(name):
                 skipped.append({"source_path": shown, "reason": "hidden or system file"})
-            elif path.is_symlink():
-                quarantined.append({"source_path": shown, "reason": "symbolic link; links are not followed"})
+            elif why := _unusable(path, rel, name):
+                quarantined.append({"source_path": shown, "reason": why})
             elif path.is_dir():
                 raise DataError(f"nested folder {shown!r} in {folder}: put the images directly inside the class folders")
-            elif archives.printable(rel) != rel:
-                quarantined.append({"source_path": shown, "reason": "file name is not valid UTF-8"})
-            elif has_control(name):
-                reason = "file name holds control characters (shown as \\xNN); they cannot round-trip through the CSV manifest"
-                quarantined.append({"source_path": shown, "reason": reason})
-            elif not path.is_file():
-                quarantined.append({"source_path": shown, "reason": "not a regular file"})
             else:
                 files.append(SourceFile(rel, path, label))
         if len(files) + len(quarantined) == n_before:
             raise DataError(f"class folder {label!r} in {folder} holds no images")
     return files, skipped, quarantined
+
+
+def _class_folders(folder: Path, classes: list[str], skipped: list[dict]) -> list[str]:
+    """The class folders at the top of `folder` (hidden entries go to `skipped`); anything else is a layout error."""
+    present = []
+    for name in listing(folder):
+        path, shown = folder / name, archives.printable(name)
+        if name == MARKER:
+            continue
+        if is_hidden(name):
+            skipped.append({"source_path": shown, "reason": "hidden or system file"})
+        elif path.is_symlink():
+            raise DataError(f"{shown!r} in {folder} is a symbolic link; class folders must be real folders")
+        elif not path.is_dir():
+            raise DataError(f"{shown!r} in {folder}: unexpected file at the top level; expected only the class folders {classes}")
+        elif name not in classes:
+            raise DataError(f"unknown class folder {shown!r} in {folder}; expected {classes} (set ingest.classes in params.yaml)")
+        else:
+            present.append(name)
+    return present
+
+
+def _unusable(path: Path, rel: str, name: str) -> str | None:
+    """Why a class folder's entry cannot be ingested (quarantined with that reason), or None; a folder is for scan to refuse."""
+    if path.is_symlink():
+        return "symbolic link; links are not followed"
+    if path.is_dir():
+        return None
+    if archives.printable(rel) != rel:
+        return "file name is not valid UTF-8"
+    if has_control(name):
+        return "file name holds control characters (shown as \\xNN); they cannot round-trip through the CSV manifest"
+    if not path.is_file():
+        return "not a regular file"
+    return None
 
 
 @contextlib.contextmanager
