@@ -102,7 +102,8 @@ def reproduce_stages(root: str, dvc_state: dict, o: Orchestration, verbose: bool
     graph = {stage: set(ups) for stage, ups in dvc_state["graph"].items()}
     progress = schedule(graph, set(dvc_state["current"]), o, submit)
     if progress.failed:
-        return Failed(message=failure_summary(progress), data=PipelineFailed(failure_summary(progress)))
+        summary = failure_summary(progress)
+        return Failed(message=summary, data=PipelineFailed(summary))
     return progress.done
 
 
