@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from brainmri.config import load_params
-from flows.pipeline import stage_command, stage_graph, topological
+from flows.workspace import stage_command, stage_graph, topological
 
 BUDGET_GIB = 8.0
 

@@ -1,4 +1,4 @@
-"""The `brainmri` command: one subcommand per pipeline stage, plus synthesize and run."""
+"""The `brainmri` command: one subcommand per stage of dvc.yaml, plus the flow (run, demo, serve) and tools."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 from brainmri.core.errors import BrainMRIError
+from flows.serve import DEPLOYMENT
 
-STAGES = ("ingest", "audit", "split", "augment", "ingest_external", "ensemble", "report")
-MODEL_STAGES = ("train", "evaluate", "export", "benchmark", "external", "saliency")
-BACKBONE_STAGES = ("weights",)
+CODE_ROOT = Path(__file__).resolve().parent.parent  # the code's own repository: its dvc.yaml lists the stages (--params may be elsewhere)
+ITEMS = {  # a `foreach` stage's item, as its command's argument
+    "${models}": ("model", "a model name from the models section of params.yaml, e.g. vgg16-aug"),
+    "${backbones}": ("backbone", "a backbone name from the backbones section of params.yaml, e.g. vgg16"),
+}
 
 
 def _params(args, overrides: dict | None = None):
@@ -30,8 +33,7 @@ def cmd_stage(args) -> None:
     p = _params(args)
     with timing_lock.shared(p.path("timing_cache")):  # no stage times while this one runs (brainmri/core/timing_lock.py); imports included
         module = importlib.import_module(f"tasks.{args.command}")
-        extra = (args.model,) if args.command in MODEL_STAGES else (args.backbone,) if args.command in BACKBONE_STAGES else ()
-        getattr(module, args.command)(p, *extra)
+        getattr(module, args.command)(p, *([getattr(args, args.item)] if args.item else []))
 
 
 def cmd_synthesize(args) -> None:
@@ -74,31 +76,36 @@ def cmd_serve(args) -> None:
 
 
 def cmd_lineage(args) -> None:
-    from brainmri.provenance.lineage import lineage, md5, render
+    from brainmri.provenance.lineage import lineage, render
 
     p = _params(args)
     target = Path(args.artifact).resolve()
-    served = p.path("served").resolve()
-    if target.is_relative_to(served):  # the served model is the promotion step's, not a stage's: its run says where it came from
-        from flows.promote import read_registry
-
-        rec = read_registry(p)["served"]
-        if rec is None:
-            print(f"{target}: no model has been promoted yet (registry {p.path('registry')})")
-            return
-        run = next(r for r in read_registry(p)["runs"] if r["run"] == rec["run"])
-        print(f"{target}: served version {rec['version']} ({rec['stage']}), models.{rec['model']}, md5 {rec['md5']}")
-        print(f"promoted by run {rec['run']} at {run['time']}: {run['reason']}")
-        print(f"recorded as: {json.dumps(run.get('record', {}))}; git {json.dumps(run['git'])}")
-        candidate = p.model_file("export", rec["model"], "onnx")
-        if candidate.is_file() and md5(candidate) == rec["md5"]:
-            print("the workspace's exported model is the served one; its lineage:\n")
-            print(render(lineage(p.root, candidate)))
-        else:
-            print(f"the workspace has moved on since: `dvc exp apply {rec['run']}` then `dvc checkout` restores that run's files")
-        return
+    if target.is_relative_to(p.path("served").resolve()):  # the promotion step's, not a stage's: its run says where it came from
+        return _served_lineage(p, target)
     info = lineage(p.root, target)
     print(json.dumps(info, indent=2) if args.json else render(info))
+
+
+def _served_lineage(p, target: Path) -> None:
+    """The served model's record in the registry, and the lineage of the exported model it was copied from."""
+    from brainmri.provenance.lineage import lineage, md5, render
+    from flows.promote import read_registry
+
+    registry = read_registry(p)
+    rec = registry["served"]
+    if rec is None:
+        print(f"{target}: no model has been promoted yet (registry {p.path('registry')})")
+        return
+    run = next(r for r in registry["runs"] if r["run"] == rec["run"])
+    print(f"{target}: served version {rec['version']} ({rec['stage']}), models.{rec['model']}, md5 {rec['md5']}")
+    print(f"promoted by run {rec['run']} at {run['time']}: {run['reason']}")
+    print(f"recorded as: {json.dumps(run.get('record', {}))}; git {json.dumps(run['git'])}")
+    candidate = p.model_file("export", rec["model"], "onnx")
+    if candidate.is_file() and md5(candidate) == rec["md5"]:
+        print("the workspace's exported model is the served one; its lineage:\n")
+        print(render(lineage(p.root, candidate)))
+    else:
+        print(f"the workspace has moved on since: `dvc exp apply {rec['run']}` then `dvc checkout` restores that run's files")
 
 
 DEMO_BANNER = (
@@ -169,31 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="show Prefect's and TensorFlow's own logs and every stage's full output"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    helps = {
-        "ingest": "validate, normalize and de-duplicate the source images (ingest.* params)",
-        "audit": "shortcut audit: can file metadata, or the framing of the model inputs, predict the class? (audit.* params)",
-        "split": "split into train/val/test, stratified, keeping duplicate groups together (split.* params)",
-        "augment": "write augmented copies of the training images (augment.* params)",
-        "weights": "materialise one backbone's pretrained weights under data/weights (imagenet, a local file, or none)",
-        "saliency": "Grad-CAM of one model over the test images and the share of each heatmap inside the head (for the report)",
-        "report": "write the Markdown and HTML report with its plots from every model's metrics",
-        "ingest_external": "read the external set (external.source) by ingest's rules, less duplicates of ingested images",
-        "ensemble": "average the calibrated probabilities of models chosen on CV, as one composed ONNX graph (ensemble.* params)",
-        "external": "score one exported ONNX model on the external set with bootstrap intervals (external.* params)",
-        "train": "train one model (a models.* entry) and select it on the validation split (train.*, backbones.* params)",
-        "evaluate": "evaluate one trained model on the held-out test split with bootstrap intervals",
-        "export": "export one trained model to ONNX (fp32, parity-checked) and int8 (export.* params)",
-        "benchmark": "time one model on the CPU: Keras predict, compiled Keras, ONNX Runtime fp32 and int8 (benchmark.* params)",
-    }
-    for name in STAGES:
-        sub.add_parser(name, help=helps[name], description=helps[name]).set_defaults(func=cmd_stage)
-    wts = sub.add_parser("weights", help=helps["weights"], description=helps["weights"])
-    wts.add_argument("backbone", help="a backbone name from the backbones section of params.yaml, e.g. vgg16")
-    wts.set_defaults(func=cmd_stage)
-    for name in MODEL_STAGES:
-        sp = sub.add_parser(name, help=helps[name], description=helps[name])
-        sp.add_argument("model", help="a model name from the models section of params.yaml, e.g. vgg16-aug")
-        sp.set_defaults(func=cmd_stage)
+    add_stage_commands(sub)
+    add_synthesize(sub)
+    add_flow_commands(sub)
+    add_predict(sub)
+    add_lineage(sub)
+    add_project_commands(sub)
+    return parser
+
+
+def add_stage_commands(sub) -> None:
+    """One subcommand per stage of dvc.yaml, the one list of stages: its help the stage's `desc`, and the item
+    argument (model or backbone) of a `foreach` stage."""
+    from brainmri.config import read_yaml
+
+    for name, spec in read_yaml(CODE_ROOT / "dvc.yaml")["stages"].items():
+        desc = spec.get("do", spec).get("desc")
+        stage = sub.add_parser(name, help=desc, description=desc)
+        item = None
+        if "foreach" in spec:
+            item, text = ITEMS[spec["foreach"]]
+            stage.add_argument(item, help=text)
+        stage.set_defaults(func=cmd_stage, item=item)
+
+
+def add_synthesize(sub) -> None:
     syn = sub.add_parser(
         "synthesize",
         help="write synthetic MRI phantoms in class folders (synthetic.* params)",
@@ -203,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n", type=int, help="images per class (default: synthetic.n_per_class)")
     syn.add_argument("--seed", type=int, help="seed (default: seed)")
     syn.set_defaults(func=cmd_synthesize)
+
+
+def add_flow_commands(sub) -> None:
+    """The commands that run the Prefect flow: run, serve, demo, quickstart."""
     run_p = sub.add_parser(
         "run",
         help="run the pipeline as a Prefect flow: the stages dvc repro would run, recorded in dvc.lock",
@@ -212,6 +223,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--promote", action="store_true", help="then record the run and promote the model if it is not worse (as scheduled runs do)"
     )
     run_p.set_defaults(func=cmd_run)
+    srv = sub.add_parser(
+        "serve",
+        help="serve the flow on a schedule (scheduled retraining); unchanged inputs run nothing",
+        description="Serve the pipeline flow as a Prefect deployment with a schedule; runs until interrupted. "
+        "Default schedule: orchestration.cron in params.yaml.",
+    )
+    when = srv.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="cron schedule, e.g. '0 3 * * 1' (default: orchestration.cron)")
+    when.add_argument("--interval", type=float, help="run every this many seconds instead of on a cron")
+    srv.add_argument("--name", default=DEPLOYMENT, help="deployment name (default: %(default)s)")
+    srv.set_defaults(func=cmd_serve)
+    sub.add_parser(
+        "demo",
+        help="run every stage and backbone on synthetic phantoms in demo/ (offline, a few minutes)",
+        description="Write demo/params.yaml (params.yaml with demo/profile.yaml over it), make synthetic phantoms, "
+        "and run the flow in demo/, a DVC workspace of its own; ends by printing the report's table.",
+    ).set_defaults(func=cmd_demo)
+    sub.add_parser(
+        "quickstart",
+        help="the main job: the pipeline on the dataset if it is in place, else the offline demo",
+        description="Run the pipeline flow on ingest.source if it exists; otherwise run `brainmri demo`. "
+        "Ends by printing where the report is and its results table.",
+    ).set_defaults(func=cmd_quickstart)
+
+
+def add_predict(sub) -> None:
     pred = sub.add_parser(
         "predict",
         help="classify images with an exported ONNX model (no TensorFlow needed)",
@@ -235,17 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     pred.set_defaults(func=cmd_predict)
-    srv = sub.add_parser(
-        "serve",
-        help="serve the flow on a schedule (scheduled retraining); unchanged inputs run nothing",
-        description="Serve the pipeline flow as a Prefect deployment with a schedule; runs until interrupted. "
-        "Default schedule: orchestration.cron in params.yaml.",
-    )
-    when = srv.add_mutually_exclusive_group()
-    when.add_argument("--cron", help="cron schedule, e.g. '0 3 * * 1' (default: orchestration.cron)")
-    when.add_argument("--interval", type=float, help="run every this many seconds instead of on a cron")
-    srv.add_argument("--name", default="scheduled-retraining", help="deployment name (default: %(default)s)")
-    srv.set_defaults(func=cmd_serve)
+
+
+def add_lineage(sub) -> None:
     lin = sub.add_parser(
         "lineage",
         help="print the chain of stages, params, input hashes, git commit and metrics behind an artifact",
@@ -254,18 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("artifact", help="a file or folder some stage wrote, e.g. data/export/vgg16-aug/model.onnx")
     lin.add_argument("--json", action="store_true", help="print JSON instead of text")
     lin.set_defaults(func=cmd_lineage)
-    sub.add_parser(
-        "demo",
-        help="run every stage and backbone on synthetic phantoms in demo/ (offline, a few minutes)",
-        description="Write demo/params.yaml (params.yaml with demo/profile.yaml over it), make synthetic phantoms, "
-        "and run the flow in demo/, a DVC workspace of its own; ends by printing the report's table.",
-    ).set_defaults(func=cmd_demo)
-    sub.add_parser(
-        "quickstart",
-        help="the main job: the pipeline on the dataset if it is in place, else the offline demo",
-        description="Run the pipeline flow on ingest.source if it exists; otherwise run `brainmri demo`. "
-        "Ends by printing where the report is and its results table.",
-    ).set_defaults(func=cmd_quickstart)
+
+
+def add_project_commands(sub) -> None:
+    """The commands about the project itself: its code deps and its params."""
     deps = sub.add_parser(
         "deps",
         help="print each stage's code deps, derived from the import graph; --write puts them into dvc.yaml",
@@ -276,7 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "params", help="print the validated parameters as JSON", description="Validate params.yaml and print it as JSON."
     ).set_defaults(func=cmd_params)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

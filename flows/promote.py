@@ -96,13 +96,24 @@ def save_experiment(p: Params, name: str) -> dict:
     return out
 
 
+def install(p: Params, candidate: Path, model: str) -> None:
+    """Copy the candidate, and its model card when there is one, in as the served model."""
+    served_dir = p.path("served")
+    served_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(served_dir / SERVED) as tmp:
+        shutil.copyfile(candidate, tmp)
+    card = p.model_file("eval", model, "card")
+    if card.is_file():
+        with atomic_path(served_dir / "model_card.json") as tmp:
+            shutil.copyfile(card, tmp)
+
+
 def promote(p: Params, run_name: str, stages: dict) -> dict:
     """Decide, install the candidate as the served model if it wins, and record the run in the registry."""
     registry = read_registry(p)
     model = p.promotion.model
     candidate = p.model_file("export", model, "onnx")
-    served_dir = p.path("served")
-    served = served_dir / SERVED if registry["served"] else None
+    served = p.path("served") / SERVED if registry["served"] else None
     decision = decide(p, candidate, served)
     entry = {
         "run": run_name,
@@ -116,13 +127,7 @@ def promote(p: Params, run_name: str, stages: dict) -> dict:
     if decision["promote"]:
         version = 1 + max((r.get("version", 0) for r in registry["runs"]), default=0)
         entry["version"] = version
-        served_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(served_dir / SERVED) as tmp:
-            shutil.copyfile(candidate, tmp)
-        card = p.model_file("eval", model, "card")
-        if card.is_file():
-            with atomic_path(served_dir / "model_card.json") as tmp:
-                shutil.copyfile(card, tmp)
+        install(p, candidate, model)
         registry["served"] = {"version": version, "stage": "production", "run": run_name, "model": model, "md5": entry["candidate_md5"]}
     registry["runs"].append(entry)
     write_json(p.path("registry"), registry)

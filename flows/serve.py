@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect.schedules import Cron, Interval
-
-from flows.pipeline import pipeline
-
-DEPLOYMENT = "scheduled-retraining"
+DEPLOYMENT = "scheduled-retraining"  # the default deployment name (`brainmri serve --name`; prefect.yaml's too)
 
 
 def retraining(params_path: str, cron: str | None, interval: float | None, timezone: str, name: str = DEPLOYMENT):
     """The deployment `brainmri serve` serves: the flow on `params_path`, on a cron or every `interval` seconds."""
+    from prefect.schedules import Cron, Interval  # here: `brainmri --help` reads DEPLOYMENT without importing Prefect
+
+    from flows.pipeline import pipeline
+
     schedule = Interval(interval, timezone=timezone) if interval else Cron(cron, timezone=timezone)
     return pipeline.to_deployment(
         name=name,

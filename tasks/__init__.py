@@ -1,5 +1,6 @@
-"""Pipeline stages: one module per DVC stage, pure computation (no orchestration).
+"""DVC stage modules: one module per stage of dvc.yaml, pure computation (no orchestration). Not Prefect tasks.
 
-`python -m tasks.STAGE [MODEL]` (or `brainmri STAGE [MODEL]`) runs one; dvc.yaml lists, for each stage, exactly the
-project files its module imports (tests/test_deps.py keeps that true).
+`brainmri STAGE [MODEL|BACKBONE]` (flows/cli.py) runs one, as dvc.yaml's `cmd` does: it calls the function STAGE of
+tasks/STAGE.py. dvc.yaml lists, for each stage, exactly the project files its module imports (tests/test_deps.py
+keeps that true).
 """
