@@ -29,11 +29,14 @@ def cmd_stage(args) -> None:
     import importlib
 
     from brainmri.core import timing_lock
+    from brainmri.core.running import run_interruptible, stage_lock
 
     p = _params(args)
-    with timing_lock.shared(p.path("timing_cache")):  # no stage times while this one runs (brainmri/core/timing_lock.py); imports included
+    item = [getattr(args, args.item)] if args.item else []  # a model or backbone key: checked against a pattern by params
+    locks = p.path("timing_cache").parent / "locks"  # beside the timing memo, outside every DVC output
+    with stage_lock(locks, "@".join([args.command, *item])), timing_lock.shared(p.path("timing_cache")):  # imports included
         module = importlib.import_module(f"tasks.{args.command}")
-        getattr(module, args.command)(p, *([getattr(args, args.item)] if args.item else []))
+        run_interruptible(lambda: getattr(module, args.command)(p, *item))
 
 
 def cmd_synthesize(args) -> None:
@@ -317,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     handler.brainmri_cli = True
     ours.addHandler(handler)
     ours.propagate = False
+    from brainmri.core.running import sigterm_as_interrupt
+
     try:
-        args.func(args)
+        with sigterm_as_interrupt():
+            args.func(args)
     except BrainMRIError as exc:
         print(f"brainmri {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,74 @@
+"""Stages and runs stopped and doubled (issue 32): Ctrl-C and SIGTERM stop a training stage within seconds even inside
+its compiled loop, leaving no temporary file; a second run of the same stage is refused by name while the first goes
+on. (predict's own interrupts: tests/test_hostile_models.py.)"""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from factory import make_project, materialise_weights, tiny_training
+
+from brainmri.config import load_params
+from brainmri.intake.phantoms import generate
+from tasks.augment import augment
+from tasks.ingest import ingest
+from tasks.split import split
+
+pytestmark = pytest.mark.slow
+ONE = {"vgg16-aug": {"backbone": "vgg16", "augment": True}}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A project ready to train, whose head loop runs long: many epochs and grid points in one compiled call."""
+    root = tmp_path_factory.mktemp("interrupts")
+    over = {**tiny_training(size=48, epochs=3), "ingest": {"source": "data/raw/ph"}, "augment": {"copies": 2}}
+    over["backbones"]["vgg16"].update(epochs=[3000, 4000], learning_rate=[0.001, 0.0001], patience=0)
+    over["train"] = {**over["train"], "cv_folds": 3, "cv_seeds": 2}
+    make_project(root, over, replace={"models": ONE})
+    p = load_params(root / "params.yaml")
+    generate(p.resolve("data/raw/ph"), {"yes": True, "no": False}, 16, 4, 64, 96, 0.0)
+    for stage in (ingest, split, augment, materialise_weights):
+        stage(p)
+    return p
+
+
+def temporaries(root) -> list[str]:
+    return sorted(str(f.relative_to(root)) for f in root.rglob(".*.tmp*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_training_stage_stops_within_five_seconds_and_leaves_no_temporary_file(workspace, sig):
+    p = workspace
+    proc = subprocess.Popen(["brainmri", "train", "vgg16-aug"], cwd=p.root, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # once the head loop runs: the features are cached, the grid's compiled call is long
+        seen.append(line)
+        if "select vgg16-aug" in line or "cv vgg16-aug" in line or len(seen) > 200:
+            break
+    time.sleep(2)
+    assert proc.poll() is None, "".join(seen)
+    start = time.monotonic()
+    proc.send_signal(sig)
+    rest = proc.communicate(timeout=60)[1]
+    took = time.monotonic() - start
+    assert took < 5, f"{took:.1f} s to stop"
+    assert proc.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+    assert temporaries(p.root) == [] and not p.model_file("models", "vgg16-aug", "model").exists()
+
+
+def test_a_second_run_of_the_same_stage_is_refused_while_the_first_goes_on(workspace):
+    """Two `brainmri ingest` at once: the second deleted the first's temporary folder. Now it stops at once, by name."""
+    p = workspace
+    first = subprocess.Popen(["brainmri", "ingest"], cwd=p.root, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # importing and opening the source: the first holds the stage's lock by now
+    second = subprocess.run(["brainmri", "ingest"], cwd=p.root, capture_output=True, text=True, timeout=120)
+    out = first.communicate(timeout=300)[1]
+    assert second.returncode == 2 and "`brainmri ingest` already runs in this workspace (pid" in second.stderr, second.stderr
+    assert first.returncode == 0, out
+    assert temporaries(p.root) == [] and p.path("ingest_manifest").is_file()
+    other = subprocess.run(["brainmri", "split"], cwd=p.root, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr  # another stage is not held up by ingest's lock
+    assert os.listdir(p.path("timing_cache").parent / "locks")  # the lock files stay; the kernel released the locks
