@@ -29,8 +29,10 @@ run: setup  ## the main job: the pipeline on the dataset in ingest.source, or th
 # on 2 cores the suite took 469 s this way against about 760 s in one process
 XDIST := -n 2 --dist loadscope
 
-test: setup  ## lint, then the unit and scenario tiers (what CI runs): every test but the `long` ones
+test: setup  ## lint, layers, docs, then the unit and scenario tiers (what CI runs): every test but the `long` ones
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports  # the layers in pyproject.toml: stages never import each other, brainmri never imports flows or tasks
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d $$(mktemp -d)  # the docs site: a broken link fails
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST) -m "not long"
 
 test-all: setup  ## lint, then every test, the `long` scenarios included

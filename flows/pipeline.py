@@ -27,7 +27,11 @@ log = logging.getLogger("brainmri")
 
 
 class PipelineFailed(BrainMRIError):
-    """One or more stages failed; the message names them, why, and what did not run because of them."""
+    """One or more stages failed; the message names them, why, and what did not run because of them. Its text is a
+    few lines (flows/scheduler.py's failure_summary), each made one line and capped there."""
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
 
 
 def retry_on_io_error(task, task_run, state) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from prefect.futures import PrefectFuture, as_completed
 
 from brainmri.config import Orchestration
+from brainmri.core.errors import one_line
 from flows.workspace import topological
 
 log = logging.getLogger("brainmri")
@@ -98,7 +99,7 @@ def schedule(graph: dict[str, set[str]], current: set[str], o: Orchestration, su
 
 
 def failure_summary(progress: Progress) -> str:
-    lines = [f"{len(progress.failed)} stage(s) failed:"] + [f"  - {msg}" for msg in progress.failed.values()]
+    lines = [f"{len(progress.failed)} stage(s) failed:"] + [f"  - {one_line(msg)}" for msg in progress.failed.values()]
     if progress.held:
         lines.append(f"  held back by them: {', '.join(progress.held)}")
     lines.append("  other branches finished and are recorded in dvc.lock")

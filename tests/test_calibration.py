@@ -49,7 +49,7 @@ def test_folding_into_the_output_layer_gives_the_mapped_probabilities():
     from brainmri.learn.models import build_head
 
     class Spec:
-        dense, dropout = 8, 0.0
+        dense, dropout, l2 = 8, 0.0, 0.0
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(1).normal(size=(64, 5)).astype("float32") * 3

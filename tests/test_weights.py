@@ -155,9 +155,14 @@ def _bomb(path, declared: tuple, shape_ok: bool = False) -> None:
 PEAK_WEIGHTS = """
 import resource, sys
 from brainmri.config import load_params
+from brainmri.learn.models import load_base
 from tasks.weights import weights
 try:
-    weights(load_params(sys.argv[1]), "vgg16")
+    if sys.argv[2] == "bomb":
+        weights(load_params(sys.argv[1]), "vgg16")
+    else:  # the baseline: the same backbone built without a file, which TensorFlow's own start-up dominates
+        load_base(load_params(sys.argv[1]), "vgg16", None)
+        print("built")
 except Exception as exc:
     print(type(exc).__name__, str(exc)[:300])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -176,7 +181,13 @@ def test_a_weights_file_that_declares_too_much_is_refused_from_its_headers(tmp_p
     p = project(tmp_path, {"weights": "weights/bomb.weights.h5", "input_size": 64})
     _bomb(p.path("weights_inbox") / "bomb.weights.h5", declared)
     assert (p.path("weights_inbox") / "bomb.weights.h5").stat().st_size < 100_000
-    res = subprocess.run([sys.executable, "-c", PEAK_WEIGHTS, str(p.root / "params.yaml")], capture_output=True, text=True, timeout=300)
-    lines = res.stdout.strip().splitlines()
+    peak = {}
+    for run in ("baseline", "bomb"):
+        cmd = [sys.executable, "-c", PEAK_WEIGHTS, str(p.root / "params.yaml"), run]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        lines = res.stdout.strip().splitlines()
+        peak[run] = float(lines[-1])
     assert lines[0].startswith("ConfigError") and (needle is None or needle in lines[0]), res.stdout + res.stderr[-2000:]
-    assert float(lines[-1]) < 1.0, f"peak {lines[-1]} GiB"  # TensorFlow and VGG16 itself take about 0.6
+    # TensorFlow and VGG16 alone took 0.6 GiB on an AMD EPYC and 2.2 GiB on another CI machine: the bomb is measured
+    # against that baseline, and refusing it from its headers must add less than the 1.6 GB it declares
+    assert peak["bomb"] - peak["baseline"] < 0.3, f"peak {peak}"

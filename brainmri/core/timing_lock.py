@@ -1,9 +1,8 @@
 """Timings need the machine to themselves: a shared/exclusive lock between the stage processes of one workspace.
 
-Every stage command holds the lock shared while it runs (`brainmri STAGE`), and so does the flow's per-stage
-process around DVC's own work for the stage (hashing, run-cache, commit; flows/repro_one.py), letting go only while
-the command runs. A stage that times runtimes (benchmark, ensemble: `orchestration.exclusive`) takes the lock
-exclusively around its timed calls only. So the flow can run a benchmark stage beside the others, its imports, model
+Every stage command holds the lock shared while it runs (`brainmri STAGE`, flows/cli.py), imports included. A
+stage that times runtimes (benchmark, ensemble: `orchestration.exclusive`) takes the lock exclusively around its
+timed calls only. So the flow can run a benchmark stage beside the others, its imports, model
 loading and validation checks included, and still no other stage process works while it times. Before, the flow kept
 the whole stage alone, and on 2 cores the benchmark stages ran one after another at the end of every run. Processes
 that are not stages (the flow's own, Prefect's server) are not covered, and the lock covers one workspace: a queued
@@ -47,7 +46,7 @@ def _open(folder: Path, name: str):
 
 def _log(kind: str, start: float) -> None:
     if os.environ.get(LOG):
-        who = [Path(sys.argv[0]).name, *sys.argv[1:3]]  # `brainmri STAGE [MODEL]`, or repro_one.py ROOT STAGE
+        who = [Path(sys.argv[0]).name, *sys.argv[1:3]]  # `brainmri STAGE [MODEL]`
         with open(os.environ[LOG], "a", encoding="utf-8") as f:
             f.write(json.dumps({"pid": os.getpid(), "argv": who, "kind": kind, "start": start, "end": time.time()}) + "\n")
 

@@ -29,6 +29,12 @@ def rankable(rank: dict) -> str:
     return f"yes (tied: {ties})" if ties else "yes"
 
 
+def _peak_share(by: dict, runtime: str, bs: int) -> str:
+    """A runtime's rate as a share of the GEMM peak, or 'not timed' (a runtime that failed its val check is not timed)."""
+    row = by.get((runtime, bs))
+    return f"{100 * row['share_of_matmul_peak']:.0f}" if row else "not timed"
+
+
 def _latency_row(name: str, bs: int, b: dict, e: dict) -> dict:
     """One model at one batch size: b its benchmark record, e its export metrics."""
     by = {(x["runtime"], x["batch"]): x for x in b["rows"]}
@@ -40,8 +46,8 @@ def _latency_row(name: str, bs: int, b: dict, e: dict) -> dict:
         "Fastest passing its val check": b.get("fastest_admissible", {}).get(f"batch_{bs}") or "n/a",
         "ORT fp32 / compiled Keras": f"{r['onnxruntime_fp32_speedup_over_keras_compiled']:.2f}x",
         "int8 / fp32": f"{r['int8_speedup_over_fp32']:.2f}x" if r["int8_speedup_over_fp32"] else "not timed (failed its val check)",
-        "fp32 % peak": f"{100 * by['onnxruntime_fp32', bs]['share_of_matmul_peak']:.0f}",
-        "int8 % peak": f"{100 * by['onnxruntime_int8', bs]['share_of_matmul_peak']:.0f}",
+        "fp32 % peak": _peak_share(by, "onnxruntime_fp32", bs),
+        "int8 % peak": _peak_share(by, "onnxruntime_int8", bs),
         "Rankable": rankable(b.get("ranking", {}).get(f"batch_{bs}", {})),
         "Timed by": "itself" if b.get("timed", {}).get("by", name) == name else f"{b['timed']['by']} (same graphs)",
         "int8 Δ acc (pts)": f"{e['int8']['accuracy_change_points']:+.1f}",
