@@ -92,43 +92,55 @@ def rotate(img, rng):
 KINDS = {"crop": crop, "pad": pad, "rescale": rescale, "text": text, "jpeg": jpeg, "gamma": gamma, "rotate": rotate}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: the data folder and the perturbations' seed."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "brain_tumor_dataset"))
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    p = load_params(REPO / "params.yaml")
-    d, limits = p.dedupe, {"max_pixels": p.ingest.max_pixels, "max_side": p.ingest.max_side, "crop_to_content": p.ingest.crop_to_content}
-    root = Path(args.data)
-    files = sorted(str(f.relative_to(root)) for f in root.glob("*/*") if f.is_file())
-    start = time.monotonic()
+    return ap.parse_args()
+
+
+def decode_originals(root: Path, files: list[str], max_bytes: int, limits: dict, hash_size: int) -> tuple[list, list]:
+    """Each real image decoded as ingest decodes it, as (relative path, decoded image) pairs, and their fingerprints."""
     originals, prints = [], []
     for rel in files:
-        dec = decode_file(root / rel, max_bytes=p.ingest.max_file_bytes, **limits)
+        dec = decode_file(root / rel, max_bytes=max_bytes, **limits)
         originals.append((rel, dec))
-        prints.append(fingerprint(dec.uncropped, dec.sha256, d.hash_size))
-    rng = np.random.default_rng(args.seed)
+        prints.append(fingerprint(dec.uncropped, dec.sha256, hash_size))
+    return originals, prints
+
+
+def perturb(img, kind: str, rng):
+    """A copy of `img` perturbed by one kind, or by three kinds drawn at once for "three at once"."""
+    steps = list(rng.choice(list(KINDS), 3, replace=False)) if kind == "three at once" else [kind]
+    out = img
+    for s in steps:
+        out = KINDS[s](out, rng)
+    return out
+
+
+def perturbed_copies(root: Path, originals: list, rng, limits: dict, hash_size: int) -> tuple[list, list]:
+    """The fingerprints of every original's perturbed copies (one per kind, one with three at once), and each copy's
+    (original's index, kind)."""
     copies, meta = [], []
     for i, (rel, _) in enumerate(originals):
         img = Image.open(root / rel)
         img.load()
         for kind in [*KINDS, "three at once"]:
-            steps = list(rng.choice(list(KINDS), 3, replace=False)) if kind == "three at once" else [kind]
-            out = img
-            for s in steps:
-                out = KINDS[s](out, rng)
+            out = perturb(img, kind, rng)
             buf = io.BytesIO()
             out.convert("RGB").save(buf, format="PNG")  # lossless after the perturbation (a JPEG step's loss is already in)
             cd = decode_bytes(buf.getvalue(), **limits)
-            copies.append(fingerprint(cd.uncropped, cd.sha256, d.hash_size))
+            copies.append(fingerprint(cd.uncropped, cd.sha256, hash_size))
             meta.append((i, kind))
-    n = len(prints)
-    all_prints = prints + copies
-    same = joined(all_prints, d.max_distance, d.min_correlation, d.min_partial_correlation)  # each pair's verdict, once
-    base = groups_of([x.sha256 for x in prints], same[:n, :n])
-    groups = groups_of([x.sha256 for x in all_prints], same)
+    return copies, meta
+
+
+def recall(meta: list, same: np.ndarray, base: list, groups: list) -> pd.DataFrame:
+    """Per copy: its kind, whether it is grouped with its original ("found") and whether it joins it alone ("alone")."""
+    n = len(base)
     base_arr = np.array(base)
-    found = pd.DataFrame(
+    return pd.DataFrame(
         [
             # grouped: with every copy present, as ingest would group them (other copies of the scan may bridge);
             # alone: the copy joined directly to a member of its original's group, as if it were the only copy
@@ -136,24 +148,31 @@ def main() -> None:
             for j, (i, k) in enumerate(meta)
         ]
     )
+
+
+def merged_pairs(base: list, groups: list) -> int:
+    """The number of pairs of real images in different groups before the copies were added that share one group after."""
     before = pd.Series(base)
-    after = pd.Series(groups[:n])
-    merged_pairs = 0
+    after = pd.Series(groups[: len(base)])
+    merged = 0
     for members in after.groupby(after).groups.values():
         olds = before[list(members)].value_counts()
         if len(olds) > 1:  # groups that were apart and are now one
             sizes = olds.to_numpy()
-            merged_pairs += int((sizes.sum() ** 2 - (sizes**2).sum()) // 2)
+            merged += int((sizes.sum() ** 2 - (sizes**2).sum()) // 2)
+    return merged
+
+
+def reviewed_merges(originals: list, groups: list) -> tuple[int, int]:
+    """How many of the reviewed list's 'different scans' pairs end up in one group, and how many pairs it lists."""
     reviewed = pd.read_csv(REPO / "tests" / "data" / "reviewed_pairs.csv", comment="#", keep_default_na=False)
     index = {rel: k for k, (rel, _) in enumerate(originals)}
     diff = reviewed[reviewed["verdict"] == "different scans"]
-    reviewed_merged = sum(groups[index[a]] == groups[index[b]] for a, b in zip(diff["a"], diff["b"], strict=True))
-    print(f"CPU: {cpu_model()}; {n} real images, {len(copies)} perturbed copies, seed {args.seed}, {time.monotonic() - start:.0f} s")
-    print(
-        f"dedupe: hash_size {d.hash_size}, max_distance {d.max_distance}, min_correlation {d.min_correlation}, "
-        f"min_partial_correlation {d.min_partial_correlation}"
-    )
-    print(f"real set: {n} images in {len(set(base))} groups; recall grouped (all copies present) / alone (one copy at a time):")
+    return sum(groups[index[a]] == groups[index[b]] for a, b in zip(diff["a"], diff["b"], strict=True)), len(diff)
+
+
+def print_recall(found: pd.DataFrame) -> None:
+    """Prints the recall, grouped and alone, per kind and overall."""
     table = found.groupby("kind", sort=False)[["found", "alone"]].agg(["mean", "sum", "count"])
     for kind, row in table.iterrows():
         g, a = row["found"], row["alone"]
@@ -161,8 +180,34 @@ def main() -> None:
         print(f"  recall {kind:14s} {share}  alone {100 * a['mean']:6.2f}% ({int(a['sum'])})")
     g, a = found["found"], found["alone"]
     print(f"  recall overall        {100 * g.mean():6.2f}% ({int(g.sum())}/{len(found)})  alone {100 * a.mean():6.2f}% ({int(a.sum())})")
-    print(f"false merges: {merged_pairs} pairs of real images from different groups joined by a copy; "
-          f"{reviewed_merged} of {len(diff)} reviewed 'different scans' pairs merged")  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    p = load_params(REPO / "params.yaml")
+    d, limits = p.dedupe, {"max_pixels": p.ingest.max_pixels, "max_side": p.ingest.max_side, "crop_to_content": p.ingest.crop_to_content}
+    root = Path(args.data)
+    files = sorted(str(f.relative_to(root)) for f in root.glob("*/*") if f.is_file())
+    start = time.monotonic()
+    originals, prints = decode_originals(root, files, p.ingest.max_file_bytes, limits, d.hash_size)
+    copies, meta = perturbed_copies(root, originals, np.random.default_rng(args.seed), limits, d.hash_size)
+    n = len(prints)
+    all_prints = prints + copies
+    same = joined(all_prints, d.max_distance, d.min_correlation, d.min_partial_correlation)  # each pair's verdict, once
+    base = groups_of([x.sha256 for x in prints], same[:n, :n])
+    groups = groups_of([x.sha256 for x in all_prints], same)
+    found = recall(meta, same, base, groups)
+    merged = merged_pairs(base, groups)
+    reviewed_merged, n_different = reviewed_merges(originals, groups)
+    print(f"CPU: {cpu_model()}; {n} real images, {len(copies)} perturbed copies, seed {args.seed}, {time.monotonic() - start:.0f} s")
+    print(
+        f"dedupe: hash_size {d.hash_size}, max_distance {d.max_distance}, min_correlation {d.min_correlation}, "
+        f"min_partial_correlation {d.min_partial_correlation}"
+    )
+    print(f"real set: {n} images in {len(set(base))} groups; recall grouped (all copies present) / alone (one copy at a time):")
+    print_recall(found)
+    print(f"false merges: {merged} pairs of real images from different groups joined by a copy; "
+          f"{reviewed_merged} of {n_different} reviewed 'different scans' pairs merged")  # fmt: skip
 
 
 if __name__ == "__main__":

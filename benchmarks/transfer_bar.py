@@ -46,7 +46,8 @@ def augmented_features(p, backbone: str, extractor, frame: pd.DataFrame, tmp: Pa
     return {i: feats[np.array(owner) == i] for i in sorted(set(owner))}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: params, model, overrides, folds, repeats and where to write out-of-fold probabilities."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument(
@@ -63,7 +64,53 @@ def main() -> None:
         help="fold assignments to average over (seeds seed, seed+1, ...): one alone moves AUC by 0.01-0.02",
     )
     ap.add_argument("--oof", help="write each image's out-of-fold probabilities (every repeat) to this CSV, for benchmarks/peer.py")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def whole_base_runs(args: argparse.Namespace, backbone: str, seed: int, everything, groups: np.ndarray) -> list[dict]:
+    """One cross-validation per fold assignment on the whole base's pooled features (feature_layer unset), same folds."""
+    q = load_params(args.params, {**overrides(args.set + [f"backbones.{backbone}.feature_layer="]), "train": {"cv_folds": args.folds}})
+    whole = build_network(q, backbone, q.seed)
+    f_whole = features.extract(q, backbone, whole.extractor, everything.paths, "all images, whole base")
+    return [cross_validate(q, args.model, f_whole, everything.y, groups, {}, fold_seed=seed + r) for r in range(args.repeats)]
+
+
+def print_scores(rows: dict) -> None:
+    """Prints each row's AUC (mean of folds, per assignment, pooled out of fold) and accuracy."""
+    key = {"baseline": "baseline_logreg", "model": "model"}
+    for label, (rs, which) in rows.items():
+        auc = np.array([r[key[which]]["auc"]["mean_of_folds"] for r in rs])
+        acc = np.array([r[key[which]]["accuracy"]["mean_of_folds"] for r in rs])
+        pooled = np.array([r[key[which]]["auc"]["pooled_out_of_fold"] for r in rs])
+        print(
+            f"{label:<44} AUC, mean of folds {auc.mean():.3f} (per assignment {', '.join(f'{a:.3f}' for a in auc)}), "
+            f"pooled out of fold {pooled.mean():.3f}   accuracy, mean of folds {acc.mean():.3f}"
+        )
+
+
+def print_differences(runs: list[dict], rows: dict) -> None:
+    """Prints the trained model's per-fold AUC gain over each logistic-regression row."""
+    for label, (rs, which) in rows.items():
+        if which == "baseline":
+            diff = [
+                f["model_auc"] - g["baseline_auc"]
+                for r, b in zip(runs, rs, strict=True)
+                for f, g in zip(r["per_fold"], b["per_fold"], strict=True)
+            ]
+            print(f"trained model minus {label}: AUC {np.mean(diff):+.3f} (better in {sum(d > 0 for d in diff)} of {len(diff)} folds)")
+
+
+def write_oof(path: str, split: pd.DataFrame, runs: list[dict]) -> None:
+    """Writes each image's out-of-fold probabilities, head and logistic regression, every repeat, to a CSV."""
+    frame = split[["source_path", "label", "group"]].copy()
+    for r, run in enumerate(runs, 1):
+        frame[f"p_head_{r}"], frame[f"p_logreg_{r}"] = run["predictions"]["model"], run["predictions"]["baseline"]
+    write_csv(path, frame)
+    print(f"out-of-fold probabilities: {path}")
+
+
+def main() -> None:
+    args = parse_args()
     p = load_params(args.params, {**overrides(args.set), "train": {"cv_folds": args.folds}})
     spec = p.model(args.model)
     seed_everything(p.seed)
@@ -79,12 +126,7 @@ def main() -> None:
     bb = p.backbones[spec.backbone].at(p.backbones[spec.backbone].grid()[0])  # a grid in params: its first point
     standard = None
     if bb.feature_layer:  # the bar as set: logistic regression on the whole base's pooled features, same folds
-        q = load_params(
-            args.params, {**overrides(args.set + [f"backbones.{spec.backbone}.feature_layer="]), "train": {"cv_folds": args.folds}}
-        )
-        whole = build_network(q, spec.backbone, q.seed)
-        f_whole = features.extract(q, spec.backbone, whole.extractor, everything.paths, "all images, whole base")
-        standard = [cross_validate(q, args.model, f_whole, everything.y, groups, {}, fold_seed=p.seed + r) for r in range(args.repeats)]
+        standard = whole_base_runs(args, spec.backbone, p.seed, everything, groups)
     print(
         f"{len(everything.y)} images, {args.folds}-fold grouped CV x {args.repeats} fold assignments, {bb.application} features "
         f"at {bb.feature_layer or 'the last layer'}, {bb.pooling} pooled ({net.weights.describe()})"
@@ -92,29 +134,10 @@ def main() -> None:
     rows = {"logistic regression, same features": (runs, "baseline"), f"trained model ({args.model})": (runs, "model")}
     if standard:
         rows = {"logistic regression, whole base (the bar)": (standard, "baseline"), **rows}
-    key = {"baseline": "baseline_logreg", "model": "model"}
-    for label, (rs, which) in rows.items():
-        auc = np.array([r[key[which]]["auc"]["mean_of_folds"] for r in rs])
-        acc = np.array([r[key[which]]["accuracy"]["mean_of_folds"] for r in rs])
-        pooled = np.array([r[key[which]]["auc"]["pooled_out_of_fold"] for r in rs])
-        print(
-            f"{label:<44} AUC, mean of folds {auc.mean():.3f} (per assignment {', '.join(f'{a:.3f}' for a in auc)}), "
-            f"pooled out of fold {pooled.mean():.3f}   accuracy, mean of folds {acc.mean():.3f}"
-        )
-    for label, (rs, which) in rows.items():
-        if which == "baseline":
-            diff = [
-                f["model_auc"] - g["baseline_auc"]
-                for r, b in zip(runs, rs, strict=True)
-                for f, g in zip(r["per_fold"], b["per_fold"], strict=True)
-            ]
-            print(f"trained model minus {label}: AUC {np.mean(diff):+.3f} (better in {sum(d > 0 for d in diff)} of {len(diff)} folds)")
+    print_scores(rows)
+    print_differences(runs, rows)
     if args.oof:
-        frame = split[["source_path", "label", "group"]].copy()
-        for r, run in enumerate(runs, 1):
-            frame[f"p_head_{r}"], frame[f"p_logreg_{r}"] = run["predictions"]["model"], run["predictions"]["baseline"]
-        write_csv(args.oof, frame)
-        print(f"out-of-fold probabilities: {args.oof}")
+        write_oof(args.oof, split, runs)
 
 
 if __name__ == "__main__":

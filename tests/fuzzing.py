@@ -250,21 +250,9 @@ def _decode_batch(seeds, seed: int, start: int, count: int) -> dict:
     return {"cases": count, "ok": ok, "refused": refused, "failures": failures}
 
 
-def _pipeline_batch(seeds, seed: int, start: int, count: int, work: Path) -> dict:
-    """One dataset folder of `count` mutated files with hostile names through ingest, split and predict."""
-    import contextlib
-    import logging
-
-    import pandas as pd
-    from factory import make_project, tiny_onnx
-
-    from brainmri.config import load_params
-    from flows.cli import main
-
-    logging.disable(logging.CRITICAL)
+def _hostile_dataset(seeds, seed: int, start: int, count: int, ds: Path) -> dict[str, list[bytes]]:
+    """`ds`/{no,yes}: two usable images per class, then `count` mutated files under hostile names; the names written."""
     rng = np.random.default_rng([seed, start, 7])
-    root = make_project(work / "proj", {"ingest": {"source": "ds", "min_images_per_class": 2}})
-    ds = root / "ds"
     written = {"no": [], "yes": []}
     goods = [data for fmt, data in seeds if fmt == "JPEG"]  # three per scan; take different scans
     for c, label in enumerate(written):
@@ -277,8 +265,64 @@ def _pipeline_batch(seeds, seed: int, start: int, count: int, work: Path) -> dic
         _, data = mutate(seeds, seed, i)
         (ds / label / os.fsdecode(raw)).write_bytes(data)
         written[label].append(raw)
-    model = tiny_onnx(work / "model.onnx")
-    p = load_params(root / "params.yaml")
+    return written
+
+
+def _ingest_and_split_problems(p, written: dict, run, stats: dict) -> list[str]:
+    """Rows lost between the files written, ingest's report, its manifest and split's manifest."""
+    import pandas as pd
+
+    if run(["ingest"]) != 0:
+        return []
+    report = json.loads(p.path("ingest_report").read_text())
+    stats.update(ingested=report["n_ingested"], quarantined=report["n_quarantined"], skipped=report["n_skipped"])
+    problems = []
+    n_entries = sum(len(v) for v in written.values())
+    if report["n_files"] + report["n_skipped"] != n_entries or report["n_files"] != report["n_ingested"] + report["n_quarantined"]:
+        problems.append(f"ingest: rows lost: {n_entries} files, report {report}")
+    manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    if len(manifest) != report["n_ingested"]:
+        problems.append("ingest: manifest rows differ from n_ingested")
+    if run(["split"]) == 0:
+        rows = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+        kept = sorted(manifest.loc[~manifest["conflict"].astype(bool), "source_path"])
+        if sorted(rows["source_path"]) != kept:
+            problems.append("split: split rows differ from ingest rows")
+    return problems
+
+
+def _predict_problems(ds: Path, written: dict, model: Path, out: Path, run, stats: dict) -> list[str]:
+    """predict over the hostile folder: one row per file that is not hidden, each named printably."""
+    import pandas as pd
+
+    from brainmri.intake.archives import printable
+
+    if run(["predict", "--model", str(model), "--out", str(out), str(ds)]) != 0:
+        return []
+    expected = sorted(
+        os.fsdecode(os.path.join(os.fsencode(ds), label.encode(), n)) for label, names in written.items() for n in names if n[:1] != b"."
+    )
+    got = pd.read_csv(out, keep_default_na=False)
+    stats.update(predicted=int((got["error"] == "").sum()), predict_errors=int((got["error"] != "").sum()))
+    if sorted(got["path"]) != sorted(printable(x) for x in expected):
+        return [f"predict: {len(got)} rows for {len(expected)} files"]
+    return []
+
+
+def _pipeline_batch(seeds, seed: int, start: int, count: int, work: Path) -> dict:
+    """One dataset folder of `count` mutated files with hostile names through ingest, split and predict."""
+    import contextlib
+    import logging
+
+    from factory import make_project, tiny_onnx
+
+    from brainmri.config import load_params
+    from flows.cli import main
+
+    logging.disable(logging.CRITICAL)
+    root = make_project(work / "proj", {"ingest": {"source": "ds", "min_images_per_class": 2}})
+    written = _hostile_dataset(seeds, seed, start, count, root / "ds")
+    model, p, case = tiny_onnx(work / "model.onnx"), load_params(root / "params.yaml"), f"{start}+{count}"
     failures = []
     stats = {"ingested": 0, "quarantined": 0, "skipped": 0, "predicted": 0, "predict_errors": 0, "exit_2": 0}
 
@@ -292,40 +336,15 @@ def _pipeline_batch(seeds, seed: int, start: int, count: int, work: Path) -> dic
         text = err.getvalue()
         stats["exit_2"] += code == 2
         if code not in (0, 2) or "Traceback" in text or (code == 2 and len(text.strip().splitlines()) != 1):
-            failures.append({"case": f"{start}+{count}", "kind": args[0], "error": f"exit {code}: {text[-500:]}"})
+            failures.append({"case": case, "kind": args[0], "error": f"exit {code}: {text[-500:]}"})
         return code
 
     try:
-        if run(["ingest"]) == 0:
-            report = json.loads(p.path("ingest_report").read_text())
-            stats.update(ingested=report["n_ingested"], quarantined=report["n_quarantined"], skipped=report["n_skipped"])
-            n_entries = sum(len(v) for v in written.values())
-            if report["n_files"] + report["n_skipped"] != n_entries or report["n_files"] != report["n_ingested"] + report["n_quarantined"]:
-                failures.append({"case": f"{start}+{count}", "kind": "ingest", "error": f"rows lost: {n_entries} files, report {report}"})
-            manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
-            if len(manifest) != report["n_ingested"]:
-                failures.append({"case": f"{start}+{count}", "kind": "ingest", "error": "manifest rows differ from n_ingested"})
-            if run(["split"]) == 0:
-                rows = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
-                kept = sorted(manifest.loc[~manifest["conflict"].astype(bool), "source_path"])
-                if sorted(rows["source_path"]) != kept:
-                    failures.append({"case": f"{start}+{count}", "kind": "split", "error": "split rows differ from ingest rows"})
-        out = work / "predictions.csv"
-        if run(["predict", "--model", str(model), "--out", str(out), str(ds)]) == 0:
-            expected = sorted(
-                os.fsdecode(os.path.join(os.fsencode(ds), label.encode(), n))
-                for label, names in written.items()
-                for n in names
-                if n[:1] != b"."
-            )
-            from brainmri.intake.archives import printable
-
-            got = pd.read_csv(out, keep_default_na=False)
-            stats.update(predicted=int((got["error"] == "").sum()), predict_errors=int((got["error"] != "").sum()))
-            if sorted(got["path"]) != sorted(printable(p) for p in expected):
-                failures.append({"case": f"{start}+{count}", "kind": "predict", "error": f"{len(got)} rows for {len(expected)} files"})
+        problems = _ingest_and_split_problems(p, written, run, stats)
+        problems += _predict_problems(root / "ds", written, model, work / "predictions.csv", run, stats)
+        failures += [{"case": case, "kind": x.split(":")[0], "error": x.split(": ", 1)[1]} for x in problems]
     except BaseException as exc:  # noqa: BLE001
-        failures.append({"case": f"{start}+{count}", "kind": "pipeline", "error": f"{type(exc).__name__}: {exc}"})
+        failures.append({"case": case, "kind": "pipeline", "error": f"{type(exc).__name__}: {exc}"})
     return {"cases": count, **stats, "failures": failures}
 
 

@@ -112,6 +112,27 @@ def running_command(root, *words: str) -> bool:
     return False
 
 
+def _check_overlap_and_timing_lock(root, spans, holds_log, calls: list[str]) -> None:
+    """Checks the first flow run's stage spans and timing-lock holds: the two branches' training overlaps, every stage
+    command held the lock shared, and no stage process worked beside a timing stage or the benchmark's timed calls."""
+    span = {stage: (t0, t1) for stage, t0, t1 in map(json.loads, spans.read_text().splitlines())}
+    holds = [json.loads(line) for line in holds_log.read_text().splitlines()]  # brainmri/core/timing_lock.py's log
+    timing, working = [h for h in holds if h["kind"] == "alone"], [h for h in holds if h["kind"] == "shared"]
+    command: dict[str, tuple] = {}  # each stage command's span: from its first hold to its last (a timing one lets go meanwhile)
+    for h in (h for h in working if h["argv"][0] == "brainmri"):
+        t0, t1 = command.get("@".join(h["argv"][1:3]), (h["start"], h["end"]))
+        command["@".join(h["argv"][1:3])] = (min(t0, h["start"]), max(t1, h["end"]))
+    (a0, a1), (b0, b1) = command["train@vgg16-aug"], command["train@smallcnn-aug"]
+    assert a0 < b1 and b0 < a1, command  # max_workers 2: the two branches' training commands overlap
+    ran = set(calls) - {"export@vgg16-aug"}  # every stage of this first run ran, but the injected failure
+    assert ran <= command.keys()  # each stage command held the timing lock shared
+    assert timing and all(w["end"] <= t["start"] or w["start"] >= t["end"] for t in timing for w in working)
+    alone = [s for s in span if s.split("@")[0] in load_params(root / "params.yaml").orchestration.exclusive]
+    assert alone and all(span[s][1] <= span[o][0] or span[o][1] <= span[s][0] for s in alone for o in span if o != s), span
+    w0, w1 = json.loads((root / "data/benchmark/smallcnn-aug/benchmark.json").read_text())["timed"]["window"]
+    assert any(t["start"] <= w0 <= w1 <= t["end"] for t in timing)  # its timed calls ran while no stage process worked
+
+
 def test_a_first_flow_run_overlaps_branches_and_a_failed_branch_does_not_stop_the_others(ws, monkeypatch, tmp_path):
     """The first run on the workspace: the two model branches' commands overlap (max_workers 2), no other stage
     process works beside a timing stage; one branch's export fails and the others finish; a user's `dvc repro` of a
@@ -149,22 +170,7 @@ def test_a_first_flow_run_overlaps_branches_and_a_failed_branch_does_not_stop_th
     res = meanwhile["res"]
     out = res.stdout + res.stderr
     assert "Running stage" not in out and (res.returncode == 0 or "busy" in out or "lock" in out.lower()), out
-    span = {stage: (t0, t1) for stage, t0, t1 in map(json.loads, spans.read_text().splitlines())}
-    holds = [json.loads(line) for line in (tmp_path / "holds.jsonl").read_text().splitlines()]  # brainmri/core/timing_lock.py's log
-    timing, working = [h for h in holds if h["kind"] == "alone"], [h for h in holds if h["kind"] == "shared"]
-    command: dict[str, tuple] = {}  # each stage command's span: from its first hold to its last (a timing one lets go meanwhile)
-    for h in (h for h in working if h["argv"][0] == "brainmri"):
-        t0, t1 = command.get("@".join(h["argv"][1:3]), (h["start"], h["end"]))
-        command["@".join(h["argv"][1:3])] = (min(t0, h["start"]), max(t1, h["end"]))
-    (a0, a1), (b0, b1) = command["train@vgg16-aug"], command["train@smallcnn-aug"]
-    assert a0 < b1 and b0 < a1, command  # max_workers 2: the two branches' training commands overlap
-    ran = set(calls) - {"export@vgg16-aug"}  # every stage of this first run ran, but the injected failure
-    assert ran <= command.keys()  # each stage command held the timing lock shared
-    assert timing and all(w["end"] <= t["start"] or w["start"] >= t["end"] for t in timing for w in working)
-    alone = [s for s in span if s.split("@")[0] in load_params(ws / "params.yaml").orchestration.exclusive]
-    assert alone and all(span[s][1] <= span[o][0] or span[o][1] <= span[s][0] for s in alone for o in span if o != s), span
-    w0, w1 = json.loads((ws / "data/benchmark/smallcnn-aug/benchmark.json").read_text())["timed"]["window"]
-    assert any(t["start"] <= w0 <= w1 <= t["end"] for t in timing)  # its timed calls ran while no stage process worked
+    _check_overlap_and_timing_lock(ws, spans, tmp_path / "holds.jsonl", calls)
     msg = str(err.value)
     assert "export@vgg16-aug" in msg and "injected: disk went away" in msg
     assert held(msg) == set(HELD_BACK) and "next:" in msg
