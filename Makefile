@@ -33,7 +33,7 @@ test: setup  ## lint, layers, docs, then the unit and scenario tiers (what CI ru
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports  # the layers in pyproject.toml: stages never import each other, brainmri never imports flows or tasks
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d $$(mktemp -d)  # the docs site: a broken link fails
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST) -m "not long"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST) -m "not long" --durations=20
 
 test-all: setup  ## lint, then every test, the `long` scenarios included
 	$(BIN)/ruff check .

@@ -45,7 +45,13 @@ def test_an_architecture_is_timed_once_and_every_model_checked_on_its_own_val(sm
     b = {n: json.loads(p.model_file("benchmark", n, "benchmark").read_text()) for n in p.models}
     first, second, other = b["vgg16-noaug"], b["vgg16-aug"], b["smallcnn-aug"]
     assert first["timed"]["by"] == "vgg16-noaug" and not first["timed"]["reused"]
-    assert second["timed"] == {**first["timed"], "reused": True} and second["rows"] == first["rows"]
+    timed = {n: {r["runtime"] for r in out["rows"]} for n, out in b.items()}
+    passed = {n: {rt for rt, v in out["fidelity_on_val"].items() if v["admissible"]} for n, out in b.items()}
+    assert all(passed[n] <= timed[n] for n in b)  # every runtime that passed its val check is timed
+    if passed["vgg16-aug"] == passed["vgg16-noaug"]:  # the same runtimes to time: the sibling's timings serve
+        assert second["timed"] == {**first["timed"], "reused": True} and second["rows"] == first["rows"]
+    else:  # an int8 file that passed its val check for one sibling and not the other (it varies with the CPU)
+        assert second["timed"]["by"] == "vgg16-aug" and not second["timed"]["reused"], (passed, timed)
     assert other["timed"]["by"] == "smallcnn-aug" and not other["timed"]["reused"] and other["timed"]["key"] != first["timed"]["key"]
     for name, out in b.items():  # each model's own probabilities checked, whoever timed its graphs
         checked = {v["n_val"] for v in out["fidelity_on_val"].values()}

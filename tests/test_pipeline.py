@@ -213,6 +213,7 @@ def test_dvc_metrics_plots_and_exp_show_read_cleanly(ws):
     assert "cv_auc_pooled_out_of_fold" in header  # DVC drops the file from a column name only one file has
 
 
+@pytest.mark.long  # two flow runs and a restore: 280 s of CI's budget; run-cache restore is DVC's own (make test-all)
 def test_a_vgg16_learning_rate_change_reruns_exactly_its_chain_and_going_back_restores_it_without_running(ws):
     from flows.pipeline import pipeline
 

@@ -37,14 +37,19 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
         cal = trained[name]["calibration"]
         assert f"| {name} | platt (a = {cal['a']:.2f}, c = {cal['c']:+.2f}) |" in md and f"{cal['ece_after']:.3f}" in md
     assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in html  # phantoms say so, from the dataset's own marker
-    assert "![Test images with their predictions](samples.png)" in md and "(the model best on validation)" in md
+    assert "![Test images with their predictions](samples.png)" in md and "(the reference model, best by pooled CV AUC)" in md
     assert "Lineage not recorded: no dvc.lock" in md  # run outside DVC here; tests/test_pipeline.py has the recorded case
     assert "CPU latency" in md and "ORT fp32 / compiled Keras" in md and "int8 / fp32" in md
-    assert "| vgg16-noaug (same graphs) |" in md and "| itself |" in md  # vgg16-aug shows its sibling's timings, and says so
+    reused = json.loads(p.model_file("benchmark", "vgg16-aug", "benchmark").read_text())["timed"]["reused"]
+    assert "| itself |" in md and (not reused or "| vgg16-noaug (same graphs) |" in md)  # a sibling's timings say so
     assert [r["Model"] for r in result["table"]] == list(p.models)
     assert "CV AUC, mean of folds ± sd" in md and "CV AUC, pooled out of fold" in md and "pooled out of fold' is one AUC" in md
     verdicts = {r["Model"]: r["Verdict"] for r in result["paired"]}
-    best = max(p.models, key=lambda n: trained[n]["val"]["auc"])
+    from brainmri.report.results import reference_model
+
+    cv_auc = {n: trained[n]["cv"]["model"]["auc"]["pooled_out_of_fold"] for n in p.models if trained[n].get("cv")}
+    best = max(cv_auc, key=cv_auc.get)  # chosen by pooled CV AUC over train+val, never by val's few images
+    assert reference_model(p, trained) == best
     assert list(verdicts) == list(p.models) and verdicts[best] == "reference"
     assert set(verdicts.values()) <= {"reference", "better", "worse", "no clear difference"} and "### Which differences are real" in md
     assert "were placed anew, 0 moved because" in md  # the split ledger's first run
@@ -76,8 +81,9 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
     n = len(p.models) + 1
-    # results; settings; paired; saliency; ensemble (CV, test AUC and accuracy, two latency rows); calibration; latency
-    assert seen["tables"] == [n, n, n, n, 6, n, 2 * len(p.models) + 1]
+    # results; settings; paired; saliency; ensemble (CV; val AUC, accuracy, sensitivity and specificity at the
+    # threshold set on CV; test AUC and accuracy; two latency rows); calibration; latency
+    assert seen["tables"] == [n, n, n, n, 10, n, 2 * len(p.models) + 1]
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
     assert len(seen["images"]) == 8 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}

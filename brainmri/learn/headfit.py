@@ -32,12 +32,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from brainmri.core.progress import log
+
 # keras.optimizers.Adam's defaults, which the old `model.fit` path used
 BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "selected"]
 MAX_GROUP = 32  # heads per compiled run: memory grows with the heads trained together (each epoch's dropout masks and
 # batches are stacked on the head axis); a 38-point grid of the augmented VGG16 model's folds, in one run, took 6.8 GB.
-# The default grids train at most 31 heads of one width at once, so their results are as before
+# Heads grouped otherwise train in another floating-point order: pooled CV AUCs moved by about 0.001 on the real set
 
 
 @dataclass
@@ -107,11 +109,12 @@ def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int, l2=0.0
             results[i] = fit_linear(j, float(l2s[i]))
         else:
             shapes.setdefault(tuple(j.head.get_layer("head_dense").kernel.shape), []).append(i)
-    for same in shapes.values():
-        for at in range(0, len(same), MAX_GROUP):
-            idx = same[at : at + MAX_GROUP]
-            for i, r in zip(idx, _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch, l2s[idx]), strict=True):
-                results[i] = r
+    runs = [same[at : at + MAX_GROUP] for same in shapes.values() for at in range(0, len(same), MAX_GROUP)]
+    for k, idx in enumerate(runs):
+        if len(jobs) > 1:  # progress on long work: a grid's compiled runs take minutes each on 2 cores
+            log.info("heads: compiled run %d of %d: %d heads, up to %d epochs", k + 1, len(runs), len(idx), int(eps[idx].max()))
+        for i, r in zip(idx, _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch, l2s[idx]), strict=True):
+            results[i] = r
     return results
 
 
