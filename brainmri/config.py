@@ -60,6 +60,7 @@ class Files(Section):
 class Paths(Section):
     code: str
     weights_inbox: str
+    subjects_inbox: str
     data_root: str
     weights: str
     served: str
@@ -94,6 +95,8 @@ class Paths(Section):
         for key in type(self).model_fields:
             if key != "files" and (why := path_problem(getattr(self, key))):
                 raise ValueError(f"paths.{key} {why}")
+        if not self.subjects_inbox.strip():  # the ingest stage depends on this folder: '' would name the whole project
+            raise ValueError("paths.subjects_inbox must name a folder (the subjects tables' inbox), got ''")
         for key, name in self.files.model_dump().items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
                 raise ValueError(f"paths.files.{key} {name!r} must be a plain file name (letters, digits, '_', '.', '-')")
@@ -128,6 +131,8 @@ class Ingest(Section):
     crop_to_content: bool
     outlier_z: float
     exclude: list[Exclusion]
+    subjects: str  # a CSV of source_path, subject inside paths.subjects_inbox; "" for none (brainmri/intake/subjects.py)
+    keep_mixed_subjects: bool
 
     @model_validator(mode="after")
     def _check(self):
@@ -140,6 +145,8 @@ class Ingest(Section):
             raise ValueError("ingest.exclude: every excluded file needs a reason")
         if why := path_problem(self.source):
             raise ValueError(f"ingest.source {why}")
+        if self.subjects and (why := path_problem(self.subjects)):
+            raise ValueError(f"ingest.subjects {why}")
         for name in self.classes:
             if not CLASS_NAME.fullmatch(name):
                 raise ValueError(
@@ -514,6 +521,7 @@ class Params(Section):
                     )
         for key, bb in self.backbones.items():
             self._check_weights(key, bb.weights)
+        self._check_subjects()
         self._check_grids()
         self._check_ensemble()
         if self.promotion.model not in self.models:
@@ -559,6 +567,18 @@ class Params(Section):
             raise ValueError(
                 f"backbones.{key}.weights {weights!r} is outside the weights inbox {self.paths.weights_inbox}/ "
                 "(paths.weights_inbox) once '..' is resolved; put the file, or a symlink to it, there"
+            )
+
+    def _check_subjects(self) -> None:
+        """A subjects table must lie in the subjects inbox once its path is normalized: the ingest stage depends on that
+        folder in dvc.yaml (DVC cannot depend on a path that may be empty), so a table elsewhere would not be tracked."""
+        if not self.ingest.subjects:
+            return
+        inbox = os.path.normpath(self.paths.subjects_inbox)
+        if not os.path.normpath(self.ingest.subjects).startswith(inbox + os.sep):
+            raise ValueError(
+                f"ingest.subjects {self.ingest.subjects!r} is outside the subjects inbox {self.paths.subjects_inbox}/ "
+                "(paths.subjects_inbox) once '..' is resolved; put the table, or a symlink to it, there"
             )
 
     @property
@@ -686,7 +706,7 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: dict | None = None) -
     return params
 
 
-INPUT_PATHS = ("code", "weights_inbox", "files", "data_root")  # paths.* keys that are not outputs (the code, the weights inbox, file names)
+INPUT_PATHS = ("code", "weights_inbox", "subjects_inbox", "files", "data_root")  # paths.* keys that are not outputs: code, inboxes, names
 PROJECT_FILES = (  # beside this params file and beside the code (the demo's params are in demo/, its repository one up)
     *(".git", ".dvc", "dvc.yaml", "dvc.lock", ".dvcignore", ".gitignore", "README.md", "pyproject.toml", "Makefile", "params.yaml"),
     *("versions.yaml", "requirements.lock", "prefect.yaml", ".venv", ".ci", "docs", "mkdocs.yml"),
@@ -705,11 +725,12 @@ def _overlap(a: str, b: str) -> bool:
 
 def check_outputs(p: Params, file: Path) -> None:
     """No output path (paths.*) is the project folder or holds it, and none equals, holds or lies in another output, an input
-    (ingest.source, external.source, synthetic.out, paths.weights_inbox) or a file or folder the project needs (this
-    params file, DVC's and git's, the code). A stage replaces its outputs whole (fsutil.atomic_dir), so an output of
-    '' or the raw data's folder would delete the project or the data. Paths are compared as written and as resolved
-    through links. Checked wherever the code loads params; plain `dvc repro` deletes a stage's outputs before its
-    command runs, so after editing paths run `brainmri params` (it loads them) first."""
+    (ingest.source, external.source, synthetic.out, paths.weights_inbox, paths.subjects_inbox, ingest.subjects) or a file
+    or folder the project needs (this params file, DVC's and git's, the code). A stage replaces its outputs whole
+    (fsutil.atomic_dir), so an output of '' or the raw data's folder would delete the project or the data. Paths are
+    compared as written and as resolved through links. Checked wherever the code loads params; plain `dvc repro`
+    deletes a stage's outputs before its command runs, so after editing paths run `brainmri params` (it loads them)
+    first."""
     root = p.root
     roots = (str(root), os.path.realpath(root))
 
@@ -722,8 +743,10 @@ def check_outputs(p: Params, file: Path) -> None:
         if not rel.strip() or any(_holds(w, r) for w, r in zip(forms(rel), roots, strict=True)):
             raise ConfigError(f"{file}: {key} {rel!r} is the project folder {root} or holds it: a stage replaces its outputs whole")
     keep = {"ingest.source": p.ingest.source, "synthetic.out": p.synthetic.out, "paths.weights_inbox": p.paths.weights_inbox}
-    if p.external.source.strip():
-        keep["external.source"] = p.external.source
+    keep["paths.subjects_inbox"] = p.paths.subjects_inbox
+    for key, rel in (("external.source", p.external.source), ("ingest.subjects", p.ingest.subjects)):
+        if rel.strip():
+            keep[key] = rel
     keep.update({name: name for name in (file.name, *PROJECT_FILES)})
     beside_code = (*CODE_FOLDERS, *PROJECT_FILES) if p.paths.code else CODE_FOLDERS  # "": the project files are those above
     keep.update({f"paths.code + {name}": p.paths.code + name for name in beside_code})

@@ -13,12 +13,14 @@ from brainmri.intake.manifest import build_manifest, check_class_counts, check_u
 from brainmri.intake.outliers import features
 from brainmri.intake.phantoms import MARKER
 from brainmri.intake.sources import decoded, drop_excluded, image_id, open_source, scan
+from brainmri.intake.subjects import read_subjects, with_subjects
 
 
 def ingest(p: Params) -> dict:
     """Run the stage: write normalized images, the manifest and the report; return the report."""
     start = time.monotonic()
     source = p.resolve(p.ingest.source)
+    subjects = read_subjects(p)  # first: a bad table stops the stage before any image is decoded
     rows, prints, looks = [], [], []
     with open_source(source, p) as folder, atomic_dir(p.path("ingest_images")) as out:
         files, skipped, quarantined = scan(folder, p.ingest.classes)
@@ -33,8 +35,11 @@ def ingest(p: Params) -> dict:
             rows.append(manifest_row(f, dec, iid))
         check_class_counts([r["label"] for r in rows], p, source)
         manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe)
+        manifest, by_subject = with_subjects(manifest, subjects, p.ingest.keep_mixed_subjects)
         check_usable_counts(manifest, p, source)  # inside the block: on failure no image is published
     report = ingest_report(p, n_files, skipped, quarantined, excluded, manifest, time.monotonic() - start, synthetic)
+    if by_subject is not None:  # only with a table: without one, the report is as it always was
+        report["subjects"] = by_subject
     write_csv(p.path("ingest_manifest"), manifest)
     write_json(p.path("ingest_report"), report)
     d = report["duplicates"]
@@ -43,6 +48,7 @@ def ingest(p: Params) -> dict:
         f"{report['n_files']} files -> {report['n_ingested']} ingested, {len(quarantined)} quarantined, "
         f"{len(excluded)} excluded, {len(skipped)} skipped, {len(report['outliers'])} flagged for review; "
         f"{d['n_images_in_duplicate_groups']} images in {d['n_duplicate_groups']} duplicate groups, "
-        f"{len(d['conflicts'])} label conflicts",
+        f"{len(d['conflicts'])} label conflicts"
+        + (f"; {by_subject['n_subjects']} subjects, {len(by_subject['mixed'])} under several classes" if by_subject is not None else ""),
     )
     return report

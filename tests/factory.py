@@ -74,6 +74,8 @@ def make_project(root: Path, overrides: dict | None = None, code: bool = False, 
         params["promotion"]["model"] = next(iter(params["models"]))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "weights").mkdir(exist_ok=True)  # paths.weights_inbox: a dependency of the weights stages
+    (root / "subjects").mkdir(exist_ok=True)  # paths.subjects_inbox: a dependency of the ingest stage; with a file in it,
+    shutil.copy(REPO / "subjects" / "README.md", root / "subjects" / "README.md")  # as in the repository, a git clone has it
     (root / "external").mkdir(exist_ok=True)  # external.source: no class folder, so no external set
     shutil.copy(REPO / "external" / ".gitkeep", root / "external" / ".gitkeep")
     if code:

@@ -256,6 +256,12 @@ def groups_of(keys: list[str], same: np.ndarray) -> list[str]:
     A new copy whose key sorts first does rename its group: the split stage's ledger, keyed by each image's
     sha256, is what keeps splits put, not these ids.
     """
+    return components(keys, zip(*np.nonzero(np.triu(same, 1)), strict=True))
+
+
+def components(keys: list[str], pairs) -> list[str]:
+    """A group id per image from index pairs (i, j) joined transitively: "g" and the first 10 hex digits of the sha256
+    of the smallest key among the group's members, so the id depends only on who the members are."""
     n = len(keys)
     parent = list(range(n))
 
@@ -265,7 +271,7 @@ def groups_of(keys: list[str], same: np.ndarray) -> list[str]:
             i = parent[i]
         return i
 
-    for i, j in zip(*np.nonzero(np.triu(same, 1)), strict=True):
+    for i, j in pairs:
         parent[find(int(i))] = find(int(j))
     members: dict[int, list[str]] = {}
     for i in range(n):

@@ -64,9 +64,8 @@ def check_usable_counts(manifest: pd.DataFrame, p: Params, source: Path) -> None
     passed the first count, and split then wrote 0/0/0 images."""
     usable = manifest.loc[~manifest["conflict"].astype(bool), "label"].tolist()
     dropped = len(manifest) - len(usable)
-    check_class_counts(
-        usable, p, source, f" once {dropped} images in duplicate groups with conflicting labels are dropped" if dropped else ""
-    )
+    which = "duplicate groups or subjects" if "mixed_subject" in manifest else "duplicate groups"  # subjects: with a table
+    check_class_counts(usable, p, source, f" once {dropped} images in {which} with conflicting labels are dropped" if dropped else "")
 
 
 def build_manifest(rows: list[dict], prints: list, looks: list, outlier_z: float, dd: Dedupe) -> pd.DataFrame:
@@ -81,11 +80,12 @@ def build_manifest(rows: list[dict], prints: list, looks: list, outlier_z: float
 
 def ingest_report(p, n_files, skipped, quarantined, excluded, manifest, elapsed, synthetic: bool) -> dict:
     """ingest's report.json: counts, every file set aside and why, outliers, formats, duplicate groups and conflicts."""
-    sizes = manifest.groupby("group").size()
+    by = "duplicate_group" if "duplicate_group" in manifest else "group"  # with a subjects table, group holds subjects too
+    sizes = manifest.groupby(by).size()
     dup_groups = sizes[sizes > 1]
+    mixed = manifest.groupby(by)["label"].transform("nunique") > 1  # without a table, exactly the conflict column
     conflicts = [
-        {"group": g, "members": sorted(m["source_path"]), "labels": sorted(set(m["label"]))}
-        for g, m in manifest[manifest["conflict"]].groupby("group")
+        {"group": g, "members": sorted(m["source_path"]), "labels": sorted(set(m["label"]))} for g, m in manifest[mixed].groupby(by)
     ]
     return {
         "source": str(p.ingest.source),
