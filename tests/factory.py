@@ -98,7 +98,7 @@ def materialise_weights(p) -> None:
 def tiny_training(size: int = 32, epochs: int = 3) -> dict:
     """Overrides for every backbone: random weights (tests never download), tiny inputs, few epochs."""
     bb = {"weights": "none", "input_size": size, "epochs": epochs, "patience": 2}
-    single = {"feature_layer": "", "learning_rate": 0.0001}  # one grid point: tests of the grid set their own
+    single = {"feature_layer": "", "learning_rate": 0.0001, "dense": 256, "l2": 0.0}  # one grid point: tests of the grid set their own
     return {
         "backbones": {k: {**bb, **(single if k != "smallcnn" else {})} for k in ("resnet50v2", "vgg19", "vgg16", "smallcnn")},
         "train": {"bootstrap": 50, "cv_folds": 2, "threshold": "youden"},
