@@ -41,6 +41,8 @@ def trained(real_ingest):
                 "epochs": 40,
                 "patience": 0,
                 "learning_rate": 0.0001,
+                "dense": 256,  # one grid point, the hidden-layer head: the permutations below redo its CV
+                "l2": 0.0,
             }
         },
         "train": {"cv_folds": 5, "cv_seeds": 1, "bootstrap": 1000},  # one CV run: the seed spread is not under test here

@@ -390,7 +390,8 @@ def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
     assert weights_out["md5"] and any(d["path"] == "data/weights/vgg16" for d in chain["train@vgg16-aug"]["deps"])
     manifest = next(o for o in chain["ingest"]["outs"] if o["path"] == "data/ingest/manifest.csv")
     assert manifest["md5"] == md5(ws / "data/ingest/manifest.csv")
-    assert chain["train@vgg16-aug"]["params"]["backbones.vgg16"]["learning_rate"] == 0.002
+    lr = load_params(ws / "params.yaml").backbones["vgg16"].learning_rate
+    assert chain["train@vgg16-aug"]["params"]["backbones.vgg16"]["learning_rate"] == lr
     assert chain["train@vgg16-aug"]["params"]["train.batch_size"] == 32
     assert 0 <= chain["train@vgg16-aug"]["metrics"]["data/models/vgg16-aug/dvclive/metrics.json"]["val_auc"] <= 1
     text = sh(ws, "brainmri", "lineage", "data/export/vgg16-aug/model.onnx")

@@ -71,7 +71,8 @@ def test_cache_is_reused_and_a_tampered_entry_is_recomputed(small_run):
 @pytest.fixture(scope="module")
 def vgg16_spec(tmp_path_factory):
     """The repository's vgg16 backbone entry: a head's dense size, dropout and the rest."""
-    return load_params(make_project(tmp_path_factory.mktemp("spec")) / "params.yaml").backbones["vgg16"]
+    spec = load_params(make_project(tmp_path_factory.mktemp("spec")) / "params.yaml").backbones["vgg16"]
+    return spec.at({"dense": 256, "l2": 0.0})  # the hidden-layer head, unpenalised: what these tests train
 
 
 def noise_heads(spec, n_heads=1, dropout=0.0, seed=0, dense=64):
