@@ -11,6 +11,7 @@ from brainmri.config import Params
 from brainmri.core.files import atomic_dir, write_text
 from brainmri.core.progress import summary
 from brainmri.report.calibration import calibration_section
+from brainmri.report.data_summary import data_summary_section
 from brainmri.report.dataset import dataset_section
 from brainmri.report.ensemble import ensemble_section
 from brainmri.report.external import external_section
@@ -38,6 +39,7 @@ def report(p: Params) -> dict:
         draw_model_plots(p, evaluated, out)
         md = [
             *intro(p, n_test, bool(ingest.get("synthetic"))),
+            *data_summary_section(p),
             *results_section(p, table, trained, paired, best_val),
             *dataset_section(p, ingest, split, out),
             *samples_section(samples, out),

@@ -31,7 +31,7 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]  # the review grid is drawn when any image is flagged
     groups = pd.read_csv(p.path("ingest_manifest"))["group"].value_counts()
     assert (groups > 1).any() and "![Every duplicate group, one row each](duplicates.png)" in md  # phantoms hold copies
-    assert html.count("data:image/png;base64,") == 8 + bool(flagged) and 'src="http' not in html and html.count("<table") == 7
+    assert html.count("data:image/png;base64,") == 8 + bool(flagged) and 'src="http' not in html and html.count("<table") == 8
     assert "## Calibrated probabilities" in md and "ECE before" in md  # every model's map, before and after
     for name in p.models:
         cal = trained[name]["calibration"]
@@ -53,6 +53,11 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     assert list(verdicts) == list(p.models) and verdicts[best] == "reference"
     assert set(verdicts.values()) <= {"reference", "better", "worse", "no clear difference"} and "### Which differences are real" in md
     assert "were placed anew, 0 moved because" in md  # the split ledger's first run
+    opening = md.split("## Results", 1)[0]  # the data summary comes before the results: classes per split, as counted
+    counts = json.loads(p.path("split_report").read_text())["counts"]
+    for c in p.ingest.classes:
+        assert f"| {c} | {counts['train'][c]} | {counts['val'][c]} | {counts['test'][c]} |" in opening
+    assert "No subjects table (ingest.subjects)" in opening
     audit = json.loads((p.path("audit") / p.paths.files.audit).read_text())
     assert f"AUC {audit['metadata']['auc']['value']:.3f} [" in md and f"AUC {audit['framing']['auc']['value']:.3f} [" in md
     assert "### Images flagged for review" in md and f"{len(flagged)} scored above the robust z-score" in md
@@ -81,9 +86,9 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
         page.screenshot(path=tmp_path / "report.png", full_page=True)
         browser.close()
     n = len(p.models) + 1
-    # results; settings; paired; saliency; ensemble (CV; val AUC, accuracy, sensitivity and specificity at the
-    # threshold set on CV; test AUC and accuracy; two latency rows); calibration; latency
-    assert seen["tables"] == [n, n, n, n, 10, n, 2 * len(p.models) + 1]
+    # the data (a row per class and the totals); results; settings; paired; saliency; ensemble (CV; val AUC, accuracy,
+    # sensitivity and specificity at the threshold set on CV; test AUC and accuracy; two latency rows); calibration; latency
+    assert seen["tables"] == [len(p.ingest.classes) + 2, n, n, n, n, 10, n, 2 * len(p.models) + 1]
     flagged = json.loads(p.path("ingest_report").read_text())["outliers"]
     assert len(seen["images"]) == 8 + bool(flagged) and all(done and width > 300 for done, width, _ in seen["images"])
     assert {"ROC curves", "Test images with their predictions"} <= {alt for *_, alt in seen["images"]}

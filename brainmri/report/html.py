@@ -15,6 +15,7 @@ STYLE = (
     ".warning{background:#fff4e5;border-left:6px solid #d97706;padding:.6em 1em}th{background:#f3f3f3}"
     "td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{font-size:12px;color:#555}"
 )
+WARNINGS = ("**SYNTHETIC", "**Too few images")  # paragraphs opening so are drawn as warnings (results.py, data_summary.py)
 
 
 def html_element(line: str | pd.DataFrame, folder: Path) -> str | None:
@@ -36,7 +37,7 @@ def html_element(line: str | pd.DataFrame, folder: Path) -> str | None:
         return f"<li>{html.escape(line[2:]).replace('**', '')}</li>"
     if line.strip() and not line.startswith("|"):
         text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(line))
-        return f'<p class="warning">{text}</p>' if line.startswith("**SYNTHETIC") else f"<p>{text}</p>"
+        return f'<p class="warning">{text}</p>' if line.startswith(WARNINGS) else f"<p>{text}</p>"
     return None
 
 
