@@ -21,7 +21,8 @@ def test_report_has_every_model_table_plots_and_self_contained_html(small_run):
     chosen = md.split("### Settings, and how they were chosen", 1)[1].split("###", 1)[0]  # how each setting was chosen
     for name in p.models:
         t = trained[name]
-        assert f"| {name} | {t['settings']['feature_layer'] or 'whole base'} | {t['settings']['learning_rate']} |" in chosen
+        lr = "–" if t["settings"].get("dense") == 0 else t["settings"]["learning_rate"]  # a linear head has none
+        assert f"| {name} | {t['settings']['feature_layer'] or 'whole base'} | {lr} |" in chosen
     assert "**Test**: nothing" in chosen and "Threshold set on" in chosen  # where each number was set
     look = md.split("### Where the models look", 1)[1].split("##", 1)[0]  # Grad-CAM's share inside the head, per model
     assert all(f"| {name} |" in look for name in p.models) and "(saliency.png)" in look

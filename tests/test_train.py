@@ -377,7 +377,7 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
     saved model is built at that point (its feature layer and dropout), with the CV figures of that point's folds."""
     p, *_ = small_run
     over = {
-        "backbones": {"vgg16": GRID},
+        "backbones": {"vgg16": {**GRID, "dense": 256, "l2": 0.0}},  # a hidden layer: a linear head has no rate or dropout
         "train": {"threshold": ["youden", 0.5]},
         "paths": {"models": str(tmp_path / "out" / "m"), "data_root": str(tmp_path / "out")},
     }
@@ -422,7 +422,8 @@ def test_a_grid_needs_cached_features_and_cv(small_run, tmp_path):
     t = train(q, "smallcnn-aug")
     assert t["threshold_rule"] == 0.5 and "no cross-validation" in t["threshold_rule_chosen_by"]
     with pytest.raises(ConfigError, match="needs train.cv_folds >= 2"):  # at load time, before any feature is extracted
-        load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"dropout": [0.1, 0.5]}}, "train": {"cv_folds": 0}, **models})
+        hidden = {"dropout": [0.1, 0.5], "dense": 64}  # a grid of a hidden-layer head
+        load_params(p.root / "params.yaml", {"backbones": {"vgg16": hidden}, "train": {"cv_folds": 0}, **models})
     with pytest.raises(ConfigError, match="without repeats"):
         load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"epochs": [5, 5]}}})
     with pytest.raises(ConfigError, match="non-empty"):

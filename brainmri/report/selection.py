@@ -17,12 +17,13 @@ def _settings_row(p: Params, name: str, t: dict) -> dict:
     export_file = p.model_file("export", name, "export_metrics")
     int8 = json.loads(export_file.read_text()).get("int8", {}) if export_file.is_file() else {}
     i8 = int8.get("settings") or {}
+    unused = "–" if settings.get("dense") == 0 else None  # a linear head is fitted to convergence: no rate, dropout or epochs
     return {
         "Model": name,
         "Feature layer": (settings.get("feature_layer") or "whole base") if settings else "",
-        "Learning rate": settings.get("learning_rate", ""),
-        "Dropout": settings.get("dropout", ""),
-        "Epochs": settings.get("epochs", ""),
+        "Learning rate": unused or settings.get("learning_rate", ""),
+        "Dropout": unused or settings.get("dropout", ""),
+        "Epochs": unused or settings.get("epochs", ""),
         "Head": ("linear" if settings.get("dense") == 0 else f"{settings.get('dense')} units") if "dense" in settings else "",
         "L2": settings.get("l2", ""),
         "Threshold rule": t.get("threshold_rule", ""),
