@@ -60,15 +60,25 @@ def test_a_training_stage_stops_within_five_seconds_and_leaves_no_temporary_file
 
 
 def test_a_second_run_of_the_same_stage_is_refused_while_the_first_goes_on(workspace):
-    """Two `brainmri ingest` at once: the second deleted the first's temporary folder. Now it stops at once, by name."""
+    """Two `brainmri ingest` at once: the second deleted the first's temporary folder. Now a second run of a stage
+    stops at once, by name, while the first goes on. The first is a training inside its long grid (an ingest of a
+    few phantoms could end before the second had started), then stopped."""
     p = workspace
-    first = subprocess.Popen(["brainmri", "ingest"], cwd=p.root, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # importing and opening the source: the first holds the stage's lock by now
-    second = subprocess.run(["brainmri", "ingest"], cwd=p.root, capture_output=True, text=True, timeout=120)
-    out = first.communicate(timeout=300)[1]
-    assert second.returncode == 2 and "`brainmri ingest` already runs in this workspace (pid" in second.stderr, second.stderr
-    assert first.returncode == 0, out
-    assert temporaries(p.root) == [] and p.path("ingest_manifest").is_file()
-    other = subprocess.run(["brainmri", "split"], cwd=p.root, capture_output=True, text=True, timeout=120)
-    assert other.returncode == 0, other.stderr  # another stage is not held up by ingest's lock
+    first = subprocess.Popen(["brainmri", "train", "vgg16-aug"], cwd=p.root, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in first.stderr:  # inside the grid's first compiled run: minutes of work, the stage's lock held
+            seen.append(line)
+            if "heads: compiled run 1 of" in line or len(seen) > 200:
+                break
+        second = subprocess.run(["brainmri", "train", "vgg16-aug"], cwd=p.root, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "`brainmri train vgg16-aug` already runs in this workspace (pid" in second.stderr, second.stderr
+        assert first.poll() is None, "".join(seen)  # the first goes on
+        other = subprocess.run(["brainmri", "split"], cwd=p.root, capture_output=True, text=True, timeout=120)
+        assert other.returncode == 0, other.stderr  # another stage is not held up by train's lock
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert first.returncode == 130 and temporaries(p.root) == []
     assert os.listdir(p.path("timing_cache").parent / "locks")  # the lock files stay; the kernel released the locks
