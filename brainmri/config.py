@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
@@ -158,18 +159,44 @@ class Ingest(Section):
                 raise ValueError(
                     f"ingest.{key} must be at most {most} (what predict accepts in a model's metadata), got {getattr(self, key)}"
                 )
-        if len(self.classes) != 2 or len(set(self.classes)) != 2:
-            raise ValueError(f"ingest.classes must name two different class folders, got {self.classes}")
-        if self.positive_class not in self.classes:
-            raise ValueError(f"ingest.positive_class {self.positive_class!r} is not one of ingest.classes {self.classes}")
+        self._check_classes()
         self.require_min(
             "ingest", max_pixels=1, max_file_bytes=1, max_side=1, min_images_per_class=1, archive_max_members=1, archive_max_bytes=1
         )
         return self
 
+    def _check_classes(self) -> None:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"ingest.classes must name two or more different class folders, got {self.classes}")
+        if len(self.classes) == 2 and self.positive_class not in self.classes:
+            raise ValueError(f"ingest.positive_class {self.positive_class!r} is not one of ingest.classes {self.classes}")
+        if len(self.classes) > 2 and self.positive_class:
+            raise ValueError(
+                f'ingest.positive_class applies only to two classes; with {len(self.classes)} classes set it to "" '
+                f"(got {self.positive_class!r})"
+            )
+
+    @property
+    def binary(self) -> bool:
+        """Two classes: one sigmoid output, P(positive_class), and a threshold; more: softmax over `label_names`."""
+        return len(self.classes) == 2
+
     @property
     def negative_class(self) -> str:
+        if not self.binary:  # a binary-only path reached with N classes fails here, loudly, not with a wrong name
+            raise ConfigError(f"ingest.negative_class is defined for two classes only; ingest.classes has {len(self.classes)}")
         return next(c for c in self.classes if c != self.positive_class)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Class names by label index: (negative, positive) for two classes (label 1 = positive_class, as always),
+        otherwise ingest.classes in the order given."""
+        return (self.negative_class, self.positive_class) if self.binary else tuple(self.classes)
+
+    def label_index(self, names) -> np.ndarray:
+        """Integer labels of class names (an iterable of str): positions in `label_names`; -1 for a name outside them."""
+        lookup = {c: i for i, c in enumerate(self.label_names)}
+        return np.array([lookup.get(str(n), -1) for n in names], dtype=int)
 
 
 class Dedupe(Section):

@@ -33,6 +33,9 @@ def test_every_param_has_a_why_comment():
         ({"split": {"train": -0.1, "val": 0.55, "test": 0.55}}, "split.train=-0.1"),
         ({"augment": {"copies": -1}}, "augment.copies must be at least 0, got -1"),
         ({"ingest": {"positive_class": "tumour"}}, "'tumour' is not one of ingest.classes"),
+        ({"ingest": {"classes": ["yes"]}}, "ingest.classes must name two or more different class folders"),
+        ({"ingest": {"classes": ["a", "b", "a"], "positive_class": ""}}, "two or more different class folders"),
+        ({"ingest": {"classes": ["glioma", "meningioma", "notumor"]}}, "positive_class applies only to two classes"),
         ({"seed": "42"}, "'seed': input should be a valid integer"),
         ({"augment": {"brightness": [1.2, 0.8]}}, "augment.brightness"),
         ({"benchmark": {"min_repeats": 21}}, "benchmark.min_repeats (21) must not exceed benchmark.repeats (20)"),
@@ -139,3 +142,15 @@ def test_the_demo_workspace_guards_the_repository_one_level_up(tmp_path):
     for out, what in (("../.git", ".git"), ("../params.yaml", "params.yaml"), ("../tasks", "tasks")):
         with pytest.raises(ConfigError, match=f"overlaps paths.code \\+ {re.escape(what)}"):
             load_params(tmp_path / "demo" / "params.yaml", {"paths": {"report": out}})
+
+
+def test_n_classes_label_in_the_order_given_and_binary_keeps_positive_as_one(tmp_path):
+    make_project(tmp_path, {"ingest": {"classes": ["pituitary", "glioma", "notumor", "meningioma"], "positive_class": ""}})
+    p = load_params(tmp_path / "params.yaml")
+    assert not p.ingest.binary and p.ingest.label_names == ("pituitary", "glioma", "notumor", "meningioma")
+    assert p.ingest.label_index(["notumor", "pituitary", "other"]).tolist() == [2, 0, -1]
+    with pytest.raises(ConfigError, match="two classes only"):
+        _ = p.ingest.negative_class
+    two = load_params(REPO / "params.yaml")  # ["no", "yes"] with "yes" positive: label 1 as always
+    assert two.ingest.binary and two.ingest.label_names == ("no", "yes")
+    assert two.ingest.label_index(["yes", "no"]).tolist() == [1, 0]

@@ -22,12 +22,12 @@ class Part:
 
     frame: pd.DataFrame
     paths: list[Path]
-    y: np.ndarray  # 1 = tumour
+    y: np.ndarray  # label indices into ingest's label_names: 1 = the positive class for two classes
 
 
 def make_part(p: Params, frame: pd.DataFrame, folder: Path) -> Part:
     frame = frame.reset_index(drop=True)
-    return Part(frame, [folder / n for n in frame["image"]], (frame["label"] == p.ingest.positive_class).to_numpy(int))
+    return Part(frame, [folder / n for n in frame["image"]], p.ingest.label_index(frame["label"]))
 
 
 def split_part(p: Params, which: str) -> Part:

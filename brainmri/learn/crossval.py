@@ -61,7 +61,7 @@ def _fold_job(p: Params, bb: Backbone, feats, y, aug_feats, fit_idx, val_idx, se
     with_aug = [i for i in fit_idx if i in aug_feats]  # augmented copies of the images it fits on, only
     x_fit = np.concatenate([feats[fit_idx], *(aug_feats[i] for i in with_aug)])
     y_fit = np.concatenate([y[fit_idx], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
-    head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit, init_seed=_fold_seed(seed, k))
+    head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit, init_seed=_fold_seed(seed, k), n_classes=len(p.ingest.classes))
     stream = int(np.random.SeedSequence([seed, k + 1]).generate_state(1)[0])  # its own shuffle/dropout stream
     return HeadJob(head, x_fit, y_fit, feats[val_idx], y[val_idx], class_weights(y_fit, p.train.class_weight), stream)
 

@@ -232,13 +232,35 @@ def cut(net: Network, p: Params, key: str, layers: list[str], seed: int, bb: Bac
     extractor = keras.Model(inp, pooled, name=f"{key}_features")
     net.base, net.extractor, net.layers = base, extractor, tuple(layers)
     net.widths = tuple(int(m.output.shape[-1]) for m in parts)
-    net.head = build_head(int(extractor.output_shape[-1]), bb, seed)
+    net.head = build_head(int(extractor.output_shape[-1]), bb, seed, n_classes=len(p.ingest.classes))
     net.full = stack(extractor, net.head, key)
 
 
-def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | None = None, init_seed: int | None = None) -> keras.Model:
-    """Dense, dropout, sigmoid (dense 0: the sigmoid unit alone); with `adapt_on`, the features are first standardised
-    with their training mean and variance.
+BINARY_OUTPUT = "tumour_probability"  # two classes: one sigmoid unit, P(positive_class)
+MULTI_OUTPUT = "class_probabilities"  # N classes: N softmax units, in ingest's label_names order
+
+
+def output_layer(head: keras.Model) -> keras.layers.Layer:
+    """The head's output Dense layer: the sigmoid unit of a two-class head, the softmax layer of an N-class one."""
+    names = [layer.name for layer in head.layers]
+    return head.get_layer(BINARY_OUTPUT if BINARY_OUTPUT in names else MULTI_OUTPUT)
+
+
+def n_outputs(n_classes: int) -> int:
+    """Output units for `n_classes` classes: one sigmoid unit for two, one softmax unit per class for more."""
+    return 1 if n_classes == 2 else n_classes
+
+
+def build_head(
+    n_features: int,
+    bb: Backbone,
+    seed: int,
+    adapt_on: np.ndarray | None = None,
+    init_seed: int | None = None,
+    n_classes: int = 2,
+) -> keras.Model:
+    """Dense, dropout, then a sigmoid unit (two classes) or `n_classes` softmax units (dense 0: the output layer
+    alone); with `adapt_on`, the features are first standardised with their training mean and variance.
 
     The initial weights come from `init_seed` (default `seed`) alone, never from the global random state: a thread
     drawing from Python's `random` meanwhile (Prefect's client does, in a flow or test process) would change them."""
@@ -256,8 +278,13 @@ def build_head(n_features: int, bb: Backbone, seed: int, adapt_on: np.ndarray | 
             bb.dense, activation="relu", name="head_dense", kernel_initializer=glorot(seed=init), kernel_regularizer=penalty
         )(x)
         x = keras.layers.Dropout(bb.dropout, seed=seed, name="head_dropout")(x)
+    binary = n_classes == 2
     last = keras.layers.Dense(
-        1, activation="sigmoid", name="tumour_probability", kernel_initializer=glorot(seed=init + 1), kernel_regularizer=penalty
+        n_outputs(n_classes),
+        activation="sigmoid" if binary else "softmax",
+        name=BINARY_OUTPUT if binary else MULTI_OUTPUT,
+        kernel_initializer=glorot(seed=init + 1),
+        kernel_regularizer=penalty,
     )
     return keras.Model(inp, last(x), name="head")
 

@@ -104,7 +104,8 @@ def _final_head(p: Params, name: str, net, bb: Backbone, data: TrainVal) -> Head
         cut(net, p, p.models[name].backbone, [bb.feature_layer], p.seed, bb)
     layer, by_layer, labels = bb.feature_layer, data.by_layer, data.labels
     f_fit, y_fit = np.concatenate([by_layer["train"][layer], by_layer["aug"][layer]]), np.concatenate([labels["train"], labels["aug"]])
-    net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit))  # its initial weights from p.seed alone
+    # its initial weights from p.seed alone
+    net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit, n_classes=len(p.ingest.classes)))
     return HeadJob(net.head, f_fit, y_fit, by_layer["val"][layer], labels["val"], class_weights(y_fit, p.train.class_weight), p.seed)
 
 
