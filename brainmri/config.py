@@ -569,7 +569,12 @@ class Params(Section):
                 )
 
     def _check_ensemble(self) -> None:
-        """Ensemble candidates must be cross-validated transfer models of one input size."""
+        """Ensemble candidates must be cross-validated transfer models of one input size; two classes only, so far."""
+        if self.ensemble.members and not self.ingest.binary:  # its member selection, threshold and composed graph are two-class
+            raise ValueError(
+                f"ensemble.members: the ensemble is built for two classes only; ingest.classes has {len(self.ingest.classes)}. "
+                "Leave ensemble.members empty"
+            )
         for name in self.ensemble.members:
             if name not in self.models:
                 raise ValueError(f"ensemble.members: {name!r} is not a key of models ({', '.join(self.models)})")

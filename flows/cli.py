@@ -40,12 +40,12 @@ def cmd_stage(args) -> None:
 
 
 def cmd_synthesize(args) -> None:
-    from brainmri.intake.phantoms import generate
+    from brainmri.intake.phantoms import class_kinds, generate
 
     p = _params(args)
     s = p.synthetic
     out = p.resolve(args.out) if args.out else p.resolve(s.out)
-    tumor = {c: c == p.ingest.positive_class for c in p.ingest.classes}
+    tumor = class_kinds(p.ingest.classes, p.ingest.positive_class)
     n = generate(
         out, tumor, args.n or s.n_per_class, p.seed if args.seed is None else args.seed, s.min_size, s.max_size, s.duplicate_fraction
     )

@@ -54,10 +54,10 @@ def prepare(root: str | Path) -> Params:
             subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=demo, check=True, capture_output=True)
     p = load_params(demo / "params.yaml")
     if not p.resolve(p.ingest.source).is_dir():
-        from brainmri.intake.phantoms import generate
+        from brainmri.intake.phantoms import class_kinds, generate
 
         s = p.synthetic
-        tumor = {c: c == p.ingest.positive_class for c in p.ingest.classes}
+        tumor = class_kinds(p.ingest.classes, p.ingest.positive_class)
         n = generate(p.resolve(s.out), tumor, s.n_per_class, p.seed, s.min_size, s.max_size, s.duplicate_fraction)
         log.info("demo: %d synthetic phantom images written to %s", n, p.resolve(s.out))
     return p

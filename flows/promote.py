@@ -35,7 +35,8 @@ def read_registry(p: Params) -> dict:
 
 
 def score(p: Params, onnx_file: Path, paths: list[Path]) -> np.ndarray:
-    """Tumour probabilities from an exported model, with the one preprocessing path (no TensorFlow)."""
+    """Tumour probabilities (n,), or class probabilities (n, K), from an exported model, with the one preprocessing
+    path (no TensorFlow)."""
     from brainmri.deploy.onnxrt import metadata, probabilities, session
     from brainmri.intake.preprocess import load_batch
 
@@ -54,10 +55,19 @@ def decide(p: Params, candidate: Path, served: Path | None) -> dict:
     va = split_part(p, "val")
     groups = va.frame["group"].to_numpy()
     probs = {"candidate": score(p, candidate, va.paths), "served": score(p, served, va.paths)}
-    diff = paired_auc_differences(va.y, probs, "served", groups, p.promotion.bootstrap, p.seed)["candidate"]
+    if probs["candidate"].shape != probs["served"].shape:  # the classes changed (another dataset): nothing to compare
+        shapes = f"{probs['served'].shape[1:] or '(one probability)'} against {probs['candidate'].shape[1:] or '(one probability)'}"
+        return {"promote": True, "reason": f"the served model answers another question (outputs {shapes}): replaced"}
+    if probs["candidate"].ndim == 2:  # N classes: the macro one-vs-rest AUC, paired the same way
+        from brainmri.stats.multiclass import paired_auc_differences as paired_macro
+
+        diff = paired_macro(va.y, probs, "served", groups, p.promotion.bootstrap, p.seed)["candidate"]
+    else:
+        diff = paired_auc_differences(va.y, probs, "served", groups, p.promotion.bootstrap, p.seed)["candidate"]
     ok = diff["ci_low"] > -p.promotion.margin
+    kind = "macro AUC" if probs["candidate"].ndim == 2 else "AUC"
     why = (
-        f"val AUC difference {diff['value']:+.3f} [95% CI {diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] over {len(va.y)} images "
+        f"val {kind} difference {diff['value']:+.3f} [95% CI {diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] over {len(va.y)} images "
         f"in {len(set(groups))} duplicate groups: the lower end is {'above' if ok else 'at or below'} -{p.promotion.margin}"
     )
     return {"promote": bool(ok), "reason": why, "val_auc_difference": diff, "n_val": len(va.y)}

@@ -16,8 +16,8 @@ def audit(p: Params) -> dict:
     """Run the stage: write audit.json (the full record) and scores.json (the two AUCs, DVC metrics)."""
     manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
     usable = manifest[~manifest["conflict"].astype(bool)].reset_index(drop=True)  # as split: conflicting labels are nobody's truth
-    y = (usable["label"] == p.ingest.positive_class).to_numpy(int)
-    per_class = np.bincount(y, minlength=2)
+    y = p.ingest.label_index(usable["label"])  # two classes: 1 = positive_class
+    per_class = np.bincount(y, minlength=len(p.ingest.label_names))
     groups = usable["group"].to_numpy()
     check_folds(per_class, groups, p.audit.folds, p.path("ingest_manifest"))
 
@@ -25,7 +25,7 @@ def audit(p: Params) -> dict:
     framing = grouped_cv(image_features(p, usable), y, groups, p)
     record = {
         "n_images": len(usable),
-        "per_class": {p.ingest.negative_class: int(per_class[0]), p.ingest.positive_class: int(per_class[1])},
+        "per_class": {c: int(n) for c, n in zip(p.ingest.label_names, per_class, strict=True)},
         "folds": p.audit.folds,
         "auc_kind": "pooled out-of-fold (one AUC over every image's held-out prediction); 95% interval over "
         f"{p.audit.bootstrap} resamples of whole duplicate groups",

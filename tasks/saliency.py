@@ -46,6 +46,11 @@ def saliency(p: Params, name: str) -> dict:
         "probability_by_image": dict(zip(images, np.round(prob, 6).tolist(), strict=True)),  # for the report's samples
         "label_by_image": dict(zip(images, val.frame["label"].tolist(), strict=True)),
     }
+    if prob.ndim == 2:  # N classes: the heatmap is the predicted class's; the probability, that class's
+        record["heatmap_of"] = "the predicted (most probable) class"
+        record["probability_by_image"] = dict(zip(images, np.round(prob.max(axis=1), 6).tolist(), strict=True))
+        names = p.ingest.label_names
+        record["predicted_by_image"] = dict(zip(images, [names[c] for c in prob.argmax(axis=1)], strict=True))
     with atomic_dir(p.path("saliency") / name) as out:
         write_json(out / p.paths.files.saliency, record)
         write_npz(out / p.paths.files.heatmaps, images=np.array(images), cams=cams.astype(np.float16), heads=head)

@@ -20,7 +20,7 @@ def external_set(p: Params) -> tuple[dict, pd.DataFrame]:
 def external_images(p: Params, used: pd.DataFrame) -> tuple[list, np.ndarray, np.ndarray]:
     """The images of `used` rows: their files, labels (1: the positive class) and duplicate groups."""
     paths = [p.path("external_images") / n for n in used["image"]]
-    return paths, (used["label"] == p.ingest.positive_class).to_numpy(int), used["group"].to_numpy()
+    return paths, p.ingest.label_index(used["label"]), used["group"].to_numpy()
 
 
 def no_external_note(intake: dict) -> str:

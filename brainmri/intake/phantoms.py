@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ def _ellipse(yy, xx, cy, cx, ry, rx, angle):
     return ((x * c + y * s) / rx) ** 2 + ((-x * s + y * c) / ry) ** 2
 
 
-def phantom(rng: np.random.Generator, tumor: bool, height: int, width: int) -> np.ndarray:
-    """One axial slice as a uint8 grayscale array; deterministic for a given generator state."""
+def phantom(rng: np.random.Generator, tumor: bool | int, height: int, width: int) -> np.ndarray:
+    """One axial slice as a uint8 grayscale array; deterministic for a given generator state. `tumor` False: none;
+    True: the two-class demo's mass; an int k >= 1: tumour type k of an N-class set (`_typed_mass`), 0: none."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     cy, cx = height * rng.uniform(0.46, 0.54), width * rng.uniform(0.46, 0.54)
     ry, rx = height * rng.uniform(0.36, 0.44), width * rng.uniform(0.30, 0.38)
@@ -37,7 +39,9 @@ def phantom(rng: np.random.Generator, tumor: bool, height: int, width: int) -> n
         vx = cx + side * rx * rng.uniform(0.10, 0.16)
         lobe = _ellipse(yy, xx, vy, vx, ry * rng.uniform(0.18, 0.26), rx * rng.uniform(0.06, 0.10), angle + side * 0.3)
         img[lobe <= 1.0] = rng.uniform(0.05, 0.15)
-    if tumor:
+    if not isinstance(tumor, bool) and tumor:
+        _typed_mass(rng, img, (yy, xx), (cy, cx, ry, rx, angle), brain_mask, int(tumor))
+    elif tumor:
         for _ in range(100):  # place the mass fully inside the brain
             r = rng.uniform(0.07, 0.22) * min(ry, rx)
             ty, tx = cy + rng.uniform(-0.55, 0.55) * ry, cx + rng.uniform(-0.55, 0.55) * rx
@@ -54,6 +58,31 @@ def phantom(rng: np.random.Generator, tumor: bool, height: int, width: int) -> n
     img += rng.normal(0.0, rng.uniform(0.01, 0.04), img.shape)  # acquisition noise
     img = np.abs(img) * rng.uniform(0.85, 1.15)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _typed_mass(rng: np.random.Generator, img: np.ndarray, grid, head, brain_mask: np.ndarray, kind: int) -> None:
+    """Tumour type `kind` (1, 2, 3, then again with the contrast flipped) drawn into `img`, after the patterns of the
+    four-class sets: 1 a large mass anywhere with a ring and oedema (glioma-like), 2 a bright round mass at the brain's
+    edge (meningioma-like), 3 a small mass low on the midline (pituitary-like). Types differ in place, size and
+    texture, so an N-class demo has something to learn; they model no real pathology."""
+    yy, xx = grid
+    cy, cx, ry, rx, angle = head
+    style = (kind - 1) % 3
+    size = ((0.16, 0.26), (0.10, 0.17), (0.05, 0.09))[style]
+    r = rng.uniform(*size) * min(ry, rx)
+    if style == 0:
+        ty, tx = cy + rng.uniform(-0.4, 0.4) * ry, cx + rng.uniform(-0.4, 0.4) * rx
+    elif style == 1:
+        t = rng.uniform(0, 2 * np.pi)
+        ty, tx = cy + np.sin(t) * (0.8 * ry - r), cx + np.cos(t) * (0.8 * rx - r)
+    else:
+        ty, tx = cy + rng.uniform(0.35, 0.5) * ry, cx + rng.uniform(-0.05, 0.05) * rx
+    mass = _ellipse(yy, xx, ty, tx, r * rng.uniform(0.85, 1.15), r, rng.uniform(0, np.pi))
+    sign = 1.0 if (kind - 1) // 3 % 2 == 0 else -1.0
+    img[mass <= 1.0] += sign * rng.uniform(0.25, 0.45)
+    if style == 0:
+        img[(mass > 0.6) & (mass <= 1.0)] += 0.2  # the ring
+        img[(mass > 1.0) & (mass <= 2.4) & brain_mask] += 0.1  # oedema
 
 
 def _encode(arr: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
@@ -81,11 +110,12 @@ MARKER = ".brainmri-synthetic"  # written at a generated dataset's root; ingest 
 
 
 def generate(
-    out: str | Path, classes: dict[str, bool], n_per_class: int, seed: int, min_size: int, max_size: int, duplicate_fraction: float
+    out: str | Path, classes: dict[str, bool | int], n_per_class: int, seed: int, min_size: int, max_size: int, duplicate_fraction: float
 ) -> int:
     """Write `n_per_class` phantoms per class folder under `out` (replaced atomically); return the file count.
 
-    `classes` maps each class folder name to whether its phantoms carry a tumour.
+    `classes` maps each class folder name to whether its phantoms carry a tumour (two classes), or to a tumour type
+    (N classes: 0 none, k >= 1 type k; see `phantom`).
     """
     count = 0
     with atomic_dir(out) as tmp:
@@ -106,3 +136,21 @@ def generate(
                     (folder / f"{name} {i:03d} copy{ext}").write_bytes(data)
                     count += 1
     return count
+
+
+NO_TUMOUR = re.compile(r"(no|none|normal|healthy|no[ _-]?tumou?r)", re.IGNORECASE)  # folder names of the tumour-free class in public sets
+
+
+def class_kinds(classes: list[str], positive_class: str) -> dict[str, bool | int]:
+    """What `generate` draws in each class folder: two classes, a tumour in positive_class only (the demo as ever);
+    N classes, no tumour in a class named like 'notumor' or 'none' and a tumour type of its own in each other."""
+    if len(classes) == 2:
+        return {c: c == positive_class for c in classes}
+    kinds, k = {}, 0
+    for c in classes:
+        if NO_TUMOUR.fullmatch(c):
+            kinds[c] = 0
+        else:
+            k += 1
+            kinds[c] = k
+    return kinds

@@ -28,11 +28,16 @@ def parts(model):
 
 def grad_cam(model, x: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps (n, size, size), each summing to 1 (all zero where Grad-CAM found no positive evidence either way),
-    and the model's probability for each image (the same forward pass: the output logit through the sigmoid)."""
+    and the model's probability for each image (the same forward pass: the output logit through the sigmoid; for N
+    classes the (n, K) softmax, the heatmap being the predicted class's)."""
     import tensorflow as tf
 
+    from brainmri.learn.models import output_layer
+
     pre, base, pool, head = parts(model)
-    out = head.get_layer("tumour_probability")
+    out = output_layer(head)
+    if int(out.units) > 1:
+        return _grad_cam_classes(pre, base, pool, head, out, x, batch)
     hidden = [layer for layer in head.layers[1:] if layer is not out]  # [feature_scale,] head_dense, head_dropout
     size = x.shape[1]
     maps, logits = [], []
@@ -59,6 +64,37 @@ def grad_cam(model, x: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarr
     if not maps:
         return np.zeros((0, size, size), np.float32), np.zeros(0, np.float32)
     return np.concatenate(maps), 1.0 / (1.0 + np.exp(-np.concatenate(logits).astype(np.float64)))
+
+
+def _grad_cam_classes(pre, base, pool, head, out, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM of an N-class head: the gradient of the predicted class's logit (before the softmax, so a confident
+    call still has one); the evidence for the class said, as for a two-class tumour call."""
+    import tensorflow as tf
+
+    hidden = [layer for layer in head.layers[1:] if layer is not out]
+    size = x.shape[1]
+    maps, logits = [], []
+    for i in range(0, len(x), batch):
+        a = base(pre(tf.constant(x[i : i + batch])), training=False)  # outside the tape, as for two classes
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            h = pool(a)
+            for layer in hidden:
+                h = layer(h, training=False)
+            z = tf.matmul(h, out.kernel) + out.bias  # [b, K]
+            said = tf.gather(z, tf.argmax(z, axis=1), batch_dims=1)
+        g = tape.gradient(said, a)
+        logits.append(z.numpy())
+        cam = tf.nn.relu(tf.reduce_sum(tf.reduce_mean(g, axis=(1, 2), keepdims=True) * a, axis=-1))
+        cam = tf.image.resize(cam[..., None], (size, size), method="bilinear")[..., 0].numpy()
+        total = cam.sum(axis=(1, 2), keepdims=True)
+        maps.append(np.divide(cam, total, out=np.zeros_like(cam), where=total > 0))
+    k = int(out.units)
+    if not maps:
+        return np.zeros((0, size, size), np.float32), np.zeros((0, k), np.float32)
+    z = np.concatenate(logits).astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.concatenate(maps), e / e.sum(axis=1, keepdims=True)
 
 
 def masks(x: np.ndarray) -> np.ndarray:

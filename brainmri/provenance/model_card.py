@@ -18,13 +18,13 @@ def model_card(p: Params, name: str, trained: dict, exported: dict, evaluated: d
     files = {k: {"file": getattr(p.paths.files, k), "md5": md5(p.model_file("export", name, k))} for k in ("onnx", "onnx_int8")}
     return {
         "model": name,
-        "task": f"brain MRI slice: tumour ({p.ingest.positive_class}) vs no tumour ({p.ingest.negative_class})",
+        "task": task(p),
         "intended_use": "research and teaching; not a medical device, not for diagnosis",
         "backbone": trained["backbone"],
         "augmented_training": p.models[name].augment,
         "weights": trained["weights"],
         "input": {"name": INPUT, **{k: exported["metadata"][k] for k in ("input_size", "max_side")}},
-        "threshold": trained["threshold"],
+        "threshold": trained["threshold"],  # None for N classes: the decision is the arg-max
         "files": files,
         "metrics": {
             "test": evaluated["test"],
@@ -36,6 +36,13 @@ def model_card(p: Params, name: str, trained: dict, exported: dict, evaluated: d
         "lineage": chain,
         "libraries": library_versions(),
     }
+
+
+def task(p: Params) -> str:
+    """What the model tells apart, in words."""
+    if p.ingest.binary:
+        return f"brain MRI slice: tumour ({p.ingest.positive_class}) vs no tumour ({p.ingest.negative_class})"
+    return f"brain MRI slice: one of {len(p.ingest.classes)} classes ({', '.join(p.ingest.label_names)}), by the most probable"
 
 
 CARD_LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "scikit-learn", "pillow", "dvc")

@@ -12,10 +12,14 @@ from brainmri.report.plots import reliability_figure, save
 
 
 def _map_text(cal: dict) -> str:
-    """The map's name and its fitted parameters."""
-    return cal["method"] + {"temperature": f" (T = {1 / cal['a']:.2f})", "platt": f" (a = {cal['a']:.2f}, c = {cal['c']:+.2f})"}.get(
-        cal["method"], ""
-    )
+    """The map's name and its fitted parameters (an N-class temperature records T itself)."""
+    if cal["method"] == "temperature":
+        return f"temperature (T = {cal['T'] if 'T' in cal else 1 / cal['a']:.2f})"
+    return cal["method"] + (f" (a = {cal['a']:.2f}, c = {cal['c']:+.2f})" if cal["method"] == "platt" else "")
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) -> list:
@@ -29,18 +33,20 @@ def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) ->
             {
                 "Model": name,
                 "Map": _map_text(cal),
-                "Fitted on": cal["fitted_on"],
-                "ECE before": f"{cal['ece_before']:.3f}",
-                "ECE after": f"{cal['ece_after']:.3f}",
-                "Log loss before -> after": f"{cal['bce_before']:.3f} -> {cal['bce_after']:.3f}",
-                "Test ECE (after)": f"{evaluated[name].get('calibration', {}).get('ece_test', float('nan')):.3f}",
+                "Fitted on": cal.get("fitted_on", "n/a"),
+                "ECE before": _num(cal.get("ece_before")),
+                "ECE after": _num(cal.get("ece_after")),
+                "Log loss before -> after": f"{_num(cal.get('bce_before'))} -> {_num(cal.get('bce_after'))}",
+                "Test ECE (after)": _num(_test_ece(evaluated[name].get("calibration", {}))),
                 "Test ECE if perfectly calibrated: mean (95th pct)": _chance(evaluated[name].get("calibration", {})),
             }
         )
-        tables[name] = (cal["reliability_before"], cal["reliability_after"], cal["fitted_on"])
+        if "reliability_before" in cal:  # two classes: reliability diagrams of P(positive)
+            tables[name] = (cal["reliability_before"], cal["reliability_after"], cal["fitted_on"])
     if not rows:
         return []
-    save(reliability_figure(tables), out / "reliability.png")
+    if tables:
+        save(reliability_figure(tables), out / "reliability.png")
     return [
         "## Calibrated probabilities",
         "",
@@ -54,9 +60,13 @@ def calibration_section(p: Params, trained: dict, evaluated: dict, out: Path) ->
         "",
         pd.DataFrame(rows),
         "",
-        "![Reliability diagrams before (red) and after (blue) calibration](reliability.png)",
-        "",
+        *(["![Reliability diagrams before (red) and after (blue) calibration](reliability.png)", ""] if tables else []),
     ]
+
+
+def _test_ece(evaluated_cal: dict):
+    """The test ECE evaluate recorded: of P(positive) for two classes, of the most probable class's probability for N."""
+    return evaluated_cal.get("ece_test", evaluated_cal.get("ece_test_top_label"))
 
 
 def _chance(cal: dict) -> str:

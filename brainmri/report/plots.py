@@ -20,14 +20,15 @@ def save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def confusion_figure(matrix: np.ndarray, names: tuple[str, str], title: str, ax=None):
-    """Rows: actual class; columns: predicted class; `names` is (negative, positive)."""
+def confusion_figure(matrix: np.ndarray, names: tuple[str, ...], title: str, ax=None):
+    """Rows: actual class; columns: predicted class; `names` in label order ((negative, positive) for two classes)."""
     fig = None
+    k = len(names)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(3.6, 3.2))
+        fig, ax = plt.subplots(figsize=(3.6, 3.2) if k == 2 else (1.2 * k + 1.6, 1.1 * k + 1.2))
     ax.imshow(matrix, cmap="Blues", vmin=0)
-    ax.set_xticks([0, 1], labels=list(names))
-    ax.set_yticks([0, 1], labels=list(names))
+    ax.set_xticks(range(k), labels=list(names), rotation=0 if k == 2 else 30)
+    ax.set_yticks(range(k), labels=list(names))
     ax.set_xlabel("Predicted")
     ax.set_ylabel("Actual")
     ax.set_title(title, fontsize=9)

@@ -11,7 +11,9 @@ import pandas as pd
 from brainmri.config import Params
 from brainmri.report.cells import ci
 from brainmri.report.selection import selection_section
+from brainmri.stats import multiclass
 from brainmri.stats.metrics import fmt, paired_auc_differences
+from brainmri.stats.multiclass_evaluation import probability_columns
 
 ORIGINAL = (
     "The original study reported VGG19 with augmentation best at 86% test accuracy and VGG16 with augmentation lowest at 0.4984 test BCE, "
@@ -37,9 +39,30 @@ def _seed_sd(c: dict | None) -> str:
     return f"{spread['sd']:.3f} ({len(spread['seeds'])} seeds, {spread['range'][0]:.3f}-{spread['range'][1]:.3f})"
 
 
+def _classes_row(name: str, t: dict, e: dict) -> dict:
+    """One N-class model's row: macro figures of the most probable class (per-class figures: its metrics.json)."""
+    m = e["test"]
+    return {
+        "Model": name,
+        "Weights": Path(t["weights"]["path"]).name if t["weights"]["kind"] == "file" else t["weights"]["kind"],
+        "Train acc %": f"{100 * t['train']['accuracy']:.1f}",
+        "Test acc % [95% CI]": ci(m["accuracy"]),
+        "Balanced acc % [95% CI]": ci(m["balanced_accuracy"]),
+        "Macro AUC [95% CI]": ci(m["auc"], pct=False),
+        "Macro F1 [95% CI]": ci(m["f1"], pct=False),
+        "Test log loss": fmt(m["log_loss"]["value"], ".4f"),
+        "CV macro AUC, mean of folds ± sd": _cv(t["cv"], "model"),
+        "CV macro AUC, pooled out of fold": fmt(t["cv"]["model"]["auc"]["pooled_out_of_fold"]) if t["cv"] else "n/a",
+        "Seed sd of pooled CV AUC": _seed_sd(t["cv"]),
+        "LogReg CV macro AUC, mean of folds ± sd": _cv(t["cv"], "baseline_logreg"),
+    }
+
+
 def _results_row(name: str, t: dict, e: dict) -> dict:
     """One model's row of the results table: t its train metrics, e its evaluation metrics."""
     m = e["test"]
+    if "sensitivity" not in m:
+        return _classes_row(name, t, e)
     return {
         "Model": name,
         "Weights": Path(t["weights"]["path"]).name if t["weights"]["kind"] == "file" else t["weights"]["kind"],
@@ -91,9 +114,14 @@ def paired_table(p: Params, trained: dict) -> tuple[pd.DataFrame, str]:
     for n, frame in preds.items():
         if set(frame.index) != set(ref.index):
             raise ValueError(f"{p.model_file('eval', n, 'predictions')}: not the test images {best} was scored on; rerun evaluate")
-    y = (ref["actual"] == p.ingest.positive_class).to_numpy(int)
-    probs = {n: preds[n].loc[ref.index, "probability"].to_numpy(float) for n in p.models}
-    diffs = paired_auc_differences(y, probs, best, ref["group"].to_numpy(), p.train.bootstrap, p.seed)
+    if p.ingest.binary:
+        y = (ref["actual"] == p.ingest.positive_class).to_numpy(int)
+        probs = {n: preds[n].loc[ref.index, "probability"].to_numpy(float) for n in p.models}
+        diffs = paired_auc_differences(y, probs, best, ref["group"].to_numpy(), p.train.bootstrap, p.seed)
+    else:  # the macro one-vs-rest AUC, paired the same way
+        y, cols = p.ingest.label_index(ref["actual"]), probability_columns(p.ingest.label_names)
+        probs = {n: preds[n].loc[ref.index, cols].to_numpy(float) for n in p.models}
+        diffs = multiclass.paired_auc_differences(y, probs, best, ref["group"].to_numpy(), p.train.bootstrap, p.seed)
     rows = []
     for n, d in diffs.items():
         verdict = "reference" if n == best else "worse" if d["ci_high"] < 0 else "better" if d["ci_low"] > 0 else "no clear difference"
@@ -109,11 +137,10 @@ def paired_table(p: Params, trained: dict) -> tuple[pd.DataFrame, str]:
 
 def intro(p: Params, n_test: int, synthetic: bool) -> list:
     """The title and what every figure below is measured on; a warning first when the data are phantoms."""
-    neg, pos = p.ingest.negative_class, p.ingest.positive_class
     return [
         "# Brain MRI tumour classification: results",
         "",
-        f"Tumour class: `{pos}`; no-tumour class: `{neg}`. All metrics are on the held-out **test split of {n_test} images**, "
+        f"{_classes_text(p)} All metrics are on the held-out **test split of {n_test} images**, "
         f"where one image moves accuracy by {100 / max(1, n_test):.1f} points; intervals are 95% percentiles over "
         f"{p.train.bootstrap} bootstrap resamples of whole duplicate groups (a scan and its copies are drawn together). "
         "Every setting behind these numbers was fixed in params or chosen without the test split: head and feature "
@@ -124,6 +151,17 @@ def intro(p: Params, n_test: int, synthetic: bool) -> list:
         "",
         *([SYNTHETIC, ""] if synthetic else []),
     ]
+
+
+def _classes_text(p: Params) -> str:
+    """Which classes the models tell apart, and how they decide."""
+    if p.ingest.binary:
+        return f"Tumour class: `{p.ingest.positive_class}`; no-tumour class: `{p.ingest.negative_class}`."
+    names = ", ".join(f"`{c}`" for c in p.ingest.label_names)
+    return (
+        f"{len(p.ingest.label_names)} classes: {names}. Each model says the most probable class; AUC is the macro average of "
+        "the one-vs-rest AUCs, and thresholds below apply to two-class models only."
+    )
 
 
 def _cv_note(p: Params) -> str:

@@ -33,8 +33,12 @@ def _overlays(p: Params, r: dict, name: str, threshold: float) -> list:
 
     images = pd.read_csv(p.path("split_manifest"), keep_default_na=False).set_index("image_id")["image"]
     calls = pd.DataFrame({"probability": r["probability_by_image"], "label": r["label_by_image"]})
-    said = np.where(calls["probability"] >= threshold, p.ingest.positive_class, p.ingest.negative_class)
-    calls = calls.assign(said=said, correct=said == calls["label"], confidence=(calls["probability"] - threshold).abs())
+    if "predicted_by_image" in r:  # N classes: the call is the most probable class, its probability the confidence
+        said = pd.Series(r["predicted_by_image"]).reindex(calls.index).to_numpy()
+        calls = calls.assign(said=said, correct=said == calls["label"], confidence=calls["probability"])
+    else:
+        said = np.where(calls["probability"] >= threshold, p.ingest.positive_class, p.ingest.negative_class)
+        calls = calls.assign(said=said, correct=said == calls["label"], confidence=(calls["probability"] - threshold).abs())
     calls = calls.sort_values("confidence", ascending=False, kind="stable")
     half = -(-p.saliency.images // 2)
     picked = pd.concat([calls[calls["correct"]].head(half), calls[~calls["correct"]].head(half)]).head(p.saliency.images)

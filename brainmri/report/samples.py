@@ -11,6 +11,7 @@ import pandas as pd
 from brainmri.config import Params
 from brainmri.report.plots import samples_figure, save
 from brainmri.report.results import reference_model
+from brainmri.stats.multiclass_evaluation import probability_columns
 
 
 class Samples(NamedTuple):
@@ -28,7 +29,11 @@ def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6) ->
     name = reference_model(p, trained)
     preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
     images = pd.read_csv(p.path("split_manifest")).set_index("source_path")["image"]
-    preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
+    if p.ingest.binary:
+        preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
+    else:  # the most probable class's probability: the call's confidence, and what the title shows
+        preds["probability"] = preds[probability_columns(p.ingest.label_names)].max(axis=1)
+        preds["confidence"] = preds["probability"]
     preds = preds.sort_values("confidence", ascending=False)
     picked = pd.concat([preds[preds["correct"]].head(per_kind), preds[~preds["correct"]].head(per_kind)])
     samples, paths = [], []

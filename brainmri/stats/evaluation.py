@@ -8,6 +8,7 @@ import pandas as pd
 
 from brainmri.intake.parts import Part
 from brainmri.stats.metrics import with_intervals
+from brainmri.stats.multiclass_evaluation import probability_columns
 
 
 def evaluation_record(name: str, part: Part, prob: np.ndarray, threshold: float, n_boot: int, seed: int, ece: float, chance: dict) -> dict:
@@ -52,11 +53,13 @@ def roc_table(y: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
 
 
 def evaluated_probabilities(p, name: str, part: Part) -> np.ndarray:
-    """Model `name`'s test probabilities as evaluate recorded them (its exported ONNX file's, 6 decimals), in the order
-    of `part`'s rows: what another stage scores test with, without opening a test image."""
+    """Model `name`'s test probabilities as evaluate recorded them (its exported ONNX file's, 6 decimals; (n, K) for N
+    classes), in the order of `part`'s rows: what another stage scores test with, without opening a test image."""
     path = p.model_file("eval", name, "predictions")
     frame = pd.read_csv(path, keep_default_na=False).set_index("source_path")
     missing = sorted(set(part.frame["source_path"]) - set(frame.index))
     if missing:
         raise ValueError(f"{path}: no prediction for {len(missing)} test images (e.g. {missing[0]}); run evaluate@{name} again")
-    return frame.loc[part.frame["source_path"], "probability"].to_numpy(float)
+    if p.ingest.binary:
+        return frame.loc[part.frame["source_path"], "probability"].to_numpy(float)
+    return frame.loc[part.frame["source_path"], probability_columns(p.ingest.label_names)].to_numpy(float)  # (n, K)

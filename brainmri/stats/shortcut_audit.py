@@ -26,6 +26,7 @@ from brainmri.config import Params
 from brainmri.core.errors import DataError
 from brainmri.intake.decode import BACKGROUND, load_rgb
 from brainmri.intake.preprocess import square
+from brainmri.stats import multiclass
 from brainmri.stats.metrics import _auc, group_resamples
 
 CATEGORICAL = ("format", "mode", "upper_case_extension", "exif")
@@ -96,6 +97,10 @@ def auc_interval(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, n_boot: in
 
 def grouped_cv(features: pd.DataFrame, y: np.ndarray, groups: np.ndarray, p: Params) -> dict:
     """Pooled out-of-fold AUC with a 95% group-bootstrap interval, the per-fold AUCs, and the feature importances."""
+    if not p.ingest.binary:
+        oof, fold_aucs = _out_of_fold_classes(features, y, groups, p)
+        auc = multiclass.with_intervals(y, oof, p.ingest.label_names, p.audit.bootstrap, p.seed, groups=groups)["overall"]["auc"]
+        return _record(features, y, p, auc, fold_aucs)
     folds = StratifiedGroupKFold(n_splits=p.audit.folds, shuffle=True, random_state=p.seed)
     oof = np.full(len(y), np.nan)
     fold_aucs = []
@@ -105,6 +110,24 @@ def grouped_cv(features: pd.DataFrame, y: np.ndarray, groups: np.ndarray, p: Par
         if len(np.unique(y[test])) == 2:
             fold_aucs.append(roc_auc_score(y[test], oof[test]))
     auc = auc_interval(y, oof, groups, p.audit.bootstrap, p.seed)
+    return _record(features, y, p, auc, fold_aucs)
+
+
+def _out_of_fold_classes(features: pd.DataFrame, y: np.ndarray, groups: np.ndarray, p: Params) -> tuple[np.ndarray, list[float]]:
+    """N classes: pooled out-of-fold probabilities (n, K) (a class a fold's training part lacks gets 0) and each fold's
+    macro one-vs-rest AUC (over the classes its held-out part has)."""
+    k = len(p.ingest.label_names)
+    folds = StratifiedGroupKFold(n_splits=p.audit.folds, shuffle=True, random_state=p.seed)
+    oof, fold_aucs = np.zeros((len(y), k)), []
+    for train, test in folds.split(features, y, groups):
+        model = classifier(features, p.seed).fit(features.iloc[train], y[train])
+        oof[np.ix_(test, model.classes_)] = model.predict_proba(features.iloc[test])
+        fold_aucs.append(multiclass.point(y[test], oof[test])[0]["auc"])
+    return oof, fold_aucs
+
+
+def _record(features: pd.DataFrame, y: np.ndarray, p: Params, auc: dict, fold_aucs: list[float]) -> dict:
+    """The audit's record of one feature set: its AUC, the folds' spread, the importances of a forest fitted on all."""
     full = classifier(features, p.seed).fit(features, y)
     names = full[0].get_feature_names_out()
     importance = dict(zip((n.split("__", 1)[1] for n in names), full[-1].feature_importances_.round(4).tolist(), strict=True))
