@@ -21,3 +21,20 @@ def test_generate_writes_class_folders_with_duplicates(tmp_path):
     again = tmp_path / "again"
     generate(again, {"yes": True, "no": False}, 20, 3, 64, 128, 0.3)
     assert all((tmp_path / "ph" / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+def test_n_class_phantoms_draw_a_tumour_type_per_class_and_none_in_the_no_tumour_class():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from brainmri.intake.phantoms import class_kinds
+
+    kinds = class_kinds(["glioma", "meningioma", "notumor", "pituitary"], "")
+    assert kinds == {"glioma": 1, "meningioma": 2, "notumor": 0, "pituitary": 3}
+    assert class_kinds(["no", "yes"], "yes") == {"no": False, "yes": True}  # two classes: the demo as ever
+    assert class_kinds(["a", "b", "c"], "") == {"a": 1, "b": 2, "c": 3}  # no tumour-free class named: a type each
+    # each type has something to learn: even a linear model on raw 16 px pixels tells the four apart above chance (0.25;
+    # 0.44 measured, some 4 standard errors above it)
+    x = np.array([phantom(np.random.default_rng([k, i]), k, 64, 64)[::4, ::4].ravel() for k in range(4) for i in range(30)])
+    y = np.repeat(np.arange(4), 30)
+    assert cross_val_score(LogisticRegression(max_iter=2000), x / 255.0, y, cv=3).mean() > 0.35
