@@ -304,6 +304,16 @@ def test_predict_labels_each_image_with_its_arg_max_class_in_csv_and_json(tmp_pa
     assert np.allclose([[r["probabilities"][c] for c in names] for r in rows[:k]], probs, atol=1e-6)
 
 
+def test_predict_on_openvino_gives_the_same_n_class_rows(tmp_path):
+    folder = grey_images(tmp_path / "in", 4)
+    model = classes_onnx(tmp_path / "m.onnx", 4)
+    ort = predict(model, [str(folder)], tmp_path / "ort.csv")
+    ov = predict(model, [str(folder)], tmp_path / "ov.csv", runtime="openvino")
+    assert list(ov["label"]) == list(ort["label"]) == ["c0", "c1", "c2", "c3"]
+    cols = [f"prob_c{i}" for i in range(4)]
+    assert np.allclose(ov[cols].to_numpy(float), ort[cols].to_numpy(float), atol=1e-5)
+
+
 def test_n_class_labels_in_csv_cannot_run_as_formulas(tmp_path):
     folder = grey_images(tmp_path / "in", 3)
     model = classes_onnx(tmp_path / "m.onnx", meta={"classes": json.dumps(["=1+1", "-b", "c"])})
