@@ -4,6 +4,10 @@ Each image goes through the same decoding as ingest (format from content, EXIF, 
 cap) and the same preprocessing as training (brainmri.intake.preprocess); threshold, class names and limits come from the
 model's metadata, written by the export stage and validated here when the model is loaded.
 
+A binary model's row is path, probability (of the positive class), label (at the threshold), error. An N-class model
+(metadata `classes`) gives one column per class, prob_<class>, and the arg-max class as label; in JSON its row holds
+`probabilities`, {class: probability}. Its output must be (n, K) for its K classes, each row in 0..1 summing to 1.
+
 It cannot hurt: a file that is not a regular file (a named pipe, a device, a link to one) gets an error row and
 is never read; images are decoded and run in batches, so memory does not grow with the number of inputs (only
 the small result rows do); `--out` is written as a new file and replaces an existing regular file only with
