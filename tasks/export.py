@@ -1,4 +1,8 @@
-"""export stage: the trained Keras model to ONNX (fp32, checked for parity) and to a statically quantized int8 model."""
+"""export stage: the trained Keras model to ONNX (fp32, checked for parity) and to a statically quantized int8 model.
+
+A binary model's ONNX output is (batch, 1), P(positive class), with its threshold and two class names in the metadata;
+an N-class model's is (batch, K), one probability per class, with the class names (`classes`, a JSON list) in the
+metadata and no threshold: its label is the arg-max class, and parity and the int8 check hold for every class."""
 
 from __future__ import annotations
 
@@ -14,7 +18,14 @@ from brainmri.deploy.onnxrt import INPUT, probabilities, session
 from brainmri.export.convert import convert
 from brainmri.export.int8_choice import quantize_best
 from brainmri.export.quantize import int8_calibration_sample
-from brainmri.export.record import check_parity, int8_record, onnx_metadata
+from brainmri.export.record import (
+    check_parity,
+    check_parity_classes,
+    int8_record,
+    metadata_props,
+    onnx_metadata,
+    onnx_metadata_classes,
+)
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
 
@@ -30,14 +41,17 @@ def export(p: Params, name: str) -> dict:
     x = load_batch(val.paths, size)
 
     proto, p_keras = convert(p.model_file("models", name, "model"), size, p.export.opset, x)
-    meta = onnx_metadata(p, name, size, trained)
-    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
-    t = trained["threshold"]
+    meta = (onnx_metadata if p.ingest.binary else onnx_metadata_classes)(p, name, size, trained)
+    onnx.helper.set_model_props(proto, metadata_props(meta))
+    t = trained["threshold"] if p.ingest.binary else None  # N classes: no threshold, the label is the arg-max class
     with atomic_dir(p.model_file("export", name, "onnx").parent) as tmp:
         fp32 = tmp / p.paths.files.onnx
         onnx.save(proto, fp32)
         p_onnx = probabilities(session(fp32), x)
-        parity = check_parity(name, p_keras, p_onnx, t, p.export.parity_tolerance)
+        if p.ingest.binary:
+            parity = check_parity(name, p_keras, p_onnx, t, p.export.parity_tolerance)
+        else:
+            parity = check_parity_classes(name, p_keras, p_onnx, list(p.ingest.label_names), p.export.parity_tolerance)
         int8 = tmp / p.paths.files.onnx_int8
         chosen = int8_calibration_sample(train, p.export.int8_calibration_images, p.seed)
         int8_images = [train.paths[i] for i in chosen]

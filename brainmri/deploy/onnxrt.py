@@ -62,6 +62,14 @@ def metadata(sess: Session) -> dict[str, str]:
 
 
 def probabilities(sess: Session, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The model's probabilities on `x`: shape (n,) for a binary model (its one output column, P(positive)), (n, K)
+    for an N-class one (one column per class, in its metadata's `classes` order)."""
     name = sess.get_inputs()[0].name
     out = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    return np.concatenate(out).reshape(-1).astype(np.float64) if out else np.zeros(0)
+    if not out:
+        k = sess.get_outputs()[0].shape[-1] if sess.get_outputs() and sess.get_outputs()[0].shape else 1
+        return np.zeros((0, k)) if isinstance(k, int) and k > 1 else np.zeros(0)
+    joined = np.concatenate(out)
+    if joined.ndim == 2 and joined.shape[1] > 1:  # N classes
+        return joined.astype(np.float64)
+    return joined.reshape(-1).astype(np.float64)

@@ -4,6 +4,10 @@ Each image goes through the same decoding as ingest (format from content, EXIF, 
 cap) and the same preprocessing as training (brainmri.intake.preprocess); threshold, class names and limits come from the
 model's metadata, written by the export stage and validated here when the model is loaded.
 
+A binary model's row is path, probability (of the positive class), label (at the threshold), error. An N-class model
+(metadata `classes`) gives one column per class, prob_<class>, and the arg-max class as label; in JSON its row holds
+`probabilities`, {class: probability}. Its output must be (n, K) for its K classes, each row in 0..1 summing to 1.
+
 It cannot hurt: a file that is not a regular file (a named pipe, a device, a link to one) gets an error row and
 is never read; images are decoded and run in batches, so memory does not grow with the number of inputs (only
 the small result rows do); `--out` is written as a new file and replaces an existing regular file only with
@@ -38,7 +42,10 @@ from brainmri.intake.archives import printable
 from brainmri.intake.decode import KINDS, decode_file
 from brainmri.intake.preprocess import square
 
-COLUMNS = ["path", "probability", "label", "error"]
+COLUMNS = ["path", "probability", "label", "error"]  # a binary model's rows; an N-class model's: prob_<class> per class
+PROB_PREFIX = "prob_"  # an N-class model's probability column for each class: prob_<class>
+SUM_TOLERANCE = 1e-2  # how far an N-class model's row of probabilities may sum from 1: OpenVINO bf16 carries 8
+# significant bits (a relative 0.4% per value), fp32 and the float int8 head stay within 1e-6
 OUT_SUFFIXES = (".csv", ".json")
 BATCH_PIXELS = 16 * 256 * 256  # images a batch times their pixels: 16 up to 256 px, fewer above (1 at 1024 px)
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # end predict as Ctrl-C does: the worker killed, no temporary file left
@@ -58,9 +65,19 @@ class Model:
     positive: str
     negative: str
     limits: dict
+    classes: tuple[str, ...] | None = None  # an N-class model's class names, in its output columns' order
+
+    @property
+    def prob_columns(self) -> list[str]:
+        """The probability columns of an output row: one for a binary model, prob_<class> per class for an N-class one."""
+        return ["probability"] if self.classes is None else [f"{PROB_PREFIX}{c}" for c in self.classes]
+
+    @property
+    def columns(self) -> list[str]:
+        return COLUMNS if self.classes is None else ["path", *self.prob_columns, "label", "error"]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.worker.run(x)
+        return self.worker.run(x) if self.classes is None else self.worker.run(x, len(self.classes))
 
     def close(self) -> None:
         self.worker.close()
@@ -87,11 +104,13 @@ def load(model: str | Path, runtime: str = "onnxruntime", threads: int = 0, boun
         except metadata.MetadataError as exc:
             raise metadata.MetadataError(f"{printable(str(model))}: {exc}") from None
         _check_input_output(model, info, meta.size)
+        if meta.classes is not None:
+            _check_output_width(model, info, meta.classes)
         if meta.int8_reduce_range is False:
             _warn_without_vnni(model, meta.cpu_flags)
         if config is not None:
             worker.compile(config)
-        m = Model(worker, meta.size, meta.threshold, meta.positive, meta.negative, meta.limits)
+        m = Model(worker, meta.size, meta.threshold, meta.positive, meta.negative, meta.limits, meta.classes)
         _run(m, np.zeros((1, meta.size, meta.size, 3), np.float32), "a probe of one black image")
         worker.check_resident()
     except BaseException:
@@ -126,6 +145,16 @@ def _check_input_output(model: Path, info: dict, size: int) -> None:
         raise BrainMRIError(f"{model}: expected a float probability output, got {kinds}")
 
 
+def _check_output_width(model: Path, info: dict, classes: tuple[str, ...]) -> None:
+    """An N-class model's output: (batch, K) with K the number of its metadata's classes, where the graph fixes it."""
+    shape = info["outputs"][0][2]
+    if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != len(classes)):
+        raise BrainMRIError(
+            f"{model}: output shape {[printable(str(d))[:20] for d in shape[:8]]} does not match the {len(classes)} classes "
+            "of its metadata; expected (batch, number of classes)"
+        )
+
+
 def _warn_without_vnni(model: Path, flags: str) -> None:
     """Warn when an int8 model with 8-bit weights meets a CPU without VNNI."""
     if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine.cpu_flags()):
@@ -138,12 +167,32 @@ def _warn_without_vnni(model: Path, flags: str) -> None:
 
 
 def _run(model: Model, x: np.ndarray, where: str) -> np.ndarray:
-    """Probabilities for one batch, checked: one finite value in 0..1 per image."""
+    """Probabilities for one batch, checked: one finite value in 0..1 per image (binary), or a row of them per image
+    summing to 1 (N classes: _run_classes)."""
+    if model.classes is not None:
+        return _run_classes(model, x, where)
     out = np.asarray(model.run(x), dtype=np.float64).reshape(-1)
     if out.size != len(x):
         raise BrainMRIError(f"model gives {out.size} values for {len(x)} images (at {where}); expected one probability per image")
     if not np.all(np.isfinite(out) & (out >= 0) & (out <= 1)):
         raise BrainMRIError(f"model output is not a probability in 0..1 (got {out[~((out >= 0) & (out <= 1))][:3]} at {where})")
+    return out
+
+
+def _run_classes(model: Model, x: np.ndarray, where: str) -> np.ndarray:
+    """An N-class model's probabilities for one batch, checked: shape (n, K), finite, in 0..1, each row summing to 1."""
+    k = len(model.classes)
+    out = np.asarray(model.run(x), dtype=np.float64)
+    if out.shape != (len(x), k):
+        expected = f"expected ({len(x)}, {k}), one probability per class"
+        raise BrainMRIError(f"model gives an output of shape {out.shape} for {len(x)} images (at {where}); {expected}")
+    inside = np.isfinite(out) & (out >= 0) & (out <= 1)
+    if not np.all(inside):
+        raise BrainMRIError(f"model output is not a probability in 0..1 (got {out[~inside][:3]} at {where})")
+    sums = out.sum(axis=1)
+    off = np.abs(sums - 1) > SUM_TOLERANCE
+    if np.any(off):
+        raise BrainMRIError(f"model's class probabilities sum to {sums[off][:3]} for an image, not 1 (at {where})")
     return out
 
 
@@ -239,14 +288,12 @@ def _predict_files(m: Model, files: list[Path], batch: int) -> tuple[pd.DataFram
     rows, arrays, index = [], [], []
 
     def flush():
-        for i, prob in zip(index, _run(m, np.stack(arrays).astype(np.float32), printable(str(files[index[0]]))), strict=True):
-            rows[i]["probability"] = round(float(prob), 6)
-            rows[i]["label"] = m.positive if prob >= m.threshold else m.negative
+        _fill(m, [rows[i] for i in index], _run(m, np.stack(arrays).astype(np.float32), printable(str(files[index[0]]))))
         arrays.clear()
         index.clear()
 
     for f in files:
-        row = {"path": printable(str(f)), "probability": None, "label": None, "error": ""}
+        row = {"path": printable(str(f)), **dict.fromkeys(m.prob_columns), "label": None, "error": ""}
         if f.is_dir() and not f.is_symlink():  # only a folder the walk could not list comes back as an entry
             row["error"] = "a folder that cannot be listed; not read"
             rows.append(row)
@@ -263,7 +310,19 @@ def _predict_files(m: Model, files: list[Path], batch: int) -> tuple[pd.DataFram
             flush()
     if arrays:
         flush()
-    return pd.DataFrame(rows, columns=COLUMNS), rows
+    return pd.DataFrame(rows, columns=m.columns), rows
+
+
+def _fill(m: Model, rows: list[dict], out: np.ndarray) -> None:
+    """Each row's probability and label: at the threshold for a binary model, the arg-max class for an N-class one."""
+    if m.classes is None:
+        for row, prob in zip(rows, out, strict=True):
+            row["probability"] = round(float(prob), 6)
+            row["label"] = m.positive if prob >= m.threshold else m.negative
+        return
+    for row, probs in zip(rows, out, strict=True):
+        row.update({col: round(float(v), 6) for col, v in zip(m.prob_columns, probs, strict=True)})
+        row["label"] = m.classes[int(np.argmax(probs))]  # ties go to the first class in the metadata's order
 
 
 @contextlib.contextmanager
@@ -289,12 +348,26 @@ def _write(tmp: Path, out: Path, model: Path, runtime: str, m: Model, frame: pd.
     """The rows as JSON, or as CSV with every text field quoted and formula-safe (brainmri.core.files.formula_safe)."""
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
     if out.suffix.lower() == ".json":
-        doc = {"model": str(model), "runtime": runtime, "threshold": m.threshold, "predictions": rows}
+        if m.classes is None:
+            doc = {"model": str(model), "runtime": runtime, "threshold": m.threshold, "predictions": rows}
+        else:
+            doc = {"model": str(model), "runtime": runtime, "classes": list(m.classes), "predictions": _json_rows(m, rows)}
         tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     else:
         # every text field quoted: Python's csv quotes a path holding '\n' but not one holding '\r', which a reader
         # then takes for a line end (found by tests/fuzzing.py); quoted, every path reads back exactly
         formula_safe(frame).to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
+
+
+def _json_rows(m: Model, rows: list[dict]) -> list[dict]:
+    """An N-class model's rows for JSON: the class probabilities as one object, {class: probability} (null for a file
+    that could not be scored)."""
+    out = []
+    for row in rows:
+        probs = {c: row[col] for c, col in zip(m.classes, m.prob_columns, strict=True)}
+        scored = row["label"] is not None
+        out.append({"path": row["path"], "probabilities": probs if scored else None, "label": row["label"], "error": row["error"]})
+    return out
 
 
 def predict(

@@ -160,8 +160,10 @@ class _Served:
         out = self.run_fn(x)
         if not isinstance(out, np.ndarray) or out.dtype.str not in DTYPES:
             raise ValueError(f"the output is a {type(out).__name__} of {getattr(out, 'dtype', '?')}, not numbers")
-        if out.size != len(x):  # checked here: a huge output never crosses to the caller
-            raise ValueError(f"the model gives {out.size} values for {len(x)} images; expected one probability per image")
+        per_image = int(header.get("per_image", 1))  # an N-class model's: one probability per class
+        if out.size != len(x) * per_image:  # checked here: a huge output never crosses to the caller
+            expected = "one probability per image" if per_image == 1 else f"{per_image} class probabilities per image"
+            raise ValueError(f"the model gives {out.size} values for {len(x)} images; expected {expected}")
         out = np.ascontiguousarray(out)
         return {"dtype": out.dtype.str, "shape": list(out.shape)}, out.tobytes()
 
@@ -308,11 +310,12 @@ class Worker:
             held, cap = f"{self.resident / 2**20:.0f} MB", f"{RESIDENT_BYTES / 2**20:.0f} MB"
             raise ModelLimitError(f"{self.path}: keeps {held} once loaded, past the cap of {cap} on what a model holds between batches")
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """The model's raw output for a float32 batch."""
+    def run(self, x: np.ndarray, per_image: int = 1) -> np.ndarray:
+        """The model's raw output for a float32 batch: `per_image` values an image (an N-class model's: one per class)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         doing = f"running a batch of {len(x)}"
-        reply, data = self._call({"op": "run", "shape": list(x.shape)}, memoryview(x).cast("B"), self.run_seconds, doing)
+        header = {"op": "run", "shape": list(x.shape), "per_image": per_image}
+        reply, data = self._call(header, memoryview(x).cast("B"), self.run_seconds, doing)
         return _array(reply, data)
 
 

@@ -106,5 +106,7 @@ def vet(path: str | Path, runtime: str = "onnxruntime", threads: int = 0, config
             if all(d and d > 0 for d in shape) and shape[1] * shape[2] * shape[3] <= 4096 * 4096 * 3:
                 import numpy as np
 
-                worker.run(np.zeros(shape, np.float32))
+                from brainmri.deploy.metadata import width
+
+                worker.run(np.zeros(shape, np.float32), width(info["meta"]))  # an N-class model: one value per class
     _vetted.add(key)

@@ -46,11 +46,13 @@ def _convert_to_file(model_path: str, size: int, opset: int, out: str, images: s
     model = load_model(model_path)
     onnx.save(to_onnx(model, size, opset), out)
     gc.collect()  # tf2onnx's graphs are garbage now: their memory goes back before the prediction allocates
-    np.save(probs, np.asarray(model.predict(np.load(images), batch_size=4, verbose=0), dtype=np.float64).reshape(-1))
+    out = np.asarray(model.predict(np.load(images), batch_size=4, verbose=0), dtype=np.float64)
+    np.save(probs, out if out.ndim == 2 and out.shape[1] > 1 else out.reshape(-1))  # (n, K) for N classes, (n,) for two
 
 
 def convert(model_path: Path, size: int, opset: int, x: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
-    """The ONNX model and the Keras model's probabilities on `x`, both from a spawned worker process: this one
+    """The ONNX model and the Keras model's probabilities on `x` ((n,) for a binary model, (n, K) for an N-class one),
+    both from a spawned worker process: this one
     never imports TensorFlow, and the GiBs tf2onnx takes go back to the OS before parity and calibration."""
     import multiprocessing
     from unittest import mock

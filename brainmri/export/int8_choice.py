@@ -15,20 +15,21 @@ from brainmri.core.machine import cpu_flags
 from brainmri.core.progress import log
 from brainmri.deploy.onnxrt import probabilities, session
 from brainmri.export.quantize import quantize
+from brainmri.export.record import label_metrics
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
-from brainmri.stats.metrics import point
 
 
-def quantize_best(p: Params, name: str, fp32, int8, images: list, size: int, threshold: float) -> dict:
+def quantize_best(p: Params, name: str, fp32, int8, images: list, size: int, threshold: float | None) -> dict:
     """Quantize with every combination of export.int8_calibration_method and export.reduce_range (lists are candidates)
     and keep the one whose int8 probabilities stay closest to fp32's on the validation images (mean absolute change;
     ties go to the earlier candidate). Chosen on val, never test: the test figures come after, for the chosen file
-    only. The CPU is recorded because ONNX Runtime's int8 kernels, and so the choice, depend on its instructions."""
+    only. An N-class model (threshold None) is scored by arg-max labels. The CPU is recorded because ONNX Runtime's
+    int8 kernels, and so the choice, depend on its instructions."""
     val = split_part(p, "val")
     x_val = load_batch(val.paths, size)
     p32 = probabilities(session(fp32), x_val)
-    m32 = point(val.y, p32, threshold)
+    m32 = label_metrics(val.y, p32, threshold)
     combos = list(itertools.product(candidates(p.export.int8_calibration_method), candidates(p.export.reduce_range)))
     scores = []
     with tempfile.TemporaryDirectory() as shared:  # one pre-processing, and one calibration per method, for every candidate
@@ -56,9 +57,9 @@ def quantize_best(p: Params, name: str, fp32, int8, images: list, size: int, thr
     }
 
 
-def candidate_score(method: str, reduce_range: bool, y, p8: np.ndarray, p32: np.ndarray, m32: dict, threshold: float) -> dict:
+def candidate_score(method: str, reduce_range: bool, y, p8: np.ndarray, p32: np.ndarray, m32: dict, threshold: float | None) -> dict:
     """How far one candidate's int8 probabilities `p8` moved from fp32's `p32` (metrics `m32`) on val."""
-    m8 = point(y, p8, threshold)
+    m8 = label_metrics(y, p8, threshold)
     return {
         "calibration_method": method,  # the key export.json has always had (the param is export.int8_calibration_method)
         "reduce_range": reduce_range,

@@ -122,6 +122,7 @@ def int8_calibration_sample(part: Part, n: int, seed: int) -> list[int]:
     idx = np.arange(len(part.y))
     if n >= len(idx):
         return idx.tolist()
-    stratify = part.y if len(np.unique(part.y)) > 1 and n >= 2 else None
+    classes = len(np.unique(part.y))
+    stratify = part.y if classes > 1 and n >= classes else None  # a stratified sample needs an image of each class
     chosen, _ = train_test_split(idx, train_size=n, stratify=stratify, random_state=seed)
     return sorted(int(i) for i in chosen)
