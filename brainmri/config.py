@@ -17,7 +17,17 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
 
 from brainmri.core.errors import ConfigError
-from brainmri.core.limits import CLASS_NAME, MAX_FILE_BYTES, MAX_INPUT_SIZE, MAX_PIXELS, MAX_SIDE, MIN_INPUT_SIZE, NAME, path_problem
+from brainmri.core.limits import (
+    CLASS_NAME,
+    MAX_CLASSES,
+    MAX_FILE_BYTES,
+    MAX_INPUT_SIZE,
+    MAX_PIXELS,
+    MAX_SIDE,
+    MIN_INPUT_SIZE,
+    NAME,
+    path_problem,
+)
 
 PARAMS_FILE = "params.yaml"
 
@@ -168,6 +178,8 @@ class Ingest(Section):
     def _check_classes(self) -> None:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"ingest.classes must name two or more different class folders, got {self.classes}")
+        if len(self.classes) > MAX_CLASSES:  # what a model's metadata (and so predict) takes
+            raise ValueError(f"ingest.classes names {len(self.classes)} classes; at most {MAX_CLASSES}")
         if len(self.classes) == 2 and self.positive_class not in self.classes:
             raise ValueError(f"ingest.positive_class {self.positive_class!r} is not one of ingest.classes {self.classes}")
         if len(self.classes) > 2 and self.positive_class:

@@ -12,6 +12,7 @@ MAX_PIXELS = 40_000_000  # ingest.max_pixels at most: decoding that many RGBA pi
 # (which decodes by the model's own metadata) must stay under 1.5 GiB with the model's worker beside it
 MAX_FILE_BYTES = 250_000_000  # ingest.max_file_bytes at most: predict holds a whole file while decoding it
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # model and backbone keys: they reach dvc.yaml's shell commands
+MAX_CLASSES = 50  # ingest.classes at most: 50 of the longest class names (64 characters) fit a model's metadata value as JSON
 CLASS_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?")  # a folder name, a CSV column, a report label
 MAX_PATH_BYTES = 4096  # Linux's PATH_MAX: a longer path cannot be opened, and a traceback named no key
 MAX_PART_BYTES = 255  # NAME_MAX: the longest single file or folder name most file systems take

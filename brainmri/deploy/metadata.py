@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from brainmri.core.errors import BrainMRIError
 
 # the limits params share (brainmri/core/limits.py: what params accept, predict accepts in a model's metadata)
-from brainmri.core.limits import MAX_FILE_BYTES, MAX_INPUT_SIZE, MAX_PIXELS, MAX_SIDE, MIN_INPUT_SIZE  # noqa: E402
+from brainmri.core.limits import MAX_CLASSES, MAX_FILE_BYTES, MAX_INPUT_SIZE, MAX_PIXELS, MAX_SIDE, MIN_INPUT_SIZE  # noqa: E402
 
 MAX_CLASS_NAME = 100  # characters of a class name, which every output row repeats
 MAX_VALUE_CHARS = 4096  # characters of any metadata value (a weights description, an ensemble's members)
 MAX_KEYS = 64  # export writes a dozen
 BOOLEANS = ("True", "False")  # str(bool): what export writes for crop_to_content, int8_reduce_range, tta_flip
-MAX_CLASSES = 50  # an N-class model's class names: 50 of params' longest (64 characters) fit MAX_VALUE_CHARS as JSON
 REQUIRED = ("input_size", "threshold", "positive_class", "negative_class")
 REQUIRED_CLASSES = ("input_size", "classes")  # an N-class model's: its class names in place of a threshold and two names
 BINARY_ONLY = ("threshold", "positive_class", "negative_class")  # never in an N-class model's metadata

@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.deploy.metadata import MAX_CLASSES
+from brainmri.core.limits import MAX_CLASSES
 from brainmri.export.convert import ExportError
 from brainmri.stats.metrics import point
 
