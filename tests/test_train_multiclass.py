@@ -137,6 +137,25 @@ def test_a_linear_softmax_head_is_the_multinomial_logistic_regression(k):
     assert roc_auc_score(job.y_val, prob, multi_class="ovr") > 0.95
 
 
+def test_a_linear_head_fitted_without_one_class_gives_it_no_probability():
+    """A small fold can lack a class: the multinomial head still has K outputs, the absent class at about 0, and the
+    two present ones as scikit-learn's (binary) regression on them gives."""
+    from sklearn.linear_model import LogisticRegression
+
+    job = softmax_job(3, spec(dense=0, l2=0.01))
+    present = job.y_fit != 1
+    job.x_fit, job.y_fit = job.x_fit[present], job.y_fit[present]
+    job.class_weight = class_weights(job.y_fit, "balanced", 3)
+    fit_heads([job], lr=0.01, epochs=1, patience=0, batch=16, l2=0.01)
+    prob = predict(job.head, job.x_val)
+    assert prob.shape == (len(job.y_val), 3) and prob[:, 1].max() < 1e-6
+    norm = job.head.get_layer("feature_scale")
+    std = lambda x: (x - np.asarray(norm.mean)) / np.sqrt(np.asarray(norm.variance))  # noqa: E731
+    sw = np.array([job.class_weight[c] for c in job.y_fit])
+    ref = LogisticRegression(C=1 / (2 * 0.01 * sw.sum()), max_iter=5000).fit(std(job.x_fit), job.y_fit, sample_weight=sw)
+    assert np.allclose(prob[:, [0, 2]], ref.predict_proba(std(job.x_val)), atol=1e-4)
+
+
 def test_temperature_is_recovered_and_folding_it_equals_applying_it_to_the_logits():
     rng = np.random.default_rng(2)
     z = rng.normal(scale=2.0, size=(4000, 3))
@@ -183,6 +202,7 @@ def test_selection_chooses_the_grid_point_of_the_best_macro_auc(three_classes):
     assert all(0 < pt["cv_bce_pooled_out_of_fold"] < 5 for pt in record["points"])
 
 
+@pytest.mark.heavy  # runs the ingest, split and train stages (tests/conftest.py: the fast tier leaves it out)
 def test_the_train_stage_trains_a_three_class_model(three_classes):
     """ingest, split and train on 3 x 16 phantoms: train.json names the classes, decides by arg-max with no threshold,
     records a temperature, and cv_predictions.csv has one column per class; the saved model gives (n, 3)."""
@@ -220,6 +240,7 @@ def test_the_train_stage_trains_a_three_class_model(three_classes):
     assert prob.shape == (len(va.y), 3) and np.allclose(prob.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.heavy  # runs the ingest, split and train stages (tests/conftest.py: the fast tier leaves it out)
 def test_the_reference_cnn_trains_end_to_end_on_three_classes(three_classes):
     """The small CNN, trained whole by Keras with sparse categorical cross-entropy, calibrated on val (no CV): its
     history has Keras's loss per epoch, train.json decides by arg-max, and the saved model's val probabilities are the

@@ -22,6 +22,10 @@ took 15 passes (about 2x the time).
 
 The heads are built by `build_head` (adapted Normalization, initial weights from Keras's initialisers) and trained in
 place: the trained weights are assigned back into the same Keras model, which is what gets saved.
+
+N classes (issue 31): a head with a K-unit softmax output trains in the same loop, its output kernel [H, units, K] and
+bias [H, K], on the class-weighted softmax cross-entropy (`softmax_loss_and_grads`), accuracy by arg-max. A two-class
+head (one sigmoid unit) runs exactly the ops it ran before: its loss, gradients and graph are unchanged.
 """
 
 from __future__ import annotations
