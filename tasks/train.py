@@ -1,5 +1,6 @@
 """train stage: one model = one backbone, with or without the augmented copies, its settings, calibration and
-threshold chosen on train+val by cross-validation; val is a held-out check."""
+threshold chosen on train+val by cross-validation; val is a held-out check. N classes: softmax heads, temperature
+calibration and the arg-max decision (notes in brainmri.learn.record)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,14 @@ def train(p: Params, name: str) -> dict:
     tr, aug, va = data_parts(p, spec.augment)
 
     y_fit = np.concatenate([tr.y, aug.y])
-    cw = class_weights(y_fit, p.train.class_weight)
+    cw = class_weights(y_fit, p.train.class_weight, len(p.ingest.classes))
     fit_args = {"batch": p.train.batch_size, "cw": cw, "patience": bb.patience}
     run = (train_end_to_end if net.end_to_end else train_transfer)(p, name, net, tr, aug, va, y_fit, fit_args)
     held_out, where = decision_data(run, va)  # pooled out-of-fold predictions over train+val; val without CV
     cal = calibrate(p, net.full, held_out, where)
-    t = threshold(run.rule, held_out[0], calibration.apply(held_out[1], cal["a"], cal["c"]), cal)
+    t = None  # N classes: the decision is the arg-max of the calibrated probabilities, no threshold
+    if p.ingest.binary:
+        t = threshold(run.rule, held_out[0], calibration.apply(held_out[1], cal["a"], cal["c"]), cal)
     p_train, p_val = run.scores()  # the saved model's own outputs, calibration folded in
     out = train_record(p, name, net, run, (tr, aug, va), cw, cal, (t, where), (p_train, p_val))
 
@@ -47,7 +50,7 @@ def train(p: Params, name: str) -> dict:
         save_model(net.full, tmp / p.paths.files.model)
         write_csv(tmp / p.paths.files.history, run.history)
         write_json(tmp / p.paths.files.train_metrics, out)
-        write_csv(tmp / p.paths.files.cv_predictions, cv_predictions(run, cal))
+        write_csv(tmp / p.paths.files.cv_predictions, cv_predictions(run, cal, p.ingest.label_names))
         log_live(tmp / p.paths.files.live, run.history, out)
     summary(f"train {name}", train_summary(out, run.cv, t) + f"; {time.monotonic() - start:.0f} s")
     return out

@@ -8,6 +8,11 @@ Each is sigmoid(a * z + c) on the logit z, and the output layer is a sigmoid Den
 kernel and bias absorb the map: w' = a w, b' = a b + c. The saved Keras model, the ONNX export and `predict` then all give
 calibrated probabilities with no extra layer; train maps a fixed threshold through the same function (and sets
 Youden's on the calibrated outputs), so no label changes.
+
+N classes (notes/nclass_contract.md item 4): temperature scaling on the logits z = log p of the softmax outputs,
+p' = softmax(z / T), T fitted by minimising the multi-class log loss of held-out probabilities. Softmax ignores a
+shift common to a row's logits, so softmax(log p / T) = softmax((W h + b) / T), and the softmax Dense layer absorbs it:
+W' = W / T, b' = b / T. A temperature changes no row's arg-max, so no N-class decision changes either.
 """
 
 from __future__ import annotations
@@ -51,6 +56,39 @@ def fit(prob: np.ndarray, y: np.ndarray, method: str) -> tuple[float, float]:
         lr = LogisticRegression(C=1e6, max_iter=1000).fit(rows, labels, sample_weight=np.concatenate([target, 1 - target]))
         return float(lr.coef_[0, 0]), float(lr.intercept_[0])
     raise ValueError(f"unknown calibration method {method!r}")
+
+
+def fit_temperature(prob: np.ndarray, y: np.ndarray) -> float:
+    """T of p' = softmax(log p / T) minimising the multi-class log loss of held-out probabilities `prob` (n, K) with
+    labels `y` (0..K-1); 1 when `y` holds one class only (nothing to fit on)."""
+    from scipy.optimize import minimize_scalar
+
+    from brainmri.learn import multiclass
+
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2:
+        return 1.0
+    z = np.log(np.clip(np.asarray(prob, np.float64), EPS, 1.0))
+    # log T between -4 and 4, as the two-class temperature: wide enough for any head here, and T always positive
+    res = minimize_scalar(lambda s: multiclass.log_loss(y, multiclass.softmax(z * np.exp(-s))), bounds=(-4.0, 4.0), method="bounded")
+    return float(np.exp(res.x))
+
+
+def apply_temperature(prob, temperature: float) -> np.ndarray:
+    """Probabilities (n, K) mapped by temperature `temperature`: softmax(log p / T)."""
+    from brainmri.learn import multiclass
+
+    return multiclass.softmax(np.log(np.clip(np.asarray(prob, np.float64), EPS, 1.0)) / temperature)
+
+
+def fold_temperature(model, temperature: float) -> None:
+    """Fold temperature `temperature` into `model`'s softmax output layer (found in nested models too), in place:
+    kernel / T and bias / T."""
+    from brainmri.learn.models import MULTI_OUTPUT
+
+    layer = find_layer(model, MULTI_OUTPUT)
+    w, b = layer.get_weights()
+    layer.set_weights([(w / temperature).astype(w.dtype), (b / temperature).astype(b.dtype)])
 
 
 def apply(prob, a: float, c: float) -> np.ndarray:

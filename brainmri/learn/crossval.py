@@ -1,5 +1,9 @@
 """Cross-validation of a head on cached features: grouped, stratified folds, out-of-fold predictions, the
-logistic-regression baseline on the same folds, and the spread over whole CV runs with other seeds."""
+logistic-regression baseline on the same folds, and the spread over whole CV runs with other seeds.
+
+Two classes: probabilities (n,) of the positive class, and AUC, accuracy at 0.5 and binary cross-entropy. N classes:
+probabilities (n, K) in label_names order, and under the same keys the macro one-vs-rest AUC, arg-max accuracy and
+multi-class log loss (brainmri.learn.multiclass; notes/nclass_contract.md items 2 and 5)."""
 
 from __future__ import annotations
 
@@ -10,11 +14,24 @@ import pandas as pd
 
 from brainmri.config import Backbone, Params
 from brainmri.core.progress import log
+from brainmri.learn import multiclass
 from brainmri.learn.fitting import class_weights, predict, setting, train_heads
 from brainmri.learn.headfit import HeadJob, HeadResult
 from brainmri.stats.metrics import point
 
 METRICS = ("auc", "accuracy", "bce")
+N_CLASS_METRICS = "for N classes: auc is the macro one-vs-rest AUC, accuracy the arg-max's, bce the multi-class log loss"
+
+
+def figures(p: Params, y: np.ndarray, prob: np.ndarray) -> dict:
+    """METRICS of probabilities `prob` of labels `y`: brainmri.stats.metrics.point at 0.5 for two classes (as
+    before N classes), brainmri.learn.multiclass.point (macro one-vs-rest AUC, arg-max) for more."""
+    return point(y, prob, 0.5) if p.ingest.binary else multiclass.point(y, prob)
+
+
+def _empty(p: Params, n: int) -> np.ndarray:
+    """NaN probabilities for `n` images: (n,) for two classes, (n, K) for K."""
+    return np.full(n, np.nan) if p.ingest.binary else np.full((n, len(p.ingest.classes)), np.nan)
 
 
 @dataclass
@@ -63,14 +80,17 @@ def _fold_job(p: Params, bb: Backbone, feats, y, aug_feats, fit_idx, val_idx, se
     y_fit = np.concatenate([y[fit_idx], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
     head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit, init_seed=_fold_seed(seed, k), n_classes=len(p.ingest.classes))
     stream = int(np.random.SeedSequence([seed, k + 1]).generate_state(1)[0])  # its own shuffle/dropout stream
-    return HeadJob(head, x_fit, y_fit, feats[val_idx], y[val_idx], class_weights(y_fit, p.train.class_weight), stream)
+    cw = class_weights(y_fit, p.train.class_weight, len(p.ingest.classes))
+    return HeadJob(head, x_fit, y_fit, feats[val_idx], y[val_idx], cw, stream)
 
 
 def out_of_fold(folds: list[Fold], feats: np.ndarray, n: int) -> np.ndarray:
-    """Each image's probability from the fold head that did not see it (NaN for an image in no fold's held-out part)."""
-    oof = np.full(n, np.nan)
-    for fold in folds:
-        oof[fold.test] = predict(fold.job.head, feats[fold.test])
+    """Each image's probability from the fold head that did not see it (NaN for an image in no fold's held-out part):
+    (n,) from two-class heads, (n, K) from K-class heads."""
+    preds = [predict(fold.job.head, feats[fold.test]) for fold in folds]
+    oof = np.full((n, *preds[0].shape[1:]) if preds else n, np.nan)
+    for fold, pred in zip(folds, preds, strict=True):
+        oof[fold.test] = pred
     return oof
 
 
@@ -88,10 +108,12 @@ def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[H
     The result's "predictions" hold each image's out-of-fold probability from the head and from the baseline.
     """
     bb = bb or setting(p, name)
-    oof = {"model": np.full(len(y), np.nan), "baseline": np.full(len(y), np.nan)}
+    oof = {"model": _empty(p, len(y)), "baseline": _empty(p, len(y))}
     frame = pd.DataFrame([_fold_scores(p, name, feats, y, fold, res, oof) for fold, res in zip(folds, results, strict=True)])
-    pooled = {who: point(y, oof[who], 0.5) for who in ("model", "baseline")}
+    pooled = {who: figures(p, y, oof[who]) for who in ("model", "baseline")}
+    extra = {} if p.ingest.binary else {"metrics": N_CLASS_METRICS, "classes": list(p.ingest.label_names)}
     return {
+        **extra,
         "folds": p.train.cv_folds,
         "selection": _protocol(bb),
         "n_images": int(len(y)),
@@ -115,9 +137,9 @@ def _fold_scores(p: Params, name: str, feats, y, fold: Fold, res: HeadResult, oo
     """One fold's head and baseline on its held-out part: their probabilities into `oof`, their figures as a row."""
     k, tr, te = fold.k, fold.train, fold.test
     oof["model"][te] = predict(fold.job.head, feats[te])
-    m = point(y[te], oof["model"][te], 0.5)
+    m = figures(p, y[te], oof["model"][te])
     oof["baseline"][te] = _baseline(p, feats[tr], y[tr], feats[te])
-    b = point(y[te], oof["baseline"][te], 0.5)
+    b = figures(p, y[te], oof["baseline"][te])
     log.info("cv %s fold %d/%d: AUC %.3f (logistic-regression baseline %.3f)", name, k + 1, p.train.cv_folds, m["auc"], b["auc"])
     return {
         "fold": k,
@@ -129,14 +151,19 @@ def _fold_scores(p: Params, name: str, feats, y, fold: Fold, res: HeadResult, oo
 
 
 def _baseline(p: Params, x_fit, y_fit, x_test) -> np.ndarray:
-    """The logistic-regression baseline's probabilities on `x_test`, fitted on standardised `x_fit`."""
+    """The logistic-regression baseline's probabilities on `x_test`, fitted on standardised `x_fit`: P(positive) for
+    two classes; for K, the multinomial regression's (n, K), a class absent from `y_fit` at probability 0."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     balanced = None if p.train.class_weight == "none" else "balanced"
     lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight=balanced)).fit(x_fit, y_fit)
-    return lr.predict_proba(x_test)[:, 1]
+    if p.ingest.binary:
+        return lr.predict_proba(x_test)[:, 1]
+    out = np.zeros((len(x_test), len(p.ingest.classes)))
+    out[:, lr.classes_] = lr.predict_proba(x_test)
+    return out
 
 
 def _stats(frame: pd.DataFrame, pooled: dict, who: str, metric: str) -> dict:
@@ -168,6 +195,9 @@ def seed_spread(p: Params, feats, y, cv: dict, reruns: list[list[Fold]]) -> dict
     aucs = [cv["model"]["auc"]["pooled_out_of_fold"]]
     for run in reruns:
         oof = out_of_fold(run, feats, len(y))
+        if not p.ingest.binary:  # the macro one-vs-rest AUC, as cv's own figure
+            aucs.append(round(multiclass.macro_auc(y, oof), 4))
+            continue
         aucs.append(round(float(roc_auc_score(y, oof)), 4) if len(np.unique(y)) > 1 else float("nan"))
     return {
         "seeds": [p.seed, *rerun_seeds(p)],

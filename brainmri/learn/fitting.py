@@ -17,6 +17,14 @@ from brainmri.intake.parts import Part, make_part, split_part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn.headfit import HeadJob, HeadResult, fit_heads
 
+ARGMAX = "argmax"  # the N-class decision rule (train.json's threshold_rule): the class of highest calibrated probability
+
+
+def first_rule(p: Params):
+    """The decision rule of a model with no cross-validation to choose by: train.threshold's first rule for two
+    classes; the arg-max for N (notes/nclass_contract.md item 3)."""
+    return candidates(p.train.threshold)[0] if p.ingest.binary else ARGMAX
+
 
 @dataclass
 class Trained:
@@ -27,7 +35,7 @@ class Trained:
     history: pd.DataFrame
     best: int
     bb: Backbone
-    rule: object  # a train.threshold rule: 'youden' or a fixed threshold
+    rule: object  # a train.threshold rule: 'youden' or a fixed threshold; ARGMAX for N classes
     selection: dict | None = None  # the record of what was chosen by measurement; None when nothing was
     cv: dict | None = None  # cv_report's summary (train.json's "cv") with the seed spread
     oof: tuple[np.ndarray, np.ndarray] | None = None  # train+val labels and their out-of-fold probabilities
@@ -59,11 +67,14 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def class_weights(y: np.ndarray, mode: str) -> dict[int, float] | None:
+def class_weights(y: np.ndarray, mode: str, n_classes: int = 2) -> dict[int, float] | None:
+    """Per-class weights of the training loss: 'balanced' gives class c the weight n / (K * n_c) for K classes
+    (scikit-learn's 'balanced'; for two classes n / (2 * n_c), as before N classes), 1 to a class with no image;
+    'none' gives None (every row weighs 1)."""
     if mode == "none":
         return None
-    counts = np.bincount(y, minlength=2)
-    return {c: float(len(y) / (2 * counts[c])) if counts[c] else 1.0 for c in (0, 1)}
+    counts = np.bincount(y, minlength=n_classes)
+    return {c: float(len(y) / (n_classes * counts[c])) if counts[c] else 1.0 for c in range(n_classes)}
 
 
 def setting(p: Params, name: str) -> Backbone:
@@ -91,7 +102,9 @@ def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw,
                 logs["val_accuracy"],
             )
 
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy", metrics=["accuracy"])
+    # one sigmoid unit: binary cross-entropy; K softmax units: cross-entropy of the integer labels 0..K-1
+    loss = "binary_crossentropy" if model.output_shape[-1] == 1 else "sparse_categorical_crossentropy"
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
     stop = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)] if patience else []
     h = model.fit(
         x, y, validation_data=val, epochs=epochs, batch_size=batch, class_weight=cw, shuffle=True, verbose=0, callbacks=[*stop, EpochLog()]
@@ -104,7 +117,12 @@ def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw,
 
 
 def predict(model, x, batch: int = 64) -> np.ndarray:
-    """Probabilities in batches, called directly: model.predict traces a new function per model (a warning per CV fold)."""
+    """Probabilities in batches, called directly: model.predict traces a new function per model (a warning per CV fold).
+    A two-class model gives (n,), P(positive); a K-class model (n, K), columns in label_names order."""
+    units = model.output_shape[-1]
+    if units != 1:
+        out = [np.asarray(model(x[i : i + batch], training=False)) for i in range(0, len(x), batch)]
+        return np.concatenate(out) if out else np.zeros((0, units), np.float32)
     out = [np.asarray(model(x[i : i + batch], training=False)).reshape(-1) for i in range(0, len(x), batch)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -165,4 +183,4 @@ def train_end_to_end(p: Params, name: str, net, tr: Part, aug: Part, va: Part, y
     def scores():
         return predict(net.full, x_tr), predict(net.full, x_val)
 
-    return Trained(history, best, bb, candidates(p.train.threshold)[0], scores=scores)  # no CV to choose a rule by: the first
+    return Trained(history, best, bb, first_rule(p), scores=scores)  # no CV to choose a rule by: the first

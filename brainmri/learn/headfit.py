@@ -22,6 +22,10 @@ took 15 passes (about 2x the time).
 
 The heads are built by `build_head` (adapted Normalization, initial weights from Keras's initialisers) and trained in
 place: the trained weights are assigned back into the same Keras model, which is what gets saved.
+
+N classes (issue 31): a head with a K-unit softmax output trains in the same loop, its output kernel [H, units, K] and
+bias [H, K], on the class-weighted softmax cross-entropy (`softmax_loss_and_grads`), accuracy by arg-max. A two-class
+head (one sigmoid unit) runs exactly the ops it ran before: its loss, gradients and graph are unchanged.
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ MAX_GROUP = 32  # heads per compiled run: memory grows with the heads trained to
 class HeadJob:
     """One head to train: the Keras head (trained in place), its training and validation data, its random stream."""
 
-    head: object  # keras.Model from build_head: [feature_scale,] head_dense, head_dropout, tumour_probability
+    head: object  # keras.Model from build_head: [feature_scale,] head_dense, head_dropout, its output layer
     x_fit: np.ndarray  # (n, d) training features
-    y_fit: np.ndarray  # (n,) 0/1 labels
+    y_fit: np.ndarray  # (n,) labels: 0/1 for a sigmoid head, 0..K-1 (label_names order) for a K-class softmax head
     x_val: np.ndarray  # (m, d) validation features, read each epoch (early stopping reads their loss)
     y_val: np.ndarray  # (m,)
     class_weight: dict[int, float] | None  # as for model.fit: per-class weights of the training loss
@@ -61,12 +65,25 @@ class HeadResult:
     best: int  # the 1-based epoch whose weights the head now holds
 
 
+def n_softmax(head) -> int:
+    """K for a head with a K-class softmax output; 0 for a two-class head's single sigmoid unit."""
+    from brainmri.learn.models import output_layer
+
+    units = int(output_layer(head).units)
+    return 0 if units == 1 else units
+
+
 def _head_arrays(head) -> tuple[np.ndarray, ...]:
-    """(W1, b1, w2, b2, mean, 1/std, dropout rate) of a build_head model; a head without Normalization gets 0 and 1."""
-    dense, out = head.get_layer("head_dense"), head.get_layer("tumour_probability")
+    """(W1, b1, w2, b2, mean, 1/std, dropout rate) of a build_head model; a head without Normalization gets 0 and 1.
+    A sigmoid head's w2 is [units] and b2 a scalar; a K-class softmax head's w2 is [units, K] and b2 [K]."""
+    from brainmri.learn.models import output_layer
+
+    dense, out = head.get_layer("head_dense"), output_layer(head)
     (w1, b1), (w2, b2) = dense.get_weights(), out.get_weights()
     mean, scale = _scaling(head, w1.shape[0])
-    return w1, b1, w2.reshape(-1), b2.reshape(()), mean, scale, float(head.get_layer("head_dropout").rate)
+    if not n_softmax(head):
+        w2, b2 = w2.reshape(-1), b2.reshape(())
+    return w1, b1, w2, b2, mean, scale, float(head.get_layer("head_dropout").rate)
 
 
 def _scaling(head, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +113,11 @@ def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int, l2=0.0
     is a logistic regression, fitted to convergence (`fit_linear`).
 
     `lr`, `epochs` and `l2` are one value for every head or one per job (the points of a settings grid); each head's
-    dropout rate is its own Dropout layer's. Heads of one width (features x units) train in one compiled run."""
+    dropout rate is its own Dropout layer's. Heads of one width (features x units x classes) train in one compiled run.
+
+    A two-class head (one sigmoid unit) minimises the class-weighted binary cross-entropy; a K-class head (softmax
+    over K units, labels 0..K-1) the class-weighted softmax cross-entropy, with the same batches, dropout, Adam and
+    early stopping, and accuracy by arg-max."""
     if not jobs:
         return []
     lrs = np.broadcast_to(np.asarray(lr, np.float32), (len(jobs),))
@@ -108,7 +129,7 @@ def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int, l2=0.0
         if is_linear(j.head):
             results[i] = fit_linear(j, float(l2s[i]))
         else:
-            shapes.setdefault(tuple(j.head.get_layer("head_dense").kernel.shape), []).append(i)
+            shapes.setdefault((*j.head.get_layer("head_dense").kernel.shape, n_softmax(j.head)), []).append(i)
     runs = [same[at : at + MAX_GROUP] for same in shapes.values() for at in range(0, len(same), MAX_GROUP)]
     for k, idx in enumerate(runs):
         if len(jobs) > 1:  # progress on long work: a grid's compiled runs take minutes each on 2 cores
@@ -134,9 +155,12 @@ def fit_linear(job: HeadJob, l2: float) -> HeadResult:
     features, minimising the class-weighted mean log loss plus `l2` times the squared weights (scikit-learn's
     C = 1 / (2 * l2 * the weights' sum)); the intercept is not penalised. Its coefficients go into the Keras head, so
     the saved model and its ONNX export compute the same probabilities. With class weights 'balanced' and
-    l2 = 1 / (2 n), it is the logistic-regression baseline of the cross-validation report."""
+    l2 = 1 / (2 n), it is the logistic-regression baseline of the cross-validation report. A K-class head is the
+    multinomial logistic regression (`_fit_softmax_linear`)."""
     from sklearn.linear_model import LogisticRegression
 
+    if n_softmax(job.head):
+        return _fit_softmax_linear(job, l2)
     xs, y = _standardised(job.head, job.x_fit), np.asarray(job.y_fit).reshape(-1)
     cw = job.class_weight or {0: 1.0, 1: 1.0}
     sw = np.where(y > 0.5, cw[1], cw[0])
@@ -146,6 +170,54 @@ def fit_linear(job: HeadJob, l2: float) -> HeadResult:
     row = {"epoch": 1, **_linear_scores(model, xs, y, sw, "")}
     row.update(_linear_scores(model, _standardised(job.head, job.x_val), np.asarray(job.y_val).reshape(-1), None, "val_"))
     return HeadResult(pd.DataFrame([{**row, "selected": True}], columns=HISTORY_COLUMNS), 1)
+
+
+def _fit_softmax_linear(job: HeadJob, l2: float) -> HeadResult:
+    """A K-class linear head: scikit-learn's multinomial logistic regression (L-BFGS, to convergence) on the
+    standardised features, with the two-class head's penalty mapping (C = 1 / (2 * l2 * the weights' sum): the
+    class-weighted mean log loss plus `l2` times every class's squared weights). Its coefficients go into the softmax
+    Dense layer (kernel coef_.T, bias intercept_), so the Keras head's outputs are predict_proba's."""
+    from sklearn.linear_model import LogisticRegression
+
+    from brainmri.learn.models import output_layer
+
+    k = n_softmax(job.head)
+    xs, y = _standardised(job.head, job.x_fit), np.asarray(job.y_fit).astype(int).reshape(-1)
+    sw = _row_weights(job.class_weight, y, k)
+    model = LogisticRegression(C=1.0 / (2.0 * l2 * sw.sum()), max_iter=5000).fit(xs, y, sample_weight=sw)
+    coef, intercept = _all_classes(model, k, xs.shape[1])
+    output_layer(job.head).set_weights([coef.T.astype(np.float32), intercept.astype(np.float32)])
+    y_val = np.asarray(job.y_val).astype(int).reshape(-1)
+    row = {"epoch": 1, **_softmax_linear_scores(model, k, xs, y, sw, "")}
+    row.update(_softmax_linear_scores(model, k, _standardised(job.head, job.x_val), y_val, None, "val_"))
+    return HeadResult(pd.DataFrame([{**row, "selected": True}], columns=HISTORY_COLUMNS), 1)
+
+
+def _row_weights(cw: dict | None, y: np.ndarray, k: int) -> np.ndarray:
+    """Each training row's class weight (1 without class weights), for labels 0..k-1."""
+    table = np.array([(cw or {}).get(c, 1.0) for c in range(k)], np.float64)
+    return table[np.asarray(y).astype(int)]
+
+
+def _all_classes(model, k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coef [K, d], intercept [K]) with a row for every class 0..k-1. A class absent from the fitted rows (a small
+    fold can lack one) gets weights 0 and a very low intercept: probability about 0, as no training image had it."""
+    coef, intercept = np.zeros((k, d)), np.full(k, -30.0)  # exp(-30) ~ 1e-13: a class never seen is all but ruled out
+    if len(model.classes_) == 2:  # scikit-learn fits two present classes as one binary logit (the second's)
+        coef[model.classes_[1]], intercept[model.classes_[1]] = model.coef_[0], model.intercept_[0]
+        coef[model.classes_[0]], intercept[model.classes_[0]] = 0.0, 0.0
+        return coef, intercept
+    coef[model.classes_], intercept[model.classes_] = model.coef_, model.intercept_
+    return coef, intercept
+
+
+def _softmax_linear_scores(model, k: int, xs, y, sw, prefix: str) -> dict:
+    """Keras's history columns for a fitted multinomial logistic regression: (weighted) log loss and arg-max accuracy."""
+    from brainmri.learn import multiclass
+
+    prob = np.zeros((len(xs), k))
+    prob[:, model.classes_] = model.predict_proba(xs)
+    return {f"{prefix}loss": multiclass.log_loss(y, prob, sw), f"{prefix}accuracy": multiclass.accuracy(y, prob)}
 
 
 def _linear_scores(model, xs, y, sw, prefix: str) -> dict:
@@ -184,6 +256,7 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
         patience=int(patience),
         batch=int(batch),
         penalised=bool(np.any(l2s > 0)),  # traced without the penalty's ops when no head has one: as before it existed
+        classes=n_softmax(jobs[0].head),  # one per group: fit_heads groups heads by width, classes included
     )
     return _results(jobs, out)
 
@@ -202,6 +275,10 @@ def _row_layout(jobs: list[HeadJob], batch: int) -> tuple[np.ndarray, ...]:
     val_rows = _pad([s0 + f + np.arange(n) for s0, f, n in zip(starts, n_fit, n_val, strict=True)], int(n_val.max()))
     weights = np.zeros((len(jobs), width), np.float32)
     for i, j in enumerate(jobs):
+        k = n_softmax(j.head)
+        if k:
+            weights[i, : n_fit[i]] = _row_weights(j.class_weight, j.y_fit, k)
+            continue
         cw = j.class_weight or {0: 1.0, 1: 1.0}
         weights[i, : n_fit[i]] = np.where(np.asarray(j.y_fit) > 0.5, cw[1], cw[0])
     return x, y, fit_rows, n_fit, weights, val_rows, n_val
@@ -211,10 +288,15 @@ def _results(jobs: list[HeadJob], out) -> list[HeadResult]:
     """The compiled loop's output: each head's weights assigned back into its Keras model, and its history."""
     params, hist, run, best = out
     params, hist, run, best = [np.asarray(p) for p in params], np.asarray(hist), np.asarray(run), np.asarray(best)
+    from brainmri.learn.models import output_layer
+
     results = []
     for i, j in enumerate(jobs):
         j.head.get_layer("head_dense").set_weights([params[0][i], params[1][i]])
-        j.head.get_layer("tumour_probability").set_weights([params[2][i].reshape(-1, 1), params[3][i].reshape(1)])
+        if n_softmax(j.head):
+            output_layer(j.head).set_weights([params[2][i], params[3][i]])
+        else:
+            output_layer(j.head).set_weights([params[2][i].reshape(-1, 1), params[3][i].reshape(1)])
         e, b = int(run[i]), int(best[i]) + 1
         frame = pd.DataFrame(hist[:e, :, i], columns=HISTORY_COLUMNS[1:5]).astype(float)
         frame.insert(0, "epoch", np.arange(1, e + 1))
@@ -249,6 +331,31 @@ def loss_and_grads(p, xb, yb, kept, coef, l2=None):
     return logits, loss, grads
 
 
+def softmax_loss_and_grads(p, xb, yb, kept, coef, l2=None):
+    """`loss_and_grads` for K-class softmax heads: logits [H, b, K], per-head loss [H] and its gradients with respect
+    to (W1 [H, d, u], b1 [H, u], W2 [H, u, K], b2 [H, K]). `yb` [H, b, K] is one-hot; each row's softmax
+    cross-entropy is weighted by `coef` [H, b], plus `l2` [H] times the squared weights of both kernels when given.
+    tests/test_train_multiclass.py checks it against a GradientTape."""
+    import tensorflow as tf
+
+    z = tf.matmul(xb, p[0]) + p[1][:, None]  # [H, batch, units]
+    h = tf.nn.relu(z) * kept
+    logits = tf.matmul(h, p[2]) + p[3][:, None, :]  # [H, batch, K]
+    loss = tf.reduce_sum(coef * tf.nn.softmax_cross_entropy_with_logits(labels=yb, logits=logits), axis=1)
+    d_logits = coef[:, :, None] * (tf.nn.softmax(logits) - yb)  # d ce / d logits = softmax(logits) - one-hot label
+    d_z = tf.matmul(d_logits, p[2], transpose_b=True) * kept * tf.cast(z > 0, tf.float32)
+    grads = (
+        tf.matmul(xb, d_z, transpose_a=True),  # W1 [H, d, units]
+        tf.reduce_sum(d_z, axis=1),  # b1
+        tf.matmul(h, d_logits, transpose_a=True),  # W2 [H, units, K]
+        tf.reduce_sum(d_logits, axis=1),  # b2 [H, K]
+    )
+    if l2 is not None:
+        loss = loss + l2 * (tf.reduce_sum(tf.square(p[0]), axis=[1, 2]) + tf.reduce_sum(tf.square(p[2]), axis=[1, 2]))
+        grads = (grads[0] + 2.0 * l2[:, None, None] * p[0], grads[1], grads[2] + 2.0 * l2[:, None, None] * p[2], grads[3])
+    return logits, loss, grads
+
+
 _TRACED: dict = {}
 
 
@@ -271,29 +378,37 @@ def _adam_update():
     return tf.function(update, jit_compile=True, autograph=False)
 
 
-def _loop(*args, epochs: int, patience: int, batch: int, penalised: bool):
-    """The compiled loop: one tf.function per setting and array shapes, each traced once (the number of heads is static)."""
+def _loop(*args, epochs: int, patience: int, batch: int, penalised: bool, classes: int = 0):
+    """The compiled loop: one tf.function per setting and array shapes, each traced once (the number of heads is
+    static). `classes`: K for softmax heads, 0 for sigmoid heads (the two-class graph, traced as it always was)."""
     import tensorflow as tf
 
     key = (epochs, patience, batch, penalised, *(tuple(a.shape) for a in args[:8]), *(tuple(a.shape) for a in args[8]))
+    key = key if not classes else (*key, classes)  # a two-class key as before; softmax shapes differ anyway
     if key not in _TRACED:
-        body = lambda *a: _epochs(*a, epochs=epochs, patience=patience, batch=batch, penalised=penalised)  # noqa: E731
+        body = lambda *a: _epochs(*a, epochs=epochs, patience=patience, batch=batch, penalised=penalised, classes=classes)  # noqa: E731
         _TRACED[key] = tf.function(body, autograph=False)
     return _TRACED[key](*args)
 
 
 def _epochs(
-    x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, l2, *, epochs, patience, batch, penalised
+    x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, l2, *, epochs, patience, batch, penalised, classes
 ):
     """The traced body: every epoch of every head (`_Loop`); returns (weights, history, epochs run, selected epoch)."""
     loop = _Loop(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, epochs, patience, batch)
     loop.l2 = l2 if penalised else None
+    loop.classes = classes
     return loop.run(params)
 
 
 class _Loop:
     """The loop's fixed inputs and, as methods, the parts of an epoch: the shuffle and dropout draws, the mini-batch
-    steps, the validation pass and early stopping. Stacked on a leading head axis H; built while tracing."""
+    steps, the validation pass and early stopping. Stacked on a leading head axis H; built while tracing.
+
+    `classes` is K for K-class softmax heads (labels 0..K-1 in `y`, as floats) and 0 for sigmoid heads, whose ops are
+    those of the two-class loop as it was before softmax heads existed."""
+
+    classes = 0  # set by _epochs
 
     def __init__(self, x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, epochs, patience, batch):
         import tensorflow as tf
@@ -321,7 +436,37 @@ class _Loop:
         import tensorflow as tf
 
         h = tf.nn.relu(tf.matmul(xs, p[0]) + p[1][:, None])
+        if self.classes:
+            return tf.matmul(h, p[2]) + p[3][:, None, :]
         return tf.matmul(h, p[2][:, :, None])[:, :, 0] + p[3][:, None]
+
+    def one_hot(self, labels):
+        """Float labels 0..K-1 [H, n] as one-hot rows [H, n, K]."""
+        import tensorflow as tf
+
+        return tf.one_hot(tf.cast(labels, tf.int32), self.classes)
+
+    def step_loss(self, p, xb, yb, kept, coef):
+        """`loss_and_grads` of the heads' kind: sigmoid cross-entropy, or softmax cross-entropy over K classes."""
+        if self.classes:
+            return softmax_loss_and_grads(p, xb, self.one_hot(yb), kept, coef, self.l2)
+        return loss_and_grads(p, xb, yb, kept, coef, self.l2)
+
+    def row_loss(self, labels, logits):
+        """Each row's unweighted cross-entropy [H, n]."""
+        import tensorflow as tf
+
+        if self.classes:
+            return tf.nn.softmax_cross_entropy_with_logits(labels=self.one_hot(labels), logits=logits)
+        return tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+
+    def correct(self, logits, labels):
+        """1 where a row's decision is its label: logit > 0 for sigmoid heads, the arg-max class for softmax heads."""
+        import tensorflow as tf
+
+        if self.classes:
+            return tf.cast(tf.equal(tf.cast(tf.argmax(logits, axis=-1), tf.float32), labels), tf.float32)
+        return tf.cast(tf.equal(tf.cast(logits > 0, tf.float32), labels), tf.float32)
 
     def draws(self, offset, shape):
         """Uniform draws from each head's own stream: independent of which other heads train beside it."""
@@ -358,12 +503,12 @@ class _Loop:
         n = tf.reduce_sum(mask, axis=1)
         kept = tf.gather(keep, s, axis=1)
         coef = mask * w / tf.maximum(n, 1.0)[:, None]  # Keras: a weighted sum over the batch size
-        logits, loss, grads = loss_and_grads(p, xb, yb, kept, coef, self.l2)
+        logits, loss, grads = self.step_loss(p, xb, yb, kept, coef)
         on = live * tf.cast(n > 0, tf.float32)  # 1 where this head takes an Adam step now
         t = t + on
         alpha = self.lr * tf.sqrt(1.0 - tf.pow(BETA_2, tf.maximum(t, 1.0))) / (1.0 - tf.pow(BETA_1, tf.maximum(t, 1.0)))
         new_p, new_m, new_v = _adam_update()(p, grads, m, v, on, alpha)
-        correct = tf.cast(tf.equal(tf.cast(logits > 0, tf.float32), yb), tf.float32)
+        correct = self.correct(logits, yb)
         sums = sums + tf.stack([loss * n, n, tf.reduce_sum(mask * correct, axis=1)])  # Keras: class weights weigh the loss, not accuracy
         return s + 1, (tuple(new_p), tuple(new_m), tuple(new_v), t, sums)
 
@@ -390,8 +535,8 @@ class _Loop:
 
         y_val, val_mask, n_val = self.y_val, self.val_mask, self.n_val
         v_logits = self.forward(p, self.x_val)
-        v_bce = tf.reduce_sum(val_mask * tf.nn.sigmoid_cross_entropy_with_logits(labels=y_val, logits=v_logits), axis=1)
-        v_correct = tf.cast(tf.equal(tf.cast(v_logits > 0, tf.float32), y_val), tf.float32)
+        v_bce = tf.reduce_sum(val_mask * self.row_loss(y_val, v_logits), axis=1)
+        v_correct = self.correct(v_logits, y_val)
         val_loss = v_bce / tf.cast(n_val, tf.float32)
         val_acc = tf.reduce_sum(val_mask * v_correct, axis=1) / tf.cast(n_val, tf.float32)
         return val_loss, val_acc
@@ -436,7 +581,7 @@ class _Loop:
         import tensorflow as tf
 
         heads = self.heads
-        start = tuple(params[:4])  # W1 [H,d,u], b1 [H,u], w2 [H,u], b2 [H]
+        start = tuple(params[:4])  # W1 [H,d,u], b1 [H,u], w2 [H,u], b2 [H]; softmax heads: w2 [H,u,K], b2 [H,K]
         zeros = tuple(tf.zeros_like(q) for q in start)
         init = (
             tf.constant(0),

@@ -1,6 +1,10 @@
 """Choices made by measurement on train+val only: the grid point (pooled out-of-fold AUC), the threshold rule
 (cross-fitted pooled out-of-fold balanced accuracy), and the threshold that rule sets on the pooled out-of-fold
-predictions."""
+predictions.
+
+N classes (notes/nclass_contract.md items 3 and 5): the grid point by the macro one-vs-rest AUC of the pooled
+out-of-fold probabilities, their multi-class log loss beside it, under the two-class keys; no threshold rule, the
+decision is the arg-max of the calibrated probabilities."""
 
 from __future__ import annotations
 
@@ -8,10 +12,16 @@ import numpy as np
 
 from brainmri.config import Params
 from brainmri.core.progress import log
-from brainmri.learn import calibration
+from brainmri.learn import calibration, multiclass
 from brainmri.learn.crossval import Fold, cv_folds, out_of_fold
 from brainmri.learn.fitting import train_heads
 from brainmri.stats.metrics import youden_threshold
+
+CRITERION = "pooled out-of-fold AUC; ties go to the earlier grid point"
+N_CLASS_CRITERION = (
+    "pooled out-of-fold macro one-vs-rest AUC (cv_auc_pooled_out_of_fold; cv_bce_pooled_out_of_fold is the multi-class "
+    "log loss); ties go to the earlier grid point"
+)
 
 
 def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
@@ -25,14 +35,14 @@ def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
     jobs = [f.job for run in runs for f in run]
     results = iter(train_heads(p, name, jobs, [b for b, run in zip(points, runs, strict=True) for _ in run]))
     trained = [[next(results) for _ in run] for run in runs]
-    scores = [_point_scores(name, g, run, data[g["feature_layer"]][0], y) for g, run in zip(grid, runs, strict=True)]
+    scores = [_point_scores(p, name, g, run, data[g["feature_layer"]][0], y) for g, run in zip(grid, runs, strict=True)]
     best = max(range(len(grid)), key=lambda i: (np.nan_to_num(scores[i]["cv_auc_pooled_out_of_fold"], nan=-1.0), -i))
     record = {
         "protocol": (
             f"every grid point cross-validated on train+val only ({len(y)} images; grouped, stratified "
             f"{p.train.cv_folds}-fold, seed {p.seed}; each fold's head fitted as the final one); test never read"
         ),
-        "criterion": "pooled out-of-fold AUC; ties go to the earlier grid point",
+        "criterion": CRITERION if p.ingest.binary else N_CLASS_CRITERION,
         "points": scores,
         "chosen": grid[best],
     }
@@ -40,11 +50,16 @@ def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
     return grid[best], runs[best], trained[best], record
 
 
-def _point_scores(name: str, g: dict, run: list[Fold], feats, y) -> dict:
-    """Grid point `g` with the pooled out-of-fold AUC and log loss of its cross-validation `run`."""
+def _point_scores(p: Params, name: str, g: dict, run: list[Fold], feats, y) -> dict:
+    """Grid point `g` with the pooled out-of-fold AUC and log loss of its cross-validation `run` (for N classes the
+    macro one-vs-rest AUC and the multi-class log loss)."""
     from sklearn.metrics import log_loss, roc_auc_score
 
     oof = out_of_fold(run, feats, len(y))
+    if not p.ingest.binary:
+        auc, bce = multiclass.macro_auc(y, oof), multiclass.log_loss(y, oof)
+        log.info("select %s: %s -> pooled CV macro AUC %.3f, log loss %.3f", name, _describe(g), auc, bce)
+        return {**g, "cv_auc_pooled_out_of_fold": round(auc, 4), "cv_bce_pooled_out_of_fold": round(bce, 4)}
     two = len(np.unique(y)) > 1
     auc = float(roc_auc_score(y, oof)) if two else float("nan")
     bce = float(log_loss(y, np.clip(oof, 1e-7, 1 - 1e-7), labels=[0, 1]))

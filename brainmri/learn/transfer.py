@@ -14,7 +14,7 @@ from brainmri.intake.parts import Part
 from brainmri.intake.preprocess import load_batch
 from brainmri.learn import features
 from brainmri.learn.crossval import Fold, cv_folds, cv_report, fold_of, rerun_seeds, seed_spread
-from brainmri.learn.fitting import Trained, class_weights, fine_tune, predict, train_heads
+from brainmri.learn.fitting import Trained, class_weights, fine_tune, first_rule, predict, train_heads
 from brainmri.learn.headfit import HeadJob, HeadResult
 from brainmri.learn.selection import choose_rule, select
 
@@ -90,7 +90,7 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
     jobs = [head, *(f.job for f in folds if not trained), *(f.job for run in reruns for f in run)]
     results = train_heads(p, name, jobs, [bb] * len(jobs))
     _log_epochs(name, bb, results[0].history)
-    out = Trained(results[0].history, results[0].best, bb, candidates(p.train.threshold)[0], selection)
+    out = Trained(results[0].history, results[0].best, bb, first_rule(p), selection)
     if not folds:
         return out
     return _with_cv(p, name, out, data, feats, folds, trained or results[1 : 1 + len(folds)], reruns)
@@ -106,7 +106,8 @@ def _final_head(p: Params, name: str, net, bb: Backbone, data: TrainVal) -> Head
     f_fit, y_fit = np.concatenate([by_layer["train"][layer], by_layer["aug"][layer]]), np.concatenate([labels["train"], labels["aug"]])
     # its initial weights from p.seed alone
     net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit, n_classes=len(p.ingest.classes)))
-    return HeadJob(net.head, f_fit, y_fit, by_layer["val"][layer], labels["val"], class_weights(y_fit, p.train.class_weight), p.seed)
+    cw = class_weights(y_fit, p.train.class_weight, len(p.ingest.classes))
+    return HeadJob(net.head, f_fit, y_fit, by_layer["val"][layer], labels["val"], cw, p.seed)
 
 
 def _log_epochs(name: str, bb: Backbone, history: pd.DataFrame) -> None:
@@ -124,13 +125,14 @@ def _log_epochs(name: str, bb: Backbone, history: pd.DataFrame) -> None:
 
 def _with_cv(p: Params, name: str, out: Trained, data: TrainVal, feats, folds: list[Fold], trained: list[HeadResult], reruns) -> Trained:
     """`out` with its cross-validation: the CV summary and seed spread, the out-of-fold predictions, each image's fold,
-    and the threshold rule chosen on the folds when params list several."""
+    and the threshold rule chosen on the folds when params list several (two classes only). N classes: oof holds (n, K)
+    probabilities."""
     cv = cv_report(p, name, feats, data.y, folds, trained, out.bb)
     oof = (data.y, cv.pop("predictions")["model"])  # per-image detail: calibration fits on it; train.json keeps the summary
     fold = fold_of(folds, len(data.y))
     per_image = data.frame[["image", "group", "label"]].assign(fold=fold)  # cv_predictions.csv
     cv["seed_spread"] = seed_spread(p, feats, data.y, cv, reruns)
     rules, rule, selection = candidates(p.train.threshold), out.rule, out.selection
-    if len(rules) > 1:
+    if len(rules) > 1 and p.ingest.binary:  # N classes decide by arg-max: no threshold rule to choose
         rule, selection = choose_rule(rules, fold, oof, selection or {})
     return replace(out, cv=cv, oof=oof, per_image=per_image, rule=rule, selection=selection)
