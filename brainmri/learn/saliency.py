@@ -92,9 +92,9 @@ def _grad_cam_classes(pre, base, pool, head, out, x: np.ndarray, batch: int) -> 
     k = int(out.units)
     if not maps:
         return np.zeros((0, size, size), np.float32), np.zeros((0, k), np.float32)
-    z = np.concatenate(logits).astype(np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return np.concatenate(maps), e / e.sum(axis=1, keepdims=True)
+    from brainmri.learn.multiclass import softmax
+
+    return np.concatenate(maps), softmax(np.concatenate(logits))
 
 
 def masks(x: np.ndarray) -> np.ndarray:
