@@ -38,6 +38,8 @@ def _settings_row(p: Params, name: str, t: dict) -> dict:
 def _val_check(check: dict | None) -> str:
     if not check:
         return "n/a"
+    if "sensitivity" not in check:  # N classes: the arg-max on val (no threshold to check)
+        return f"accuracy {check['accuracy']:.2f}, balanced {check['balanced_accuracy']:.2f} ({check['n_images']} images)"
     return " / ".join(f"{m['value']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" for m in (check["sensitivity"], check["specificity"]))
 
 
