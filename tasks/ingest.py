@@ -7,13 +7,11 @@ import time
 from brainmri.config import Params
 from brainmri.core.files import atomic_dir, write_csv, write_json
 from brainmri.core.progress import summary
-from brainmri.intake.decode import save_png
-from brainmri.intake.duplicates import fingerprint
-from brainmri.intake.manifest import build_manifest, check_class_counts, check_usable_counts, ingest_report, manifest_row
-from brainmri.intake.outliers import features
+from brainmri.intake.manifest import build_manifest, check_class_counts, check_usable_counts, ingest_report
 from brainmri.intake.phantoms import MARKER
-from brainmri.intake.sources import decoded, drop_excluded, image_id, open_source, scan
+from brainmri.intake.sources import drop_excluded, open_source, scan
 from brainmri.intake.subjects import read_subjects, with_subjects
+from brainmri.intake.workers import ingested
 
 
 def ingest(p: Params) -> dict:
@@ -27,12 +25,10 @@ def ingest(p: Params) -> dict:
         synthetic = (folder / MARKER).is_file()
         n_files = len(files) + len(quarantined)
         files, excluded = drop_excluded(files, p, source)
-        for f, dec in decoded(p, files, quarantined, "ingest"):
-            iid = image_id(f.source_path)
-            save_png(dec.image, out / f"{iid}.png")
-            prints.append(fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size))
-            looks.append(features(dec.uncropped))  # label-independent appearance, for the outlier screen (it finds the head itself)
-            rows.append(manifest_row(f, dec, iid))
+        for row, fp, look in ingested(p, files, quarantined, out, "ingest"):  # worker processes for a large set
+            rows.append(row)
+            prints.append(fp)
+            looks.append(look)
         check_class_counts([r["label"] for r in rows], p, source)
         manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe)
         manifest, by_subject = with_subjects(manifest, subjects, p.ingest.keep_mixed_subjects)

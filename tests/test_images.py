@@ -79,3 +79,18 @@ def test_pixel_cap_and_downscale(arr):
     big = np.zeros((300, 600), np.uint8)
     dec = decode_bytes(encode(big, "PNG"), max_pixels=10**7, max_side=150)
     assert dec.image.size == (150, 75) and (dec.width, dec.height) == (600, 300)
+
+
+def test_closing_and_opening_match_scipys():
+    """decode's shifted-AND morphology gives scipy's pixels (random blobs, strips and single rows included)."""
+    from scipy import ndimage
+
+    from brainmri.intake.decode import closing, opening
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 48, 2))
+        mask = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 3)) > rng.uniform(0.3, 0.7)
+        for k in (1, 2, 3):
+            assert np.array_equal(closing(mask, k), ndimage.binary_closing(mask, iterations=k))
+            assert np.array_equal(opening(mask, k), ndimage.binary_opening(mask, iterations=k))

@@ -243,7 +243,8 @@ def test_real_scans_saved_twice_with_margin_marks_share_a_group(real_ingest):
 def test_content_crop_finds_the_head_and_ignores_margin_text_and_edge_stripes():
     from PIL import Image, ImageDraw
 
-    from brainmri.intake.duplicates import content_crop, fingerprint, group_ids
+    from brainmri.intake.duplicates import content_crop, fingerprint
+    from brainmri.intake.grouping import group_ids
 
     head = np.pad(brain(7, tumor=True, size=(120, 110)), 30)  # on a black margin
     plain = Image.fromarray(head)

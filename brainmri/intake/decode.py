@@ -71,6 +71,7 @@ class Decoded:
     file_bytes: int = 0  # size of the original file
     has_exif: bool = False  # the file carries EXIF tags (recorded for the shortcut audit: the real set's classes differ in it)
     uncropped: Image.Image | None = None  # `image` before the crop to the head (duplicate fingerprints use this view)
+    head: tuple[int, int, int, int] | None = None  # `head_box` of `uncropped` when the crop to the head was asked, else None
 
 
 def _reason(exc: BaseException) -> str:
@@ -213,17 +214,53 @@ def head_mask(img: Image.Image) -> np.ndarray | None:
 def _bright_regions(a: np.ndarray, level: float) -> np.ndarray | None:
     from scipy import ndimage
 
-    mask = ndimage.binary_closing(a > max(BACKGROUND, level + BORDER_MARGIN), iterations=CLOSING)
+    mask = closing(a > max(BACKGROUND, level + BORDER_MARGIN), CLOSING)
     labels, n = ndimage.label(mask)
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel())
-    thick = np.bincount(labels[ndimage.binary_opening(mask, iterations=THIN)], minlength=n + 1) > 0
+    thick = np.bincount(labels[opening(mask, THIN)], minlength=n + 1) > 0
     thick[0] = False  # the background
     if not thick.any():  # nothing but thin marks (a line drawing): fall back on every region
         thick = sizes > 0
         thick[0] = False
     return (thick & (sizes >= MIN_PART * sizes[thick].max()))[labels]
+
+
+def _erode(mask: np.ndarray, times: int) -> np.ndarray:
+    """`times` erosions by the 4-neighbour cross, outside the image counting as background."""
+    for _ in range(times):
+        out = np.zeros_like(mask)
+        m = mask
+        out[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+        mask = out
+    return mask
+
+
+def _dilate(mask: np.ndarray, times: int) -> np.ndarray:
+    """`times` dilations by the 4-neighbour cross; nothing grows in from outside the image."""
+    for _ in range(times):
+        out = mask.copy()
+        out[1:] |= mask[:-1]
+        out[:-1] |= mask[1:]
+        out[:, 1:] |= mask[:, :-1]
+        out[:, :-1] |= mask[:, 1:]
+        mask = out
+    return mask
+
+
+# Written by hand: scipy.ndimage.binary_closing/binary_opening(mask, iterations=k) with their default cross give these
+# same pixels (tests/test_images.py checks it on random masks; every real image's head mask was compared), but run a
+# general structuring-element loop: 30-40 ms per 512 x 512 mask against 3-4 ms for these shifted ANDs and ORs, and
+# head_mask runs 5 to 7 times per ingested image (the fingerprint's views and turns)
+def closing(mask: np.ndarray, times: int) -> np.ndarray:
+    """scipy.ndimage.binary_closing(mask, iterations=times) with the default cross: dilate, then erode."""
+    return _erode(_dilate(mask, times), times)
+
+
+def opening(mask: np.ndarray, times: int) -> np.ndarray:
+    """scipy.ndimage.binary_opening(mask, iterations=times) with the default cross: erode, then dilate."""
+    return _dilate(_erode(mask, times), times)
 
 
 def content_crop(img: Image.Image) -> Image.Image:
@@ -268,10 +305,11 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
         scale = max_side / max(rgb.size)
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-    full = rgb
-    if crop_to_content:  # after the downscale; the fingerprint finds the head in the uncropped view itself
-        rgb = content_crop(rgb)
-    return Decoded(rgb, digest, fmt, mode, width, height, rotated, note, len(data), len(exif) > 0, full)
+    full, box = rgb, None
+    if crop_to_content:  # after the downscale; the fingerprint crops the uncropped view to this same box (ingest passes it)
+        box = head_box(rgb)
+        rgb = rgb if box is None else rgb.crop(box)
+    return Decoded(rgb, digest, fmt, mode, width, height, rotated, note, len(data), len(exif) > 0, full, box)
 
 
 def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int, crop_to_content: bool = False) -> Decoded:

@@ -91,9 +91,10 @@ def cut_sides(view: np.ndarray) -> np.ndarray:
     return np.array([b.mean() >= CUT_SHARE for b in bands])
 
 
-def fingerprint(img: Image.Image, sha256: str, hash_size: int) -> Fingerprint:
+def fingerprint(img: Image.Image, sha256: str, hash_size: int, crop: Image.Image | None = None) -> Fingerprint:
+    """`crop`: `content_crop(img.convert("L"))` when the caller has it already (ingest: the decoder found the head)."""
     gray = img.convert("L")
-    crop = content_crop(gray)
+    crop = content_crop(gray) if crop is None else crop
     ph = imagehash.phash(crop, hash_size=hash_size).hash.flatten()
     thumb = np.asarray(crop.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.float64).ravel()
     thumb -= thumb.mean()
@@ -135,9 +136,28 @@ def trims() -> list[tuple[float, float, float, float]]:
     return out
 
 
-def _thumbs(views: np.ndarray, trim=(0.0, 0.0, 0.0, 0.0)) -> np.ndarray:
+def _thumbs(views: np.ndarray, trim=(0.0, 0.0, 0.0, 0.0), out: int = THUMB) -> np.ndarray:
+    """Each view's part that `trim` keeps, area-shrunk to out x out, zero-mean and unit-norm (flattened)."""
     t, b, left, r = trim
-    x = (_shrink(t, 1 - b) @ views @ _shrink(left, 1 - r).T).reshape(len(views), -1)
+    return _unit((_shrink(t, 1 - b, out) @ views @ _shrink(left, 1 - r, out).T).reshape(len(views), -1))
+
+
+def trimmed(view: np.ndarray, grid: tuple) -> np.ndarray:
+    """One view trimmed by each of `grid`, as `_thumbs` makes each (the same products, stacked): (len(grid), THUMB²)."""
+    rows, cols = _stacked(grid)
+    return _unit((rows @ view @ cols).reshape(len(grid), -1))
+
+
+@cache
+def _stacked(grid: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """`_shrink`'s row and (transposed) column matrices of each trim of `grid`, stacked."""
+    rows = np.stack([_shrink(t, 1 - b) for t, b, _, _ in grid])
+    cols = np.stack([_shrink(left, 1 - r).T for _, _, left, r in grid])
+    return rows, cols
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows zero-mean and unit-norm; a flat row stays zero."""
     mean = x.mean(1, keepdims=True)
     x -= mean
     n = np.linalg.norm(x, axis=1, keepdims=True)
@@ -239,13 +259,6 @@ def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float,
                 same[i, j] = same[j, i] = True
     shas = np.array([p.sha256 for p in prints])
     return same | (shas[:, None] == shas[None, :])
-
-
-def group_ids(
-    keys: list[str], prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None
-) -> list[str]:
-    """A group id per image: images joined (transitively) by `joined`."""
-    return groups_of(keys, joined(prints, max_distance, min_correlation, min_partial))
 
 
 def groups_of(keys: list[str], same: np.ndarray) -> list[str]:

@@ -7,7 +7,8 @@ from PIL import Image
 
 from brainmri.config import Params
 from brainmri.core.errors import DataError
-from brainmri.intake.duplicates import fingerprint, group_ids
+from brainmri.intake.duplicates import fingerprint
+from brainmri.intake.grouping import group_ids
 
 
 def match_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[list[str], list[str]]:

@@ -10,7 +10,7 @@ import pandas as pd
 from brainmri.config import Dedupe, Params
 from brainmri.core.errors import DataError
 from brainmri.intake.decode import Decoded
-from brainmri.intake.duplicates import group_ids
+from brainmri.intake.grouping import group_ids
 from brainmri.intake.outliers import score
 from brainmri.intake.sources import SourceFile
 

@@ -27,9 +27,10 @@ _Y, _X = (_YY - SIDE / 2 + 0.5) / (SIDE / 2), (_XX - SIDE / 2 + 0.5) / (SIDE / 2
 _R = np.hypot(_Y, _X)
 
 
-def features(img: Image.Image) -> dict[str, float]:
-    """Statistics of the head region that depend neither on the file's size or format nor on its label."""
-    crop = content_crop(img.convert("L"))
+def features(img: Image.Image, crop: Image.Image | None = None) -> dict[str, float]:
+    """Statistics of the head region that depend neither on the file's size or format nor on its label; `crop` is
+    `content_crop(img.convert("L"))` when the caller has it already."""
+    crop = content_crop(img.convert("L")) if crop is None else crop
     a = np.asarray(crop.resize((SIDE, SIDE), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
     fg = a > BACKGROUND / 255.0
     top = a >= np.percentile(a, 98)  # the brightest 2%: scalp fat on a head MRI's rim, bone inside a CT body section
