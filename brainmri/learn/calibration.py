@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
+from brainmri.learn.outputs import BINARY_OUTPUT, MULTI_OUTPUT
+
 EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] before the logit: a saturated float32 sigmoid gives exactly 0 or 1
-OUTPUT_LAYER = "tumour_probability"  # the sigmoid Dense layer of every head (brainmri.learn.models.build_head)
+OUTPUT_LAYER = BINARY_OUTPUT  # the sigmoid Dense layer of every two-class head (brainmri.learn.models.build_head)
 
 
 def logit(prob: np.ndarray) -> np.ndarray:
@@ -84,8 +86,6 @@ def apply_temperature(prob, temperature: float) -> np.ndarray:
 def fold_temperature(model, temperature: float) -> None:
     """Fold temperature `temperature` into `model`'s softmax output layer (found in nested models too), in place:
     kernel / T and bias / T."""
-    from brainmri.learn.models import MULTI_OUTPUT
-
     layer = find_layer(model, MULTI_OUTPUT)
     w, b = layer.get_weights()
     layer.set_weights([(w / temperature).astype(w.dtype), (b / temperature).astype(b.dtype)])

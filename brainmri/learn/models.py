@@ -15,6 +15,7 @@ import numpy as np
 from brainmri.config import SMALL_CNN, Backbone, Params
 from brainmri.core.errors import ConfigError
 from brainmri.core.files import atomic_path
+from brainmri.learn.outputs import BINARY_OUTPUT, MULTI_OUTPUT
 from brainmri.learn.weights import RECORD, weights_kind
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is noise here; Python errors still surface
@@ -234,10 +235,6 @@ def cut(net: Network, p: Params, key: str, layers: list[str], seed: int, bb: Bac
     net.widths = tuple(int(m.output.shape[-1]) for m in parts)
     net.head = build_head(int(extractor.output_shape[-1]), bb, seed, n_classes=len(p.ingest.classes))
     net.full = stack(extractor, net.head, key)
-
-
-BINARY_OUTPUT = "tumour_probability"  # two classes: one sigmoid unit, P(positive_class)
-MULTI_OUTPUT = "class_probabilities"  # N classes: N softmax units, in ingest's label_names order
 
 
 def output_layer(head: keras.Model) -> keras.layers.Layer:
