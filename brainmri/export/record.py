@@ -13,15 +13,22 @@ from brainmri.export.convert import ExportError
 from brainmri.stats.metrics import point
 
 
-def onnx_metadata(p: Params, name: str, size: int, trained: dict) -> dict:
-    """What predict needs to run the file as training's images were made, and to label its output: a binary model's
-    threshold and two class names (an N-class model's: onnx_metadata_classes)."""
+def _input_fields(p: Params, name: str, size: int) -> dict:
+    """The metadata every model carries first: its name, and how predict makes its input as training's was made."""
     return {
         "model": name,
         "input_size": size,
         "max_side": p.ingest.max_side,
         "max_pixels": p.ingest.max_pixels,
         "crop_to_content": p.ingest.crop_to_content,  # predict crops as ingest did
+    }
+
+
+def onnx_metadata(p: Params, name: str, size: int, trained: dict) -> dict:
+    """What predict needs to run the file as training's images were made, and to label its output: a binary model's
+    threshold and two class names (an N-class model's: onnx_metadata_classes)."""
+    return {
+        **_input_fields(p, name, size),
         "threshold": trained["threshold"],
         "positive_class": p.ingest.positive_class,
         "negative_class": p.ingest.negative_class,
@@ -36,11 +43,7 @@ def onnx_metadata_classes(p: Params, name: str, size: int, trained: dict) -> dic
     if len(names) > MAX_CLASSES:
         raise ExportError(f"{name}: {len(names)} classes; predict takes a model of at most {MAX_CLASSES}")
     return {
-        "model": name,
-        "input_size": size,
-        "max_side": p.ingest.max_side,
-        "max_pixels": p.ingest.max_pixels,
-        "crop_to_content": p.ingest.crop_to_content,  # predict crops as ingest did
+        **_input_fields(p, name, size),
         "classes": names,
         "weights": trained["weights"]["description"],
     }
