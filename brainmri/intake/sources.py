@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainmri.config import Params
-from brainmri.core.errors import DataError
+from brainmri.core.errors import DataError, ImageError
+from brainmri.core.progress import progress
 from brainmri.intake import archives
+from brainmri.intake.decode import decode_file
 from brainmri.intake.phantoms import MARKER
 
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "icon\r"})
@@ -154,3 +156,20 @@ def drop_excluded(files: list[SourceFile], p: Params, source: Path) -> tuple[lis
         )
     excluded = [{"source_path": f.source_path, "reason": reasons[f.source_path]} for f in files if f.source_path in reasons]
     return [f for f in files if f.source_path not in reasons], excluded
+
+
+def decoded(p: Params, files: list[SourceFile], quarantined: list[dict], desc: str):
+    """(file, Decoded) for each file that decodes under ingest's limits; the others go to `quarantined` with the reason."""
+    for f in progress(files, desc):
+        try:
+            dec = decode_file(
+                f.path,
+                max_pixels=p.ingest.max_pixels,
+                max_side=p.ingest.max_side,
+                max_bytes=p.ingest.max_file_bytes,
+                crop_to_content=p.ingest.crop_to_content,
+            )
+        except ImageError as exc:
+            quarantined.append({"source_path": f.source_path, "reason": str(exc)})
+            continue
+        yield f, dec
