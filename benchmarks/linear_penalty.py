@@ -1,10 +1,12 @@
-"""Pooled CV AUC of the linear head at several L2 penalties, for one model, chosen exactly as train chooses
-(brainmri.learn.selection.select over a grid of `dense: [0]` and the given `l2` values), from the feature cache.
+"""Pooled CV AUC of the linear head at several inverse penalties C, for one model, chosen exactly as train chooses
+(brainmri.learn.selection.select over a grid of `dense: [0]` and the given `linear_c` values, with and without the
+augmented copies where the model offers both), from the feature cache.
 
-Shows how flat the linear head's CV AUC is in its penalty, and where the default grid's l2 sits (docs/measurements.md).
-Reads train+val only; test is never read. Run the pipeline (or `brainmri train MODEL`) first, so features are cached.
+Shows how flat the linear head's CV AUC is in its penalty, and where the default (C = 1, the CV report's
+logistic-regression bar) sits (docs/measurements.md). Reads train+val only; test is never read. Run the pipeline (or
+`brainmri train MODEL`) first, so features are cached.
 
-    python benchmarks/linear_penalty.py --model vgg16-noaug --l2 0.0003,0.001,0.003,0.01,0.03
+    python benchmarks/linear_penalty.py --model vgg16-aug --c 0.1,0.3,1,3,10
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--model", default="vgg16-noaug")
-    ap.add_argument("--l2", default="0.0003,0.001,0.003,0.01,0.03", help="comma-separated penalties, each above 0")
+    ap.add_argument("--c", default="0.1,0.3,1,3,10", help="comma-separated inverse penalties (scikit-learn's C), each above 0")
     args = ap.parse_args()
-    l2s = [float(x) for x in args.l2.split(",")]
+    cs = [float(x) for x in args.c.split(",")]
     base = load_params(args.params)
     backbone = base.models[args.model].backbone
-    p = load_params(args.params, {"backbones": {backbone: {"dense": [0], "l2": l2s}}})
+    p = load_params(args.params, {"backbones": {backbone: {"dense": [0], "linear_c": cs}}})
     spec = p.models[args.model]
     seed_everything(p.seed)
-    grid = p.backbones[backbone].grid()
+    grid = p.grid(args.model)
     net = build_network(p, backbone, p.seed, layers=list(dict.fromkeys(g["feature_layer"] for g in grid)))
     parts = data_parts(p, spec.augment)
     names = ("train", "aug", "val")
@@ -45,7 +47,8 @@ def main() -> None:
     for pt in record["points"]:
         layer = pt["feature_layer"] or "whole base"
         auc, loss = pt["cv_auc_pooled_out_of_fold"], pt["cv_bce_pooled_out_of_fold"]
-        print(f"  {layer:12s} l2 {pt['l2']:<8g} pooled CV AUC {auc:.4f}  log loss {loss:.4f}")
+        copies = {True: "with copies", False: "no copies"}.get(pt.get("augment"), "")
+        print(f"  {layer:12s} C {pt['linear_c']:<6g} {copies:11s} pooled CV AUC {auc:.4f}  log loss {loss:.4f}")
     print(f"{len(grid)} points in {time.monotonic() - start:.1f} s")
 
 

@@ -316,8 +316,11 @@ class Train(Section):
         return self
 
 
-GRID = ("feature_layer", "learning_rate", "dropout", "epochs", "dense", "l2")  # backbone settings a list turns into a grid, chosen by CV
-LINEAR_FIXED = ("learning_rate", "dropout", "epochs")  # what a linear head (dense 0, fitted to convergence) does not use
+# backbone settings a list turns into a grid, chosen by CV
+GRID = ("feature_layer", "learning_rate", "dropout", "epochs", "dense", "l2", "linear_c")
+LINEAR_FIXED = ("learning_rate", "dropout", "epochs", "l2")  # what a linear head (dense 0, fitted to convergence) does not use
+HIDDEN_FIXED = ("linear_c",)  # what a head with a hidden layer does not use
+COPIES = "augment"  # a grid point's key when a model's augment lists both: train with the augmented copies or without
 
 
 class Backbone(Section):
@@ -328,6 +331,7 @@ class Backbone(Section):
     feature_layer: str | list[str]
     dense: int | list[int]
     l2: float | list[float]
+    linear_c: float | list[float]
     dropout: float | list[float]
     learning_rate: float | list[float]
     epochs: int | list[int]
@@ -371,42 +375,33 @@ class Backbone(Section):
                     raise ValueError(f"{key} must be between 0 and 1, got {v}")
 
     def _check_head(self) -> None:
-        """dense 0 is a linear head: a logistic regression on the standardised features, which needs an L2 penalty."""
-        dense, l2 = candidates(self.dense), candidates(self.l2)
+        """dense 0 is a linear head: a logistic regression on the standardised features, at scikit-learn's C (linear_c)."""
+        dense, l2, c = candidates(self.dense), candidates(self.l2), candidates(self.linear_c)
         if any(d < 0 for d in dense) or any(v < 0 for v in l2):
             raise ValueError(f"dense and l2 must be at least 0, got dense {self.dense}, l2 {self.l2}")
-        if 0 in dense and not any(v > 0 for v in l2):
-            raise ValueError(
-                "dense 0 (a linear head) needs an l2 above 0 among the candidates: a logistic regression without a penalty diverges"
-            )
+        if any(not 0 < v < float("inf") for v in c):
+            raise ValueError(f"linear_c (a linear head's inverse penalty, scikit-learn's C) must be above 0, got {self.linear_c}")
         if 0 in dense and self.application == SMALL_CNN:
             raise ValueError(f"dense 0 (a linear head on cached features) does not apply to {SMALL_CNN}, which trains end to end")
 
     def grid(self) -> list[dict]:
         """Every combination of the GRID settings' candidates, in params order (the first is the grid's first point).
-        A linear head (dense 0) ignores learning_rate, dropout and epochs, so it appears once per other setting, at
-        their first candidates, and only with an l2 above 0."""
+        A linear head (dense 0) ignores learning_rate, dropout, epochs and l2, and a hidden layer ignores linear_c: each
+        appears once per setting it uses, the ones it ignores at their first candidates."""
         import itertools
 
-        firsts = {k: candidates(getattr(self, k))[0] for k in LINEAR_FIXED}
+        firsts = {k: candidates(getattr(self, k))[0] for k in (*LINEAR_FIXED, *HIDDEN_FIXED)}
         points = []
         for combo in itertools.product(*(candidates(getattr(self, k)) for k in GRID)):
             point = dict(zip(GRID, combo, strict=True))
-            if point["dense"] == 0:
-                if point["l2"] == 0:
-                    continue
-                point.update(firsts)
+            point.update({k: firsts[k] for k in (LINEAR_FIXED if point["dense"] == 0 else HIDDEN_FIXED)})
             if point not in points:
                 points.append(point)
         return points
 
     def at(self, setting: dict) -> Backbone:
-        """This backbone with the grid settings fixed to `setting`'s values."""
-        return self.model_copy(update=setting)
-
-    @property
-    def is_grid(self) -> bool:
-        return len(self.grid()) > 1
+        """This backbone with the grid settings fixed to `setting`'s values (a model's COPIES key is not the backbone's)."""
+        return self.model_copy(update={k: v for k, v in setting.items() if k in GRID})
 
 
 class Export(Section):
@@ -509,7 +504,19 @@ class Ensemble(Section):
 
 class ModelSpec(Section):
     backbone: str
-    augment: bool
+    augment: bool | list[bool]
+
+    @model_validator(mode="after")
+    def _check(self):
+        values = candidates(self.augment)
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"augment: true, false, or a list of both (a grid dimension chosen by CV), got {self.augment}")
+        return self
+
+    @property
+    def copies(self) -> bool:
+        """Whether the augmented copies are read: always with augment true, as a grid candidate with a list holding true."""
+        return any(candidates(self.augment))
 
 
 class Promotion(Section):
@@ -574,10 +581,12 @@ class Params(Section):
                 raise ValueError(f"models.{name}.backbone {spec.backbone!r} is not a key of backbones ({', '.join(self.backbones)})")
         for name, spec in self.models.items():
             bb = self.backbones[spec.backbone]
-            if bb.is_grid and (not self.train.cv_folds or (bb.fine_tune_layers and bb.fine_tune_epochs) or bb.application == SMALL_CNN):
+            cached = self.train.cv_folds and not (bb.fine_tune_layers and bb.fine_tune_epochs) and bb.application != SMALL_CNN
+            if len(self.grid(name)) > 1 and not cached:
                 raise ValueError(
-                    f"backbones.{spec.backbone} (model {name}): lists are a grid chosen by cross-validation on cached features; "
-                    "that needs train.cv_folds >= 2, no fine-tuning and a frozen transfer backbone. Give single values"
+                    f"backbones.{spec.backbone} (model {name}): lists (there, or models.{name}.augment) are a grid chosen by "
+                    "cross-validation on cached features; that needs train.cv_folds >= 2, no fine-tuning and a frozen "
+                    "transfer backbone. Give single values"
                 )
 
     def _check_ensemble(self) -> None:
@@ -632,6 +641,15 @@ class Params(Section):
     def path(self, key: str) -> Path:
         """Absolute path of `paths.<key>`, resolved against the folder holding params.yaml."""
         return self._root / getattr(self.paths, key)
+
+    def grid(self, name: str) -> list[dict]:
+        """Model `name`'s grid: its backbone's points, each with and without the augmented copies (key COPIES) when
+        the model's augment lists both, so CV chooses between them on equal terms."""
+        spec = self.models[name]
+        points = self.backbones[spec.backbone].grid()
+        if isinstance(spec.augment, bool) or len(spec.augment) == 1:
+            return points
+        return [{**point, COPIES: copies} for point in points for copies in spec.augment]
 
     def model(self, name: str) -> ModelSpec:
         """The models.<name> entry; a ConfigError lists the known names."""

@@ -120,7 +120,7 @@ def small_run(tmp_path_factory):
 
     over = {**tiny_training(), "ingest": {"source": "data/raw/synthetic", "max_side": 96}, "augment": {"copies": 1}}
     over["ensemble"] = {"members": ["vgg16-noaug", "vgg16-aug"]}  # off by default (params.yaml says why); on here
-    over["backbones"]["vgg16"].update(dense=0, l2=0.01)  # linear heads (hidden ones: tests/test_pipeline.py), so every
+    over["backbones"]["vgg16"].update(dense=0, linear_c=0.1)  # linear heads (hidden ones: tests/test_pipeline.py), so every
     # stage after train (export, parity, int8, Grad-CAM, the ensemble, the report) runs on the head the grids now choose
     root = make_project(tmp_path_factory.mktemp("small"), over, replace={"models": SMALL_MODELS})
     p = load_params(root / "params.yaml")

@@ -58,7 +58,7 @@ def n_run(request, tmp_path_factory):
     over = {**tiny_training(), "augment": {"copies": 1}, "synthetic": {"n_per_class": 14}}
     over["ingest"] = {"source": "data/raw/synthetic", "max_side": 96, "classes": CLASSES[k], "positive_class": ""}
     over["external"] = {"source": "external_set"}
-    over["backbones"]["vgg16"].update(dense=[8, 0], l2=0.01, epochs=4)  # a hidden-layer head and a linear one: CV chooses
+    over["backbones"]["vgg16"].update(dense=[8, 0], linear_c=0.1, epochs=4)  # a hidden-layer head and a linear one: CV chooses
     root = make_project(tmp_path_factory.mktemp(f"classes{k}"), over, replace={"models": MODELS})
     p, out = _run_chain(root)
     return k, p, out

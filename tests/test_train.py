@@ -412,10 +412,45 @@ def test_a_grid_is_chosen_by_cv_on_train_and_val_and_the_chosen_point_is_what_is
     assert t_alone["val"]["auc"] == pytest.approx(t["val"]["auc"], abs=2e-3)
 
 
+def test_a_linear_head_at_c_1_without_copies_is_the_logistic_regression_bar_and_cv_chooses_the_copies(small_run, tmp_path):
+    """`augment: [true, false]` makes the copies a grid dimension, every head offered with and without them on equal
+    terms; the linear head at C = 1 without copies is the CV report's logistic-regression baseline, prediction for
+    prediction, so the chosen head's pooled CV AUC is at least the bar's."""
+    p, *_ = small_run
+    over = {
+        "backbones": {"vgg16": {"dense": [0, 16], "linear_c": 1.0, "epochs": 3}},
+        "models": {"vgg16-aug": {"backbone": "vgg16", "augment": [True, False]}},
+        "paths": {"models": str(tmp_path / "out" / "m"), "data_root": str(tmp_path / "out")},
+    }
+    q = load_params(p.root / "params.yaml", over)
+    assert [(g["dense"], g["augment"]) for g in q.grid("vgg16-aug")] == [(0, True), (0, False), (16, True), (16, False)]
+    t = train(q, "vgg16-aug")
+    points = t["selection"]["points"]
+    assert [(pt["dense"], pt["augment"]) for pt in points] == [(0, True), (0, False), (16, True), (16, False)]
+    bar = t["cv"]["baseline_logreg"]["auc"]["pooled_out_of_fold"]
+    assert t["cv"]["model"]["auc"]["pooled_out_of_fold"] >= bar == points[1]["cv_auc_pooled_out_of_fold"]
+    assert points[0]["cv_auc_pooled_out_of_fold"] != points[1]["cv_auc_pooled_out_of_fold"]  # the copies change the head
+    chosen = t["selection"]["chosen"]
+    assert t["settings"] == chosen and t["augment"] == chosen["augment"]
+    assert t["n_augmented"] == (t["n_train"] if chosen["augment"] else 0)  # one copy per training image here
+    # the chosen point alone: the linear head without copies predicts out of fold what the baseline predicts
+    alone = {
+        "backbones": {"vgg16": {"dense": 0, "linear_c": 1.0}},
+        "models": {"vgg16-aug": {"backbone": "vgg16", "augment": False}},
+        "paths": {"models": str(tmp_path / "out" / "a"), "data_root": str(tmp_path / "out")},
+    }
+    q_alone = load_params(p.root / "params.yaml", alone)
+    t_alone = train(q_alone, "vgg16-aug")
+    cv = t_alone["cv"]
+    assert cv["model"]["auc"]["pooled_out_of_fold"] == bar and cv["model"]["bce"] == cv["baseline_logreg"]["bce"]
+    for fold in cv["per_fold"]:  # log loss fold by fold: the same probabilities, not merely the same ranking
+        assert fold["model_bce"] == pytest.approx(fold["baseline_bce"], abs=2e-4) and fold["model_auc"] == fold["baseline_auc"]
+
+
 def test_a_grid_needs_cached_features_and_cv(small_run, tmp_path):
     p, *_ = small_run
     models = {"paths": {"models": str(tmp_path / "out" / "m"), "data_root": str(tmp_path / "out")}}
-    with pytest.raises(ConfigError, match="backbones.smallcnn .model smallcnn-aug.: lists are a grid chosen by cross-validation"):
+    with pytest.raises(ConfigError, match="backbones.smallcnn .model smallcnn-aug.: lists .* are a grid chosen by cross-validation"):
         load_params(p.root / "params.yaml", {"backbones": {"smallcnn": {"learning_rate": [0.01, 0.001]}}, **models})
     # a list of threshold rules is global: a model with no CV (end to end) takes the first, and says so
     q = load_params(p.root / "params.yaml", {"train": {"threshold": [0.5, "youden"]}, **models})
@@ -426,5 +461,11 @@ def test_a_grid_needs_cached_features_and_cv(small_run, tmp_path):
         load_params(p.root / "params.yaml", {"backbones": {"vgg16": hidden}, "train": {"cv_folds": 0}, **models})
     with pytest.raises(ConfigError, match="without repeats"):
         load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"epochs": [5, 5]}}})
+    with pytest.raises(ConfigError, match="a list of both .a grid dimension chosen by CV., got .True, True."):
+        load_params(p.root / "params.yaml", {"models": {"vgg16-aug": {"backbone": "vgg16", "augment": [True, True]}}})
+    with pytest.raises(ConfigError, match="model smallcnn-aug.: lists .there, or models.smallcnn-aug.augment."):
+        load_params(p.root / "params.yaml", {"models": {"smallcnn-aug": {"backbone": "smallcnn", "augment": [True, False]}}})
+    with pytest.raises(ConfigError, match="linear_c .* must be above 0, got 0.0"):
+        load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"linear_c": 0.0}}})
     with pytest.raises(ConfigError, match="non-empty"):
         load_params(p.root / "params.yaml", {"backbones": {"vgg16": {"feature_layer": []}}})

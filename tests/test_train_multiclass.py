@@ -21,7 +21,7 @@ from brainmri.learn.models import MULTI_OUTPUT, build_head, output_layer
 def spec(**kw) -> Backbone:
     """A backbone entry with a small hidden layer (dense 0 for a linear head)."""
     base = dict(
-        application="VGG16", weights="none", input_size=32, pooling="avg", feature_layer="", dense=16, l2=0.0, dropout=0.2,
+        application="VGG16", weights="none", input_size=32, pooling="avg", feature_layer="", dense=16, l2=0.0, linear_c=1.0, dropout=0.2,
         learning_rate=0.01, epochs=40, patience=5, fine_tune_layers=0, fine_tune_epochs=0, fine_tune_learning_rate=1e-5,
     )  # fmt: skip
     return Backbone(**{**base, **kw})
@@ -119,17 +119,17 @@ def test_a_softmax_head_trains_alone_as_in_a_group_and_a_rerun_is_identical():
 
 @pytest.mark.parametrize("k", [3, 4])
 def test_a_linear_softmax_head_is_the_multinomial_logistic_regression(k):
-    """dense 0: scikit-learn's multinomial regression with C = 1 / (2 l2 sum of weights) on the standardised
-    features; the Keras head then outputs its predict_proba."""
+    """dense 0: scikit-learn's multinomial regression at C = linear_c on the standardised features; the Keras head
+    then outputs its predict_proba."""
     from sklearn.linear_model import LogisticRegression
 
-    l2 = 0.01
-    job = softmax_job(k, spec(dense=0, l2=l2))
-    (res,) = fit_heads([job], lr=0.01, epochs=1, patience=0, batch=16, l2=l2)
+    c = 0.05
+    job = softmax_job(k, spec(dense=0, linear_c=c))
+    (res,) = fit_heads([job], lr=0.01, epochs=1, patience=0, batch=16, linear_c=c)
     norm = job.head.get_layer("feature_scale")
     std = lambda x: (x - np.asarray(norm.mean)) / np.sqrt(np.asarray(norm.variance))  # noqa: E731
     sw = np.array([job.class_weight[c] for c in job.y_fit])
-    ref = LogisticRegression(C=1 / (2 * l2 * sw.sum()), max_iter=5000).fit(std(job.x_fit), job.y_fit, sample_weight=sw)
+    ref = LogisticRegression(C=c, max_iter=5000).fit(std(job.x_fit), job.y_fit, sample_weight=sw)
     prob = predict(job.head, job.x_val)
     assert output_layer(job.head).name == MULTI_OUTPUT and prob.shape == (len(job.y_val), k)
     assert np.allclose(prob, ref.predict_proba(std(job.x_val)), atol=1e-4)
@@ -142,17 +142,17 @@ def test_a_linear_head_fitted_without_one_class_gives_it_no_probability():
     two present ones as scikit-learn's (binary) regression on them gives."""
     from sklearn.linear_model import LogisticRegression
 
-    job = softmax_job(3, spec(dense=0, l2=0.01))
+    job = softmax_job(3, spec(dense=0, linear_c=0.1))
     present = job.y_fit != 1
     job.x_fit, job.y_fit = job.x_fit[present], job.y_fit[present]
     job.class_weight = class_weights(job.y_fit, "balanced", 3)
-    fit_heads([job], lr=0.01, epochs=1, patience=0, batch=16, l2=0.01)
+    fit_heads([job], lr=0.01, epochs=1, patience=0, batch=16, linear_c=0.1)
     prob = predict(job.head, job.x_val)
     assert prob.shape == (len(job.y_val), 3) and prob[:, 1].max() < 1e-6
     norm = job.head.get_layer("feature_scale")
     std = lambda x: (x - np.asarray(norm.mean)) / np.sqrt(np.asarray(norm.variance))  # noqa: E731
     sw = np.array([job.class_weight[c] for c in job.y_fit])
-    ref = LogisticRegression(C=1 / (2 * 0.01 * sw.sum()), max_iter=5000).fit(std(job.x_fit), job.y_fit, sample_weight=sw)
+    ref = LogisticRegression(C=0.1, max_iter=5000).fit(std(job.x_fit), job.y_fit, sample_weight=sw)
     assert np.allclose(prob[:, [0, 2]], ref.predict_proba(std(job.x_val)), atol=1e-4)
 
 
@@ -177,7 +177,7 @@ def test_temperature_is_recovered_and_folding_it_equals_applying_it_to_the_logit
 def three_classes(tmp_path_factory):
     """A three-class project's params (phantom classes a, b, c), not yet ingested."""
     over = {**tiny_training(), "ingest": {"source": "data/raw/synthetic", "classes": ["a", "b", "c"], "positive_class": "", "max_side": 96}}
-    over["backbones"]["vgg16"].update(dense=[0, 16], l2=0.01, epochs=5)  # a two-point grid: linear and hidden heads
+    over["backbones"]["vgg16"].update(dense=[0, 16], linear_c=0.1, epochs=5)  # a two-point grid: linear and hidden heads
     over["train"].update(cv_seeds=2, calibration="platt")
     models = {"vgg16-noaug": {"backbone": "vgg16", "augment": False}, "smallcnn-noaug": {"backbone": "smallcnn", "augment": False}}
     root = make_project(tmp_path_factory.mktemp("three"), over, replace={"models": models})

@@ -16,7 +16,7 @@ from brainmri.config import Backbone, Params
 from brainmri.core.progress import log
 from brainmri.learn import multiclass
 from brainmri.learn.fitting import class_weights, predict, setting, train_heads
-from brainmri.learn.headfit import HeadJob, HeadResult
+from brainmri.learn.headfit import HeadJob, HeadResult, scaling, standardise
 from brainmri.stats.metrics import point
 
 METRICS = ("auc", "accuracy", "bce")
@@ -127,7 +127,7 @@ def cv_report(p: Params, name: str, feats, y, folds: list[Fold], results: list[H
 def _protocol(bb: Backbone) -> str:
     """How each fold's head was fitted, in words."""
     if bb.dense == 0:
-        return f"a linear head (logistic regression, l2 {bb.l2}) fitted to convergence on each fold's whole training part"
+        return f"a linear head (logistic regression, C {bb.linear_c}) fitted to convergence on each fold's whole training part"
     if bb.patience:
         return f"early stopping (patience {bb.patience}) on an inner grouped validation split of each fold's training part"
     return f"{bb.epochs} epochs, no early stopping; an inner grouped validation split of each fold's training part held out"
@@ -151,18 +151,20 @@ def _fold_scores(p: Params, name: str, feats, y, fold: Fold, res: HeadResult, oo
 
 
 def _baseline(p: Params, x_fit, y_fit, x_test) -> np.ndarray:
-    """The logistic-regression baseline's probabilities on `x_test`, fitted on standardised `x_fit`: P(positive) for
-    two classes; for K, the multinomial regression's (n, K), a class absent from `y_fit` at probability 0."""
+    """The logistic-regression baseline's probabilities on `x_test`: scikit-learn's defaults (C = 1, L-BFGS) on
+    `x_fit` standardised per feature, in float32 as a head's Normalization layer computes it (headfit.standardise),
+    so that a linear head at C = 1 fitted on the same rows is this very model. P(positive) for two classes; for K, the
+    multinomial regression's (n, K), a class absent from `y_fit` at probability 0."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
+    stats = scaling(x_fit)
     balanced = None if p.train.class_weight == "none" else "balanced"
-    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight=balanced)).fit(x_fit, y_fit)
+    lr = LogisticRegression(max_iter=5000, class_weight=balanced).fit(standardise(x_fit, *stats), y_fit)
+    prob = lr.predict_proba(standardise(x_test, *stats))
     if p.ingest.binary:
-        return lr.predict_proba(x_test)[:, 1]
+        return prob[:, 1]
     out = np.zeros((len(x_test), len(p.ingest.classes)))
-    out[:, lr.classes_] = lr.predict_proba(x_test)
+    out[:, lr.classes_] = prob
     return out
 
 

@@ -41,6 +41,7 @@ class Trained:
     oof: tuple[np.ndarray, np.ndarray] | None = None  # train+val labels and their out-of-fold probabilities
     per_image: pd.DataFrame | None = None  # image, group, label, fold: the rows of cv_predictions.csv
     scores: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    copies: bool = True  # whether the final model fitted on the augmented copies it was given (False: CV chose without)
 
 
 def decision_data(run: Trained, va: Part) -> tuple[tuple[np.ndarray, np.ndarray], str]:
@@ -52,8 +53,10 @@ def decision_data(run: Trained, va: Part) -> tuple[tuple[np.ndarray, np.ndarray]
     return (va.y, run.scores()[1]), f"val ({len(va.y)} images; this model has no cross-validation)"
 
 
-def data_parts(p: Params, augment: bool) -> tuple[Part, Part, Part]:
-    """(train originals, their augmented copies or nothing, val) in a fixed order."""
+def data_parts(p: Params, augment: bool | list[bool]) -> tuple[Part, Part, Part]:
+    """(train originals, their augmented copies or nothing, val) in a fixed order; the copies are read when `augment`
+    is true or lists true (a grid candidate)."""
+    augment = any(candidates(augment))
     aug = pd.read_csv(p.path("augment_manifest"), keep_default_na=False) if augment else pd.DataFrame(columns=["image", "label"])
     aug_part = make_part(p, aug.sort_values("image", kind="stable"), p.path("augment_images"))
     return split_part(p, "train"), aug_part, split_part(p, "val")
@@ -79,8 +82,7 @@ def class_weights(y: np.ndarray, mode: str, n_classes: int = 2) -> dict[int, flo
 
 def setting(p: Params, name: str) -> Backbone:
     """Model `name`'s backbone at its grid's first point: the settings themselves when params give single values."""
-    spec = p.backbones[p.models[name].backbone]
-    return spec.at(spec.grid()[0])
+    return p.backbones[p.models[name].backbone].at(p.grid(name)[0])
 
 
 def fit(model, x, y, val, lr: float, epochs: int, patience: int, batch: int, cw, label: str) -> tuple[pd.DataFrame, int]:
@@ -132,7 +134,7 @@ def train_heads(p: Params, name: str, jobs: list[HeadJob], settings: list[Backbo
     the grid's first); log each one's end."""
     settings = settings or [setting(p, name)] * len(jobs)
     lrs, epochs, l2s = [s.learning_rate for s in settings], [s.epochs for s in settings], [s.l2 for s in settings]
-    results = fit_heads(jobs, lrs, epochs, settings[0].patience, p.train.batch_size, l2s)
+    results = fit_heads(jobs, lrs, epochs, settings[0].patience, p.train.batch_size, l2s, [s.linear_c for s in settings])
     for r in results:
         last = r.history.iloc[-1]
         log.debug(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from brainmri.config import GRID, Params, candidates
+from brainmri.config import COPIES, GRID, Params, candidates
 from brainmri.core.files import jsonable
 from brainmri.intake.parts import Part
 from brainmri.learn import calibration, multiclass
@@ -23,11 +23,13 @@ def train_record(p: Params, name: str, net, run: Trained, parts: tuple[Part, Par
     probabilities, val a held-out check of the threshold), its calibration and CV."""
     tr, aug, va = parts
     bb, spec = run.bb, p.models[name]
+    used = len(aug.paths) if run.copies else 0  # the augmented copies the final model fitted on
+    settings = {k: getattr(bb, k) for k in GRID} | ({COPIES: run.copies} if COPIES in p.grid(name)[0] else {})
     out = {
         "model": name,
         "backbone": spec.backbone,
         "application": bb.application,
-        "augment": spec.augment,
+        "augment": bool(used),  # whether the final model used the copies (a list in models.<name>.augment: CV chose)
         "weights": {
             "kind": net.weights.kind,
             "path": net.weights.path,
@@ -36,13 +38,13 @@ def train_record(p: Params, name: str, net, run: Trained, parts: tuple[Part, Par
             "description": net.weights.describe(),
         },
         "n_train": len(tr.paths),
-        "n_augmented": len(aug.paths),
+        "n_augmented": used,
         "n_val": len(va.paths),
         "class_weight": cw,
         "epochs_run": int(len(run.history)),
         "selected_epoch": int(run.best),
         **_decision(p, run, va, scores[1], decision),
-        "settings": {k: getattr(bb, k) for k in GRID},
+        "settings": settings,
         "selection": run.selection or {"protocol": "single values in params: nothing chosen by measurement"},
         "train": _summary(p, tr.y, scores[0], decision[0]),
         "val": _summary(p, va.y, scores[1], decision[0]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from brainmri.config import Params
+from brainmri.config import COPIES, Params
 from brainmri.core.progress import log
 from brainmri.learn import calibration, multiclass
 from brainmri.learn.crossval import Fold, cv_folds, out_of_fold
@@ -31,7 +31,10 @@ def select(p: Params, name: str, grid: list[dict], cv_data, y, groups):
     spec = p.backbones[p.models[name].backbone]
     points = [spec.at(g) for g in grid]
     data = {layer: cv_data(layer) for layer in dict.fromkeys(g["feature_layer"] for g in grid)}
-    runs = [cv_folds(p, name, data[b.feature_layer][0], y, groups, data[b.feature_layer][1], bb=b) for b in points]
+    runs = [
+        cv_folds(p, name, data[b.feature_layer][0], y, groups, data[b.feature_layer][1] if g.get(COPIES, True) else {}, bb=b)
+        for g, b in zip(grid, points, strict=True)
+    ]
     jobs = [f.job for run in runs for f in run]
     results = iter(train_heads(p, name, jobs, [b for b, run in zip(points, runs, strict=True) for _ in run]))
     trained = [[next(results) for _ in run] for run in runs]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from brainmri.config import Backbone, Params, candidates
+from brainmri.config import COPIES, Backbone, Params, candidates
 from brainmri.core.progress import log
 from brainmri.intake.parts import Part
 from brainmri.intake.preprocess import load_batch
@@ -56,10 +56,10 @@ class TrainVal:
         self.y, self.groups = np.concatenate([tr.y, va.y]), self.frame["group"].to_numpy()
         self.by_image = {img: i for i, img in enumerate(self.frame["image"])}
 
-    def at(self, layer: str) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """train+val features at `layer`, and each image's augmented copies (by its row)."""
+    def at(self, layer: str, with_copies: bool = True) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """train+val features at `layer`, and each image's augmented copies (by its row; none `with_copies` false)."""
         copies: dict[int, list] = {}
-        if len(self.aug.paths):  # a noaug model's empty part has no columns
+        if len(self.aug.paths) and with_copies:  # a noaug model's empty part has no columns
             for vec, src in zip(self.by_layer["aug"][layer], self.aug.frame["source_image"], strict=True):
                 copies.setdefault(self.by_image[src], []).append(vec)
         return np.concatenate([self.by_layer["train"][layer], self.by_layer["val"][layer]]), {i: np.stack(v) for i, v in copies.items()}
@@ -69,41 +69,44 @@ def head_and_cv(p: Params, name: str, net, tr: Part, aug: Part, va: Part, f_tr, 
     """The model's head on cached features, attached to `net`, and (unless fine-tuning follows, or `cv_folds` is 0)
     the cross-validation of the same head over train+val.
 
-    When params give lists (a grid: backbone feature_layer, learning_rate, dropout, epochs; train.threshold), every
-    grid point is cross-validated first, on train+val only, and the best pooled out-of-fold AUC chooses the settings
-    (`select`); the threshold rule is chosen on the chosen point's folds. The head and the CV runs of other seeds then
-    train at the chosen point. With one point, all of it trains in one compiled run."""
+    When params give lists (a grid: backbone feature_layer, dense, l2, linear_c, learning_rate, dropout, epochs; the
+    model's augment; train.threshold), every grid point is cross-validated first, on train+val only, and the best
+    pooled out-of-fold AUC chooses the settings (`select`); the threshold rule is chosen on the chosen point's folds.
+    The head and the CV runs of other seeds then train at the chosen point. With one point, all of it trains in one
+    compiled run."""
     spec = p.backbones[p.models[name].backbone]
-    grid = spec.grid()
+    grid = p.grid(name)
     cv_on = bool(p.train.cv_folds) and not (spec.fine_tune_layers and spec.fine_tune_epochs)  # a grid implies it (config)
     data = TrainVal(net, tr, aug, va, f_tr, f_aug, f_val)
     chosen, folds, trained, selection = grid[0], [], [], None
     if cv_on and len(grid) > 1:
         chosen, folds, trained, selection = select(p, name, grid, data.at, data.y, data.groups)
-    bb = spec.at(chosen)
-    head = _final_head(p, name, net, bb, data)
+    bb, copies = spec.at(chosen), chosen.get(COPIES, True)
+    head = _final_head(p, name, net, bb, data, copies)
     feats, reruns = None, []
     if cv_on:
-        feats, aug_arrays = data.at(bb.feature_layer)
+        feats, aug_arrays = data.at(bb.feature_layer, copies)
         folds = folds or cv_folds(p, name, feats, data.y, data.groups, aug_arrays, bb=bb)
         reruns = [cv_folds(p, name, feats, data.y, data.groups, aug_arrays, fold_seed=s, bb=bb) for s in rerun_seeds(p)]
     jobs = [head, *(f.job for f in folds if not trained), *(f.job for run in reruns for f in run)]
     results = train_heads(p, name, jobs, [bb] * len(jobs))
     _log_epochs(name, bb, results[0].history)
-    out = Trained(results[0].history, results[0].best, bb, first_rule(p), selection)
+    out = Trained(results[0].history, results[0].best, bb, first_rule(p), selection, copies=copies)
     if not folds:
         return out
     return _with_cv(p, name, out, data, feats, folds, trained or results[1 : 1 + len(folds)], reruns)
 
 
-def _final_head(p: Params, name: str, net, bb: Backbone, data: TrainVal) -> HeadJob:
-    """The final head at settings `bb`, on the chosen layer's train and augmented features, attached to `net`."""
+def _final_head(p: Params, name: str, net, bb: Backbone, data: TrainVal, copies: bool) -> HeadJob:
+    """The final head at settings `bb`, on the chosen layer's train features (and augmented ones, `copies` true),
+    attached to `net`."""
     from brainmri.learn.models import build_head, cut
 
     if len(net.layers) > 1:
         cut(net, p, p.models[name].backbone, [bb.feature_layer], p.seed, bb)
     layer, by_layer, labels = bb.feature_layer, data.by_layer, data.labels
-    f_fit, y_fit = np.concatenate([by_layer["train"][layer], by_layer["aug"][layer]]), np.concatenate([labels["train"], labels["aug"]])
+    parts = ("train", "aug") if copies else ("train",)
+    f_fit, y_fit = np.concatenate([by_layer[k][layer] for k in parts]), np.concatenate([labels[k] for k in parts])
     # its initial weights from p.seed alone
     net.attach(build_head(f_fit.shape[1], bb, p.seed, adapt_on=f_fit, n_classes=len(p.ingest.classes)))
     cw = class_weights(y_fit, p.train.class_weight, len(p.ingest.classes))
@@ -111,6 +114,11 @@ def _final_head(p: Params, name: str, net, bb: Backbone, data: TrainVal) -> Head
 
 
 def _log_epochs(name: str, bb: Backbone, history: pd.DataFrame) -> None:
+    if bb.dense == 0:  # no epochs: one fit to convergence
+        row = history.iloc[-1]
+        log.info("train %s: linear head (C %g) fitted to convergence: loss %.4f, val_loss %.4f, val_accuracy %.3f", name,
+                 bb.linear_c, row.loss, row.val_loss, row.val_accuracy)  # fmt: skip
+        return
     for row in history.itertuples():
         log.info(
             "train %s epoch %d/%d: loss %.4f, val_loss %.4f, val_accuracy %.3f",

@@ -21,7 +21,7 @@ def model_card(p: Params, name: str, trained: dict, exported: dict, evaluated: d
         "task": task(p),
         "intended_use": "research and teaching; not a medical device, not for diagnosis",
         "backbone": trained["backbone"],
-        "augmented_training": p.models[name].augment,
+        "augmented_training": trained["augment"],
         "weights": trained["weights"],
         "input": {"name": INPUT, **{k: exported["metadata"][k] for k in ("input_size", "max_side")}},
         "threshold": trained["threshold"],  # None for N classes: the decision is the arg-max
