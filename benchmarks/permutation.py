@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params(args.params)
     name, spec = args.model, p.models[args.model]
-    grid = p.backbones[spec.backbone].grid()
+    grid = p.grid(name)
     if not args.with_selection:
         chosen = json.loads(p.model_file("models", name, "train_metrics").read_text())["selection"]["chosen"]
         grid = [chosen]
