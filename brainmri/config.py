@@ -513,11 +513,6 @@ class ModelSpec(Section):
             raise ValueError(f"augment: true, false, or a list of both (a grid dimension chosen by CV), got {self.augment}")
         return self
 
-    @property
-    def copies(self) -> bool:
-        """Whether the augmented copies are read: always with augment true, as a grid candidate with a list holding true."""
-        return any(candidates(self.augment))
-
 
 class Promotion(Section):
     model: str
