@@ -98,7 +98,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "brain_tumor_dataset"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--index", action="store_true", help="group through grouping.joined_pairs' candidates, not every pair")
+    ap.add_argument("--index", action="store_true", help="group as ingest does (grouping.joined_pairs' screen), not every pair")
     return ap.parse_args()
 
 
@@ -201,9 +201,9 @@ def main() -> None:
     rules = (d.max_distance, d.min_correlation, d.min_partial_correlation)
     started = time.monotonic()
     if args.index:
-        pairs = joined_pairs(all_prints, *rules)  # the candidates the index proposes, each judged once
+        pairs = joined_pairs(all_prints, *rules)  # the screen's candidates, each judged once (as ingest groups)
     else:
-        pairs = np.argwhere(np.triu(joined(all_prints, *rules), 1))  # each pair's verdict, once (as ingest groups)
+        pairs = np.argwhere(np.triu(joined(all_prints, *rules), 1))  # each pair's verdict, every pair scored
     grouping_s = time.monotonic() - started
     base = components([x.sha256 for x in prints], [(a, b) for a, b in pairs if b < n])
     groups = components([x.sha256 for x in all_prints], pairs)
@@ -211,7 +211,7 @@ def main() -> None:
     merged = merged_pairs(base, groups)
     reviewed_merged, n_different = reviewed_merges(originals, groups)
     print(f"CPU: {cpu_model()}; {n} real images, {len(copies)} perturbed copies, seed {args.seed}, {time.monotonic() - start:.0f} s")
-    how = "indexed candidates (--index)" if args.index else "every pair scored"
+    how = "screened candidates (--index)" if args.index else "every pair scored"
     print(f"grouping: {how}, {grouping_s:.0f} s; {len(pairs)} pairs joined")
     print(
         f"dedupe: hash_size {d.hash_size}, max_distance {d.max_distance}, min_correlation {d.min_correlation}, "

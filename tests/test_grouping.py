@@ -1,10 +1,11 @@
-"""The indexed duplicate search (brainmri.intake.grouping) against the exhaustive all-pairs check (duplicates.joined)."""
+"""The screened duplicate search (brainmri.intake.grouping, what ingest groups with) against the exhaustive all-pairs
+check (duplicates.joined)."""
 
 import numpy as np
 from PIL import Image
 
-from brainmri.intake.duplicates import components, fingerprint, joined
-from brainmri.intake.grouping import candidates, joined_pairs, verdicts
+from brainmri.intake.duplicates import components, fingerprint, inner_correlation, inside, joined
+from brainmri.intake.grouping import candidates, group_ids, joined_pairs, project, verdicts
 from brainmri.intake.phantoms import phantom
 
 RULES = (10, 0.95, 0.93)  # params.yaml's dedupe: max_distance, min_correlation, min_partial_correlation
@@ -39,7 +40,7 @@ def test_indexed_search_finds_the_groups_of_the_all_pairs_check():
     assert len(exhaustive) >= 6, exhaustive  # the copies are found at all (most of the 12), so the comparison means something
     assert components(keys, indexed) == components(keys, exhaustive)
     assert {tuple(p) for p in indexed} == {tuple(p) for p in exhaustive}  # not only the same groups: the same pairs
-    assert len(candidates(prints)) < len(prints) * (len(prints) - 1) // 2  # and fewer pairs were judged than all
+    assert len(candidates(prints, RULES[0], RULES[2])) < len(prints) * (len(prints) - 1) // 2  # and fewer pairs were judged than all
 
 
 def test_a_pair_verdict_is_the_exhaustive_one_for_every_pair():
@@ -49,3 +50,50 @@ def test_a_pair_verdict_is_the_exhaustive_one_for_every_pair():
     pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n)])
     same = joined(prints, *RULES)
     assert np.array_equal(verdicts(prints, pairs, *RULES), same[pairs[:, 0], pairs[:, 1]])
+
+
+def test_copies_of_one_file_and_flat_images_group_as_the_all_pairs_check_does():
+    """Equal bytes stand for one another in the search (one fingerprint), and a flat image (no head, no texture) and a
+    tiny one neither crash the screen nor join anything the rules would not."""
+    rng = np.random.default_rng(3)
+    scans = [Image.fromarray(np.pad(phantom(rng, k % 2 == 0, 150, 140), 20)).convert("RGB") for k in range(4)]
+    flat = Image.new("RGB", (90, 90), (40, 40, 40))
+    tiny = scans[0].resize((24, 24))
+    images = [scans[0], scans[1], scans[0], flat, scans[2], flat, tiny, scans[3], scans[0]]
+    shas = ["a", "b", "a", "f", "c", "f", "t", "d", "a"]  # the three scans[0] are one file, so are the two flats
+    prints = [fingerprint(img, s, 8) for img, s in zip(images, shas, strict=True)]
+    exhaustive = np.argwhere(np.triu(joined(prints, *RULES), 1))
+    assert {tuple(p) for p in joined_pairs(prints, *RULES)} == {tuple(p) for p in exhaustive}
+    assert group_ids(shas, prints, *RULES) == components(shas, exhaustive)
+    ids = group_ids(shas, prints, *RULES)
+    assert ids[0] == ids[2] == ids[8] and ids[3] == ids[5] and len(set(ids)) < len(ids)
+
+
+def test_the_screen_only_shortens_distances_and_the_inside_test_is_unchanged():
+    """The two facts the screen rests on, on real-looking inputs: the low-frequency DCT projection of unit thumbnails
+    never lengthens a distance (so no pair within a rule's radius is dropped), and the inside test made from each
+    image's own eroded mask equals the test made from the eroded common mask."""
+    from scipy.ndimage import binary_erosion
+
+    from brainmri.intake.duplicates import INNER_ERODE, _thumbs
+
+    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(_set(8, seed=2))]
+    thumbs = _thumbs(np.stack([p.views[0] for p in prints]))
+    full = np.linalg.norm(thumbs[:, None] - thumbs[None], axis=2)
+    low = project(thumbs)
+    short = np.linalg.norm(low[:, None] - low[None], axis=2)
+    assert (short <= full + 1e-5).all() and (short < 0.9 * full + 1e-6).any()  # shorter, and not the identity
+    for a in prints[:6]:
+        for b in prints[:6]:
+            x, y = a.views[0].astype(np.float64), b.views[0].astype(np.float64)
+            assert np.array_equal(binary_erosion(_inside_raw(x) & _inside_raw(y), iterations=INNER_ERODE), inside(x) & inside(y))
+            assert inner_correlation(x, y) == inner_correlation(x, y, inside(x), inside(y))
+
+
+def _inside_raw(x: np.ndarray) -> np.ndarray:
+    """The head's inside before erosion, as duplicates.inside thresholds it."""
+    from scipy.ndimage import gaussian_filter
+
+    from brainmri.intake.decode import BACKGROUND
+
+    return gaussian_filter(x, 1) > max(BACKGROUND, 0.25 * float(np.percentile(x, 95)))

@@ -11,7 +11,9 @@ Three rules join a pair, and groups are their transitive closure:
 - one image is part of the other (`partial_similarity`): a copy cropped into the head. The other's view, trimmed on
   one or two sides, correlates with it.
 Written by hand, as no well-kept library matches partial crops and small turns without OpenCV-style keypoints.
-Measured by `benchmarks/duplicates.py` on perturbed copies of the real images.
+Measured by `benchmarks/duplicates.py` on perturbed copies of the real images. `joined` judges every pair (n x n
+matrices): the reference the tests and the benchmark compare with. Ingest finds the same pairs through
+`grouping`'s lossless screen, judging each candidate with these rules one pair at a time.
 """
 
 from __future__ import annotations
@@ -215,14 +217,22 @@ def close_similarity(prints: list[Fingerprint], chunk: int = 512) -> tuple[np.nd
     return best, how
 
 
-def inner_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Correlation of two aligned views inside both heads, INNER_ERODE pixels in from their edges (-1 when too little
-    is left): what a copy shares with its original and two smooth heads do not."""
+def inside(x: np.ndarray) -> np.ndarray:
+    """A view's head inside, INNER_ERODE pixels in from its edge: `inner_correlation`'s mask of one image. Erosion
+    keeps a pixel whose whole neighbourhood is set, so eroding two heads' common inside gives the common part of
+    their eroded insides: each image's mask can be made once."""
     from scipy.ndimage import binary_erosion, gaussian_filter
 
+    x = np.asarray(x, np.float64)
+    return binary_erosion(gaussian_filter(x, 1) > max(BACKGROUND, 0.25 * float(np.percentile(x, 95))), iterations=INNER_ERODE)
+
+
+def inner_correlation(a: np.ndarray, b: np.ndarray, inside_a: np.ndarray | None = None, inside_b: np.ndarray | None = None) -> float:
+    """Correlation of two aligned views inside both heads, INNER_ERODE pixels in from their edges (-1 when too little
+    is left): what a copy shares with its original and two smooth heads do not. `inside_a`, `inside_b`: `inside`
+    of each, when the caller has them."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    inside = [gaussian_filter(x, 1) > max(BACKGROUND, 0.25 * float(np.percentile(x, 95))) for x in (a, b)]
-    mask = binary_erosion(inside[0] & inside[1], iterations=INNER_ERODE)
+    mask = (inside(a) if inside_a is None else inside_a) & (inside(b) if inside_b is None else inside_b)
     if mask.sum() < 50:
         return -1.0
     x, y = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
@@ -230,13 +240,18 @@ def inner_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(x @ y / norm) if norm > 1e-9 else -1.0
 
 
-def _close_pair(pi: Fingerprint, pj: Fingerprint, transform) -> float:
-    """inner_correlation of image i's view and image j's, viewed as `transform` of `_transforms()` says."""
+def close_view(p: Fingerprint, transform) -> np.ndarray:
+    """An image's view as the close rule transform (of `_transforms()`) shows it: trimmed a little, or turned."""
     v, t = transform
     if v < 0:
-        return inner_correlation(pi.views[0], pj.turned[t])
+        return p.turned[t]
     top, bottom, left, right = t
-    return inner_correlation(pi.views[v], _shrink(top, 1 - bottom, VIEW) @ pj.views[v] @ _shrink(left, 1 - right, VIEW).T)
+    return _shrink(top, 1 - bottom, VIEW) @ p.views[v] @ _shrink(left, 1 - right, VIEW).T
+
+
+def _close_pair(pi: Fingerprint, pj: Fingerprint, transform) -> float:
+    """inner_correlation of image i's view and image j's, viewed as `transform` of `_transforms()` says."""
+    return inner_correlation(pi.views[max(transform[0], 0)], close_view(pj, transform))
 
 
 def joined(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:

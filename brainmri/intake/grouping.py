@@ -1,99 +1,205 @@
-"""Duplicate groups without scoring every pair: an index proposes candidate pairs, the exact rules judge only those.
+"""Duplicate groups without judging every pair: a lossless screen proposes candidate pairs, the exact rules judge them.
 
-`duplicates.joined` scores all n² pairs with every rule (its crop rule alone: 920 trims of 3 views). Here each image
-gets small LOW x LOW thumbnails (zero-mean, unit norm) of its three views and of its head region turned by each of
-duplicates.TURNS, and, for the crop rule, of each view trimmed on a coarse grid (every COARSE-th trim step). Radius
-searches in scikit-learn ball trees find the pairs whose small thumbnails correlate at BAR or more: the same views,
-a view against another image's turned head region, and an image that looks cut against every other image trimmed
-on its cut sides. Only those pairs go to `duplicates.pair_joined`, the rules of `joined` for one pair, so a verdict
-stays a function of the pair; groups are the components of the joined pairs (union-find), never an n x n matrix.
-The index can only lose pairs, never add any: tests/test_grouping.py compares it with the exhaustive `joined` on
-phantoms, `benchmarks/duplicates.py --index` on the perturbed real images. Not yet used by ingest (`group_ids`):
-at the bar below, 15 of the 1,997 copies the rules join to their original were not candidates (crops at 0.64 and
-burned-in text at 0.73 here), and a third of all pairs of a 300-image set of phantoms and copies were candidates
-(smooth heads look alike at 16 x 16; verifying them cost more than scoring every pair).
+`duplicates.joined` scores all n² pairs with every rule in full: 1,024-number thumbnails, 514 small trims and turns
+(the close rule) and 2,760 trims (the crop rule), and n x n matrices. Every rule but the hash's is a correlation of
+two zero-mean, unit-norm thumbnails at a bar tau, and for unit vectors u, w: corr(u, w) >= tau exactly when
+||u - w||² <= 2(1 - tau). An orthonormal projection P only shortens distances, so ||Pu - Pw||² <= 2(1 - tau) holds
+for every pair a rule joins: screening pairs in the projected space can only propose too many, never lose one.
+P keeps the K x K lowest 2-D DCT coefficients of a thumbnail (K² numbers, not 1,024).
+
+- equal bytes: grouped by sha256;
+- the whole-head rule (hash distance and correlation): every pair within the hash distance (exact, blocked);
+- the crop and close rules: each image's views, trimmed as the rules trim them (the crop rule's trims only against
+  images cut on those sides) and its head region turned, projected, against every other image's whole views.
+
+Candidates then go to `verdicts`, the rules of `joined` for one pair, so a verdict stays a function of the pair;
+groups are the components of the joined pairs (union-find). Memory grows with n, not n², as nothing n x n is
+kept (the screen runs in blocks). Time is still quadratic in the screen, with K²/1,024 of the rules' work per pair
+compared (docs/measurements.md: how it grows). tests/test_grouping.py checks the pairs against `joined`'s.
+Written by hand: no well-kept library searches radii over transformed copies of each item.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
 
 from brainmri.intake.duplicates import (
     MIN_INNER,
-    TRIM_STEP,
+    SMALL_TRIM,
+    THUMB,
     TURNS,
     Fingerprint,
-    _close_pair,
+    _shrink,
     _thumbs,
     _transforms,
+    _unit,
+    close_view,
     components,
-    joined,
+    inner_correlation,
+    inside,
     trimmed,
     trims,
 )
 
-LOW = 16  # side of the small thumbnails (256 numbers): at 8 x 8 smooth phantoms and different real scans all looked alike
-COARSE = 3  # the crop search trims by every third step of the exact rule's grid (9%): the nearest is at most 3% off a side
-# small-thumbnail correlation a candidate needs; pairs the exact rules join on benchmarks/duplicates.py scored at least
-# XXX here, different real scans mostly below it
-BAR = 0.85
+# DCT coefficients kept per side: K² = 144 numbers. At K = 8 the low frequencies hold only ~60% of a thumbnail's
+# energy and a third of the real set's pairs passed the close screen; at 12, 182 of its 31,878 pairs (78 joined)
+K = 12
+SLACK = 1e-3  # added to the squared radius: float32 rounding in the screen must not drop a pair the rules join
+I_CHUNK = 512  # query images per block product: with J_CHUNK x the trims, a few hundred MB at most
+J_CHUNK = 64  # transformed images per block
 
 
-def _radius_pairs(queries: np.ndarray, targets: np.ndarray, bar: float) -> list[tuple[int, int]]:
-    """(query index, target index) for every target within correlation `bar` of a query (unit vectors: distance
-    sqrt(2 - 2 bar)), found in a ball tree over the targets."""
-    if not len(queries) or not len(targets):
-        return []
-    tree = NearestNeighbors(radius=float(np.sqrt(2 - 2 * bar)) + 1e-6, algorithm="ball_tree").fit(targets)
-    found = tree.radius_neighbors(queries, return_distance=False)
-    return [(q, int(t)) for q, ts in enumerate(found) for t in ts]
+@cache
+def _dct_rows() -> np.ndarray:
+    """The first K rows of the orthonormal DCT-II matrix of the thumbnail's side (K x THUMB)."""
+    from scipy.fft import dct
+
+    return dct(np.eye(THUMB), norm="ortho", axis=0)[:K].astype(np.float32)
 
 
-def coarse_trims() -> list[tuple[float, float, float, float]]:
-    """The exact rule's trims whose every share is a multiple of COARSE steps past the first (3%, 12%, 21%...)."""
-    on_grid = [round(TRIM_STEP * (1 + COARSE * k), 4) for k in range(int(1 / (TRIM_STEP * COARSE)) + 1)]
-    return [t for t in trims() if all(c == 0 or round(c, 4) in on_grid for c in t)]
+def project(thumbs: np.ndarray) -> np.ndarray:
+    """(m, THUMB²) thumbnails -> (m, K²) lowest 2-D DCT coefficients (transposed), an orthonormal projection: distances
+    only shrink. Two products over all rows at once, not m small ones."""
+    d, m = _dct_rows(), len(thumbs)
+    cols = thumbs.reshape(m * THUMB, THUMB) @ d.T  # (m x THUMB, K): each row's K lowest frequencies
+    return (cols.reshape(m, THUMB, K).transpose(0, 2, 1).reshape(m * K, THUMB) @ d.T).reshape(m, K * K)
 
 
-def candidates(prints: list[Fingerprint]) -> np.ndarray:
-    """(m, 2) index pairs i < j worth judging: equal bytes, or small thumbnails alike as the module docstring says."""
-    found: set[tuple[int, int]] = set()
-    first: dict[str, int] = {}
-    for k, p in enumerate(prints):  # equal bytes: each joined to the first copy
-        found.add((first.setdefault(p.sha256, k), k))
-    wholes = []
+def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float | None) -> np.ndarray:
+    """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring)."""
+    if len(prints) < 2:
+        return np.zeros((0, 2), np.int64)
+    found = [_hash_close(prints, max_distance)]
+    if min_partial is not None:
+        found += list(_screened(prints, 2 * (1 - min_partial) + SLACK))
+    pairs = np.sort(np.concatenate([np.asarray(f, np.int64).reshape(-1, 2) for f in found]), axis=1)
+    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+
+
+def _hash_close(prints: list[Fingerprint], max_distance: int) -> np.ndarray:
+    """Every pair whose perceptual hashes differ in at most max_distance bits (the whole-head rule's first test)."""
+    h = np.stack([p.phash for p in prints]).astype(np.float32) * 2 - 1  # +-1: bits differing = (length - dot) / 2
+    out = []
+    for i in range(0, len(h), I_CHUNK):
+        diff = (h.shape[1] - h[i : i + I_CHUNK] @ h.T) / 2
+        a, b = np.nonzero(diff <= max_distance + 0.5)
+        out.append(np.stack([a + i, b], 1))
+    return np.concatenate(out)
+
+
+def _screened(prints: list[Fingerprint], radius2: float):
+    """Pairs (i, j) where one of j's trims or turns, projected, lies within radius2 of i's whole view: the close rule's
+    small trims and turns for every i, the crop rule's larger trims only for an i cut on every side they cut."""
+    grid = trims()
+    sides = np.array(grid) > 0
+    small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
     for v in range(3):
         views = np.stack([p.views[v] for p in prints])
-        whole = _thumbs(views, out=LOW)
-        wholes.append(whole)
-        found.update(_radius_pairs(whole, whole, BAR))
+        whole = project(_thumbs(views))
         cuts = np.stack([p.cuts[v] for p in prints])
-        for trim in coarse_trims():
-            rows = np.nonzero(cuts[:, np.array(trim) > 0].all(1))[0]  # as the crop rule: only images cut there
+        allowed = (cuts[:, None, :] | ~sides[None, ~small]).all(2)  # (i, large trim): i is cut where it cuts
+        rows = np.nonzero(allowed.any(1))[0]
+        close, crop = tuple(t for t, s in zip(grid, small, strict=True) if s), tuple(t for t, s in zip(grid, small, strict=True) if not s)
+        for j in range(0, len(views), J_CHUNK):
+            yield _within(whole, _transformed(views[j : j + J_CHUNK], close), radius2, j)
             if len(rows):
-                found.update((int(rows[q]), t) for q, t in _radius_pairs(whole[rows], _thumbs(views, trim, LOW), BAR))
-    for a in range(len(TURNS)):
-        turned = _thumbs(np.stack([p.turned[a] for p in prints]), out=LOW)
-        found.update(_radius_pairs(wholes[0], turned, BAR))
-    pairs = {(min(i, j), max(i, j)) for i, j in found if i != j}
-    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+                hits = _within(whole[rows], _transformed(views[j : j + J_CHUNK], crop), radius2, j, allowed[rows])
+                yield np.stack([rows[hits[:, 0]], hits[:, 1]], 1)
+    turned = np.stack([p.turned for p in prints])  # (n, turns, VIEW, VIEW): the close rule's turned head regions
+    whole = project(_thumbs(np.stack([p.views[0] for p in prints])))
+    for j in range(0, len(turned), J_CHUNK):
+        block = turned[j : j + J_CHUNK]
+        parts = project(_thumbs(block.reshape(-1, *block.shape[2:]))).reshape(len(block), len(TURNS), -1)
+        yield _within(whole, parts, radius2, j)
+
+
+def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
+    """(images, trims, K²): each view trimmed by each of grid (as the rules trim it: `duplicates._thumbs`), unit,
+    projected. Trims sharing their left/right cut share one product, and each product spans the whole block."""
+    b, side = len(views), views.shape[-1]
+    out = np.empty((b, len(grid), K * K), np.float32)
+    by_cols: dict[tuple[float, float], list[int]] = {}
+    for k, (_, _, left, right) in enumerate(grid):
+        by_cols.setdefault((left, right), []).append(k)
+    for (left, right), ks in by_cols.items():
+        a = (views.reshape(-1, side) @ _shrink(left, 1 - right).T).reshape(b, side, -1)  # (images, VIEW, THUMB)
+        rows = np.concatenate([_shrink(grid[k][0], 1 - grid[k][1]) for k in ks])  # (trims x THUMB, VIEW)
+        x = rows @ a.transpose(1, 0, 2).reshape(side, -1)  # (trims x THUMB, images x THUMB)
+        x = x.reshape(len(ks), -1, b, x.shape[-1] // b).transpose(2, 0, 1, 3)  # (images, trims, THUMB, THUMB)
+        out[:, ks] = _unit_projected(x.reshape(b * len(ks), -1)).reshape(b, len(ks), -1)
+    return out
+
+
+def _unit_projected(x: np.ndarray) -> np.ndarray:
+    """project(duplicates._unit(x)), without making the unit rows: the constant part of a row is its first DCT
+    coefficient alone, and its norm is what remains of the row's energy. Rows `_unit` may call flat go through it."""
+    low = project(x)
+    total = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    mean = x.mean(1, dtype=np.float64)
+    norm = np.sqrt(np.maximum(total - x.shape[1] * mean**2, 0.0))
+    low[:, 0] = 0.0
+    near_flat = norm <= 4e-3 * (np.abs(mean) + 1) * np.sqrt(x.shape[1])  # 4x `_unit`'s bar: rounding cannot matter
+    low /= np.where(near_flat, 1.0, norm)[:, None].astype(np.float32)
+    if near_flat.any():
+        low[near_flat] = project(_unit(x[near_flat].copy()))
+    return low
+
+
+def _within(whole: np.ndarray, parts: np.ndarray, radius2: float, offset: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    """(query row, offset + part image) for every query whose projected whole view lies within radius2 of one of the
+    part image's transforms (those `allowed` for the query, when given)."""
+    flat = parts.reshape(-1, parts.shape[-1])
+    # ||w - p||² <= r² exactly when w.p + (r² - ||w||²) / 2 - ||p||² / 2 >= 0: one product, with two more columns
+    queries = np.hstack([whole, (radius2 - (whole**2).sum(1, keepdims=True)) / 2, np.full((len(whole), 1), -0.5, np.float32)])
+    targets = np.hstack([flat, np.ones((len(flat), 1), np.float32), (flat**2).sum(1, keepdims=True)]).T.copy()
+    out = []
+    for i in range(0, len(whole), I_CHUNK):
+        hit = (queries[i : i + I_CHUNK] @ targets >= 0).reshape(-1, *parts.shape[:2])
+        if allowed is not None:
+            hit &= allowed[i : i + I_CHUNK, None, :]
+        a, b = np.nonzero(hit.any(2))
+        out.append(np.stack([a + i, b + offset], 1))
+    return np.concatenate(out)
+
+
+def _distinct(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
+    """(first, of): the first image of each distinct sha256, and for each image the position of its file's first in
+    `first`. Copies of one file have one fingerprint, so one of them stands for all in the search."""
+    seen: dict[str, int] = {}
+    of = np.array([seen.setdefault(p.sha256, len(seen)) for p in prints], np.int64)
+    first = np.zeros(len(seen), np.int64)
+    first[of[::-1]] = np.arange(len(prints))[::-1]
+    return first, of
+
+
+def _links(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None) -> tuple:
+    """(first, of, joined pairs among the distinct files, as positions in `first`)."""
+    first, of = _distinct(prints)
+    distinct = [prints[i] for i in first]
+    cand = candidates(distinct, max_distance, min_partial)
+    return first, of, cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
 
 
 def joined_pairs(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:
-    """The candidate pairs (i < j) that `duplicates.pair_joined` joins: `duplicates.joined`'s pairs, found through
-    the index."""
-    cand = candidates(prints)
-    return cand[verdicts(prints, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
+    """Every pair (i < j) that `duplicates.joined` joins, found by judging the candidates alone: equal bytes, and the
+    pairs joined between distinct files, for each of their copies."""
+    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial)
+    members = np.split(np.argsort(of, kind="stable"), np.cumsum(np.bincount(of))[:-1])  # each file's copies, in order
+    out = [np.array([(a, b) for m in members for x, a in enumerate(m) for b in m[x + 1 :]], np.int64).reshape(-1, 2)]
+    out += [np.array(np.meshgrid(members[a], members[b])).reshape(2, -1).T for a, b in pairs]
+    return np.unique(np.sort(np.concatenate(out), axis=1), axis=0)
 
 
 def group_ids(
     keys: list[str], prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None
 ) -> list[str]:
-    """A group id per image: images joined (transitively) by `duplicates.joined`, every pair scored (`components`
-    names them). Not through the index: on benchmarks/duplicates.py its candidates missed pairs the rules join
-    (docs/measurements.md), so ingest keeps the exhaustive, O(n²) search until they do not."""
-    return components(keys, np.argwhere(np.triu(joined(prints, max_distance, min_correlation, min_partial), 1)))
+    """A group id per image: images joined (transitively) by `duplicates.joined`'s rules, found through the
+    candidates (`components` names them). Each copy of a file is linked to its first, not to every other copy."""
+    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial)
+    copies = np.stack([first[of], np.arange(len(prints))], 1)
+    return components(keys, np.concatenate([first[pairs].reshape(-1, 2), copies]))
 
 
 def verdicts(
@@ -126,38 +232,74 @@ def _by_second(ordered: np.ndarray) -> dict[int, np.ndarray]:
     return {j: np.array(ks) for j, ks in groups.items()}
 
 
+class _Wholes:
+    """The three views of the images in `images`, as unit thumbnails (`duplicates._thumbs`), made once each."""
+
+    def __init__(self, prints: list[Fingerprint], images: np.ndarray):
+        self.row = np.full(len(prints), -1)
+        kept = np.unique(images)
+        self.row[kept] = np.arange(len(kept))
+        chunks = [kept[s : s + 1024] for s in range(0, len(kept), 1024)]  # bounded temporaries
+        self.thumbs = [np.concatenate([_thumbs(np.stack([prints[i].views[v] for i in c])) for c in chunks]) for v in range(3)]
+
+    def __call__(self, images: np.ndarray, v: int) -> np.ndarray:
+        return self.thumbs[v][self.row[images]]
+
+
 def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float) -> np.ndarray:
     """Per ordered pair (a, b): `partial_similarity`'s entry [a, b] at `bar`: a's thumbnail against b trimmed on the
     sides where a looks cut."""
     grid = trims()
     sides = np.array(grid) > 0
+    patterns = np.array([[bool(m >> s & 1) for s in range(4)] for m in range(16)])
+    applies_to = (patterns[:, None, :] | ~sides[None]).all(2)  # (cut pattern, trim): cut on every side the trim cuts
+    pattern = [np.array([int(p.cuts[v] @ (1 << np.arange(4))) for p in prints]) for v in range(3)]
     out = np.zeros(len(ordered), bool)
-    for j, ks in _by_second(ordered).items():
+    cut = np.zeros(len(ordered), bool)
+    for v in range(3):
+        cut |= pattern[v][ordered[:, 0]] > 0
+    if not cut.any():
+        return out
+    wholes = _Wholes(prints, ordered[cut, 0])
+    for j, ks in _by_second(ordered[cut]).items():
+        ks = np.nonzero(cut)[0][ks]
         for v in range(3):
-            cuts = np.stack([prints[i].cuts[v] for i in ordered[ks, 0]])
-            applies = (cuts[:, None, :] | ~sides[None]).all(2)  # (a, trim): a is cut on every side the trim cuts
-            need = np.nonzero(applies.any(0))[0]
-            if not len(need):
+            firsts = ordered[ks, 0]
+            firsts_cut = pattern[v][firsts] > 0
+            if not firsts_cut.any():
                 continue
-            wholes = np.concatenate([_thumbs(prints[i].views[v][None]) for i in ordered[ks, 0]])
-            c = np.where(applies[:, need], wholes @ trimmed(prints[j].views[v], tuple(grid[t] for t in need)).T, -1.0)
-            out[ks] |= c.max(1) >= bar
+            rows, firsts = ks[firsts_cut], firsts[firsts_cut]
+            applies = applies_to[pattern[v][firsts]]
+            need = np.nonzero(applies.any(0))[0]
+            c = np.where(applies[:, need], wholes(firsts, v) @ trimmed(prints[j].views[v], tuple(grid[t] for t in need)).T, -1.0)
+            out[rows] |= c.max(1) >= bar
     return out
 
 
 def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float) -> np.ndarray:
     """Per ordered pair (a, b): `close_similarity`'s best [a, b] (the first transform reaching it, as there) at `bar`,
-    and the heads' insides there at MIN_INNER (`duplicates.joined`)."""
+    and the heads' insides there at MIN_INNER (`duplicates.joined`). Each image's inside masks are made once."""
     grid = _transforms()
     small = [tuple(t for w, t in grid if w == v) for v in range(3)]
     out = np.zeros(len(ordered), bool)
+    wholes, insides = _Wholes(prints, ordered[:, 0]), {}
     for j, ks in _by_second(ordered).items():
         firsts = ordered[ks, 0]
-        wholes = [np.concatenate([_thumbs(prints[i].views[v][None]) for i in firsts]) for v in range(3)]
         c = np.concatenate(
-            [wholes[v] @ trimmed(prints[j].views[v], small[v]).T for v in range(3)] + [wholes[0] @ _thumbs(prints[j].turned).T], axis=1
+            [wholes(firsts, v) @ trimmed(prints[j].views[v], small[v]).T for v in range(3)]
+            + [wholes(firsts, 0) @ _thumbs(prints[j].turned).T],
+            axis=1,
         )
         best = c.argmax(1)  # the first transform reaching the best, as close_similarity's strict ">" keeps it
+        seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # j's view under each transform, and its inside
         for r, (k, i, t) in enumerate(zip(ks, firsts, best, strict=True)):
-            out[k] = bool(c[r, t] >= bar) and _close_pair(prints[i], prints[j], grid[t]) >= MIN_INNER
+            if c[r, t] < bar:
+                continue
+            v = max(grid[t][0], 0)
+            if (i, v) not in insides:
+                insides[i, v] = inside(prints[i].views[v])
+            if t not in seen:
+                b = close_view(prints[j], grid[t])
+                seen[t] = (b, inside(b))
+            out[k] = inner_correlation(prints[i].views[v], seen[t][0], insides[i, v], seen[t][1]) >= MIN_INNER
     return out
