@@ -21,6 +21,7 @@ Written by hand: no well-kept library searches radii over transformed copies of 
 
 from __future__ import annotations
 
+import itertools
 from functools import cache
 
 import numpy as np
@@ -49,6 +50,7 @@ K = 12
 SLACK = 1e-3  # added to the squared radius: float32 rounding in the screen must not drop a pair the rules join
 I_CHUNK = 512  # query images per block product: with J_CHUNK x the trims, a few hundred MB at most
 J_CHUNK = 64  # transformed images per block
+MERGE_EVERY = 4_000_000  # pairs found before they are merged with those kept: bounds the screen's memory
 
 
 @cache
@@ -69,13 +71,21 @@ def project(thumbs: np.ndarray) -> np.ndarray:
 
 def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float | None) -> np.ndarray:
     """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring)."""
-    if len(prints) < 2:
+    n = len(prints)
+    if n < 2:
         return np.zeros((0, 2), np.int64)
     found = [_hash_close(prints, max_distance)]
     if min_partial is not None:
-        found += list(_screened(prints, 2 * (1 - min_partial) + SLACK))
-    pairs = np.sort(np.concatenate([np.asarray(f, np.int64).reshape(-1, 2) for f in found]), axis=1)
-    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+        found = itertools.chain(found, _screened(prints, 2 * (1 - min_partial) + SLACK))
+    keys, pending, size = np.zeros(0, np.int64), [], 0
+    for f in found:  # one number per pair (i < j), merged as they come: a pair found many ways is kept once
+        f = np.sort(np.asarray(f, np.int64).reshape(-1, 2), axis=1)
+        pending.append(f[f[:, 0] != f[:, 1]] @ np.array([n, 1], np.int64))
+        size += len(pending[-1])
+        if size > MERGE_EVERY:
+            keys, pending, size = np.unique(np.concatenate([keys, *pending])), [], 0
+    keys = np.unique(np.concatenate([keys, *pending]))
+    return np.stack([keys // n, keys % n], 1)
 
 
 def _hash_close(prints: list[Fingerprint], max_distance: int) -> np.ndarray:
@@ -151,12 +161,11 @@ def _within(whole: np.ndarray, parts: np.ndarray, radius2: float, offset: int, a
     """(query row, offset + part image) for every query whose projected whole view lies within radius2 of one of the
     part image's transforms (those `allowed` for the query, when given)."""
     flat = parts.reshape(-1, parts.shape[-1])
-    # ||w - p||² <= r² exactly when w.p + (r² - ||w||²) / 2 - ||p||² / 2 >= 0: one product, with two more columns
-    queries = np.hstack([whole, (radius2 - (whole**2).sum(1, keepdims=True)) / 2, np.full((len(whole), 1), -0.5, np.float32)])
-    targets = np.hstack([flat, np.ones((len(flat), 1), np.float32), (flat**2).sum(1, keepdims=True)]).T.copy()
+    w2, p2 = (whole**2).sum(1), (flat**2).sum(1)
     out = []
     for i in range(0, len(whole), I_CHUNK):
-        hit = (queries[i : i + I_CHUNK] @ targets >= 0).reshape(-1, *parts.shape[:2])
+        d2 = w2[i : i + I_CHUNK, None] + p2[None] - 2 * (whole[i : i + I_CHUNK] @ flat.T)
+        hit = (d2 <= radius2).reshape(len(d2), *parts.shape[:2])
         if allowed is not None:
             hit &= allowed[i : i + I_CHUNK, None, :]
         a, b = np.nonzero(hit.any(2))
