@@ -117,10 +117,9 @@ def _screened(prints: list[Fingerprint], radius2: float):
             if len(rows):
                 hits = _within(whole[rows], _transformed(views[j : j + J_CHUNK], crop), radius2, j, allowed[rows])
                 yield np.stack([rows[hits[:, 0]], hits[:, 1]], 1)
-    turned = np.stack([p.turned for p in prints])  # (n, turns, VIEW, VIEW): the close rule's turned head regions
     whole = project(_thumbs(np.stack([p.views[0] for p in prints])))
-    for j in range(0, len(turned), J_CHUNK):
-        block = turned[j : j + J_CHUNK]
+    for j in range(0, len(prints), J_CHUNK):
+        block = np.stack([p.turned for p in prints[j : j + J_CHUNK]])  # (images, turns, VIEW, VIEW): turned head regions
         parts = project(_thumbs(block.reshape(-1, *block.shape[2:]))).reshape(len(block), len(TURNS), -1)
         yield _within(whole, parts, radius2, j)
 
@@ -164,7 +163,10 @@ def _within(whole: np.ndarray, parts: np.ndarray, radius2: float, offset: int, a
     w2, p2 = (whole**2).sum(1), (flat**2).sum(1)
     out = []
     for i in range(0, len(whole), I_CHUNK):
-        d2 = w2[i : i + I_CHUNK, None] + p2[None] - 2 * (whole[i : i + I_CHUNK] @ flat.T)
+        d2 = whole[i : i + I_CHUNK] @ flat.T  # then, in place: ||w||² + ||p||² - 2 w.p (one block-sized array)
+        d2 *= -2
+        d2 += w2[i : i + I_CHUNK, None]
+        d2 += p2[None]
         hit = (d2 <= radius2).reshape(len(d2), *parts.shape[:2])
         if allowed is not None:
             hit &= allowed[i : i + I_CHUNK, None, :]
