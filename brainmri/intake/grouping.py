@@ -219,10 +219,14 @@ def verdicts(
     """`duplicates.joined`'s verdict for each pair (i, j), computed from the pair alone: equal bytes, the whole-head
     rule, the crop rule either way, or the close rule either way (cheapest first; only pairs still apart go on)."""
     a, b = pairs[:, 0], pairs[:, 1]
-    ok = np.array([prints[i].sha256 == prints[j].sha256 for i, j in pairs], dtype=bool)
-    dist = np.array([int((prints[i].phash != prints[j].phash).sum()) for i, j in pairs])
-    corr = np.array([float(prints[i].thumb @ prints[j].thumb) for i, j in pairs])
-    ok |= (dist <= max_distance) & (corr >= min_correlation)
+    seen: dict[str, int] = {}
+    files, hashes = np.array([seen.setdefault(p.sha256, len(seen)) for p in prints]), np.stack([p.phash for p in prints])
+    ok = files[a] == files[b]  # equal bytes
+    near = np.zeros(len(pairs), bool)
+    for s in range(0, len(pairs), 65536):  # bounded memory: 65,536 pairs' hashes at a time
+        near[s : s + 65536] = (hashes[a[s : s + 65536]] != hashes[b[s : s + 65536]]).sum(1) <= max_distance
+    for k in np.nonzero(near & ~ok)[0]:  # few pairs: the hash is the stricter test
+        ok[k] = float(prints[a[k]].thumb @ prints[b[k]].thumb) >= min_correlation
     if min_partial is None or ok.all():
         return ok
     for rule in (_crop_joins, _close_joins):
@@ -237,10 +241,9 @@ def verdicts(
 
 def _by_second(ordered: np.ndarray) -> dict[int, np.ndarray]:
     """The rows of `ordered` (a, b) grouped by b, the image trimmed or turned: its transforms are made once."""
-    groups: dict[int, list[int]] = {}
-    for k, j in enumerate(ordered[:, 1]):
-        groups.setdefault(int(j), []).append(k)
-    return {j: np.array(ks) for j, ks in groups.items()}
+    order = np.argsort(ordered[:, 1], kind="stable")
+    seconds, starts = np.unique(ordered[order, 1], return_index=True)
+    return dict(zip(seconds.tolist(), np.split(order, starts[1:]), strict=True))
 
 
 class _Wholes:
