@@ -1,7 +1,7 @@
 """Duplicate groups without judging every pair: a lossless screen proposes candidate pairs, the exact rules judge them.
 
 `duplicates.joined` scores all n² pairs with every rule in full: 1,024-number thumbnails, 514 small trims and turns
-(the close rule) and 2,760 trims (the crop rule), and n x n matrices. Every rule but the hash's is a correlation of
+(the close rule) and 920 trims of each of 3 views (the crop rule), and n x n matrices. Every rule but the hash's is a correlation of
 two zero-mean, unit-norm thumbnails at a bar tau, and for unit vectors u, w: corr(u, w) >= tau exactly when
 ||u - w||² <= 2(1 - tau). An orthonormal projection P only shortens distances, so ||Pu - Pw||² <= 2(1 - tau) holds
 for every pair a rule joins: screening pairs in the projected space can only propose too many, never lose one.
@@ -13,10 +13,12 @@ P keeps the K x K lowest 2-D DCT coefficients of a thumbnail (K² numbers, not 1
   images cut on those sides) and its head region turned, projected, against every other image's whole views.
 
 Candidates then go to `verdicts`, the rules of `joined` for one pair, so a verdict stays a function of the pair;
-groups are the components of the joined pairs (union-find). Memory grows with n, not n², as nothing n x n is
-kept (the screen runs in blocks). Time is still quadratic in the screen, with K²/1,024 of the rules' work per pair
-compared (docs/measurements.md: how it grows). tests/test_grouping.py checks the pairs against `joined`'s.
-Written by hand: no well-kept library searches radii over transformed copies of each item.
+groups are the components of the joined pairs (union-find). Nothing n x n is kept (the screen runs in blocks):
+memory grows with n and with the number of candidates, which is itself up to quadratic where many images look
+alike (smooth phantoms). Time is still quadratic in the screen, with K²/1,024 of the rules' work per pair compared
+(docs/measurements.md: how it grows). tests/test_grouping.py checks the pairs against `joined`'s. Written by hand:
+the radius test is a blocked matrix product (numpy), over the rules' own transforms; scikit-learn's ball trees,
+tried before at a looser bar on 16 x 16 thumbnails, lost pairs the rules join.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from brainmri.intake.duplicates import (
 )
 
 # DCT coefficients kept per side: K² = 144 numbers. At K = 8 the low frequencies hold only ~60% of a thumbnail's
-# energy and a third of the real set's pairs passed the close screen; at 12, 182 of its 31,878 pairs (78 joined)
+# energy and 2,057 of the real set's 31,878 pairs were candidates; at 12, 196 (78 joined)
 K = 12
 SLACK = 1e-3  # added to the squared radius: float32 rounding in the screen must not drop a pair the rules join
 I_CHUNK = 512  # query images per block product: with J_CHUNK x the trims, a few hundred MB at most
@@ -69,12 +71,20 @@ def project(thumbs: np.ndarray) -> np.ndarray:
     return (cols.reshape(m, THUMB, K).transpose(0, 2, 1).reshape(m * K, THUMB) @ d.T).reshape(m, K * K)
 
 
+def _projected_units(units: np.ndarray) -> np.ndarray:
+    """project(units), with NaN for a flat (all-zero) unit row: it correlates at 0 with anything, so it can reach no
+    rule's bar, and a NaN compares false in the screen (two flat rows would otherwise be at distance 0)."""
+    low = project(units)
+    low[~units.any(1)] = np.nan
+    return low
+
+
 def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float | None) -> np.ndarray:
     """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring)."""
     n = len(prints)
     if n < 2:
         return np.zeros((0, 2), np.int64)
-    found = [_hash_close(prints, max_distance)]
+    found = _hash_close(prints, max_distance)
     if min_partial is not None:
         found = itertools.chain(found, _screened(prints, 2 * (1 - min_partial) + SLACK))
     keys, pending, size = np.zeros(0, np.int64), [], 0
@@ -88,15 +98,14 @@ def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float 
     return np.stack([keys // n, keys % n], 1)
 
 
-def _hash_close(prints: list[Fingerprint], max_distance: int) -> np.ndarray:
-    """Every pair whose perceptual hashes differ in at most max_distance bits (the whole-head rule's first test)."""
+def _hash_close(prints: list[Fingerprint], max_distance: int):
+    """Pairs (i < j) whose perceptual hashes differ in at most max_distance bits (the whole-head rule's first test),
+    a block of rows at a time."""
     h = np.stack([p.phash for p in prints]).astype(np.float32) * 2 - 1  # +-1: bits differing = (length - dot) / 2
-    out = []
     for i in range(0, len(h), I_CHUNK):
-        diff = (h.shape[1] - h[i : i + I_CHUNK] @ h.T) / 2
-        a, b = np.nonzero(diff <= max_distance + 0.5)
-        out.append(np.stack([a + i, b], 1))
-    return np.concatenate(out)
+        diff = (h.shape[1] - h[i : i + I_CHUNK] @ h[i:].T) / 2  # against the rows from i on: each pair once
+        a, b = np.nonzero(np.triu(diff <= max_distance + 0.5, 1))
+        yield np.stack([a + i, b + i], 1)
 
 
 def _screened(prints: list[Fingerprint], radius2: float):
@@ -107,7 +116,7 @@ def _screened(prints: list[Fingerprint], radius2: float):
     small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
     for v in range(3):
         views = np.stack([p.views[v] for p in prints])
-        whole = project(_thumbs(views))
+        whole = _projected_units(_thumbs(views))
         cuts = np.stack([p.cuts[v] for p in prints])
         allowed = (cuts[:, None, :] | ~sides[None, ~small]).all(2)  # (i, large trim): i is cut where it cuts
         rows = np.nonzero(allowed.any(1))[0]
@@ -117,10 +126,10 @@ def _screened(prints: list[Fingerprint], radius2: float):
             if len(rows):
                 hits = _within(whole[rows], _transformed(views[j : j + J_CHUNK], crop), radius2, j, allowed[rows])
                 yield np.stack([rows[hits[:, 0]], hits[:, 1]], 1)
-    whole = project(_thumbs(np.stack([p.views[0] for p in prints])))
+    whole = _projected_units(_thumbs(np.stack([p.views[0] for p in prints])))
     for j in range(0, len(prints), J_CHUNK):
         block = np.stack([p.turned for p in prints[j : j + J_CHUNK]])  # (images, turns, VIEW, VIEW): turned head regions
-        parts = project(_thumbs(block.reshape(-1, *block.shape[2:]))).reshape(len(block), len(TURNS), -1)
+        parts = _projected_units(_thumbs(block.reshape(-1, *block.shape[2:]))).reshape(len(block), len(TURNS), -1)
         yield _within(whole, parts, radius2, j)
 
 
@@ -143,7 +152,8 @@ def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
 
 def _unit_projected(x: np.ndarray) -> np.ndarray:
     """project(duplicates._unit(x)), without making the unit rows: the constant part of a row is its first DCT
-    coefficient alone, and its norm is what remains of the row's energy. Rows `_unit` may call flat go through it."""
+    coefficient alone, and its norm is what remains of the row's energy. Rows `_unit` may call flat go through it
+    (`_projected_units`)."""
     low = project(x)
     total = np.einsum("ij,ij->i", x, x, dtype=np.float64)
     mean = x.mean(1, dtype=np.float64)
@@ -152,7 +162,7 @@ def _unit_projected(x: np.ndarray) -> np.ndarray:
     near_flat = norm <= 4e-3 * (np.abs(mean) + 1) * np.sqrt(x.shape[1])  # 4x `_unit`'s bar: rounding cannot matter
     low /= np.where(near_flat, 1.0, norm)[:, None].astype(np.float32)
     if near_flat.any():
-        low[near_flat] = project(_unit(x[near_flat].copy()))
+        low[near_flat] = _projected_units(_unit(x[near_flat].copy()))
     return low
 
 
@@ -180,9 +190,8 @@ def _distinct(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
     `first`. Copies of one file have one fingerprint, so one of them stands for all in the search."""
     seen: dict[str, int] = {}
     of = np.array([seen.setdefault(p.sha256, len(seen)) for p in prints], np.int64)
-    first = np.zeros(len(seen), np.int64)
-    first[of[::-1]] = np.arange(len(prints))[::-1]
-    return first, of
+    _, first = np.unique(of, return_index=True)  # files are numbered as first met, so this is each file's first image
+    return first.astype(np.int64), of
 
 
 def _links(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None) -> tuple:
@@ -225,8 +234,14 @@ def verdicts(
     near = np.zeros(len(pairs), bool)
     for s in range(0, len(pairs), 65536):  # bounded memory: 65,536 pairs' hashes at a time
         near[s : s + 65536] = (hashes[a[s : s + 65536]] != hashes[b[s : s + 65536]]).sum(1) <= max_distance
-    for k in np.nonzero(near & ~ok)[0]:  # few pairs: the hash is the stricter test
-        ok[k] = float(prints[a[k]].thumb @ prints[b[k]].thumb) >= min_correlation
+    todo = np.nonzero(near & ~ok)[0]  # usually few pairs (the hash is the stricter test), but all of them if all look alike
+    images = np.unique(pairs[todo])
+    row = np.zeros(len(prints), np.int64)
+    row[images] = np.arange(len(images))
+    thumbs = np.stack([prints[i].thumb for i in images]) if len(images) else np.zeros((0, 0))
+    for s in range(0, len(todo), 8192):  # bounded memory: 8,192 pairs' thumbnails at a time
+        k = todo[s : s + 8192]
+        ok[k] = np.einsum("ij,ij->i", thumbs[row[a[k]]], thumbs[row[b[k]]]) >= min_correlation
     if min_partial is None or ok.all():
         return ok
     for rule in (_crop_joins, _close_joins):
