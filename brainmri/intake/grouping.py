@@ -114,9 +114,11 @@ def _screened(prints: list[Fingerprint], radius2: float):
     grid = trims()
     sides = np.array(grid) > 0
     small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
+    wholes = []
     for v in range(3):
         views = np.stack([p.views[v] for p in prints])
         whole = _projected_units(_thumbs(views))
+        wholes.append(whole)
         cuts = np.stack([p.cuts[v] for p in prints])
         allowed = (cuts[:, None, :] | ~sides[None, ~small]).all(2)  # (i, large trim): i is cut where it cuts
         rows = np.nonzero(allowed.any(1))[0]
@@ -126,11 +128,10 @@ def _screened(prints: list[Fingerprint], radius2: float):
             if len(rows):
                 hits = _within(whole[rows], _transformed(views[j : j + J_CHUNK], crop), radius2, j, allowed[rows])
                 yield np.stack([rows[hits[:, 0]], hits[:, 1]], 1)
-    whole = _projected_units(_thumbs(np.stack([p.views[0] for p in prints])))
     for j in range(0, len(prints), J_CHUNK):
         block = np.stack([p.turned for p in prints[j : j + J_CHUNK]])  # (images, turns, VIEW, VIEW): turned head regions
         parts = _projected_units(_thumbs(block.reshape(-1, *block.shape[2:]))).reshape(len(block), len(TURNS), -1)
-        yield _within(whole, parts, radius2, j)
+        yield _within(wholes[0], parts, radius2, j)  # turned head regions against view 0, as the close rule
 
 
 def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
@@ -228,8 +229,7 @@ def verdicts(
     """`duplicates.joined`'s verdict for each pair (i, j), computed from the pair alone: equal bytes, the whole-head
     rule, the crop rule either way, or the close rule either way (cheapest first; only pairs still apart go on)."""
     a, b = pairs[:, 0], pairs[:, 1]
-    seen: dict[str, int] = {}
-    files, hashes = np.array([seen.setdefault(p.sha256, len(seen)) for p in prints]), np.stack([p.phash for p in prints])
+    files, hashes = _distinct(prints)[1], np.stack([p.phash for p in prints])
     ok = files[a] == files[b]  # equal bytes
     near = np.zeros(len(pairs), bool)
     for s in range(0, len(pairs), 65536):  # bounded memory: 65,536 pairs' hashes at a time
@@ -244,12 +244,13 @@ def verdicts(
         ok[k] = np.einsum("ij,ij->i", thumbs[row[a[k]]], thumbs[row[b[k]]]) >= min_correlation
     if min_partial is None or ok.all():
         return ok
+    wholes = _Wholes(prints, pairs[~ok].ravel())  # the unit views both rules compare, made once
     for rule in (_crop_joins, _close_joins):
         todo = np.nonzero(~ok)[0]
         if not len(todo):
             break
         both = np.concatenate([np.stack([a[todo], b[todo]], 1), np.stack([b[todo], a[todo]], 1)])  # each way
-        hit = rule(prints, both, min_partial)
+        hit = rule(prints, both, min_partial, wholes)
         ok[todo] = hit[: len(todo)] | hit[len(todo) :]
     return ok
 
@@ -275,7 +276,7 @@ class _Wholes:
         return self.thumbs[v][self.row[images]]
 
 
-def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float) -> np.ndarray:
+def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes) -> np.ndarray:
     """Per ordered pair (a, b): `partial_similarity`'s entry [a, b] at `bar`: a's thumbnail against b trimmed on the
     sides where a looks cut."""
     grid = trims()
@@ -289,7 +290,6 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float) -> n
         cut |= pattern[v][ordered[:, 0]] > 0
     if not cut.any():
         return out
-    wholes = _Wholes(prints, ordered[cut, 0])
     for j, ks in _by_second(ordered[cut]).items():
         ks = np.nonzero(cut)[0][ks]
         for v in range(3):
@@ -305,13 +305,13 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float) -> n
     return out
 
 
-def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float) -> np.ndarray:
+def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes) -> np.ndarray:
     """Per ordered pair (a, b): `close_similarity`'s best [a, b] (the first transform reaching it, as there) at `bar`,
     and the heads' insides there at MIN_INNER (`duplicates.joined`). Each image's inside masks are made once."""
     grid = _transforms()
     small = [tuple(t for w, t in grid if w == v) for v in range(3)]
     out = np.zeros(len(ordered), bool)
-    wholes, insides = _Wholes(prints, ordered[:, 0]), {}
+    insides: dict[tuple[int, int], np.ndarray] = {}
     for j, ks in _by_second(ordered).items():
         firsts = ordered[ks, 0]
         c = np.concatenate(
