@@ -86,6 +86,7 @@ class Paths(Section):
     augment_images: str
     augment_manifest: str
     feature_cache: str
+    onnx_cache: str
     timing_cache: str
     models: str
     eval: str

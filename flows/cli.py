@@ -303,6 +303,9 @@ def add_project_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from brainmri.core.machine import pool_tensorflow_memory
+
+    pool_tensorflow_memory()  # every stage's TensorFlow, and the workers it spawns, pool their memory
     args = build_parser().parse_args(argv)
     if not args.verbose:  # Prefect's own console chatter off; its logs still reach the Prefect UI (the API handler)
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")

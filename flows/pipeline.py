@@ -17,10 +17,11 @@ from prefect.logging import get_run_logger
 from prefect.states import Failed
 
 from brainmri.config import Orchestration, load_params
+from brainmri.core import machine
 from brainmri.core.errors import BrainMRIError
 from flows import stage_process, workspace
 from flows.prefect_setup import start_server_beside, task_runner
-from flows.scheduler import failure_summary, schedule
+from flows.scheduler import failure_summary, schedule, stage_threads
 from flows.stage_process import StageFailed
 
 log = logging.getLogger("brainmri")
@@ -56,8 +57,9 @@ def read_workspace(root: str) -> dict:
 
 
 @task(name="reproduce_stage", task_run_name="{stage}", retry_condition_fn=retry_on_io_error)
-def reproduce_stage(root: str, stage: str, pull: bool, reasons: list[str], verbose: bool = False) -> dict:
-    """Bring one DVC stage up to date through DVC (run, restore from the run-cache, or nothing); its log to Prefect."""
+def reproduce_stage(root: str, stage: str, pull: bool, reasons: list[str], verbose: bool = False, threads: int = 0) -> dict:
+    """Bring one DVC stage up to date through DVC (run, restore from the run-cache, or nothing), in `threads` threads
+    (0: every core); its log to Prefect."""
     run_log = get_run_logger()
 
     def show(line: str) -> None:
@@ -65,7 +67,7 @@ def reproduce_stage(root: str, stage: str, pull: bool, reasons: list[str], verbo
         if verbose:
             print(line, file=sys.stderr)
 
-    return {**stage_process.reproduce(root, stage, pull, verbose, show), "reasons": reasons}
+    return {**stage_process.reproduce(root, stage, pull, verbose, show, threads), "reasons": reasons, "threads": threads}
 
 
 @task(name="publish_report", retries=2, retry_delay_seconds=5)
@@ -100,8 +102,11 @@ def reproduce_stages(root: str, dvc_state: dict, o: Orchestration, verbose: bool
     reproduce = reproduce_stage.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay)
     reasons = dvc_state["reasons"]
 
+    cores = machine.usable_cores()
+
     def submit(stage: str):
-        return reproduce.submit(root, stage, dvc_state["pull"], reasons.get(stage, []), verbose)
+        threads = stage_threads(stage, o, cores)
+        return reproduce.submit(root, stage, dvc_state["pull"], reasons.get(stage, []), verbose, threads)
 
     graph = {stage: set(ups) for stage, ups in dvc_state["graph"].items()}
     progress = schedule(graph, set(dvc_state["current"]), o, submit)

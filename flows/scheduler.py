@@ -27,6 +27,15 @@ def exclusive(stage: str, o: Orchestration) -> bool:
     return stage.split("@")[0] in o.exclusive
 
 
+def stage_threads(stage: str, o: Orchestration, cores: int) -> int:
+    """The threads a stage may use: its share of `cores` when up to max_workers stages run at once, so that two stages
+    side by side do not fight over the cores (each library's pool spins on its own); 0 (every core) for a stage that
+    always runs alone (an exclusive one, or max_workers 1)."""
+    if exclusive(stage, o) or o.max_workers <= 1:
+        return 0
+    return max(1, cores // o.max_workers)
+
+
 @dataclass
 class Progress:
     """Where each stage of a run stands."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from brainmri.core import machine
 from brainmri.core.errors import BrainMRIError
 
 LOCK_WAIT_SECONDS = 1800  # how long a stage waits for another DVC process (a user's `dvc repro`) before giving up
@@ -50,9 +51,10 @@ def repro_command(stage: str, pull: bool) -> list[str]:
     return dvc("repro", "--single-item", f"dvc.yaml:{stage}", *(["--pull"] if pull else []))
 
 
-def stage_env(verbose: bool) -> dict:
-    """The stage process's environment: this environment's `brainmri` first on PATH, start-up chatter off."""
-    env = dict(os.environ)
+def stage_env(verbose: bool, threads: int = 0) -> dict:
+    """The stage process's environment: this environment's `brainmri` first on PATH, start-up chatter off, and with
+    `threads` (> 0) every library's thread pool held to that many threads (a thread variable the user set stays)."""
+    env = {**machine.thread_env(threads), **os.environ}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")  # as DVC's Python API, which the flow used before: no usage reports
     if not verbose:
@@ -95,9 +97,10 @@ def restore_outputs(root: str, stage: str, env: dict, show: Callable[[str], None
         show(f"outputs of {stage} not restored: {' '.join(lines[-3:])}")
 
 
-def reproduce(root: str, stage: str, pull: bool, verbose: bool, show: Callable[[str], None]) -> dict:
-    """Bring `stage` up to date through DVC; wait while another DVC process holds its files. Raises StageFailed."""
-    start, started_at, env, said = time.monotonic(), time.time(), stage_env(verbose), False
+def reproduce(root: str, stage: str, pull: bool, verbose: bool, show: Callable[[str], None], threads: int = 0) -> dict:
+    """Bring `stage` up to date through DVC, its process held to `threads` threads (0: every core); wait while another
+    DVC process holds its files. Raises StageFailed."""
+    start, started_at, env, said = time.monotonic(), time.time(), stage_env(verbose, threads), False
     while True:
         code, lines = run_process(repro_command(stage, pull), root, env, show)
         if code == 0:

@@ -40,7 +40,7 @@ def export(p: Params, name: str) -> dict:
     train = split_part(p, "train")
     x = load_batch(val.paths, size)
 
-    proto, p_keras = convert(p.model_file("models", name, "model"), size, p.export.opset, x)
+    proto, p_keras = convert(p.model_file("models", name, "model"), size, p.export.opset, x, p.path("onnx_cache"))
     meta = (onnx_metadata if p.ingest.binary else onnx_metadata_classes)(p, name, size, trained)
     onnx.helper.set_model_props(proto, metadata_props(meta))
     t = trained["threshold"] if p.ingest.binary else None  # N classes: no threshold, the label is the arg-max class

@@ -9,6 +9,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # DVC's usage reports: tests never touch the network
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # as every stage runs (brainmri.core.machine.pool_tensorflow_memory)
 
 from factory import SHARED_DATA, make_project  # noqa: E402
 

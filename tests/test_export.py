@@ -43,7 +43,7 @@ def test_broken_parity_fails_the_stage_and_keeps_the_old_export(small_run, monke
     folder = p.model_file("export", name, "onnx").parent
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
 
-    def broken(model_path, size, opset, x):  # the conversion's own output is what small_run exported (it passed parity)
+    def broken(model_path, size, opset, x, cache=None):  # the conversion's own output is what small_run exported (it passed parity)
         fp32 = p.model_file("export", name, "onnx")
         proto, p_keras = onnx.load(fp32), probabilities(session(fp32), x)
         for init in proto.graph.initializer:  # nudge every bias: the graph no longer computes the Keras model
@@ -204,7 +204,7 @@ def test_int8_settings_are_chosen_on_val_and_test_images_play_no_part(small_run,
     split.to_csv(noised.path("split_manifest"), index=False)
     fp32 = folder / "model.onnx"  # the conversion is not under test: the copy reuses the first export's graph
 
-    def converted(model_path, size, opset, x):
+    def converted(model_path, size, opset, x, cache=None):
         return onnx.load(fp32), probabilities(session(fp32), x)
 
     monkeypatch.setattr("tasks.export.convert", converted)
@@ -234,3 +234,46 @@ def test_the_int8_calibration_reader_gives_each_image_once_in_strided_ranges(tmp
     assert len(got) == 18 and [len(s) for s in seen] == [4, 4, 1, 4, 4, 1]
     np.testing.assert_array_equal(got[:9], got[9:])
     assert len(set(got[:9].tolist())) == 9  # nine different images, none twice
+
+
+def test_each_frozen_base_is_converted_once_and_composed_with_each_head(small_run, tmp_path, monkeypatch):
+    """Export converts a model's frozen extractor once into the ONNX base cache and joins each model's head to it: the
+    composed graph computes what the whole network's conversion computes, and a damaged cache entry is converted
+    again, never used."""
+    from brainmri.export import base_onnx, convert
+
+    p, *_ = small_run
+    size, opset = p.backbones["vgg16"].input_size, p.export.opset
+    keys = {}
+    for name in p.models:  # the stage ran with the cache: one entry per distinct extractor (weights and cut), no more
+        model = load_model(p.model_file("models", name, "model"))
+        keys[name] = base_onnx.base_key(base_onnx.split_network(model)[0], opset)
+    assert sorted(f.name.split("-")[0] for f in p.path("onnx_cache").glob("*.onnx")) == sorted(set(keys.values()))
+
+    model = load_model(p.model_file("models", "vgg16-noaug", "model"))
+    converted = []
+    whole_conversion = convert.to_onnx
+
+    def counting(m, *args):
+        converted.append(m.name)
+        return whole_conversion(m, *args)
+
+    monkeypatch.setattr(convert, "to_onnx", counting)
+    cache = tmp_path / "cache"
+    first = convert.network_to_onnx(model, size, opset, str(cache))
+    again = convert.network_to_onnx(model, size, opset, str(cache))
+    assert converted == ["vgg16_features"] and again.SerializeToString() == first.SerializeToString()
+    whole = whole_conversion(model, size, opset)
+    assert [v.name for v in first.graph.input] == ["image"] and [v.name for v in first.graph.output] == [v.name for v in whole.graph.output]
+    x = np.random.default_rng(3).uniform(0, 255, (5, size, size, 3)).astype(np.float32)
+    for proto, file in ((first, "composed.onnx"), (whole, "whole.onnx")):
+        onnx.save(proto, tmp_path / file)
+    p_composed, p_whole = probabilities(session(tmp_path / "composed.onnx"), x), probabilities(session(tmp_path / "whole.onnx"), x)
+    assert np.allclose(p_composed, p_whole, atol=1e-6)
+    assert np.allclose(p_composed, np.asarray(model.predict(x, verbose=0)).reshape(-1), atol=1e-5)
+
+    (entry,) = cache.glob("*.onnx")
+    good = entry.read_bytes()
+    entry.write_bytes(good[:1000])  # truncated: its name's hash no longer matches
+    assert convert.network_to_onnx(model, size, opset, str(cache)).SerializeToString() == first.SerializeToString()
+    assert converted == ["vgg16_features"] * 2 and [f.read_bytes() for f in cache.glob("*.onnx")] == [good]

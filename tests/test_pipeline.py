@@ -96,8 +96,8 @@ def ws(tmp_path_factory, prefect_harness):
 
 
 # a stage process run inside this wrapper appends (stage, start, end) to a file: the spans of a run that fails
-SPAN = "import json, subprocess, sys, time; t = time.time(); rc = subprocess.call(sys.argv[3:]); "
-SPAN += "open(sys.argv[1], 'a').write(json.dumps([sys.argv[2], t, time.time()]) + '\\n'); sys.exit(rc)"
+SPAN = "import json, os, subprocess, sys, time; t = time.time(); rc = subprocess.call(sys.argv[3:]); "
+SPAN += "open(sys.argv[1], 'a').write(json.dumps([sys.argv[2], t, time.time(), os.environ.get('BRAINMRI_THREADS')]) + '\\n'); sys.exit(rc)"
 HELD_BACK = ("evaluate@vgg16-aug", "benchmark@vgg16-aug", "external@vgg16-aug", "ensemble", "report")  # downstream of export
 
 
@@ -115,7 +115,11 @@ def running_command(root, *words: str) -> bool:
 def _check_overlap_and_timing_lock(root, spans, holds_log, calls: list[str]) -> None:
     """Checks the first flow run's stage spans and timing-lock holds: the two branches' training overlaps, every stage
     command held the lock shared, and no stage process worked beside a timing stage or the benchmark's timed calls."""
-    span = {stage: (t0, t1) for stage, t0, t1 in map(json.loads, spans.read_text().splitlines())}
+    lines = [json.loads(line) for line in spans.read_text().splitlines()]
+    span = {stage: (t0, t1) for stage, t0, t1, _ in lines}
+    exclusive = load_params(root / "params.yaml").orchestration.exclusive
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))  # max_workers 2: each stage process held to half the cores
+    assert {s: t for s, *_, t in lines} == {s: None if s.split("@")[0] in exclusive else share for s, *_ in lines}
     holds = [json.loads(line) for line in holds_log.read_text().splitlines()]  # brainmri/core/timing_lock.py's log
     timing, working = [h for h in holds if h["kind"] == "alone"], [h for h in holds if h["kind"] == "shared"]
     command: dict[str, tuple] = {}  # each stage command's span: from its first hold to its last (a timing one lets go meanwhile)
@@ -127,7 +131,7 @@ def _check_overlap_and_timing_lock(root, spans, holds_log, calls: list[str]) -> 
     ran = set(calls) - {"export@vgg16-aug"}  # every stage of this first run ran, but the injected failure
     assert ran <= command.keys()  # each stage command held the timing lock shared
     assert timing and all(w["end"] <= t["start"] or w["start"] >= t["end"] for t in timing for w in working)
-    alone = [s for s in span if s.split("@")[0] in load_params(root / "params.yaml").orchestration.exclusive]
+    alone = [s for s in span if s.split("@")[0] in exclusive]
     assert alone and all(span[s][1] <= span[o][0] or span[o][1] <= span[s][0] for s in alone for o in span if o != s), span
     w0, w1 = json.loads((root / "data/benchmark/smallcnn-aug/benchmark.json").read_text())["timed"]["window"]
     assert any(t["start"] <= w0 <= w1 <= t["end"] for t in timing)  # its timed calls ran while no stage process worked

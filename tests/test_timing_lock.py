@@ -128,3 +128,38 @@ def test_the_flows_scheduler_runs_an_exclusive_stage_alone():
     assert to_start(progress, o) == []  # nothing beside it
     progress.done["benchmark@a"] = progress.running.pop("benchmark@a")
     assert to_start(progress, o) == ["report"]
+
+
+def test_stages_side_by_side_share_the_cores_and_a_timing_stage_gets_them_all(monkeypatch, tmp_path):
+    """With max_workers 2 each stage's process is held to half the cores, in every library's pool (a variable the user
+    set stays); a timing stage, or any stage under max_workers 1, gets every core; ONNX Runtime sessions the stage opens
+    without a thread count take its share."""
+    from brainmri.config import Orchestration
+    from brainmri.core.machine import THREAD_VARIABLES
+    from brainmri.deploy.onnxrt import session
+    from flows.scheduler import stage_threads
+    from flows.stage_process import stage_env
+
+    given = {"retries": 0, "retry_delay": 0, "exclusive": ["benchmark"], "cron": "0 3 * * 1", "timezone": "UTC"}
+    two = Orchestration(task_runner="thread", dask_address="", max_workers=2, **given)
+    one = Orchestration(task_runner="thread", dask_address="", max_workers=1, **given)
+    assert [stage_threads("train@a", two, c) for c in (1, 2, 16)] == [1, 1, 8]
+    assert stage_threads("benchmark@a", two, 2) == stage_threads("train@a", one, 2) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    env = stage_env(False, 1)
+    assert env["BRAINMRI_THREADS"] == "1" and env["OMP_NUM_THREADS"] == "3"
+    assert all(env[v] == "1" for v in THREAD_VARIABLES if v != "OMP_NUM_THREADS")
+    monkeypatch.delenv("BRAINMRI_THREADS", raising=False)
+    assert not {"BRAINMRI_THREADS", *THREAD_VARIABLES} - {"OMP_NUM_THREADS"} & stage_env(False, 0).keys()
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["out"])], "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    monkeypatch.setenv("BRAINMRI_THREADS", "1")
+    assert session(tmp_path / "m.onnx").get_session_options().intra_op_num_threads == 1
+    assert session(tmp_path / "m.onnx", 2).get_session_options().intra_op_num_threads == 2

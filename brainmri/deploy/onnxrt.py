@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from brainmri.core.errors import BrainMRIError
+from brainmri.core.machine import stage_threads
 from brainmri.deploy import sandbox, watchdog
 
 INPUT = "image"  # the exported graph's input: (batch, size, size, 3) float32 raw RGB 0-255
@@ -44,7 +45,9 @@ class Session:
 
 
 def session(path: str | Path, threads: int = 0) -> Session:
-    """A CPU session; `threads` sets intra-op threads (0: ONNX Runtime's default), inter-op is 1."""
+    """A CPU session; `threads` sets intra-op threads (0: the stage's share of the cores when the flow runs it beside
+    another stage, else ONNX Runtime's default, every core), inter-op is 1."""
+    threads = threads or stage_threads()
     watchdog.vet(path, "onnxruntime", threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

@@ -23,15 +23,34 @@ class ExportError(BrainMRIError):
 
 def to_onnx(model, size: int, opset: int) -> onnx.ModelProto:
     """Convert a Keras 3 functional model with tf2onnx, one named input with a dynamic batch dimension."""
+    return _from_keras(model, (None, size, size, 3), INPUT, opset)
+
+
+def _from_keras(model, shape: tuple, name: str, opset: int) -> onnx.ModelProto:
     import tensorflow as tf
     import tf2onnx
 
-    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT),)
+    spec = (tf.TensorSpec(shape, tf.float32, name=name),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     return canonical_names(proto)
 
 
-def _convert_to_file(model_path: str, size: int, opset: int, out: str, images: str, probs: str) -> None:
+def network_to_onnx(model, size: int, opset: int, cache: str | None) -> onnx.ModelProto:
+    """The saved network's ONNX graph: with a `cache` folder, its frozen extractor's graph from there (converted once
+    per backbone, cut and weights) composed with its head's, converted alone (brainmri.export.base_onnx); the whole
+    network converted at once otherwise."""
+    from brainmri.export import base_onnx
+
+    parts = base_onnx.split_network(model)
+    if cache is None or parts is None:
+        return to_onnx(model, size, opset)
+    extractor, head = parts
+    base = base_onnx.cached_base(Path(cache), extractor, size, opset, to_onnx)
+    head_graph = _from_keras(head, (None, int(head.input_shape[-1])), base_onnx.FEATURES, opset)
+    return canonical_names(base_onnx.compose_with_head(base, head_graph, model.layers[-1].name))
+
+
+def _convert_to_file(model_path: str, size: int, opset: int, out: str, images: str, probs: str, cache: str | None = None) -> None:
     """In the worker: the Keras model's ONNX conversion to `out`, then its probabilities on `images` (.npy) to `probs`.
 
     In that order, and 4 images a call: TensorFlow's allocator keeps what a prediction took, and the conversion then
@@ -44,15 +63,15 @@ def _convert_to_file(model_path: str, size: int, opset: int, out: str, images: s
     from brainmri.learn.models import load_model
 
     model = load_model(model_path)
-    onnx.save(to_onnx(model, size, opset), out)
+    onnx.save(network_to_onnx(model, size, opset, cache), out)
     gc.collect()  # tf2onnx's graphs are garbage now: their memory goes back before the prediction allocates
     out = np.asarray(model.predict(np.load(images), batch_size=4, verbose=0), dtype=np.float64)
     np.save(probs, out if out.ndim == 2 and out.shape[1] > 1 else out.reshape(-1))  # (n, K) for N classes, (n,) for two
 
 
-def convert(model_path: Path, size: int, opset: int, x: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
+def convert(model_path: Path, size: int, opset: int, x: np.ndarray, cache: Path | None = None) -> tuple[onnx.ModelProto, np.ndarray]:
     """The ONNX model and the Keras model's probabilities on `x` ((n,) for a binary model, (n, K) for an N-class one),
-    both from a spawned worker process: this one
+    both from a spawned worker process (`cache`: the frozen bases' ONNX cache, `network_to_onnx`): this one
     never imports TensorFlow, and the GiBs tf2onnx takes go back to the OS before parity and calibration."""
     import multiprocessing
     from unittest import mock
@@ -60,7 +79,7 @@ def convert(model_path: Path, size: int, opset: int, x: np.ndarray) -> tuple[onn
     with tempfile.TemporaryDirectory() as folder:
         out, images, probs = Path(folder) / "model.onnx", Path(folder) / "x.npy", Path(folder) / "p.npy"
         np.save(images, x)
-        args = (str(model_path), size, opset, str(out), str(images), str(probs))
+        args = (str(model_path), size, opset, str(out), str(images), str(probs), None if cache is None else str(cache))
         proc = multiprocessing.get_context("spawn").Process(target=_convert_to_file, args=args)
         # The worker runs protobuf's pure-Python implementation: with the default (upb), every one of tf2onnx's ~24
         # optimizer passes rewrites each weight tensor into the graph's arena, which frees nothing until the end, so

@@ -9,12 +9,12 @@ A spawned worker imports the main module again, so a script that runs the stage 
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 from brainmri.config import Params
+from brainmri.core import machine
 from brainmri.core.errors import ImageError
 from brainmri.core.progress import progress
 from brainmri.intake.decode import decode_file, head_box, save_png
@@ -29,8 +29,9 @@ CHUNK = 8  # images handed to a worker at a time: fewer round trips, and a slow 
 
 
 def workers() -> int:
-    """Processes for the per-image work: the cores this process may use, at most MAX_WORKERS."""
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Processes for the per-image work: the cores this process may use (its share when the flow runs it beside another
+    stage), at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, machine.stage_threads() or machine.usable_cores()))
 
 
 def one(f: SourceFile, p: Params, out: Path) -> tuple[SourceFile, str | None, tuple | None]:
