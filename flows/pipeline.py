@@ -96,8 +96,14 @@ def promote_model(params_path: str, stages: dict) -> dict:
     return promote(load_params(params_path), name, stages)
 
 
+def families(p, graph: dict) -> dict[str, str]:
+    """Each model stage's backbone: the frozen features and base graph it shares with the backbone's other models."""
+    items = {stage: stage.split("@", 1)[1] for stage in graph if "@" in stage}
+    return {stage: p.models[item].backbone for stage, item in items.items() if item in p.models}
+
+
 @flow(name="brainmri-stages")
-def reproduce_stages(root: str, dvc_state: dict, o: Orchestration, verbose: bool = False):
+def reproduce_stages(root: str, dvc_state: dict, o: Orchestration, verbose: bool = False, family: dict | None = None):
     """Bring every stage up to date in DAG order, branches in parallel; a failure summary if any stage failed."""
     reproduce = reproduce_stage.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay)
     reasons = dvc_state["reasons"]
@@ -109,7 +115,7 @@ def reproduce_stages(root: str, dvc_state: dict, o: Orchestration, verbose: bool
         return reproduce.submit(root, stage, dvc_state["pull"], reasons.get(stage, []), verbose, threads)
 
     graph = {stage: set(ups) for stage, ups in dvc_state["graph"].items()}
-    progress = schedule(graph, set(dvc_state["current"]), o, submit)
+    progress = schedule(graph, set(dvc_state["current"]), o, submit, family)
     if progress.failed:
         summary = failure_summary(progress)
         return Failed(message=summary, data=PipelineFailed(summary))
@@ -125,7 +131,7 @@ def pipeline(params_path: str = "params.yaml", verbose: bool = False, promote: b
     root = str(Path(p.root).resolve())
     dvc_state = prepared or read_workspace(root)
     on_runner = reproduce_stages.with_options(task_runner=task_runner(p.orchestration))
-    stages = on_runner(root, dvc_state, p.orchestration, verbose, return_state=True)
+    stages = on_runner(root, dvc_state, p.orchestration, verbose, families(p, dvc_state["graph"]), return_state=True)
     if stages.is_failed():
         return Failed(message=stages.message)
     publish_report(params_path)

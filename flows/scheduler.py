@@ -41,6 +41,7 @@ class Progress:
     """Where each stage of a run stands."""
 
     graph: dict[str, set[str]]
+    family: dict[str, str] = field(default_factory=dict)  # stage: the work it shares with others (a model stage: its backbone)
     done: dict[str, dict] = field(default_factory=dict)  # stage: what DVC did (flows/stage_process.py's record)
     failed: dict[str, str] = field(default_factory=dict)  # stage: why
     held: list[str] = field(default_factory=list)  # not run: something upstream failed
@@ -73,7 +74,21 @@ def to_start(progress: Progress, o: Orchestration) -> list[str]:
     alone = next((s for s in ready if exclusive(s, o)), None)
     if alone:  # nothing new starts until it has run alone
         return [] if progress.running else [alone]
-    return ready[: max(0, o.max_workers - len(progress.running))]
+    return _spread(ready, progress)[: max(0, o.max_workers - len(progress.running))]
+
+
+def _spread(ready: list[str], progress: Progress) -> list[str]:
+    """`ready` with the stages that share no work with a running (or an earlier chosen) stage first, in DAG order:
+    two models of one backbone started together both compute the same frozen features (and export both convert the
+    same base), which the caches would then hold once."""
+    busy = {progress.family[s] for s in progress.running if s in progress.family}
+    first, later = [], []
+    for stage in ready:
+        kin = progress.family.get(stage)
+        (later if kin in busy else first).append(stage)
+        if kin is not None:
+            busy.add(kin)
+    return first + later
 
 
 def collect_one(progress: Progress) -> None:
@@ -91,9 +106,12 @@ def collect_one(progress: Progress) -> None:
         log.info("%s: %s (%.1f s)", stage, what, r["seconds"])
 
 
-def schedule(graph: dict[str, set[str]], current: set[str], o: Orchestration, submit: Callable[[str], PrefectFuture]) -> Progress:
-    """Run every stage of `graph` but `current` (up to date, nothing stale upstream) through `submit(stage)`."""
-    progress = Progress(graph)
+def schedule(
+    graph: dict[str, set[str]], current: set[str], o: Orchestration, submit: Callable[[str], PrefectFuture], family: dict | None = None
+) -> Progress:
+    """Run every stage of `graph` but `current` (up to date, nothing stale upstream) through `submit(stage)`; stages of
+    one `family` (a model stage's backbone) are not started side by side while another stage can be."""
+    progress = Progress(graph, family or {})
     for stage in current:
         progress.done[stage] = {"stage": stage, "ran": False, "restored": False, "reasons": [], "seconds": 0.0, "checked": "dvc status"}
     if current:

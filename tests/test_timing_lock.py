@@ -163,3 +163,27 @@ def test_stages_side_by_side_share_the_cores_and_a_timing_stage_gets_them_all(mo
     monkeypatch.setenv("BRAINMRI_THREADS", "1")
     assert session(tmp_path / "m.onnx").get_session_options().intra_op_num_threads == 1
     assert session(tmp_path / "m.onnx", 2).get_session_options().intra_op_num_threads == 2
+
+
+def test_two_models_of_one_backbone_are_not_started_side_by_side_while_another_can_be():
+    """Stages that would compute the same frozen features (one backbone's models) start apart when another ready stage
+    can fill the slot; with nothing else ready they still run together."""
+    from brainmri.config import Orchestration, load_params
+    from flows.pipeline import families
+    from flows.scheduler import Progress, to_start
+
+    given = {"retries": 0, "retry_delay": 0, "exclusive": ["benchmark"], "cron": "0 3 * * 1", "timezone": "UTC"}
+    o = Orchestration(task_runner="thread", dask_address="", max_workers=2, **given)
+    p = load_params("params.yaml")
+    graph = {"augment": set(), **{f"train@{m}": {"augment"} for m in p.models}, "report": {f"train@{m}" for m in p.models}}
+    family = families(p, graph)
+    assert family["train@vgg16-aug"] == family["train@vgg16-noaug"] == "vgg16" and "report" not in family
+    progress = Progress(graph, family)
+    progress.done["augment"] = {}
+    first = to_start(progress, o)
+    assert first == ["train@resnet50v2-noaug", "train@vgg19-noaug"]  # DAG order, the second backbone's first model
+    progress.running = dict.fromkeys(first)
+    progress.done["train@resnet50v2-noaug"] = progress.running.pop("train@resnet50v2-noaug")
+    assert to_start(progress, o) == ["train@resnet50v2-aug"]  # no model of vgg19 beside vgg19's
+    alone = Progress({"train@vgg16-aug": set(), "train@vgg16-noaug": set()}, family)
+    assert sorted(to_start(alone, o)) == ["train@vgg16-aug", "train@vgg16-noaug"]  # nothing else ready: side by side
