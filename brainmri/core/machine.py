@@ -66,6 +66,6 @@ def pool_tensorflow_memory() -> None:
     By default TensorFlow's CPU tensors come from malloc, which maps each one over 32 MB afresh from the OS and zeroes its
     pages on first touch. The compiled head loop (brainmri.learn.headfit) makes and drops such tensors at every step
     (a group's stacked weights, Adam's moments and gradients): training 32 heads on 2048-d features spent more time
-    in the kernel than in arithmetic (resnet50v2-aug's train stage: 699 s user, 1,047 s system CPU). Pooled, the same
+    in the kernel than in arithmetic (resnet50v2-aug's train stage: 668 s user, 1,084 s system CPU). Pooled, the same
     loop ran in half the wall time with bit-identical weights (docs/measurements.md)."""
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")

@@ -2,7 +2,7 @@
 model's head (issue 33, decision 2).
 
 A transfer model is the same frozen extractor (preprocessing, base, pooling) with a small head on top: the aug and
-noaug models of a backbone share it, and converting it again per model was most of the export stage. Here the
+noaug models of a backbone share it, and each export converted it again. Here the
 extractor is converted once into a content-addressed cache (`paths.onnx_cache`, a memo like the feature cache, not a
 DVC output), and each model's head alone (a few layers) is converted and joined to it with `onnx.compose`, as the
 ensemble joins its members. The export's parity check against Keras runs on the composed graph, as it ran on the
