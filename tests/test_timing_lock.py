@@ -107,21 +107,31 @@ def test_a_killed_stage_leaves_no_lock_and_an_unusable_folder_is_named(tmp_path)
             pass
 
 
-def test_the_flows_scheduler_runs_an_exclusive_stage_alone():
-    """Once a timing stage (orchestration.exclusive) is ready, nothing new starts; it starts when the running stages
-    have ended, and nothing starts beside it; other stages fill max_workers as usual."""
+def test_the_flows_scheduler_runs_an_exclusive_stage_alone_once_nothing_else_is_ready():
+    """A ready timing stage (orchestration.exclusive) lets the other ready stages go first; it starts once none is
+    left and the running stages have ended, and nothing starts beside it; other stages fill max_workers as usual."""
     from brainmri.config import Orchestration
     from flows.scheduler import Progress, to_start
 
     given = {"max_workers": 3, "retries": 0, "retry_delay": 0, "exclusive": ["benchmark"], "cron": "0 3 * * 1", "timezone": "UTC"}
     o = Orchestration(task_runner="thread", dask_address="", **given)
-    graph = {"export@a": set(), "export@b": set(), "train@c": set(), "benchmark@a": {"export@a"}, "report": {"benchmark@a", "train@c"}}
+    graph = {
+        "export@a": set(),
+        "export@b": set(),
+        "train@c": set(),
+        "benchmark@a": {"export@a"},
+        "evaluate@a": {"export@a"},
+        "report": {"benchmark@a", "evaluate@a", "train@c"},
+    }
     progress = Progress(graph)
     assert sorted(to_start(progress, o)) == ["export@a", "export@b", "train@c"]  # up to max_workers at once
     progress.running = dict.fromkeys(["export@a", "export@b", "train@c"])
-    progress.done["export@a"] = progress.running.pop("export@a")  # benchmark@a is ready: it waits, and so does all else
-    assert to_start(progress, o) == []
-    progress.done["export@b"] = progress.running.pop("export@b")
+    progress.done["export@a"] = progress.running.pop("export@a")  # benchmark@a and evaluate@a are ready
+    assert to_start(progress, o) == ["evaluate@a"]  # the free worker takes the other ready stage: no core idles
+    progress.running["evaluate@a"] = None
+    for stage in ("export@b", "evaluate@a"):
+        progress.done[stage] = progress.running.pop(stage)
+        assert to_start(progress, o) == []  # only the timing stage is ready: it waits for train@c
     progress.done["train@c"] = progress.running.pop("train@c")
     assert to_start(progress, o) == ["benchmark@a"]  # alone, once nothing runs
     progress.running["benchmark@a"] = None

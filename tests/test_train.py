@@ -50,6 +50,25 @@ def test_feature_cache_gives_the_stacked_models_result(small_run, tmp_path):
     assert np.allclose(np.asarray(head_a(feats)), np.asarray(net.full(x)), atol=1e-4)
 
 
+def test_features_from_the_worker_process_are_the_bytes_computed_in_this_one(small_run, monkeypatch):
+    """The train stage computes features in a spawned worker (its activations' memory then goes back to the OS):
+    the cache entries it writes are those the same extractor writes in this process, byte for byte."""
+    p, *_ = small_run
+    net = build_network(p, "vgg16", seed=2)
+    folder = features.cache_folder(p, "vgg16", net.extractor)
+    paths = sorted(p.path("ingest_images").iterdir())
+    parts = {"a": paths[:20], "b": paths[10:27]}  # overlapping lists: the shared images are computed once
+    entries = {}
+    for where in ("worker", "here"):
+        shutil.rmtree(folder, ignore_errors=True)
+        if where == "here":
+            monkeypatch.setattr(features, "compute", lambda ext, fol, todo, sizes: features.fill(ext, fol, todo, sizes))
+        got = features.extract_parts(p, "vgg16", net.extractor, parts)
+        entries[where] = {e.name: e.read_bytes() for e in folder.glob("*.npy")}
+        assert [len(v) for v in got.values()] == [20, 17] and np.isfinite(got["b"]).all()
+    assert len(entries["worker"]) == len({f.read_bytes() for f in paths[:27]}) and entries["worker"] == entries["here"]
+
+
 def test_cache_is_reused_and_a_tampered_entry_is_recomputed(small_run):
     p, *_ = small_run
     net = build_network(p, "vgg16", seed=1)
@@ -199,6 +218,48 @@ def test_heads_with_their_own_rate_dropout_and_epochs_train_in_one_run_as_they_w
         (alone,) = noise_heads(vgg16_spec, dropout=d, seed=s)
         fit_heads([alone], lr=lr, epochs=e, patience=0, batch=16)
         assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(job.head.get_weights(), alone.head.get_weights(), strict=True))
+
+
+def test_heads_over_shared_rows_pool_them_once_and_train_exactly_as_on_their_own_copies(vgg16_spec, monkeypatch):
+    """A grid's folds index one feature matrix: the compiled run holds each distinct (row, label) once, and the heads
+    come out bit for bit as from a pool holding every head's rows again (the layout before), labels kept apart."""
+    from brainmri.learn import headfit
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 16)).astype("float32"), rng.integers(0, 2, 40).astype("float32")
+    x[1], y[1] = x[0], 1.0 - y[0]  # the same features under the other label: two rows of the pool, not one
+    folds = [(np.arange(40)[np.arange(40) % 4 != k], np.arange(40)[np.arange(40) % 4 == k]) for k in range(4)]
+
+    def jobs():
+        import keras
+
+        from brainmri.learn.models import build_head
+
+        out = []
+        for k, (rows, val) in enumerate(folds):
+            keras.utils.set_random_seed(k)
+            head = build_head(16, vgg16_spec.model_copy(update={"dense": 32, "dropout": 0.5}), seed=0, adapt_on=x[rows])
+            out.append(HeadJob(head, x[rows], y[rows], x[val], y[val], {0: 1.3, 1: 0.8}, 11 + k))
+        return out
+
+    def every_copy(blocks):
+        sizes = np.cumsum([0] + [len(b[0]) for b in blocks])
+        where = [np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks]), where
+
+    pooled, pools = jobs(), []
+    real = headfit._shared_rows
+    monkeypatch.setattr(headfit, "_shared_rows", lambda blocks: pools.append(real(blocks)) or pools[-1])
+    got = fit_heads(pooled, lr=0.01, epochs=6, patience=2, batch=8)
+    assert len(pools[0][0]) == 40  # each image once (4 heads x 40 rows before); row 1 kept apart from row 0 by its label
+    for (bx, by), rows in zip([(a, b) for j in pooled for a, b in ((j.x_fit, j.y_fit), (j.x_val, j.y_val))], pools[0][2], strict=True):
+        assert np.array_equal(pools[0][0][rows], bx) and np.array_equal(pools[0][1][rows], by)
+    monkeypatch.setattr(headfit, "_shared_rows", every_copy)
+    copied = jobs()
+    want = fit_heads(copied, lr=0.01, epochs=6, patience=2, batch=8)
+    for a, b in zip(pooled, copied, strict=True):
+        assert all(np.array_equal(u, v) for u, v in zip(a.head.get_weights(), b.head.get_weights(), strict=True))
+    assert all(r.history.equals(w.history) for r, w in zip(got, want, strict=True))
 
 
 def test_compiled_loop_matches_keras_fit_on_tiny_data(vgg16_spec):

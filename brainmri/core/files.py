@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -158,3 +159,24 @@ def write_npz(path: str | os.PathLike, **arrays) -> None:
             buf = io.BytesIO()
             np.save(buf, np.asarray(value), allow_pickle=False)
             z.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(), zipfile.ZIP_DEFLATED)
+
+
+def write_verified(folder: Path, key: str, suffix: str, data: bytes) -> None:
+    """Write `data` atomically as `folder`/<key>-<first 16 hex digits of its sha256><suffix>: an entry of a
+    content-addressed cache (features, ONNX bases) that `read_verified` checks against its own name."""
+    with atomic_path(folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}") as tmp:
+        tmp.write_bytes(data)
+
+
+def read_verified(folder: Path, key: str, suffix: str, redo: str) -> bytes | None:
+    """The bytes of `key`'s entry in `folder` (`write_verified`), or None. An entry whose bytes do not match its name
+    (truncated, tampered) is deleted with a warning that says what happens instead (`redo`), never returned."""
+    import logging
+
+    for entry in sorted(folder.glob(f"{glob.escape(key)}-*{suffix}")):
+        data = entry.read_bytes()
+        if entry.name == f"{key}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}":
+            return data
+        logging.getLogger("brainmri").warning("%s does not match its hash; %s", entry, redo)
+        entry.unlink(missing_ok=True)
+    return None

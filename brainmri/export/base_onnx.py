@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from brainmri.core.files import atomic_path
+from brainmri.core.files import read_verified, write_verified
 from brainmri.core.progress import log
 
 HEAD = "head"  # the name of the head model inside the saved network (brainmri.learn.models.build_head)
@@ -57,31 +57,15 @@ def base_key(extractor, opset: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _read(folder: Path, key: str) -> onnx.ModelProto | None:
-    for entry in sorted(folder.glob(f"{key}-*.onnx")):
-        data = entry.read_bytes()
-        if entry.stem == f"{key}-{_sha(data)}":
-            return onnx.load_from_string(data)
-        log.warning("ONNX base cache: %s does not match its hash; converting the base again", entry.name)
-        entry.unlink(missing_ok=True)
-    return None
-
-
 def cached_base(folder: Path, extractor, size: int, opset: int, convert_fn) -> onnx.ModelProto:
     """The extractor's ONNX graph from the cache, or converted by `convert_fn(extractor, size, opset)` and cached."""
     key = base_key(extractor, opset)
     folder.mkdir(parents=True, exist_ok=True)
-    if (proto := _read(folder, key)) is not None:
+    if (data := read_verified(folder, key, ".onnx", "converting the base again")) is not None:
         log.info("export: the frozen base's ONNX graph from the cache (%s)", key)
-        return proto
+        return onnx.load_from_string(data)
     proto = convert_fn(extractor, size, opset)
-    data = proto.SerializeToString()
-    with atomic_path(folder / f"{key}-{_sha(data)}.onnx") as tmp:  # two exports converting at once write the same file
-        tmp.write_bytes(data)
+    write_verified(folder, key, ".onnx", proto.SerializeToString())  # two exports converting at once write the same file
     return proto
 
 

@@ -16,7 +16,7 @@ from brainmri.config import Backbone, Params
 from brainmri.core.progress import log
 from brainmri.learn import multiclass
 from brainmri.learn.fitting import class_weights, predict, setting, train_heads
-from brainmri.learn.headfit import HeadJob, HeadResult, scaling, standardise
+from brainmri.learn.headfit import HeadJob, HeadResult, Rows, scaling, standardise
 from brainmri.stats.metrics import point
 
 METRICS = ("auc", "accuracy", "bce")
@@ -76,9 +76,10 @@ def _fold_job(p: Params, bb: Backbone, feats, y, aug_feats, fit_idx, val_idx, se
     from brainmri.learn.models import build_head
 
     with_aug = [i for i in fit_idx if i in aug_feats]  # augmented copies of the images it fits on, only
-    x_fit = np.concatenate([feats[fit_idx], *(aug_feats[i] for i in with_aug)])
+    x_fit = Rows([(feats, fit_idx), *((aug_feats[i], np.arange(len(aug_feats[i]))) for i in with_aug)])  # read when it trains
     y_fit = np.concatenate([y[fit_idx], *(np.full(len(aug_feats[i]), y[i]) for i in with_aug)])
-    head = build_head(feats.shape[1], bb, p.seed, adapt_on=x_fit, init_seed=_fold_seed(seed, k), n_classes=len(p.ingest.classes))
+    k_classes = len(p.ingest.classes)
+    head = build_head(feats.shape[1], bb, p.seed, adapt_on=np.asarray(x_fit), init_seed=_fold_seed(seed, k), n_classes=k_classes)
     stream = int(np.random.SeedSequence([seed, k + 1]).generate_state(1)[0])  # its own shuffle/dropout stream
     cw = class_weights(y_fit, p.train.class_weight, len(p.ingest.classes))
     return HeadJob(head, x_fit, y_fit, feats[val_idx], y[val_idx], cw, stream)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.core.files import atomic_path
+from brainmri.core.files import read_verified, write_verified
 from brainmri.core.progress import log, progress
 from brainmri.intake import preprocess
 from brainmri.intake.preprocess import load_batch
@@ -73,43 +74,106 @@ def architecture(model) -> str:
 
 
 def _read(folder: Path, image_sha: str) -> np.ndarray | None:
-    for entry in folder.glob(f"{image_sha}-*.npy"):
-        data = entry.read_bytes()
-        if entry.stem.endswith(_sha(data)[:16]):
-            return np.load(entry, allow_pickle=False)
-        log.warning("feature cache: %s does not match its hash; recomputing it", entry.name)
-        entry.unlink(missing_ok=True)
-    return None
+    data = read_verified(folder, image_sha, ".npy", "recomputing it")
+    return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _write(folder: Path, image_sha: str, vector: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, vector.astype(np.float32), allow_pickle=False)
-    data = buf.getvalue()
-    with atomic_path(folder / f"{image_sha}-{_sha(data)[:16]}.npy") as tmp:
-        tmp.write_bytes(data)
+    write_verified(folder, image_sha, ".npy", buf.getvalue())
 
 
 def extract(p: Params, key: str, extractor, paths: list[Path], desc: str) -> np.ndarray:
-    """Features for each image in `paths` (n, d), computing only those not yet cached."""
+    """Features for each image in `paths` (n, d), computing only those not yet cached (`compute`, in a worker)."""
+    return extract_parts(p, key, extractor, {desc: paths})[desc]
+
+
+def extract_parts(p: Params, key: str, extractor, parts: dict[str, list[Path]]) -> dict[str, np.ndarray]:
+    """`extract` for several lists of images at once (train, its copies, val): one worker computes what none of
+    them has cached, list by list in the order given, each in the batches it had alone."""
     folder = cache_folder(p, key, extractor)
     folder.mkdir(parents=True, exist_ok=True)
-    shas = [_sha(Path(f).read_bytes()) for f in paths]
+    shas = {desc: [_sha(Path(f).read_bytes()) for f in paths] for desc, paths in parts.items()}
     found: dict[str, np.ndarray] = {}
-    for s in set(shas):
+    todo: dict[str, list[tuple[str, str]]] = {}
+    for desc, paths in parts.items():
+        for s in set(shas[desc]) - set(found):
+            vec = _read(folder, s)
+            if vec is not None:
+                found[s] = vec
+        taken = {s for work in todo.values() for s, _ in work}  # computed for an earlier list: read, not redone
+        todo[desc] = sorted({s: str(f) for s, f in zip(shas[desc], paths, strict=True) if s not in found and s not in taken}.items())
+        if todo[desc]:
+            unique = set(shas[desc])
+            log.info("features %s: computing %d of %d images (%d cached)", desc, len(todo[desc]), len(unique), len(unique & set(found)))
+    if any(todo.values()):
+        compute(extractor, folder, todo, (p.backbones[key].input_size, p.train.feature_batch_size))
+    for s, f in (item for work in todo.values() for item in work):
         vec = _read(folder, s)
-        if vec is not None:
-            found[s] = vec
-    todo = sorted({s: f for s, f in zip(shas, paths, strict=True) if s not in found}.items())
-    size, batch = p.backbones[key].input_size, p.train.feature_batch_size
-    if todo:
-        log.info("features %s: computing %d of %d images (%d cached)", key, len(todo), len(set(shas)), len(found))
-    for i in progress(range(0, len(todo), batch), f"features {desc}", total=-(-len(todo) // batch)):
-        chunk = todo[i : i + batch]
-        out = np.asarray(extractor.predict_on_batch(load_batch([f for _, f in chunk], size)))  # 2x faster than eager
-        for (s, _), vec in zip(chunk, out, strict=True):
-            _write(folder, s, vec)
-            found[s] = vec
-    if not paths:
-        return np.zeros((0, int(extractor.output_shape[-1])), np.float32)
-    return np.stack([found[s] for s in shas]).astype(np.float32)
+        if vec is None:
+            raise RuntimeError(f"features {key}: {f} was computed but its cache entry in {folder} cannot be read")
+        found[s] = vec
+    empty = np.zeros((0, int(extractor.output_shape[-1])), np.float32)
+    return {desc: np.stack([found[s] for s in got]).astype(np.float32) if got else empty for desc, got in shas.items()}
+
+
+def compute(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int]) -> None:
+    """Write the features of `todo` (per list, its (image sha, path) pairs) into the cache `folder`, from a spawned worker process
+    holding a copy of `extractor`: the activations of the forward passes (1.6 GB for ResNet50V2 at 224 px; TensorFlow
+    keeps its pooled memory until the process ends) go back to the OS before the heads train in this process. The
+    worker runs the same graph and weights on the same number of threads, so the features are the same bytes."""
+    import multiprocessing
+    import tempfile
+
+    from brainmri.learn.models import save_model
+
+    with tempfile.TemporaryDirectory(prefix="brainmri-features-") as tmp:
+        model = Path(tmp) / "extractor.keras"
+        save_model(extractor, model)
+        args = (str(model), str(folder), todo, sizes, os.getpid())
+        proc = multiprocessing.get_context("spawn").Process(target=_compute_in_worker, args=args, name="brainmri-features")
+        proc.start()
+        proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"features ({', '.join(todo)}): the feature worker process failed (exit code {proc.exitcode}); see above")
+
+
+def _compute_in_worker(model: str, folder: str, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int], parent: int) -> None:
+    """The worker's side of `compute`: it ends with its parent (a killed stage leaves no process writing on)."""
+    _end_with(parent)
+    import tensorflow as tf
+
+    from brainmri.learn.models import load_model
+
+    tf.config.experimental.enable_op_determinism()  # as the train stage runs (brainmri.learn.fitting.seed_everything)
+    fill(load_model(model), Path(folder), todo, sizes, parent)
+
+
+def fill(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int], parent: int | None = None) -> None:
+    """Compute and cache `todo`'s features with `extractor`, list by list, `sizes` (input size, batch) at a time;
+    stop at once if the process `parent` is no longer this one's parent."""
+    size, batch = sizes
+    for desc, work in todo.items():
+        for i in progress(range(0, len(work), batch), f"features {desc}", total=-(-len(work) // batch)):
+            if parent is not None and os.getppid() != parent:
+                os._exit(1)  # the stage is gone: stop rather than fill its cache alone
+            chunk = work[i : i + batch]
+            out = np.asarray(extractor.predict_on_batch(load_batch([f for _, f in chunk], size)))  # 2x faster than eager
+            for (s, _), vec in zip(chunk, out, strict=True):
+                _write(folder, s, vec)
+
+
+def _end_with(parent: int) -> None:
+    """Ask Linux to kill this process when the thread that started it ends (prctl PR_SET_PDEATHSIG); elsewhere, or
+    if the parent is already gone, the batch loop's parent check stops it. Written by hand: no standard-library call
+    sets it, and a dependency for one system call is not worth it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)

@@ -46,12 +46,30 @@ MAX_GROUP = 32  # heads per compiled run: memory grows with the heads trained to
 # Heads grouped otherwise train in another floating-point order: pooled CV AUCs moved by about 0.001 on the real set
 
 
+class Rows:
+    """Rows of shared feature matrices, gathered only when read (`np.asarray`): the (n, d) array a job trains on.
+
+    A grid's jobs (every point's folds) are made before any trains, and each held its own copy of its training
+    rows: about 10 MB a job for ResNet50V2 with augmented copies, 1 GB for the grid. The gathered rows are the same
+    values, so nothing trained changes."""
+
+    def __init__(self, parts: list[tuple[np.ndarray, np.ndarray]]):
+        self.parts = parts  # (matrix, row indices into it), stacked in this order
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, rows in self.parts)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate([matrix[rows] for matrix, rows in self.parts])
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class HeadJob:
     """One head to train: the Keras head (trained in place), its training and validation data, its random stream."""
 
     head: object  # keras.Model from build_head: [feature_scale,] head_dense, head_dropout, its output layer
-    x_fit: np.ndarray  # (n, d) training features
+    x_fit: np.ndarray | Rows  # (n, d) training features
     y_fit: np.ndarray  # (n,) labels: 0/1 for a sigmoid head, 0..K-1 (label_names order) for a K-class softmax head
     x_val: np.ndarray  # (m, d) validation features, read each epoch (early stopping reads their loss)
     y_val: np.ndarray  # (m,)
@@ -293,15 +311,13 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
 def _row_layout(jobs: list[HeadJob], batch: int) -> tuple[np.ndarray, ...]:
     """The group's feature rows in one pool, and each head's view of it: (x, y, fit_rows, n_fit, weights, val_rows,
     n_val), its training rows padded to whole batches (`weights` 0 past its own count) and its validation rows."""
-    # one pool of feature rows; each head indexes its own (a few MB even for 2048-d features and six heads)
-    x = np.concatenate([a for j in jobs for a in (j.x_fit, j.x_val)]).astype(np.float32)
-    y = np.concatenate([a for j in jobs for a in (j.y_fit, j.y_val)]).astype(np.float32).reshape(-1)
+    blocks = [(a, b) for j in jobs for a, b in ((j.x_fit, j.y_fit), (j.x_val, j.y_val))]
+    x, y, where = _shared_rows(blocks)
     n_fit = np.array([len(j.x_fit) for j in jobs], np.int32)
     n_val = np.array([len(j.x_val) for j in jobs], np.int32)
-    starts = np.cumsum([0] + [len(j.x_fit) + len(j.x_val) for j in jobs])[:-1]
     width = int(-(-n_fit.max() // batch) * batch)  # whole batches; a head's rows past its own count are masked
-    fit_rows = _pad([s0 + np.arange(n) for s0, n in zip(starts, n_fit, strict=True)], width)
-    val_rows = _pad([s0 + f + np.arange(n) for s0, f, n in zip(starts, n_fit, n_val, strict=True)], int(n_val.max()))
+    fit_rows = _pad(where[0::2], width)
+    val_rows = _pad(where[1::2], int(n_val.max()))
     weights = np.zeros((len(jobs), width), np.float32)
     for i, j in enumerate(jobs):
         k = n_softmax(j.head)
@@ -311,6 +327,26 @@ def _row_layout(jobs: list[HeadJob], batch: int) -> tuple[np.ndarray, ...]:
         cw = j.class_weight or {0: 1.0, 1: 1.0}
         weights[i, : n_fit[i]] = np.where(np.asarray(j.y_fit) > 0.5, cw[1], cw[0])
     return x, y, fit_rows, n_fit, weights, val_rows, n_val
+
+
+def _shared_rows(blocks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """One pool of the distinct (feature row, label) pairs of every block, and each block's rows as pool indices.
+
+    A grid's heads are folds and settings over the same images, so most rows recur in every head: pooled once, a
+    group of 32 heads on ResNet50V2's 2048-d features with augmented copies holds about 10 MB of rows, not 340 MB
+    (and TensorFlow's copy of them as much again). Gathering a row from the pool gives the same values as before, so
+    the heads train exactly as they did. Rows are matched by their bytes, hashed by Python's dict: numpy has no
+    row-hash, and np.unique(axis=0) sorts every row, which costs more than hashing them once."""
+    index: dict[bytes, int] = {}
+    where, d = [], 0
+    for x, y in blocks:
+        x32, y32 = np.ascontiguousarray(x, np.float32), np.asarray(y, np.float32).reshape(-1)
+        where.append(np.array([index.setdefault(r.tobytes() + v.tobytes(), len(index)) for r, v in zip(x32, y32, strict=True)], np.int64))
+        d = d or x32.shape[1] * 4
+    keys = list(index)
+    x = np.frombuffer(b"".join(k[:d] for k in keys), np.float32).reshape(len(keys), -1)
+    y = np.frombuffer(b"".join(k[d:] for k in keys), np.float32)
+    return x.copy(), y.copy(), where
 
 
 def _results(jobs: list[HeadJob], out) -> list[HeadResult]:

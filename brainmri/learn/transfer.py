@@ -22,9 +22,8 @@ from brainmri.learn.selection import choose_rule, select
 def train_transfer(p: Params, name: str, net, tr: Part, aug: Part, va: Part, y_fit, fit_args: dict) -> Trained:
     """Features of every image (cached), the head and its CV (`head_and_cv`), then fine-tuning if params ask for it."""
     key = p.models[name].backbone
-    f_tr = features.extract(p, key, net.extractor, tr.paths, f"{key} train")
-    f_aug = features.extract(p, key, net.extractor, aug.paths, f"{key} augmented")
-    f_val = features.extract(p, key, net.extractor, va.paths, f"{key} val")
+    parts = {f"{key} train": tr.paths, f"{key} augmented": aug.paths, f"{key} val": va.paths}
+    f_tr, f_aug, f_val = features.extract_parts(p, key, net.extractor, parts).values()
     split_tr, split_val = net.split(f_tr), net.split(f_val)  # each candidate layer's features
     out = head_and_cv(p, name, net, tr, aug, va, f_tr, f_aug, f_val)
     bb, history = out.bb, out.history
