@@ -56,7 +56,7 @@ def main() -> None:
     y, cw, batch = tr.y, class_weights(tr.y, p.train.class_weight), p.train.batch_size
     t0 = time.perf_counter()
     feats = features.extract(p, spec.backbone, net.extractor, tr.paths, "benchmark")
-    t_cache = time.perf_counter() - t0
+    t_cache = time.perf_counter() - t0  # as the train stage pays it: the feature worker's start (TensorFlow, the extractor's copy) included
     x = load_batch(tr.paths, bb.input_size)
 
     head = build_head(feats.shape[1], bb, p.seed, adapt_on=feats)

@@ -69,8 +69,9 @@ class Progress:
 def to_start(progress: Progress, o: Orchestration) -> list[str]:
     """The stages to start now: upstream done, up to max_workers running, an exclusive stage alone. Other ready stages
     go first: an exclusive stage waits until none is left and nothing runs. Starting nothing while it waited for
-    the running stages left a core idle (the cold run's CPU use was 170%, docs/measurements.md); a timing stage's
-    only downstream is the report, so deferring it costs no other stage its start."""
+    the running stages left a core idle (the cold run's CPU use was 170%, docs/measurements.md). With the default
+    `exclusive` list (benchmark, ensemble) a timing stage's only downstream is the report, so deferring it costs no
+    other stage its start; the timing stages then run one after another at the end."""
     if any(exclusive(s, o) for s in progress.running):
         return []
     ready = [s for s in progress.waiting() if progress.graph[s] <= progress.done.keys()]

@@ -59,6 +59,32 @@ def test_a_training_stage_stops_within_five_seconds_and_leaves_no_temporary_file
     assert temporaries(p.root) == [] and not p.model_file("models", "vgg16-aug", "model").exists()
 
 
+def test_a_stage_stopped_while_its_worker_computes_features_leaves_no_worker_and_no_temporary_file(tmp_path):
+    """The frozen features are computed in a worker process: Ctrl-C while it works stops both (no process writes on
+    into the cache), and neither the extractor's copy nor a half-written entry is left behind."""
+    over = {**tiny_training(size=192, epochs=3), "ingest": {"source": "data/raw/ph"}, "augment": {"copies": 4}}
+    make_project(tmp_path, over, replace={"models": ONE})  # 192 px: long enough a forward pass to be stopped inside
+    p = load_params(tmp_path / "params.yaml")
+    generate(p.resolve("data/raw/ph"), {"yes": True, "no": False}, 16, 4, 64, 96, 0.0)
+    for stage in (ingest, split, augment, materialise_weights):
+        stage(p)
+    cache = p.path("feature_cache")
+    cmd = ["brainmri", "train", "vgg16-aug"]
+    proc = subprocess.Popen(cmd, cwd=p.root, stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own group
+    deadline = time.monotonic() + 180
+    while not list(cache.rglob("*.npy")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker has written its first entries: it is inside its batches
+    assert proc.poll() is None, "the stage ended before its features were cached"
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C on a terminal: to the stage and its worker
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+    written = sorted(cache.rglob("*.npy"))
+    time.sleep(3)
+    assert sorted(cache.rglob("*.npy")) == written  # no orphaned worker fills the cache on
+    assert temporaries(p.root) == [] and not list(cache.rglob(".scratch.*"))
+    assert 0 < len(written) < 16 * 2 * 5  # stopped part-way: some entries, not all
+
+
 def test_a_second_run_of_the_same_stage_is_refused_while_the_first_goes_on(workspace):
     """Two `brainmri ingest` at once: the second deleted the first's temporary folder. Now a second run of a stage
     stops at once, by name, while the first goes on. The first is a training inside its long grid (an ingest of a

@@ -25,18 +25,19 @@ def remove_temporaries() -> None:
         _LIVE.discard(tmp)
 
 
-def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+def _tmp_sibling(path: Path, suffix: str = "", where: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=where or path.parent)
     os.close(fd)
     return Path(name)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary file beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, scratch: Path | None = None):
+    """Yield a temporary file beside `path` (or in the folder `scratch`, on the same file system); rename it onto
+    `path` only if the block succeeds."""
     path = Path(path)
-    tmp = _tmp_sibling(path, path.suffix)
+    tmp = _tmp_sibling(path, path.suffix, scratch)
     _LIVE.add(tmp)
     try:
         yield tmp
@@ -72,6 +73,24 @@ def atomic_dir(path: str | os.PathLike):
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _LIVE.discard(tmp)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path):
+    """Yield an empty folder `parent`/.scratch.PID-random.tmp, removed when the block ends or by
+    `remove_temporaries` on an interrupt; leftovers of killed processes are removed first. For files a worker
+    process writes on this process's behalf: removing the folder removes them, whatever the worker was doing."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(".scratch.*.tmp"):
+        if stale.is_dir() and not _writer_alive(stale.name[len(".scratch.") :]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".scratch.{os.getpid()}-", suffix=".tmp", dir=parent))
+    _LIVE.add(tmp)
+    try:
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _LIVE.discard(tmp)
@@ -161,10 +180,11 @@ def write_npz(path: str | os.PathLike, **arrays) -> None:
             z.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(), zipfile.ZIP_DEFLATED)
 
 
-def write_verified(folder: Path, key: str, suffix: str, data: bytes) -> None:
+def write_verified(folder: Path, key: str, suffix: str, data: bytes, scratch: Path | None = None) -> None:
     """Write `data` atomically as `folder`/<key>-<first 16 hex digits of its sha256><suffix>: an entry of a
-    content-addressed cache (features, ONNX bases) that `read_verified` checks against its own name."""
-    with atomic_path(folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}") as tmp:
+    content-addressed cache (features, ONNX bases) that `read_verified` checks against its own name; the temporary
+    file in `scratch` when given (`atomic_path`)."""
+    with atomic_path(folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}", scratch) as tmp:
         tmp.write_bytes(data)
 
 

@@ -71,9 +71,11 @@ def run_interruptible(fn: Callable[[], object]) -> object:
 
 def stop_now(code: int = INTERRUPTED) -> None:
     """Remove temporaries, kill child processes, say so in one line, and end the process at once."""
-    remove_temporaries()
     for child in multiprocessing.active_children():
         child.kill()
+    for child in multiprocessing.active_children():
+        child.join(1)  # gone before its files are removed: a worker writing into this process's scratch folder
+    remove_temporaries()
     print("brainmri: interrupted; temporary files removed, outputs already in place left untouched", file=sys.stderr, flush=True)
     os._exit(code)
 

@@ -81,7 +81,7 @@ def _fold_job(p: Params, bb: Backbone, feats, y, aug_feats, fit_idx, val_idx, se
     k_classes = len(p.ingest.classes)
     head = build_head(feats.shape[1], bb, p.seed, adapt_on=np.asarray(x_fit), init_seed=_fold_seed(seed, k), n_classes=k_classes)
     stream = int(np.random.SeedSequence([seed, k + 1]).generate_state(1)[0])  # its own shuffle/dropout stream
-    cw = class_weights(y_fit, p.train.class_weight, len(p.ingest.classes))
+    cw = class_weights(y_fit, p.train.class_weight, k_classes)
     return HeadJob(head, x_fit, y_fit, feats[val_idx], y[val_idx], cw, stream)
 
 

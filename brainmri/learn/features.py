@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.config import Params
-from brainmri.core.files import read_verified, write_verified
+from brainmri.core.files import read_verified, scratch_dir, write_verified
 from brainmri.core.progress import log, progress
 from brainmri.intake import preprocess
 from brainmri.intake.preprocess import load_batch
@@ -78,10 +78,10 @@ def _read(folder: Path, image_sha: str) -> np.ndarray | None:
     return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _write(folder: Path, image_sha: str, vector: np.ndarray) -> None:
+def _write(folder: Path, image_sha: str, vector: np.ndarray, scratch: Path | None = None) -> None:
     buf = io.BytesIO()
     np.save(buf, vector.astype(np.float32), allow_pickle=False)
-    write_verified(folder, image_sha, ".npy", buf.getvalue())
+    write_verified(folder, image_sha, ".npy", buf.getvalue(), scratch)
 
 
 def extract(p: Params, key: str, extractor, paths: list[Path], desc: str) -> np.ndarray:
@@ -106,7 +106,15 @@ def extract_parts(p: Params, key: str, extractor, parts: dict[str, list[Path]]) 
         todo[desc] = sorted({s: str(f) for s, f in zip(shas[desc], paths, strict=True) if s not in found and s not in taken}.items())
         if todo[desc]:
             unique = set(shas[desc])
-            log.info("features %s: computing %d of %d images (%d cached)", desc, len(todo[desc]), len(unique), len(unique & set(found)))
+            cached, earlier = len(unique & set(found)), len(unique & taken)
+            log.info(
+                "features %s: computing %d of %d images (%d cached, %d with an earlier list)",
+                desc,
+                len(todo[desc]),
+                len(unique),
+                cached,
+                earlier,
+            )
     if any(todo.values()):
         compute(extractor, folder, todo, (p.backbones[key].input_size, p.train.feature_batch_size))
     for s, f in (item for work in todo.values() for item in work):
@@ -119,40 +127,50 @@ def extract_parts(p: Params, key: str, extractor, parts: dict[str, list[Path]]) 
 
 
 def compute(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int]) -> None:
-    """Write the features of `todo` (per list, its (image sha, path) pairs) into the cache `folder`, from a spawned worker process
-    holding a copy of `extractor`: the activations of the forward passes (1.6 GB for ResNet50V2 at 224 px; TensorFlow
-    keeps its pooled memory until the process ends) go back to the OS before the heads train in this process. The
-    worker runs the same graph and weights on the same number of threads, so the features are the same bytes."""
+    """Write the features of `todo` (per list, its (image sha, path) pairs) into the cache `folder`, from a spawned
+    worker process holding a copy of `extractor`: the activations of the forward passes (1.6 GB for ResNet50V2 at
+    224 px; TensorFlow keeps its pooled memory until the process ends) go back to the OS before the heads train in
+    this process. The worker runs the same graph and weights on the same number of threads, so the features are the
+    same bytes. The copy and the worker's unfinished files live in a scratch folder of this process, which an
+    interrupt removes (brainmri.core.running.stop_now kills the worker, then removes this process's temporaries)."""
     import multiprocessing
-    import tempfile
 
     from brainmri.learn.models import save_model
 
-    with tempfile.TemporaryDirectory(prefix="brainmri-features-") as tmp:
-        model = Path(tmp) / "extractor.keras"
+    with scratch_dir(folder) as scratch:
+        model = scratch / "extractor.keras"
         save_model(extractor, model)
-        args = (str(model), str(folder), todo, sizes, os.getpid())
+        args = (str(model), str(folder), todo, sizes, os.getpid(), str(scratch))
         proc = multiprocessing.get_context("spawn").Process(target=_compute_in_worker, args=args, name="brainmri-features")
         proc.start()
-        proc.join()
+        try:
+            proc.join()
+        except BaseException:  # interrupted while waiting (outside brainmri.core.running.run_interruptible): no orphan
+            proc.kill()
+            proc.join()
+            raise
     if proc.exitcode != 0:
         raise RuntimeError(f"features ({', '.join(todo)}): the feature worker process failed (exit code {proc.exitcode}); see above")
 
 
-def _compute_in_worker(model: str, folder: str, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int], parent: int) -> None:
-    """The worker's side of `compute`: it ends with its parent (a killed stage leaves no process writing on)."""
+def _compute_in_worker(model: str, folder: str, todo: dict, sizes: tuple[int, int], parent: int, scratch: str) -> None:
+    """The worker's side of `compute`: it ends with its parent (a killed stage leaves no process writing on) and
+    leaves Ctrl-C to it (the stage stops the worker and says so in one line; no second traceback from here)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with(parent)
     import tensorflow as tf
 
     from brainmri.learn.models import load_model
 
     tf.config.experimental.enable_op_determinism()  # as the train stage runs (brainmri.learn.fitting.seed_everything)
-    fill(load_model(model), Path(folder), todo, sizes, parent)
+    fill(load_model(model), Path(folder), todo, sizes, parent, Path(scratch))
 
 
-def fill(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int], parent: int | None = None) -> None:
+def fill(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int], parent=None, scratch=None) -> None:
     """Compute and cache `todo`'s features with `extractor`, list by list, `sizes` (input size, batch) at a time;
-    stop at once if the process `parent` is no longer this one's parent."""
+    stop at once if the process `parent` is no longer this one's parent; unfinished files in `scratch`."""
     size, batch = sizes
     for desc, work in todo.items():
         for i in progress(range(0, len(work), batch), f"features {desc}", total=-(-len(work) // batch)):
@@ -161,7 +179,7 @@ def fill(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes:
             chunk = work[i : i + batch]
             out = np.asarray(extractor.predict_on_batch(load_batch([f for _, f in chunk], size)))  # 2x faster than eager
             for (s, _), vec in zip(chunk, out, strict=True):
-                _write(folder, s, vec)
+                _write(folder, s, vec, scratch)
 
 
 def _end_with(parent: int) -> None:

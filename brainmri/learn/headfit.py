@@ -60,6 +60,8 @@ class Rows:
         return sum(len(rows) for _, rows in self.parts)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("Rows are gathered on every read: an array of them is always a copy")
         out = np.concatenate([matrix[rows] for matrix, rows in self.parts])
         return out if dtype is None else out.astype(dtype)
 
@@ -166,7 +168,7 @@ def is_linear(head) -> bool:
     return "head_dense" not in [layer.name for layer in head.layers]
 
 
-def scaling(x_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def scaling(x_fit: np.ndarray | Rows) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and variance of `x_fit`, computed in float64 and kept in float32, as a linear head's
     Normalization layer holds them (keras's own adapt sums in float32: on nearly constant features, such as many of
     the real set's ResNet50V2 features, its variance and scikit-learn's differ, and so did the regressions fitted on
@@ -185,7 +187,7 @@ def standardise(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return ((x - mean) / np.maximum(np.sqrt(var), np.float32(keras.backend.epsilon()))).astype(np.float64)
 
 
-def _set_scaling(head, x_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _set_scaling(head, x_fit: np.ndarray | Rows) -> tuple[np.ndarray, np.ndarray]:
     """`scaling` of `x_fit` written into the head's Normalization layer; returns it."""
     mean, var = scaling(x_fit)
     norm = head.get_layer("feature_scale")
