@@ -57,13 +57,7 @@ def atomic_dir(path: str | os.PathLike):
     (its pid is in the name): a second `brainmri ingest` deleted the first's folder while it was being written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if stale.is_dir() and stale.suffix in (".tmp", ".old") and not _writer_alive(stale.name[len(path.name) + 2 :]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
-    _LIVE.add(tmp)
-    try:
+    with _owned_dir(path.parent, f".{path.name}.", (".tmp", ".old")) as tmp:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
@@ -73,21 +67,24 @@ def atomic_dir(path: str | os.PathLike):
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _LIVE.discard(tmp)
+
+
+def scratch_dir(parent: Path):
+    """An empty folder `parent`/.scratch.PID-random.tmp for the block (`_owned_dir`): for files a worker process
+    writes on this process's behalf, which removing the folder removes, whatever the worker was doing."""
+    return _owned_dir(parent, ".scratch.")
 
 
 @contextlib.contextmanager
-def scratch_dir(parent: Path):
-    """Yield an empty folder `parent`/.scratch.PID-random.tmp, removed when the block ends or by
-    `remove_temporaries` on an interrupt; leftovers of killed processes are removed first. For files a worker
-    process writes on this process's behalf: removing the folder removes them, whatever the worker was doing."""
+def _owned_dir(parent: Path, prefix: str, leftovers: tuple[str, ...] = (".tmp",)):
+    """Yield an empty folder `parent`/PREFIX.PID-random.tmp, removed when the block ends or by `remove_temporaries`
+    on an interrupt. Folders of that prefix (and a suffix in `leftovers`) that a killed process left are removed
+    first, never one whose process still runs (its pid is in the name)."""
     parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(".scratch.*.tmp"):
-        if stale.is_dir() and not _writer_alive(stale.name[len(".scratch.") :]):
+    for stale in parent.glob(f"{glob.escape(prefix)}*"):
+        if stale.is_dir() and stale.suffix in leftovers and not _writer_alive(stale.name[len(prefix) :]):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".scratch.{os.getpid()}-", suffix=".tmp", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=parent))
     _LIVE.add(tmp)
     try:
         yield tmp
