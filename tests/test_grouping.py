@@ -97,3 +97,37 @@ def _inside_raw(x: np.ndarray) -> np.ndarray:
     from brainmri.intake.decode import BACKGROUND
 
     return gaussian_filter(x, 1) > max(BACKGROUND, 0.25 * float(np.percentile(x, 95)))
+
+
+def test_the_screens_trims_are_the_rules_trims_projected():
+    """grouping._transformed (made from shared factors, never the thumbnails) against each trim made as the rules make
+    it (`duplicates._thumbs`, unit, then projected): equal to float32 rounding, flat and near-flat views included."""
+    from brainmri.intake.duplicates import _thumbs, trims
+    from brainmri.intake.grouping import _projected_units, _transformed
+
+    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(_set(4, seed=4))]
+    views = np.stack([p.views[v] for p in prints for v in range(3)])
+    edge = np.zeros((64, 64), np.float32)
+    edge[:, :6] = 200.0  # flat once the left 10% or more is trimmed off: the rules' flat rows
+    views = np.concatenate([views, np.full((1, 64, 64), 90.0, np.float32), edge[None]])
+    grid = tuple(trims()[::7])
+    made = _transformed(views, grid)
+    for k, trim in enumerate(grid):
+        ref = _projected_units(_thumbs(views, trim))
+        assert np.array_equal(np.isnan(made[:, k]), np.isnan(ref)), trim
+        assert np.allclose(np.nan_to_num(made[:, k]), np.nan_to_num(ref), atol=2e-6), trim
+    assert np.isnan(made[-2]).all() and np.isnan(made[-1]).any() and not np.isnan(made[-1]).all()
+
+
+def test_inner_correlations_are_inner_correlation_row_by_row():
+    """The verdicts' batched inside test gives each pair what inner_correlation gives it, small insides (-1) included."""
+    from brainmri.intake.duplicates import inner_correlations
+
+    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(_set(6, seed=7))]
+    views = np.stack([p.views[v] for p in prints for v in range(3)] + [np.zeros((64, 64), np.float32)])
+    insides = np.stack([inside(x) for x in views])
+    refs = []
+    for b in views[::4]:
+        refs.append(np.array([inner_correlation(a, b) for a in views]))
+        assert np.allclose(inner_correlations(views, b, insides, inside(b)), refs[-1], rtol=0, atol=1e-12)
+    assert (np.concatenate(refs) == -1).any() and (np.concatenate(refs) > 0.5).any()  # both kinds of answer compared

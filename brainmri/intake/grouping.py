@@ -40,7 +40,7 @@ from brainmri.intake.duplicates import (
     _unit,
     close_view,
     components,
-    inner_correlation,
+    inner_correlations,
     inside,
     trimmed,
     trims,
@@ -52,6 +52,7 @@ K = 12
 SLACK = 1e-3  # added to the squared radius: float32 rounding in the screen must not drop a pair the rules join
 I_CHUNK = 512  # query images per block product: with J_CHUNK x the trims, a few hundred MB at most
 J_CHUNK = 64  # transformed images per block
+FAR = 1e30  # a squared distance no radius reaches (float32 holds it): flat rows and transforms not allowed
 MERGE_EVERY = 4_000_000  # pairs found before they are merged with those kept: bounds the screen's memory
 
 
@@ -116,7 +117,7 @@ def _screened(prints: list[Fingerprint], radius2: float):
     small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
     wholes = []
     for v in range(3):
-        views = np.stack([p.views[v] for p in prints])
+        views = np.stack([p.views[v] for p in prints]).astype(np.float32)
         whole = _projected_units(_thumbs(views))
         wholes.append(whole)
         cuts = np.stack([p.cuts[v] for p in prints])
@@ -129,61 +130,101 @@ def _screened(prints: list[Fingerprint], radius2: float):
                 hits = _within(whole[rows], _transformed(views[j : j + J_CHUNK], crop), radius2, j, allowed[rows])
                 yield np.stack([rows[hits[:, 0]], hits[:, 1]], 1)
     for j in range(0, len(prints), J_CHUNK):
-        block = np.stack([p.turned for p in prints[j : j + J_CHUNK]])  # (images, turns, VIEW, VIEW): turned head regions
+        block = np.stack([p.turned for p in prints[j : j + J_CHUNK]]).astype(np.float32)  # (images, turns, VIEW, VIEW): turned head regions
         parts = _projected_units(_thumbs(block.reshape(-1, *block.shape[2:]))).reshape(len(block), len(TURNS), -1)
         yield _within(wholes[0], parts, radius2, j)  # turned head regions against view 0, as the close rule
 
 
 def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
     """(images, trims, K²): each view trimmed by each of grid (as the rules trim it: `duplicates._thumbs`), unit,
-    projected. Trims sharing their left/right cut share one product, and each product spans the whole block."""
-    b, side = len(views), views.shape[-1]
-    out = np.empty((b, len(grid), K * K), np.float32)
-    by_cols: dict[tuple[float, float], list[int]] = {}
-    for k, (_, _, left, right) in enumerate(grid):
-        by_cols.setdefault((left, right), []).append(k)
-    for (left, right), ks in by_cols.items():
-        a = (views.reshape(-1, side) @ _shrink(left, 1 - right).T).reshape(b, side, -1)  # (images, VIEW, THUMB)
-        rows = np.concatenate([_shrink(grid[k][0], 1 - grid[k][1]) for k in ks])  # (trims x THUMB, VIEW)
-        x = rows @ a.transpose(1, 0, 2).reshape(side, -1)  # (trims x THUMB, images x THUMB)
-        x = x.reshape(len(ks), -1, b, x.shape[-1] // b).transpose(2, 0, 1, 3)  # (images, trims, THUMB, THUMB)
-        out[:, ks] = _unit_projected(x.reshape(b * len(ks), -1)).reshape(b, len(ks), -1)
+    projected, without making the trimmed thumbnails. A trim is S_r V S_cᵀ (row and column area-shrink matrices), so
+    its low frequencies are (D S_r)(V S_cᵀ Dᵀ): the right factor is shared by every trim with that column cut. Its mean
+    and energy, for the unit scaling, come from the same shared factor (`_Trims`). Each view's own mean is taken off
+    first: every trim of it shifts by that constant (the shrink rows sum to 1), which leaves the unit thumbnail as it
+    is and the energies far from float32's cancellation."""
+    b, side, alg = len(views), views.shape[-1], _Trims.of(grid)
+    level = views.mean((1, 2), dtype=np.float64)
+    centred = (views - level.astype(np.float32)[:, None, None]).reshape(b * side, side)
+    y = (centred @ alg.cols).reshape(b, side, -1, THUMB)  # (images, VIEW rows, column cuts, THUMB): V S_cᵀ for each
+    z = (y.reshape(-1, THUMB) @ _dct_rows().T).reshape(b, side, -1, K)  # (images, VIEW rows, column cuts, K)
+    out = np.empty((b, len(grid), K, K), np.float32)
+    for c, (ts, lows) in enumerate(alg.by_col):
+        out[:, ts] = (lows @ z[:, :, c]).reshape(b, len(ts), K, K).transpose(0, 1, 3, 2)  # `project`'s layout
+    gram = np.zeros((b, y.shape[2], alg.band + 1, side), np.float64)  # Y_c Y_cᵀ's band: all S_rᵀS_r reaches
+    for d in range(alg.band + 1):
+        gram[:, :, d, : side - d] = np.einsum("bjck,bjck->bcj", y[:, : side - d], y[:, d:])
+    energy = (gram.reshape(b, y.shape[2], -1) @ alg.energy)[:, alg.col_of, alg.row_of]  # ||S_r Y_c||², (images, trims)
+    row_means = (centred.astype(np.float64) @ alg.col_means).reshape(b, side, -1).transpose(0, 2, 1)  # Y_c's, (images, cuts, VIEW)
+    mean = (row_means @ alg.mean)[:, alg.col_of, alg.row_of]
+    norm = np.sqrt(np.maximum(energy - THUMB * THUMB * mean**2, 0.0))
+    out[:, :, 0, 0] = 0.0  # the constant part: what taking off the mean removes
+    out /= np.where(norm > 0, norm, 1.0)[:, :, None, None].astype(np.float32)
+    out = out.reshape(b, len(grid), K * K)
+    near_flat = norm <= 4e-3 * (np.abs(mean + level[:, None]) + 1) * THUMB  # 4x `_unit`'s bar: rounding cannot matter
+    for i, t in zip(*np.nonzero(near_flat), strict=True):  # rare: made as `_unit` makes them, flat ones left out
+        top, bottom, left, right = grid[t]
+        x = (_shrink(top, 1 - bottom) @ views[i] @ _shrink(left, 1 - right).T).reshape(1, -1)
+        out[i, t] = _projected_units(_unit(x))[0]
     return out
 
 
-def _unit_projected(x: np.ndarray) -> np.ndarray:
-    """project(duplicates._unit(x)), without making the unit rows: the constant part of a row is its first DCT
-    coefficient alone, and its norm is what remains of the row's energy. Rows `_unit` may call flat go through it
-    (`_projected_units`)."""
-    low = project(x)
-    total = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-    mean = x.mean(1, dtype=np.float64)
-    norm = np.sqrt(np.maximum(total - x.shape[1] * mean**2, 0.0))
-    low[:, 0] = 0.0
-    near_flat = norm <= 4e-3 * (np.abs(mean) + 1) * np.sqrt(x.shape[1])  # 4x `_unit`'s bar: rounding cannot matter
-    low /= np.where(near_flat, 1.0, norm)[:, None].astype(np.float32)
-    if near_flat.any():
-        low[near_flat] = _projected_units(_unit(x[near_flat].copy()))
-    return low
+class _Trims:
+    """What `_transformed` needs of a grid of trims, made once: its distinct column cuts (their shrink matrices side by
+    side), and for each the trims using it with their D S_r stacked; per distinct row cut, the weights giving a trim's
+    mean from Y_c's row means, and S_rᵀS_r's diagonals (banded: a shrunk pixel covers at most 3 view pixels) giving its
+    energy from Y_c Y_cᵀ's."""
+
+    @staticmethod
+    @cache
+    def of(grid: tuple) -> _Trims:
+        return _Trims(grid)
+
+    def __init__(self, grid: tuple):
+        cols, rows = list(dict.fromkeys((t[2], t[3]) for t in grid)), list(dict.fromkeys((t[0], t[1]) for t in grid))
+        self.col_of = np.array([cols.index((t[2], t[3])) for t in grid])
+        self.row_of = np.array([rows.index((t[0], t[1])) for t in grid])
+        self.cols = np.concatenate([_shrink(lo, 1 - hi).T for lo, hi in cols], axis=1)  # (VIEW, cuts x THUMB)
+        self.col_means = np.stack([_shrink(lo, 1 - hi).astype(np.float64).mean(0) for lo, hi in cols], axis=1)  # (VIEW, cuts)
+        shrinks = [_shrink(lo, 1 - hi).astype(np.float64) for lo, hi in rows]
+        self.by_col = []
+        for c in range(len(cols)):
+            ts = np.nonzero(self.col_of == c)[0]
+            self.by_col.append((ts, np.concatenate([_dct_rows() @ shrinks[self.row_of[t]] for t in ts]).astype(np.float32)))
+        self.mean = np.stack([s.mean(0) for s in shrinks], axis=1)  # (VIEW, row cuts)
+        grams = [s.T @ s for s in shrinks]
+        side = len(grams[0])
+        self.band = max(int(np.abs(np.subtract(*np.nonzero(g))).max()) for g in grams)
+        self.energy = np.stack(
+            [np.concatenate([np.pad(np.diagonal(g, d) * (1 if d == 0 else 2), (0, d)) for d in range(self.band + 1)]) for g in grams],
+            axis=1,
+        )  # ((band + 1) x VIEW, row cuts)
+        assert self.energy.shape[0] == (self.band + 1) * side
 
 
 def _within(whole: np.ndarray, parts: np.ndarray, radius2: float, offset: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """(query row, offset + part image) for every query whose projected whole view lies within radius2 of one of the
-    part image's transforms (those `allowed` for the query, when given)."""
-    flat = parts.reshape(-1, parts.shape[-1])
-    w2, p2 = (whole**2).sum(1), (flat**2).sum(1)
+    part image's transforms (those `allowed` for the query, when given). NaN rows (flat thumbnails) reach nothing."""
+    q, f = _lifted(whole, query=True), _lifted(parts.reshape(-1, parts.shape[-1]), query=False)
+    b, t = parts.shape[:2]
     out = []
     for i in range(0, len(whole), I_CHUNK):
-        d2 = whole[i : i + I_CHUNK] @ flat.T  # then, in place: ||w||² + ||p||² - 2 w.p (one block-sized array)
-        d2 *= -2
-        d2 += w2[i : i + I_CHUNK, None]
-        d2 += p2[None]
-        hit = (d2 <= radius2).reshape(len(d2), *parts.shape[:2])
+        closeness = (q[i : i + I_CHUNK] @ f.T).reshape(-1, b, t)  # -||w - p||², in one product
         if allowed is not None:
-            hit &= allowed[i : i + I_CHUNK, None, :]
-        a, b = np.nonzero(hit.any(2))
-        out.append(np.stack([a + i, b + offset], 1))
+            closeness += np.where(allowed[i : i + I_CHUNK], 0.0, -FAR).astype(np.float32)[:, None, :]
+        a, c = np.nonzero(closeness.max(2) >= -radius2)
+        out.append(np.stack([a + i, c + offset], 1))
     return np.concatenate(out)
+
+
+def _lifted(x: np.ndarray, query: bool) -> np.ndarray:
+    """Rows lifted so that one product gives -||w - p||²: [2w, -||w||², -1] . [p, 1, ||p||²]. The blocks of the screen
+    are far larger than its inputs, so the norms are added here once, not in three passes over every block. A NaN
+    row becomes one at distance FAR from everything, as a NaN compared false before."""
+    flat = np.isnan(x).any(1)
+    x = np.where(flat[:, None], 0.0, x).astype(np.float32)
+    norm2 = np.where(flat, FAR, (x.astype(np.float64) ** 2).sum(1)).astype(np.float32)[:, None]
+    ones = np.ones((len(x), 1), np.float32)
+    return np.hstack([2 * x, -norm2, -ones]) if query else np.hstack([x, ones, norm2])
 
 
 def _distinct(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
@@ -270,10 +311,14 @@ class _Wholes:
         kept = np.unique(images)
         self.row[kept] = np.arange(len(kept))
         chunks = [kept[s : s + 1024] for s in range(0, len(kept), 1024)]  # bounded temporaries
-        self.thumbs = [np.concatenate([_thumbs(np.stack([prints[i].views[v] for i in c])) for c in chunks]) for v in range(3)]
+        self.thumbs = [np.concatenate([_thumbs(self._stacked(prints, c, v)) for c in chunks]) for v in range(3)]
 
     def __call__(self, images: np.ndarray, v: int) -> np.ndarray:
         return self.thumbs[v][self.row[images]]
+
+    @staticmethod
+    def _stacked(prints: list[Fingerprint], images: np.ndarray, v: int) -> np.ndarray:
+        return np.stack([prints[i].views[v] for i in images]).astype(np.float32)
 
 
 def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes) -> np.ndarray:
@@ -300,14 +345,15 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, whol
             rows, firsts = ks[firsts_cut], firsts[firsts_cut]
             applies = applies_to[pattern[v][firsts]]
             need = np.nonzero(applies.any(0))[0]
-            c = np.where(applies[:, need], wholes(firsts, v) @ trimmed(prints[j].views[v], tuple(grid[t] for t in need)).T, -1.0)
+            c = np.where(applies[:, need], wholes(firsts, v) @ trimmed(prints[j].view(v), tuple(grid[t] for t in need)).T, -1.0)
             out[rows] |= c.max(1) >= bar
     return out
 
 
 def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes) -> np.ndarray:
     """Per ordered pair (a, b): `close_similarity`'s best [a, b] (the first transform reaching it, as there) at `bar`,
-    and the heads' insides there at MIN_INNER (`duplicates.joined`). Each image's inside masks are made once."""
+    and the heads' insides there at MIN_INNER (`duplicates.joined`). Each image's inside masks are made once, and
+    every first reaching `bar` through one transform of b is judged against it at once."""
     grid = _transforms()
     small = [tuple(t for w, t in grid if w == v) for v in range(3)]
     out = np.zeros(len(ordered), bool)
@@ -315,20 +361,19 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
     for j, ks in _by_second(ordered).items():
         firsts = ordered[ks, 0]
         c = np.concatenate(
-            [wholes(firsts, v) @ trimmed(prints[j].views[v], small[v]).T for v in range(3)]
-            + [wholes(firsts, 0) @ _thumbs(prints[j].turned).T],
+            [wholes(firsts, v) @ trimmed(prints[j].view(v), small[v]).T for v in range(3)]
+            + [wholes(firsts, 0) @ _thumbs(prints[j].turned.astype(np.float32)).T],
             axis=1,
         )
         best = c.argmax(1)  # the first transform reaching the best, as close_similarity's strict ">" keeps it
-        seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # j's view under each transform, and its inside
-        for r, (k, i, t) in enumerate(zip(ks, firsts, best, strict=True)):
-            if c[r, t] < bar:
-                continue
-            v = max(grid[t][0], 0)
-            if (i, v) not in insides:
-                insides[i, v] = inside(prints[i].views[v])
-            if t not in seen:
-                b = close_view(prints[j], grid[t])
-                seen[t] = (b, inside(b))
-            out[k] = inner_correlation(prints[i].views[v], seen[t][0], insides[i, v], seen[t][1]) >= MIN_INNER
+        reach = c[np.arange(len(ks)), best] >= bar
+        for t in np.unique(best[reach]):
+            rows = np.nonzero(reach & (best == t))[0]
+            v, seen = max(grid[t][0], 0), close_view(prints[j], grid[t])
+            for i in firsts[rows]:
+                if (i, v) not in insides:
+                    insides[i, v] = inside(prints[i].views[v])
+            a = np.stack([prints[i].views[v] for i in firsts[rows]])
+            inner = inner_correlations(a, seen, np.stack([insides[i, v] for i in firsts[rows]]), inside(seen))
+            out[ks[rows]] = inner >= MIN_INNER
     return out
