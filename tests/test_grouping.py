@@ -131,15 +131,3 @@ def test_inner_correlations_are_inner_correlation_row_by_row():
         refs.append(np.array([inner_correlation(a, b) for a in views]))
         assert np.allclose(inner_correlations(views, b, insides, inside(b)), refs[-1], rtol=0, atol=1e-12)
     assert (np.concatenate(refs) == -1).any() and (np.concatenate(refs) > 0.5).any()  # both kinds of answer compared
-
-
-def test_verdicts_judged_in_small_chunks_are_those_of_one_call(monkeypatch):
-    """judged() splits the candidates into chunks (bounded memory) sharing the inside masks: the same answers."""
-    from brainmri.intake import grouping
-
-    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(_set(6, seed=9))]
-    n = len(prints)
-    pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n)], np.int32)
-    whole = verdicts(prints, pairs, *RULES)
-    monkeypatch.setattr(grouping, "VERDICT_CHUNK", 7)
-    assert whole.any() and np.array_equal(grouping.judged(prints, pairs, *RULES), whole)

@@ -53,7 +53,6 @@ SLACK = 1e-3  # added to the squared radius: float32 rounding in the screen must
 I_CHUNK = 512  # query images per block product: with J_CHUNK x the trims, a few hundred MB at most
 J_CHUNK = 64  # transformed images per block
 FAR = 1e30  # a squared distance no radius reaches (float32 holds it): flat rows and transforms not allowed
-VERDICT_CHUNK = 1 << 20  # candidate pairs judged at a time: their index arrays (both ways) stay near 100 MB
 MERGE_EVERY = 4_000_000  # pairs found before they are merged with those kept: bounds the screen's memory
 
 
@@ -85,7 +84,7 @@ def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float 
     """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring)."""
     n = len(prints)
     if n < 2:
-        return np.zeros((0, 2), np.int32)
+        return np.zeros((0, 2), np.int64)
     found = _hash_close(prints, max_distance)
     if min_partial is not None:
         found = itertools.chain(found, _screened(prints, 2 * (1 - min_partial) + SLACK))
@@ -97,7 +96,7 @@ def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float 
         if size > MERGE_EVERY:
             keys, pending, size = np.unique(np.concatenate([keys, *pending])), [], 0
     keys = np.unique(np.concatenate([keys, *pending]))
-    return np.stack([keys // n, keys % n], 1).astype(np.int32)  # half the memory of int64: a million pairs are 8 MB
+    return np.stack([keys // n, keys % n], 1)
 
 
 def _hash_close(prints: list[Fingerprint], max_distance: int):
@@ -242,19 +241,7 @@ def _links(prints: list[Fingerprint], max_distance: int, min_correlation: float,
     first, of = _distinct(prints)
     distinct = [prints[i] for i in first]
     cand = candidates(distinct, max_distance, min_partial)
-    return first, of, cand[judged(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
-
-
-def judged(prints: list[Fingerprint], pairs: np.ndarray, *rules) -> np.ndarray:
-    """`verdicts` of every pair, VERDICT_CHUNK pairs at a time in the order of their second image, with each view's
-    inside mask made once for all: a verdict is a function of its pair, so the answers are those of one call, and the
-    verdicts' index arrays grow with the chunk, not with the candidates (1.2 million among 3,000 smooth phantoms)."""
-    order = np.argsort(pairs[:, 1], kind="stable")
-    out, insides = np.zeros(len(pairs), bool), {}
-    for s in range(0, len(order), VERDICT_CHUNK):
-        k = order[s : s + VERDICT_CHUNK]
-        out[k] = verdicts(prints, pairs[k], *rules, insides)
-    return out
+    return first, of, cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
 
 
 def joined_pairs(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:
@@ -278,16 +265,10 @@ def group_ids(
 
 
 def verdicts(
-    prints: list[Fingerprint],
-    pairs: np.ndarray,
-    max_distance: int,
-    min_correlation: float,
-    min_partial: float | None,
-    insides: dict | None = None,
+    prints: list[Fingerprint], pairs: np.ndarray, max_distance: int, min_correlation: float, min_partial: float | None
 ) -> np.ndarray:
     """`duplicates.joined`'s verdict for each pair (i, j), computed from the pair alone: equal bytes, the whole-head
-    rule, the crop rule either way, or the close rule either way (cheapest first; only pairs still apart go on).
-    `insides`: the views' inside masks made so far (`judged` shares them between its calls)."""
+    rule, the crop rule either way, or the close rule either way (cheapest first; only pairs still apart go on)."""
     a, b = pairs[:, 0], pairs[:, 1]
     files, hashes = _distinct(prints)[1], np.stack([p.phash for p in prints])
     ok = files[a] == files[b]  # equal bytes
@@ -304,7 +285,7 @@ def verdicts(
         ok[k] = np.einsum("ij,ij->i", thumbs[row[a[k]]], thumbs[row[b[k]]]) >= min_correlation
     if min_partial is None or ok.all():
         return ok
-    wholes = _Wholes(prints, pairs[~ok].ravel(), {} if insides is None else insides)  # what both rules compare, made once
+    wholes = _Wholes(prints, pairs[~ok].ravel())  # the unit views both rules compare, made once
     for rule in (_crop_joins, _close_joins):
         todo = np.nonzero(~ok)[0]
         if not len(todo):
@@ -323,11 +304,9 @@ def _by_second(ordered: np.ndarray) -> dict[int, np.ndarray]:
 
 
 class _Wholes:
-    """The three views of the images in `images`, as unit thumbnails (`duplicates._thumbs`), and their inside masks
-    (`duplicates.inside`, kept in `insides` as they are asked for), made once each."""
+    """The three views of the images in `images`, as unit thumbnails (`duplicates._thumbs`), made once each."""
 
-    def __init__(self, prints: list[Fingerprint], images: np.ndarray, insides: dict):
-        self.prints, self.insides = prints, insides
+    def __init__(self, prints: list[Fingerprint], images: np.ndarray):
         self.row = np.full(len(prints), -1)
         kept = np.unique(images)
         self.row[kept] = np.arange(len(kept))
@@ -336,11 +315,6 @@ class _Wholes:
 
     def __call__(self, images: np.ndarray, v: int) -> np.ndarray:
         return self.thumbs[v][self.row[images]]
-
-    def inside(self, i: int, v: int) -> np.ndarray:
-        if (i, v) not in self.insides:
-            self.insides[i, v] = inside(self.prints[i].views[v])
-        return self.insides[i, v]
 
     @staticmethod
     def _stacked(prints: list[Fingerprint], images: np.ndarray, v: int) -> np.ndarray:
@@ -383,6 +357,7 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
     grid = _transforms()
     small = [tuple(t for w, t in grid if w == v) for v in range(3)]
     out = np.zeros(len(ordered), bool)
+    insides: dict[tuple[int, int], np.ndarray] = {}
     for j, ks in _by_second(ordered).items():
         firsts = ordered[ks, 0]
         c = np.concatenate(
@@ -395,7 +370,10 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
         for t in np.unique(best[reach]):
             rows = np.nonzero(reach & (best == t))[0]
             v, seen = max(grid[t][0], 0), close_view(prints[j], grid[t])
+            for i in firsts[rows]:
+                if (i, v) not in insides:
+                    insides[i, v] = inside(prints[i].views[v])
             a = np.stack([prints[i].views[v] for i in firsts[rows]])
-            inner = inner_correlations(a, seen, np.stack([wholes.inside(i, v) for i in firsts[rows]]), inside(seen))
+            inner = inner_correlations(a, seen, np.stack([insides[i, v] for i in firsts[rows]]), inside(seen))
             out[ks[rows]] = inner >= MIN_INNER
     return out
