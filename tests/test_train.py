@@ -220,6 +220,35 @@ def test_heads_with_their_own_rate_dropout_and_epochs_train_in_one_run_as_they_w
         assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(job.head.get_weights(), alone.head.get_weights(), strict=True))
 
 
+def test_a_shorter_epoch_twin_is_the_longer_heads_snapshot_and_trains_no_step_of_its_own(vgg16_spec, monkeypatch):
+    """A grid's epochs candidates: a head that differs from another only in its (fewer) epochs is not trained; it gets
+    the other's weights after its own epoch count and the first rows of its history, what it reaches alone. A head
+    with another learning rate is no twin, and with early stopping nothing is shared."""
+    from brainmri.learn import headfit
+
+    def jobs():
+        return [noise_heads(vgg16_spec, dropout=0.3, seed=5)[0] for _ in range(3)]  # the same start, rows and stream
+
+    trained, real = [], headfit._fit_group
+    monkeypatch.setattr(headfit, "_fit_group", lambda group, *a: trained.append(len(group)) or real(group, *a))
+    short, long, other = jobs()
+    results = fit_heads([short, long, other], lr=[0.01, 0.01, 0.02], epochs=[3, 7, 3], patience=0, batch=16)
+    assert sum(trained) == 2  # the long head and the other rate's: the short twin took no step of its own
+    (alone, _, _) = jobs()
+    (want,) = fit_heads([alone], lr=0.01, epochs=3, patience=0, batch=16)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(alone.head.get_weights(), long.head.get_weights(), strict=True))
+    assert moved > 1e-3  # epochs 4 to 7 moved the long head: a snapshot taken at the wrong epoch would show
+    for a, b in zip(short.head.get_weights(), alone.head.get_weights(), strict=True):
+        assert np.allclose(a, b, atol=1e-6)
+    assert results[0].best == 3 and len(results[0].history) == 3 and results[0].history["selected"].tolist() == [False, False, True]
+    cols = ["loss", "accuracy"]
+    assert np.allclose(results[0].history[cols], results[1].history[cols].iloc[:3])
+    assert np.allclose(results[0].history[cols], want.history[cols])
+    trained.clear()
+    fit_heads(jobs(), lr=0.01, epochs=[3, 7, 3], patience=2, batch=16)
+    assert sum(trained) == 3
+
+
 def test_heads_over_shared_rows_pool_them_once_and_train_exactly_as_on_their_own_copies(vgg16_spec, monkeypatch):
     """A grid's folds index one feature matrix: the compiled run holds each distinct (row, label) once, and the heads
     come out bit for bit as from a pool holding every head's rows again (the layout before), labels kept apart."""

@@ -20,6 +20,9 @@ of it, and Adam's update another half: a pass that reads the weights, both momen
 of them back, 28 bytes per weight, memory-bound. XLA fuses that update into one kernel; TensorFlow's own kernels
 took 15 passes (about 2x the time).
 
+Which heads train together, and which need not train at all (a shorter epoch twin of another head is that head's
+snapshot), is planned by brainmri.learn.head_runs.
+
 The heads are built by `build_head` (adapted Normalization, initial weights from Keras's initialisers) and trained in
 place: the trained weights are assigned back into the same Keras model, which is what gets saved.
 
@@ -31,19 +34,22 @@ head (one sigmoid unit) runs exactly the ops it ran before: its loss, gradients 
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from brainmri.core.progress import log
+from brainmri.learn import head_runs
 
 # keras.optimizers.Adam's defaults, which the old `model.fit` path used
 BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "selected"]
 MAX_GROUP = 32  # heads per compiled run: memory grows with the heads trained together (each epoch's dropout masks and
 # batches are stacked on the head axis); a 38-point grid of the augmented VGG16 model's folds, in one run, took 6.8 GB.
-# Heads grouped otherwise train in another floating-point order: pooled CV AUCs moved by about 0.001 on the real set
+# Heads grouped otherwise can train in another floating-point order (a matrix product over 8 or more stacked heads
+# takes another kernel than over fewer, measured on the EPYC): a head's low bits depend on its run, as on the thread count
 
 
 class Rows:
@@ -151,16 +157,69 @@ def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int, l2=0.0
             results[i] = fit_linear(j, float(cs[i]))
         else:
             shapes.setdefault((*j.head.get_layer("head_dense").kernel.shape, n_softmax(j.head)), []).append(i)
-    # similar heads run together: a run steps every head through its longest head's rows and epochs (the rest masked),
-    # so heads without augmented copies (a sixth of the rows) or with fewer epochs do not pay for the others'
-    order = {k: sorted(same, key=lambda i: (len(jobs[i].x_fit), int(eps[i]))) for k, same in shapes.items()}
-    runs = [same[at : at + MAX_GROUP] for same in order.values() for at in range(0, len(same), MAX_GROUP)]
+    twins: dict[int, int] = {}  # a head that is another's first epochs (head_runs.epoch_twins) -> that head
+    if patience == 0:  # with early stopping the epoch a head keeps depends on its epoch count: no twins
+        memo: dict[int, tuple] = {}
+        for same in shapes.values():
+            keys = [_twin_key(jobs[i], lrs[i], l2s[i], memo) for i in same]
+            found = head_runs.epoch_twins(keys, [int(eps[i]) for i in same])
+            twins.update({same[a]: same[b] for a, b in found.items()})
+    runs = []
+    for same in shapes.values():  # heads of one width (features x units x classes) train together
+        train = [i for i in same if i not in twins]
+        plan = head_runs.plan_runs([len(jobs[i].x_fit) for i in train], [int(eps[i]) for i in train], batch, MAX_GROUP)
+        runs += [[train[k] for k in run] for run in plan]
+    snapshots: dict[int, dict[int, tuple]] = {}
     for k, idx in enumerate(runs):
+        snaps = [sorted({int(eps[t]) for t, j in twins.items() if j == i and eps[t] < eps[i]}) for i in idx]
         if len(jobs) > 1:  # progress on long work: a grid's compiled runs take minutes each on 2 cores
-            log.info("heads: compiled run %d of %d: %d heads, up to %d epochs", k + 1, len(runs), len(idx), int(eps[idx].max()))
-        for i, r in zip(idx, _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch, l2s[idx]), strict=True):
-            results[i] = r
+            log.info("heads: compiled run %d of %d: %d heads (and %d shorter twins), up to %d epochs", k + 1, len(runs), len(idx),
+                     sum(len(s) for s in snaps), int(eps[idx].max()))  # fmt: skip
+        out = _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch, l2s[idx], snaps)
+        for i, (r, taken) in zip(idx, out, strict=True):
+            results[i], snapshots[i] = r, taken
+    for t, j in twins.items():
+        results[t] = _twin_result(jobs[t], jobs[j], results[j], snapshots[j], int(eps[t]))
     return results
+
+
+def _twin_key(job: HeadJob, lr: float, l2: float, memo: dict[int, tuple]) -> bytes:
+    """Everything a head's first epochs depend on but their count (head_runs.epoch_twins): its initial weights,
+    scaling and dropout rate, its rows, labels, class weights, validation rows, random stream, learning rate and
+    penalty. Equal keys, equal first epochs: the loop draws each epoch's shuffle and dropout from the head's stream
+    by epoch number."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in _head_arrays(job.head):
+        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    parts = job.x_fit.parts if isinstance(job.x_fit, Rows) else [(np.asarray(job.x_fit), None)]
+    for matrix, rows in parts:  # a Rows is hashed by its matrices and row indices: the rows themselves are not gathered
+        h.update(_digest(matrix, memo))
+        h.update(b"all" if rows is None else np.asarray(rows, np.int64).tobytes())
+    for a in (job.y_fit, job.x_val, job.y_val):
+        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    h.update(repr((sorted((job.class_weight or {}).items()), job.seed, float(lr), float(l2))).encode())
+    return h.digest()
+
+
+def _digest(matrix: np.ndarray, memo: dict[int, tuple]) -> bytes:
+    """A feature matrix's content digest, shape and dtype included; each matrix hashed once per `memo` (by identity,
+    the matrix kept alive beside its digest, so its address cannot be reused meanwhile)."""
+    if id(matrix) not in memo:
+        m = np.ascontiguousarray(matrix)
+        memo[id(matrix)] = (matrix, hashlib.blake2b(repr((m.shape, m.dtype.str)).encode() + m.tobytes(), digest_size=16).digest())
+    return memo[id(matrix)][1]
+
+
+def _twin_result(job: HeadJob, longer: HeadJob, trained: HeadResult, taken: dict[int, tuple], epochs: int) -> HeadResult:
+    """Head `job`, the first `epochs` epochs of `longer` (trained, with its weights `taken` after each shorter twin's
+    epochs): those weights assigned into its own Keras head, and the first `epochs` rows of the history."""
+    if epochs in taken:
+        _assign(job.head, taken[epochs])
+    else:  # as many epochs: the longer head's own weights
+        job.head.set_weights(longer.head.get_weights())
+    frame = trained.history.iloc[:epochs].copy().reset_index(drop=True)
+    frame["selected"] = frame["epoch"] == epochs
+    return HeadResult(frame, epochs)
 
 
 def is_linear(head) -> bool:
@@ -278,7 +337,10 @@ def _linear_scores(model, xs, y, sw, prefix: str) -> dict:
     return {f"{prefix}loss": loss, f"{prefix}accuracy": float(np.mean((prob >= 0.5) == (y > 0.5)))}
 
 
-def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: int, batch: int, l2s: np.ndarray) -> list[HeadResult]:
+def _fit_group(
+    jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: int, batch: int, l2s: np.ndarray, snaps: list[list[int]]
+) -> list[tuple[HeadResult, dict[int, tuple]]]:
+    """One compiled run: each job's result, and its weights after each epoch count in `snaps` (its shorter twins')."""
     import tensorflow as tf
 
     arrays = [_head_arrays(j.head) for j in jobs]
@@ -301,13 +363,18 @@ def _fit_group(jobs: list[HeadJob], lrs: np.ndarray, eps: np.ndarray, patience: 
         tf.constant(np.array([a[-1] for a in arrays], np.float32)),
         tf.constant(eps),
         tf.constant(np.asarray(l2s, np.float32)),
+        tf.constant(_pad([np.asarray(s, np.int32) for s in snaps], max(map(len, snaps)))),  # [H, S]; 0: no snapshot
         epochs=int(eps.max()),
         patience=int(patience),
         batch=int(batch),
         penalised=bool(np.any(l2s > 0)),  # traced without the penalty's ops when no head has one: as before it existed
         classes=n_softmax(jobs[0].head),  # one per group: fit_heads groups heads by width, classes included
     )
-    return _results(jobs, out)
+    taken = [np.asarray(t) for snap in out[4] for t in snap]  # S snapshots x 4 parameters, each [H, ...]
+    return [
+        (r, {e: tuple(taken[4 * s + k][i] for k in range(4)) for s, e in enumerate(snaps[i])})
+        for i, r in enumerate(_results(jobs, out[:4]))
+    ]
 
 
 def _row_layout(jobs: list[HeadJob], batch: int) -> tuple[np.ndarray, ...]:
@@ -355,21 +422,26 @@ def _results(jobs: list[HeadJob], out) -> list[HeadResult]:
     """The compiled loop's output: each head's weights assigned back into its Keras model, and its history."""
     params, hist, run, best = out
     params, hist, run, best = [np.asarray(p) for p in params], np.asarray(hist), np.asarray(run), np.asarray(best)
-    from brainmri.learn.models import output_layer
-
     results = []
     for i, j in enumerate(jobs):
-        j.head.get_layer("head_dense").set_weights([params[0][i], params[1][i]])
-        if n_softmax(j.head):
-            output_layer(j.head).set_weights([params[2][i], params[3][i]])
-        else:
-            output_layer(j.head).set_weights([params[2][i].reshape(-1, 1), params[3][i].reshape(1)])
+        _assign(j.head, tuple(q[i] for q in params))
         e, b = int(run[i]), int(best[i]) + 1
         frame = pd.DataFrame(hist[:e, :, i], columns=HISTORY_COLUMNS[1:5]).astype(float)
         frame.insert(0, "epoch", np.arange(1, e + 1))
         frame["selected"] = frame["epoch"] == b
         results.append(HeadResult(frame, b))
     return results
+
+
+def _assign(head, params: tuple) -> None:
+    """A head's trained (W1, b1, w2, b2), as the loop holds them, assigned into its Keras layers."""
+    from brainmri.learn.models import output_layer
+
+    head.get_layer("head_dense").set_weights([params[0], params[1]])
+    if n_softmax(head):
+        output_layer(head).set_weights([params[2], params[3]])
+    else:
+        output_layer(head).set_weights([params[2].reshape(-1, 1), params[3].reshape(1)])
 
 
 def loss_and_grads(p, xb, yb, kept, coef, l2=None):
@@ -450,7 +522,8 @@ def _loop(*args, epochs: int, patience: int, batch: int, penalised: bool, classe
     static). `classes`: K for softmax heads, 0 for sigmoid heads (the two-class graph, traced as it always was)."""
     import tensorflow as tf
 
-    key = (epochs, patience, batch, penalised, *(tuple(a.shape) for a in args[:8]), *(tuple(a.shape) for a in args[8]))
+    shapes = (*(tuple(a.shape) for a in args[:8]), *(tuple(a.shape) for a in args[8]), tuple(args[13].shape))
+    key = (epochs, patience, batch, penalised, *shapes)
     key = key if not classes else (*key, classes)  # a two-class key as before; softmax shapes differ anyway
     if key not in _TRACED:
         body = lambda *a: _epochs(*a, epochs=epochs, patience=patience, batch=batch, penalised=penalised, classes=classes)  # noqa: E731
@@ -458,13 +531,13 @@ def _loop(*args, epochs: int, patience: int, batch: int, penalised: bool, classe
     return _TRACED[key](*args)
 
 
-def _epochs(
-    x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, l2, *, epochs, patience, batch, penalised, classes
-):
-    """The traced body: every epoch of every head (`_Loop`); returns (weights, history, epochs run, selected epoch)."""
+def _epochs(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, l2, snaps, **static):
+    """The traced body: every epoch of every head (`_Loop`); returns (weights, history, epochs run, selected epoch,
+    snapshots)."""
+    epochs, patience, batch = static["epochs"], static["patience"], static["batch"]
     loop = _Loop(x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, epochs, patience, batch)
-    loop.l2 = l2 if penalised else None
-    loop.classes = classes
+    loop.l2 = l2 if static["penalised"] else None
+    loop.classes, loop.snaps = static["classes"], snaps
     return loop.run(params)
 
 
@@ -476,6 +549,7 @@ class _Loop:
     those of the two-class loop as it was before softmax heads existed."""
 
     classes = 0  # set by _epochs
+    snaps = None  # set by _epochs: [H, S] the epoch counts after which to keep each head's weights (0: none)
 
     def __init__(self, x, y, fit_rows, n_fit, weights, val_rows, n_val, seeds, params, lr, rate, max_epochs, epochs, patience, batch):
         import tensorflow as tf
@@ -622,7 +696,18 @@ class _Loop:
         stopped = tf.logical_or(stopped, tf.logical_and(wait >= self.patience, epoch > 0))
         return best_p, best_loss, best_epoch, wait, stopped
 
-    def one_epoch(self, epoch, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist):
+    def snapshot(self, epoch, p, kept):
+        """Each head's weights after epoch `epoch` where that is one of its snapshot counts, else what `kept` held:
+        what its shorter epoch twins would end with (head_runs.epoch_twins)."""
+        import tensorflow as tf
+
+        out = []
+        for s, held in enumerate(kept):
+            take = tf.equal(self.snaps[:, s], epoch + 1)
+            out.append(tuple(tf.where(self.per_head(q, take), q, h) for q, h in zip(p, held, strict=True)))
+        return tuple(out)
+
+    def one_epoch(self, epoch, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist, *kept):
         import tensorflow as tf
 
         running = tf.logical_not(stopped)
@@ -640,11 +725,12 @@ class _Loop:
         else:
             best_epoch = run - 1
         stopped = tf.logical_or(stopped, epoch + 1 >= self.max_epochs)  # a head's own epoch count: it takes no further step
-        return epoch + 1, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist
+        kept = (self.snapshot(epoch, p, kept[0]),) if kept else ()  # no snapshot ops in a run without twins
+        return epoch + 1, p, m, v, t, best_p, best_loss, best_epoch, wait, stopped, run, hist, *kept
 
     def run(self, params):
         """Every epoch until each head has stopped: (the weights it keeps, history [epochs, 4, H], epochs run, selected
-        epoch), per head."""
+        epoch, and its weights after each snapshot count: S tuples of 4), per head."""
         import tensorflow as tf
 
         heads = self.heads
@@ -664,7 +750,9 @@ class _Loop:
             tf.zeros([heads], tf.int32),
             tf.zeros([self.epochs, 4, heads]),  # per epoch: loss, accuracy, val_loss, val_accuracy of each head
         )
+        if self.snaps.shape[1]:
+            init = (*init, tuple(start for _ in range(self.snaps.shape[1])))
         cond = lambda e, *rest: tf.logical_and(e < self.epochs, tf.logical_not(tf.reduce_all(rest[8])))  # noqa: E731
         out = tf.while_loop(cond, self.one_epoch, init)
         p, best_p, best_epoch, run, hist = out[1], out[5], out[7], out[10], out[11]
-        return (best_p if self.patience > 0 else p), hist, run, best_epoch
+        return (best_p if self.patience > 0 else p), hist, run, best_epoch, (out[12] if len(out) > 12 else ())
