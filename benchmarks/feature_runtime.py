@@ -1,4 +1,5 @@
-"""Frozen-base feature extraction in Keras against ONNX Runtime and OpenVINO (fp32), in one run, on real images.
+"""Frozen-base feature extraction in Keras against ONNX Runtime and OpenVINO (fp32), in one run, on real images; and
+on a CPU with bf16 instructions, Keras in bf16 (what `train.feature_precision: bf16` computes) and OpenVINO in bf16.
 
 Issue 17 asks that features be extracted with the faster of the runtimes. For each model this takes the saved
 network's extractor (preprocessing, frozen base cut at the chosen layer, pooling), converts it to ONNX once with
@@ -24,11 +25,11 @@ import numpy as np
 from feature_cache import overrides  # noqa: E402  (same folder)
 
 from brainmri.config import load_params
-from brainmri.core.machine import cpu_flags, cpu_model
+from brainmri.core.machine import bf16_capable, cpu_flags, cpu_model
 from brainmri.export.convert import to_onnx
 from brainmri.intake.parts import split_part
 from brainmri.intake.preprocess import load_batch
-from brainmri.learn.models import load_model
+from brainmri.learn.models import in_bf16, load_model
 
 
 def interleaved(fns: dict, batches: list[np.ndarray], rounds: int) -> dict[str, list[float]]:
@@ -67,11 +68,17 @@ def run(p, name: str, images: int, rounds: int, opset: int) -> None:
         # f32 explicitly: on a CPU with AMX or AVX-512 BF16 OpenVINO's default is bf16, which is not the same features
         compiled = ov.Core().compile_model(str(f), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": p.benchmark.threads})
         ov_compile_s = time.perf_counter() - start
+        hint = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": p.benchmark.threads}
+        ov_bf16 = ov.Core().compile_model(str(f), "CPU", hint) if bf16_capable() else None
     fns = {
         "keras": lambda b: np.asarray(extractor.predict_on_batch(b)),  # what features.extract calls
         "onnxruntime": lambda b: sess.run(None, {sess.get_inputs()[0].name: b})[0],
         "openvino_f32": lambda b: compiled(b)[0],
     }
+    if bf16_capable():  # issue 33: the feature cache's bf16 arithmetic (brainmri.learn.models.in_bf16), and OpenVINO's
+        bf16 = in_bf16(extractor)
+        fns["keras_bf16"] = lambda b: np.asarray(bf16.predict_on_batch(b))
+        fns["openvino_bf16"] = lambda b: ov_bf16(b)[0]
     feats = {k: np.concatenate([fn(b) for b in batches]) for k, fn in fns.items()}  # also the warm-up pass
     times = interleaved(fns, batches, rounds)
     probs = {k: np.asarray(head(v, training=False)).reshape(-1) for k, v in feats.items()}

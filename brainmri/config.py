@@ -294,6 +294,7 @@ def candidates(value) -> list:
 class Train(Section):
     batch_size: int
     feature_batch_size: int
+    feature_precision: Literal["auto", "fp32", "bf16"]
     class_weight: Literal["balanced", "none"]
     threshold: Literal["youden"] | float | list[Literal["youden"] | float]
     calibration: Literal["temperature", "platt", "none"]

@@ -403,6 +403,7 @@ def test_lineage_of_an_exported_model_goes_back_to_the_data_manifest(ws):
 
     card = json.loads((ws / "data/eval/vgg16-aug/model_card.json").read_text())
     assert card["weights"]["kind"] == "file" and card["metrics"]["parity"]["labels_identical"]
+    assert card["feature_precision"] == "fp32"  # params.yaml's default: the features the head trained on were fp32
     assert card["files"]["onnx"]["md5"] == md5(ws / "data/export/vgg16-aug/model.onnx")
     assert [e["stage"] for e in card["lineage"]["chain"]][:2] == ["export@vgg16-aug", "train@vgg16-aug"]
     assert card["lineage"]["matches_dvc_lock"]

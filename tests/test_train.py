@@ -62,7 +62,7 @@ def test_features_from_the_worker_process_are_the_bytes_computed_in_this_one(sma
     for where in ("worker", "here"):
         shutil.rmtree(folder, ignore_errors=True)
         if where == "here":
-            monkeypatch.setattr(features, "compute", lambda ext, fol, todo, sizes: features.fill(ext, fol, todo, sizes))
+            monkeypatch.setattr(features, "compute", lambda ext, fol, todo, sizes, bf16: features.fill(ext, fol, todo, sizes))
         got = features.extract_parts(p, "vgg16", net.extractor, parts)
         entries[where] = {e.name: e.read_bytes() for e in folder.glob("*.npy")}
         assert [len(v) for v in got.values()] == [20, 17] and np.isfinite(got["b"]).all()

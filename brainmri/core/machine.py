@@ -11,6 +11,7 @@ THREADS = "BRAINMRI_THREADS"  # set by the flow for a stage that runs beside ano
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")  # what int8 and bf16 speed hang on
 INT8_FLAGS = CPU_FLAGS[:5]  # the integer dot-product instructions (and the vector widths they come with)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware: oneDNN (TensorFlow) and OpenVINO use them
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -36,6 +37,12 @@ def cpu_flags(wanted: tuple[str, ...] = CPU_FLAGS) -> list[str]:
     flags = _cpuinfo_field("flags")
     have = set(flags.split()) if flags is not None else set()
     return [flag for flag in wanted if flag in have]
+
+
+def bf16_capable() -> bool:
+    """Whether this CPU has bf16 instructions; without them bf16 arithmetic is emulated (slower than fp32), and
+    OpenVINO would quietly run fp32 under a bf16 name."""
+    return any(f in cpu_flags() for f in BF16_FLAGS)
 
 
 def usable_cores() -> int:

@@ -14,17 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.core.errors import BrainMRIError
-from brainmri.core.machine import cpu_flags
+from brainmri.core.machine import BF16_FLAGS, bf16_capable
 from brainmri.deploy import sandbox, watchdog
 from brainmri.deploy.onnxrt import session
 
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")  # openvino alone is fp32: its precision hint is set, never left to the CPU
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def bf16_capable() -> bool:
-    """Whether this CPU has bf16 instructions; without them OpenVINO would quietly run fp32 under a bf16 name."""
-    return any(f in cpu_flags() for f in BF16_FLAGS)
 
 
 def openvino_config(runtime: str, threads: int = 0) -> dict | None:

@@ -1,7 +1,8 @@
 """Frozen-feature cache: a frozen base maps an image to the same features every time, so compute them once.
 
 Entries are content-addressed (`<image sha256>-<features sha256>.npy`) inside a folder keyed by everything that
-determines the features (the extractor's architecture and weight bytes, the preprocessing code, Keras version). Each entry
+determines the features (the extractor's architecture and weight bytes, the preprocessing code, Keras version, and
+bf16 arithmetic when `train.feature_precision` asks for it). Each entry
 is written atomically and verified against its own hash when read, so a killed run resumes where it stopped
 and a tampered or truncated entry is recomputed, never used.
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from brainmri.config import Params
+from brainmri.core.errors import ConfigError
 from brainmri.core.files import read_verified, scratch_dir, write_verified
+from brainmri.core.machine import BF16_FLAGS, bf16_capable, cpu_model
 from brainmri.core.progress import log, progress
 from brainmri.intake import preprocess
 from brainmri.intake.preprocess import load_batch
@@ -28,8 +31,24 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def precision(p: Params) -> str:
+    """The arithmetic the frozen base runs in when caching features: `train.feature_precision`, with auto resolved for
+    this CPU (bf16 where it has bf16 instructions). bf16 on a CPU without them is refused: there it is emulated,
+    slower than fp32."""
+    asked = p.train.feature_precision
+    if asked == "auto":
+        return "bf16" if bf16_capable() else "fp32"
+    if asked == "bf16" and not bf16_capable():
+        raise ConfigError(
+            f"train.feature_precision is bf16, but this CPU ({cpu_model()}) has no bf16 instructions ({' or '.join(BF16_FLAGS)}): "
+            "there bf16 is emulated and slower than fp32; set fp32 (or auto, which picks bf16 only where the CPU has it)"
+        )
+    return asked
+
+
 def cache_folder(p: Params, key: str, extractor) -> Path:
-    """The folder for one extractor: keyed by its architecture and weight bytes, the image preprocessing and Keras."""
+    """The folder for one extractor: keyed by its architecture and weight bytes, the image preprocessing and Keras,
+    and bf16 arithmetic (an fp32 folder's key is what it was before the setting existed, so its entries stay valid)."""
     import keras
 
     h = hashlib.sha256()
@@ -38,6 +57,9 @@ def cache_folder(p: Params, key: str, extractor) -> Path:
         h.update(np.ascontiguousarray(w).tobytes())
     h.update(PREPROCESS.read_bytes())
     h.update(keras.__version__.encode())
+    if precision(p) == "bf16":
+        h.update(b"bf16")
+        return p.path("feature_cache") / f"{key}-bf16-{h.hexdigest()[:16]}"
     return p.path("feature_cache") / f"{key}-{h.hexdigest()[:16]}"
 
 
@@ -116,7 +138,7 @@ def extract_parts(p: Params, key: str, extractor, parts: dict[str, list[Path]]) 
                 earlier,
             )
     if any(todo.values()):
-        compute(extractor, folder, todo, (p.backbones[key].input_size, p.train.feature_batch_size))
+        compute(extractor, folder, todo, (p.backbones[key].input_size, p.train.feature_batch_size), precision(p) == "bf16")
     for s, f in (item for work in todo.values() for item in work):
         vec = _read(folder, s)
         if vec is None:
@@ -126,13 +148,14 @@ def extract_parts(p: Params, key: str, extractor, parts: dict[str, list[Path]]) 
     return {desc: np.stack([found[s] for s in got]).astype(np.float32) if got else empty for desc, got in shas.items()}
 
 
-def compute(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int]) -> None:
+def compute(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int], bf16: bool = False) -> None:
     """Write the features of `todo` (per list, its (image sha, path) pairs) into the cache `folder`, from a spawned
     worker process holding a copy of `extractor`: the activations of the forward passes (1.6 GB for ResNet50V2 at
     224 px; TensorFlow keeps its pooled memory until the process ends) go back to the OS before the heads train in
     this process. The worker runs the same graph and weights on the same number of threads, so the features are the
-    same bytes. The copy and the worker's unfinished files live in a scratch folder of this process, which an
-    interrupt removes (brainmri.core.running.stop_now kills the worker, then removes this process's temporaries)."""
+    same bytes; with `bf16` it runs the graph's bf16 copy (models.in_bf16). The copy and the worker's unfinished files
+    live in a scratch folder of this process, which an interrupt removes (brainmri.core.running.stop_now kills the
+    worker, then removes this process's temporaries)."""
     import multiprocessing
 
     from brainmri.learn.models import save_model
@@ -140,7 +163,7 @@ def compute(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], siz
     with scratch_dir(folder) as scratch:
         model = scratch / "extractor.keras"
         save_model(extractor, model)
-        args = (str(model), str(folder), todo, sizes, os.getpid(), str(scratch))
+        args = (str(model), str(folder), todo, sizes, os.getpid(), str(scratch), bf16)
         proc = multiprocessing.get_context("spawn").Process(target=_compute_in_worker, args=args, name="brainmri-features")
         proc.start()
         try:
@@ -153,7 +176,7 @@ def compute(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], siz
         raise RuntimeError(f"features ({', '.join(todo)}): the feature worker process failed (exit code {proc.exitcode}); see above")
 
 
-def _compute_in_worker(model: str, folder: str, todo: dict, sizes: tuple[int, int], parent: int, scratch: str) -> None:
+def _compute_in_worker(model: str, folder: str, todo: dict, sizes: tuple[int, int], parent: int, scratch: str, bf16: bool) -> None:
     """The worker's side of `compute`: it ends with its parent (a killed stage leaves no process writing on) and
     leaves Ctrl-C to it (the stage stops the worker and says so in one line; no second traceback from here)."""
     import signal
@@ -162,10 +185,11 @@ def _compute_in_worker(model: str, folder: str, todo: dict, sizes: tuple[int, in
     _end_with(parent)
     import tensorflow as tf
 
-    from brainmri.learn.models import load_model
+    from brainmri.learn.models import in_bf16, load_model
 
     tf.config.experimental.enable_op_determinism()  # as the train stage runs (brainmri.learn.fitting.seed_everything)
-    fill(load_model(model), Path(folder), todo, sizes, parent, Path(scratch))
+    extractor = in_bf16(load_model(model)) if bf16 else load_model(model)
+    fill(extractor, Path(folder), todo, sizes, parent, Path(scratch))
 
 
 def fill(extractor, folder: Path, todo: dict[str, list[tuple[str, str]]], sizes: tuple[int, int], parent=None, scratch=None) -> None:

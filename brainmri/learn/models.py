@@ -317,3 +317,31 @@ def save_model(model: keras.Model, path: str | Path) -> None:
 def load_model(path: str | Path) -> keras.Model:
     """Load a saved model in Keras safe mode: a .keras file cannot run arbitrary code."""
     return keras.models.load_model(path, safe_mode=True, compile=False)
+
+
+KEEP_FP32 = ("InputLayer", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Concatenate")  # and the preprocess layer
+
+
+def in_bf16(model: keras.Model) -> keras.Model:
+    """A copy of frozen `model` whose layers compute in bfloat16 (Keras's mixed_bfloat16 policy: the weights stay
+    float32 and are cast with each layer's inputs, so oneDNN runs its bf16 kernels, float32 sums inside), but for the
+    preprocessing (raw 0-255 pixels to the backbone's scale) and the pooling, which stay float32: the features come
+    out float32. Built from the model's config with the same weights; Keras has no call that changes a built
+    model's policy."""
+    mixed = keras.dtype_policies.serialize(keras.dtype_policies.get("mixed_bfloat16"))
+
+    def recast(node):
+        if isinstance(node, list):
+            return [recast(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: recast(v) for k, v in node.items()}
+        cfg = out.get("config")
+        if isinstance(cfg, dict) and "dtype" in cfg and out.get("class_name") not in KEEP_FP32 and cfg.get("name") != "preprocess":
+            if out.get("class_name") not in ("Functional", "Model", "Sequential"):
+                cfg["dtype"] = mixed
+        return out
+
+    copy = keras.Model.from_config(recast(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy

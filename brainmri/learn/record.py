@@ -12,7 +12,7 @@ import pandas as pd
 from brainmri.config import COPIES, GRID, Params, candidates
 from brainmri.core.files import jsonable
 from brainmri.intake.parts import Part
-from brainmri.learn import calibration, multiclass
+from brainmri.learn import calibration, features, multiclass
 from brainmri.learn.fitting import ARGMAX, Trained
 from brainmri.stats.metrics import point, with_intervals
 
@@ -37,6 +37,8 @@ def train_record(p: Params, name: str, net, run: Trained, parts: tuple[Part, Par
             "origin": net.weights.origin,
             "description": net.weights.describe(),
         },
+        # the frozen base's arithmetic for the cached features the head trained on (an end-to-end model: none cached)
+        "feature_precision": "fp32" if net.end_to_end else features.precision(p),
         "n_train": len(tr.paths),
         "n_augmented": used,
         "n_val": len(va.paths),

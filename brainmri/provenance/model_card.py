@@ -23,6 +23,7 @@ def model_card(p: Params, name: str, trained: dict, exported: dict, evaluated: d
         "backbone": trained["backbone"],
         "augmented_training": trained["augment"],
         "weights": trained["weights"],
+        "feature_precision": trained.get("feature_precision", "fp32"),  # absent from train.json files older than the setting
         "input": {"name": INPUT, **{k: exported["metadata"][k] for k in ("input_size", "max_side")}},
         "threshold": trained["threshold"],  # None for N classes: the decision is the arg-max
         "files": files,
