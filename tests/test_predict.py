@@ -75,7 +75,7 @@ def test_predict_on_openvino_matches_onnx_runtime_and_bf16_needs_a_cpu_that_has_
     assert list(ov["label"]) == list(ort["label"])
     choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions if a.dest == "runtime").choices
     assert tuple(choices) == runtimes.RUNTIMES  # the CLI offers exactly what brainmri.deploy.runtimes runs
-    monkeypatch.setattr(runtimes, "cpu_flags", lambda: ["avx2", "avx512f"])
+    monkeypatch.setattr(runtimes, "bf16_capable", lambda: False)  # a CPU without bf16 instructions
     import logging
 
     import onnx

@@ -222,30 +222,32 @@ def test_heads_with_their_own_rate_dropout_and_epochs_train_in_one_run_as_they_w
 
 def test_a_shorter_epoch_twin_is_the_longer_heads_snapshot_and_trains_no_step_of_its_own(vgg16_spec, monkeypatch):
     """A grid's epochs candidates: a head that differs from another only in its (fewer) epochs is not trained; it gets
-    the other's weights after its own epoch count and the first rows of its history, what it reaches alone. A head
-    with another learning rate is no twin, and with early stopping nothing is shared."""
+    the other's weights after its own epoch count and the first rows of its history, what it reaches alone. Two
+    shorter twins are two snapshots of one head, and a twin of as many epochs its weights. A head with another
+    learning rate is no twin, and with early stopping nothing is shared."""
     from brainmri.learn import headfit
 
-    def jobs():
-        return [noise_heads(vgg16_spec, dropout=0.3, seed=5)[0] for _ in range(3)]  # the same start, rows and stream
+    def jobs(n=5):
+        return [noise_heads(vgg16_spec, dropout=0.3, seed=5)[0] for _ in range(n)]  # the same start, rows and stream
 
     trained, real = [], headfit._fit_group
     monkeypatch.setattr(headfit, "_fit_group", lambda group, *a: trained.append(len(group)) or real(group, *a))
-    short, long, other = jobs()
-    results = fit_heads([short, long, other], lr=[0.01, 0.01, 0.02], epochs=[3, 7, 3], patience=0, batch=16)
-    assert sum(trained) == 2  # the long head and the other rate's: the short twin took no step of its own
-    (alone, _, _) = jobs()
-    (want,) = fit_heads([alone], lr=0.01, epochs=3, patience=0, batch=16)
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(alone.head.get_weights(), long.head.get_weights(), strict=True))
-    assert moved > 1e-3  # epochs 4 to 7 moved the long head: a snapshot taken at the wrong epoch would show
-    for a, b in zip(short.head.get_weights(), alone.head.get_weights(), strict=True):
-        assert np.allclose(a, b, atol=1e-6)
-    assert results[0].best == 3 and len(results[0].history) == 3 and results[0].history["selected"].tolist() == [False, False, True]
-    cols = ["loss", "accuracy"]
-    assert np.allclose(results[0].history[cols], results[1].history[cols].iloc[:3])
-    assert np.allclose(results[0].history[cols], want.history[cols])
+    short, mid, long, same, other = jobs()
+    results = fit_heads([short, mid, long, same, other], lr=[0.01] * 4 + [0.02], epochs=[3, 5, 7, 7, 3], patience=0, batch=16)
+    assert sum(trained) == 2  # the long head and the other rate's: its twins took no step of their own
+    assert all(np.array_equal(a, b) for a, b in zip(same.head.get_weights(), long.head.get_weights(), strict=True))
+    for twin, result, e in ((short, results[0], 3), (mid, results[1], 5)):
+        (alone,) = jobs(1)
+        (want,) = fit_heads([alone], lr=0.01, epochs=e, patience=0, batch=16)
+        moved = max(float(np.abs(a - b).max()) for a, b in zip(alone.head.get_weights(), long.head.get_weights(), strict=True))
+        assert moved > 1e-3  # the epochs after e moved the long head: a snapshot taken at the wrong epoch would show
+        assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(twin.head.get_weights(), alone.head.get_weights(), strict=True))
+        assert result.best == e and len(result.history) == e and result.history["selected"].tolist() == [False] * (e - 1) + [True]
+        cols = ["loss", "accuracy"]
+        assert np.allclose(result.history[cols], results[2].history[cols].iloc[:e])
+        assert np.allclose(result.history[cols], want.history[cols])
     trained.clear()
-    fit_heads(jobs(), lr=0.01, epochs=[3, 7, 3], patience=2, batch=16)
+    fit_heads(jobs(3), lr=0.01, epochs=[3, 7, 3], patience=2, batch=16)
     assert sum(trained) == 3
 
 

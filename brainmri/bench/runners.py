@@ -43,7 +43,8 @@ def runners(p: Params, name: str, model, threads: int) -> dict[str, Callable]:
 
 def openvino_runtimes(p: Params, name: str, threads: int) -> dict[str, Callable]:
     """OpenVINO on the same exported files: fp32 and int8 always, bf16 where the CPU has bf16 instructions."""
-    from brainmri.deploy.runtimes import bf16_capable, runner
+    from brainmri.core.machine import bf16_capable
+    from brainmri.deploy.runtimes import runner
 
     fp32, int8 = p.model_file("export", name, "onnx"), p.model_file("export", name, "onnx_int8")
     out = {"openvino_fp32": runner(fp32, "openvino", threads), "openvino_int8": runner(int8, "openvino", threads)}

@@ -9,8 +9,8 @@ beside it in a run, as on the thread count: see MAX_GROUP in headfit).
   trains, and the shorter ones are its weights after their own epoch count (a snapshot in the loop).
 - **Runs of like heads.** A compiled run steps every head through its longest head's rows and epochs, the rest
   masked but still computed (the heads are stacked on one axis), so a run's cost is its heads times its widest
-  head's mini-batches times its most epochs. The heads, sorted by rows and epochs, are cut into the runs of least
-  total cost. Chunks of 32 in that order had put heads without augmented copies (a sixth of the rows) and 30-epoch
+  head's mini-batches times its most epochs. The heads, sorted by rows and epochs, are cut into the stretches of
+  that order of least total cost. Chunks of 32 in that order had put heads without augmented copies (a sixth of the rows) and 30-epoch
   heads into 100-epoch runs of the copies' width: the real set's resnet50v2-aug grid trained 80 heads in 3 runs of
   32, 32 and 16, each 100 epochs; now 40 heads train, in runs of their own width, and the stage (features cached)
   took 134 s where it took 251 s, with the same model (docs/measurements.md).
@@ -41,9 +41,9 @@ def epoch_twins(keys: Sequence[Hashable], epochs: Sequence[int]) -> dict[int, in
 
 
 def plan_runs(rows: Sequence[int], epochs: Sequence[int], batch: int, max_group: int) -> list[list[int]]:
-    """The heads (by index) cut into compiled runs of at most `max_group`, least total cost first: each run costs its
+    """The heads (by index) cut into compiled runs of at most `max_group`, the cut of least total cost: each run costs its
     heads x its widest head's mini-batches of `batch` rows x its most epochs, plus RUN_COST. The heads are sorted by
-    (rows, epochs), as the runs were before, and each run is a stretch of that order."""
+    (rows, epochs), as the runs were before, and each run is a stretch of that order: the least cost among such cuts."""
     order = sorted(range(len(rows)), key=lambda i: (rows[i], epochs[i]))
     steps = [-(-rows[i] // batch) for i in order]
     best, cut = [0.0] * (len(order) + 1), [0] * (len(order) + 1)

@@ -139,7 +139,9 @@ def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int, l2=0.0
     is a logistic regression at scikit-learn's C `linear_c`, fitted to convergence (`fit_linear`).
 
     `lr`, `epochs`, `l2` and `linear_c` are one value for every head or one per job (the points of a settings grid); each head's
-    dropout rate is its own Dropout layer's. Heads of one width (features x units x classes) train in one compiled run.
+    dropout rate is its own Dropout layer's. Heads of one width (features x units x classes) train side by side, in the
+    compiled runs head_runs.plan_runs cuts; with `patience` 0 a head that is another's first epochs is not trained but
+    given that head's weights after its own epochs (head_runs.epoch_twins).
 
     A two-class head (one sigmoid unit) minimises the class-weighted binary cross-entropy; a K-class head (softmax
     over K units, labels 0..K-1) the class-weighted softmax cross-entropy, with the same batches, dropout, Adam and
@@ -173,8 +175,8 @@ def fit_heads(jobs: list[HeadJob], lr, epochs, patience: int, batch: int, l2=0.0
     for k, idx in enumerate(runs):
         snaps = [sorted({int(eps[t]) for t, j in twins.items() if j == i and eps[t] < eps[i]}) for i in idx]
         if len(jobs) > 1:  # progress on long work: a grid's compiled runs take minutes each on 2 cores
-            log.info("heads: compiled run %d of %d: %d heads (and %d shorter twins), up to %d epochs", k + 1, len(runs), len(idx),
-                     sum(len(s) for s in snaps), int(eps[idx].max()))  # fmt: skip
+            log.info("heads: compiled run %d of %d: %d heads (and %d twins they stand for), up to %d epochs", k + 1, len(runs),
+                     len(idx), sum(j in idx for j in twins.values()), int(eps[idx].max()))  # fmt: skip
         out = _fit_group([jobs[i] for i in idx], lrs[idx], eps[idx], patience, batch, l2s[idx], snaps)
         for i, (r, taken) in zip(idx, out, strict=True):
             results[i], snapshots[i] = r, taken
@@ -194,9 +196,9 @@ def _twin_key(job: HeadJob, lr: float, l2: float, memo: dict[int, tuple]) -> byt
     parts = job.x_fit.parts if isinstance(job.x_fit, Rows) else [(np.asarray(job.x_fit), None)]
     for matrix, rows in parts:  # a Rows is hashed by its matrices and row indices: the rows themselves are not gathered
         h.update(_digest(matrix, memo))
-        h.update(b"all" if rows is None else np.asarray(rows, np.int64).tobytes())
+        h.update(b"all" if rows is None else repr(np.shape(rows)).encode() + np.asarray(rows, np.int64).tobytes())
     for a in (job.y_fit, job.x_val, job.y_val):
-        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+        h.update(repr(np.shape(a)).encode() + np.ascontiguousarray(a, np.float32).tobytes())
     h.update(repr((sorted((job.class_weight or {}).items()), job.seed, float(lr), float(l2))).encode())
     return h.digest()
 
@@ -216,7 +218,7 @@ def _twin_result(job: HeadJob, longer: HeadJob, trained: HeadResult, taken: dict
     if epochs in taken:
         _assign(job.head, taken[epochs])
     else:  # as many epochs: the longer head's own weights
-        job.head.set_weights(longer.head.get_weights())
+        _assign(job.head, _head_arrays(longer.head)[:4])
     frame = trained.history.iloc[:epochs].copy().reset_index(drop=True)
     frame["selected"] = frame["epoch"] == epochs
     return HeadResult(frame, epochs)
@@ -372,7 +374,7 @@ def _fit_group(
     )
     taken = [np.asarray(t) for snap in out[4] for t in snap]  # S snapshots x 4 parameters, each [H, ...]
     return [
-        (r, {e: tuple(taken[4 * s + k][i] for k in range(4)) for s, e in enumerate(snaps[i])})
+        (r, {e: tuple(taken[4 * s + k][i].copy() for k in range(4)) for s, e in enumerate(snaps[i])})  # not views of the run
         for i, r in enumerate(_results(jobs, out[:4]))
     ]
 

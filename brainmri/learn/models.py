@@ -319,7 +319,9 @@ def load_model(path: str | Path) -> keras.Model:
     return keras.models.load_model(path, safe_mode=True, compile=False)
 
 
-KEEP_FP32 = ("InputLayer", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Concatenate")  # and the preprocess layer
+# what stays float32: the input, input scaling (ours is the layer named "preprocess"; some keras.applications bases
+# carry Rescaling or Normalization layers of their own) and the pooling that makes the features
+KEEP_FP32 = ("InputLayer", "Rescaling", "Normalization", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Concatenate")
 
 
 def in_bf16(model: keras.Model) -> keras.Model:
@@ -336,9 +338,10 @@ def in_bf16(model: keras.Model) -> keras.Model:
         if not isinstance(node, dict):
             return node
         out = {k: recast(v) for k, v in node.items()}
-        cfg = out.get("config")
-        if isinstance(cfg, dict) and "dtype" in cfg and out.get("class_name") not in KEEP_FP32 and cfg.get("name") != "preprocess":
-            if out.get("class_name") not in ("Functional", "Model", "Sequential"):
+        cfg, kind = out.get("config"), out.get("class_name")
+        layer = "module" in out and isinstance(kind, str) and not kind.startswith("__")  # not a tensor's record (__keras_tensor__)
+        if layer and isinstance(cfg, dict) and "dtype" in cfg and kind not in KEEP_FP32 and cfg.get("name") != "preprocess":
+            if kind not in ("Functional", "Model", "Sequential"):
                 cfg["dtype"] = mixed
         return out
 
