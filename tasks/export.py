@@ -56,8 +56,8 @@ def export(p: Params, name: str) -> dict:
         chosen = int8_calibration_sample(train, p.export.int8_calibration_images, p.seed)
         int8_images = [train.paths[i] for i in chosen]
         counts = train.frame["label"].iloc[chosen].value_counts()
-        selection = quantize_best(p, name, fp32, int8, int8_images, size, t)
-        p_int8 = probabilities(session(int8), x)
+        # the chosen int8 file's probabilities on val come back with the choice: each candidate was scored on them
+        selection, p_int8 = quantize_best(p, name, fp32, int8, int8_images, size, t, x, p_onnx)
         classes = {c: int(counts.get(c, 0)) for c in p.ingest.classes}
         out = {
             "model": name,

@@ -58,7 +58,7 @@ def test_an_architecture_is_timed_once_and_every_model_checked_on_its_own_val(sm
         assert checked == {len(split_part(p, "val").paths)}, name
 
 
-def test_timings_are_reused_only_from_a_sibling_when_fresh_whole_and_allowed(tmp_path):
+def test_timings_are_reused_only_from_a_sibling_when_fresh_complete_and_allowed(tmp_path):
     from datetime import UTC, datetime, timedelta
 
     from factory import make_project
@@ -82,6 +82,9 @@ def test_timings_are_reused_only_from_a_sibling_when_fresh_whole_and_allowed(tmp
     assert not reused(allowed=0)  # reuse off
     assert not reused(name="vgg16-noaug")  # its own: a rerun measures again
     assert not reused(runtimes=rts | {"openvino_fp32"})  # timed without a runtime this stage has
+    assert reused(runtimes={"onnxruntime_fp32"})  # timed with one this stage does not time (it failed its val check here)...
+    write_json(p.path("timing_cache") / "k.json", {**memo, "measured_at": datetime.now(UTC).isoformat()})
+    assert [r["runtime"] for r in reused_timings(p, "k", "vgg16-aug", {"onnxruntime_fp32"})["rows"]] == ["onnxruntime_fp32"]  # ...not shown
     assert not reused(rows=[{"p50_ms": 1.0}]) and not reused(gemm=None) and not reused(numpy_peak=None)  # damaged
     (p.path("timing_cache") / "k.json").write_text("{not json")
     assert reused_timings(p, "k", "vgg16-aug", rts) is None  # unreadable: measured again, not an error

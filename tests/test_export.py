@@ -102,6 +102,51 @@ def test_int8_candidates_share_one_calibration_and_get_the_file_their_own_would_
     assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "own.onnx").read_bytes()
 
 
+def test_a_sibling_quantizes_from_its_bases_cached_ranges_and_gets_the_file_its_own_calibration_gives(small_run, tmp_path, monkeypatch):
+    """vgg16-noaug and vgg16-aug share a frozen base and calibration images: the base's int8 activation ranges are
+    calibrated once and cached (smallcnn's base gets an entry of its own), a sibling's export feeds no image, and its int8
+    graph is byte for byte the one its own calibration gives. Another sample or method is another entry; the head's
+    tensors are never cached."""
+    from brainmri.export import quantize as module
+    from brainmri.export import ranges_cache
+    from brainmri.export.int8_choice import quantize_best
+    from brainmri.intake.parts import split_part
+
+    p, *_ = small_run
+    name, size = "vgg16-aug", p.backbones["vgg16"].input_size
+    cached = {f.name.split("-")[0]: f for f in p.path("onnx_cache").glob("*" + ranges_cache.SUFFIX)}
+    assert len(cached) == 2  # the stage ran for three models: one entry for vgg16's base, one for smallcnn's
+    train, val = split_part(p, "train"), split_part(p, "val")
+    images = [train.paths[i] for i in int8_calibration_sample(train, p.export.int8_calibration_images, p.seed)]
+    fp32 = p.model_file("export", name, "onnx")
+    x = load_batch(val.paths, size)
+    p32 = probabilities(session(fp32), x)
+    threshold = json.loads(p.model_file("models", name, "train_metrics").read_text())["threshold"]
+    fed = []
+    real_next = module.Int8CalibrationReader.get_next
+    monkeypatch.setattr(module.Int8CalibrationReader, "get_next", lambda self: fed.append(1) or real_next(self))
+
+    record, p8 = quantize_best(p, name, fp32, tmp_path / "cached.onnx", images, size, threshold, x, p32)
+    assert not fed  # every candidate's ranges came from the cache
+    np.testing.assert_array_equal(p8, probabilities(session(tmp_path / "cached.onnx"), x))  # the chosen file's, returned
+    chosen = record["chosen"]
+    module.quantize(fp32, tmp_path / "own.onnx", images, size, chosen["calibration_method"], chosen["reduce_range"])
+    assert fed  # calibrated itself
+    own = onnx.load(tmp_path / "own.onnx").graph.SerializeToString()
+    assert onnx.load(tmp_path / "cached.onnx").graph.SerializeToString() == own
+    assert onnx.load(p.model_file("export", name, "onnx_int8")).graph.SerializeToString() == own  # the stage's file too
+
+    prep = module.prepare(fp32, tmp_path / "prep.onnx")
+    key = ranges_cache.ranges_key(prep, images, size, chosen["calibration_method"], module.CALIBRATION_BATCH)
+    assert key in cached
+    assert ranges_cache.ranges_key(prep, images[:-1], size, chosen["calibration_method"], module.CALIBRATION_BATCH) != key
+    assert ranges_cache.ranges_key(prep, images, size, "minmax", module.CALIBRATION_BATCH) != key
+    graph = onnx.load(prep).graph
+    head = {t for n in graph.node if n.name in set(module.head_nodes(graph)) for t in n.output}
+    stored = set(json.loads(cached[key].read_text())["data"])
+    assert stored and stored <= ranges_cache.base_tensors(graph) and not stored & head
+
+
 def test_int8_keeps_the_head_float_and_the_base_int8(small_run, tmp_path):
     """Only the base is quantized: no quantize/dequantize node after the global pooling, every convolution fed int8."""
     from brainmri.export.quantize import GLOBAL_POOLING, quantize

@@ -14,47 +14,52 @@ from brainmri.config import Params, candidates
 from brainmri.core.machine import cpu_flags
 from brainmri.core.progress import log
 from brainmri.deploy.onnxrt import probabilities, session
-from brainmri.export.quantize import quantize
+from brainmri.export import ranges_cache
+from brainmri.export.quantize import CALIBRATION_BATCH, prepare, quantize
+from brainmri.export.ranges_cache import ranges_key
 from brainmri.export.record import label_metrics
 from brainmri.intake.parts import split_part
-from brainmri.intake.preprocess import load_batch
 
 
-def quantize_best(p: Params, name: str, fp32, int8, images: list, size: int, threshold: float | None) -> dict:
+def quantize_best(
+    p: Params, name: str, fp32: Path, int8: Path, images: list, size: int, threshold: float | None, x_val, p32: np.ndarray
+) -> tuple[dict, np.ndarray]:
     """Quantize with every combination of export.int8_calibration_method and export.reduce_range (lists are candidates)
-    and keep the one whose int8 probabilities stay closest to fp32's on the validation images (mean absolute change;
-    ties go to the earlier candidate). Chosen on val, never test: the test figures come after, for the chosen file
-    only. An N-class model (threshold None) is scored by arg-max labels. The CPU is recorded because ONNX Runtime's
-    int8 kernels, and so the choice, depend on its instructions."""
-    val = split_part(p, "val")
-    x_val = load_batch(val.paths, size)
-    p32 = probabilities(session(fp32), x_val)
-    m32 = label_metrics(val.y, p32, threshold)
+    and keep the one whose int8 probabilities stay closest to fp32's (`p32`) on the validation images `x_val` (mean
+    absolute change; ties go to the earlier candidate). Chosen on val, never test: the test figures come after, for the
+    chosen file only. An N-class model (threshold None) is scored by arg-max labels. The CPU is recorded because ONNX
+    Runtime's int8 kernels, and so the choice, depend on its instructions. Returns the record and the chosen file's
+    probabilities on val. A method's ranges come from the frozen base's cache when a sibling calibrated them
+    (brainmri.export.ranges_cache)."""
+    y = split_part(p, "val").y
+    m32 = label_metrics(y, p32, threshold)
     combos = list(itertools.product(candidates(p.export.int8_calibration_method), candidates(p.export.reduce_range)))
-    scores = []
-    with tempfile.TemporaryDirectory() as shared:  # one pre-processing, and one calibration per method, for every candidate
+    cache = p.path("onnx_cache")
+    scores, probs = [], []
+    with tempfile.TemporaryDirectory() as tmp:  # one pre-processing, and one calibration per method, for every candidate
+        prep = prepare(fp32, Path(tmp) / "prep.onnx")
+        ranges = {m: Path(tmp) / f"{m}.json" for m, _ in combos}
+        keys = {m: ranges_key(prep, images, size, m, CALIBRATION_BATCH) for m in ranges}
+        cached = {m: ranges_cache.restore(cache, keys[m], ranges[m]) for m in ranges}
         for i, (method, reduce_range) in enumerate(combos):
             target = int8 if len(combos) == 1 else int8.with_name(f"candidate{i}.onnx")
-            log.info(
-                "export %s: quantizing to int8 (%s, reduce_range %s), calibrated on %d training images",
-                name,
-                method,
-                reduce_range,
-                len(images),
-            )
-            quantize(fp32, target, images, size, method, reduce_range, Path(shared) / f"{method}.json", Path(shared) / "prep.onnx")
-            p8 = probabilities(session(target), x_val)
-            scores.append(candidate_score(method, reduce_range, val.y, p8, p32, m32, threshold))
+            how = "its base's cached ranges" if cached[method] else f"calibrated on {len(images)} training images"
+            log.info("export %s: quantizing to int8 (%s, reduce_range %s), %s", name, method, reduce_range, how)
+            quantize(fp32, target, images, size, method, reduce_range, ranges[method], prep)
+            ranges_cache.keep(cache, keys[method], ranges[method], prep)
+            probs.append(probabilities(session(target), x_val))
+            scores.append(candidate_score(method, reduce_range, y, probs[-1], p32, m32, threshold))
     best = min(range(len(combos)), key=lambda i: (scores[i]["val_mean_abs_prob_change"], i))
     keep_candidate(int8, best, len(combos))
     stamp_choice(int8, combos[best][1])
-    return {
-        "protocol": f"every candidate quantized and scored on the {len(val.y)} validation images; test never read for the choice",
+    record = {
+        "protocol": f"every candidate quantized and scored on the {len(y)} validation images; test never read for the choice",
         "criterion": "smallest mean |p_int8 - p_fp32| on val; ties go to the earlier candidate",
         "cpu_flags": cpu_flags(),
         "candidates": scores,
         "chosen": {k: scores[best][k] for k in ("calibration_method", "reduce_range")},
     }
+    return record, probs[best]
 
 
 def candidate_score(method: str, reduce_range: bool, y, p8: np.ndarray, p32: np.ndarray, m32: dict, threshold: float | None) -> dict:

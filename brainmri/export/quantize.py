@@ -47,6 +47,8 @@ class Int8CalibrationReader(CalibrationDataReader):
         return {INPUT: load_batch(chunk, self.size)}
 
 
+CALIBRATION_BATCH = 4  # images a calibration step feeds: the histograms grow by one batch's activations at a time
+
 GLOBAL_POOLING = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
 
 
@@ -89,13 +91,11 @@ def quantize(
     candidate: made when absent, reused when there; without it, made beside `int8_path` and removed after.
     """
     keep = prep is not None
-    prep = prep or int8_path.with_name("prep.onnx")
-    if not prep.is_file():
-        quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+    prep = prepare(fp32_path, prep or int8_path.with_name("prep.onnx"))
     quantize_static(
         str(prep),
         str(int8_path),
-        Int8CalibrationReader(int8_calibration_paths, size),
+        Int8CalibrationReader(int8_calibration_paths, size, CALIBRATION_BATCH),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["Conv", "Relu", "MaxPool", "Add", "Mul"],
         nodes_to_exclude=head_nodes(onnx.load(prep).graph),
@@ -109,6 +109,13 @@ def quantize(
     )
     if not keep:
         prep.unlink()
+
+
+def prepare(fp32_path, prep: Path) -> Path:
+    """ONNX Runtime's pre-processed fp32 model (shape inference, graph optimisation) at `prep`, made when absent."""
+    if not prep.is_file():
+        quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+    return prep
 
 
 def int8_calibration_sample(part: Part, n: int, seed: int) -> list[int]:
