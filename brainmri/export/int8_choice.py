@@ -16,7 +16,6 @@ from brainmri.core.progress import log
 from brainmri.deploy.onnxrt import probabilities, session
 from brainmri.export import ranges_cache
 from brainmri.export.quantize import CALIBRATION_BATCH, prepare, quantize
-from brainmri.export.ranges_cache import ranges_key
 from brainmri.export.record import label_metrics
 from brainmri.intake.parts import split_part
 
@@ -39,7 +38,7 @@ def quantize_best(
     with tempfile.TemporaryDirectory() as tmp:  # one pre-processing, and one calibration per method, for every candidate
         prep = prepare(fp32, Path(tmp) / "prep.onnx")
         ranges = {m: Path(tmp) / f"{m}.json" for m, _ in combos}
-        keys = {m: ranges_key(prep, images, size, m, CALIBRATION_BATCH) for m in ranges}
+        keys = {m: ranges_cache.ranges_key(prep, images, size, m, CALIBRATION_BATCH) for m in ranges}
         cached = {m: ranges_cache.restore(cache, keys[m], ranges[m]) for m in ranges}
         for i, (method, reduce_range) in enumerate(combos):
             target = int8 if len(combos) == 1 else int8.with_name(f"candidate{i}.onnx")
