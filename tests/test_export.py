@@ -136,12 +136,11 @@ def test_a_sibling_quantizes_from_its_bases_cached_ranges_and_gets_the_file_its_
     assert onnx.load(tmp_path / "cached.onnx").graph.SerializeToString() == own
     assert onnx.load(p.model_file("export", name, "onnx_int8")).graph.SerializeToString() == own  # the stage's file too
 
-    prep = module.prepare(fp32, tmp_path / "prep.onnx")
-    key = ranges_cache.ranges_key(prep, images, size, chosen["calibration_method"], module.CALIBRATION_BATCH)
+    graph = onnx.load(module.prepare(fp32, tmp_path / "prep.onnx")).graph
+    key = ranges_cache.ranges_key(graph, images, size, chosen["calibration_method"], module.CALIBRATION_BATCH)
     assert key in cached
-    assert ranges_cache.ranges_key(prep, images[:-1], size, chosen["calibration_method"], module.CALIBRATION_BATCH) != key
-    assert ranges_cache.ranges_key(prep, images, size, "minmax", module.CALIBRATION_BATCH) != key
-    graph = onnx.load(prep).graph
+    assert ranges_cache.ranges_key(graph, images[:-1], size, chosen["calibration_method"], module.CALIBRATION_BATCH) != key
+    assert ranges_cache.ranges_key(graph, images, size, "minmax", module.CALIBRATION_BATCH) != key
     head = {t for n in graph.node if n.name in set(module.head_nodes(graph)) for t in n.output}
     stored = set(json.loads(cached[key].read_text())["data"])
     assert stored and stored <= ranges_cache.base_tensors(graph) and not stored & head

@@ -38,14 +38,15 @@ def quantize_best(
     with tempfile.TemporaryDirectory() as tmp:  # one pre-processing, and one calibration per method, for every candidate
         prep = prepare(fp32, Path(tmp) / "prep.onnx")
         ranges = {m: Path(tmp) / f"{m}.json" for m, _ in combos}
-        keys = {m: ranges_cache.ranges_key(prep, images, size, m, CALIBRATION_BATCH) for m in ranges}
+        graph = onnx.load(str(prep)).graph  # read once for every method's key and entry
+        keys = {m: ranges_cache.ranges_key(graph, images, size, m, CALIBRATION_BATCH) for m in ranges}
         cached = {m: ranges_cache.restore(cache, keys[m], ranges[m]) for m in ranges}
         for i, (method, reduce_range) in enumerate(combos):
             target = int8 if len(combos) == 1 else int8.with_name(f"candidate{i}.onnx")
             how = "its base's cached ranges" if cached[method] else f"calibrated on {len(images)} training images"
             log.info("export %s: quantizing to int8 (%s, reduce_range %s), %s", name, method, reduce_range, how)
             quantize(fp32, target, images, size, method, reduce_range, ranges[method], prep)
-            ranges_cache.keep(cache, keys[method], ranges[method], prep)
+            ranges_cache.keep(cache, keys[method], ranges[method], graph)
             probs.append(probabilities(session(target), x_val))
             scores.append(candidate_score(method, reduce_range, y, probs[-1], p32, m32, threshold))
     best = min(range(len(combos)), key=lambda i: (scores[i]["val_mean_abs_prob_change"], i))

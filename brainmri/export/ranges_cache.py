@@ -10,11 +10,11 @@ memo, not a DVC output.
 An entry is ONNX Runtime's own calibration cache (the JSON `quantize_static` writes and reads) cut down to the base's
 tensors, named by a hash of everything those ranges depend on: every node before the head in the pre-processed graph
 (operator, attributes, wiring, weight values), the calibration images' bytes in order, the input size, the method
-and batch, ONNX Runtime's version, the CPU, its instruction sets and its core count (the calibration session runs on every core, and
-another CPU's kernels sum in another order), and this code. A model whose base differs in any weight, cut or image gets an entry of its own.
-Written by hand: ONNX Runtime's cache is one file per calibration, keyed by nothing, and would hand one model's head
-ranges to another. On the real set the int8 file quantized from a sibling's entry is the one its own calibration
-gives, byte for byte (tests/test_export.py checks it on phantoms).
+and batch, ONNX Runtime's version, the CPU, its instruction sets and its core count (the calibration session runs
+on every core, and another CPU's kernels sum in another order), and this code. A model whose base differs in any
+weight, cut or image gets an entry of its own. Written by hand: ONNX Runtime's cache is one file per calibration,
+keyed by nothing, and would hand one model's head ranges to another. On the real set the int8 file quantized from a
+sibling's entry is the one its own calibration gives, byte for byte (tests/test_export.py checks it on phantoms).
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ def base_tensors(graph: onnx.GraphProto) -> set[str]:
     return {t for n in graph.node if n.name not in head for t in (*n.input, *n.output) if t}
 
 
-def ranges_key(prep: Path, images: list, size: int, method: str, batch: int) -> str:
-    """What the base's activation ranges depend on, hashed (the module's docstring lists it)."""
+def ranges_key(graph: onnx.GraphProto, images: list, size: int, method: str, batch: int) -> str:
+    """What the base's activation ranges in the pre-processed `graph` depend on, hashed (the module's docstring)."""
     import onnxruntime
 
     from brainmri.core.machine import cpu_flags, cpu_model
 
-    graph = onnx.load(str(prep)).graph
     head, weights = set(head_nodes(graph)), {t.name: t for t in graph.initializer}
     h = hashlib.sha256()
     for node in graph.node:
@@ -62,11 +61,9 @@ def ranges_key(prep: Path, images: list, size: int, method: str, batch: int) -> 
     return h.hexdigest()[:24]
 
 
-def restore(folder: Path | None, key: str, ranges: Path) -> bool:
+def restore(folder: Path, key: str, ranges: Path) -> bool:
     """Write `key`'s cached ranges to `ranges`, where quantize_static reads them instead of calibrating; False when
-    there are none (or no cache folder)."""
-    if folder is None or not folder.is_dir():
-        return False
+    there are none."""
     data = read_verified(folder, key, SUFFIX, "calibrating again")
     if data is None:
         return False
@@ -75,12 +72,13 @@ def restore(folder: Path | None, key: str, ranges: Path) -> bool:
     return True
 
 
-def keep(folder: Path | None, key: str, ranges: Path, prep: Path) -> None:
-    """Cache the base's part of the ranges a calibration wrote to `ranges` (ONNX Runtime's JSON), unless cached."""
-    if folder is None or not ranges.is_file() or any(folder.glob(f"{key}-*{SUFFIX}")):
+def keep(folder: Path, key: str, ranges: Path, graph: onnx.GraphProto) -> None:
+    """Cache the base's part of the ranges a calibration wrote to `ranges` (ONNX Runtime's JSON) for the pre-processed
+    `graph`, unless cached."""
+    if not ranges.is_file() or any(folder.glob(f"{key}-*{SUFFIX}")):
         return
     whole = json.loads(ranges.read_text(encoding="utf-8"))
-    base = base_tensors(onnx.load(str(prep)).graph)
+    base = base_tensors(graph)
     whole["data"] = {name: value for name, value in whole["data"].items() if name in base}
     folder.mkdir(parents=True, exist_ok=True)
     write_verified(folder, key, SUFFIX, json.dumps(whole, sort_keys=True).encode())
