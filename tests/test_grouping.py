@@ -131,3 +131,43 @@ def test_inner_correlations_are_inner_correlation_row_by_row():
         refs.append(np.array([inner_correlation(a, b) for a in views]))
         assert np.allclose(inner_correlations(views, b, insides, inside(b)), refs[-1], rtol=0, atol=1e-12)
     assert (np.concatenate(refs) == -1).any() and (np.concatenate(refs) > 0.5).any()  # both kinds of answer compared
+
+
+def test_the_coarse_to_fine_screen_keeps_exactly_the_pairs_within_the_radius():
+    """_Parts.within (a lower bound in the basis's first numbers, then all K² for what it keeps) against the distance
+    of every (query, transform) pair in all K² numbers: the same pairs, flat (NaN) rows reaching nothing. The data lie
+    in 20 dimensions, so the first COARSE numbers hold all of each distance and a looser or wrong bound loses pairs."""
+    from brainmri.intake.grouping import K, _basis, _Parts
+
+    rng = np.random.default_rng(11)
+    space = np.linalg.qr(rng.normal(size=(K * K, 20)))[0]  # an orthonormal 20-dimensional subspace
+    centres = rng.normal(size=(6, 20))
+    whole = ((centres[rng.integers(0, 6, 300)] + 0.35 * rng.normal(size=(300, 20))) @ space.T).astype(np.float32)
+    whole /= np.linalg.norm(whole, axis=1, keepdims=True)
+    parts = (whole[rng.integers(0, 300, (20, 40))] + 0.05 * rng.normal(size=(20, 40, 20)) @ space.T).astype(np.float32)
+    basis = _basis(whole)
+    whole[7], parts[3, 5] = np.nan, np.nan
+    d2 = ((np.nan_to_num(whole, nan=9.0)[:, None, None].astype(np.float64) - np.nan_to_num(parts, nan=-9.0)) ** 2).sum(-1)
+    radius2 = float(np.quantile(d2.min(2), 0.05))  # about 5% of the (query, image) pairs within it
+    expected = {(i, 30 + j) for i, j in np.argwhere(d2.min(2) <= radius2)}
+    found = {tuple(x) for x in _Parts(parts, basis).within(whole, radius2, 30, basis)}
+    margin = {(i, 30 + j) for i, j in np.argwhere(np.abs(d2.min(2) - radius2) < 1e-5)}  # float32 rounding decides these
+    assert 100 < len(expected) < 300 * 20 // 2 and not any(i == 7 for i, _ in found)
+    assert found - margin == expected - margin
+    ts = np.arange(0, 40, 3)
+    expected_ts = {(i, 30 + j) for i, j in np.argwhere(d2[:, :, ts].min(2) <= radius2)}
+    assert {tuple(x) for x in _Parts(parts, basis).within(whole, radius2, 30, basis, ts)} - margin == expected_ts - margin
+
+
+def test_the_screen_and_verdicts_are_the_same_on_one_core_and_on_two(monkeypatch):
+    """The blocks and verdicts run on the stage's cores in threads: the pairs found and judged do not depend on how many."""
+    from brainmri.core.machine import THREADS
+
+    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(_set(10, seed=2))]
+    runs = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv(THREADS, threads)
+        cand = candidates(prints, RULES[0], RULES[2])
+        runs.append((cand, verdicts(prints, cand, *RULES)))
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    assert runs[0][1].sum() >= 4  # copies were joined: the comparison covers the verdicts' work too

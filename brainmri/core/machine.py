@@ -59,6 +59,11 @@ def stage_threads() -> int:
         return 0
 
 
+def stage_cores() -> int:
+    """The cores this stage may keep busy: its share when the flow runs it beside another stage, else every usable one."""
+    return max(1, stage_threads() or usable_cores())
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """The environment that holds a stage process to `threads` threads in every library it uses (nothing for 0)."""
     if threads <= 0:

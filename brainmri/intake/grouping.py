@@ -15,8 +15,11 @@ P keeps the K x K lowest 2-D DCT coefficients of a thumbnail (K² numbers, not 1
 Candidates then go to `verdicts`, the rules of `joined` for one pair, so a verdict stays a function of the pair;
 groups are the components of the joined pairs (union-find). Nothing n x n is kept (the screen runs in blocks):
 memory grows with n and with the number of candidates, which is itself up to quadratic where many images look
-alike (smooth phantoms). Time is still quadratic in the screen, with K²/1,024 of the rules' work per pair compared
-(docs/measurements.md: how it grows). tests/test_grouping.py checks the pairs against `joined`'s. Written by hand:
+alike (smooth phantoms). Time is still quadratic in the screen, coarse to fine: each pair is first compared in the
+COARSE principal directions of the projected views (a rotation, so again only shorter), and only the (image,
+transform) pairs that bound keeps in all K² numbers: about 32/1,024 of the rules' work per pair. Blocks and verdicts
+run on the stage's cores in threads (docs/measurements.md: how it grows). tests/test_grouping.py checks the pairs
+against `joined`'s. Written by hand:
 the radius test is a blocked matrix product (numpy), over the rules' own transforms; scikit-learn's ball trees,
 tried before at a looser bar on 16 x 16 thumbnails, lost pairs the rules join.
 """
@@ -24,10 +27,13 @@ tried before at a looser bar on 16 x 16 thumbnails, lost pairs the rules join.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from brainmri.core.machine import stage_cores
 from brainmri.intake.duplicates import (
     MIN_INNER,
     SMALL_TRIM,
@@ -50,9 +56,10 @@ from brainmri.intake.duplicates import (
 # energy and 2,057 of the real set's 31,878 pairs were candidates; at 12, 196 (78 joined)
 K = 12
 SLACK = 1e-3  # added to the squared radius: float32 rounding in the screen must not drop a pair the rules join
-I_CHUNK = 512  # query images per block product: with J_CHUNK x the trims, a few hundred MB at most
+I_CHUNK = 128  # query images per block product: with J_CHUNK x the trims, a few hundred MB at most
 J_CHUNK = 64  # transformed images per block
 FAR = 1e30  # a squared distance no radius reaches (float32 holds it): flat rows and transforms not allowed
+COARSE = 32  # rotated numbers the screen compares first: on real scans 0.02% of (image, transform) pairs pass, 1.7% of image pairs
 MERGE_EVERY = 4_000_000  # pairs found before they are merged with those kept: bounds the screen's memory
 
 
@@ -111,28 +118,56 @@ def _hash_close(prints: list[Fingerprint], max_distance: int):
 
 def _screened(prints: list[Fingerprint], radius2: float):
     """Pairs (i, j) where one of j's trims or turns, projected, lies within radius2 of i's whole view: the close rule's
-    small trims and turns for every i, the crop rule's larger trims only for an i cut on every side they cut."""
-    grid = trims()
-    sides = np.array(grid) > 0
-    small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
-    wholes = []
-    for v in range(3):
-        views = np.stack([p.views[v] for p in prints]).astype(np.float32)
-        whole = _projected_units(_thumbs(views))
-        wholes.append(whole)
-        cuts = np.stack([p.cuts[v] for p in prints])
-        allowed = (cuts[:, None, :] | ~sides[None, ~small]).all(2)  # (i, large trim): i is cut where it cuts
-        rows = np.nonzero(allowed.any(1))[0]
-        close, crop = tuple(t for t, s in zip(grid, small, strict=True) if s), tuple(t for t, s in zip(grid, small, strict=True) if not s)
-        for j in range(0, len(views), J_CHUNK):
-            yield _within(whole, _transformed(views[j : j + J_CHUNK], close), radius2, j)
-            if len(rows):
-                hits = _within(whole[rows], _transformed(views[j : j + J_CHUNK], crop), radius2, j, allowed[rows])
-                yield np.stack([rows[hits[:, 0]], hits[:, 1]], 1)
-    for j in range(0, len(prints), J_CHUNK):
-        block = np.stack([p.turned for p in prints[j : j + J_CHUNK]]).astype(np.float32)  # (images, turns, VIEW, VIEW): turned head regions
-        parts = _projected_units(_thumbs(block.reshape(-1, *block.shape[2:]))).reshape(len(block), len(TURNS), -1)
-        yield _within(wholes[0], parts, radius2, j)  # turned head regions against view 0, as the close rule
+    small trims and turns for every i, the crop rule's larger trims only for an i cut on every side they cut. Blocks
+    of j are independent: they run on the stage's cores (`_each`; BLAS's own second thread mostly waited on these
+    small products: 2 threads used 2 cores' CPU time in the same wall time as one)."""
+    wholes = [_projected_units(_thumbs(_views(prints, v))) for v in range(3)]
+    screen = _Screen(prints, wholes, _basis(np.concatenate(wholes)), radius2)
+    for found in _each(screen.block, range(0, len(prints), J_CHUNK)):
+        yield from found
+
+
+class _Screen:
+    """What every block of `_screened` compares against: the whole views, projected, and for the crop rule the
+    queries grouped by the sides where they look cut, with the trims each group allows."""
+
+    def __init__(self, prints: list[Fingerprint], wholes: list[np.ndarray], basis: np.ndarray, radius2: float):
+        grid = trims()
+        self.close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)  # the close rule's small trims
+        self.crop = tuple(t for t in grid if max(t) > SMALL_TRIM + 1e-9)  # the crop rule's larger ones
+        sides = np.array(self.crop) > 0
+        allowed = [np.nonzero((pattern_sides(c)[None] | ~sides).all(1))[0] for c in range(16)]  # trims cutting only cut sides
+        self.by_pattern = []
+        for v in range(3):
+            pattern = np.stack([p.cuts[v] for p in prints]) @ (1 << np.arange(4))  # the sides where each image looks cut
+            groups = [(np.nonzero(pattern == c)[0], allowed[c]) for c in range(1, 16)]
+            self.by_pattern.append([(rows, ts) for rows, ts in groups if len(rows) and len(ts)])
+        self.prints, self.wholes, self.basis, self.radius2 = prints, wholes, basis, radius2
+
+    def block(self, j: int) -> list[np.ndarray]:
+        """The pairs found with images j to j + J_CHUNK as the ones trimmed or turned."""
+        prints, found = self.prints[j : j + J_CHUNK], []
+        for v, whole in enumerate(self.wholes):
+            made = _transformed(_views(prints, v), self.close + self.crop)  # in one call: they share most column cuts
+            found.append(_Parts(made[:, : len(self.close)], self.basis).within(whole, self.radius2, j, self.basis))
+            if self.by_pattern[v]:
+                cropped = _Parts(made[:, len(self.close) :], self.basis)
+                for rows, ts in self.by_pattern[v]:  # each query only against the trims it allows
+                    hits = cropped.within(whole[rows], self.radius2, j, self.basis, ts)
+                    found.append(np.stack([rows[hits[:, 0]], hits[:, 1]], 1))
+        turned = np.stack([p.turned for p in prints]).astype(np.float32)  # (images, turns, VIEW, VIEW): turned head regions
+        parts = _projected_units(_thumbs(turned.reshape(-1, *turned.shape[2:]))).reshape(len(turned), len(TURNS), -1)
+        found.append(_Parts(parts, self.basis).within(self.wholes[0], self.radius2, j, self.basis))  # against view 0, as the close rule
+        return found
+
+
+def pattern_sides(code: int) -> np.ndarray:
+    """The four sides (top, bottom, left, right) of a cut pattern's bits, as `Fingerprint.cuts` orders them."""
+    return (code >> np.arange(4) & 1).astype(bool)
+
+
+def _views(prints: list[Fingerprint], v: int) -> np.ndarray:
+    return np.stack([p.views[v] for p in prints]).astype(np.float32)
 
 
 def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
@@ -145,15 +180,13 @@ def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
     b, side, alg = len(views), views.shape[-1], _Trims.of(grid)
     level = views.mean((1, 2), dtype=np.float64)
     centred = (views - level.astype(np.float32)[:, None, None]).reshape(b * side, side)
-    y = (centred @ alg.cols).reshape(b, side, -1, THUMB)  # (images, VIEW rows, column cuts, THUMB): V S_cᵀ for each
-    z = (y.reshape(-1, THUMB) @ _dct_rows().T).reshape(b, side, -1, K)  # (images, VIEW rows, column cuts, K)
+    rows_first = centred.reshape(b, side, side).transpose(1, 0, 2).reshape(side * b, side)
+    z = (rows_first @ alg.low_cols).reshape(side, b, -1, K)  # (VIEW rows, images, column cuts, K): V S_cᵀ Dᵀ for each
     out = np.empty((b, len(grid), K, K), np.float32)
-    for c, (ts, lows) in enumerate(alg.by_col):
-        out[:, ts] = (lows @ z[:, :, c]).reshape(b, len(ts), K, K).transpose(0, 1, 3, 2)  # `project`'s layout
-    gram = np.zeros((b, y.shape[2], alg.band + 1, side), np.float64)  # Y_c Y_cᵀ's band: all S_rᵀS_r reaches
-    for d in range(alg.band + 1):
-        gram[:, :, d, : side - d] = np.einsum("bjck,bjck->bcj", y[:, : side - d], y[:, d:])
-    energy = (gram.reshape(b, y.shape[2], -1) @ alg.energy)[:, alg.col_of, alg.row_of]  # ||S_r Y_c||², (images, trims)
+    for c, (ts, lows) in enumerate(alg.by_col):  # one product per column cut over every image: (trims x K, images x K)
+        low = (lows @ z[:, :, c].reshape(side, b * K)).reshape(len(ts), K, b, K)
+        out[:, ts] = low.transpose(2, 0, 3, 1)  # `project`'s layout: (images, trims, column frequency, row frequency)
+    energy = (_gram_band(centred.reshape(b, side, side), alg) @ alg.energy)[:, alg.col_of, alg.row_of]  # ||S_r V S_cᵀ||², (images, trims)
     row_means = (centred.astype(np.float64) @ alg.col_means).reshape(b, side, -1).transpose(0, 2, 1)  # Y_c's, (images, cuts, VIEW)
     mean = (row_means @ alg.mean)[:, alg.col_of, alg.row_of]
     norm = np.sqrt(np.maximum(energy - THUMB * THUMB * mean**2, 0.0))
@@ -166,6 +199,22 @@ def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
         x = (_shrink(top, 1 - bottom) @ views[i] @ _shrink(left, 1 - right).T).reshape(1, -1)
         out[i, t] = _projected_units(_unit(x))[0]
     return out
+
+
+def _gram_band(views: np.ndarray, alg: _Trims) -> np.ndarray:
+    """(images, column cuts, (band + 1) x VIEW): the band of V G_c Vᵀ (G_c = S_cᵀS_c, itself banded) that S_rᵀS_r
+    reaches, row offset d major: [j, j + d] = sum over e, k of V[j, k] V[j + d, k + e] G_c[k, k + e]. One product per
+    d over the (k, e) terms, never V S_cᵀ itself (images x VIEW x cuts x THUMB numbers)."""
+    b, side, _ = views.shape
+    v = views.astype(np.float64)  # float32 sums lose the energy of a trim that is nearly flat (tests/test_grouping.py)
+    out = np.zeros((b, alg.col_diagonals.shape[1], alg.band + 1, side))
+    for d in range(alg.band + 1):
+        terms = np.zeros((b, side, len(alg.col_band), side))
+        for n, e in enumerate(alg.col_band):
+            lo, hi = max(0, -e), side - max(0, e)  # k and k + e both inside the view
+            terms[:, : side - d, n, lo:hi] = v[:, : side - d, lo:hi] * v[:, d:, lo + e : hi + e]
+        out[:, :, d] = (terms.reshape(b * side, -1) @ alg.col_diagonals).reshape(b, side, -1).transpose(0, 2, 1)
+    return out.reshape(b, out.shape[1], -1)
 
 
 class _Trims:
@@ -183,7 +232,14 @@ class _Trims:
         cols, rows = list(dict.fromkeys((t[2], t[3]) for t in grid)), list(dict.fromkeys((t[0], t[1]) for t in grid))
         self.col_of = np.array([cols.index((t[2], t[3])) for t in grid])
         self.row_of = np.array([rows.index((t[0], t[1])) for t in grid])
-        self.cols = np.concatenate([_shrink(lo, 1 - hi).T for lo, hi in cols], axis=1)  # (VIEW, cuts x THUMB)
+        col_shrinks = [_shrink(lo, 1 - hi).astype(np.float64) for lo, hi in cols]
+        self.low_cols = np.concatenate([s.T @ _dct_rows().T for s in col_shrinks], axis=1).astype(np.float32)  # (VIEW, cuts x K)
+        col_grams = [s.T @ s for s in col_shrinks]
+        reach = max(int(np.abs(np.subtract(*np.nonzero(g))).max()) for g in col_grams)
+        self.col_band = list(range(-reach, reach + 1))
+        self.col_diagonals = np.concatenate(
+            [np.stack([np.pad(np.diagonal(g, e), (max(0, -e), max(0, e))) for g in col_grams], axis=1) for e in self.col_band]
+        )  # (offsets x VIEW, cuts): G_c[k, k + e] at row (e, k), 0 where k + e leaves the view
         self.col_means = np.stack([_shrink(lo, 1 - hi).astype(np.float64).mean(0) for lo, hi in cols], axis=1)  # (VIEW, cuts)
         shrinks = [_shrink(lo, 1 - hi).astype(np.float64) for lo, hi in rows]
         self.by_col = []
@@ -201,19 +257,56 @@ class _Trims:
         assert self.energy.shape[0] == (self.band + 1) * side
 
 
-def _within(whole: np.ndarray, parts: np.ndarray, radius2: float, offset: int, allowed: np.ndarray | None = None) -> np.ndarray:
-    """(query row, offset + part image) for every query whose projected whole view lies within radius2 of one of the
-    part image's transforms (those `allowed` for the query, when given). NaN rows (flat thumbnails) reach nothing."""
-    q, f = _lifted(whole, query=True), _lifted(parts.reshape(-1, parts.shape[-1]), query=False)
-    b, t = parts.shape[:2]
-    out = []
-    for i in range(0, len(whole), I_CHUNK):
-        closeness = (q[i : i + I_CHUNK] @ f.T).reshape(-1, b, t)  # -||w - p||², in one product
-        if allowed is not None:
-            closeness += np.where(allowed[i : i + I_CHUNK], 0.0, -FAR).astype(np.float32)[:, None, :]
-        a, c = np.nonzero(closeness.max(2) >= -radius2)
-        out.append(np.stack([a + i, c + offset], 1))
-    return np.concatenate(out)
+class _Parts:
+    """A block of images' transforms (images, transforms, K²), with their coarse numbers (`_basis`) lifted once for
+    every query set compared with them (`_lifted`)."""
+
+    def __init__(self, parts: np.ndarray, basis: np.ndarray):
+        flat = parts.reshape(-1, parts.shape[-1])
+        self.parts, self.lifted = parts, _lifted(flat @ basis, query=False).reshape(*parts.shape[:2], -1)
+        self.norm2 = _norm2(flat).reshape(parts.shape[:2])
+
+    def within(self, whole: np.ndarray, radius2: float, offset: int, basis: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+        """(query row, offset + part image) for every query whose projected whole view lies within radius2 of one of
+        the part image's transforms (of those in `ts`, when given). NaN rows (flat thumbnails) reach nothing. Coarse
+        to fine: the distance in the basis's first COARSE numbers is a lower bound of the whole distance, so the
+        (query, transform) pairs it keeps are a superset of those within radius2, and only they are measured in all
+        K² numbers (as 2 w.p - ||w||² - ||p||², float32, as the one-step screen did)."""
+        parts, lifted, norm2 = self.parts, self.lifted, self.norm2
+        if ts is not None:
+            parts, lifted, norm2 = parts[:, ts], lifted[:, ts], norm2[:, ts]
+        b, t = parts.shape[:2]
+        q, f = _lifted(whole @ basis, query=True), lifted.reshape(b * t, -1)
+        w = np.where(np.isnan(whole), 0.0, whole).astype(np.float32)
+        w_norm2 = _norm2(whole)
+        out = []
+        for i in range(0, len(whole), I_CHUNK):
+            closeness = (q[i : i + I_CHUNK] @ f.T).reshape(-1, b, t)  # -||Bᵀ(w - p)||² over the coarse numbers
+            a, c = np.nonzero(closeness.max(2) >= -radius2)
+            if not len(a):
+                continue
+            k, s = np.nonzero(closeness[a, c] >= -radius2)  # (pair, transform) the bound keeps
+            a_k = a[k] + i
+            exact = 2 * np.einsum("ij,ij->i", w[a_k], parts[c[k], s]) - w_norm2[a_k] - norm2[c[k], s]
+            hit = np.zeros(len(a), bool)
+            hit[k[exact >= -radius2]] = True
+            out.append(np.stack([a[hit] + i, c[hit] + offset], 1))
+        return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+def _norm2(x: np.ndarray) -> np.ndarray:
+    """Each row's squared length (float32, as the screen's products), FAR for a NaN (flat) row: it reaches nothing."""
+    n2 = np.einsum("ij,ij->i", x, x)
+    return np.where(np.isnan(n2), FAR, n2).astype(np.float32)
+
+
+def _basis(wholes: np.ndarray) -> np.ndarray:
+    """(K², COARSE): the principal directions of the images' projected whole views, largest spread first: an orthonormal
+    rotation (its first COARSE columns), so distances in it only shrink, whatever the data. Written by hand: a
+    144 x 144 eigen-decomposition (numpy), not a library's PCA with its centring and sign conventions."""
+    x = wholes[~np.isnan(wholes).any(1)].astype(np.float64)
+    _, vectors = np.linalg.eigh(x.T @ x if len(x) else np.eye(wholes.shape[1]))
+    return np.ascontiguousarray(vectors[:, ::-1][:, :COARSE]).astype(np.float32)
 
 
 def _lifted(x: np.ndarray, query: bool) -> np.ndarray:
@@ -326,7 +419,7 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, whol
     sides where a looks cut."""
     grid = trims()
     sides = np.array(grid) > 0
-    patterns = np.array([[bool(m >> s & 1) for s in range(4)] for m in range(16)])
+    patterns = np.array([pattern_sides(m) for m in range(16)])
     applies_to = (patterns[:, None, :] | ~sides[None]).all(2)  # (cut pattern, trim): cut on every side the trim cuts
     pattern = [np.array([int(p.cuts[v] @ (1 << np.arange(4))) for p in prints]) for v in range(3)]
     out = np.zeros(len(ordered), bool)
@@ -335,8 +428,10 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, whol
         cut |= pattern[v][ordered[:, 0]] > 0
     if not cut.any():
         return out
-    for j, ks in _by_second(ordered[cut]).items():
-        ks = np.nonzero(cut)[0][ks]
+
+    def judge(group: tuple[int, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        j, ks = group
+        ks, found = np.nonzero(cut)[0][ks], []
         for v in range(3):
             firsts = ordered[ks, 0]
             firsts_cut = pattern[v][firsts] > 0
@@ -346,7 +441,12 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, whol
             applies = applies_to[pattern[v][firsts]]
             need = np.nonzero(applies.any(0))[0]
             c = np.where(applies[:, need], wholes(firsts, v) @ trimmed(prints[j].view(v), tuple(grid[t] for t in need)).T, -1.0)
-            out[rows] |= c.max(1) >= bar
+            found.append((rows, c.max(1) >= bar))
+        return found
+
+    for found in _each(judge, _by_second(ordered[cut]).items()):
+        for rows, hit in found:
+            out[rows] |= hit
     return out
 
 
@@ -357,8 +457,10 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
     grid = _transforms()
     small = [tuple(t for w, t in grid if w == v) for v in range(3)]
     out = np.zeros(len(ordered), bool)
-    insides: dict[tuple[int, int], np.ndarray] = {}
-    for j, ks in _by_second(ordered).items():
+    insides: dict[tuple[int, int], np.ndarray] = {}  # shared by the threads: an entry made twice is the same array
+
+    def judge(group: tuple[int, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        j, ks = group
         firsts = ordered[ks, 0]
         c = np.concatenate(
             [wholes(firsts, v) @ trimmed(prints[j].view(v), small[v]).T for v in range(3)]
@@ -367,6 +469,7 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
         )
         best = c.argmax(1)  # the first transform reaching the best, as close_similarity's strict ">" keeps it
         reach = c[np.arange(len(ks)), best] >= bar
+        found = []
         for t in np.unique(best[reach]):
             rows = np.nonzero(reach & (best == t))[0]
             v, seen = max(grid[t][0], 0), close_view(prints[j], grid[t])
@@ -375,5 +478,18 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
                     insides[i, v] = inside(prints[i].views[v])
             a = np.stack([prints[i].views[v] for i in firsts[rows]])
             inner = inner_correlations(a, seen, np.stack([insides[i, v] for i in firsts[rows]]), inside(seen))
-            out[ks[rows]] = inner >= MIN_INNER
+            found.append((ks[rows], inner >= MIN_INNER))
+        return found
+
+    for found in _each(judge, _by_second(ordered).items()):
+        for rows, hit in found:
+            out[rows] = hit
     return out
+
+
+def _each(work, items):
+    """work(item) for each item, in order, on the stage's cores (threads, one BLAS thread each): the images' verdicts
+    and screen blocks are independent, and numpy lets go of the GIL in its products."""
+    cores = stage_cores()
+    with threadpool_limits(1), ThreadPoolExecutor(cores) as pool:
+        yield from pool.map(work, items) if cores > 1 else map(work, items)

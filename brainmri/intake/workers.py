@@ -31,7 +31,7 @@ CHUNK = 8  # images handed to a worker at a time: fewer round trips, and a slow 
 def workers() -> int:
     """Processes for the per-image work: the cores this process may use (its share when the flow runs it beside another
     stage), at most MAX_WORKERS."""
-    return max(1, min(MAX_WORKERS, machine.stage_threads() or machine.usable_cores()))
+    return min(MAX_WORKERS, machine.stage_cores())
 
 
 def one(f: SourceFile, p: Params, out: Path) -> tuple[SourceFile, str | None, tuple | None]:
