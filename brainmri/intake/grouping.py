@@ -60,6 +60,7 @@ I_CHUNK = 128  # query images per block product: with J_CHUNK x the trims, a few
 J_CHUNK = 64  # transformed images per block
 FAR = 1e30  # a squared distance no radius reaches (float32 holds it): flat rows and transforms not allowed
 COARSE = 32  # rotated numbers the screen compares first: on real scans 0.02% of (image, transform) pairs pass, 1.7% of image pairs
+REFINE = 32_768  # (query, transform) pairs measured in all K² numbers at a time: 2 x 19 MB of gathered rows
 MERGE_EVERY = 4_000_000  # pairs found before they are merged with those kept: bounds the screen's memory
 
 
@@ -91,7 +92,7 @@ def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float 
     """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring)."""
     n = len(prints)
     if n < 2:
-        return np.zeros((0, 2), np.int64)
+        return np.zeros((0, 2), np.int32)
     found = _hash_close(prints, max_distance)
     if min_partial is not None:
         found = itertools.chain(found, _screened(prints, 2 * (1 - min_partial) + SLACK))
@@ -103,7 +104,9 @@ def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float 
         if size > MERGE_EVERY:
             keys, pending, size = np.unique(np.concatenate([keys, *pending])), [], 0
     keys = np.unique(np.concatenate([keys, *pending]))
-    return np.stack([keys // n, keys % n], 1)
+    pairs = np.empty((len(keys), 2), np.int32)  # half of int64's memory: a large set can have millions of candidates
+    pairs[:, 0], pairs[:, 1] = keys // n, keys % n
+    return pairs
 
 
 def _hash_close(prints: list[Fingerprint], max_distance: int):
@@ -286,10 +289,12 @@ class _Parts:
             if not len(a):
                 continue
             k, s = np.nonzero(closeness[a, c] >= -radius2)  # (pair, transform) the bound keeps
-            a_k = a[k] + i
-            exact = 2 * np.einsum("ij,ij->i", w[a_k], parts[c[k], s]) - w_norm2[a_k] - norm2[c[k], s]
             hit = np.zeros(len(a), bool)
-            hit[k[exact >= -radius2]] = True
+            for x in range(0, len(k), REFINE):  # bounded memory where many look alike: REFINE rows of K² gathered
+                kx, sx = k[x : x + REFINE], s[x : x + REFINE]
+                a_k, c_k = a[kx] + i, c[kx]
+                exact = 2 * np.einsum("ij,ij->i", w[a_k], parts[c_k, sx]) - w_norm2[a_k] - norm2[c_k, sx]
+                hit[kx[exact >= -radius2]] = True
             out.append(np.stack([a[hit] + i, c[hit] + offset], 1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
@@ -383,7 +388,8 @@ def verdicts(
         todo = np.nonzero(~ok)[0]
         if not len(todo):
             break
-        both = np.concatenate([np.stack([a[todo], b[todo]], 1), np.stack([b[todo], a[todo]], 1)])  # each way
+        both = np.empty((2 * len(todo), 2), pairs.dtype)  # each way, made in place: no stacked temporaries
+        both[: len(todo), 0], both[: len(todo), 1], both[len(todo) :, 0], both[len(todo) :, 1] = a[todo], b[todo], b[todo], a[todo]
         hit = rule(prints, both, min_partial, wholes)
         ok[todo] = hit[: len(todo)] | hit[len(todo) :]
     return ok
@@ -392,8 +398,11 @@ def verdicts(
 def _by_second(ordered: np.ndarray) -> dict[int, np.ndarray]:
     """The rows of `ordered` (a, b) grouped by b, the image trimmed or turned: its transforms are made once."""
     order = np.argsort(ordered[:, 1], kind="stable")
-    seconds, starts = np.unique(ordered[order, 1], return_index=True)
-    return dict(zip(seconds.tolist(), np.split(order, starts[1:]), strict=True))
+    second = ordered[order, 1]
+    starts = np.flatnonzero(second[1:] != second[:-1]) + 1  # already sorted: no second sort (np.unique's)
+    if not len(second):
+        return {}
+    return dict(zip(second[np.r_[0, starts]].tolist(), np.split(order, starts), strict=True))
 
 
 class _Wholes:
@@ -429,9 +438,11 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, whol
     if not cut.any():
         return out
 
+    cut_rows = np.nonzero(cut)[0]
+
     def judge(group: tuple[int, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         j, ks = group
-        ks, found = np.nonzero(cut)[0][ks], []
+        ks, found = cut_rows[ks], []
         for v in range(3):
             firsts = ordered[ks, 0]
             firsts_cut = pattern[v][firsts] > 0
