@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import imagehash
 import numpy as np
@@ -157,7 +157,7 @@ def trimmed(view: np.ndarray, grid: tuple) -> np.ndarray:
     return _unit((rows @ view @ cols).reshape(len(grid), -1))
 
 
-@cache
+@lru_cache(maxsize=8)  # bounded: the crop verdicts ask for many subsets of the trims, up to 12 MB each
 def _stacked(grid: tuple) -> tuple[np.ndarray, np.ndarray]:
     """`_shrink`'s row and (transposed) column matrices of each trim of `grid`, stacked."""
     rows = np.stack([_shrink(t, 1 - b) for t, b, _, _ in grid])
