@@ -171,3 +171,30 @@ def test_the_screen_and_verdicts_are_the_same_on_one_core_and_on_two(monkeypatch
         runs.append((cand, verdicts(prints, cand, *RULES)))
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
     assert runs[0][1].sum() >= 4  # copies were joined: the comparison covers the verdicts' work too
+
+
+def test_a_stopped_search_cancels_the_blocks_not_started(monkeypatch):
+    """Ctrl-C or an error in ingest stops the threaded screen at once: the blocks not yet started never run. Executor.map
+    cancels its pending futures when its results are closed; a pool left to its own exit would first run every queued
+    block (minutes on a large set)."""
+    import threading
+    import time
+
+    from brainmri.core.machine import THREADS
+    from brainmri.intake.grouping import _each
+
+    monkeypatch.setenv(THREADS, "2")
+    ran = []
+    lock = threading.Lock()
+
+    def work(k):
+        time.sleep(0.05)
+        with lock:
+            ran.append(k)
+        return k
+
+    results = _each(work, range(200))
+    assert next(results) == 0
+    results.close()  # what an exception or KeyboardInterrupt in the consumer does to the generator
+    time.sleep(0.2)
+    assert len(ran) < 10, len(ran)
