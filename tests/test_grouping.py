@@ -137,7 +137,7 @@ def test_the_coarse_to_fine_screen_keeps_exactly_the_pairs_within_the_radius():
     """_Parts.within (a lower bound in the basis's first numbers, then all K² for what it keeps) against the distance
     of every (query, transform) pair in all K² numbers: the same pairs, flat (NaN) rows reaching nothing. The data lie
     in 20 dimensions, so the first COARSE numbers hold all of each distance and a looser or wrong bound loses pairs."""
-    from brainmri.intake.grouping import K, _basis, _Parts
+    from brainmri.intake.grouping import K, _basis, _Parts, _Queries
 
     rng = np.random.default_rng(11)
     space = np.linalg.qr(rng.normal(size=(K * K, 20)))[0]  # an orthonormal 20-dimensional subspace
@@ -150,13 +150,13 @@ def test_the_coarse_to_fine_screen_keeps_exactly_the_pairs_within_the_radius():
     d2 = ((np.nan_to_num(whole, nan=9.0)[:, None, None].astype(np.float64) - np.nan_to_num(parts, nan=-9.0)) ** 2).sum(-1)
     radius2 = float(np.quantile(d2.min(2), 0.05))  # about 5% of the (query, image) pairs within it
     expected = {(i, 30 + j) for i, j in np.argwhere(d2.min(2) <= radius2)}
-    found = {tuple(x) for x in _Parts(parts, basis).within(whole, radius2, 30, basis)}
+    found = {tuple(x) for x in _Parts(parts, basis).within(_Queries.of(whole, basis), radius2, 30)}
     margin = {(i, 30 + j) for i, j in np.argwhere(np.abs(d2.min(2) - radius2) < 1e-5)}  # float32 rounding decides these
     assert 100 < len(expected) < 300 * 20 // 2 and not any(i == 7 for i, _ in found)
     assert found - margin == expected - margin
     ts = np.arange(0, 40, 3)
     expected_ts = {(i, 30 + j) for i, j in np.argwhere(d2[:, :, ts].min(2) <= radius2)}
-    assert {tuple(x) for x in _Parts(parts, basis).within(whole, radius2, 30, basis, ts)} - margin == expected_ts - margin
+    assert {tuple(x) for x in _Parts(parts, basis).within(_Queries.of(whole, basis), radius2, 30, ts)} - margin == expected_ts - margin
 
 
 def test_the_screen_and_verdicts_are_the_same_on_one_core_and_on_two(monkeypatch):

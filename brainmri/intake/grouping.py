@@ -135,6 +135,8 @@ class _Screen:
     queries grouped by the sides where they look cut, with the trims each group allows."""
 
     def __init__(self, prints: list[Fingerprint], wholes: list[np.ndarray], basis: np.ndarray, radius2: float):
+        self.prints, self.basis, self.radius2 = prints, basis, radius2
+        self.queries = [_Queries.of(whole, basis) for whole in wholes]  # made once, not once a block
         grid = trims()
         self.close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)  # the close rule's small trims
         self.crop = tuple(t for t in grid if max(t) > SMALL_TRIM + 1e-9)  # the crop rule's larger ones
@@ -144,23 +146,22 @@ class _Screen:
         for v in range(3):
             pattern = np.stack([p.cuts[v] for p in prints]) @ (1 << np.arange(4))  # the sides where each image looks cut
             groups = [(np.nonzero(pattern == c)[0], allowed[c]) for c in range(1, 16)]
-            self.by_pattern.append([(rows, ts) for rows, ts in groups if len(rows) and len(ts)])
-        self.prints, self.wholes, self.basis, self.radius2 = prints, wholes, basis, radius2
+            self.by_pattern.append([(rows, ts, self.queries[v][rows]) for rows, ts in groups if len(rows) and len(ts)])
 
     def block(self, j: int) -> list[np.ndarray]:
         """The pairs found with images j to j + J_CHUNK as the ones trimmed or turned."""
-        prints, found = self.prints[j : j + J_CHUNK], []
-        for v, whole in enumerate(self.wholes):
+        prints, found, r2 = self.prints[j : j + J_CHUNK], [], self.radius2
+        for v, queries in enumerate(self.queries):
             made = _transformed(_views(prints, v), self.close + self.crop)  # in one call: they share most column cuts
-            found.append(_Parts(made[:, : len(self.close)], self.basis).within(whole, self.radius2, j, self.basis))
+            found.append(_Parts(made[:, : len(self.close)], self.basis).within(queries, r2, j))
             if self.by_pattern[v]:
                 cropped = _Parts(made[:, len(self.close) :], self.basis)
-                for rows, ts in self.by_pattern[v]:  # each query only against the trims it allows
-                    hits = cropped.within(whole[rows], self.radius2, j, self.basis, ts)
+                for rows, ts, group in self.by_pattern[v]:  # each query only against the trims it allows
+                    hits = cropped.within(group, r2, j, ts)
                     found.append(np.stack([rows[hits[:, 0]], hits[:, 1]], 1))
         turned = np.stack([p.turned for p in prints]).astype(np.float32)  # (images, turns, VIEW, VIEW): turned head regions
         parts = _projected_units(_thumbs(turned.reshape(-1, *turned.shape[2:]))).reshape(len(turned), len(TURNS), -1)
-        found.append(_Parts(parts, self.basis).within(self.wholes[0], self.radius2, j, self.basis))  # against view 0, as the close rule
+        found.append(_Parts(parts, self.basis).within(self.queries[0], r2, j))  # against view 0, as the close rule
         return found
 
 
@@ -170,6 +171,7 @@ def pattern_sides(code: int) -> np.ndarray:
 
 
 def _views(prints: list[Fingerprint], v: int) -> np.ndarray:
+    """View v of each image as float32, what the rules compute with."""
     return np.stack([p.views[v] for p in prints]).astype(np.float32)
 
 
@@ -260,6 +262,21 @@ class _Trims:
         assert self.energy.shape[0] == (self.band + 1) * side
 
 
+class _Queries:
+    """Whole views compared against every block, prepared once (`of`): their coarse numbers lifted (`_lifted`), the
+    rows with NaN (flat) made 0, and their squared lengths (FAR for a flat row)."""
+
+    def __init__(self, lifted: np.ndarray, rows: np.ndarray, norm2: np.ndarray):
+        self.lifted, self.rows, self.norm2 = lifted, rows, norm2
+
+    @staticmethod
+    def of(whole: np.ndarray, basis: np.ndarray) -> _Queries:
+        return _Queries(_lifted(whole @ basis, query=True), np.where(np.isnan(whole), 0.0, whole).astype(np.float32), _norm2(whole))
+
+    def __getitem__(self, rows: np.ndarray) -> _Queries:
+        return _Queries(self.lifted[rows], self.rows[rows], self.norm2[rows])
+
+
 class _Parts:
     """A block of images' transforms (images, transforms, K²), with their coarse numbers (`_basis`) lifted once for
     every query set compared with them (`_lifted`)."""
@@ -269,7 +286,7 @@ class _Parts:
         self.parts, self.lifted = parts, _lifted(flat @ basis, query=False).reshape(*parts.shape[:2], -1)
         self.norm2 = _norm2(flat).reshape(parts.shape[:2])
 
-    def within(self, whole: np.ndarray, radius2: float, offset: int, basis: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+    def within(self, queries: _Queries, radius2: float, offset: int, ts: np.ndarray | None = None) -> np.ndarray:
         """(query row, offset + part image) for every query whose projected whole view lies within radius2 of one of
         the part image's transforms (of those in `ts`, when given). NaN rows (flat thumbnails) reach nothing. Coarse
         to fine: the distance in the basis's first COARSE numbers is a lower bound of the whole distance, so the
@@ -279,11 +296,9 @@ class _Parts:
         if ts is not None:
             parts, lifted, norm2 = parts[:, ts], lifted[:, ts], norm2[:, ts]
         b, t = parts.shape[:2]
-        q, f = _lifted(whole @ basis, query=True), lifted.reshape(b * t, -1)
-        w = np.where(np.isnan(whole), 0.0, whole).astype(np.float32)
-        w_norm2 = _norm2(whole)
+        q, f, w, w_norm2 = queries.lifted, lifted.reshape(b * t, -1), queries.rows, queries.norm2
         out = []
-        for i in range(0, len(whole), I_CHUNK):
+        for i in range(0, len(q), I_CHUNK):
             closeness = (q[i : i + I_CHUNK] @ f.T).reshape(-1, b, t)  # -||Bᵀ(w - p)||² over the coarse numbers
             a, c = np.nonzero(closeness.max(2) >= -radius2)
             if not len(a):
@@ -413,14 +428,10 @@ class _Wholes:
         kept = np.unique(images)
         self.row[kept] = np.arange(len(kept))
         chunks = [kept[s : s + 1024] for s in range(0, len(kept), 1024)]  # bounded temporaries
-        self.thumbs = [np.concatenate([_thumbs(self._stacked(prints, c, v)) for c in chunks]) for v in range(3)]
+        self.thumbs = [np.concatenate([_thumbs(_views([prints[i] for i in c], v)) for c in chunks]) for v in range(3)]
 
     def __call__(self, images: np.ndarray, v: int) -> np.ndarray:
         return self.thumbs[v][self.row[images]]
-
-    @staticmethod
-    def _stacked(prints: list[Fingerprint], images: np.ndarray, v: int) -> np.ndarray:
-        return np.stack([prints[i].views[v] for i in images]).astype(np.float32)
 
 
 def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes) -> np.ndarray:
