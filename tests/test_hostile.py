@@ -477,6 +477,44 @@ def test_twelve_bit_data_in_a_sixteen_bit_container_is_scaled_by_the_bits_it_use
     assert np.abs(got - np.rint(twelve.astype(float) * 255 / 4095)).max() == 0 and dec.note == ""
 
 
+def _wide_png(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG of `arr` (height, width, 2 to 4 channels of uint16), written here: Pillow cannot write one."""
+    height, width, channels = arr.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)  # filter 0 on every row
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels", ["RGB", "RGBA", "LA"])
+def test_twelve_bit_colour_and_gray_alpha_pngs_read_as_the_same_gray_one(channels):
+    """Pillow reads a 16-bit colour or gray-and-alpha PNG's high bytes alone: 12-bit data came out at most 15 of 255
+    and was scored so. They decode to the 16-bit gray PNG's pixels, and a transparent half goes black."""
+    twelve = (brain(11).astype(np.uint16) * 16).clip(0, 4095)
+    gray = np.asarray(decode_bytes(encode(Image.fromarray(twelve), "PNG"), **LIMITS).image)
+    opaque = np.full(twelve.shape, 65535, np.uint16)
+    stacks = {"RGB": [twelve] * 3, "RGBA": [twelve] * 3 + [opaque], "LA": [twelve, opaque]}
+    dec = decode_bytes(_wide_png(np.stack(stacks[channels], axis=-1)), **LIMITS)
+    assert np.array_equal(np.asarray(dec.image), gray) and gray.max() > 150 and dec.format == "PNG"
+    if channels != "RGB":
+        half = opaque.copy()
+        half[:, : half.shape[1] // 2] = 0
+        see = np.asarray(decode_bytes(_wide_png(np.stack([*stacks[channels][:-1], half], axis=-1)), **LIMITS).image)
+        assert see[:, : half.shape[1] // 2].max() == 0 and np.array_equal(see[:, half.shape[1] // 2 :], gray[:, half.shape[1] // 2 :])
+
+
+def test_a_name_too_long_for_the_system_is_one_sentence_for_input_and_model(tmp_path, model):
+    """Python 3.11's is_dir() and exists() raise for a name over 255 bytes rather than answering False."""
+    with pytest.raises(BrainMRIError, match="cannot be opened: File name too long"):
+        predict(model, [str(tmp_path / ("a" * 256))], tmp_path / "out.csv")
+    with pytest.raises(BrainMRIError, match="the model cannot be opened: File name too long"):
+        predict(tmp_path / ("a" * 256 + ".onnx"), [str(tmp_path)], tmp_path / "out2.csv")
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out2.csv").exists()
+
+
 @pytest.mark.parametrize("offset", [0, -(2**30)])
 def test_thirty_two_bit_integers_are_scaled_by_their_range_with_a_note(offset):
     arr = brain(12).astype(np.int64) * 1_000_000 + offset  # values up to 2.5e8: far beyond 16 bits, some negative
@@ -676,6 +714,92 @@ def test_a_zip_bomb_with_lying_sizes_is_refused_with_bounded_memory(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 30_000_000
+
+
+def _zip_directory(entries: int) -> bytes:
+    """A zip whose directory lists `entries` empty stored members (zip64 past 65,535), all pointing at one local header."""
+    first = b"yes/0.png"
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, 0, 0, 0, len(first), 0) + first
+    directory = b"".join(
+        struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0, 0, 0) + name
+        for name in (b"yes/%d.png" % i for i in range(entries))
+    )
+    if entries <= 0xFFFF:
+        return local + directory + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, entries, entries, len(directory), len(local), 0)
+    zip64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, entries, entries, len(directory), len(local))
+    locator = struct.pack("<IIQI", 0x07064B50, 0, len(local) + len(directory), 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return local + directory + zip64 + locator + end
+
+
+@pytest.mark.parametrize("entries", [60, 70_000])
+def test_a_zip_directory_over_the_member_cap_is_refused_before_zipfile_reads_it(tmp_path, monkeypatch, entries):
+    """zipfile builds every directory entry's object before any cap counts them (a million entries: 475 MB): the
+    entries are counted from their headers first, zip64 directories included."""
+    from brainmri.intake import archives
+
+    archive = tmp_path / "many.zip"
+    archive.write_bytes(_zip_directory(entries))
+    assert len(zipfile.ZipFile(archive).infolist()) == entries  # a directory zipfile itself reads as listing them all
+
+    def never(*args, **kwargs):
+        raise AssertionError("zipfile.ZipFile opened a directory over the cap")
+
+    monkeypatch.setattr(archives.zipfile, "ZipFile", never)
+    with pytest.raises(DataError, match=f"many.zip: more than {entries - 1} members"):
+        archives.extract(archive, tmp_path / "out", entries - 1, 10**9, 10**6)
+    assert not (tmp_path / "out").exists()
+    assert not archives._zip_entries_over(archive, entries)  # at the cap: left to zipfile, as before
+
+
+def _bloated(fmt: str, parts: int) -> bytes:
+    """A valid image of `fmt` whose header carries `parts` empty segments, private chunks or comment blocks."""
+    data = encode(brain(3), fmt)
+    if fmt == "JPEG":
+        return data[:2] + b"\xff\xe5\x00\x02" * parts + data[2:]  # empty APP5 segments
+    if fmt == "PNG":
+        chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+        return data[:33] + chunk * parts + data[33:]  # after the signature and IHDR
+    table = 3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0
+    at = 13 + table
+    return data[:at] + b"\x21\xfe" + b"\x01x" * parts + b"\x00" + data[at:]  # a comment of 1-byte blocks
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("JPEG", "a JPEG of more than 10000 markers is refused"),
+        ("PNG", "a PNG of more than 10000 chunks besides its image data"),
+        ("GIF", "a GIF of more than 10000 extension blocks before its first image"),
+    ],
+)
+def test_a_header_of_too_many_parts_is_refused_before_the_image_library_parses_it(monkeypatch, fmt, message):
+    """Pillow keeps every JPEG APP or comment segment, unknown PNG chunk and GIF comment block while it opens a file
+    (5 million empty JPEG segments: 714 MB, 15 s): they are counted from their headers first, and the file refused
+    without the library. Under the cap the same file decodes to the plain one's pixels."""
+    plain = np.asarray(decode_bytes(encode(brain(3), fmt), **LIMITS).image)
+    assert np.array_equal(np.asarray(decode_bytes(_bloated(fmt, 9_000), **LIMITS).image), plain)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the image library opened a file over the header cap")
+
+    monkeypatch.setattr(images.Image, "open", never)
+    with pytest.raises(ImageError, match=message):
+        decode_bytes(_bloated(fmt, 20_000), **LIMITS)
+
+
+def test_segments_are_walked_header_to_header_not_searched(monkeypatch):
+    """Between segments the next marker sits where the last one ended: it is taken there, not searched for through
+    the rest of the file (9,990 comments before 1.2 MB of image data took 3.8 s)."""
+    data = encode(brain(4), "JPEG", quality=90)
+    comments = data[:2] + b"\xff\xfe\x00\x03x" * 9_990 + data[2:] + bytes(1_200_000)
+    searched = []
+    real = images.np.frombuffer
+    monkeypatch.setattr(images.np, "frombuffer", lambda *a, **k: searched.append(k.get("count")) or real(*a, **k))
+    assert images.jpeg_scans(comments, images.MAX_JPEG_SCANS) == 1  # a baseline JPEG: one scan
+    assert len(searched) <= 4, len(searched)  # only for the end of the entropy-coded data
+    monkeypatch.setattr(images.np, "frombuffer", real)
+    assert np.array_equal(np.asarray(decode_bytes(comments, **LIMITS).image), np.asarray(decode_bytes(data, **LIMITS).image))
 
 
 # --- fuzzing: seeded mutations of the real images, each case under a timeout and a memory cap -------------------

@@ -123,9 +123,13 @@ def _check_model_file(model: Path) -> None:
     """Refuse anything but an existing regular .onnx file, before ONNX Runtime opens it."""
     if model.suffix.lower() != ".onnx":
         raise BrainMRIError(f"{model}: --model must be an exported .onnx file (Keras and other model files are not accepted)")
-    if not model.exists():
+    try:
+        exists, regular = model.exists(), model.is_file()
+    except OSError as exc:  # Python 3.11's exists() raises for a name too long, a folder it may not enter...
+        raise BrainMRIError(f"{printable(str(model))}: the model cannot be opened: {exc.strerror or exc}") from None
+    if not exists:
         raise BrainMRIError(f"{model}: model file not found")
-    if not model.is_file():  # a named pipe would block the loader, a device would feed it forever
+    if not regular:  # a named pipe would block the loader, a device would feed it forever
         raise BrainMRIError(f"{model}: the model is not a regular file")
 
 
@@ -208,7 +212,11 @@ def collect(inputs: list[str]) -> list[Path]:
         if not item:
             raise BrainMRIError("an input is an empty string; name a file or folder ('.' for this folder)")
         path = Path(item)
-        if path.is_dir():  # named directly: walked even through a link; links inside are not followed
+        try:
+            folder, present = path.is_dir(), path.exists() or path.is_symlink()
+        except OSError as exc:  # Python 3.11's is_dir() raises for a name too long, a folder it may not enter...
+            raise BrainMRIError(f"input {printable(item)} cannot be opened: {exc.strerror or exc}") from None
+        if folder:  # named directly: walked even through a link; links inside are not followed
             unlistable: list[Path] = []
             stack = [path]
             while stack:
@@ -223,7 +231,7 @@ def collect(inputs: list[str]) -> list[Path]:
                 out += [Path(e.path) for e in entries if not e.is_dir(follow_symlinks=False)]
                 stack += reversed(subs)  # depth first, in name order, as os.walk goes
             out += unlistable
-        elif path.exists() or path.is_symlink():
+        elif present:
             out.append(path)
         else:
             raise BrainMRIError(f"input {printable(item)} does not exist")
