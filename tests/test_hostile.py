@@ -477,16 +477,13 @@ def test_twelve_bit_data_in_a_sixteen_bit_container_is_scaled_by_the_bits_it_use
     assert np.abs(got - np.rint(twelve.astype(float) * 255 / 4095)).max() == 0 and dec.note == ""
 
 
-def _wide_png(arr: np.ndarray) -> bytes:
-    """A 16-bit PNG of `arr` (height, width, 2 to 4 channels of uint16), written here: Pillow cannot write one."""
+def _wide_png(arr: np.ndarray, extra: bytes = b"") -> bytes:
+    """A 16-bit PNG of `arr` (height, width, 2 to 4 channels of uint16), written here: Pillow cannot write one;
+    `extra` chunks before the image data."""
     height, width, channels = arr.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)  # filter 0 on every row
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + extra + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND")
 
 
 @pytest.mark.parametrize("channels", ["RGB", "RGBA", "LA"])
@@ -504,6 +501,27 @@ def test_twelve_bit_colour_and_gray_alpha_pngs_read_as_the_same_gray_one(channel
         half[:, : half.shape[1] // 2] = 0
         see = np.asarray(decode_bytes(_wide_png(np.stack([*stacks[channels][:-1], half], axis=-1)), **LIMITS).image)
         assert see[:, : half.shape[1] // 2].max() == 0 and np.array_equal(see[:, half.shape[1] // 2 :], gray[:, half.shape[1] // 2 :])
+
+
+@pytest.mark.parametrize("where", ["exif", "xmp"])
+def test_a_sixteen_bit_colour_png_is_turned_as_its_orientation_says(where):
+    """The full-depth pixels are a new image: the file's EXIF and XMP orientation still apply, as to 16-bit gray."""
+    twelve = (brain(12).astype(np.uint16) * 16).clip(0, 4095)
+    if where == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        turn = _png_chunk(b"eXIf", exif.tobytes())
+    else:
+        xmp = (
+            b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+        )
+        turn = _png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp)
+    gray = encode(Image.fromarray(twelve), "PNG")
+    want = decode_bytes(gray[:33] + turn + gray[33:], **LIMITS)
+    got = decode_bytes(_wide_png(np.stack([twelve] * 3, axis=-1), turn), **LIMITS)
+    assert want.exif_rotated and got.exif_rotated and want.image.size == (twelve.shape[0], twelve.shape[1])
+    assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
 
 
 def test_a_name_too_long_for_the_system_is_one_sentence_for_input_and_model(tmp_path, model):
@@ -752,40 +770,60 @@ def test_a_zip_directory_over_the_member_cap_is_refused_before_zipfile_reads_it(
     assert not archives._zip_entries_over(archive, entries)  # at the cap: left to zipfile, as before
 
 
-def _bloated(fmt: str, parts: int) -> bytes:
-    """A valid image of `fmt` whose header carries `parts` empty segments, private chunks or comment blocks."""
+def _png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bloated(kind: str, parts: int) -> bytes:
+    """A valid image whose header carries `parts` empty JPEG segments, private PNG chunks, PNG image-data chunks,
+    GIF comment blocks or empty GIF extensions."""
+    fmt = kind.split()[0]
     data = encode(brain(3), fmt)
-    if fmt == "JPEG":
+    if kind == "JPEG":
         return data[:2] + b"\xff\xe5\x00\x02" * parts + data[2:]  # empty APP5 segments
-    if fmt == "PNG":
-        chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
-        return data[:33] + chunk * parts + data[33:]  # after the signature and IHDR
-    table = 3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0
-    at = 13 + table
-    return data[:at] + b"\x21\xfe" + b"\x01x" * parts + b"\x00" + data[at:]  # a comment of 1-byte blocks
+    if kind == "PNG":
+        return data[:33] + _png_chunk(b"prVt") * parts + data[33:]  # after the signature and IHDR
+    if kind == "PNG data":
+        at = data.find(b"IDAT") - 4
+        return data[:at] + _png_chunk(b"IDAT") * parts + data[at:]  # empty image-data chunks: no pixel bytes
+    at = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # after the screen descriptor and colour table
+    if kind == "GIF":
+        return data[:at] + b"\x21\xfe" + b"\x01x" * parts + b"\x00" + data[at:]  # a comment of 1-byte blocks
+    return data[:at] + b"\x21\xfe\x00" * parts + data[at:]  # empty comments
 
 
 @pytest.mark.parametrize(
-    ("fmt", "message"),
+    ("kind", "under", "over", "message"),
     [
-        ("JPEG", "a JPEG of more than 10000 markers is refused"),
-        ("PNG", "a PNG of more than 10000 chunks besides its image data"),
-        ("GIF", "a GIF of more than 10000 extension blocks before its first image"),
+        ("JPEG", 9_000, 20_000, "a JPEG of more than 10000 markers is refused"),
+        ("PNG", 9_000, 20_000, "a PNG of more than 10000 chunks besides its image data"),
+        ("PNG data", 9_000, 1_000_001, "a PNG of more than 1000000 chunks is refused"),
+        ("GIF", 9_000, 20_000, "a GIF of more than 10000 extension blocks"),
+        ("GIF empty", 9_000, 20_000, "a GIF of more than 10000 extension blocks"),
     ],
 )
-def test_a_header_of_too_many_parts_is_refused_before_the_image_library_parses_it(monkeypatch, fmt, message):
+def test_a_header_of_too_many_parts_is_refused_before_the_image_library_parses_it(monkeypatch, kind, under, over, message):
     """Pillow keeps every JPEG APP or comment segment, unknown PNG chunk and GIF comment block while it opens a file
-    (5 million empty JPEG segments: 714 MB, 15 s): they are counted from their headers first, and the file refused
-    without the library. Under the cap the same file decodes to the plain one's pixels."""
-    plain = np.asarray(decode_bytes(encode(brain(3), fmt), **LIMITS).image)
-    assert np.array_equal(np.asarray(decode_bytes(_bloated(fmt, 9_000), **LIMITS).image), plain)
+    (5 million empty JPEG segments: 714 MB, 15 s), and walks empty ones one by one: they are counted from their
+    headers first, and the file refused without the library. Under the cap the same file decodes to the plain one's
+    pixels."""
+    plain = np.asarray(decode_bytes(encode(brain(3), kind.split()[0]), **LIMITS).image)
+    assert np.array_equal(np.asarray(decode_bytes(_bloated(kind, under), **LIMITS).image), plain)
 
     def never(*args, **kwargs):
         raise AssertionError("the image library opened a file over the header cap")
 
     monkeypatch.setattr(images.Image, "open", never)
     with pytest.raises(ImageError, match=message):
-        decode_bytes(_bloated(fmt, 20_000), **LIMITS)
+        decode_bytes(_bloated(kind, over), **LIMITS)
+
+
+def test_an_animated_png_of_many_frames_is_not_a_bloated_header():
+    """A frame's control and data chunks are no header: Pillow reads the first frame alone, and so does the count."""
+    frames = [Image.fromarray(np.full((40, 40), i % 251, np.uint8)) for i in range(5_001)]  # 10,002 frame chunks
+    buf = io.BytesIO()
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    assert decode_bytes(buf.getvalue(), **LIMITS).image.size == (40, 40)
 
 
 def test_segments_are_walked_header_to_header_not_searched(monkeypatch):

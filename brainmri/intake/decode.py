@@ -49,6 +49,7 @@ MAX_ASPECT = 10  # a slice ten times longer than wide is no MRI slice (the real 
 MAX_JPEG_MARKERS = 10_000  # segments walked to count a JPEG's scans: real files have 10-60 (progressive ones the most)
 MAX_HEADER_PARTS = 10_000  # PNG chunks besides image data, GIF extension blocks before the first image: real files carry
 # a handful (text, colour profile, time; a GIF's application and comment blocks), an ICC profile of 1 MB 4,000 blocks
+MAX_PNG_CHUNKS = 1_000_000  # chunks of any kind: encoders write image data in chunks of 8 KB or more (30,000 for 250 MB)
 UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP})  # the file's own fault: a reason, not a
 # retry; a file that vanished (ENOENT: a set still syncing) or a disk error fails the run, which can then be retried
 ROTATING = frozenset(range(2, 9))  # EXIF orientations that flip or turn the image; 1 is upright, anything else is invalid
@@ -165,28 +166,36 @@ def _refuse_bloated_header(data: bytes) -> None:
     if data[:8] == PNG_SIGNATURE and _png_extra_chunks(data) > MAX_HEADER_PARTS:
         raise ImageError(f"a PNG of more than {MAX_HEADER_PARTS} chunks besides its image data is refused")
     if data[:6] in (b"GIF87a", b"GIF89a") and _gif_header_blocks(data) > MAX_HEADER_PARTS:
-        raise ImageError(f"a GIF of more than {MAX_HEADER_PARTS} extension blocks before its first image is refused")
+        raise ImageError(
+            f"a GIF of more than {MAX_HEADER_PARTS} extension blocks (extensions and their sub-blocks) before its first image is refused"
+        )
 
 
 def _png_extra_chunks(data: bytes) -> int:
-    """Chunks other than image data (IDAT), walked by their lengths up to IEND; stops once past MAX_HEADER_PARTS."""
-    pos, n = 8, 0
+    """Chunks other than image data (IDAT), walked by their lengths up to IEND or, in an animated PNG, up to the
+    second frame's control chunk (Pillow reads the first frame alone); stops once past MAX_HEADER_PARTS. A file of
+    more than MAX_PNG_CHUNKS chunks in all is refused: walking them is all either reader does with empty ones."""
+    pos, n, chunks, image = 8, 0, 0, False
     while pos + 8 <= len(data) and n <= MAX_HEADER_PARTS:
         length, kind = struct.unpack_from(">I4s", data, pos)
-        if kind == b"IEND":
+        if kind == b"IEND" or (kind == b"fcTL" and image):
             break
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise ImageError(f"a PNG of more than {MAX_PNG_CHUNKS} chunks is refused")
+        image |= kind == b"IDAT"
         n += kind != b"IDAT"
         pos += 12 + length  # length, type, data, CRC
     return n
 
 
 def _gif_header_blocks(data: bytes) -> int:
-    """Sub-blocks of the extensions before a GIF's first image (what Pillow reads to open it); stops past the cap."""
+    """Extensions before a GIF's first image (what Pillow reads to open it) and their sub-blocks; stops past the cap."""
     pos, n = 13, 0  # after the header and the logical screen descriptor
     if len(data) > 10 and data[10] & 0x80:
         pos += 3 << ((data[10] & 7) + 1)  # the global colour table
     while pos + 1 < len(data) and data[pos] == 0x21 and n <= MAX_HEADER_PARTS:  # an extension: label, then sub-blocks
-        pos += 2
+        n, pos = n + 1, pos + 2  # an empty extension counts too
         while pos < len(data) and data[pos] and n <= MAX_HEADER_PARTS:
             n, pos = n + 1, pos + 1 + data[pos]
         pos += 1  # the block terminator
@@ -395,8 +404,7 @@ def wide_png(data: bytes, img: Image.Image) -> Image.Image:
     if alpha:
         colour = np.concatenate([colour, _by_rows(wide[..., -1:], lambda a: np.rint(a / 257.0))], axis=-1)
     out = Image.fromarray(colour)  # LA, RGB or RGBA by its 2, 3 or 4 channels
-    if "exif" in img.info:
-        out.info["exif"] = img.info["exif"]  # its orientation still applies (ImageOps.exif_transpose)
+    out.info.update({k: v for k, v in img.info.items() if k != "transparency"})  # EXIF and XMP: its orientation applies
     return out
 
 
