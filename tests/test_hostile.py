@@ -28,6 +28,7 @@ from brainmri.config import load_params
 from brainmri.core.errors import BrainMRIError, DataError, DecodeError, ImageError
 from brainmri.deploy.predict import predict
 from brainmri.intake import decode as images
+from brainmri.intake import headers
 from brainmri.intake.decode import decode_bytes, decode_file
 from flows.cli import main
 from tasks.ingest import ingest
@@ -524,6 +525,126 @@ def test_a_sixteen_bit_colour_png_is_turned_as_its_orientation_says(where):
     assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
 
 
+def _tiff_of(entries: list[tuple[int, int, int, bytes]], order: str = "<", tail: bytes = b"") -> bytes:
+    """A classic TIFF of one directory: `entries` (tag, type, count, the value's bytes, or an offset's when longer
+    than 4), then `tail` at byte 8 + the directory's size. Written here: Pillow writes no 16-bit colour or tiled TIFF."""
+    head = (b"II" if order == "<" else b"MM") + struct.pack(order + "HI", 42, 8)
+    ifd = struct.pack(order + "H", len(entries))
+    for tag, kind, count, value in sorted(entries):
+        ifd += struct.pack(order + "HHI", tag, kind, count) + value.ljust(4, b"\0")
+    return head + ifd + struct.pack(order + "I", 0) + tail
+
+
+def _tiff16(arr: np.ndarray, order: str = "<", deflate: bool = False) -> bytes:
+    """A 16-bit RGB or RGBA TIFF of `arr` (height, width, 3 or 4 channels of uint16), one strip, raw or deflated."""
+    height, width, channels = arr.shape
+    strip = arr.astype(order + "u2").tobytes()
+    strip = zlib.compress(strip) if deflate else strip
+    n = 10 + (channels == 4)
+    bits_at = 8 + 2 + 12 * n + 4  # the bits per sample, then the strip, after the directory
+    strip_at = bits_at + 2 * channels
+
+    def long(v: int) -> bytes:
+        return struct.pack(order + "I", v)
+
+    def short(v: int) -> bytes:
+        return struct.pack(order + "H", v)
+
+    entries = [
+        (256, 4, 1, long(width)),
+        (257, 4, 1, long(height)),
+        (258, 3, channels, long(bits_at)),
+        (259, 3, 1, short(8 if deflate else 1)),
+        (262, 3, 1, short(2)),
+        (273, 4, 1, long(strip_at)),
+        (277, 3, 1, short(channels)),
+        (278, 4, 1, long(height)),
+        (279, 4, 1, long(len(strip))),
+        (284, 3, 1, short(1)),
+    ] + ([(338, 3, 1, short(2))] if channels == 4 else [])
+    return _tiff_of(entries, order, struct.pack(order + "H" * channels, *[16] * channels) + strip)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("deflate", [False, True])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_twelve_bit_colour_tiffs_read_as_the_same_gray_one(order, deflate, channels):
+    """The 16-bit colour PNG's defect in TIFF too: Pillow kept each sample's high byte (little- or big-endian, raw or
+    through libtiff), so 12-bit data came out at most 15 of 255."""
+    twelve = (brain(13).astype(np.uint16) * 16).clip(0, 4095)
+    gray = np.asarray(decode_bytes(encode(Image.fromarray(twelve), "TIFF"), **LIMITS).image)
+    arr = np.stack([twelve] * 3 + [np.full(twelve.shape, 65535, np.uint16)] * (channels - 3), axis=-1)
+    got = np.asarray(decode_bytes(_tiff16(arr, order, deflate), **LIMITS).image)
+    assert np.array_equal(got, gray) and gray.max() > 150
+
+
+def _rle8_bmp(width: int, height: int, rows: bytes) -> bytes:
+    """A run-length 8-bit BMP of gray palette whose data is `rows`."""
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + info + palette + rows
+
+
+def _fails_if_opened(monkeypatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("the image library opened a file its header should have refused")
+
+    monkeypatch.setattr(images.Image, "open", never)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("tiff tiles", "a 300x300 TIFF of 90000 strips or tiles is refused (at most 1406 for its size)"),
+        ("tiff xmp", "a TIFF whose tag 700 holds 17000000 bytes is refused (metadata over 16 MB)"),
+        ("tiff size", "40000x40000 = 1600000000 pixels is over the cap"),
+        ("bmp rle", "a 64x64 run-length BMP of 300000 bytes of data is refused (at most 8384)"),
+        ("png exif", "a PNG whose 'eXIf' chunk holds 17000000 bytes is refused"),
+        ("webp exif", "a WebP whose 'EXIF' chunk holds 17000000 bytes is refused"),
+    ],
+)
+def test_a_header_declaring_more_than_its_image_needs_is_refused_unparsed(monkeypatch, case, message):
+    """A TIFF of 1 x 1 tiles made Pillow list one entry per tile (36 MB: 49 s, 3 GB); 200 MB of RLE end-of-line
+    escapes took 29 s; a 200 MB EXIF chunk 1.6 GB. Each is refused from its header, the library never opening it."""
+    if case == "tiff tiles":
+        n = 300 * 300
+        arrays = struct.pack("<" + "I" * n, *[8] * n)
+        data = _tiff_of(
+            [(256, 4, 1, struct.pack("<I", 300)), (257, 4, 1, struct.pack("<I", 300)), (258, 3, 1, b"\x08\0"), (262, 3, 1, b"\x01\0"),
+             (322, 4, 1, struct.pack("<I", 1)), (323, 4, 1, struct.pack("<I", 1)),
+             (324, 4, n, struct.pack("<I", 8 + 2 + 12 * 8 + 4)), (325, 4, n, struct.pack("<I", 8 + 2 + 12 * 8 + 4 + 4 * n))],
+            tail=arrays + struct.pack("<" + "I" * n, *[1] * n),
+        )  # fmt: skip
+    elif case == "tiff xmp":
+        data = _tiff_of([(256, 4, 1, struct.pack("<I", 8)), (257, 4, 1, struct.pack("<I", 8)), (700, 1, 17_000_000, struct.pack("<I", 8))])
+    elif case == "tiff size":
+        data = _tiff_of([(256, 4, 1, struct.pack("<I", 40_000)), (257, 4, 1, struct.pack("<I", 40_000)), (273, 4, 40_000, b"\0" * 4)])
+    elif case == "bmp rle":
+        data = _rle8_bmp(64, 64, b"\x00\x00" * 150_000)  # end-of-line escapes that move nothing
+    elif case == "png exif":
+        plain = encode(brain(3), "PNG")
+        data = plain[:33] + _png_chunk(b"eXIf", bytes(17_000_000)) + plain[33:]
+    else:
+        plain = encode(brain(3), "WEBP", lossless=True)
+        body = plain[12:] + b"EXIF" + struct.pack("<I", 17_000_000) + bytes(17_000_000)
+        data = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+    _fails_if_opened(monkeypatch)
+    with pytest.raises(ImageError, match=re.escape(message)):
+        decode_bytes(data, **LIMITS)
+
+
+def test_an_honest_run_length_bmp_and_a_rational_orientation_decode_as_they_say():
+    """The run-length bound admits real encodings (here a run per pixel, the longest there is); an EXIF orientation
+    stored as the rational 6/1 turns the pixels, and the record says so."""
+    rows = b"".join(b"".join(bytes((1, (x * 4 + y) % 256)) for x in range(64)) + b"\x00\x00" for y in range(64)) + b"\x00\x01"
+    got = np.asarray(decode_bytes(_rle8_bmp(64, 64, rows), **LIMITS).image)[..., 0]
+    assert got.shape == (64, 64) and np.array_equal(got[::-1], (np.arange(64)[None] * 4 + np.arange(64)[:, None]) % 256)
+    exif = _tiff_of([(0x0112, 5, 1, struct.pack("<I", 8 + 2 + 12 + 4))], tail=struct.pack("<II", 6, 1))  # RATIONAL 6/1
+    dec = decode_bytes(encode(Image.fromarray(brain(5)), "PNG", exif=exif), **LIMITS)
+    assert dec.exif_rotated and dec.image.size == (brain(5).shape[0], brain(5).shape[1])
+
+
 def test_a_name_too_long_for_the_system_is_one_sentence_for_input_and_model(tmp_path, model):
     """Python 3.11's is_dir() and exists() raise for a name over 255 bytes rather than answering False."""
     with pytest.raises(BrainMRIError, match="cannot be opened: File name too long"):
@@ -832,11 +953,11 @@ def test_segments_are_walked_header_to_header_not_searched(monkeypatch):
     data = encode(brain(4), "JPEG", quality=90)
     comments = data[:2] + b"\xff\xfe\x00\x03x" * 9_990 + data[2:] + bytes(1_200_000)
     searched = []
-    real = images.np.frombuffer
-    monkeypatch.setattr(images.np, "frombuffer", lambda *a, **k: searched.append(k.get("count")) or real(*a, **k))
-    assert images.jpeg_scans(comments, images.MAX_JPEG_SCANS) == 1  # a baseline JPEG: one scan
+    real = headers.np.frombuffer
+    monkeypatch.setattr(headers.np, "frombuffer", lambda *a, **k: searched.append(k.get("count")) or real(*a, **k))
+    assert headers.jpeg_scans(comments, headers.MAX_JPEG_SCANS) == 1  # a baseline JPEG: one scan
     assert len(searched) <= 4, len(searched)  # only for the end of the entropy-coded data
-    monkeypatch.setattr(images.np, "frombuffer", real)
+    monkeypatch.setattr(headers.np, "frombuffer", real)
     assert np.array_equal(np.asarray(decode_bytes(comments, **LIMITS).image), np.asarray(decode_bytes(data, **LIMITS).image))
 
 

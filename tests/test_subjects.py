@@ -158,6 +158,8 @@ HEADER = "source_path,subject\n"
         ("huge", "bytes; at most 32000000 are read"),
         ("folder", "is not a regular file"),
         ("rows", "has over 3 rows"),
+        (HEADER + "\n , \n", "the subjects table has a header but no rows"),
+        ("blank", "has over 6 lines"),
     ],
 )
 def test_a_hostile_table_is_one_sentence_naming_the_file(tmp_path, monkeypatch, content, needle):
@@ -174,6 +176,9 @@ def test_a_hostile_table_is_one_sentence_naming_the_file(tmp_path, monkeypatch, 
     elif content == "rows":
         monkeypatch.setattr(subjects_module, "MAX_ROWS", 3)
         table.write_text(table_of(three_per_subject(2)))
+    elif content == "blank":  # blank lines count toward a bound too
+        monkeypatch.setattr(subjects_module, "MAX_ROWS", 3)
+        table.write_text(HEADER + "\n" * 10 + "yes/yes 0.jpg,P1\n")
     else:
         table.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError) as exc:

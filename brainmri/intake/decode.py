@@ -22,7 +22,7 @@ import hashlib
 import io
 import os
 import stat
-import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,25 +31,22 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from brainmri.core.errors import DecodeError, ImageError
+from brainmri.intake import headers
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "GIF", "WEBP"})
 INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# raw modes in which Pillow reads a 16-bit colour or gray-and-alpha file's high bytes alone, and the layout of the
+# same bytes that gives the low ones (`wide`)
+WIDE_RAW = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B", "LA;16B": "RGBA"}
+WIDE_RAW |= {f"{m};16N": f"{m};16{'B' if sys.byteorder == 'little' else 'L'}" for m in ("RGB", "RGBA")}  # libtiff's: native order
 CHUNK = 1 << 20
 # zlib level of every PNG the stages write: on 60 real scans and 80 scale-set images level 2 wrote files within 2% of
 # level 6's size (smaller on the phantoms) in a quarter of the time (5.5 against 20.7 ms a real scan, EPYC): at 6 the
 # PNG was a third of ingest's per-image work. Lossless at every level: the pixels are the same
 PNG_LEVEL = 2
 BLOCK_PIXELS = 1 << 20  # pixels per block of rows when high bit depths go to 8 bits: 8 MB of float64 at a time
-MAX_JPEG_SCANS = 100  # a progressive JPEG decodes every scan over the whole image: 2,000 repeated 120-byte scans (a 259 KB
-# file) took 45 s at 36 MP, so a file under the byte cap could take hours. Encoders write 1 (baseline) to about 10 (every
-# real scan here: at most 10, EXIF thumbnails included); libjpeg-turbo's own tools offer the same kind of limit (-maxscans)
 MAX_ASPECT = 10  # a slice ten times longer than wide is no MRI slice (the real set's most elongated: 1.79); resampling a
 # 1 x 40,000,000 PNG (78 KB) to max_side built filter tables as long as its long side: 3.2 GB for one file
-MAX_JPEG_MARKERS = 10_000  # segments walked to count a JPEG's scans: real files have 10-60 (progressive ones the most)
-MAX_HEADER_PARTS = 10_000  # PNG chunks besides image data, GIF extension blocks before the first image: real files carry
-# a handful (text, colour profile, time; a GIF's application and comment blocks), an ICC profile of 1 MB 4,000 blocks
-MAX_PNG_CHUNKS = 1_000_000  # chunks of any kind: encoders write image data in chunks of 8 KB or more (30,000 for 250 MB)
 UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP})  # the file's own fault: a reason, not a
 # retry; a file that vanished (ENOENT: a set still syncing) or a disk error fails the run, which can then be retried
 ROTATING = frozenset(range(2, 9))  # EXIF orientations that flip or turn the image; 1 is upright, anything else is invalid
@@ -130,7 +127,7 @@ def read_capped(path: str | Path, max_bytes: int) -> bytes:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    _refuse_bloated_header(data)
+    headers.refuse_bloated(data, max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -153,86 +150,6 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     with _library(img.format):
         img.load()
     return img
-
-
-def _refuse_bloated_header(data: bytes) -> None:
-    """Refuse, before Pillow parses it, a header of more segments, chunks or blocks than any image carries: Pillow keeps
-    each JPEG APP or comment segment, each unknown PNG chunk and each GIF comment block while it opens the file, so a
-    small file took memory far beyond its size (5 million empty JPEG segments of 25 MB: 714 MB and 15 s; 1.7 million
-    empty PNG chunks of 20 MB: 252 MB; a 42 MB GIF comment of 2-byte blocks: 1.9 GB). Written by hand: Pillow has no
-    limit on them, and only the lengths in each header are read."""
-    if data[:2] == b"\xff\xd8" and jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
-        raise ImageError(f"a JPEG of more than {MAX_JPEG_SCANS} scans (start-of-scan markers) is refused")
-    if data[:8] == PNG_SIGNATURE and _png_extra_chunks(data) > MAX_HEADER_PARTS:
-        raise ImageError(f"a PNG of more than {MAX_HEADER_PARTS} chunks besides its image data is refused")
-    if data[:6] in (b"GIF87a", b"GIF89a") and _gif_header_blocks(data) > MAX_HEADER_PARTS:
-        raise ImageError(
-            f"a GIF of more than {MAX_HEADER_PARTS} extension blocks (extensions and their sub-blocks) before its first image is refused"
-        )
-
-
-def _png_extra_chunks(data: bytes) -> int:
-    """Chunks other than image data (IDAT), walked by their lengths up to IEND or, in an animated PNG, up to the
-    second frame's control chunk (Pillow reads the first frame alone); stops once past MAX_HEADER_PARTS. A file of
-    more than MAX_PNG_CHUNKS chunks in all is refused: walking them is all either reader does with empty ones."""
-    pos, n, chunks, image = 8, 0, 0, False
-    while pos + 8 <= len(data) and n <= MAX_HEADER_PARTS:
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        if kind == b"IEND" or (kind == b"fcTL" and image):
-            break
-        chunks += 1
-        if chunks > MAX_PNG_CHUNKS:
-            raise ImageError(f"a PNG of more than {MAX_PNG_CHUNKS} chunks is refused")
-        image |= kind == b"IDAT"
-        n += kind != b"IDAT"
-        pos += 12 + length  # length, type, data, CRC
-    return n
-
-
-def _gif_header_blocks(data: bytes) -> int:
-    """Extensions before a GIF's first image (what Pillow reads to open it) and their sub-blocks; stops past the cap."""
-    pos, n = 13, 0  # after the header and the logical screen descriptor
-    if len(data) > 10 and data[10] & 0x80:
-        pos += 3 << ((data[10] & 7) + 1)  # the global colour table
-    while pos + 1 < len(data) and data[pos] == 0x21 and n <= MAX_HEADER_PARTS:  # an extension: label, then sub-blocks
-        n, pos = n + 1, pos + 2  # an empty extension counts too
-        while pos < len(data) and data[pos] and n <= MAX_HEADER_PARTS:
-            n, pos = n + 1, pos + 1 + data[pos]
-        pos += 1  # the block terminator
-    return n
-
-
-def jpeg_scans(data: bytes, stop: int) -> int:
-    """Start-of-scan markers of a JPEG's first image, counted by walking its segments as a decoder does: bytes inside a
-    segment (a comment or EXIF thumbnail holding FF DA) are no markers. Stops once past `stop`."""
-    n, pos = 0, 2  # after the start-of-image marker
-    for _ in range(MAX_JPEG_MARKERS):
-        at = _next_marker(data, pos)
-        if at < 0 or n > stop or data[at + 1] == 0xD9:  # the end of the first image: Pillow decodes only that one
-            return n
-        code, pos = data[at + 1], at + 2
-        if code != 0x01 and pos + 2 <= len(data):  # TEM has no length; a cut-off length ends the file
-            n += code == 0xDA
-            pos += max(2, int.from_bytes(data[pos : pos + 2], "big"))  # the segment; entropy-coded data follows an SOS
-    raise ImageError(f"a JPEG of more than {MAX_JPEG_MARKERS} markers is refused")
-
-
-def _next_marker(data: bytes, pos: int, chunk: int = 1 << 20) -> int:
-    """Where the next marker's FF is: an FF followed by a code, not by stuffing (00), a fill FF or a restart marker
-    (D0-D7), which entropy-coded data holds. Between segments the marker is usually right at `pos`: taken at once (a
-    megabyte's search for each of 10,000 tiny segments took 3.8 s). Else vectorized, 4 KB first, then a megabyte at
-    a time: on a 100 MB flood of FF 00 pairs a regular expression took 10 s, this 1.6 s (2 loaded cores)."""
-    if pos < len(data) - 1 and data[pos] == 0xFF and data[pos + 1] not in (0x00, 0xFF) and not 0xD0 <= data[pos + 1] <= 0xD7:
-        return pos
-    size = 4096  # the first look is short: most searches end within a few bytes
-    while pos < len(data) - 1:
-        a = np.frombuffer(data, np.uint8, count=min(size + 1, len(data) - pos), offset=pos)
-        code = a[1:]
-        hits = np.flatnonzero((a[:-1] == 0xFF) & (code != 0) & (code != 0xFF) & ((code < 0xD0) | (code > 0xD7)))
-        if len(hits):
-            return pos + int(hits[0])
-        pos, size = pos + size, min(chunk, size * 16)
-    return -1
 
 
 def _border_level(a: np.ndarray) -> float:
@@ -357,8 +274,8 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     with _library(fmt):
         exif = img.getexif()
         orientation = exif.get(0x0112, 1)
-        rotated = isinstance(orientation, int) and orientation in ROTATING  # an invalid value turns nothing
-        upright = ImageOps.exif_transpose(wide_png(data, img) if is_wide_png(data) else img)
+        rotated = _turns(orientation)
+        upright = ImageOps.exif_transpose(wide(data, img) or img)
     rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
@@ -371,38 +288,53 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     return Decoded(rgb, digest, fmt, mode, width, height, rotated, note, len(data), len(exif) > 0, full, box)
 
 
+def _turns(orientation) -> bool:
+    """Whether ImageOps.exif_transpose turns the image for this EXIF orientation: it looks the value up by equality, so
+    a rational 6/1 turns it as 6 does (the record said False while the pixels were turned); an invalid value turns
+    nothing."""
+    try:
+        return orientation in ROTATING
+    except TypeError:  # an unhashable value (a list): no turn
+        return False
+
+
 def decode_file(path: str | Path, *, max_pixels: int, max_side: int, max_bytes: int, crop_to_content: bool = False) -> Decoded:
     return decode_bytes(read_capped(path, max_bytes), max_pixels=max_pixels, max_side=max_side, crop_to_content=crop_to_content)
 
 
-def is_wide_png(data: bytes) -> bool:
-    """A PNG of 16-bit colour (RGB, RGBA) or gray with alpha, by its header (IHDR's bit depth and colour type)."""
-    return data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)
+def _rawmode(args) -> str | None:
+    """A tile's raw mode: its arguments (PNG), or their first (TIFF: raw mode, stride, orientation)."""
+    return args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else None
 
 
-def wide_png(data: bytes, img: Image.Image) -> Image.Image:
-    """A 16-bit colour or gray-and-alpha PNG (`is_wide_png`) in 8 bits by the rule of 16-bit gray (`scale_integer`: by
-    the bit range its samples use, all channels alike; alpha, always full range, by 65535), with `img`'s EXIF.
+def wide(data: bytes, img: Image.Image) -> Image.Image | None:
+    """A 16-bit colour (RGB, RGBA) or gray-and-alpha PNG or TIFF in 8 bits by the rule of 16-bit gray
+    (`scale_integer`: by the bit range its samples use, all channels alike; alpha, always full range, by 65535), with
+    `img`'s EXIF and XMP; None for any other image.
 
     Pillow reads such a file's high bytes alone (into RGB or RGBA), so a 12-bit scan stored in 16 bits came out nearly
-    black (at most 15 of 255) and was scored as such. Its PNG decoder unfilters the same rows into other raw layouts of
-    the same width, though: the low bytes (RGB;16L, RGBA;16L read big-endian samples' second bytes), or for gray and
-    alpha all four bytes of a pixel as RGBA. `img` is the file already decoded under the pixel cap (`_open`)."""
-    with _library("PNG"):
+    black (at most 15 of 255) and was scored as such. Its decoders unpack the same rows into another raw layout of
+    the same width, though: the low bytes (a 16-bit sample's other byte: ;16L for ;16B and back), or for PNG's gray
+    and alpha all four bytes of a pixel as RGBA (WIDE_RAW). `img` is the file already decoded under the pixel cap."""
+    if img.format not in ("PNG", "TIFF") or img.mode not in ("RGB", "RGBA"):
+        return None
+    with _library(img.format):
         again = Image.open(io.BytesIO(data))
-        tile = again.tile[0]
-        raw = tile.args  # Pillow's raw mode for the file: RGB;16B, RGBA;16B or LA;16B
-        again.tile = [tile._replace(args="RGBA" if raw == "LA;16B" else raw.replace(";16B", ";16L"))]
+        raws = {_rawmode(t.args) for t in again.tile}
+        if len(raws) != 1 or (raw := raws.pop()) not in WIDE_RAW:
+            return None
+        swap = WIDE_RAW[raw]
+        again.tile = [t._replace(args=swap if isinstance(t.args, str) else (swap, *t.args[1:])) for t in again.tile]
         again.load()
         low = np.asarray(again)
         if raw == "LA;16B":  # high and low byte of gray, then of alpha
-            wide = (low[..., 0::2].astype(np.uint16) << 8) | low[..., 1::2]
+            full = (low[..., 0::2].astype(np.uint16) << 8) | low[..., 1::2]
         else:
-            wide = (np.asarray(img).astype(np.uint16) << 8) | low
-    alpha = wide.shape[-1] in (2, 4)
-    colour, _ = scale_integer(wide[..., :-1] if alpha else wide)
+            full = (np.asarray(img).astype(np.uint16) << 8) | low
+    alpha = full.shape[-1] in (2, 4)
+    colour, _ = scale_integer(full[..., :-1] if alpha else full)
     if alpha:
-        colour = np.concatenate([colour, _by_rows(wide[..., -1:], lambda a: np.rint(a / 257.0))], axis=-1)
+        colour = np.concatenate([colour, _by_rows(full[..., -1:], lambda a: np.rint(a / 257.0))], axis=-1)
     out = Image.fromarray(colour)  # LA, RGB or RGBA by its 2, 3 or 4 channels
     out.info.update({k: v for k, v in img.info.items() if k != "transparency"})  # EXIF and XMP: its orientation applies
     return out
