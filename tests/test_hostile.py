@@ -530,7 +530,7 @@ def _tiff_of(entries: list[tuple[int, int, int, bytes]], order: str = "<", tail:
     than 4), then `tail` at byte 8 + the directory's size. Written here: Pillow writes no 16-bit colour or tiled TIFF."""
     head = (b"II" if order == "<" else b"MM") + struct.pack(order + "HI", 42, 8)
     ifd = struct.pack(order + "H", len(entries))
-    for tag, kind, count, value in sorted(entries):
+    for tag, kind, count, value in sorted(entries, key=lambda e: e[0]):  # stable: a repeated tag keeps its order
         ifd += struct.pack(order + "HHI", tag, kind, count) + value.ljust(4, b"\0")
     return head + ifd + struct.pack(order + "I", 0) + tail
 
@@ -578,6 +578,35 @@ def test_twelve_bit_colour_tiffs_read_as_the_same_gray_one(order, deflate, chann
     assert np.array_equal(got, gray) and gray.max() > 150
 
 
+def test_a_sixteen_bit_colour_tiff_of_separate_planes_is_refused_not_darkened():
+    """libtiff unpacks separate colour planes itself and ignores the raw layout that gives the low bytes: such a file
+    is refused by name rather than read by its high bytes (a 12-bit scan nearly black)."""
+    twelve = (brain(14).astype(np.uint16) * 16).clip(0, 4095)
+    planes = [zlib.compress(twelve.astype("<u2").tobytes()) for _ in range(3)]
+    at = 8 + 2 + 12 * 11 + 4  # after the directory: bits, strip offsets, strip byte counts, then the planes
+    offsets = [at + 36 + sum(map(len, planes[:i])) for i in range(3)]  # after bits (6), offsets, counts (12 each), formats (6)
+    h, w = twelve.shape
+    data = _tiff_of(
+        [(256, 4, 1, struct.pack("<I", w)), (257, 4, 1, struct.pack("<I", h)), (258, 3, 3, struct.pack("<I", at)),
+         (259, 3, 1, struct.pack("<H", 8)), (262, 3, 1, struct.pack("<H", 2)), (273, 4, 3, struct.pack("<I", at + 6)),
+         (277, 3, 1, struct.pack("<H", 3)), (278, 4, 1, struct.pack("<I", h)), (279, 4, 3, struct.pack("<I", at + 18)),
+         (284, 3, 1, struct.pack("<H", 2)), (339, 3, 3, struct.pack("<I", at + 30))],
+        tail=struct.pack("<3H", 16, 16, 16) + struct.pack("<3I", *offsets) + struct.pack("<3I", *map(len, planes))
+        + struct.pack("<3H", 1, 1, 1) + b"".join(planes),
+    )  # fmt: skip
+    with pytest.raises(ImageError, match="16-bit colour samples in a layout read only by their high bytes .*separate planes"):
+        decode_bytes(data, **LIMITS)
+
+
+def test_a_tiff_turned_by_its_orientation_says_so():
+    """Pillow turns a TIFF while loading it and drops the tag: the record said not turned, the size was the turned one."""
+    arr = brain(6)  # 64 x 72: a turn shows in the size
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "TIFF", tiffinfo={274: 6})
+    dec = decode_bytes(buf.getvalue(), **LIMITS)
+    assert dec.exif_rotated and (dec.width, dec.height) == (arr.shape[1], arr.shape[0]) and dec.image.size == arr.shape
+
+
 def _rle8_bmp(width: int, height: int, rows: bytes) -> bytes:
     """A run-length 8-bit BMP of gray palette whose data is `rows`."""
     palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
@@ -599,7 +628,8 @@ def _fails_if_opened(monkeypatch) -> None:
         ("tiff tiles", "a 300x300 TIFF of 90000 strips or tiles is refused (at most 1406 for its size)"),
         ("tiff xmp", "a TIFF whose tag 700 holds 17000000 bytes is refused (metadata over 16 MB)"),
         ("tiff size", "40000x40000 = 1600000000 pixels is over the cap"),
-        ("bmp rle", "a 64x64 run-length BMP of 300000 bytes of data is refused (at most 8384)"),
+        ("bmp rle", "a 64x64 run-length BMP of 300000 bytes of data is refused (at most 16576)"),
+        ("tiff repeated", "a 300x300 TIFF of 90000 strips or tiles is refused"),
         ("png exif", "a PNG whose 'eXIf' chunk holds 17000000 bytes is refused"),
         ("webp exif", "a WebP whose 'EXIF' chunk holds 17000000 bytes is refused"),
     ],
@@ -615,6 +645,15 @@ def test_a_header_declaring_more_than_its_image_needs_is_refused_unparsed(monkey
              (322, 4, 1, struct.pack("<I", 1)), (323, 4, 1, struct.pack("<I", 1)),
              (324, 4, n, struct.pack("<I", 8 + 2 + 12 * 8 + 4)), (325, 4, n, struct.pack("<I", 8 + 2 + 12 * 8 + 4 + 4 * n))],
             tail=arrays + struct.pack("<" + "I" * n, *[1] * n),
+        )  # fmt: skip
+    elif case == "tiff repeated":  # the same tiles, then each offsets tag again with one entry: Pillow reads the first
+        n, at = 300 * 300, 8 + 2 + 12 * 10 + 4
+        data = _tiff_of(
+            [(256, 4, 1, struct.pack("<I", 300)), (257, 4, 1, struct.pack("<I", 300)), (258, 3, 1, b"\x08\0"), (262, 3, 1, b"\x01\0"),
+             (322, 4, 1, struct.pack("<I", 1)), (323, 4, 1, struct.pack("<I", 1)),
+             (324, 4, n, struct.pack("<I", at)), (325, 4, n, struct.pack("<I", at + 4 * n)),
+             (324, 4, 1, struct.pack("<I", at)), (325, 4, 1, struct.pack("<I", 1))],
+            tail=struct.pack("<" + "I" * n, *[8] * n) + struct.pack("<" + "I" * n, *[1] * n),
         )  # fmt: skip
     elif case == "tiff xmp":
         data = _tiff_of([(256, 4, 1, struct.pack("<I", 8)), (257, 4, 1, struct.pack("<I", 8)), (700, 1, 17_000_000, struct.pack("<I", 8))])
@@ -640,6 +679,8 @@ def test_an_honest_run_length_bmp_and_a_rational_orientation_decode_as_they_say(
     rows = b"".join(b"".join(bytes((1, (x * 4 + y) % 256)) for x in range(64)) + b"\x00\x00" for y in range(64)) + b"\x00\x01"
     got = np.asarray(decode_bytes(_rle8_bmp(64, 64, rows), **LIMITS).image)[..., 0]
     assert got.shape == (64, 64) and np.array_equal(got[::-1], (np.arange(64)[None] * 4 + np.arange(64)[:, None]) % 256)
+    skipping = b"".join(b"\x01\xff\x00\x02\x01\x00" * 32 + b"\x00\x00" for _ in range(64)) + b"\x00\x01"  # a pixel, skip one
+    assert decode_bytes(_rle8_bmp(64, 64, skipping), **LIMITS).image.size == (64, 64)  # 3 bytes a pixel: still admitted
     exif = _tiff_of([(0x0112, 5, 1, struct.pack("<I", 8 + 2 + 12 + 4))], tail=struct.pack("<II", 6, 1))  # RATIONAL 6/1
     dec = decode_bytes(encode(Image.fromarray(brain(5)), "PNG", exif=exif), **LIMITS)
     assert dec.exif_rotated and dec.image.size == (brain(5).shape[0], brain(5).shape[1])

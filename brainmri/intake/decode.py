@@ -126,7 +126,9 @@ def read_capped(path: str | Path, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], object]:
+    """The image, decoded under the caps; its size as stored, and a TIFF's EXIF orientation (None for any other
+    format): Pillow turns a TIFF as it loads it and drops the tag, so both are read before."""
     headers.refuse_bloated(data, max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,8 +150,11 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise ImageError(f"{img.format} declares {width}x{height} pixels; an image needs at least one")
     with _library(img.format):
+        orientation = img.getexif().get(0x0112, 1) if img.format == "TIFF" else None
         img.load()
-    return img
+    if orientation is not None and _turns(orientation) and orientation not in (2, 3, 4):  # Pillow gave the turned size
+        width, height = height, width
+    return img, (width, height), orientation
 
 
 def _border_level(a: np.ndarray) -> float:
@@ -268,13 +273,11 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     if not data:
         raise ImageError("empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
-    img = _open(data, max_pixels)
+    img, (width, height), turned = _open(data, max_pixels)
     fmt, mode = img.format, img.mode
-    width, height = img.size
     with _library(fmt):
         exif = img.getexif()
-        orientation = exif.get(0x0112, 1)
-        rotated = _turns(orientation)
+        rotated = _turns(exif.get(0x0112, 1) if turned is None else turned)
         upright = ImageOps.exif_transpose(wide(data, img) or img)
     rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
@@ -321,8 +324,14 @@ def wide(data: bytes, img: Image.Image) -> Image.Image | None:
     with _library(img.format):
         again = Image.open(io.BytesIO(data))
         raws = {_rawmode(t.args) for t in again.tile}
-        if len(raws) != 1 or (raw := raws.pop()) not in WIDE_RAW:
+        if len(raws) != 1 or ";16" not in (raw := raws.pop() or "") and raw != "LA;16B":
             return None
+        if raw not in WIDE_RAW or (img.format == "TIFF" and again.tag_v2.get(284) == 2):  # libtiff unpacks planes itself
+            raise ImageError(
+                f"16-bit colour samples in a layout read only by their high bytes ({raw}"
+                f"{', separate planes' if img.format == 'TIFF' and again.tag_v2.get(284) == 2 else ''}): "
+                "a 12-bit scan would come out nearly black; save it as 16-bit gray or 8-bit colour"
+            )
         swap = WIDE_RAW[raw]
         again.tile = [t._replace(args=swap if isinstance(t.args, str) else (swap, *t.args[1:])) for t in again.tile]
         again.load()

@@ -110,8 +110,9 @@ def _check_tiff(data: bytes, max_pixels: int) -> None:
         size = count * TIFF_TYPE_BYTES.get(kind, 1)
         if tag not in TIFF_PARTS and size > MAX_META_BYTES:
             raise _too_big("TIFF", f"tag {tag}", size)
-        first = struct.unpack_from(o + ("H" if kind == 3 else "I"), data, pos + value_at)[0] if kind in (3, 4) else 0
-        tags[tag] = (count, first)
+        number = {3: "H", 4: "I", 16: "Q"}.get(kind) if big or kind != 16 else None  # short, long, BigTIFF's long8
+        first = struct.unpack_from(o + number, data, pos + value_at)[0] if number else 0
+        tags.setdefault(tag, (count, first))  # a repeated tag: the first counts, as Pillow reads it
     width, height = tags.get(256, (0, 0))[1], tags.get(257, (0, 0))[1]
     if width * height > max_pixels:
         raise ImageError(f"{width}x{height} = {width * height} pixels is over the cap ingest.max_pixels={max_pixels}")
@@ -123,16 +124,18 @@ def _check_tiff(data: bytes, max_pixels: int) -> None:
 
 
 def _check_bmp_rle(data: bytes) -> None:
-    """A run-length BMP's data no longer than any encoding of its pixels needs: two bytes a pixel, and an end-of-line
-    escape a row (Pillow's decoder walks every two bytes in Python; 200 MB of end-of-line escapes took 29 s)."""
-    if len(data) < 34 or struct.unpack_from("<I", data, 14)[0] < 40:  # the older core header has no compression field
+    """A run-length BMP's data no longer than a loose encoding of its pixels needs: four bytes a pixel (a run of one,
+    or a pixel and a delta escape past the next), an end-of-line escape a row, and a V5 header's colour profile after
+    the pixels (Pillow's decoder walks every two bytes in Python; 200 MB of end-of-line escapes took 29 s)."""
+    if len(data) < 34 or (header := struct.unpack_from("<I", data, 14)[0]) < 40:  # the core header has no compression
         return
     offset = struct.unpack_from("<I", data, 10)[0]
     width, height = struct.unpack_from("<ii", data, 18)
     compression = struct.unpack_from("<I", data, 30)[0]
     if compression not in (1, 2):  # RLE8, RLE4
         return
-    need = 2 * abs(width) * abs(height) + 2 * abs(height) + 64
+    profile = struct.unpack_from("<I", data, 14 + 116)[0] if header >= 124 and len(data) >= 14 + 120 else 0
+    need = 4 * abs(width) * abs(height) + 2 * abs(height) + 64 + profile
     if len(data) - offset > need:
         raise ImageError(f"a {width}x{abs(height)} run-length BMP of {len(data) - offset} bytes of data is refused (at most {need})")
 
