@@ -126,9 +126,10 @@ def read_capped(path: str | Path, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], object]:
-    """The image, decoded under the caps; its size as stored, and a TIFF's EXIF orientation (None for any other
-    format): Pillow turns a TIFF as it loads it and drops the tag, so both are read before."""
+def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], object, str | None]:
+    """The image, decoded under the caps; its size as stored, a TIFF's EXIF orientation (None for any other format):
+    Pillow turns a TIFF as it loads it and drops the tag, so both are read before; and the raw mode of its tiles
+    (None when they differ), which `wide` needs and loading clears."""
     headers.refuse_bloated(data, max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -151,10 +152,11 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], o
         raise ImageError(f"{img.format} declares {width}x{height} pixels; an image needs at least one")
     with _library(img.format):
         orientation = img.getexif().get(0x0112, 1) if img.format == "TIFF" else None
+        raws = {_rawmode(t.args) for t in img.tile}
         img.load()
     if orientation is not None and _turns(orientation) and orientation not in (2, 3, 4):  # Pillow gave the turned size
         width, height = height, width
-    return img, (width, height), orientation
+    return img, (width, height), orientation, raws.pop() if len(raws) == 1 else None
 
 
 def _border_level(a: np.ndarray) -> float:
@@ -273,12 +275,12 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     if not data:
         raise ImageError("empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
-    img, (width, height), turned = _open(data, max_pixels)
+    img, (width, height), turned, raw = _open(data, max_pixels)
     fmt, mode = img.format, img.mode
     with _library(fmt):
         exif = img.getexif()
         rotated = _turns(exif.get(0x0112, 1) if turned is None else turned)
-        upright = ImageOps.exif_transpose(wide(data, img) or img)
+        upright = ImageOps.exif_transpose(wide(data, img, raw) or img)
     rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
@@ -310,7 +312,7 @@ def _rawmode(args) -> str | None:
     return args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else None
 
 
-def wide(data: bytes, img: Image.Image) -> Image.Image | None:
+def wide(data: bytes, img: Image.Image, raw: str | None) -> Image.Image | None:
     """A 16-bit colour (RGB, RGBA) or gray-and-alpha PNG or TIFF in 8 bits by the rule of 16-bit gray
     (`scale_integer`: by the bit range its samples use, all channels alike; alpha, always full range, by 65535), with
     `img`'s EXIF and XMP; None for any other image.
@@ -318,20 +320,18 @@ def wide(data: bytes, img: Image.Image) -> Image.Image | None:
     Pillow reads such a file's high bytes alone (into RGB or RGBA), so a 12-bit scan stored in 16 bits came out nearly
     black (at most 15 of 255) and was scored as such. Its decoders unpack the same rows into another raw layout of
     the same width, though: the low bytes (a 16-bit sample's other byte: ;16L for ;16B and back), or for PNG's gray
-    and alpha all four bytes of a pixel as RGBA (WIDE_RAW). `img` is the file already decoded under the pixel cap."""
-    if img.format not in ("PNG", "TIFF") or img.mode not in ("RGB", "RGBA"):
+    and alpha all four bytes of a pixel as RGBA (WIDE_RAW). `img` is the file already decoded under the pixel cap, `raw`
+    the raw mode it was read in (`_open`): only a 16-bit one is decoded again."""
+    if img.format not in ("PNG", "TIFF") or img.mode not in ("RGB", "RGBA") or raw is None or ";16" not in raw:
         return None
+    planes = img.format == "TIFF" and img.tag_v2.get(284) == 2  # libtiff unpacks separate planes itself
+    if raw not in WIDE_RAW or planes:
+        raise ImageError(
+            f"16-bit colour samples in a layout read only by their high bytes ({raw}{', separate planes' if planes else ''}): "
+            "a 12-bit scan would come out nearly black; save it as 16-bit gray or 8-bit colour"
+        )
     with _library(img.format):
         again = Image.open(io.BytesIO(data))
-        raws = {_rawmode(t.args) for t in again.tile}
-        if len(raws) != 1 or ";16" not in (raw := raws.pop() or "") and raw != "LA;16B":
-            return None
-        if raw not in WIDE_RAW or (img.format == "TIFF" and again.tag_v2.get(284) == 2):  # libtiff unpacks planes itself
-            raise ImageError(
-                f"16-bit colour samples in a layout read only by their high bytes ({raw}"
-                f"{', separate planes' if img.format == 'TIFF' and again.tag_v2.get(284) == 2 else ''}): "
-                "a 12-bit scan would come out nearly black; save it as 16-bit gray or 8-bit colour"
-            )
         swap = WIDE_RAW[raw]
         again.tile = [t._replace(args=swap if isinstance(t.args, str) else (swap, *t.args[1:])) for t in again.tile]
         again.load()
