@@ -29,7 +29,7 @@ def ingest(p: Params) -> dict:
             rows.append(row)
             prints.append(fp)
             looks.append(look)
-        check_class_counts([r["label"] for r in rows], p, source)
+        check_class_counts([r["label"] for r in rows], p, source, quarantined=quarantined)
         manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe)
         manifest, by_subject = with_subjects(manifest, subjects, p.ingest.keep_mixed_subjects)
         check_usable_counts(manifest, p, source)  # inside the block: on failure no image is published

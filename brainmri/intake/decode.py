@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from brainmri.core.errors import DecodeError, ImageError
-from brainmri.intake import headers
+from brainmri.intake import headers, signatures
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "GIF", "WEBP"})
 INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -138,11 +138,12 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], o
         except Image.DecompressionBombError as exc:
             raise ImageError(f"decompression bomb refused: {exc}") from None
         except UnidentifiedImageError:
-            raise ImageError(f"not a recognised image (first bytes {data[:8]!r})") from None
+            raise ImageError(signatures.describe(data) or f"not a recognised image (first bytes {data[:8]!r})") from None
         except Exception as exc:  # any other library failure while reading the header
             raise DecodeError(f"corrupt or truncated image header: {_reason(exc)}") from None
     if img.format not in SUPPORTED_FORMATS:
-        raise ImageError(f"unsupported image format {img.format}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}")
+        supported = ", ".join(sorted(SUPPORTED_FORMATS))
+        raise ImageError(signatures.describe(data) or f"unsupported image format {img.format}; supported: {supported}")
     width, height = img.size
     if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
         raise ImageError(f"{width}x{height} pixels is over {MAX_ASPECT} times longer than wide; no MRI slice is shaped so")

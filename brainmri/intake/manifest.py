@@ -48,14 +48,17 @@ def manifest_row(f: SourceFile, dec: Decoded, iid: str) -> dict:
     }
 
 
-def check_class_counts(labels: list[str], p: Params, source: Path, after: str = "") -> None:
-    """Stop when a class has fewer usable images than ingest.min_images_per_class; `after` says what was already dropped."""
+def check_class_counts(labels: list[str], p: Params, source: Path, after: str = "", quarantined: list[dict] | None = None) -> None:
+    """Stop when a class has fewer usable images than ingest.min_images_per_class; `after` says what was already dropped,
+    and the commonest reason among `quarantined` is named (a folder of DICOM files has one)."""
     per_class = Counter(labels)
     short = {c: per_class.get(c, 0) for c in p.ingest.classes if per_class.get(c, 0) < p.ingest.min_images_per_class}
     if short:
+        reasons = Counter(q["reason"] for q in quarantined or [])
+        why = f"; {reasons.most_common(1)[0][1]} of {len(quarantined)} quarantined files: {reasons.most_common(1)[0][0]}" if reasons else ""
         raise DataError(
             f"too few usable images in {source}{after}: {short} "
-            f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}); see the quarantine reasons"
+            f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}){why or '; see the quarantine reasons'}"
         )
 
 

@@ -1,0 +1,163 @@
+"""Files that are not images the decoder reads are named, with what to do: DICOM, NIfTI, MATLAB, archives, documents.
+
+Each file is built in its format's real layout (the libraries that write them where the environment has one), so a
+test fails if a signature sits at the wrong offset."""
+
+import gzip
+import io
+import struct
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from factory import brain, encode, write_dataset
+from test_ingest import project
+
+from brainmri.core.errors import DataError, ImageError
+from brainmri.intake.decode import decode_bytes
+from brainmri.intake.signatures import describe
+from tasks.ingest import ingest
+
+LIMITS = {"max_pixels": 10_000_000, "max_side": 512}
+PIXELS = brain(2).astype(np.uint16)
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One little-endian explicit-VR data element (PS3.5 7.1.2), short or long length form as the VR asks."""
+    if len(value) % 2:
+        value += b"\x00"
+    head = struct.pack("<HH", group, element) + vr
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return head + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def dicom(preamble: bool = True) -> bytes:
+    """An MR slice as a scanner writes it: preamble, DICM, file meta (group 0002), then the image's elements."""
+    meta = _element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1")  # explicit VR little endian
+    body = (
+        _element(0x0008, 0x0060, b"CS", b"MR")
+        + _element(0x0028, 0x0010, b"US", struct.pack("<H", PIXELS.shape[0]))
+        + _element(0x0028, 0x0011, b"US", struct.pack("<H", PIXELS.shape[1]))
+        + _element(0x7FE0, 0x0010, b"OW", PIXELS.tobytes())
+    )
+    group = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(meta))) + meta
+    return (b"\x00" * 128 + b"DICM" + group + body) if preamble else body
+
+
+def nifti(order: str = "<") -> bytes:
+    """A NIfTI-1 single file (.nii): the 348-byte header, 4 bytes of extension flags, then the voxels."""
+    head = bytearray(348)
+    struct.pack_into(order + "i", head, 0, 348)
+    struct.pack_into(order + "8h", head, 40, 3, *PIXELS.shape, 1, 1, 1, 1, 1)  # dim: a 3-D volume of one slice
+    struct.pack_into(order + "h", head, 70, 512)  # datatype uint16
+    head[344:348] = b"n+1\x00"
+    return bytes(head) + b"\x00" * 4 + PIXELS.astype(order + "u2").tobytes()
+
+
+def matlab_v5() -> bytes:
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, {"cjdata": {"image": PIXELS, "label": 1, "PID": "100360"}})
+    return buf.getvalue()
+
+
+def hdf5(tmp_path, matlab: bool) -> bytes:
+    """An HDF5 file; as MATLAB 7.3 writes one, with its 512-byte text header before the HDF5 signature."""
+    import h5py
+
+    path = tmp_path / "slice.h5"
+    with h5py.File(path, "w", userblock_size=512 if matlab else 0) as f:
+        f["cjdata/image"] = PIXELS
+    data = bytearray(path.read_bytes())
+    if matlab:
+        text = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Dec  7 12:00:00 2026 HDF5 schema 1.00 ."
+        data[: len(text)] = text
+    return bytes(data)
+
+
+def npy() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, PIXELS)
+    return buf.getvalue()
+
+
+def zipped() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("yes/a.png", encode(brain(1), "PNG"))
+    return buf.getvalue()
+
+
+def tarred() -> bytes:
+    buf, data = io.BytesIO(), encode(brain(1), "PNG")
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("yes/a.png")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def heif() -> bytes:
+    """An ISO base media file's first box, as a HEIC photo starts."""
+    return struct.pack(">I", 24) + b"ftypheic" + struct.pack(">I", 0) + b"mif1heic" + b"\x00" * 64
+
+
+CASES = {
+    "DICOM": (lambda t: dicom(), "a DICOM file"),
+    "DICOM without preamble": (lambda t: dicom(preamble=False), "a DICOM file"),
+    "NIfTI": (lambda t: nifti(), "NIfTI or Analyze volume"),
+    "NIfTI big-endian": (lambda t: nifti(">"), "NIfTI or Analyze volume"),
+    "NIfTI gzipped": (lambda t: gzip.compress(nifti()), "gzip-compressed file"),
+    "NRRD": (lambda t: b"NRRD0004\ntype: uint16\ndimension: 2\nsizes: 4 4\nencoding: raw\n\n" + b"\x00" * 32, "NRRD volume"),
+    "MATLAB 5": (lambda t: matlab_v5(), "MATLAB .mat file"),
+    "MATLAB 7.3": (lambda t: hdf5(t, matlab=True), "MATLAB .mat file"),
+    "HDF5": (lambda t: hdf5(t, matlab=False), "an HDF5 file"),
+    "NumPy": (lambda t: npy(), "NumPy array file"),
+    "zip": (lambda t: zipped(), "a zip archive inside a class folder"),
+    "tar": (lambda t: tarred(), "a tar archive inside a class folder"),
+    "xz": (lambda t: b"\xfd7zXZ\x00\x00\x04" + b"\x00" * 40, "compressed archive"),
+    "PDF": (lambda t: b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "a PDF document"),
+    "HEIC": (lambda t: heif(), "HEIF or AVIF image"),
+    "SVG": (lambda t: b'\xef\xbb\xbf<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "XML, SVG or HTML"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_known_format_is_named_with_what_to_do(tmp_path, case):
+    make, named = CASES[case]
+    with pytest.raises(ImageError, match=named) as caught:
+        decode_bytes(make(tmp_path), **LIMITS)
+    assert "\n" not in str(caught.value) and "first bytes" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"hello, not an image at all", b"\x08\x00\x00\x00" + b"\x00" * 400, b"\\\x01\x00\x00short", b"PK\x01\x02", bytes(range(256)) * 2],
+)
+def test_other_bytes_keep_the_generic_reason(data):
+    """Near misses (a group-0008 start without a VR, 348 without a header's length, a zip's middle) are not named."""
+    assert describe(data) is None
+    with pytest.raises(ImageError, match=r"not a recognised image \(first bytes"):
+        decode_bytes(data, **LIMITS)
+
+
+def test_real_images_are_not_named(tmp_path):
+    """No signature matches an image the decoder reads: the check runs only after Pillow gave up, but must not fire early."""
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP"):
+        data = encode(brain(3), fmt)
+        assert describe(data) is None, fmt
+        decode_bytes(data, **LIMITS)
+
+
+def test_a_class_folder_of_dicom_files_stops_naming_dicom(tmp_path):
+    """The stop for too few images names the commonest quarantine reason, not just 'see the reasons'."""
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3, classes=("yes",))
+    (ds / "no").mkdir()
+    for k in range(4):
+        (ds / "no" / f"IM{k:04d}.dcm").write_bytes(dicom())
+    with pytest.raises(DataError, match=r"'no': 0.*4 of 4 quarantined files: a DICOM file, not a 2-D image file: export"):
+        ingest(p)
