@@ -161,3 +161,36 @@ def test_a_class_folder_of_dicom_files_stops_naming_dicom(tmp_path):
         (ds / "no" / f"IM{k:04d}.dcm").write_bytes(dicom())
     with pytest.raises(DataError, match=r"'no': 0.*4 of 4 quarantined files: a DICOM file, not a 2-D image file: export"):
         ingest(p)
+
+
+def _tiff16(stored: np.ndarray, photometric: int) -> bytes:
+    """A little-endian, uncompressed, one-strip 16-bit gray TIFF with the given photometric interpretation."""
+    h, w = stored.shape
+    pixels = stored.astype("<u2").tobytes()
+    tags = [
+        (256, 3, w),
+        (257, 3, h),
+        (258, 3, 16),
+        (259, 3, 1),
+        (262, 3, photometric),
+        (273, 4, 0),
+        (277, 3, 1),
+        (278, 3, h),
+        (279, 4, len(pixels)),
+    ]
+    ifd_size = 2 + 12 * len(tags) + 4
+    offset = 8 + ifd_size
+    tags[5] = (273, 4, offset)
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", t, k, 1) + struct.pack("<I" if k == 4 else "<HH", v, *([] if k == 4 else [0])) for t, k, v in tags
+    )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00\x00\x00\x00" + pixels
+
+
+def test_a_sixteen_bit_min_is_white_tiff_is_not_read_as_a_negative():
+    """A MONOCHROME1-style export (0 white, 65535 black) decodes to the same pixels as the MinIsBlack file."""
+    shown = (brain(4).astype(np.uint32) * 257).astype(np.uint16)  # full 16-bit range: black background
+    black = np.asarray(decode_bytes(_tiff16(shown, 1), **LIMITS).image)
+    white = np.asarray(decode_bytes(_tiff16(65535 - shown, 0), **LIMITS).image)
+    assert black[0, 0, 0] < 20 and black.max() > 150  # the reference is what it should be: a bright head on black
+    assert np.array_equal(white, black)

@@ -282,6 +282,8 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
         exif = img.getexif()
         rotated = _turns(exif.get(0x0112, 1) if turned is None else turned)
         upright = ImageOps.exif_transpose(wide(data, img, raw) or img)
+        if fmt == "TIFF" and upright.mode in INTEGER_MODES and img.tag_v2.get(262) == 0:
+            upright = _white_is_zero(upright, img.tag_v2.get(258))
     rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
@@ -292,6 +294,16 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
         box = head_box(rgb)
         rgb = rgb if box is None else rgb.crop(box)
     return Decoded(rgb, digest, fmt, mode, width, height, rotated, note, len(data), len(exif) > 0, full, box)
+
+
+def _white_is_zero(img: Image.Image, bits) -> Image.Image:
+    """A 16-bit gray TIFF stored MinIsWhite (photometric 0: a DICOM MONOCHROME1 export, a film digitiser), inverted
+    as the TIFF spec says (2^bits - 1 is black). Pillow inverts 1- and 8-bit ones itself but reads 16-bit ones as
+    stored, a negative image; wider ones are refused by name rather than guessed."""
+    bits = int(bits[0] if isinstance(bits, tuple) else bits or 0)
+    if not img.mode.startswith("I;16") or not 1 <= bits <= 16:
+        raise ImageError(f"a {bits}-bit MinIsWhite (photometric 0) TIFF is not supported; save it as MinIsBlack")
+    return Image.fromarray((2**bits - 1) - np.asarray(img).astype(np.int32)).convert("I")
 
 
 def _turns(orientation) -> bool:
