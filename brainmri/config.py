@@ -85,6 +85,7 @@ class Paths(Section):
     split_test_history: str
     augment_images: str
     augment_manifest: str
+    ingest_cache: str
     feature_cache: str
     onnx_cache: str
     timing_cache: str

@@ -7,6 +7,7 @@ import time
 from brainmri.config import Params
 from brainmri.core.files import atomic_dir, write_csv, write_json
 from brainmri.core.progress import summary
+from brainmri.intake import memo as ingest_memo
 from brainmri.intake.manifest import build_manifest, check_class_counts, check_usable_counts, ingest_report
 from brainmri.intake.phantoms import MARKER
 from brainmri.intake.sources import drop_excluded, open_source, scan
@@ -19,18 +20,19 @@ def ingest(p: Params) -> dict:
     start = time.monotonic()
     source = p.resolve(p.ingest.source)
     subjects = read_subjects(p)  # first: a bad table stops the stage before any image is decoded
-    rows, prints, looks = [], [], []
+    rows, prints, looks, memo = [], [], [], ingest_memo.folder(p)  # what earlier runs computed for these files (paths.ingest_cache)
     with open_source(source, p) as folder, atomic_dir(p.path("ingest_images")) as out:
         files, skipped, quarantined = scan(folder, p.ingest.classes)
         synthetic = (folder / MARKER).is_file()
         n_files = len(files) + len(quarantined)
         files, excluded = drop_excluded(files, p, source)
-        for row, fp, look in ingested(p, files, quarantined, out, "ingest"):  # worker processes for a large set
+        for row, fp, look in ingested(p, files, quarantined, out, "ingest", memo):  # worker processes for a large set
             rows.append(row)
             prints.append(fp)
             looks.append(look)
         check_class_counts([r["label"] for r in rows], p, source, quarantined=quarantined)
-        manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe)
+        pairs = ingest_memo.PairMemo(memo, p.dedupe.max_distance, p.dedupe.min_correlation, p.dedupe.min_partial_correlation)
+        manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe, pairs)
         manifest, by_subject = with_subjects(manifest, subjects, p.ingest.keep_mixed_subjects)
         check_usable_counts(manifest, p, source)  # inside the block: on failure no image is published
     report = ingest_report(p, n_files, skipped, quarantined, excluded, manifest, time.monotonic() - start, synthetic)

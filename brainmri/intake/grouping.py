@@ -88,14 +88,15 @@ def _projected_units(units: np.ndarray) -> np.ndarray:
     return low
 
 
-def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float | None) -> np.ndarray:
-    """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring)."""
+def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float | None, new: np.ndarray | None = None) -> np.ndarray:
+    """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring); with
+    `new` (a mask), only the pairs with a new image (the others were judged before: `memo.PairMemo`)."""
     n = len(prints)
     if n < 2:
         return np.zeros((0, 2), np.int32)
-    found = _hash_close(prints, max_distance)
+    found = _hash_close(prints, max_distance, new)
     if min_partial is not None:
-        found = itertools.chain(found, _screened(prints, 2 * (1 - min_partial) + SLACK))
+        found = itertools.chain(found, _screened(prints, 2 * (1 - min_partial) + SLACK, new))
     keys, pending, size = np.zeros(0, np.int64), [], 0
     for f in found:  # one number per pair (i < j), merged as they come: a pair found many ways is kept once
         f = np.sort(np.asarray(f, np.int64).reshape(-1, 2), axis=1)
@@ -109,34 +110,45 @@ def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float 
     return pairs
 
 
-def _hash_close(prints: list[Fingerprint], max_distance: int):
+def _hash_close(prints: list[Fingerprint], max_distance: int, new: np.ndarray | None = None):
     """Pairs (i < j) whose perceptual hashes differ in at most max_distance bits (the whole-head rule's first test),
-    a block of rows at a time."""
+    a block of rows at a time; with `new`, the new rows against all (the distance is symmetric)."""
     h = np.stack([p.phash for p in prints]).astype(np.float32) * 2 - 1  # +-1: bits differing = (length - dot) / 2
+    if new is not None:
+        rows = np.nonzero(new)[0]
+        for i in range(0, len(rows), I_CHUNK):
+            a, b = np.nonzero((h.shape[1] - h[rows[i : i + I_CHUNK]] @ h.T) / 2 <= max_distance + 0.5)
+            yield np.stack([rows[i + a], b], 1)  # self pairs and pairs found twice go in `candidates`
+        return
     for i in range(0, len(h), I_CHUNK):
         diff = (h.shape[1] - h[i : i + I_CHUNK] @ h[i:].T) / 2  # against the rows from i on: each pair once
         a, b = np.nonzero(np.triu(diff <= max_distance + 0.5, 1))
         yield np.stack([a + i, b + i], 1)
 
 
-def _screened(prints: list[Fingerprint], radius2: float):
+def _screened(prints: list[Fingerprint], radius2: float, new: np.ndarray | None = None):
     """Pairs (i, j) where one of j's trims or turns, projected, lies within radius2 of i's whole view: the close rule's
     small trims and turns for every i, the crop rule's larger trims only for an i cut on every side they cut. Blocks
     of j are independent: they run on the stage's cores (`_each`; BLAS's own second thread mostly waited on these
-    small products: 2 threads used 2 cores' CPU time in the same wall time as one)."""
+    small products: 2 threads used 2 cores' CPU time in the same wall time as one). With `new`, the pairs with a new
+    image either way: every i against the new j, the new i against the others."""
     wholes = [_projected_units(_thumbs(_views(prints, v))) for v in range(3)]
-    screen = _Screen(prints, wholes, _basis(np.concatenate(wholes)), radius2)
-    for found in _each(screen.block, range(0, len(prints), J_CHUNK)):
-        yield from found
+    basis, everyone = _basis(np.concatenate(wholes)), np.arange(len(prints))
+    new = np.ones(len(prints), bool) if new is None else new
+    for rows, js in ((everyone, np.nonzero(new)[0]), (np.nonzero(new)[0], np.nonzero(~new)[0])):
+        if len(rows) and len(js):
+            screen = _Screen(prints, wholes, basis, radius2, rows)
+            for found in _each(screen.block, [js[s : s + J_CHUNK] for s in range(0, len(js), J_CHUNK)]):
+                yield from found
 
 
 class _Screen:
-    """What every block of `_screened` compares against: the whole views, projected, and for the crop rule the
-    queries grouped by the sides where they look cut, with the trims each group allows."""
+    """What every block of `_screened` compares against: the whole views of the images `rows`, projected, and for the
+    crop rule these queries grouped by the sides where they look cut, with the trims each group allows."""
 
-    def __init__(self, prints: list[Fingerprint], wholes: list[np.ndarray], basis: np.ndarray, radius2: float):
-        self.prints, self.basis, self.radius2 = prints, basis, radius2
-        self.queries = [_Queries.of(whole, basis) for whole in wholes]  # made once, not once a block
+    def __init__(self, prints: list[Fingerprint], wholes: list[np.ndarray], basis: np.ndarray, radius2: float, rows: np.ndarray):
+        self.prints, self.basis, self.radius2, self.rows = prints, basis, radius2, rows
+        self.queries = [_Queries.of(whole[rows], basis) for whole in wholes]  # made once, not once a block
         grid = trims()
         self.close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)  # the close rule's small trims
         self.crop = tuple(t for t in grid if max(t) > SMALL_TRIM + 1e-9)  # the crop rule's larger ones
@@ -144,25 +156,25 @@ class _Screen:
         allowed = [np.nonzero((pattern_sides(c)[None] | ~sides).all(1))[0] for c in range(16)]  # trims cutting only cut sides
         self.by_pattern = []
         for v in range(3):
-            pattern = np.stack([p.cuts[v] for p in prints]) @ (1 << np.arange(4))  # the sides where each image looks cut
+            pattern = np.stack([prints[i].cuts[v] for i in rows]) @ (1 << np.arange(4))  # the sides where each query looks cut
             groups = [(np.nonzero(pattern == c)[0], allowed[c]) for c in range(1, 16)]
             self.by_pattern.append([(rows, ts, self.queries[v][rows]) for rows, ts in groups if len(rows) and len(ts)])
 
-    def block(self, j: int) -> list[np.ndarray]:
-        """The pairs found with images j to j + J_CHUNK as the ones trimmed or turned."""
-        prints, found, r2 = self.prints[j : j + J_CHUNK], [], self.radius2
+    def block(self, js: np.ndarray) -> list[np.ndarray]:
+        """The pairs (image of `rows`, image of js) found with the images js as the ones trimmed or turned."""
+        prints, found, r2 = [self.prints[j] for j in js], [], self.radius2
         for v, queries in enumerate(self.queries):
             made = _transformed(_views(prints, v), self.close + self.crop)  # in one call: they share most column cuts
-            found.append(_Parts(made[:, : len(self.close)], self.basis).within(queries, r2, j))
+            found.append(_Parts(made[:, : len(self.close)], self.basis).within(queries, r2, js))
             if self.by_pattern[v]:
                 cropped = _Parts(made[:, len(self.close) :], self.basis)
                 for rows, ts, group in self.by_pattern[v]:  # each query only against the trims it allows
-                    hits = cropped.within(group, r2, j, ts)
+                    hits = cropped.within(group, r2, js, ts)
                     found.append(np.stack([rows[hits[:, 0]], hits[:, 1]], 1))
         turned = np.stack([p.turned for p in prints]).astype(np.float32)  # (images, turns, VIEW, VIEW): turned head regions
         parts = _projected_units(_thumbs(turned.reshape(-1, *turned.shape[2:]))).reshape(len(turned), len(TURNS), -1)
-        found.append(_Parts(parts, self.basis).within(self.queries[0], r2, j))  # against view 0, as the close rule
-        return found
+        found.append(_Parts(parts, self.basis).within(self.queries[0], r2, js))  # against view 0, as the close rule
+        return [np.stack([self.rows[f[:, 0]], f[:, 1]], 1) for f in found]  # query positions -> image numbers
 
 
 def pattern_sides(code: int) -> np.ndarray:
@@ -286,8 +298,8 @@ class _Parts:
         self.parts, self.lifted = parts, _lifted(flat @ basis, query=False).reshape(*parts.shape[:2], -1)
         self.norm2 = _norm2(flat).reshape(parts.shape[:2])
 
-    def within(self, queries: _Queries, radius2: float, offset: int, ts: np.ndarray | None = None) -> np.ndarray:
-        """(query row, offset + part image) for every query whose projected whole view lies within radius2 of one of
+    def within(self, queries: _Queries, radius2: float, images: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+        """(query row, images[part image]) for every query whose projected whole view lies within radius2 of one of
         the part image's transforms (of those in `ts`, when given). NaN rows (flat thumbnails) reach nothing. Coarse
         to fine: the distance in the basis's first COARSE numbers is a lower bound of the whole distance, so the
         (query, transform) pairs it keeps are a superset of those within radius2, and only they are measured in all
@@ -310,7 +322,7 @@ class _Parts:
                 a_k, c_k = a[kx] + i, c[kx]
                 exact = 2 * np.einsum("ij,ij->i", w[a_k], parts[c_k, sx]) - w_norm2[a_k] - norm2[c_k, sx]
                 hit[kx[exact >= -radius2]] = True
-            out.append(np.stack([a[hit] + i, c[hit] + offset], 1))
+            out.append(np.stack([a[hit] + i, images[c[hit]]], 1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
@@ -349,12 +361,20 @@ def _distinct(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
     return first.astype(np.int64), of
 
 
-def _links(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None) -> tuple:
-    """(first, of, joined pairs among the distinct files, as positions in `first`)."""
+def _links(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None, memo=None) -> tuple:
+    """(first, of, joined pairs among the distinct files, as positions in `first`). With a `memo` (`memo.PairMemo`),
+    the pairs it joined among files it judged before are taken from it, and only pairs with another file are screened
+    and judged: a verdict is a function of the pair, so the result is the same."""
     first, of = _distinct(prints)
     distinct = [prints[i] for i in first]
-    cand = candidates(distinct, max_distance, min_partial)
-    return first, of, cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
+    shas = [p.sha256 for p in distinct]
+    known, joined = memo.recall(shas) if memo is not None else (np.zeros(len(shas), bool), np.zeros((0, 2), np.int64))
+    cand = candidates(distinct, max_distance, min_partial, ~known if known.any() else None)
+    found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
+    pairs = np.concatenate([joined, found]).astype(np.int64)
+    if memo is not None:
+        memo.keep(shas, pairs)
+    return first, of, pairs
 
 
 def joined_pairs(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:
@@ -368,11 +388,11 @@ def joined_pairs(prints: list[Fingerprint], max_distance: int, min_correlation: 
 
 
 def group_ids(
-    keys: list[str], prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None
+    keys: list[str], prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None, memo=None
 ) -> list[str]:
     """A group id per image: images joined (transitively) by `duplicates.joined`'s rules, found through the
     candidates (`components` names them). Each copy of a file is linked to its first, not to every other copy."""
-    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial)
+    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial, memo)
     copies = np.stack([first[of], np.arange(len(prints))], 1)
     return components(keys, np.concatenate([first[pairs].reshape(-1, 2), copies]))
 

@@ -25,17 +25,11 @@ EXTENSIONS = {
 }
 
 
-def manifest_row(f: SourceFile, dec: Decoded, iid: str) -> dict:
-    """One manifest row: where the image came from, its class and content hash, and what the file was like."""
+def file_fields(dec: Decoded) -> dict:
+    """What the file's bytes decide of its manifest row (the ingest memo keeps these per file)."""
     return {
-        "image_id": iid,
-        "source_path": f.source_path,
-        "label": f.label,
-        "image": f"{iid}.png",
         "sha256": dec.sha256,
         "format": dec.format,
-        "extension_ok": Path(f.source_path).suffix.lower() in EXTENSIONS.get(dec.format, ()),
-        "extension": Path(f.source_path).suffix,  # as written: the real set's classes differ in '.JPG' against '.jpg'
         "mode": dec.mode,
         "width": dec.width,
         "height": dec.height,
@@ -46,6 +40,15 @@ def manifest_row(f: SourceFile, dec: Decoded, iid: str) -> dict:
         "norm_height": dec.image.height,
         "note": dec.note,
     }
+
+
+def manifest_row(f: SourceFile, fields: dict, iid: str) -> dict:
+    """One manifest row: where the image came from, its class and content hash, and what the file was like."""
+    head = {"image_id": iid, "source_path": f.source_path, "label": f.label, "image": f"{iid}.png"}
+    suffix = Path(f.source_path).suffix  # as written: the real set's classes differ in '.JPG' against '.jpg'
+    named = {"extension_ok": suffix.lower() in EXTENSIONS.get(fields["format"], ()), "extension": suffix}
+    rest = {k: v for k, v in fields.items() if k not in ("sha256", "format")}
+    return {**head, "sha256": fields["sha256"], "format": fields["format"], **named, **rest}
 
 
 def check_class_counts(labels: list[str], p: Params, source: Path, after: str = "", quarantined: list[dict] | None = None) -> None:
@@ -71,11 +74,13 @@ def check_usable_counts(manifest: pd.DataFrame, p: Params, source: Path) -> None
     check_class_counts(usable, p, source, f" once {dropped} images in {which} with conflicting labels are dropped" if dropped else "")
 
 
-def build_manifest(rows: list[dict], prints: list, looks: list, outlier_z: float, dd: Dedupe) -> pd.DataFrame:
-    """The rows with their outlier scores, duplicate groups and label conflicts, sorted by source path."""
+def build_manifest(rows: list[dict], prints: list, looks: list, outlier_z: float, dd: Dedupe, memo=None) -> pd.DataFrame:
+    """The rows with their outlier scores, duplicate groups and label conflicts, sorted by source path; `memo`
+    (`memo.PairMemo`) holds the pairs judged by an earlier run."""
     manifest = pd.DataFrame(rows)
     manifest = manifest.join(score(pd.DataFrame(looks), outlier_z))
-    manifest["group"] = group_ids(manifest["sha256"].tolist(), prints, dd.max_distance, dd.min_correlation, dd.min_partial_correlation)
+    keys = manifest["sha256"].tolist()
+    manifest["group"] = group_ids(keys, prints, dd.max_distance, dd.min_correlation, dd.min_partial_correlation, memo)
     labels_per_group = manifest.groupby("group")["label"].nunique()
     manifest["conflict"] = manifest["group"].map(labels_per_group > 1)
     return manifest.sort_values("source_path", kind="stable").reset_index(drop=True)

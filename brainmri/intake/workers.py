@@ -9,6 +9,7 @@ A spawned worker imports the main module again, so a script that runs the stage 
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -17,9 +18,10 @@ from brainmri.config import Params
 from brainmri.core import machine
 from brainmri.core.errors import ImageError
 from brainmri.core.progress import progress
-from brainmri.intake.decode import decode_file, head_box, save_png
+from brainmri.intake.decode import decode_bytes, head_box, read_capped, save_png
 from brainmri.intake.duplicates import fingerprint
-from brainmri.intake.manifest import manifest_row
+from brainmri.intake.manifest import file_fields, manifest_row
+from brainmri.intake.memo import FileMemo
 from brainmri.intake.outliers import features
 from brainmri.intake.sources import SourceFile, image_id
 
@@ -34,26 +36,29 @@ def workers() -> int:
     return min(MAX_WORKERS, machine.stage_cores())
 
 
-def one(f: SourceFile, p: Params, out: Path) -> tuple[SourceFile, str | None, tuple | None]:
+def one(f: SourceFile, p: Params, out: Path, memo: Path | None = None) -> tuple[SourceFile, str | None, tuple | None]:
     """Decode one file and write its PNG: (file, None, (manifest row, fingerprint, features)), or (file, reason, None)
-    when it does not decode under ingest's limits."""
+    when it does not decode under ingest's limits. With a `memo` folder (`memo.FileMemo`), a file seen before is
+    not decoded again: its PNG and record come from there."""
+    i, iid, kept = p.ingest, image_id(f.source_path), FileMemo(memo) if memo is not None else None
     try:
-        dec = decode_file(
-            f.path,
-            max_pixels=p.ingest.max_pixels,
-            max_side=p.ingest.max_side,
-            max_bytes=p.ingest.max_file_bytes,
-            crop_to_content=p.ingest.crop_to_content,
-        )
+        data = read_capped(f.path, i.max_file_bytes)
+        if kept is not None and (hit := kept.recall(hashlib.sha256(data).hexdigest())) is not None:
+            png, fields, fp, look = hit
+            (out / f"{iid}.png").write_bytes(png)
+            return f, None, (manifest_row(f, fields, iid), fp, look)
+        dec = decode_bytes(data, max_pixels=i.max_pixels, max_side=i.max_side, crop_to_content=i.crop_to_content)
     except ImageError as exc:
         return f, str(exc), None
-    iid = image_id(f.source_path)
     save_png(dec.image, out / f"{iid}.png")
     gray = dec.uncropped.convert("L")
-    box = dec.head if p.ingest.crop_to_content else head_box(gray)  # the head found once for the crop, print and features
+    box = dec.head if i.crop_to_content else head_box(gray)  # the head found once for the crop, print and features
     crop = gray if box is None else gray.crop(box)
     look = features(dec.uncropped, crop)  # label-independent appearance, for the outlier screen
-    return f, None, (manifest_row(f, dec, iid), fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size, crop), look)
+    fields, fp = file_fields(dec), fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size, crop)
+    if kept is not None:
+        kept.keep((out / f"{iid}.png").read_bytes(), fields, fp, look)
+    return f, None, (manifest_row(f, fields, iid), fp, look)
 
 
 def _limit_threads() -> None:
@@ -63,16 +68,16 @@ def _limit_threads() -> None:
     threadpool_limits(1)
 
 
-def ingested(p: Params, files: list[SourceFile], quarantined: list[dict], out: Path, desc: str):
+def ingested(p: Params, files: list[SourceFile], quarantined: list[dict], out: Path, desc: str, memo: Path | None = None):
     """(row, fingerprint, features) per file that decodes, in the files' order; the others go to `quarantined`."""
     n = workers() if len(files) >= MIN_PARALLEL else 1
     if n == 1:
-        results = (one(f, p, out) for f in files)
+        results = (one(f, p, out, memo) for f in files)
         yield from _collect(progress(results, desc, total=len(files)), quarantined)
         return
     with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_limit_threads) as pool:
         try:
-            results = pool.map(one, files, [p] * len(files), [out] * len(files), chunksize=CHUNK)
+            results = pool.map(one, files, [p] * len(files), [out] * len(files), [memo] * len(files), chunksize=CHUNK)
             yield from _collect(progress(results, desc, total=len(files)), quarantined)
         finally:
             pool.shutdown(cancel_futures=True)

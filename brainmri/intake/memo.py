@@ -1,0 +1,112 @@
+"""ingest's memo (paths.ingest_cache): what ingest computed for a file, and for a set of files, reused when they come
+again.
+
+Scheduled retraining adds a few images to thousands, and ingest decoded and fingerprinted every image again and
+screened every pair (10,000 real-like images: 243 s, docs/measurements.md). Two kinds of entry, content-addressed and
+verified when read (`core.files.write_verified`: a tampered or truncated entry is recomputed, never used), in a
+folder keyed by everything that decides them (`folder`):
+
+- per file, by its bytes' sha256 (`FileMemo`): the normalized PNG's bytes, the manifest fields the file decides, its
+  duplicate fingerprint and its outlier features;
+- per dedupe params (`PairMemo`): the distinct files judged last time and the pairs joined among them. A verdict is
+  a function of the pair and the screen loses no joined pair, so those are exactly the pairs a full run joins among
+  them; only the pairs with another file are screened and judged.
+
+A memo, not a DVC output: emptying it costs time, never a different manifest (tests/test_memo.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from brainmri.core.files import read_verified, write_verified
+from brainmri.intake.duplicates import Fingerprint
+
+CODE = Path(__file__).parent  # every intake module's source is in the key: any change there recomputes
+PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned")
+
+
+def folder(p) -> Path:
+    """The memo's folder for this code, these libraries and the params that shape a file's record."""
+    import PIL
+    import scipy
+
+    h = hashlib.sha256()
+    for source in sorted(CODE.glob("*.py")):
+        h.update(source.name.encode() + source.read_bytes())
+    i = p.ingest
+    h.update(json.dumps([PIL.__version__, np.__version__, scipy.__version__, i.max_pixels, i.max_side, i.crop_to_content]).encode())
+    h.update(json.dumps(p.dedupe.hash_size).encode())
+    return p.path("ingest_cache") / h.hexdigest()[:16]
+
+
+class FileMemo:
+    """One entry per file: (PNG bytes, manifest fields, fingerprint, outlier features)."""
+
+    def __init__(self, where: Path):
+        self.where = where
+
+    def _shard(self, sha: str) -> Path:
+        """Entries in 256 folders by their first two hex digits: an entry is found by listing its folder
+        (`read_verified`), and one folder of 10,000 entries made each lookup list all of them (73 s for 10,000)."""
+        return self.where / sha[:2]
+
+    def recall(self, sha: str) -> tuple[bytes, dict, Fingerprint, dict] | None:
+        shard = self._shard(sha)
+        data = read_verified(shard, sha, ".npz", "decoding the file again") if shard.is_dir() else None
+        if data is None:
+            return None
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                arrays = {k: z[k] for k in PRINT_FIELDS}
+                png = z["png"].tobytes()
+            return png, meta["fields"], Fingerprint(sha, **arrays), meta["look"]
+        except (KeyError, ValueError, OSError):  # not what `keep` writes (its name matched its bytes): decode again
+            return None
+
+    def keep(self, png: bytes, fields: dict, fp: Fingerprint, look: dict) -> None:
+        meta = json.dumps({"fields": fields, "look": {k: float(v) for k, v in look.items()}}).encode()
+        buf = io.BytesIO()
+        arrays = {k: getattr(fp, k) for k in PRINT_FIELDS}
+        np.savez(buf, png=np.frombuffer(png, np.uint8), meta=np.frombuffer(meta, np.uint8), **arrays)
+        self._shard(fp.sha256).mkdir(parents=True, exist_ok=True)
+        write_verified(self._shard(fp.sha256), fp.sha256, ".npz", buf.getvalue())
+
+
+class PairMemo:
+    """The distinct files judged by the last run under these dedupe params, and the pairs joined among them."""
+
+    def __init__(self, where: Path, max_distance: int, min_correlation: float, min_partial: float | None):
+        rules = json.dumps([max_distance, min_correlation, min_partial]).encode()
+        self.where, self.key = where, "pairs-" + hashlib.sha256(rules).hexdigest()[:16]
+
+    def recall(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(known: which of `shas` were judged before, the joined pairs among them as positions in `shas`)."""
+        data = read_verified(self.where, self.key, ".npz", "judging every pair again") if self.where.is_dir() else None
+        if data is None:
+            return np.zeros(len(shas), bool), np.zeros((0, 2), np.int64)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            before, pairs = z["shas"].astype(str), z["pairs"].astype(np.int64).reshape(-1, 2)
+        if len(pairs) and not (0 <= pairs.min() and pairs.max() < len(before)):
+            return np.zeros(len(shas), bool), np.zeros((0, 2), np.int64)  # not what `keep` writes: judge every pair again
+        position = {s: k for k, s in enumerate(shas)}
+        now = np.array([position.get(s, -1) for s in before], np.int64)  # each earlier file's position now, -1 if gone
+        both = pairs[(now[pairs] >= 0).all(1)] if len(pairs) else pairs
+        return np.isin(np.arange(len(shas)), now[now >= 0]), now[both].reshape(-1, 2)
+
+    def keep(self, shas: list[str], pairs: np.ndarray) -> None:
+        """Replace the entry with this run's files and joined pairs (positions in `shas`)."""
+        buf = io.BytesIO()
+        np.savez(buf, shas=np.array(shas, dtype="S64"), pairs=np.asarray(pairs, np.int64).reshape(-1, 2))
+        self.where.mkdir(parents=True, exist_ok=True)
+        write_verified(self.where, self.key, ".npz", buf.getvalue())  # the new entry first: a kill here loses nothing
+        kept = f"{self.key}-{hashlib.sha256(buf.getvalue()).hexdigest()[:16]}.npz"
+        for old in self.where.glob(f"{self.key}-*.npz"):
+            if old.name != kept:
+                old.unlink(missing_ok=True)

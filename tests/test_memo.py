@@ -1,0 +1,112 @@
+"""ingest's memo (brainmri.intake.memo): a rerun decodes and judges only what is new, and writes the manifest a run
+without the memo writes."""
+
+import shutil
+
+import numpy as np
+import pytest
+from factory import brain, encode, write_dataset
+from PIL import Image
+from test_grouping import RULES, _set
+from test_ingest import project
+
+from brainmri.intake import workers
+from brainmri.intake.duplicates import fingerprint
+from brainmri.intake.grouping import candidates, group_ids
+from brainmri.intake.memo import PairMemo
+from tasks.ingest import ingest
+
+
+def _pairs(found) -> set:
+    return {tuple(sorted(map(int, x))) for x in found}
+
+
+@pytest.mark.parametrize("seed", [5, 8])
+def test_the_screen_of_new_images_finds_every_candidate_with_a_new_image(seed):
+    """candidates(new=mask) is exactly the full screen's pairs that have a new image, whichever images are new."""
+    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(_set(10, seed))]
+    full = _pairs(candidates(prints, RULES[0], RULES[2]))
+    rng = np.random.default_rng(seed)
+    for share in (0.1, 0.5, 0.9):
+        new = rng.random(len(prints)) < share
+        got = _pairs(candidates(prints, RULES[0], RULES[2], new))
+        assert got == {(i, j) for i, j in full if new[i] or new[j]}, share
+    assert len(full) > 20  # enough pairs that a lost one would show
+
+
+def test_groups_through_the_memo_are_the_groups_without_it(tmp_path):
+    """Old images judged once, then a set with new ones, some dropped, and copies: the same groups as one full run."""
+    images = _set(12, seed=5)
+    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(images)]
+    memo = PairMemo(tmp_path / "memo", *RULES)
+    old = prints[:15]  # _set puts each copy after its scan: the 8th scan here, its copy among the new ones
+    keys = [p.sha256 for p in old]
+    assert group_ids(keys, old, *RULES, memo=memo) == group_ids(keys, old, *RULES)
+    now = prints[2:] + prints[5:7]  # two old ones gone, every new one in, two files twice
+    keys = [p.sha256 for p in now]
+    with_memo = group_ids(keys, now, *RULES, memo=memo)
+    assert with_memo == group_ids(keys, now, *RULES)
+    was_old = {p.sha256 for p in old}
+    spans = {g for g in with_memo if {k in was_old for k, h in zip(keys, with_memo, strict=True) if h == g} == {True, False}}
+    assert spans  # a new image joined an old one's group: found by the screen of new images alone
+
+
+def _count_decodes(monkeypatch) -> list:
+    calls = []
+    real = workers.decode_bytes
+
+    def counted(data, **kw):
+        calls.append(len(data))
+        return real(data, **kw)
+
+    monkeypatch.setattr(workers, "decode_bytes", counted)
+    return calls
+
+
+def test_a_rerun_decodes_only_new_files_and_writes_the_same_outputs(tmp_path, monkeypatch):
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=4)
+    calls = _count_decodes(monkeypatch)
+    ingest(p)
+    assert len(calls) == 8
+    scan = Image.fromarray(brain(11, tumor=True)).convert("RGB")
+    (ds / "yes" / "new.png").write_bytes(encode(np.asarray(scan), "PNG"))
+    (ds / "yes" / "new cropped.png").write_bytes(encode(np.asarray(scan.crop((0, 20, scan.width, scan.height))), "PNG"))
+    shutil.copy(next((ds / "no").iterdir()), ds / "no" / "a copy.jpg")
+    calls.clear()
+    ingest(p)
+    assert len(calls) == 2  # the copy's bytes were seen before
+    outputs = {f: p.path(f).read_bytes() for f in ("ingest_manifest",)}
+    images = {f.name: f.read_bytes() for f in p.path("ingest_images").iterdir()}
+    shutil.rmtree(p.path("ingest_cache"))
+    calls.clear()
+    ingest(p)
+    assert len(calls) == 10  # eleven files, two with the same bytes: the second is the first's entry
+    assert {f: p.path(f).read_bytes() for f in outputs} == outputs
+    assert {f.name: f.read_bytes() for f in p.path("ingest_images").iterdir()} == images
+
+
+def test_a_tampered_entry_is_recomputed_not_used(tmp_path, monkeypatch):
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=3)
+    ingest(p)
+    manifest = p.path("ingest_manifest").read_bytes()
+    entries = sorted(p.path("ingest_cache").rglob("*.npz"))
+    assert len(entries) == 7  # six files and the pairs
+    for e in entries:
+        e.write_bytes(e.read_bytes()[:-9] + b"tampered!")
+    calls = _count_decodes(monkeypatch)
+    ingest(p)
+    assert len(calls) == 6 and p.path("ingest_manifest").read_bytes() == manifest
+
+
+def test_changed_params_do_not_reuse_the_memo(tmp_path, monkeypatch):
+    """max_side shapes every normalized PNG: a rerun under another value decodes everything again."""
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=3)
+    ingest(p)
+    calls = _count_decodes(monkeypatch)
+    q = project(tmp_path, max_side=96)
+    ingest(q)
+    assert len(calls) == 6
+    assert {Image.open(f).size[0] <= 96 for f in q.path("ingest_images").iterdir()} == {True}
