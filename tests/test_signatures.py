@@ -8,10 +8,12 @@ import io
 import struct
 import tarfile
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
 from factory import brain, encode, write_dataset
+from PIL import Image
 from test_ingest import project
 
 from brainmri.core.errors import DataError, ImageError
@@ -148,7 +150,7 @@ def test_real_images_are_not_named(tmp_path):
     """No signature matches an image the decoder reads: the check runs only after Pillow gave up, but must not fire early."""
     for fmt in ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP"):
         data = encode(brain(3), fmt)
-        assert describe(data) is None, fmt
+        assert describe(data) is None or describe(data).startswith(f"a {fmt} "), fmt  # a TIFF or JPEG layout Pillow lacks
         decode_bytes(data, **LIMITS)
 
 
@@ -194,3 +196,58 @@ def test_a_sixteen_bit_min_is_white_tiff_is_not_read_as_a_negative():
     white = np.asarray(decode_bytes(_tiff16(65535 - shown, 0), **LIMITS).image)
     assert black[0, 0, 0] < 20 and black.max() > 150  # the reference is what it should be: a bright head on black
     assert np.array_equal(white, black)
+
+
+def _tiff_mm(values: np.ndarray, fmt: int, deflate: bool) -> bytes:
+    """A big-endian (MM, as ImageJ writes) one-strip gray TIFF of `values`' dtype (SampleFormat `fmt`: 1 unsigned, 2
+    signed, 3 float), Deflate-compressed (decoded by libtiff) or raw."""
+    h, w = values.shape
+    pixels = values.astype(values.dtype.newbyteorder(">")).tobytes()
+    pixels = zlib.compress(pixels) if deflate else pixels
+    tags = [(256, w), (257, h), (258, values.dtype.itemsize * 8), (259, 8 if deflate else 1), (262, 1), (273, 0)]
+    tags += [(277, 1), (278, h), (279, len(pixels)), (339, fmt)]
+    offset = 8 + 2 + 12 * len(tags) + 4
+    tags[5] = (273, offset)
+    ifd = struct.pack(">H", len(tags)) + b"".join(struct.pack(">HHII", t, 4, 1, v) for t, v in tags)
+    return b"MM\x00*" + struct.pack(">I", 8) + ifd + b"\x00\x00\x00\x00" + pixels
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
+def test_a_big_endian_compressed_tiff_is_read_in_its_byte_order(dtype):
+    """A CT-like signed 16-bit, a 32-bit and a float TIFF in ImageJ's byte order decode as the same file uncompressed
+    (libtiff's native-order samples were read as big-endian: noise)."""
+    values = (brain(5).astype(np.int32) * 16 - 1024).astype(dtype)  # -1024 .. about 3000, as Hounsfield units
+    fmt = 3 if dtype == np.float32 else 2
+    raw = np.asarray(decode_bytes(_tiff_mm(values, fmt, deflate=False), **LIMITS).image)
+    packed = np.asarray(decode_bytes(_tiff_mm(values, fmt, deflate=True), **LIMITS).image)
+    v = values.astype(np.float64)
+    expected = np.rint(255 * (v - v.min()) / (v.max() - v.min()))
+    assert np.abs(raw[..., 0].astype(int) - expected).max() <= 1  # the raw file is read right: the reference holds
+    assert np.array_equal(packed, raw)
+
+
+def test_a_tiff_layout_the_decoder_does_not_read_is_named():
+    """A 64-bit float TIFF (Pillow cannot identify it) is named as a TIFF layout, not 'not a recognised image'."""
+    with pytest.raises(ImageError, match=r"^a TIFF in a sample layout this decoder does not read"):
+        decode_bytes(_tiff_mm(brain(2).astype(np.float64), 3, deflate=False), **LIMITS)
+
+
+def _bmp_v5(rgba: np.ndarray) -> bytes:
+    """A 32-bit BMP with a V5 header and an alpha mask (BI_BITFIELDS), bottom-up BGRA rows, as Windows writes one."""
+    h, w = rgba.shape[:2]
+    rows = rgba[::-1][..., [2, 1, 0, 3]].tobytes()
+    dib = struct.pack("<IiiHHIIiiII", 124, w, h, 1, 32, 3, len(rows), 2835, 2835, 0, 0)
+    dib += struct.pack("<IIII", 0xFF0000, 0xFF00, 0xFF, 0xFF000000) + b"BGRs" + b"\0" * 48 + struct.pack("<IIII", 4, 0, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(dib) + len(rows), 0, 0, 14 + len(dib)) + dib + rows
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "PNG"])
+def test_an_alpha_of_zero_everywhere_is_ignored_not_a_black_image(fmt):
+    """A 32-bit BMP whose writer left alpha 0 (shown opaque by browsers and Windows) decodes to its colours; so does
+    any image whose alpha hides every pixel. A partly transparent image is still put on black."""
+    rgb = np.stack([brain(6)] * 3, -1)
+    save = _bmp_v5 if fmt == "BMP" else (lambda a: encode(Image.fromarray(a, "RGBA"), "PNG"))
+    dec = decode_bytes(save(np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])), **LIMITS)
+    assert np.array_equal(np.asarray(dec.image), rgb) and dec.note == "alpha 0 everywhere; ignored"
+    half = decode_bytes(save(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])), **LIMITS)
+    assert np.asarray(half.image).max() < rgb.max() and half.note == ""

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import stat
 import sys
 import warnings
@@ -37,6 +38,7 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "GIF", "WEBP
 INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # raw modes in which Pillow reads a 16-bit colour or gray-and-alpha file's high bytes alone, and the layout of the
 # same bytes that gives the low ones (`wide`)
+SWAPPED = re.compile(r";(16|32|64)B")  # a big-endian raw mode of 16 bits or more left after Pillow's own libtiff swap (`_native`)
 WIDE_RAW = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B", "LA;16B": "RGBA"}
 WIDE_RAW |= {f"{m};16N": f"{m};16{'B' if sys.byteorder == 'little' else 'L'}" for m in ("RGB", "RGBA")}  # libtiff's: native order
 CHUNK = 1 << 20
@@ -92,6 +94,8 @@ def _library(fmt: str | None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "possibly corrupt EXIF" and the like: the pixels decide
             yield
+    except ImageError:  # our own refusal inside the block (`wide`, `_white_is_zero`): its reason, not "corrupt"
+        raise
     except Exception as exc:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, zlib.error...
         raise DecodeError(f"corrupt or truncated {fmt or 'image'} data: {_reason(exc)}") from None
 
@@ -129,7 +133,8 @@ def read_capped(path: str | Path, max_bytes: int) -> bytes:
 def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], object, str | None]:
     """The image, decoded under the caps; its size as stored, a TIFF's EXIF orientation (None for any other format):
     Pillow turns a TIFF as it loads it and drops the tag, so both are read before; and the raw mode of its tiles
-    (None when they differ), which `wide` needs and loading clears."""
+    (None when they differ), which `wide` needs and loading clears. A big-endian TIFF that libtiff decoded in the
+    wrong byte order comes back put right (`_native`)."""
     headers.refuse_bloated(data, max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -154,10 +159,23 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], o
     with _library(img.format):
         orientation = img.getexif().get(0x0112, 1) if img.format == "TIFF" else None
         raws = {_rawmode(t.args) for t in img.tile}
+        swapped = sys.byteorder == "little" and any(t[0] == "libtiff" and SWAPPED.search(_rawmode(t.args) or "") for t in img.tile)
         img.load()
+        img = _native(img, raws.pop()) if swapped and len(raws) == 1 else img
     if orientation is not None and _turns(orientation) and orientation not in (2, 3, 4):  # Pillow gave the turned size
         width, height = height, width
     return img, (width, height), orientation, raws.pop() if len(raws) == 1 else None
+
+
+def _native(img: Image.Image, raw: str) -> Image.Image:
+    """libtiff hands back a compressed TIFF's samples in the machine's byte order, and Pillow swaps the 16-bit
+    unsigned raw modes to match but not the signed 16-bit, 32-bit or float ones (I;16BS, I;32BS, F;32BF), which it
+    then reads as big-endian: a CT-like int16 LZW TIFF from ImageJ (MM) came out as noise. Swapped back here."""
+    arr = np.asarray(img)
+    fixed = arr.astype(np.int16).byteswap().astype(np.int32) if raw.startswith("I;16") else arr.byteswap()
+    out = Image.fromarray(fixed)
+    out.format, out.info = img.format, img.info
+    return out
 
 
 def _border_level(a: np.ndarray) -> float:
@@ -282,7 +300,7 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
         exif = img.getexif()
         rotated = _turns(exif.get(0x0112, 1) if turned is None else turned)
         upright = ImageOps.exif_transpose(wide(data, img, raw) or img)
-        if fmt == "TIFF" and upright.mode in INTEGER_MODES and img.tag_v2.get(262) == 0:
+        if fmt == "TIFF" and upright.mode in INTEGER_MODES and getattr(img, "tag_v2", {}).get(262) == 0:  # not after _native
             upright = _white_is_zero(upright, img.tag_v2.get(258))
     rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
@@ -411,6 +429,8 @@ def to_rgb_noted(img: Image.Image, fmt: str | None = None) -> tuple[Image.Image,
     if has_alpha:
         with _library(fmt):
             rgba = img.convert("RGBA")
+        if rgba.getextrema()[3] == (0, 0):  # alpha hides every pixel: a writer that leaves it 0 (32-bit BMPs with an
+            return rgba.convert("RGB"), "alpha 0 everywhere; ignored"  # alpha mask), not an invisible scan: shown opaque
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("RGB"), ""
     with _library(fmt):

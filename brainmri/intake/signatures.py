@@ -19,7 +19,7 @@ CONVERT = "export its slices as PNG first (for example with pydicom, nibabel or 
 
 def describe(data: bytes) -> str | None:
     """A one-line name for a format ingest and `predict` do not read, with what to do; None when it is not known."""
-    for known in (_medical, _container, _document):
+    for known in (_medical, _container, _unread_kind, _document):
         if (found := known(data)) is not None:
             return found
     return None
@@ -62,6 +62,18 @@ def _container(data: bytes) -> str | None:
         return "a tar archive inside a class folder: give the archive itself as ingest.source, or extract it"
     if data[:6] == b"7z\xbc\xaf\x27\x1c" or data[:6] == b"Rar!\x1a\x07" or data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00":
         return "a compressed archive (7z, RAR, bzip2 or xz), which ingest does not open: extract it, or repack it as .zip or .tar.gz"
+    return None
+
+
+def _unread_kind(data: bytes) -> str | None:
+    """A TIFF or JPEG Pillow could not identify: a sample layout or coding it does not read."""
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return (
+            "a TIFF in a sample layout this decoder does not read (such as 64-bit or 16-bit float, 16-bit gray with "
+            "alpha, big-endian 32-bit): save it as 16-bit gray or 8-bit"
+        )
+    if data[:3] == b"\xff\xd8\xff":
+        return "a JPEG of a coding this decoder does not read (12-bit, or lossless as in DICOM): save it as 16-bit PNG or 8-bit JPEG"
     return None
 
 
