@@ -300,8 +300,11 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
         exif = img.getexif()
         rotated = _turns(exif.get(0x0112, 1) if turned is None else turned)
         upright = ImageOps.exif_transpose(wide(data, img, raw) or img)
-        if fmt == "TIFF" and upright.mode in INTEGER_MODES and getattr(img, "tag_v2", {}).get(262) == 0:  # not after _native
-            upright = _white_is_zero(upright, img.tag_v2.get(258))
+        tags = getattr(img, "tag_v2", {}) if fmt == "TIFF" else {}  # none after `_native`
+        if upright.mode in INTEGER_MODES and tags.get(262) == 0:
+            upright = _white_is_zero(upright, tags.get(258))
+        if upright.mode == "L" and _first(tags.get(339)) == 2:  # signed 8-bit (MATLAB's Tiff writes it): Pillow reads
+            upright = Image.fromarray(np.asarray(upright).view(np.int8).astype(np.int32))  # unsigned; as the int16 rule
     rgb, note = to_rgb_noted(upright, fmt)
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
@@ -314,11 +317,16 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int, crop_to_content
     return Decoded(rgb, digest, fmt, mode, width, height, rotated, note, len(data), len(exif) > 0, full, box)
 
 
+def _first(value):
+    """A TIFF tag's value, or the first of its per-sample values."""
+    return value[0] if isinstance(value, tuple) and value else value
+
+
 def _white_is_zero(img: Image.Image, bits) -> Image.Image:
     """A 16-bit gray TIFF stored MinIsWhite (photometric 0: a DICOM MONOCHROME1 export, a film digitiser), inverted
     as the TIFF spec says (2^bits - 1 is black). Pillow inverts 1- and 8-bit ones itself but reads 16-bit ones as
     stored, a negative image; wider ones are refused by name rather than guessed."""
-    bits = int(bits[0] if isinstance(bits, tuple) else bits or 0)
+    bits = int(_first(bits) or 0)
     if not img.mode.startswith("I;16") or not 1 <= bits <= 16:
         raise ImageError(f"a {bits}-bit MinIsWhite (photometric 0) TIFF is not supported; save it as MinIsBlack")
     return Image.fromarray((2**bits - 1) - np.asarray(img).astype(np.int32)).convert("I")
@@ -373,6 +381,9 @@ def wide(data: bytes, img: Image.Image, raw: str | None) -> Image.Image | None:
             full = (np.asarray(img).astype(np.uint16) << 8) | low
     alpha = full.shape[-1] in (2, 4)
     colour, _ = scale_integer(full[..., :-1] if alpha else full)
+    clear = img.info.get("transparency")
+    if not alpha and isinstance(clear, tuple) and len(clear) == 3:  # an RGB16 PNG's tRNS colour: transparent, on black
+        colour[(full == np.array(clear, np.uint16)).all(-1)] = 0
     if alpha:
         colour = np.concatenate([colour, _by_rows(full[..., -1:], lambda a: np.rint(a / 257.0))], axis=-1)
     out = Image.fromarray(colour)  # LA, RGB or RGBA by its 2, 3 or 4 channels
@@ -422,6 +433,8 @@ def to_rgb_noted(img: Image.Image, fmt: str | None = None) -> tuple[Image.Image,
         with _library(fmt):
             arr = np.asarray(img)  # float32 or 16/32-bit integers: converted a block of rows at a time (_by_rows)
         arr8, note = (scale_float(arr), "") if mode == "F" else scale_integer(arr)
+        if isinstance(img.info.get("transparency"), int):  # a 16-bit gray PNG's tRNS: that value is transparent, as in 8 bits
+            arr8[arr == img.info["transparency"]] = 0
         return Image.fromarray(arr8, "L").convert("RGB"), note
     if mode == "CMYK":
         return _cmyk_to_rgb(img, fmt), ""

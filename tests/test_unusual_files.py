@@ -1,7 +1,9 @@
-"""Files that are not images the decoder reads are named, with what to do: DICOM, NIfTI, MATLAB, archives, documents.
+"""Files a user may really bring that are not plain 8-bit images.
 
-Each file is built in its format's real layout (the libraries that write them where the environment has one), so a
-test fails if a signature sits at the wrong offset."""
+Formats the decoder does not read are named, with what to do (DICOM, NIfTI, MATLAB, archives, documents); valid but
+unusual encodings decode to the pixels the file shows (16-bit MinIsWhite and signed 8-bit TIFFs, big-endian compressed
+TIFFs, an alpha of zero everywhere, 16-bit transparency). Each file is built in its format's real layout (the
+libraries that write them where the environment has one), so a test fails if a signature or field is misplaced."""
 
 import gzip
 import io
@@ -251,3 +253,30 @@ def test_an_alpha_of_zero_everywhere_is_ignored_not_a_black_image(fmt):
     assert np.array_equal(np.asarray(dec.image), rgb) and dec.note == "alpha 0 everywhere; ignored"
     half = decode_bytes(save(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])), **LIMITS)
     assert np.asarray(half.image).max() < rgb.max() and half.note == ""
+
+
+def test_a_signed_eight_bit_tiff_is_read_signed():
+    """SampleFormat 2 at 8 bits (-128..127): -1 was read as 255, a bright background; now by the signed rule."""
+    values = (brain(7).astype(np.int16) - 128).astype(np.int8)
+    got = np.asarray(decode_bytes(_tiff_mm(values, 2, deflate=False), **LIMITS).image)[..., 0]
+    v = values.astype(np.float64)
+    assert np.abs(got - np.rint(255 * (v - v.min()) / (v.max() - v.min()))).max() <= 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_sixteen_bit_png_transparent_colour_goes_to_black_as_in_eight_bits(channels):
+    """tRNS in a 16-bit gray or RGB PNG marks a white background transparent: put on black, as the 8-bit file is."""
+    shown = brain(8).astype(np.uint16) * 257
+    shown[:, :6] = 65535  # a white band, marked transparent
+    arr = np.dstack([shown] * channels)
+    height, width = shown.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {1: 0, 3: 2}[channels], 0, 0, 0)
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
+    trns = struct.pack(">" + "H" * channels, *[65535] * channels)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", trns) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    got = np.asarray(decode_bytes(png, **LIMITS).image)
+    assert got[:, :6].max() == 0 and got[:, 6:].max() > 150
