@@ -40,6 +40,7 @@ def ingest(p: Params) -> dict:
         report["subjects"] = by_subject
     write_csv(p.path("ingest_manifest"), manifest)
     write_json(p.path("ingest_report"), report)
+    ingest_memo.prune(memo, set(manifest["sha256"]), pairs)  # the memo keeps only what this run used
     d = report["duplicates"]
     summary(
         "ingest",

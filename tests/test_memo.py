@@ -14,6 +14,7 @@ from brainmri.intake import workers
 from brainmri.intake.duplicates import fingerprint
 from brainmri.intake.grouping import candidates, group_ids
 from brainmri.intake.memo import PairMemo
+from brainmri.intake.phantoms import phantom
 from tasks.ingest import ingest
 
 
@@ -21,12 +22,28 @@ def _pairs(found) -> set:
     return {tuple(sorted(map(int, x))) for x in found}
 
 
-@pytest.mark.parametrize("seed", [5, 8])
-def test_the_screen_of_new_images_finds_every_candidate_with_a_new_image(seed):
-    """candidates(new=mask) is exactly the full screen's pairs that have a new image, whichever images are new."""
-    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(_set(10, seed))]
-    full = _pairs(candidates(prints, RULES[0], RULES[2]))
+def _cut_set(seed: int) -> list[Image.Image]:
+    """Phantom scans and crops of them cut deep into the head on one or two sides: images the crop rule trims (its
+    queries grouped by the sides where they look cut), which `_set`'s milder copies do not reach."""
     rng = np.random.default_rng(seed)
+    images = []
+    for k in range(12):
+        scan = Image.fromarray(np.pad(phantom(rng, bool(k % 2), 160, 150), 24)).convert("RGB")
+        w, h = scan.size
+        boxes = [(0, int(0.35 * h), w, h), (int(0.3 * w), 0, w, h), (int(0.3 * w), int(0.3 * h), w, h), (0, 0, int(0.7 * w), int(0.75 * h))]
+        images += [scan, scan.crop(boxes[k % 4])]
+    return images
+
+
+@pytest.mark.parametrize("images", ["copies 5", "copies 8", "cut 4"])
+def test_the_screen_of_new_images_finds_every_candidate_with_a_new_image(images):
+    """candidates(new=mask) is exactly the full screen's pairs that have a new image, whichever images are new."""
+    kind, seed = images.split()
+    made = _set(10, int(seed)) if kind == "copies" else _cut_set(int(seed))
+    prints = [fingerprint(img, f"k{i}", 8) for i, img in enumerate(made)]
+    assert kind == "copies" or sum(p.cuts.any() for p in prints) >= 10  # the crop rule's grouped queries are reached
+    full = _pairs(candidates(prints, RULES[0], RULES[2]))
+    rng = np.random.default_rng(int(seed))
     for share in (0.1, 0.5, 0.9):
         new = rng.random(len(prints)) < share
         got = _pairs(candidates(prints, RULES[0], RULES[2], new))
@@ -110,3 +127,39 @@ def test_changed_params_do_not_reuse_the_memo(tmp_path, monkeypatch):
     ingest(q)
     assert len(calls) == 6
     assert {Image.open(f).size[0] <= 96 for f in q.path("ingest_images").iterdir()} == {True}
+
+
+def test_the_memo_keeps_only_what_the_last_run_used(tmp_path):
+    """A params change leaves the old folder stale: it goes, and so do the entries of files no longer in the set."""
+    p = project(tmp_path)
+    ds = write_dataset(p.resolve("data/raw/ds"), n=3)
+    ingest(p)
+    q = project(tmp_path, max_side=96)
+    gone = next((ds / "yes").iterdir())
+    gone.unlink()
+    ingest(q)
+    folders = [f for f in q.path("ingest_cache").iterdir()]
+    assert len(folders) == 1 and len(list(folders[0].rglob("*.npz"))) == 5 + 1  # five files and the pairs
+
+
+def test_a_foreign_entry_that_matches_its_hash_is_not_trusted(tmp_path, monkeypatch):
+    """An entry whose name matches its bytes but whose content is not an entry (a zip, wrong fields, a row that
+    would rename a file's class) is decoded again, never used and never a crash."""
+    import hashlib
+    import io
+
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=3)
+    ingest(p)
+    manifest = p.path("ingest_manifest").read_bytes()
+    entries = sorted(p.path("ingest_cache").rglob("*.npz"))
+    zipped = io.BytesIO()
+    with __import__("zipfile").ZipFile(zipped, "w") as z:
+        z.writestr("meta.npy", b"not an array")
+    for k, e in enumerate(entries):
+        data = zipped.getvalue() if k % 2 else b"PK\x03\x04" + bytes(40)
+        e.unlink()
+        e.with_name(f"{e.name.rsplit('-', 1)[0]}-{hashlib.sha256(data).hexdigest()[:16]}.npz").write_bytes(data)
+    calls = _count_decodes(monkeypatch)
+    ingest(p)
+    assert len(calls) == 6 and p.path("ingest_manifest").read_bytes() == manifest

@@ -191,7 +191,10 @@ def read_verified(folder: Path, key: str, suffix: str, redo: str) -> bytes | Non
     import logging
 
     for entry in sorted(folder.glob(f"{glob.escape(key)}-*{suffix}")):
-        data = entry.read_bytes()
+        try:
+            data = entry.read_bytes()
+        except FileNotFoundError:  # another process replaced or dropped it after the listing: not ours to read
+            continue
         if entry.name == f"{key}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}":
             return data
         logging.getLogger("brainmri").warning("%s does not match its hash; %s", entry, redo)

@@ -329,7 +329,9 @@ def _white_is_zero(img: Image.Image, bits) -> Image.Image:
     bits = int(_first(bits) or 0)
     if not img.mode.startswith("I;16") or not 1 <= bits <= 16:
         raise ImageError(f"a {bits}-bit MinIsWhite (photometric 0) TIFF is not supported; save it as MinIsBlack")
-    return Image.fromarray((2**bits - 1) - np.asarray(img).astype(np.int32)).convert("I")
+    arr = np.asarray(img).astype(np.int32)
+    black = 2 ** max(8, int(arr.max()).bit_length()) - 1  # the bit range used, as `scale_integer`: 12-bit data in 16 bits
+    return Image.fromarray(black - arr)
 
 
 def _turns(orientation) -> bool:
@@ -380,10 +382,10 @@ def wide(data: bytes, img: Image.Image, raw: str | None) -> Image.Image | None:
         else:
             full = (np.asarray(img).astype(np.uint16) << 8) | low
     alpha = full.shape[-1] in (2, 4)
-    colour, _ = scale_integer(full[..., :-1] if alpha else full)
     clear = img.info.get("transparency")
-    if not alpha and isinstance(clear, tuple) and len(clear) == 3:  # an RGB16 PNG's tRNS colour: transparent, on black
-        colour[(full == np.array(clear, np.uint16)).all(-1)] = 0
+    if not alpha and isinstance(clear, tuple) and len(clear) == 3:  # an RGB16 PNG's tRNS colour: transparent, on black,
+        full = np.where((full == np.array(clear, np.uint16)).all(-1, keepdims=True), 0, full)  # out of the scaling range
+    colour, _ = scale_integer(full[..., :-1] if alpha else full)
     if alpha:
         colour = np.concatenate([colour, _by_rows(full[..., -1:], lambda a: np.rint(a / 257.0))], axis=-1)
     out = Image.fromarray(colour)  # LA, RGB or RGBA by its 2, 3 or 4 channels
@@ -432,9 +434,10 @@ def to_rgb_noted(img: Image.Image, fmt: str | None = None) -> tuple[Image.Image,
     if mode in INTEGER_MODES or mode == "F":
         with _library(fmt):
             arr = np.asarray(img)  # float32 or 16/32-bit integers: converted a block of rows at a time (_by_rows)
+        clear = arr == img.info["transparency"] if isinstance(img.info.get("transparency"), int) else None
+        if clear is not None:  # a 16-bit gray PNG's tRNS: that value is transparent (black, as in 8 bits), out of the range
+            arr = np.where(clear, 0, arr)
         arr8, note = (scale_float(arr), "") if mode == "F" else scale_integer(arr)
-        if isinstance(img.info.get("transparency"), int):  # a 16-bit gray PNG's tRNS: that value is transparent, as in 8 bits
-            arr8[arr == img.info["transparency"]] = 0
         return Image.fromarray(arr8, "L").convert("RGB"), note
     if mode == "CMYK":
         return _cmyk_to_rgb(img, fmt), ""

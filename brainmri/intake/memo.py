@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +30,19 @@ from brainmri.intake.duplicates import Fingerprint
 
 CODE = Path(__file__).parent  # every intake module's source is in the key: any change there recomputes
 PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned")
+FILE_FIELDS = ("sha256", "format", "mode", "width", "height", "file_bytes", "exif", "exif_rotated", "norm_width", "norm_height", "note")
 
 
 def folder(p) -> Path:
     """The memo's folder for this code, these libraries and the params that shape a file's record."""
-    import PIL
-    import scipy
+    from importlib.metadata import version
 
     h = hashlib.sha256()
     for source in sorted(CODE.glob("*.py")):
         h.update(source.name.encode() + source.read_bytes())
     i = p.ingest
-    h.update(json.dumps([PIL.__version__, np.__version__, scipy.__version__, i.max_pixels, i.max_side, i.crop_to_content]).encode())
+    libraries = [version(name) for name in ("pillow", "numpy", "scipy", "imagehash")]  # decode, fingerprints, hashes
+    h.update(json.dumps([libraries, i.max_pixels, i.max_side, i.crop_to_content]).encode())
     h.update(json.dumps(p.dedupe.hash_size).encode())
     return p.path("ingest_cache") / h.hexdigest()[:16]
 
@@ -66,8 +68,11 @@ class FileMemo:
                 meta = json.loads(z["meta"].tobytes())
                 arrays = {k: z[k] for k in PRINT_FIELDS}
                 png = z["png"].tobytes()
-            return png, meta["fields"], Fingerprint(sha, **arrays), meta["look"]
-        except (KeyError, ValueError, OSError):  # not what `keep` writes (its name matched its bytes): decode again
+            fields, look = meta["fields"], meta["look"]
+            if set(fields) != set(FILE_FIELDS) or fields["sha256"] != sha or not all(isinstance(v, float) for v in look.values()):
+                return None
+            return png, fields, Fingerprint(sha, **arrays), look
+        except Exception:  # not what `keep` writes, though its name matched its bytes (a zip, a JSON of other keys): decode again
             return None
 
     def keep(self, png: bytes, fields: dict, fp: Fingerprint, look: dict) -> None:
@@ -88,13 +93,17 @@ class PairMemo:
 
     def recall(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(known: which of `shas` were judged before, the joined pairs among them as positions in `shas`)."""
+        nothing = np.zeros(len(shas), bool), np.zeros((0, 2), np.int64)
         data = read_verified(self.where, self.key, ".npz", "judging every pair again") if self.where.is_dir() else None
         if data is None:
-            return np.zeros(len(shas), bool), np.zeros((0, 2), np.int64)
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            before, pairs = z["shas"].astype(str), z["pairs"].astype(np.int64).reshape(-1, 2)
+            return nothing
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                before, pairs = z["shas"].astype(str), z["pairs"].astype(np.int64).reshape(-1, 2)
+        except Exception:  # not what `keep` writes, though its name matched its bytes: judge every pair again
+            return nothing
         if len(pairs) and not (0 <= pairs.min() and pairs.max() < len(before)):
-            return np.zeros(len(shas), bool), np.zeros((0, 2), np.int64)  # not what `keep` writes: judge every pair again
+            return nothing
         position = {s: k for k, s in enumerate(shas)}
         now = np.array([position.get(s, -1) for s in before], np.int64)  # each earlier file's position now, -1 if gone
         both = pairs[(now[pairs] >= 0).all(1)] if len(pairs) else pairs
@@ -110,3 +119,19 @@ class PairMemo:
         for old in self.where.glob(f"{self.key}-*.npz"):
             if old.name != kept:
                 old.unlink(missing_ok=True)
+
+
+def prune(where: Path, kept: set[str], pairs: PairMemo) -> None:
+    """After a run: only this memo folder stays (code, library or params changes leave the others stale), and in it
+    only the entries of the files this run kept and this run's pairs; temporary files of killed workers go too.
+    Without it the memo grew by a full copy of the set's PNGs at every code or params change."""
+    for other in where.parent.iterdir() if where.parent.is_dir() else ():
+        if other.is_dir() and other != where:
+            shutil.rmtree(other, ignore_errors=True)
+    for entry in where.iterdir() if where.is_dir() else ():
+        if entry.is_dir():
+            for item in entry.iterdir():
+                if item.name.split("-")[0] not in kept:
+                    item.unlink(missing_ok=True)
+        elif not entry.name.startswith(pairs.key + "-"):
+            entry.unlink(missing_ok=True)

@@ -69,11 +69,14 @@ def _unread_kind(data: bytes) -> str | None:
     """A TIFF or JPEG Pillow could not identify: a sample layout or coding it does not read."""
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return (
-            "a TIFF in a sample layout this decoder does not read (such as 64-bit or 16-bit float, 16-bit gray with "
-            "alpha, big-endian 32-bit): save it as 16-bit gray or 8-bit"
+            "a TIFF this decoder cannot open: a sample layout it does not read (such as 64-bit or 16-bit float, "
+            "16-bit gray with alpha, big-endian 32-bit) or a damaged header; save it as 16-bit gray or 8-bit"
         )
     if data[:3] == b"\xff\xd8\xff":
-        return "a JPEG of a coding this decoder does not read (12-bit, or lossless as in DICOM): save it as 16-bit PNG or 8-bit JPEG"
+        return (
+            "a JPEG this decoder cannot open: a coding it does not read (12-bit, or lossless as in DICOM) or a damaged "
+            "header; save it as 16-bit PNG or 8-bit JPEG"
+        )
     return None
 
 
