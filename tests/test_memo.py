@@ -1,6 +1,7 @@
 """ingest's memo (brainmri.intake.memo): a rerun decodes and judges only what is new, and writes the manifest a run
 without the memo writes."""
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ from brainmri.intake import workers
 from brainmri.intake.duplicates import fingerprint
 from brainmri.intake.grouping import candidates, group_ids
 from brainmri.intake.memo import PairMemo
+from brainmri.intake.memo import folder as memo_folder
 from brainmri.intake.phantoms import phantom
 from tasks.ingest import ingest
 
@@ -137,9 +139,17 @@ def test_the_memo_keeps_only_what_the_last_run_used(tmp_path):
     q = project(tmp_path, max_side=96)
     gone = next((ds / "yes").iterdir())
     gone.unlink()
+    mine = q.path("ingest_cache") / "my notes"  # not a name the memo makes: never removed
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    sha = hashlib.sha256(next((ds / "no").iterdir()).read_bytes()).hexdigest()  # a file that stays
+    stale = memo_folder(q) / sha[:2] / f".{sha}-0123456789abcdef.npz.x1y2.tmp.npz"  # a killed worker's, in q's folder
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
     ingest(q)
-    folders = [f for f in q.path("ingest_cache").iterdir()]
+    folders = [f for f in q.path("ingest_cache").iterdir() if f != mine]
     assert len(folders) == 1 and len(list(folders[0].rglob("*.npz"))) == 5 + 1  # five files and the pairs
+    assert (mine / "keep.txt").read_text() == "mine" and not stale.exists()
 
 
 def test_a_foreign_entry_that_matches_its_hash_is_not_trusted(tmp_path, monkeypatch):

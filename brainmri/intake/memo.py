@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from brainmri.intake.duplicates import Fingerprint
 
 CODE = Path(__file__).parent  # every intake module's source is in the key: any change there recomputes
 PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned")
+MEMO_NAME, SHARD_NAME = re.compile(r"[0-9a-f]{16}"), re.compile(r"[0-9a-f]{2}")  # what `prune` may remove
 FILE_FIELDS = ("sha256", "format", "mode", "width", "height", "file_bytes", "exif", "exif_rotated", "norm_width", "norm_height", "note")
 
 
@@ -125,13 +127,13 @@ def prune(where: Path, kept: set[str], pairs: PairMemo) -> None:
     """After a run: only this memo folder stays (code, library or params changes leave the others stale), and in it
     only the entries of the files this run kept and this run's pairs; temporary files of killed workers go too.
     Without it the memo grew by a full copy of the set's PNGs at every code or params change."""
-    for other in where.parent.iterdir() if where.parent.is_dir() else ():
-        if other.is_dir() and other != where:
+    for other in where.parent.iterdir() if where.parent.is_dir() else ():  # only names the memo makes: 16 hex digits
+        if other.is_dir() and other != where and MEMO_NAME.fullmatch(other.name):
             shutil.rmtree(other, ignore_errors=True)
     for entry in where.iterdir() if where.is_dir() else ():
-        if entry.is_dir():
+        if entry.is_dir() and SHARD_NAME.fullmatch(entry.name):
             for item in entry.iterdir():
-                if item.name.split("-")[0] not in kept:
+                if item.is_file() and item.name[:64] not in kept:  # a gone file's entry, a killed writer's temporary file
                     item.unlink(missing_ok=True)
-        elif not entry.name.startswith(pairs.key + "-"):
+        elif entry.is_file() and entry.name.startswith("pairs-") and not entry.name.startswith(pairs.key + "-"):
             entry.unlink(missing_ok=True)
