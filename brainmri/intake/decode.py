@@ -36,9 +36,9 @@ from brainmri.intake import headers, signatures
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "GIF", "WEBP"})
 INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+SWAPPED = re.compile(r";(16|32|64)B")  # a big-endian raw mode of 16 bits or more left after Pillow's own libtiff swap (`_native`)
 # raw modes in which Pillow reads a 16-bit colour or gray-and-alpha file's high bytes alone, and the layout of the
 # same bytes that gives the low ones (`wide`)
-SWAPPED = re.compile(r";(16|32|64)B")  # a big-endian raw mode of 16 bits or more left after Pillow's own libtiff swap (`_native`)
 WIDE_RAW = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B", "LA;16B": "RGBA"}
 WIDE_RAW |= {f"{m};16N": f"{m};16{'B' if sys.byteorder == 'little' else 'L'}" for m in ("RGB", "RGBA")}  # libtiff's: native order
 CHUNK = 1 << 20
@@ -161,7 +161,7 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], o
         raws = {_rawmode(t.args) for t in img.tile}
         swapped = sys.byteorder == "little" and any(t[0] == "libtiff" and SWAPPED.search(_rawmode(t.args) or "") for t in img.tile)
         img.load()
-        img = _native(img, raws.pop()) if swapped and len(raws) == 1 else img
+        img = _native(img, next(iter(raws))) if swapped and len(raws) == 1 else img
     if orientation is not None and _turns(orientation) and orientation not in (2, 3, 4):  # Pillow gave the turned size
         width, height = height, width
     return img, (width, height), orientation, raws.pop() if len(raws) == 1 else None
@@ -434,9 +434,9 @@ def to_rgb_noted(img: Image.Image, fmt: str | None = None) -> tuple[Image.Image,
     if mode in INTEGER_MODES or mode == "F":
         with _library(fmt):
             arr = np.asarray(img)  # float32 or 16/32-bit integers: converted a block of rows at a time (_by_rows)
-        clear = arr == img.info["transparency"] if isinstance(img.info.get("transparency"), int) else None
-        if clear is not None:  # a 16-bit gray PNG's tRNS: that value is transparent (black, as in 8 bits), out of the range
-            arr = np.where(clear, 0, arr)
+        clear = img.info.get("transparency")
+        if isinstance(clear, int):  # a 16-bit gray PNG's tRNS: that value is transparent (black, as in 8 bits), out of the range
+            arr = np.where(arr == clear, 0, arr)
         arr8, note = (scale_float(arr), "") if mode == "F" else scale_integer(arr)
         return Image.fromarray(arr8, "L").convert("RGB"), note
     if mode == "CMYK":
@@ -467,7 +467,7 @@ def _cmyk_to_rgb(img: Image.Image, fmt: str | None) -> Image.Image:
         return img.convert("RGB")
 
 
-def save_png(img: Image.Image, path: str | Path) -> None:
+def save_png(img: Image.Image, path: str | Path | io.BytesIO) -> None:
     """Save losslessly; the output bytes depend only on the pixels (and zlib's version, pinned in requirements.lock)."""
     img.save(path, format="PNG", compress_level=PNG_LEVEL)
 

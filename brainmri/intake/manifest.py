@@ -25,6 +25,9 @@ EXTENSIONS = {
 }
 
 
+FILE_FIELDS = ("sha256", "format", "mode", "width", "height", "file_bytes", "exif", "exif_rotated", "norm_width", "norm_height", "note")
+
+
 def file_fields(dec: Decoded) -> dict:
     """What the file's bytes decide of its manifest row (the ingest memo keeps these per file)."""
     return {
@@ -47,8 +50,7 @@ def manifest_row(f: SourceFile, fields: dict, iid: str) -> dict:
     head = {"image_id": iid, "source_path": f.source_path, "label": f.label, "image": f"{iid}.png"}
     suffix = Path(f.source_path).suffix  # as written: the real set's classes differ in '.JPG' against '.jpg'
     named = {"extension_ok": suffix.lower() in EXTENSIONS.get(fields["format"], ()), "extension": suffix}
-    rest = {k: v for k, v in fields.items() if k not in ("sha256", "format")}
-    return {**head, "sha256": fields["sha256"], "format": fields["format"], **named, **rest}
+    return {**head, "sha256": fields["sha256"], "format": fields["format"], **named, **{k: fields[k] for k in FILE_FIELDS[2:]}}
 
 
 def check_class_counts(labels: list[str], p: Params, source: Path, after: str = "", quarantined: list[dict] | None = None) -> None:
@@ -57,8 +59,8 @@ def check_class_counts(labels: list[str], p: Params, source: Path, after: str = 
     per_class = Counter(labels)
     short = {c: per_class.get(c, 0) for c in p.ingest.classes if per_class.get(c, 0) < p.ingest.min_images_per_class}
     if short:
-        reasons = Counter(q["reason"] for q in quarantined or [])
-        why = f"; {reasons.most_common(1)[0][1]} of {len(quarantined)} quarantined files: {reasons.most_common(1)[0][0]}" if reasons else ""
+        commonest = Counter(q["reason"] for q in quarantined or []).most_common(1)
+        why = f"; {commonest[0][1]} of {len(quarantined)} quarantined files: {commonest[0][0]}" if commonest else ""
         raise DataError(
             f"too few usable images in {source}{after}: {short} "
             f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}){why or '; see the quarantine reasons'}"

@@ -28,11 +28,11 @@ import numpy as np
 
 from brainmri.core.files import read_verified, write_verified
 from brainmri.intake.duplicates import Fingerprint
+from brainmri.intake.manifest import FILE_FIELDS
 
 CODE = Path(__file__).parent  # every intake module's source is in the key: any change there recomputes
 PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned")
 MEMO_NAME, SHARD_NAME = re.compile(r"[0-9a-f]{16}"), re.compile(r"[0-9a-f]{2}")  # what `prune` may remove
-FILE_FIELDS = ("sha256", "format", "mode", "width", "height", "file_bytes", "exif", "exif_rotated", "norm_width", "norm_height", "note")
 
 
 def folder(p) -> Path:

@@ -10,6 +10,7 @@ A spawned worker imports the main module again, so a script that runs the stage 
 from __future__ import annotations
 
 import hashlib
+import io
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -50,14 +51,16 @@ def one(f: SourceFile, p: Params, out: Path, memo: Path | None = None) -> tuple[
         dec = decode_bytes(data, max_pixels=i.max_pixels, max_side=i.max_side, crop_to_content=i.crop_to_content)
     except ImageError as exc:
         return f, str(exc), None
-    save_png(dec.image, out / f"{iid}.png")
+    encoded = io.BytesIO()
+    save_png(dec.image, encoded)  # encoded once, for the stage's folder and the memo
+    (out / f"{iid}.png").write_bytes(encoded.getvalue())
     gray = dec.uncropped.convert("L")
     box = dec.head if i.crop_to_content else head_box(gray)  # the head found once for the crop, print and features
     crop = gray if box is None else gray.crop(box)
     look = features(dec.uncropped, crop)  # label-independent appearance, for the outlier screen
     fields, fp = file_fields(dec), fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size, crop)
     if kept is not None:
-        kept.keep((out / f"{iid}.png").read_bytes(), fields, fp, look)
+        kept.keep(encoded.getvalue(), fields, fp, look)
     return f, None, (manifest_row(f, fields, iid), fp, look)
 
 
