@@ -20,18 +20,20 @@ def ingest(p: Params) -> dict:
     start = time.monotonic()
     source = p.resolve(p.ingest.source)
     subjects = read_subjects(p)  # first: a bad table stops the stage before any image is decoded
-    rows, prints, looks, memo = [], [], [], ingest_memo.folder(p)  # what earlier runs computed for these files (paths.ingest_cache)
+    rows, prints, looks = [], [], []
     with open_source(source, p) as folder, atomic_dir(p.path("ingest_images")) as out:
         files, skipped, quarantined = scan(folder, p.ingest.classes)
         synthetic = (folder / MARKER).is_file()
         n_files = len(files) + len(quarantined)
         files, excluded = drop_excluded(files, p, source)
+        memo = ingest_memo.usable(ingest_memo.folder(p))  # earlier runs' work (paths.ingest_cache); made once the source is read
         for row, fp, look in ingested(p, files, quarantined, out, "ingest", memo):  # worker processes for a large set
             rows.append(row)
             prints.append(fp)
             looks.append(look)
         check_class_counts([r["label"] for r in rows], p, source, quarantined=quarantined)
-        pairs = ingest_memo.PairMemo(memo, p.dedupe.max_distance, p.dedupe.min_correlation, p.dedupe.min_partial_correlation)
+        dd = p.dedupe
+        pairs = ingest_memo.PairMemo(memo, dd.max_distance, dd.min_correlation, dd.min_partial_correlation) if memo else None
         manifest = build_manifest(rows, prints, looks, p.ingest.outlier_z, p.dedupe, pairs)
         manifest, by_subject = with_subjects(manifest, subjects, p.ingest.keep_mixed_subjects)
         check_usable_counts(manifest, p, source)  # inside the block: on failure no image is published
@@ -40,7 +42,8 @@ def ingest(p: Params) -> dict:
         report["subjects"] = by_subject
     write_csv(p.path("ingest_manifest"), manifest)
     write_json(p.path("ingest_report"), report)
-    ingest_memo.prune(memo, set(manifest["sha256"]), pairs)  # the memo keeps only what this run used
+    if memo is not None:
+        ingest_memo.prune(memo, set(manifest["sha256"]), pairs)  # the memo keeps only what this run used
     d = report["duplicates"]
     summary(
         "ingest",

@@ -173,3 +173,34 @@ def test_a_foreign_entry_that_matches_its_hash_is_not_trusted(tmp_path, monkeypa
     calls = _count_decodes(monkeypatch)
     ingest(p)
     assert len(calls) == 6 and p.path("ingest_manifest").read_bytes() == manifest
+
+
+def test_a_memo_that_cannot_be_written_never_stops_ingest(tmp_path, monkeypatch, caplog):
+    """A file where the memo's folder goes, and a disk that fills while entries are written: ingest writes the same
+    manifest as with a working memo, says the memo is off or was not written, and the next run decodes again."""
+    import errno
+
+    from brainmri.intake import memo
+
+    p = project(tmp_path)
+    write_dataset(p.resolve("data/raw/ds"), n=3)
+    ingest(p)
+    manifest = p.path("ingest_manifest").read_bytes()
+    shutil.rmtree(p.path("ingest_cache"))
+    p.path("ingest_cache").write_text("not a folder")
+    caplog.set_level("WARNING", logger="brainmri")
+    ingest(p)
+    assert p.path("ingest_manifest").read_bytes() == manifest and "memo off for this run" in caplog.text
+    p.path("ingest_cache").unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(memo, "write_verified", full)
+    caplog.clear()
+    ingest(p)
+    assert p.path("ingest_manifest").read_bytes() == manifest and "the memo's pairs were not written" in caplog.text
+    monkeypatch.undo()
+    calls = _count_decodes(monkeypatch)
+    ingest(p)
+    assert len(calls) == 6 and p.path("ingest_manifest").read_bytes() == manifest  # nothing half-written was trusted

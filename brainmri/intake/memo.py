@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from brainmri.intake.manifest import FILE_FIELDS
 CODE = Path(__file__).parent  # every intake module's source is in the key: any change there recomputes
 PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned")
 MEMO_NAME, SHARD_NAME = re.compile(r"[0-9a-f]{16}"), re.compile(r"[0-9a-f]{2}")  # what `prune` may remove
+log = logging.getLogger("brainmri")
 
 
 def folder(p) -> Path:
@@ -49,6 +52,20 @@ def folder(p) -> Path:
     return p.path("ingest_cache") / h.hexdigest()[:16]
 
 
+def usable(where: Path) -> Path | None:
+    """`where` when the memo can be written there, else None with a warning: the memo saves time and must never
+    stop ingest (a file in the folder's place, a read-only or full disk). Each entry's read and write is guarded
+    too: a disk that fills during the run leaves that entry out, to be computed next time."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
+            pass
+        return where
+    except OSError as exc:
+        log.warning("ingest: memo off for this run, %s cannot be written (%s): every file is decoded and every pair judged", where, exc)
+        return None
+
+
 class FileMemo:
     """One entry per file: (PNG bytes, manifest fields, fingerprint, outlier features)."""
 
@@ -62,7 +79,10 @@ class FileMemo:
 
     def recall(self, sha: str) -> tuple[bytes, dict, Fingerprint, dict] | None:
         shard = self._shard(sha)
-        data = read_verified(shard, sha, ".npz", "decoding the file again") if shard.is_dir() else None
+        try:
+            data = read_verified(shard, sha, ".npz", "decoding the file again") if shard.is_dir() else None
+        except OSError:  # unreadable (permissions, a disk error): decode the file again
+            return None
         if data is None:
             return None
         try:
@@ -82,8 +102,11 @@ class FileMemo:
         buf = io.BytesIO()
         arrays = {k: getattr(fp, k) for k in PRINT_FIELDS}
         np.savez(buf, png=np.frombuffer(png, np.uint8), meta=np.frombuffer(meta, np.uint8), **arrays)
-        self._shard(fp.sha256).mkdir(parents=True, exist_ok=True)
-        write_verified(self._shard(fp.sha256), fp.sha256, ".npz", buf.getvalue())
+        try:
+            self._shard(fp.sha256).mkdir(parents=True, exist_ok=True)
+            write_verified(self._shard(fp.sha256), fp.sha256, ".npz", buf.getvalue())
+        except OSError:  # a full disk mid-run: this file is decoded again next time (`usable` warned of the rest)
+            pass
 
 
 class PairMemo:
@@ -96,7 +119,10 @@ class PairMemo:
     def recall(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(known: which of `shas` were judged before, the joined pairs among them as positions in `shas`)."""
         nothing = np.zeros(len(shas), bool), np.zeros((0, 2), np.int64)
-        data = read_verified(self.where, self.key, ".npz", "judging every pair again") if self.where.is_dir() else None
+        try:
+            data = read_verified(self.where, self.key, ".npz", "judging every pair again") if self.where.is_dir() else None
+        except OSError:  # unreadable: judge every pair again
+            return nothing
         if data is None:
             return nothing
         try:
@@ -115,18 +141,29 @@ class PairMemo:
         """Replace the entry with this run's files and joined pairs (positions in `shas`)."""
         buf = io.BytesIO()
         np.savez(buf, shas=np.array(shas, dtype="S64"), pairs=np.asarray(pairs, np.int64).reshape(-1, 2))
-        self.where.mkdir(parents=True, exist_ok=True)
-        write_verified(self.where, self.key, ".npz", buf.getvalue())  # the new entry first: a kill here loses nothing
-        kept = f"{self.key}-{hashlib.sha256(buf.getvalue()).hexdigest()[:16]}.npz"
-        for old in self.where.glob(f"{self.key}-*.npz"):
-            if old.name != kept:
-                old.unlink(missing_ok=True)
+        try:
+            self.where.mkdir(parents=True, exist_ok=True)
+            write_verified(self.where, self.key, ".npz", buf.getvalue())  # the new entry first: a kill here loses nothing
+            kept = f"{self.key}-{hashlib.sha256(buf.getvalue()).hexdigest()[:16]}.npz"
+            for old in self.where.glob(f"{self.key}-*.npz"):
+                if old.name != kept:
+                    old.unlink(missing_ok=True)
+        except OSError as exc:  # the groups are found; only the next run's time is at stake
+            log.warning("ingest: the memo's pairs were not written to %s (%s): the next run judges every pair again", self.where, exc)
 
 
 def prune(where: Path, kept: set[str], pairs: PairMemo) -> None:
     """After a run: only this memo folder stays (code, library or params changes leave the others stale), and in it
     only the entries of the files this run kept and this run's pairs; temporary files of killed workers go too.
-    Without it the memo grew by a full copy of the set's PNGs at every code or params change."""
+    Without it the memo grew by a full copy of the set's PNGs at every code or params change. Runs after the stage's
+    outputs are written: a failure here is a warning."""
+    try:
+        _prune(where, kept, pairs)
+    except OSError as exc:
+        log.warning("ingest: the memo in %s was not pruned (%s); the outputs are written", where, exc)
+
+
+def _prune(where: Path, kept: set[str], pairs: PairMemo) -> None:
     for other in where.parent.iterdir() if where.parent.is_dir() else ():  # only names the memo makes: 16 hex digits
         if other.is_dir() and other != where and MEMO_NAME.fullmatch(other.name):
             shutil.rmtree(other, ignore_errors=True)
