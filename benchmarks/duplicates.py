@@ -10,7 +10,7 @@ ingest (encoded bytes -> brainmri.intake.decode.decode_bytes) and ingest's finge
 - false merges: pairs of real images in different groups before the copies were added that end up in one group
   after (a copy that bridges two different scans), and the pairs of the reviewed list's 'different scans' that merge.
 
-    python benchmarks/duplicates.py [--data ../shared/data/brain_tumor_dataset] [--seed 0] [--index]
+    python benchmarks/duplicates.py [--data ../shared/data/brain_tumor_dataset] [--seed 0] [--index [--neighbours K]]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "brain_tumor_dataset"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index", action="store_true", help="group as ingest does (grouping.joined_pairs' screen), not every pair")
+    ap.add_argument("--neighbours", type=int, default=0, help="with --index: the approximate screen with this many neighbours, at any size")
     return ap.parse_args()
 
 
@@ -201,7 +202,7 @@ def main() -> None:
     rules = (d.max_distance, d.min_correlation, d.min_partial_correlation)
     started = time.monotonic()
     if args.index:
-        pairs = joined_pairs(all_prints, *rules)  # the screen's candidates, each judged once (as ingest groups)
+        pairs = joined_pairs(all_prints, *rules, args.neighbours)  # the screen's candidates, each judged once (as ingest groups)
     else:
         pairs = np.argwhere(np.triu(joined(all_prints, *rules), 1))  # each pair's verdict, every pair scored
     grouping_s = time.monotonic() - started
@@ -212,6 +213,7 @@ def main() -> None:
     reviewed_merged, n_different = reviewed_merges(originals, groups)
     print(f"CPU: {cpu_model()}; {n} real images, {len(copies)} perturbed copies, seed {args.seed}, {time.monotonic() - start:.0f} s")
     how = "screened candidates (--index)" if args.index else "every pair scored"
+    how += f", approximate screen: {args.neighbours} neighbours" if args.index and args.neighbours else ""
     print(f"grouping: {how}, {grouping_s:.0f} s; {len(pairs)} pairs joined")
     print(
         f"dedupe: hash_size {d.hash_size}, max_distance {d.max_distance}, min_correlation {d.min_correlation}, "

@@ -218,9 +218,13 @@ class Dedupe(Section):
     max_distance: int
     min_correlation: float
     min_partial_correlation: float
+    exact_up_to: int
+    neighbours: int
 
     @model_validator(mode="after")
     def _check(self):
+        if self.exact_up_to < 0 or self.neighbours < 0:
+            raise ValueError(f"dedupe.exact_up_to and dedupe.neighbours must be 0 or more, got {self.exact_up_to} and {self.neighbours}")
         if not 0.0 < self.min_partial_correlation <= 1.0:
             raise ValueError(f"dedupe.min_partial_correlation must be in (0, 1], got {self.min_partial_correlation}")
         if not 4 <= self.hash_size <= 32:

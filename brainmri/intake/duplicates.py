@@ -58,6 +58,7 @@ class Fingerprint:
     views: np.ndarray  # (3, VIEW, VIEW) uint8: the head region, the head region of the frame, the frame (`frame`)
     cuts: np.ndarray  # (3, 4) bool: per view, whether its top, bottom, left, right side looks cut straight (`cut_sides`)
     turned: np.ndarray  # (len(TURNS), VIEW, VIEW) uint8: the head region of the image turned by each of TURNS
+    points: np.ndarray | None = None  # (3, 81, 36) float16: `grouping.index_points`, made by ingest's workers (else when needed)
 
     def view(self, v: int) -> np.ndarray:
         """views[v] as float32, what the rules compute with."""

@@ -19,7 +19,13 @@ alike (smooth phantoms). Time is still quadratic in the screen, coarse to fine: 
 COARSE principal directions of the projected views (a rotation, so again only shorter), and only the (image,
 transform) pairs that bound keeps in all K² numbers: about 32/1,024 of the rules' work per pair. Blocks and verdicts
 run on the stage's cores in threads (docs/measurements.md: how it grows). tests/test_grouping.py checks the pairs
-against `joined`'s. Written by hand:
+against `joined`'s.
+
+Above `dedupe.exact_up_to` distinct images the screen is approximate (`dedupe.neighbours`): it measures only the
+pairs where one image is among the other's k nearest in a faiss index of each image's whole views and 80
+representative trims (`neighbour_pairs`), with the same test and the same verdicts, so it can miss a pair but never
+join one the rules do not; its time grows about linearly (the index's search is sub-quadratic), and its recall is
+measured, not guaranteed (docs/measurements.md, tests/test_neighbours.py). Written by hand:
 the radius test is a blocked matrix product (numpy), over the rules' own transforms; scikit-learn's ball trees,
 tried before at a looser bar on 16 x 16 thumbnails, lost pairs the rules join.
 """
@@ -38,6 +44,7 @@ from brainmri.intake.duplicates import (
     MIN_INNER,
     SMALL_TRIM,
     THUMB,
+    TRIM_STEP,
     TURNS,
     Fingerprint,
     _shrink,
@@ -62,6 +69,9 @@ FAR = 1e30  # a squared distance no radius reaches (float32 holds it): flat rows
 COARSE = 32  # rotated numbers the screen compares first: on real scans 0.02% of (image, transform) pairs pass, 1.7% of image pairs
 REFINE = 32_768  # (query, transform) pairs measured in all K² numbers at a time: 2 x 19 MB of gathered rows
 MERGE_EVERY = 4_000_000  # pairs found before they are merged with those kept: bounds the screen's memory
+FETCH = 6  # points fetched per image wanted (k): an image has 81 points a view, and a query's nearest are often one image's
+FLAT_UP_TO = 200_000  # index points searched exactly (2,500 images); above, faiss's inverted file
+NPROBE = 16  # lists searched per query: on the 10,100 set, 16 of 1,024 found the pairs the exact search found
 
 
 @cache
@@ -88,15 +98,19 @@ def _projected_units(units: np.ndarray) -> np.ndarray:
     return low
 
 
-def candidates(prints: list[Fingerprint], max_distance: int, min_partial: float | None, new: np.ndarray | None = None) -> np.ndarray:
+def candidates(
+    prints: list[Fingerprint], max_distance: int, min_partial: float | None, new: np.ndarray | None = None, near: np.ndarray | None = None
+) -> np.ndarray:
     """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring); with
-    `new` (a mask), only the pairs with a new image (the others were judged before: `memo.PairMemo`)."""
+    `new` (a mask), only the pairs with a new image (the others were judged before: `memo.PairMemo`). With `near`
+    (pairs, `neighbour_pairs`), the crop and close rules' screen measures only those pairs: the approximate screen."""
     n = len(prints)
     if n < 2:
         return np.zeros((0, 2), np.int32)
     found = _hash_close(prints, max_distance, new)
     if min_partial is not None:
-        found = itertools.chain(found, _screened(prints, 2 * (1 - min_partial) + SLACK, new))
+        radius2 = 2 * (1 - min_partial) + SLACK
+        found = itertools.chain(found, _screened(prints, radius2, new) if near is None else _screened_near(prints, radius2, near))
     keys, pending, size = np.zeros(0, np.int64), [], 0
     for f in found:  # one number per pair (i < j), merged as they come: a pair found many ways is kept once
         f = np.sort(np.asarray(f, np.int64).reshape(-1, 2), axis=1)
@@ -132,7 +146,7 @@ def _screened(prints: list[Fingerprint], radius2: float, new: np.ndarray | None 
     of j are independent: they run on the stage's cores (`_each`; BLAS's own second thread mostly waited on these
     small products: 2 threads used 2 cores' CPU time in the same wall time as one). With `new`, the pairs with a new
     image either way: every i against the new j, the new i against the others."""
-    wholes = [_projected_units(_thumbs(_views(prints, v))) for v in range(3)]
+    wholes = whole_views(prints)
     basis, everyone = _basis(np.concatenate(wholes)), np.arange(len(prints))
     new = np.ones(len(prints), bool) if new is None else new
     for rows, js in ((everyone, np.nonzero(new)[0]), (np.nonzero(new)[0], np.nonzero(~new)[0])):
@@ -140,6 +154,150 @@ def _screened(prints: list[Fingerprint], radius2: float, new: np.ndarray | None 
             screen = _Screen(prints, wholes, basis, radius2, rows)
             for found in _each(screen.block, [js[s : s + J_CHUNK] for s in range(0, len(js), J_CHUNK)]):
                 yield from found
+
+
+def whole_views(prints: list[Fingerprint]) -> list[np.ndarray]:
+    """Each image's three views whole, unit and projected (n, K²) each; NaN rows for flat views."""
+    return [_projected_units(_thumbs(_views(prints, v))) for v in range(3)]
+
+
+@cache
+def representatives() -> tuple:
+    """The trims that stand for an image in the approximate screen's index, beside its whole view: one side cut at
+    every other step of the grid, two sides at 0.09-0.27 (80 a view). A copy cut into the head lies near its scan
+    trimmed, not near its scan: on the 10,100 real-like set, whole views alone split 124 of 4,856 groups, one-side
+    trims alone 15, these none (docs/measurements.md)."""
+    out = [t for t in trims() if sum(c > 0 for c in t) == 1 and round(max(t) / TRIM_STEP) % 2 == 0]
+    pairs = {0.09, 0.18, 0.27}
+    return tuple(out + [t for t in trims() if sum(c > 0 for c in t) == 2 and {c for c in t if c > 0} <= pairs])
+
+
+@cache
+def _index_basis() -> np.ndarray:
+    """(K², 36): the DCT coefficients (u, v) with u + v <= 7, the lowest frequencies. Fixed, not the set's principal
+    directions (`_basis`), so an image's index points are its own (made once, kept in the memo); on the 10,100 set
+    they kept as many joined pairs as the principal directions did."""
+    return np.eye(K * K, dtype=np.float32)[:, [u * K + v for u in range(K) for v in range(K) if u + v <= 7]]
+
+
+def index_points(prints: list[Fingerprint]) -> np.ndarray:
+    """(images, 3 views, 1 + 80, 36) float16: each view whole, then trimmed by each of `representatives`, in the
+    index's numbers (`_index_basis`); NaN for a flat one. float16: the index is approximate anyway, at a quarter of
+    the memory (17 KB an image)."""
+    basis, reps = _index_basis(), representatives()
+    out = np.empty((len(prints), 3, len(reps) + 1, basis.shape[1]), np.float16)
+    for v in range(3):
+        views = _views(prints, v)
+        points = np.concatenate([_projected_units(_thumbs(views))[:, None], _transformed(views, reps)], 1)
+        out[:, v] = points @ basis
+    return out
+
+
+def neighbour_pairs(prints: list[Fingerprint], k: int) -> np.ndarray:
+    """(m, 2) pairs i < j where, in one of the three views, j is among the k images nearest to i's whole view or i
+    among j's, an image's distance being its nearest point's: its whole view or one of `representatives`' trims
+    (`index_points`). The pairs the approximate screen measures (`_screened_near`). Flat views are in no list."""
+    points, n = _points_of(prints), len(prints)
+    keys = [np.zeros(0, np.int64)]
+    for v in range(3):
+        every = points[:, v].reshape(n * points.shape[2], -1).astype(np.float32)
+        ok, whole = ~np.isnan(every).any(1), points[:, v, 0].astype(np.float32)
+        queries = np.nonzero(~np.isnan(whole).any(1))[0]
+        if ok.sum() < 2 or not len(queries):
+            continue
+        index, owner_of = _index(np.ascontiguousarray(every[ok])), np.nonzero(ok)[0] // points.shape[2]
+        todo, fetch = queries, FETCH * k
+        while len(todo):  # rows whose fetched points hold fewer than k other images are searched again, deeper
+            _, found = index.search(np.ascontiguousarray(whole[todo]), min(fetch, int(ok.sum())))
+            a, b = _first_distinct(np.where(found >= 0, owner_of[np.maximum(found, 0)], -1), todo, k)
+            row = np.searchsorted(todo, a)  # a is in todo's order
+            done = (np.bincount(row, minlength=len(todo)) >= k) | (found < 0).any(1) | (fetch >= ok.sum())  # or all there is
+            keys.append(np.minimum(a, b)[done[row]].astype(np.int64) * n + np.maximum(a, b)[done[row]])
+            todo, fetch = todo[~done], fetch * 4
+    keys = np.unique(np.concatenate(keys))
+    return np.stack([keys // n, keys % n], 1)
+
+
+def _points_of(prints: list[Fingerprint]) -> np.ndarray:
+    """Every image's `index_points`: those its fingerprint carries (ingest's workers made them), the rest made here."""
+    out = np.empty((len(prints), 3, len(representatives()) + 1, _index_basis().shape[1]), np.float16)
+    missing = [i for i, p in enumerate(prints) if p.points is None]
+    for i in set(range(len(prints))) - set(missing):
+        out[i] = prints[i].points
+    for s in range(0, len(missing), 256):  # bounded temporaries
+        out[missing[s : s + 256]] = index_points([prints[i] for i in missing[s : s + 256]])
+    return out
+
+
+def _index(points: np.ndarray):
+    """A faiss index of the points: exact up to FLAT_UP_TO points, above an inverted file of about √points lists
+    searched NPROBE at a time (k-means on a sample of 64 points a list, faiss's fixed seed)."""
+    import faiss
+
+    faiss.omp_set_num_threads(stage_cores())
+    d = points.shape[1]
+    if len(points) <= FLAT_UP_TO:
+        index = faiss.IndexFlatL2(d)
+    else:
+        lists = int(2 ** round(np.log2(np.sqrt(len(points)))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, lists)
+        index.train(points[np.random.default_rng(0).choice(len(points), min(len(points), 64 * lists), replace=False)])
+        index.nprobe = NPROBE
+    index.add(points)
+    return index
+
+
+def _first_distinct(owners: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query image, owner) for the first k distinct owners of each row of `owners` (nearest first), the query's own
+    points and missing results (-1) left out."""
+    order = np.argsort(owners, axis=1, kind="stable")  # by owner, nearest first within one owner
+    by_owner = np.take_along_axis(owners, order, 1)
+    first_sorted = np.ones_like(by_owner, bool)
+    first_sorted[:, 1:] = by_owner[:, 1:] != by_owner[:, :-1]
+    first = np.zeros_like(first_sorted)
+    np.put_along_axis(first, order, first_sorted, 1)
+    first &= (owners >= 0) & (owners != queries[:, None])
+    r, c = np.nonzero(first & (np.cumsum(first, 1) <= k))
+    return queries[r], owners[r, c]
+
+
+def _screened_near(prints: list[Fingerprint], radius2: float, near: np.ndarray):
+    """`_screened`'s test for the pairs `near` alone, either way: each image j's trims and turns against the whole
+    views of the images paired with it (the crop rule's trims only for a query cut on the sides they cut, as
+    `_Screen`), in all K² numbers at once: a few hundred queries an image leave nothing for a coarse bound to save."""
+    both = np.concatenate([near, near[:, ::-1]]).astype(np.int64)  # (query i, image j trimmed or turned)
+    partners = _by_second(both)
+    wholes = whole_views(prints)
+    queries, norm2 = [np.where(np.isnan(w), 0.0, w).astype(np.float32) for w in wholes], [_norm2(w) for w in wholes]
+    grid = trims()
+    close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)
+    crop = tuple(t for t in grid if max(t) > SMALL_TRIM + 1e-9)
+    sides = np.array(crop) > 0
+    allowed = np.stack([(pattern_sides(c)[None] | ~sides).all(1) for c in range(16)])  # none for a query cut nowhere
+    patterns = [np.stack([p.cuts[v] for p in prints]) @ (1 << np.arange(4)) for v in range(3)]
+
+    def reach(v: int, i: np.ndarray, parts: np.ndarray) -> np.ndarray:  # (queries, transforms): within radius2
+        p = np.where(np.isnan(parts), 0.0, parts).astype(np.float32)
+        return 2 * queries[v][i] @ p.T - norm2[v][i][:, None] - _norm2(parts)[None] >= -radius2
+
+    def block(js: np.ndarray) -> list[np.ndarray]:
+        sub = [prints[j] for j in js]
+        made = [_transformed(_views(sub, v), close + crop) for v in range(3)]
+        turned = np.stack([p.turned for p in sub]).astype(np.float32)
+        turns = _projected_units(_thumbs(turned.reshape(-1, *turned.shape[2:]))).reshape(len(sub), len(TURNS), -1)
+        found = []
+        for x, j in enumerate(js):
+            i = both[partners[j], 0]
+            hit = reach(0, i, turns[x]).any(1)  # turns against view 0, as the close rule
+            for v in range(3):
+                r = reach(v, i, made[v][x])
+                hit |= r[:, : len(close)].any(1) | (r[:, len(close) :] & allowed[patterns[v][i]]).any(1)
+            found.append(np.stack([i[hit], np.full(int(hit.sum()), j)], 1))
+        return found
+
+    js = np.array(sorted(partners), np.int64)
+    for found in _each(block, [js[s : s + J_CHUNK] for s in range(0, len(js), J_CHUNK)]):
+        yield from found
 
 
 class _Screen:
@@ -361,26 +519,64 @@ def _distinct(prints: list[Fingerprint]) -> tuple[np.ndarray, np.ndarray]:
     return first.astype(np.int64), of
 
 
-def _links(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None, memo=None) -> tuple:
-    """(first, of, joined pairs among the distinct files, as positions in `first`). With a `memo` (`memo.PairMemo`),
-    the pairs it joined among files it judged before are taken from it, and only pairs with another file are screened
-    and judged: a verdict is a function of the pair, so the result is the same."""
+def _links(
+    prints: list[Fingerprint],
+    max_distance: int,
+    min_correlation: float,
+    min_partial: float | None,
+    memo=None,
+    neighbours: int = 0,
+    exact_up_to: int = 0,
+) -> tuple:
+    """(first, of, joined pairs among the distinct files, as positions in `first`). Above `exact_up_to` distinct files,
+    with `neighbours` > 0, the crop and close rules screen only `neighbour_pairs`' pairs (approximate: docs/stages.md).
+    With a `memo` (`memo.PairMemo`), the pairs it joined among files it screened before are taken from it, and only
+    the other pairs are screened and judged: a verdict is a function of the pair, so the result is the one without it."""
     first, of = _distinct(prints)
     distinct = [prints[i] for i in first]
     shas = [p.sha256 for p in distinct]
-    known, joined = memo.recall(shas) if memo is not None else (np.zeros(len(shas), bool), np.zeros((0, 2), np.int64))
-    cand = candidates(distinct, max_distance, min_partial, ~known if known.any() else None)
+    approximate = neighbours > 0 and len(distinct) > exact_up_to and min_partial is not None
+    near = neighbour_pairs(distinct, neighbours) if approximate else None
+    known, joined, screened = memo.recall(shas) if memo is not None else (np.zeros(len(shas), bool), np.zeros((0, 2), np.int64), None)
+    todo = None
+    if near is None and screened is not None:  # the last run screened only its neighbours' pairs: every pair again
+        known, joined = np.zeros(len(shas), bool), joined[:0]
+    elif near is not None:
+        todo = near[~(_among(near, screened, len(shas)) if screened is not None else known[near].all(1))]
+        joined = joined[_among(joined, near, len(shas)) | _hash_near(distinct, joined, max_distance)]  # as found without it
+    cand = candidates(distinct, max_distance, min_partial, ~known if known.any() else None, todo)
     found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
     pairs = np.concatenate([joined, found]).astype(np.int64)
     if memo is not None:
-        memo.keep(shas, pairs)
+        memo.keep(shas, pairs, near)
     return first, of, pairs
 
 
-def joined_pairs(prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None) -> np.ndarray:
+def _among(pairs: np.ndarray, within: np.ndarray, n: int) -> np.ndarray:
+    """Which unordered pairs of `pairs` are in `within` (positions below n)."""
+    key = lambda x: np.minimum(x[:, 0], x[:, 1]).astype(np.int64) * n + np.maximum(x[:, 0], x[:, 1])  # noqa: E731
+    return np.isin(key(pairs.reshape(-1, 2)), key(within.reshape(-1, 2)))
+
+
+def _hash_near(prints: list[Fingerprint], pairs: np.ndarray, max_distance: int) -> np.ndarray:
+    """Which pairs' perceptual hashes differ in at most max_distance bits: candidates whatever the screen."""
+    if not len(pairs):
+        return np.zeros(0, bool)
+    hashes = np.stack([p.phash for p in prints])
+    return (hashes[pairs[:, 0]] != hashes[pairs[:, 1]]).sum(1) <= max_distance
+
+
+def joined_pairs(
+    prints: list[Fingerprint],
+    max_distance: int,
+    min_correlation: float,
+    min_partial: float | None = None,
+    neighbours: int = 0,
+    exact_up_to: int = 0,
+) -> np.ndarray:
     """Every pair (i < j) that `duplicates.joined` joins, found by judging the candidates alone: equal bytes, and the
-    pairs joined between distinct files, for each of their copies."""
-    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial)
+    pairs joined between distinct files, for each of their copies (with `neighbours`: of the approximate screen)."""
+    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial, None, neighbours, exact_up_to)
     members = np.split(np.argsort(of, kind="stable"), np.cumsum(np.bincount(of))[:-1])  # each file's copies, in order
     out = [np.array([(a, b) for m in members for x, a in enumerate(m) for b in m[x + 1 :]], np.int64).reshape(-1, 2)]
     out += [np.array(np.meshgrid(members[a], members[b])).reshape(2, -1).T for a, b in pairs]
@@ -388,11 +584,18 @@ def joined_pairs(prints: list[Fingerprint], max_distance: int, min_correlation: 
 
 
 def group_ids(
-    keys: list[str], prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float | None = None, memo=None
+    keys: list[str],
+    prints: list[Fingerprint],
+    max_distance: int,
+    min_correlation: float,
+    min_partial: float | None = None,
+    memo=None,
+    neighbours: int = 0,
+    exact_up_to: int = 0,
 ) -> list[str]:
     """A group id per image: images joined (transitively) by `duplicates.joined`'s rules, found through the
     candidates (`components` names them). Each copy of a file is linked to its first, not to every other copy."""
-    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial, memo)
+    first, of, pairs = _links(prints, max_distance, min_correlation, min_partial, memo, neighbours, exact_up_to)
     copies = np.stack([first[of], np.arange(len(prints))], 1)
     return components(keys, np.concatenate([first[pairs].reshape(-1, 2), copies]))
 

@@ -26,7 +26,9 @@ def match_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[lis
             theirs.append(fingerprint(img, sha, p.dedupe.hash_size))
     keys = [*ingested["sha256"], *manifest["sha256"]]
     dd = p.dedupe
-    groups = group_ids(keys, [*theirs, *prints], dd.max_distance, dd.min_correlation, dd.min_partial_correlation)
+    groups = group_ids(
+        keys, [*theirs, *prints], dd.max_distance, dd.min_correlation, dd.min_partial_correlation, None, dd.neighbours, dd.exact_up_to
+    )
     first = {}
     for g, src in zip(groups[: len(ingested)], ingested["source_path"], strict=True):
         first.setdefault(g, src)

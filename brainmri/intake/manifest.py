@@ -82,7 +82,9 @@ def build_manifest(rows: list[dict], prints: list, looks: list, outlier_z: float
     manifest = pd.DataFrame(rows)
     manifest = manifest.join(score(pd.DataFrame(looks), outlier_z))
     keys = manifest["sha256"].tolist()
-    manifest["group"] = group_ids(keys, prints, dd.max_distance, dd.min_correlation, dd.min_partial_correlation, memo)
+    manifest["group"] = group_ids(
+        keys, prints, dd.max_distance, dd.min_correlation, dd.min_partial_correlation, memo, dd.neighbours, dd.exact_up_to
+    )
     labels_per_group = manifest.groupby("group")["label"].nunique()
     manifest["conflict"] = manifest["group"].map(labels_per_group > 1)
     return manifest.sort_values("source_path", kind="stable").reset_index(drop=True)

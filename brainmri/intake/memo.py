@@ -8,9 +8,9 @@ folder keyed by everything that decides them (`folder`):
 
 - per file, by its bytes' sha256 (`FileMemo`): the normalized PNG's bytes, the manifest fields the file decides, its
   duplicate fingerprint and its outlier features;
-- per dedupe params (`PairMemo`): the distinct files judged last time and the pairs joined among them. A verdict is
-  a function of the pair and the screen loses no joined pair, so those are exactly the pairs a full run joins among
-  them; only the pairs with another file are screened and judged.
+- per dedupe params (`PairMemo`): the distinct files judged last time, the pairs joined among them and, when the
+  screen was approximate (`dedupe.neighbours`), the pairs it screened. A verdict is a function of the pair, so those
+  are exactly the pairs a full run joins among them; only the pairs not screened before are screened and judged.
 
 A memo, not a DVC output: emptying it costs time, never a different manifest (tests/test_memo.py).
 """
@@ -33,7 +33,7 @@ from brainmri.intake.duplicates import Fingerprint
 from brainmri.intake.manifest import FILE_FIELDS
 
 CODE = Path(__file__).parent  # every intake module's source is in the key: any change there recomputes
-PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned")
+PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned", "points")
 MEMO_NAME, SHARD_NAME = re.compile(r"[0-9a-f]{16}"), re.compile(r"[0-9a-f]{2}")  # what `prune` may remove
 log = logging.getLogger("brainmri")
 
@@ -116,9 +116,10 @@ class PairMemo:
         rules = json.dumps([max_distance, min_correlation, min_partial]).encode()
         self.where, self.key = where, "pairs-" + hashlib.sha256(rules).hexdigest()[:16]
 
-    def recall(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(known: which of `shas` were judged before, the joined pairs among them as positions in `shas`)."""
-        nothing = np.zeros(len(shas), bool), np.zeros((0, 2), np.int64)
+    def recall(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(known: which of `shas` were judged before, the joined pairs among them, the pairs screened among them,
+        all as positions in `shas`; None for the last: every pair, as the exact screen does)."""
+        nothing = np.zeros(len(shas), bool), np.zeros((0, 2), np.int64), None
         try:
             data = read_verified(self.where, self.key, ".npz", "judging every pair again") if self.where.is_dir() else None
         except OSError:  # unreadable: judge every pair again
@@ -128,19 +129,32 @@ class PairMemo:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 before, pairs = z["shas"].astype(str), z["pairs"].astype(np.int64).reshape(-1, 2)
+                screened = z["screened"].astype(np.int64).reshape(-1, 2) if bool(z["approximate"]) else None
         except Exception:  # not what `keep` writes, though its name matched its bytes: judge every pair again
             return nothing
-        if len(pairs) and not (0 <= pairs.min() and pairs.max() < len(before)):
+        ends = np.concatenate([pairs.ravel(), screened.ravel() if screened is not None else np.zeros(0, np.int64)])
+        if len(ends) and not (0 <= ends.min() and ends.max() < len(before)):
             return nothing
         position = {s: k for k, s in enumerate(shas)}
         now = np.array([position.get(s, -1) for s in before], np.int64)  # each earlier file's position now, -1 if gone
-        both = pairs[(now[pairs] >= 0).all(1)] if len(pairs) else pairs
-        return np.isin(np.arange(len(shas)), now[now >= 0]), now[both].reshape(-1, 2)
 
-    def keep(self, shas: list[str], pairs: np.ndarray) -> None:
-        """Replace the entry with this run's files and joined pairs (positions in `shas`)."""
+        def here(x: np.ndarray) -> np.ndarray:  # the pairs of files still here, at their positions now
+            return now[x[(now[x] >= 0).all(1)]].reshape(-1, 2) if len(x) else x
+
+        return np.isin(np.arange(len(shas)), now[now >= 0]), here(pairs), None if screened is None else here(screened)
+
+    def keep(self, shas: list[str], pairs: np.ndarray, screened: np.ndarray | None = None) -> None:
+        """Replace the entry with this run's files, joined pairs and, for an approximate screen, the pairs it
+        screened (positions in `shas`)."""
         buf = io.BytesIO()
-        np.savez(buf, shas=np.array(shas, dtype="S64"), pairs=np.asarray(pairs, np.int64).reshape(-1, 2))
+        near = np.zeros((0, 2), np.int64) if screened is None else np.asarray(screened, np.int64).reshape(-1, 2)
+        np.savez(
+            buf,
+            shas=np.array(shas, dtype="S64"),
+            pairs=np.asarray(pairs, np.int64).reshape(-1, 2),
+            approximate=np.array(screened is not None),
+            screened=near,
+        )
         try:
             self.where.mkdir(parents=True, exist_ok=True)
             write_verified(self.where, self.key, ".npz", buf.getvalue())  # the new entry first: a kill here loses nothing

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from brainmri.core.errors import ImageError
 from brainmri.core.progress import progress
 from brainmri.intake.decode import decode_bytes, head_box, read_capped, save_png
 from brainmri.intake.duplicates import fingerprint
+from brainmri.intake.grouping import index_points
 from brainmri.intake.manifest import file_fields, manifest_row
 from brainmri.intake.memo import FileMemo
 from brainmri.intake.outliers import features
@@ -59,6 +61,7 @@ def one(f: SourceFile, p: Params, out: Path, memo: Path | None = None) -> tuple[
     crop = gray if box is None else gray.crop(box)
     look = features(dec.uncropped, crop)  # label-independent appearance, for the outlier screen
     fields, fp = file_fields(dec), fingerprint(dec.uncropped, dec.sha256, p.dedupe.hash_size, crop)
+    fp = replace(fp, points=index_points([fp])[0])  # here, on the pool's cores and kept in the memo, not in the screen
     if kept is not None:
         kept.keep(encoded.getvalue(), fields, fp, look)
     return f, None, (manifest_row(f, fields, iid), fp, look)
