@@ -24,8 +24,8 @@ against `joined`'s.
 Above `dedupe.exact_up_to` distinct images the screen is approximate (`dedupe.neighbours`): it measures only the
 pairs where one image is among the other's k nearest in a faiss index of each image's whole views and 80
 representative trims (`neighbour_pairs`), with the same test and the same verdicts, so it can miss a pair but never
-join one the rules do not; its time grows about linearly (the index's search is sub-quadratic), and its recall is
-measured, not guaranteed (docs/measurements.md, tests/test_neighbours.py). Written by hand:
+join one the rules do not; its time grows sub-quadratically (the index's search about as n^1.5, the rest linearly),
+and its recall is measured, not guaranteed (docs/measurements.md, tests/test_neighbours.py). Written by hand:
 the radius test is a blocked matrix product (numpy), over the rules' own transforms; scikit-learn's ball trees,
 tried before at a looser bar on 16 x 16 thumbnails, lost pairs the rules join.
 """
@@ -70,7 +70,7 @@ COARSE = 32  # rotated numbers the screen compares first: on real scans 0.02% of
 REFINE = 32_768  # (query, transform) pairs measured in all K² numbers at a time: 2 x 19 MB of gathered rows
 MERGE_EVERY = 4_000_000  # pairs found before they are merged with those kept: bounds the screen's memory
 FETCH = 6  # points fetched per image wanted (k): an image has 81 points a view, and a query's nearest are often one image's
-FLAT_UP_TO = 200_000  # index points searched exactly (2,500 images); above, faiss's inverted file
+FLAT_UP_TO = 200_000  # index points searched exactly (2,469 images: tests, a lowered exact_up_to); above, faiss's inverted file
 NPROBE = 16  # lists searched per query: on the 10,100 set, 16 of 1,024 found the pairs the exact search found
 
 
@@ -197,15 +197,19 @@ def neighbour_pairs(prints: list[Fingerprint], k: int) -> np.ndarray:
     """(m, 2) pairs i < j where, in one of the three views, j is among the k images nearest to i's whole view or i
     among j's, an image's distance being its nearest point's: its whole view or one of `representatives`' trims
     (`index_points`). The pairs the approximate screen measures (`_screened_near`). Flat views are in no list."""
-    points, n = _points_of(prints), len(prints)
-    keys = [np.zeros(0, np.int64)]
+    n, k = len(prints), min(k, len(prints) - 1)
+    if k < 1:
+        return np.zeros((0, 2), np.int64)
+    missing, keys = _missing_points(prints), [np.zeros(0, np.int64)]
     for v in range(3):
-        every = points[:, v].reshape(n * points.shape[2], -1).astype(np.float32)
-        ok, whole = ~np.isnan(every).any(1), points[:, v, 0].astype(np.float32)
+        points = np.stack([p.points[v] if p.points is not None else missing[i][v] for i, p in enumerate(prints)])  # one view at a time
+        every = points.reshape(-1, points.shape[-1]).astype(np.float32)
+        ok, whole = ~np.isnan(every).any(1), points[:, 0].astype(np.float32)
         queries = np.nonzero(~np.isnan(whole).any(1))[0]
         if ok.sum() < 2 or not len(queries):
             continue
-        index, owner_of = _index(np.ascontiguousarray(every[ok])), np.nonzero(ok)[0] // points.shape[2]
+        index, owner_of = _index(every if ok.all() else every[ok]), np.nonzero(ok)[0] // points.shape[1]
+        del every, points  # faiss holds its own copy
         todo, fetch = queries, FETCH * k
         while len(todo):  # rows whose fetched points hold fewer than k other images are searched again, deeper
             _, found = index.search(np.ascontiguousarray(whole[todo]), min(fetch, int(ok.sum())))
@@ -218,15 +222,14 @@ def neighbour_pairs(prints: list[Fingerprint], k: int) -> np.ndarray:
     return np.stack([keys // n, keys % n], 1)
 
 
-def _points_of(prints: list[Fingerprint]) -> np.ndarray:
-    """Every image's `index_points`: those its fingerprint carries (ingest's workers made them), the rest made here."""
-    out = np.empty((len(prints), 3, len(representatives()) + 1, _index_basis().shape[1]), np.float16)
+def _missing_points(prints: list[Fingerprint]) -> dict[int, np.ndarray]:
+    """`index_points` of the images whose fingerprints carry none (ingest's workers make them; other callers not)."""
     missing = [i for i, p in enumerate(prints) if p.points is None]
-    for i in set(range(len(prints))) - set(missing):
-        out[i] = prints[i].points
-    for s in range(0, len(missing), 256):  # bounded temporaries
-        out[missing[s : s + 256]] = index_points([prints[i] for i in missing[s : s + 256]])
-    return out
+    return {
+        i: x
+        for s in range(0, len(missing), 256)
+        for i, x in zip(missing[s : s + 256], index_points([prints[i] for i in missing[s : s + 256]]), strict=True)
+    }
 
 
 def _index(points: np.ndarray):

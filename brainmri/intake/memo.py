@@ -30,10 +30,12 @@ import numpy as np
 
 from brainmri.core.files import read_verified, write_verified
 from brainmri.intake.duplicates import Fingerprint
+from brainmri.intake.grouping import index_points
 from brainmri.intake.manifest import FILE_FIELDS
 
 CODE = Path(__file__).parent  # every intake module's source is in the key: any change there recomputes
 PRINT_FIELDS = ("phash", "thumb", "views", "cuts", "turned", "points")
+POINTS_SHAPE = (3, 81, 36)  # `grouping.index_points` of one image
 MEMO_NAME, SHARD_NAME = re.compile(r"[0-9a-f]{16}"), re.compile(r"[0-9a-f]{2}")  # what `prune` may remove
 log = logging.getLogger("brainmri")
 
@@ -93,6 +95,8 @@ class FileMemo:
             fields, look = meta["fields"], meta["look"]
             if set(fields) != set(FILE_FIELDS) or fields["sha256"] != sha or not all(isinstance(v, float) for v in look.values()):
                 return None
+            if arrays["points"].shape != POINTS_SHAPE or arrays["points"].dtype != np.float16:
+                return None
             return png, fields, Fingerprint(sha, **arrays), look
         except Exception:  # not what `keep` writes, though its name matched its bytes (a zip, a JSON of other keys): decode again
             return None
@@ -101,6 +105,8 @@ class FileMemo:
         meta = json.dumps({"fields": fields, "look": {k: float(v) for k, v in look.items()}}).encode()
         buf = io.BytesIO()
         arrays = {k: getattr(fp, k) for k in PRINT_FIELDS}
+        if arrays["points"] is None:  # an entry always carries them: `recall` refuses one without
+            arrays["points"] = index_points([fp])[0]
         np.savez(buf, png=np.frombuffer(png, np.uint8), meta=np.frombuffer(meta, np.uint8), **arrays)
         try:
             self._shard(fp.sha256).mkdir(parents=True, exist_ok=True)
@@ -110,7 +116,8 @@ class FileMemo:
 
 
 class PairMemo:
-    """The distinct files judged by the last run under these dedupe params, and the pairs joined among them."""
+    """The distinct files judged by the last run under these dedupe params, the pairs joined among them and, after an
+    approximate screen, the pairs it screened."""
 
     def __init__(self, where: Path, max_distance: int, min_correlation: float, min_partial: float | None):
         rules = json.dumps([max_distance, min_correlation, min_partial]).encode()
