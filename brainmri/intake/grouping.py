@@ -268,9 +268,13 @@ def _screened_near(prints: list[Fingerprint], radius2: float, near: np.ndarray):
     """`_screened`'s test for the pairs `near` alone, either way: each image j's trims and turns against the whole
     views of the images paired with it (the crop rule's trims only for a query cut on the sides they cut, as
     `_Screen`), in all K² numbers at once: a few hundred queries an image leave nothing for a coarse bound to save."""
+    if not len(near):
+        return
     both = np.concatenate([near, near[:, ::-1]]).astype(np.int64)  # (query i, image j trimmed or turned)
-    partners = _by_second(both)
-    wholes = whole_views(prints)
+    partners, involved = _by_second(both), np.unique(near)
+    row = np.zeros(len(prints), np.int64)
+    row[involved] = np.arange(len(involved))  # the whole views of the images in a pair only: a rerun has few
+    wholes = whole_views([prints[i] for i in involved])
     queries, norm2 = [np.where(np.isnan(w), 0.0, w).astype(np.float32) for w in wholes], [_norm2(w) for w in wholes]
     grid = trims()
     close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)
@@ -281,7 +285,8 @@ def _screened_near(prints: list[Fingerprint], radius2: float, near: np.ndarray):
 
     def reach(v: int, i: np.ndarray, parts: np.ndarray) -> np.ndarray:  # (queries, transforms): within radius2
         p = np.where(np.isnan(parts), 0.0, parts).astype(np.float32)
-        return 2 * queries[v][i] @ p.T - norm2[v][i][:, None] - _norm2(parts)[None] >= -radius2
+        q = row[i]
+        return 2 * queries[v][q] @ p.T - norm2[v][q][:, None] - _norm2(parts)[None] >= -radius2
 
     def block(js: np.ndarray) -> list[np.ndarray]:
         sub = [prints[j] for j in js]
@@ -546,7 +551,8 @@ def _links(
         known, joined = np.zeros(len(shas), bool), joined[:0]
     elif near is not None:
         todo = near[~(_among(near, screened, len(shas)) if screened is not None else known[near].all(1))]
-        joined = joined[_among(joined, near, len(shas)) | _hash_near(distinct, joined, max_distance)]  # as found without it
+        hashes = np.stack([p.phash for p in distinct])
+        joined = joined[_among(joined, near, len(shas)) | _hash_near(hashes, joined, max_distance)]  # as found without it
     cand = candidates(distinct, max_distance, min_partial, ~known if known.any() else None, todo)
     found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
     pairs = np.concatenate([joined, found]).astype(np.int64)
@@ -561,12 +567,13 @@ def _among(pairs: np.ndarray, within: np.ndarray, n: int) -> np.ndarray:
     return np.isin(key(pairs.reshape(-1, 2)), key(within.reshape(-1, 2)))
 
 
-def _hash_near(prints: list[Fingerprint], pairs: np.ndarray, max_distance: int) -> np.ndarray:
-    """Which pairs' perceptual hashes differ in at most max_distance bits: candidates whatever the screen."""
-    if not len(pairs):
-        return np.zeros(0, bool)
-    hashes = np.stack([p.phash for p in prints])
-    return (hashes[pairs[:, 0]] != hashes[pairs[:, 1]]).sum(1) <= max_distance
+def _hash_near(hashes: np.ndarray, pairs: np.ndarray, max_distance: int) -> np.ndarray:
+    """Which pairs' perceptual hashes (rows of `hashes`) differ in at most max_distance bits: the whole-head rule's
+    first test, a candidate whatever the screen."""
+    near = np.zeros(len(pairs), bool)
+    for s in range(0, len(pairs), 65536):  # bounded memory: 65,536 pairs' hashes at a time
+        near[s : s + 65536] = (hashes[pairs[s : s + 65536, 0]] != hashes[pairs[s : s + 65536, 1]]).sum(1) <= max_distance
+    return near
 
 
 def joined_pairs(
@@ -611,10 +618,9 @@ def verdicts(
     a, b = pairs[:, 0], pairs[:, 1]
     files, hashes = _distinct(prints)[1], np.stack([p.phash for p in prints])
     ok = files[a] == files[b]  # equal bytes
-    near = np.zeros(len(pairs), bool)
-    for s in range(0, len(pairs), 65536):  # bounded memory: 65,536 pairs' hashes at a time
-        near[s : s + 65536] = (hashes[a[s : s + 65536]] != hashes[b[s : s + 65536]]).sum(1) <= max_distance
-    todo = np.nonzero(near & ~ok)[0]  # usually few pairs (the hash is the stricter test), but all of them if all look alike
+    todo = np.nonzero(_hash_near(hashes, pairs, max_distance) & ~ok)[
+        0
+    ]  # usually few pairs (the hash is the stricter test), but all of them if all look alike
     images = np.unique(pairs[todo])
     row = np.zeros(len(prints), np.int64)
     row[images] = np.arange(len(images))
