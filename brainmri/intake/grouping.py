@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -48,6 +49,7 @@ from brainmri.intake.duplicates import (
     TURNS,
     Fingerprint,
     _shrink,
+    _stacked,
     _thumbs,
     _transforms,
     _unit,
@@ -55,7 +57,6 @@ from brainmri.intake.duplicates import (
     components,
     inner_correlations,
     inside,
-    trimmed,
     trims,
 )
 
@@ -109,7 +110,7 @@ def candidates(
         return np.zeros((0, 2), np.int32)
     found = _hash_close(prints, max_distance, new)
     if min_partial is not None:
-        radius2 = 2 * (1 - min_partial) + SLACK
+        radius2 = _radius2(min_partial)
         found = itertools.chain(found, _screened(prints, radius2, new) if near is None else _screened_near(prints, radius2, near))
     keys, pending, size = np.zeros(0, np.int64), [], 0
     for f in found:  # one number per pair (i < j), merged as they come: a pair found many ways is kept once
@@ -122,6 +123,11 @@ def candidates(
     pairs = np.empty((len(keys), 2), np.int32)  # half of int64's memory: a large set can have millions of candidates
     pairs[:, 0], pairs[:, 1] = keys // n, keys % n
     return pairs
+
+
+def _radius2(min_partial: float) -> float:
+    """The screen's squared radius: unit vectors correlate at min_partial or more exactly when this close (SLACK added)."""
+    return 2 * (1 - min_partial) + SLACK
 
 
 def _hash_close(prints: list[Fingerprint], max_distance: int, new: np.ndarray | None = None):
@@ -265,11 +271,19 @@ def _first_distinct(owners: np.ndarray, queries: np.ndarray, k: int) -> tuple[np
 
 
 def _screened_near(prints: list[Fingerprint], radius2: float, near: np.ndarray):
-    """`_screened`'s test for the pairs `near` alone, either way: each image j's trims and turns against the whole
-    views of the images paired with it (the crop rule's trims only for a query cut on the sides they cut, as
-    `_Screen`), in all K² numbers at once: a few hundred queries an image leave nothing for a coarse bound to save."""
+    """`_screened`'s test for the pairs `near` alone, either way (`_screen_near`'s pairs): the approximate screen's
+    candidates, as `candidates` takes them."""
+    yield _screen_near(prints, radius2, near)[0]
+
+
+def _screen_near(prints: list[Fingerprint], radius2: float, near: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(hits, reached): the ordered pairs (i, j) of `near`, either way, where one of j's trims or turns lies within
+    radius2 of i's whole view (the crop rule's trims only for a query cut on the sides they cut, as `_Screen`), in
+    K² numbers, coarse to fine as `_Parts.within`. reached[j]: the transforms of j that reached one of them
+    (`_Reached`), all that the crop and close rules need measure in full."""
+    hits, reached = [np.zeros((0, 2), np.int64)], {}
     if not len(near):
-        return
+        return hits[0], reached
     both = np.concatenate([near, near[:, ::-1]]).astype(np.int64)  # (query i, image j trimmed or turned)
     partners, involved = _by_second(both), np.unique(near)
     row = np.zeros(len(prints), np.int64)
@@ -277,35 +291,64 @@ def _screened_near(prints: list[Fingerprint], radius2: float, near: np.ndarray):
     wholes = whole_views([prints[i] for i in involved])
     queries, norm2 = [np.where(np.isnan(w), 0.0, w).astype(np.float32) for w in wholes], [_norm2(w) for w in wholes]
     grid = trims()
-    close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)
-    crop = tuple(t for t in grid if max(t) > SMALL_TRIM + 1e-9)
-    sides = np.array(crop) > 0
-    allowed = np.stack([(pattern_sides(c)[None] | ~sides).all(1) for c in range(16)])  # none for a query cut nowhere
+    small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
+    rank, n_small = np.cumsum(small) - 1, int(small.sum())  # a small trim's place among them: the close rule's, per view
+    at = np.array(sorted(range(len(grid)), key=lambda t: grid[t][2:]))  # by column cut: `_transformed` writes slices
+    made_grid = tuple(grid[t] for t in at)
+    sides = np.array(made_grid) > 0
+    allowed = np.stack([small[at] | (pattern_sides(c)[None] | ~sides).all(1) for c in range(16)])  # small: every query
     patterns = [np.stack([p.cuts[v] for p in prints]) @ (1 << np.arange(4)) for v in range(3)]
 
-    def reach(v: int, i: np.ndarray, parts: np.ndarray) -> np.ndarray:  # (queries, transforms): within radius2
-        p = np.where(np.isnan(parts), 0.0, parts).astype(np.float32)
-        q = row[i]
-        return 2 * queries[v][q] @ p.T - norm2[v][q][:, None] - _norm2(parts)[None] >= -radius2
+    basis = _basis(np.concatenate(wholes))
+    lifted = [_lifted(w @ basis, query=True) for w in wholes]
 
-    def block(js: np.ndarray) -> list[np.ndarray]:
+    def reach(v: int, i: np.ndarray, parts: _Parts, x: int) -> np.ndarray:  # (queries, image x's transforms): within radius2
+        q, out = row[i], np.zeros((len(i), parts.parts.shape[1]), bool)
+        a, t = np.nonzero(lifted[v][q] @ parts.lifted[x].T >= -radius2)  # minus a lower bound of each distance: a superset
+        for s in range(0, len(a), REFINE):  # those measured in all K² numbers, in bounded memory
+            at, tt = a[s : s + REFINE], t[s : s + REFINE]
+            exact = 2 * np.einsum("ij,ij->i", queries[v][q[at]], parts.parts[x, tt]) - norm2[v][q[at]] - parts.norm2[x, tt]
+            out[at[exact >= -radius2], tt[exact >= -radius2]] = True  # NaN (flat) compares false: reaches nothing
+        return out
+
+    def block(js: np.ndarray) -> list[tuple[int, np.ndarray, _Reached]]:
         sub = [prints[j] for j in js]
-        made = [_transformed(_views(sub, v), close + crop) for v in range(3)]
+        made = [_transformed(_views(sub, v), made_grid) for v in range(3)]
         turned = np.stack([p.turned for p in sub]).astype(np.float32)
-        turns = _projected_units(_thumbs(turned.reshape(-1, *turned.shape[2:]))).reshape(len(sub), len(TURNS), -1)
+        made.append(_projected_units(_thumbs(turned.reshape(-1, *turned.shape[2:]))).reshape(len(sub), len(TURNS), -1))
+        made = [_Parts(m, basis) for m in made]  # coarse numbers lifted once an image, for all its partners
         found = []
         for x, j in enumerate(js):
             i = both[partners[j], 0]
-            hit = reach(0, i, turns[x]).any(1)  # turns against view 0, as the close rule
+            turn = reach(0, i, made[3], x)  # turns against view 0, as the close rule
+            hit, by_view, steps = turn.any(1), [], []
             for v in range(3):
-                r = reach(v, i, made[v][x])
-                hit |= r[:, : len(close)].any(1) | (r[:, len(close) :] & allowed[patterns[v][i]]).any(1)
-            found.append(np.stack([i[hit], np.full(int(hit.sum()), j)], 1))
+                r = reach(v, i, made[v], x) & allowed[patterns[v][i]]  # the crop rule's trims only for the sides cut
+                hit |= r.any(1)
+                seen = r.any(0)
+                by_view.append(np.sort(at[seen]))
+                steps.append(v * n_small + np.sort(rank[at[seen & small[at]]]))
+            if hit.any():
+                found.append((j, i[hit], _Reached(by_view, np.concatenate([*steps, 3 * n_small + np.nonzero(turn.any(0))[0]]))))
         return found
 
     js = np.array(sorted(partners), np.int64)
     for found in _each(block, [js[s : s + J_CHUNK] for s in range(0, len(js), J_CHUNK)]):
-        yield from found
+        for j, i, r in found:
+            hits.append(np.stack([i, np.full(len(i), j)], 1))
+            reached[j] = r
+    return np.concatenate(hits), reached
+
+
+@dataclass(frozen=True)
+class _Reached:
+    """The transforms of one image that came within the screen's radius of some query's whole view: per view, the
+    places in `trims()` of its trims (the crop rule's; a small trim reached by any query counts, as the crop rule
+    tries small trims too), and the places in `duplicates._transforms()` of its small trims and turns (the close
+    rule's). Only they can carry a join: the projection only shortens distances."""
+
+    trims: list[np.ndarray]
+    transforms: np.ndarray
 
 
 class _Screen:
@@ -367,7 +410,7 @@ def _transformed(views: np.ndarray, grid: tuple) -> np.ndarray:
     z = (rows_first @ alg.low_cols).reshape(side, b, -1, K)  # (VIEW rows, images, column cuts, K): V S_cᵀ Dᵀ for each
     out = np.empty((b, len(grid), K, K), np.float32)
     for c, (ts, lows) in enumerate(alg.by_col):  # one product per column cut over every image: (trims x K, images x K)
-        low = (lows @ z[:, :, c].reshape(side, b * K)).reshape(len(ts), K, b, K)
+        low = (lows @ z[:, :, c].reshape(side, b * K)).reshape(-1, K, b, K)  # (trims, K, images, K)
         out[:, ts] = low.transpose(2, 0, 3, 1)  # `project`'s layout: (images, trims, column frequency, row frequency)
     energy = (_gram_band(centred.reshape(b, side, side), alg) @ alg.energy)[:, alg.col_of, alg.row_of]  # ||S_r V S_cᵀ||², (images, trims)
     row_means = (centred.astype(np.float64) @ alg.col_means).reshape(b, side, -1).transpose(0, 2, 1)  # Y_c's, (images, cuts, VIEW)
@@ -428,7 +471,9 @@ class _Trims:
         self.by_col = []
         for c in range(len(cols)):
             ts = np.nonzero(self.col_of == c)[0]
-            self.by_col.append((ts, np.concatenate([_dct_rows() @ shrinks[self.row_of[t]] for t in ts]).astype(np.float32)))
+            lows = np.concatenate([_dct_rows() @ shrinks[self.row_of[t]] for t in ts]).astype(np.float32)
+            contiguous = ts[-1] - ts[0] == len(ts) - 1  # written as a slice: a third of a scattered write's time
+            self.by_col.append((slice(ts[0], ts[-1] + 1) if contiguous else ts, lows))
         self.mean = np.stack([s.mean(0) for s in shrinks], axis=1)  # (VIEW, row cuts)
         grams = [s.T @ s for s in shrinks]
         side = len(grams[0])
@@ -553,8 +598,12 @@ def _links(
         todo = near[~(_among(near, screened, len(shas)) if screened is not None else known[near].all(1))]
         hashes = np.stack([p.phash for p in distinct])
         joined = joined[_among(joined, near, len(shas)) | _hash_near(hashes, joined, max_distance)]  # as found without it
-    cand = candidates(distinct, max_distance, min_partial, ~known if known.any() else None, todo)
-    found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
+    new = ~known if known.any() else None
+    if todo is not None:
+        found = _judged_near(distinct, max_distance, min_correlation, min_partial, new, todo)
+    else:
+        cand = candidates(distinct, max_distance, min_partial, new)
+        found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
     pairs = np.concatenate([joined, found]).astype(np.int64)
     if memo is not None:
         memo.keep(shas, pairs, near)
@@ -615,12 +664,21 @@ def verdicts(
 ) -> np.ndarray:
     """`duplicates.joined`'s verdict for each pair (i, j), computed from the pair alone: equal bytes, the whole-head
     rule, the crop rule either way, or the close rule either way (cheapest first; only pairs still apart go on)."""
+    ok = _whole_head(prints, pairs, max_distance, min_correlation)
+    if min_partial is None or ok.all():
+        return ok
+    todo = np.nonzero(~ok)[0]
+    ordered = np.concatenate([pairs[todo], pairs[todo][:, ::-1]])  # each way
+    ok[todo] = _partial(prints, ordered, np.tile(np.arange(len(todo)), 2), len(todo), min_partial)
+    return ok
+
+
+def _whole_head(prints: list[Fingerprint], pairs: np.ndarray, max_distance: int, min_correlation: float) -> np.ndarray:
+    """Per pair: equal bytes, or the whole-head rule (hash distance, then the thumbnails' correlation)."""
     a, b = pairs[:, 0], pairs[:, 1]
     files, hashes = _distinct(prints)[1], np.stack([p.phash for p in prints])
     ok = files[a] == files[b]  # equal bytes
-    todo = np.nonzero(_hash_near(hashes, pairs, max_distance) & ~ok)[
-        0
-    ]  # usually few pairs (the hash is the stricter test), but all of them if all look alike
+    todo = np.nonzero(_hash_near(hashes, pairs, max_distance) & ~ok)[0]  # usually few (the hash is the stricter test)
     images = np.unique(pairs[todo])
     row = np.zeros(len(prints), np.int64)
     row[images] = np.arange(len(images))
@@ -628,18 +686,43 @@ def verdicts(
     for s in range(0, len(todo), 8192):  # bounded memory: 8,192 pairs' thumbnails at a time
         k = todo[s : s + 8192]
         ok[k] = np.einsum("ij,ij->i", thumbs[row[a[k]]], thumbs[row[b[k]]]) >= min_correlation
-    if min_partial is None or ok.all():
-        return ok
-    wholes = _Wholes(prints, pairs[~ok].ravel())  # the unit views both rules compare, made once
-    for rule in (_crop_joins, _close_joins):
-        todo = np.nonzero(~ok)[0]
-        if not len(todo):
-            break
-        both = np.empty((2 * len(todo), 2), pairs.dtype)  # each way, made in place: no stacked temporaries
-        both[: len(todo), 0], both[: len(todo), 1], both[len(todo) :, 0], both[len(todo) :, 1] = a[todo], b[todo], b[todo], a[todo]
-        hit = rule(prints, both, min_partial, wholes)
-        ok[todo] = hit[: len(todo)] | hit[len(todo) :]
     return ok
+
+
+def _partial(
+    prints: list[Fingerprint], ordered: np.ndarray, pair: np.ndarray, n: int, bar: float, reached: dict | None = None
+) -> np.ndarray:
+    """Per pair (n of them): does the crop rule, or else the close rule, join one of its ordered pairs (ordered[k],
+    of pair[k]: the first image whole, the second trimmed or turned)? With `reached` (`_screen_near`), each second
+    image is measured only in the transforms that reached a query in the screen."""
+    wholes = _Wholes(prints, ordered.ravel())  # the unit views both rules compare, made once
+    joined = np.zeros(n, bool)
+    for rule in (_crop_joins, _close_joins):
+        left = np.nonzero(~joined[pair])[0]
+        if not len(left):
+            break
+        joined[pair[left[rule(prints, ordered[left], bar, wholes, reached)]]] = True
+    return joined
+
+
+def _judged_near(
+    prints: list[Fingerprint], max_distance: int, min_correlation: float, min_partial: float, new: np.ndarray | None, near: np.ndarray
+) -> np.ndarray:
+    """The approximate screen's joined pairs (i < j), among `near` and the hash rule's pairs (those with a new image,
+    with `new`): `verdicts`' verdicts, the whole-head rule first, and only the pairs it leaves screened
+    (`_screen_near`) and judged by the crop and close rules, on the transforms that reached the other image in the
+    screen. A transform beyond the radius in K² numbers is beyond it in all 1,024 (the projection only shortens),
+    so it cannot carry a join; the screen's trims are not made a second time in full for every image."""
+    n = len(prints)
+    key = lambda x: np.minimum(x[:, 0], x[:, 1]).astype(np.int64) * n + np.maximum(x[:, 0], x[:, 1])  # noqa: E731
+    keys = np.unique(np.concatenate([key(candidates(prints, max_distance, None, new)), key(near.reshape(-1, 2))]))
+    pairs = np.stack([keys // n, keys % n], 1)
+    ok = _whole_head(prints, pairs, max_distance, min_correlation)
+    rest = np.nonzero(~ok)[0]
+    hits, reached = _screen_near(prints, _radius2(min_partial), pairs[rest])
+    if len(hits):
+        ok[rest[_partial(prints, hits, np.searchsorted(keys[rest], key(hits)), len(rest), min_partial, reached)]] = True
+    return pairs[ok]
 
 
 def _by_second(ordered: np.ndarray) -> dict[int, np.ndarray]:
@@ -666,9 +749,9 @@ class _Wholes:
         return self.thumbs[v][self.row[images]]
 
 
-def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes) -> np.ndarray:
+def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes, reached: dict | None = None) -> np.ndarray:
     """Per ordered pair (a, b): `partial_similarity`'s entry [a, b] at `bar`: a's thumbnail against b trimmed on the
-    sides where a looks cut."""
+    sides where a looks cut (with `reached`, only b's trims there: `_partial`)."""
     grid = trims()
     sides = np.array(grid) > 0
     patterns = np.array([pattern_sides(m) for m in range(16)])
@@ -694,7 +777,11 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, whol
             rows, firsts = ks[firsts_cut], firsts[firsts_cut]
             applies = applies_to[pattern[v][firsts]]
             need = np.nonzero(applies.any(0))[0]
-            c = np.where(applies[:, need], wholes(firsts, v) @ trimmed(prints[j].view(v), tuple(grid[t] for t in need)).T, -1.0)
+            if reached is not None:
+                need = np.intersect1d(need, reached[j].trims[v], assume_unique=True)
+                if not len(need):
+                    continue
+            c = np.where(applies[:, need], wholes(firsts, v) @ _trimmed_at(prints[j].view(v), need).T, -1.0)
             found.append((rows, c.max(1) >= bar))
         return found
 
@@ -704,25 +791,35 @@ def _crop_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, whol
     return out
 
 
-def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes) -> np.ndarray:
+def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, wholes: _Wholes, reached: dict | None = None) -> np.ndarray:
     """Per ordered pair (a, b): `close_similarity`'s best [a, b] (the first transform reaching it, as there) at `bar`,
     and the heads' insides there at MIN_INNER (`duplicates.joined`). Each image's inside masks are made once, and
-    every first reaching `bar` through one transform of b is judged against it at once."""
+    every first reaching `bar` through one transform of b is judged against it at once. With `reached`, only b's
+    transforms there are measured: the best, when it reaches `bar`, is among them, and so is every transform that
+    ties it, so the first reaching it is the same."""
     grid = _transforms()
-    small = [tuple(t for w, t in grid if w == v) for v in range(3)]
+    view_of = np.array([w for w, _ in grid])
+    at_trim = np.array([trims().index(t) if w >= 0 else -1 for w, t in grid])  # each small trim's place in `trims()`
     out = np.zeros(len(ordered), bool)
     insides: dict[tuple[int, int], np.ndarray] = {}  # shared by the threads: an entry made twice is the same array
 
     def judge(group: tuple[int, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         j, ks = group
-        firsts = ordered[ks, 0]
-        c = np.concatenate(
-            [wholes(firsts, v) @ trimmed(prints[j].view(v), small[v]).T for v in range(3)]
-            + [wholes(firsts, 0) @ _thumbs(prints[j].turned.astype(np.float32)).T],
-            axis=1,
-        )
+        firsts, measured = ordered[ks, 0], np.arange(len(grid)) if reached is None else reached[j].transforms
+        if not len(measured):
+            return []
+        columns, at = [], []  # c's columns, and their places in `_transforms()` (views 0-2, then the turns: its order)
+        for v in (0, 1, 2, -1):
+            ts = measured[view_of[measured] == v]
+            if len(ts) and v >= 0:
+                columns.append(wholes(firsts, v) @ _trimmed_at(prints[j].view(v), at_trim[ts]).T)
+            elif len(ts):
+                columns.append(wholes(firsts, 0) @ _thumbs(prints[j].turned[[grid[t][1] for t in ts]].astype(np.float32)).T)
+            at.append(ts)
+        c, at = np.concatenate(columns, axis=1), np.concatenate(at)
         best = c.argmax(1)  # the first transform reaching the best, as close_similarity's strict ">" keeps it
         reach = c[np.arange(len(ks)), best] >= bar
+        best = at[best]
         found = []
         for t in np.unique(best[reach]):
             rows = np.nonzero(reach & (best == t))[0]
@@ -739,6 +836,19 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
         for rows, hit in found:
             out[rows] = hit
     return out
+
+
+@cache
+def _every_trim() -> tuple[np.ndarray, np.ndarray]:
+    """`duplicates._stacked` of all of `trims()`, made once: the verdicts take the rows they need (a stack made
+    for each image's own subset cost 70 µs a trim, more than the products)."""
+    return _stacked(tuple(trims()))
+
+
+def _trimmed_at(view: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """`duplicates.trimmed(view, grid)` for grid the trims at places `at` of `trims()`: the same products."""
+    rows, cols = _every_trim()
+    return _unit((rows[at] @ view @ cols[at]).reshape(len(at), -1))
 
 
 def _each(work, items):
