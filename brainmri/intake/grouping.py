@@ -308,9 +308,9 @@ def _screen_near(prints: list[Fingerprint], radius2: float, near: np.ndarray) ->
         q, out = row[i], np.zeros((len(i), parts.parts.shape[1]), bool)
         a, t = np.nonzero(lifted[v][q] @ parts.lifted[x].T >= -radius2)  # minus a lower bound of each distance: a superset
         for s in range(0, len(a), REFINE):  # those measured in all K² numbers, in bounded memory
-            at, tt = a[s : s + REFINE], t[s : s + REFINE]
-            exact = 2 * np.einsum("ij,ij->i", queries[v][q[at]], parts.parts[x, tt]) - norm2[v][q[at]] - parts.norm2[x, tt]
-            out[at[exact >= -radius2], tt[exact >= -radius2]] = True  # NaN (flat) compares false: reaches nothing
+            qa, ta = a[s : s + REFINE], t[s : s + REFINE]
+            exact = 2 * np.einsum("ij,ij->i", queries[v][q[qa]], parts.parts[x, ta]) - norm2[v][q[qa]] - parts.norm2[x, ta]
+            out[qa[exact >= -radius2], ta[exact >= -radius2]] = True  # NaN (flat) compares false: reaches nothing
         return out
 
     def block(js: np.ndarray) -> list[tuple[int, np.ndarray, _Reached]]:
@@ -606,7 +606,7 @@ def _links(
     else:
         cand = candidates(distinct, max_distance, min_partial, new)
         found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
-    pairs = np.concatenate([joined, found]).astype(np.int64)
+    pairs = np.unique(np.sort(np.concatenate([joined, found]).astype(np.int64), axis=1), axis=0)  # one row a pair
     if memo is not None:
         memo.keep(shas, pairs, near)
     return first, of, pairs
@@ -714,7 +714,9 @@ def _judged_near(
     with `new`): `verdicts`' verdicts, the whole-head rule first, and only the pairs it leaves screened
     (`_screen_near`) and judged by the crop and close rules, on the transforms that reached the other image in the
     screen. A transform beyond the radius in K² numbers is beyond it in all 1,024 (the projection only shortens),
-    so it cannot carry a join; the screen's trims are not made a second time in full for every image."""
+    so it cannot carry a join; the screen's trims are not made a second time in full for every image. With `new`,
+    a pair of `near` between two earlier images that the whole-head rule joins is joined here even if the screen
+    does not reach it (`candidates` would not propose it): an earlier run joined it too, and the memo keeps it."""
     n = len(prints)
     key = lambda x: np.minimum(x[:, 0], x[:, 1]).astype(np.int64) * n + np.maximum(x[:, 0], x[:, 1])  # noqa: E731
     keys = np.unique(np.concatenate([key(candidates(prints, max_distance, None, new)), key(near.reshape(-1, 2))]))
