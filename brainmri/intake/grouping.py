@@ -292,13 +292,8 @@ def _screen_near(prints: list[Fingerprint], radius2: float, near: np.ndarray) ->
     row[involved] = np.arange(len(involved))  # the whole views of the images in a pair only: a rerun has few
     wholes = whole_views([prints[i] for i in involved])
     queries, norm2 = [np.where(np.isnan(w), 0.0, w).astype(np.float32) for w in wholes], [_norm2(w) for w in wholes]
-    grid = trims()
-    small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
-    rank, n_small = np.cumsum(small) - 1, int(small.sum())  # a small trim's place among them: the close rule's, per view
-    at = np.array(sorted(range(len(grid)), key=lambda t: grid[t][2:]))  # by column cut: `_transformed` writes slices
-    made_grid = tuple(grid[t] for t in at)
-    sides = np.array(made_grid) > 0
-    allowed = np.stack([small[at] | (pattern_sides(c)[None] | ~sides).all(1) for c in range(16)])  # small: every query
+    at, made_grid, small, rank, allowed = _near_grid()
+    n_small = int(small.sum())
     patterns = [np.stack([p.cuts[v] for p in prints]) @ (1 << np.arange(4)) for v in range(3)]
 
     basis = _basis(np.concatenate(wholes))
@@ -340,6 +335,21 @@ def _screen_near(prints: list[Fingerprint], radius2: float, near: np.ndarray) ->
             hits.append(np.stack([i, np.full(len(i), j)], 1))
             reached[j] = r
     return np.concatenate(hits), reached
+
+
+@cache
+def _near_grid() -> tuple:
+    """What `_screen_near` makes of `trims()`: `at`, the trims' places sorted by column cut (`_transformed` then
+    writes each cut's trims as one slice), and that order as a grid; which trims are small (the close rule's, in
+    `trims()` order) and each one's place among them; and per cut pattern (16) which of the sorted trims a query
+    cut so is measured against: the small ones always, a larger one only if it cuts no side the query is not cut on."""
+    grid = trims()
+    small = np.array([max(t) <= SMALL_TRIM + 1e-9 for t in grid])
+    at = np.array(sorted(range(len(grid)), key=lambda t: grid[t][2:]))
+    made_grid = tuple(grid[t] for t in at)
+    sides = np.array(made_grid) > 0
+    allowed = np.stack([small[at] | (pattern_sides(c)[None] | ~sides).all(1) for c in range(16)])
+    return at, made_grid, small, np.cumsum(small) - 1, allowed
 
 
 @dataclass(frozen=True)
