@@ -624,8 +624,12 @@ def _links(
 
 def _among(pairs: np.ndarray, within: np.ndarray, n: int) -> np.ndarray:
     """Which unordered pairs of `pairs` are in `within` (positions below n)."""
-    key = lambda x: np.minimum(x[:, 0], x[:, 1]).astype(np.int64) * n + np.maximum(x[:, 0], x[:, 1])  # noqa: E731
-    return np.isin(key(pairs.reshape(-1, 2)), key(within.reshape(-1, 2)))
+    return np.isin(_pair_keys(pairs.reshape(-1, 2), n), _pair_keys(within.reshape(-1, 2), n))
+
+
+def _pair_keys(pairs: np.ndarray, n: int) -> np.ndarray:
+    """One number per unordered pair (positions below n): min * n + max."""
+    return np.minimum(pairs[:, 0], pairs[:, 1]).astype(np.int64) * n + np.maximum(pairs[:, 0], pairs[:, 1])
 
 
 def _hash_near(hashes: np.ndarray, pairs: np.ndarray, max_distance: int) -> np.ndarray:
@@ -728,7 +732,7 @@ def _judged_near(
     a pair of `near` between two earlier images that the whole-head rule joins is joined here even if the screen
     does not reach it (`candidates` would not propose it): an earlier run joined it too, and the memo keeps it."""
     n = len(prints)
-    key = lambda x: np.minimum(x[:, 0], x[:, 1]).astype(np.int64) * n + np.maximum(x[:, 0], x[:, 1])  # noqa: E731
+    key = lambda x: _pair_keys(x, n)  # noqa: E731
     keys = np.unique(np.concatenate([key(candidates(prints, max_distance, None, new)), key(near.reshape(-1, 2))]))
     pairs = np.stack([keys // n, keys % n], 1)
     ok = _whole_head(prints, pairs, max_distance, min_correlation)
