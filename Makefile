@@ -25,8 +25,8 @@ lock:  ## re-pin every library (uv), then refresh versions.yaml and dvc.yaml: st
 run: setup  ## the main job: the pipeline on the dataset in ingest.source, or the offline demo when it is absent
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/brainmri quickstart
 
-# two workers (pytest-xdist), tests/conftest.py giving tests/test_pipeline.py one and every other test the other:
-# on 2 cores the suite took 469 s this way against about 760 s in one process
+# two workers (pytest-xdist), tests/conftest.py giving test_pipeline.py and the files listed there one and every
+# other test the other: on 2 cores (EPYC, 2026-12-08) 715 s, against 915 s with the old list (one worker idle 8 min)
 XDIST := -n 2 --dist loadscope
 
 test: setup  ## lint, layers, docs, then the unit and scenario tiers (what CI runs): every test but the `long` ones

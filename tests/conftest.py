@@ -15,10 +15,18 @@ from factory import SHARED_DATA, make_project  # noqa: E402
 
 from brainmri.config import load_params  # noqa: E402
 
-# the scenario worker's files: test_pipeline.py's shared git + DVC workspace, its tests in file order; and
-# test_faults.py (projects of its own, stage processes killed mid-run), which evens the two workers' loads: measured
-# with --durations on 2 cores, the scenario files took 432 + 36 s and the rest 487 - 36 s
-SCENARIO_FILES = {"test_pipeline.py", "test_faults.py"}
+# the scenario worker's files: test_pipeline.py's shared git + DVC workspace, its tests in file order; and files
+# whose fixtures are their own (no session fixture of this file), which even the two workers' loads: with only
+# test_faults.py beside test_pipeline.py, --durations on 2 cores summed to 435 s here and 894 s on the other
+# worker (2026-12-08), which then ran alone for 8 minutes; these four moved 233 s of it
+SCENARIO_FILES = {
+    "test_pipeline.py",
+    "test_faults.py",
+    "test_multiclass_pipeline.py",
+    "test_interrupts.py",
+    "test_neighbours.py",
+    "test_hostile_models.py",
+}
 # fixtures that train a model, build a shared workspace or run a stage on the real set
 HEAVY_FIXTURES = {"small_run", "real_ingest", "trained", "cv_runs", "vgg16_spec", "ws"}
 
