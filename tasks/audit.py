@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from brainmri.config import Params
-from brainmri.core.files import write_json, write_metrics
+from brainmri.core.files import read_manifest, write_json, write_metrics
 from brainmri.core.progress import summary
 from brainmri.stats.shortcut_audit import auc_text, check_folds, grouped_cv, image_features, metadata_features, scores
 
 
 def audit(p: Params) -> dict:
     """Run the stage: write audit.json (the full record) and scores.json (the two AUCs, DVC metrics)."""
-    manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    manifest = read_manifest(p.path("ingest_manifest"))
     usable = manifest[~manifest["conflict"].astype(bool)].reset_index(drop=True)  # as split: conflicting labels are nobody's truth
     y = p.ingest.label_index(usable["label"])  # two classes: 1 = positive_class
     per_class = np.bincount(y, minlength=len(p.ingest.label_names))

@@ -12,6 +12,7 @@ from brainmri.intake.decode import decode_file
 from brainmri.intake.duplicates import fingerprint, groups_of, joined
 from brainmri.intake.parts import SPLITS
 from brainmri.intake.splitting import assign_groups, leaked_fraction
+from tasks.ingest import ingest
 from tasks.split import split
 
 
@@ -212,3 +213,24 @@ def test_real_set_grows_in_steps_of_ten_percent_and_no_earlier_image_moves(real_
             assert report["max_fraction_deviation"] <= 0.03 and report["max_class_share_deviation"] <= 0.03, (step, report)
         before = where(out)
     assert len(before) == 253 and report["ledger"]["images_kept"] > 0.85 * 253
+
+
+@pytest.mark.parametrize("classes", [("0", "01", "1"), ("False", "True"), ("1.5", "2")])
+def test_class_folders_named_like_numbers_stay_their_own_classes(tmp_path, classes):
+    """Folders named 0, 01 and 1 (or True/False, 1.5): every stage reads the manifests' labels back as the folder
+    names, so no class is misread as a number or merged with another ('01' and '1' both as 1)."""
+    from factory import write_dataset
+
+    from brainmri.intake.parts import split_part
+
+    over = {"source": "data/raw/ds", "classes": list(classes), "min_images_per_class": 2}
+    over["positive_class"] = classes[-1] if len(classes) == 2 else ""
+    p = load_params(make_project(tmp_path / "proj", {"ingest": over}) / "params.yaml")
+    write_dataset(p.resolve("data/raw/ds"), n=10, seed=3, classes=classes, size=(96, 112))
+    ingest(p)
+    report = split(p)
+    parts = [split_part(p, s) for s in SPLITS]
+    assert sorted(set().union(*(set(part.frame["label"]) for part in parts))) == sorted(classes)
+    for part in parts:
+        assert (part.y >= 0).all() and list(p.ingest.label_names[i] for i in part.y) == part.frame["label"].tolist()
+    assert sum(np.bincount(part.y, minlength=len(classes)) for part in parts).tolist() == [10] * len(classes), report

@@ -136,6 +136,19 @@ def write_csv(path: str | os.PathLike, frame) -> None:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
+# the columns of this pipeline's CSV files that hold text however they look: class names ("0", "1", "True", "01"),
+# hex ids and hashes, which pandas would otherwise read as numbers or booleans (folders "1" and "01" both as 1)
+TEXT_COLUMNS = ("source_path", "label", "predicted", "image", "image_id", "sha256", "group", "subject", "split", "note")
+
+
+def read_manifest(path: str | os.PathLike, also: tuple[str, ...] = ()):
+    """A CSV this pipeline wrote (a manifest, predictions) as a pandas DataFrame: empty cells as "", never NaN, and
+    TEXT_COLUMNS (and `also`) as text."""
+    import pandas as pd
+
+    return pd.read_csv(path, keep_default_na=False, dtype=dict.fromkeys((*TEXT_COLUMNS, *also), str))
+
+
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula (OWASP CSV injection)
 
 

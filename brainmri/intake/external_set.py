@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
+from brainmri.core.files import read_manifest
 
 
 def external_set(p: Params) -> tuple[dict, pd.DataFrame]:
     """ingest_external's record, and the manifest rows of the images to score (not quarantined, not duplicates)."""
     intake = json.loads(p.path("external_report").read_text())
-    manifest = pd.read_csv(p.path("external_manifest"), keep_default_na=False, dtype={"used": str})
+    manifest = read_manifest(p.path("external_manifest"), also=("used",))
     return intake, manifest[manifest["used"] == "True"].reset_index(drop=True)
 
 

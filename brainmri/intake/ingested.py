@@ -7,6 +7,7 @@ from PIL import Image
 
 from brainmri.config import Params
 from brainmri.core.errors import DataError
+from brainmri.core.files import read_manifest
 from brainmri.intake.duplicates import fingerprint
 from brainmri.intake.grouping import group_ids
 
@@ -19,7 +20,7 @@ def match_ingested(p: Params, manifest: pd.DataFrame, prints: list) -> tuple[lis
         return [], []
     if not p.path("ingest_manifest").is_file():
         raise DataError(f"{p.path('ingest_manifest')} not found: run the ingest stage before ingest_external (dvc repro orders them)")
-    ingested = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    ingested = read_manifest(p.path("ingest_manifest"))
     theirs = []
     for name, sha in zip(ingested["image"], ingested["sha256"], strict=True):
         with Image.open(p.path("ingest_images") / name) as img:  # both sides normalized by the same decoder

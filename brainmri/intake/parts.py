@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
+from brainmri.core.files import read_manifest
 
 SPLITS = ("train", "val", "test")
 
@@ -32,5 +33,5 @@ def make_part(p: Params, frame: pd.DataFrame, folder: Path) -> Part:
 
 def split_part(p: Params, which: str) -> Part:
     """The `which` split (train, val or test) of the split manifest, sorted by source path."""
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    split = read_manifest(p.path("split_manifest"))
     return make_part(p, split[split["split"] == which].sort_values("source_path", kind="stable"), p.path("ingest_images"))

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Backbone, Params, candidates
+from brainmri.core.files import read_manifest
 from brainmri.core.progress import log
 from brainmri.intake.parts import Part, make_part, split_part
 from brainmri.intake.preprocess import load_batch
@@ -57,7 +58,7 @@ def data_parts(p: Params, augment: bool | list[bool]) -> tuple[Part, Part, Part]
     """(train originals, their augmented copies or nothing, val) in a fixed order; the copies are read when `augment`
     is true or lists true (a grid candidate)."""
     augment = any(candidates(augment))
-    aug = pd.read_csv(p.path("augment_manifest"), keep_default_na=False) if augment else pd.DataFrame(columns=["image", "label"])
+    aug = read_manifest(p.path("augment_manifest")) if augment else pd.DataFrame(columns=["image", "label"])
     aug_part = make_part(p, aug.sort_values("image", kind="stable"), p.path("augment_images"))
     return split_part(p, "train"), aug_part, split_part(p, "val")
 

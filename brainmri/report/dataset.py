@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from brainmri.config import Params
+from brainmri.core.files import read_manifest
 from brainmri.report.plots import samples_figure, save, strips_figure
 
 MAX_STRIPS = 80  # groups drawn as strips: 80 rows stay well under matplotlib's 2^16-pixel figure limit (reached near 340)
@@ -61,8 +61,8 @@ def duplicate_strips(p: Params, out: Path) -> list:
     """Every duplicate group as a strip of its members' thumbnails, so a person can check the grouping by eye."""
     from PIL import Image
 
-    m = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).set_index("source_path")["split"]
+    m = read_manifest(p.path("ingest_manifest"))
+    split = read_manifest(p.path("split_manifest")).set_index("source_path")["split"]
     sizes = m["group"].value_counts()
     groups = [g for g in sizes.index if sizes[g] > 1]
     if not groups:

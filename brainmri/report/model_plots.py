@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainmri.config import Params
+from brainmri.core.files import read_manifest
 from brainmri.report.plots import confusion_grid, curves_figure, roc_figure, save
 from brainmri.stats.multiclass import macro_roc
 from brainmri.stats.multiclass_evaluation import probability_columns
@@ -21,7 +22,7 @@ def draw_model_plots(p: Params, evaluated: dict, out: Path) -> None:
             roc = pd.read_csv(p.model_file("eval", name, "roc"))
             curves[name] = (roc["fpr"], roc["tpr"], evaluated[name]["test"]["auc"]["value"])
         else:  # one macro-averaged one-vs-rest curve per model, from its test predictions
-            preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
+            preds = read_manifest(p.model_file("eval", name, "predictions"))
             prob = preds[probability_columns(p.ingest.label_names)].to_numpy(float)
             curves[name] = (*macro_roc(p.ingest.label_index(preds["actual"]), prob), evaluated[name]["test"]["auc"]["value"])
     save(roc_figure(curves), out / "roc.png")

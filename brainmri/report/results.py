@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainmri.config import Params
+from brainmri.core.files import read_manifest
 from brainmri.report.cells import ci
 from brainmri.report.selection import selection_section
 from brainmri.stats import multiclass
@@ -109,7 +110,7 @@ def paired_table(p: Params, trained: dict) -> tuple[pd.DataFrame, str]:
     so the interval is that of the difference: one that excludes 0 marks a real difference, the rest are noise.
     """
     best = reference_model(p, trained)
-    preds = {n: pd.read_csv(p.model_file("eval", n, "predictions"), keep_default_na=False).set_index("source_path") for n in p.models}
+    preds = {n: read_manifest(p.model_file("eval", n, "predictions")).set_index("source_path") for n in p.models}
     ref = preds[best].sort_index()
     for n, frame in preds.items():
         if set(frame.index) != set(ref.index):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
+from brainmri.core.files import read_manifest
 from brainmri.report.plots import saliency_figure, save
 
 
@@ -31,7 +32,7 @@ def _overlays(p: Params, r: dict, name: str, threshold: float) -> list:
     the model saw them, with their heatmaps and head masks: the saliency stage recorded each call and its heatmap."""
     from brainmri.intake.preprocess import load_batch
 
-    images = pd.read_csv(p.path("split_manifest"), keep_default_na=False).set_index("image_id")["image"]
+    images = read_manifest(p.path("split_manifest")).set_index("image_id")["image"]
     calls = pd.DataFrame({"probability": r["probability_by_image"], "label": r["label_by_image"]})
     if "predicted_by_image" in r:  # N classes: the call is the most probable class, its probability the confidence
         said = pd.Series(r["predicted_by_image"]).reindex(calls.index).to_numpy()

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.config import Params
+from brainmri.core.files import read_manifest
 from brainmri.report.plots import samples_figure, save
 from brainmri.report.results import reference_model
 from brainmri.stats.multiclass_evaluation import probability_columns
@@ -27,8 +28,8 @@ def sample_grid(p: Params, evaluated: dict, trained: dict, per_kind: int = 6) ->
     from PIL import Image
 
     name = reference_model(p, trained)
-    preds = pd.read_csv(p.model_file("eval", name, "predictions"), keep_default_na=False)
-    images = pd.read_csv(p.path("split_manifest")).set_index("source_path")["image"]
+    preds = read_manifest(p.model_file("eval", name, "predictions"))
+    images = read_manifest(p.path("split_manifest")).set_index("source_path")["image"]
     if p.ingest.binary:
         preds["confidence"] = (preds["probability"] - evaluated[name]["threshold"]).abs()
     else:  # the most probable class's probability: the call's confidence, and what the title shows

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from brainmri.core.files import read_manifest
 from brainmri.intake.parts import Part
 from brainmri.stats.metrics import with_intervals
 from brainmri.stats.multiclass_evaluation import probability_columns
@@ -56,7 +57,7 @@ def evaluated_probabilities(p, name: str, part: Part) -> np.ndarray:
     """Model `name`'s test probabilities as evaluate recorded them (its exported ONNX file's, 6 decimals; (n, K) for N
     classes), in the order of `part`'s rows: what another stage scores test with, without opening a test image."""
     path = p.model_file("eval", name, "predictions")
-    frame = pd.read_csv(path, keep_default_na=False).set_index("source_path")
+    frame = read_manifest(path).set_index("source_path")
     missing = sorted(set(part.frame["source_path"]) - set(frame.index))
     if missing:
         raise ValueError(f"{path}: no prediction for {len(missing)} test images (e.g. {missing[0]}); run evaluate@{name} again")
