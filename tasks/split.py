@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pandas as pd
-
 from brainmri.config import Params
-from brainmri.core.files import write_csv, write_json
+from brainmri.core.files import read_manifest, write_csv, write_json
 from brainmri.core.progress import summary
 from brainmri.intake.parts import SPLITS
 from brainmri.intake.splitting import (
     assign,
+    check_every_split,
     check_splittable,
     how_test_changed,
     ledger_summary,
@@ -22,7 +21,7 @@ from brainmri.intake.splitting import (
 
 def split(p: Params) -> dict:
     """Run the stage: write the split manifest, the ledger and the report; return the report."""
-    manifest = pd.read_csv(p.path("ingest_manifest"), keep_default_na=False)
+    manifest = read_manifest(p.path("ingest_manifest"))
     manifest = manifest.sort_values("source_path", kind="stable").reset_index(drop=True)
     usable = manifest[~manifest["conflict"].astype(bool)].copy()
     check_splittable(usable, p)
@@ -30,6 +29,7 @@ def split(p: Params) -> dict:
     ledger, reset = read_ledger(p.path("split_ledger"), p.seed, fractions)
     assigned, merges, new_groups = assign(usable, ledger, fractions, p.seed)
     usable["split"] = usable["group"].map(assigned)
+    check_every_split(usable, p)
     per_group = usable.groupby("group")["split"].nunique()
     if (per_group > 1).any():  # cannot happen by construction; a guard against future edits
         raise AssertionError(f"duplicate groups straddle splits: {list(per_group[per_group > 1].index)}")

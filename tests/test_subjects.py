@@ -13,7 +13,7 @@ from factory import make_project, write_dataset
 from brainmri.config import load_params
 from brainmri.core.errors import ConfigError, DataError
 from brainmri.intake import subjects as subjects_module
-from brainmri.intake.parts import split_part
+from brainmri.intake.parts import SPLITS, split_part
 from brainmri.learn import crossval
 from tasks.ingest import ingest
 from tasks.split import split
@@ -89,7 +89,7 @@ def test_a_subject_stays_in_one_split_and_one_cv_fold_with_its_duplicates(tmp_pa
 
 
 def mixed_table() -> str:
-    rows = three_per_subject(9)
+    rows = three_per_subject(12)  # four subjects a class: with NO0 refused, 'no' still has a subject for each split
     rows["yes/yes 8.jpg"] = "NO0"  # subject NO0: three images under 'no' and one under 'yes'
     return table_of(rows)
 
@@ -97,7 +97,7 @@ def mixed_table() -> str:
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_subject_filed_under_two_classes_is_named_and_refused_unless_kept(tmp_path, caplog, keep):
     p = project(tmp_path, mixed_table(), keep_mixed_subjects=keep)
-    write_dataset(p.resolve("data/raw/ds"), n=9, seed=5, size=SIZE)
+    write_dataset(p.resolve("data/raw/ds"), n=12, seed=5, size=SIZE)
     with caplog.at_level(logging.WARNING, logger="brainmri"):
         report = ingest(p)
     mixed = report["subjects"]["mixed"]
@@ -149,10 +149,11 @@ HEADER = "source_path,subject\n"
         ("source_path,subject,subject\nyes/yes 0.jpg,P1,P2\n", "header repeats the column 'subject'"),
         (HEADER + "yes/yes 0.jpg,P1\nno/no 0.jpg,P2\nyes/yes 0.jpg,P3\n", "line 4: 'yes/yes 0.jpg' is listed with two subjects, 'P1'"),
         (HEADER + "yes/yes 0.jpg,  \n", "line 2: empty subject id for 'yes/yes 0.jpg'"),
+        (HEADER + "yes/yes 0.jpg,P\u00a01\n", "holds a control or invisible character (U+00A0)"),
         (HEADER + ",P1\n", "line 2: empty source_path"),
         (HEADER + "yes/yes 0.jpg\n", "line 2: 1 fields, too few"),
         (HEADER + "yes/yes 0.jpg,P" + "1" * 300 + "\n", "a subject id of 301 characters"),
-        (HEADER + 'yes/yes 0.jpg,"P\x1b[31m"\n', "holds a control character"),
+        (HEADER + 'yes/yes 0.jpg,"P\x1b[31m"\n', "holds a control or invisible character (U+001B)"),
         (HEADER.encode() + b"yes/yes 0.jpg,Patient \xe9\n", "not UTF-8 text (byte 0xe9 at offset 42)"),
         (HEADER + "yes/yes 0.jpg," + "x" * 200_000 + "\n", "line 2: not readable as CSV (field larger than field limit"),
         ("huge", "bytes; at most 32000000 are read"),
@@ -216,3 +217,41 @@ def test_dvc_tracks_the_subjects_inbox_with_or_without_a_table(tmp_path):
         assert "subjects" in deps and "data/raw/brain_tumor_dataset" in deps
         assert stage.params[0].params  # the stage tracks params; the two subjects keys among them
         assert {"ingest.subjects", "ingest.keep_mixed_subjects"} <= set(next(d for d in stage.deps if hasattr(d, "params")).params)
+
+
+def test_a_table_naming_no_image_is_refused_and_a_path_is_matched_as_written_first(tmp_path):
+    """A table none of whose rows names an ingested image (a Windows export's backslashes) is refused like a table
+    of no rows, naming the file, and nothing is published; a path is matched as written before it is matched
+    without its surrounding spaces, so 'no 0.jpg ' and 'no 0.jpg' stay two images, and 'path ,subject' finds its."""
+    p = project(tmp_path, table_of({f"{c}\\{c} {i}.jpg": f"S{i}" for c in ("no", "yes") for i in range(3)}))
+    ds = write_dataset(p.resolve("data/raw/ds"), n=4, seed=7, size=SIZE)
+    with pytest.raises(DataError) as exc:
+        ingest(p)
+    message, table = str(exc.value), p.resolve("subjects/table.csv")
+    assert "none of the subjects table's 6 rows names an ingested image" in message and str(table) in message
+    assert not p.path("ingest_manifest").exists() and not p.path("ingest_images").exists()
+    shutil.copy(ds / "no" / "no 1.jpg", ds / "no" / "no 0.jpg ")  # a file whose name ends in a space
+    table.write_text(HEADER + "no/no 0.jpg ,P1\nno/no 2.jpg ,P2\n")
+    ingest(p)
+    m = subject_of_each(p)
+    assert (m.loc["no/no 0.jpg ", "subject"], m.loc["no/no 0.jpg", "subject"], m.loc["no/no 2.jpg", "subject"]) == ("P1", "", "P2")
+
+
+def test_a_class_in_too_few_subjects_to_fill_every_split_is_refused_naming_it(tmp_path):
+    """Two subjects a class cannot fill train, val and test (a subject goes whole to one split): split stops naming
+    the class, the empty split and the subject counts, and writes nothing; a third subject each and it splits."""
+    rows = {f"{c}/{c} {i}.jpg": f"{c.upper()}{i % 2}" for c in ("no", "yes") for i in range(8)}
+    p = project(tmp_path, table_of(rows))
+    ds = write_dataset(p.resolve("data/raw/ds"), n=9, seed=5, size=SIZE)
+    (ds / "yes" / "yes 8.jpg").unlink()
+    (ds / "no" / "no 8.jpg").unlink()
+    ingest(p)
+    with pytest.raises(DataError) as exc:
+        split(p)
+    assert "no image of class 'no' in test, 'yes' in test" in str(exc.value) and "('no' 2, 'yes' 2)" in str(exc.value)
+    assert not p.path("split_manifest").exists() and not p.path("split_ledger").exists()
+    write_dataset(p.resolve("data/raw/ds"), n=9, seed=5, size=SIZE)  # the ninth image of each class: a third subject
+    p.resolve("subjects/table.csv").write_text(table_of({**rows, "no/no 8.jpg": "NO2", "yes/yes 8.jpg": "YES2"}))
+    ingest(p)
+    report = split(p)
+    assert all(report["counts"][s][c] > 0 for s in SPLITS for c in ("no", "yes")), report["counts"]

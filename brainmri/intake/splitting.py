@@ -163,6 +163,22 @@ def check_splittable(usable: pd.DataFrame, p: Params) -> None:
         )
 
 
+def check_every_split(usable: pd.DataFrame, p: Params) -> None:
+    """Stop before writing anything when a class has no image in train, val or test: its images lie in too few groups
+    (subjects, duplicate groups) to spread, as a group goes whole to one split, and that split would then score
+    (or fit) no image of it."""
+    counts = usable.groupby(["label", "split"]).size()
+    empty = [f"{c!r} in {s}" for c in p.ingest.classes for s in SPLITS if counts.get((c, s), 0) == 0]
+    if empty:
+        groups = usable.groupby("label")["group"].nunique()
+        held = ", ".join(f"{c!r} {int(groups.get(c, 0))}" for c in p.ingest.classes)
+        raise DataError(
+            f"{p.path('ingest_manifest')}: no image of class {', '.join(empty)}: each group of images (a subject, a duplicate "
+            f"group) goes whole to one split, and the classes lie in too few groups to fill three ({held}); add images "
+            "of more subjects"
+        )
+
+
 # The test history: the sha256 of every image ever placed in test, and the test set of the last run, kept between
 # runs (a DVC output with persist) beside the ledger. The ledger starts afresh on a deliberate re-split; this does not,
 # so whether an image was ever a test image stays auditable, and each run says how its test set changed.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +31,7 @@ class Subjects:
     table: str  # ingest.subjects, as params give it
     of: dict[str, str]  # source_path -> subject id
     n_rows: int  # data rows read (a path listed twice with the same subject counts twice)
+    path: Path  # the file read, for errors
 
 
 def read_subjects(p: Params) -> Subjects | None:
@@ -39,7 +40,7 @@ def read_subjects(p: Params) -> Subjects | None:
         return None
     path = p.resolve(p.ingest.subjects)
     of, n_rows = parse_table(table_text(path), path)
-    return Subjects(p.ingest.subjects, of, n_rows)
+    return Subjects(p.ingest.subjects, of, n_rows, path)
 
 
 def table_text(path: Path) -> str:
@@ -114,15 +115,16 @@ def _row(row: list[str], where: tuple[int, int], line: int, path: Path) -> tuple
     """(source_path, subject) of one data row, both present and the id short and printable."""
     if len(row) <= max(where):
         raise DataError(f"{path}: line {line}: {len(row)} fields, too few to hold the columns {SOURCE_PATH} and {SUBJECT}")
-    source_path, subject = row[where[0]].strip(), row[where[1]].strip()
-    if not source_path:
+    source_path, subject = row[where[0]], row[where[1]].strip()  # the path as written: a file name may end in a space
+    if not source_path.strip():
         raise DataError(f"{path}: line {line}: empty {SOURCE_PATH}")
     if not subject:
         raise DataError(f"{path}: line {line}: empty subject id for {source_path[:200]!r}")
     if len(subject) > MAX_ID_CHARS:
         raise DataError(f"{path}: line {line}: a subject id of {len(subject)} characters (at most {MAX_ID_CHARS})")
-    if any(not c.isprintable() for c in subject):
-        raise DataError(f"{path}: line {line}: the subject id {subject[:80]!r} holds a control character")
+    bad = next((c for c in subject if not c.isprintable()), None)  # control characters, and spaces other than ' '
+    if bad is not None:
+        raise DataError(f"{path}: line {line}: the subject id {subject[:80]!r} holds a control or invisible character (U+{ord(bad):04X})")
     return source_path, subject
 
 
@@ -146,8 +148,15 @@ def with_subjects(manifest: pd.DataFrame, subjects: Subjects | None, keep_mixed:
     of a subject filed under different classes unless `keep_mixed`; and the report's account. No table: unchanged."""
     if subjects is None:
         return manifest, None
+    subjects = _matched(subjects, set(manifest["source_path"]))
     m = manifest.copy()
     m[SUBJECT] = m["source_path"].map(subjects.of).fillna("")
+    if not (m[SUBJECT] != "").any():  # as a table of no rows: else every image would silently have no subject
+        example = next(iter(subjects.of))[:200]
+        raise DataError(
+            f"{subjects.path}: none of the subjects table's {subjects.n_rows} rows names an ingested image (e.g. {example!r}); "
+            "write each path as the ingest manifest's source_path column does: class folder, '/', file name"
+        )
     m["duplicate_group"] = m["group"]
     m["group"] = subject_groups(m["sha256"].tolist(), m["group"].tolist(), m[SUBJECT].tolist())
     listed = m[SUBJECT] != ""
@@ -158,6 +167,18 @@ def with_subjects(manifest: pd.DataFrame, subjects: Subjects | None, keep_mixed:
     told = subjects_report(m, subjects, keep_mixed)
     warn(told)
     return m, told
+
+
+def _matched(subjects: Subjects, paths: set[str]) -> Subjects:
+    """`subjects` with a table path that names no image as written, but does without its surrounding spaces (a
+    table written as 'path , subject'), taken as that image's, unless the table lists that image itself: a path
+    naming an image as written always wins, so a file whose name ends in a space is told from its neighbour."""
+    of = {k: v for k, v in subjects.of.items() if k in paths}
+    for k, v in subjects.of.items():
+        if k not in paths:
+            bare = k.strip()
+            of[bare if bare in paths and bare not in of else k] = v
+    return replace(subjects, of=of)
 
 
 def subjects_report(m: pd.DataFrame, subjects: Subjects, keep_mixed: bool) -> dict:
@@ -176,7 +197,7 @@ def subjects_report(m: pd.DataFrame, subjects: Subjects, keep_mixed: bool) -> di
         "n_images_with_subject": int(listed.sum()),
         "n_images_without_subject": int((~listed).sum()),  # each its own subject: its group is its duplicate group
         "n_unmatched": len(unmatched),  # table paths naming no ingested image (absent, quarantined, excluded or misspelt)
-        "unmatched": unmatched[:MAX_LISTED],
+        "unmatched": [u[:300] for u in unmatched[:MAX_LISTED]],  # a path is at most 300 characters here: the report stays small
         "n_groups": int(m["group"].nunique()),
         "keep_mixed_subjects": keep_mixed,
         "mixed": mixed,
