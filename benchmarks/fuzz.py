@@ -153,13 +153,13 @@ def concurrent_workspace(work: Path) -> Path:
 
 def workspace_problems(root: Path) -> list[str]:
     """Temporary files left, or outputs that do not read back whole."""
-    import pandas as pd
+    from brainmri.core.files import read_manifest
 
     left = sorted(str(f.relative_to(root)) for f in root.rglob(".*.tmp*"))
     problems = [f"temporary files left: {left[:5]}"] if left else []
     for manifest, folder in (("data/ingest/manifest.csv", "data/ingest/images"), ("data/augment/manifest.csv", "data/augment/images")):
         if (root / manifest).is_file():
-            rows = pd.read_csv(root / manifest, keep_default_na=False)
+            rows = read_manifest(root / manifest)
             missing = [n for n in rows["image"] if not (root / folder / n).is_file()]
             problems += [f"{manifest}: {len(missing)} images missing from {folder}"] if missing else []
     return problems

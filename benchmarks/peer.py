@@ -22,6 +22,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from brainmri.config import load_params
+from brainmri.core.files import read_manifest
 from brainmri.deploy.onnxrt import metadata, session
 from brainmri.deploy.predict import predict
 
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=[], help="exported models of ours to score on the test split")
     args = ap.parse_args()
     p = load_params(args.params)
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).sort_values("source_path", kind="stable")
+    split = read_manifest(p.path("split_manifest")).sort_values("source_path", kind="stable")
     source = p.resolve(p.ingest.source)
     files = [str(source / s) for s in split["source_path"]]
     y = (split["label"] == p.ingest.positive_class).to_numpy()

@@ -20,7 +20,7 @@ import pandas as pd
 from feature_cache import overrides  # noqa: E402  (same folder)
 
 from brainmri.config import load_params
-from brainmri.core.files import write_csv
+from brainmri.core.files import read_manifest, write_csv
 from brainmri.core.progress import progress
 from brainmri.intake.augment import copies
 from brainmri.intake.decode import load_rgb, save_png
@@ -116,7 +116,7 @@ def main() -> None:
     seed_everything(p.seed)
     weights(p, spec.backbone)  # the weights stage's copy, as train reads it
     net = build_network(p, spec.backbone, p.seed)
-    split = pd.read_csv(p.path("split_manifest"), keep_default_na=False).sort_values("source_path", kind="stable")
+    split = read_manifest(p.path("split_manifest")).sort_values("source_path", kind="stable")
     everything = make_part(p, split, p.path("ingest_images"))  # train, val and test alike: the bar's protocol
     feats = features.extract(p, spec.backbone, net.extractor, everything.paths, "all images")
     groups = everything.frame["group"].to_numpy()

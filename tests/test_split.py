@@ -234,3 +234,45 @@ def test_class_folders_named_like_numbers_stay_their_own_classes(tmp_path, class
     for part in parts:
         assert (part.y >= 0).all() and list(p.ingest.label_names[i] for i in part.y) == part.frame["label"].tolist()
     assert sum(np.bincount(part.y, minlength=len(classes)) for part in parts).tolist() == [10] * len(classes), report
+
+
+def test_a_class_the_ledger_keeps_out_of_a_split_is_refused_naming_the_ledger(tmp_path):
+    """Each class's test image removed after a first split: the ledger keeps every known image where it was, so
+    'no' has no test image though it has five groups; split stops, says why and names the ledger, and writes
+    nothing; the ledger deleted, it splits afresh."""
+    from factory import write_dataset
+
+    p = load_params(make_project(tmp_path / "proj", {"ingest": {"source": "data/raw/ds", "min_images_per_class": 2}}) / "params.yaml")
+    ds = write_dataset(p.resolve("data/raw/ds"), n=6, seed=3, size=(96, 112))
+    ingest(p)
+    split(p)
+    first = pd.read_csv(p.path("split_manifest"), keep_default_na=False)
+    for f in first.loc[(first["split"] == "test") & (first["label"] == "no"), "source_path"]:
+        (ds / f).unlink()
+    ingest(p)
+    before = p.path("split_manifest").read_bytes()
+    with pytest.raises(DataError) as exc:
+        split(p)
+    message = str(exc.value)
+    assert "'no' has no image in test: the split ledger keeps its 5 known groups elsewhere" in message
+    assert str(p.path("split_ledger")) in message and p.path("split_manifest").read_bytes() == before
+    p.path("split_ledger").unlink()
+    assert all(n > 0 for n in split(p)["counts"]["test"].values())
+
+
+def test_prediction_tables_read_back_with_the_class_names_as_written(tmp_path):
+    """The predictions' label, actual and predicted columns (two classes and N) come back as the folder names, so
+    the report's paired AUCs and ROC curves see '01' and '1', 'False' and 'True', as two classes."""
+    from brainmri.core.files import read_manifest, write_csv
+    from brainmri.intake.parts import Part
+    from brainmri.stats import evaluation, multiclass_evaluation
+
+    for names, table in [(("0", "01", "1"), multiclass_evaluation.prediction_table), (("False", "True"), evaluation.prediction_table)]:
+        k = len(names)
+        frame = pd.DataFrame({"source_path": [f"{c}/x.png" for c in names], "group": [f"{i}" for i in range(k)], "label": list(names)})
+        prob = np.eye(k)[::-1] if k > 2 else np.array([0.2, 0.9])
+        out = table(Part(frame, [], np.arange(k)), prob, np.arange(k)[::-1], names)
+        write_csv(tmp_path / "predictions.csv", out)
+        back = read_manifest(tmp_path / "predictions.csv")
+        assert back["actual"].tolist() == back["label"].tolist() == list(names) and back["predicted"].tolist() == list(names[::-1])
+        assert back["group"].tolist() == frame["group"].tolist()

@@ -235,6 +235,9 @@ def test_a_table_naming_no_image_is_refused_and_a_path_is_matched_as_written_fir
     ingest(p)
     m = subject_of_each(p)
     assert (m.loc["no/no 0.jpg ", "subject"], m.loc["no/no 0.jpg", "subject"], m.loc["no/no 2.jpg", "subject"]) == ("P1", "", "P2")
+    table.write_text(HEADER + "no/no 0.jpg ,P1\nno/no 2.jpg ,P2\nno/no 2.jpg,P3\n")  # one image, two subjects: refused
+    with pytest.raises(DataError, match=r"'no/no 2.jpg ' and another row name the image 'no/no 2.jpg' with two subjects, 'P3' and 'P2'"):
+        ingest(p)
 
 
 def test_a_class_in_too_few_subjects_to_fill_every_split_is_refused_naming_it(tmp_path):
@@ -248,7 +251,7 @@ def test_a_class_in_too_few_subjects_to_fill_every_split_is_refused_naming_it(tm
     ingest(p)
     with pytest.raises(DataError) as exc:
         split(p)
-    assert "no image of class 'no' in test, 'yes' in test" in str(exc.value) and "('no' 2, 'yes' 2)" in str(exc.value)
+    assert "'no' has no image in test: its 2 groups are fewer than the three splits; 'yes' has no image in test" in str(exc.value)
     assert not p.path("split_manifest").exists() and not p.path("split_ledger").exists()
     write_dataset(p.resolve("data/raw/ds"), n=9, seed=5, size=SIZE)  # the ninth image of each class: a third subject
     p.resolve("subjects/table.csv").write_text(table_of({**rows, "no/no 8.jpg": "NO2", "yes/yes 8.jpg": "YES2"}))

@@ -138,7 +138,10 @@ def write_csv(path: str | os.PathLike, frame) -> None:
 
 # the columns of this pipeline's CSV files that hold text however they look: class names ("0", "1", "True", "01"),
 # hex ids and hashes, which pandas would otherwise read as numbers or booleans (folders "1" and "01" both as 1)
-TEXT_COLUMNS = ("source_path", "label", "predicted", "image", "image_id", "sha256", "group", "subject", "split", "note")
+TEXT_COLUMNS = (
+    *("source_path", "label", "actual", "predicted", "image", "image_id", "sha256", "source_image", "subject", "split", "note"),
+    *("group", "duplicate_group", "duplicate_of"),
+)
 
 
 def read_manifest(path: str | os.PathLike, also: tuple[str, ...] = ()):

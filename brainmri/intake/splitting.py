@@ -164,19 +164,24 @@ def check_splittable(usable: pd.DataFrame, p: Params) -> None:
 
 
 def check_every_split(usable: pd.DataFrame, p: Params) -> None:
-    """Stop before writing anything when a class has no image in train, val or test: its images lie in too few groups
-    (subjects, duplicate groups) to spread, as a group goes whole to one split, and that split would then score
-    (or fit) no image of it."""
+    """Stop before writing anything when a class has no image in train, val or test, which would then score (or fit)
+    no image of it: a group (a subject's images, a duplicate group) goes whole to one split, so a class in fewer than
+    three groups cannot fill them; with more, the split ledger kept its known groups where they were."""
     counts = usable.groupby(["label", "split"]).size()
-    empty = [f"{c!r} in {s}" for c in p.ingest.classes for s in SPLITS if counts.get((c, s), 0) == 0]
-    if empty:
-        groups = usable.groupby("label")["group"].nunique()
-        held = ", ".join(f"{c!r} {int(groups.get(c, 0))}" for c in p.ingest.classes)
-        raise DataError(
-            f"{p.path('ingest_manifest')}: no image of class {', '.join(empty)}: each group of images (a subject, a duplicate "
-            f"group) goes whole to one split, and the classes lie in too few groups to fill three ({held}); add images "
-            "of more subjects"
-        )
+    empty = {c: [s for s in SPLITS if counts.get((c, s), 0) == 0] for c in p.ingest.classes}
+    if not any(empty.values()):
+        return
+    groups = usable.groupby("label")["group"].nunique()
+    few, pinned = "its {} groups are fewer than the three splits", "the split ledger keeps its {} known groups elsewhere"
+    why = [
+        f"{c!r} has no image in {' or '.join(e)}: " + (few if (n := int(groups.get(c, 0))) < 3 else pinned).format(n)
+        for c, e in empty.items()
+        if e
+    ]
+    raise DataError(
+        f"{p.path('ingest_manifest')}: {'; '.join(why)} (a group, a subject's images or a duplicate group, goes whole to one "
+        f"split); add images of more subjects, or delete {p.path('split_ledger')} to split afresh"
+    )
 
 
 # The test history: the sha256 of every image ever placed in test, and the test set of the last run, kept between

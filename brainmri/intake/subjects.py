@@ -171,13 +171,18 @@ def with_subjects(manifest: pd.DataFrame, subjects: Subjects | None, keep_mixed:
 
 def _matched(subjects: Subjects, paths: set[str]) -> Subjects:
     """`subjects` with a table path that names no image as written, but does without its surrounding spaces (a
-    table written as 'path , subject'), taken as that image's, unless the table lists that image itself: a path
-    naming an image as written always wins, so a file whose name ends in a space is told from its neighbour."""
+    table written as 'path , subject'), taken as that image's: a path naming an image as written is matched first,
+    so a file whose name ends in a space is told from its neighbour; two rows giving one image two subjects stop."""
     of = {k: v for k, v in subjects.of.items() if k in paths}
     for k, v in subjects.of.items():
-        if k not in paths:
-            bare = k.strip()
-            of[bare if bare in paths and bare not in of else k] = v
+        bare = k.strip()
+        if k in paths:
+            continue
+        if bare not in paths:
+            of[k] = v  # names no image: the report lists it
+        elif of.setdefault(bare, v) != v:  # two rows for one image: refused, as two subjects on one path are
+            two = f"{of[bare][:80]!r} and {v[:80]!r}"
+            raise DataError(f"{subjects.path}: {k[:200]!r} and another row name the image {bare[:200]!r} with two subjects, {two}")
     return replace(subjects, of=of)
 
 
