@@ -630,6 +630,10 @@ class Params(Section):
         if not self.ingest.subjects:
             return
         inbox = os.path.normpath(self.paths.subjects_inbox)
+        if not self.ingest.subjects.strip() or os.path.normpath(self.ingest.subjects) == inbox:
+            raise ValueError(
+                f"ingest.subjects {self.ingest.subjects!r} names no file; name a CSV table in {self.paths.subjects_inbox}/, or '' for none"
+            )
         if not os.path.normpath(self.ingest.subjects).startswith(inbox + os.sep):
             raise ValueError(
                 f"ingest.subjects {self.ingest.subjects!r} is outside the subjects inbox {self.paths.subjects_inbox}/ "

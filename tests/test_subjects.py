@@ -192,6 +192,8 @@ def test_a_hostile_table_is_one_sentence_naming_the_file(tmp_path, monkeypatch, 
     [
         ({"ingest": {"subjects": "data/raw/table.csv"}}, "ingest.subjects 'data/raw/table.csv' is outside the subjects inbox subjects/"),
         ({"ingest": {"subjects": "subjects/../params.yaml"}}, "is outside the subjects inbox"),
+        ({"ingest": {"subjects": "subjects/"}}, "ingest.subjects 'subjects/' names no file; name a CSV table in subjects/"),
+        ({"ingest": {"subjects": "  "}}, "ingest.subjects '  ' names no file"),
         ({"ingest": {"subjects": "subjects/a\x00.csv"}}, "ingest.subjects holds a control character"),
         ({"paths": {"subjects_inbox": ""}}, "paths.subjects_inbox must name a folder"),
         ({"paths": {"report": "subjects"}}, "paths.report 'subjects' overlaps paths.subjects_inbox"),
@@ -258,3 +260,16 @@ def test_a_class_in_too_few_subjects_to_fill_every_split_is_refused_naming_it(tm
     ingest(p)
     report = split(p)
     assert all(report["counts"][s][c] > 0 for s in SPLITS for c in ("no", "yes")), report["counts"]
+
+
+def test_a_class_emptied_by_a_mixed_subject_says_so_and_not_quarantine(tmp_path):
+    """Every 'no' image in one subject that also has a 'yes' image: the class is emptied by the refusal, and the
+    error says what was dropped, without pointing at quarantine reasons that do not exist."""
+    rows = {f"no/no {i}.jpg": "P0" for i in range(4)} | {"yes/yes 0.jpg": "P0"}
+    p = project(tmp_path, table_of(rows))
+    write_dataset(p.resolve("data/raw/ds"), n=4, seed=5, size=SIZE)
+    with pytest.raises(DataError) as exc:
+        ingest(p)
+    message = str(exc.value)
+    assert "once 5 images in duplicate groups or subjects with conflicting labels are dropped" in message
+    assert "{'no': 0}" in message and "quarantine" not in message

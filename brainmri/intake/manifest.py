@@ -63,7 +63,7 @@ def check_class_counts(labels: list[str], p: Params, source: Path, after: str = 
         why = f"; {commonest[0][1]} of {len(quarantined)} quarantined files: {commonest[0][0]}" if commonest else ""
         raise DataError(
             f"too few usable images in {source}{after}: {short} "
-            f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}){why or '; see the quarantine reasons'}"
+            f"(ingest.min_images_per_class = {p.ingest.min_images_per_class}){why or ('' if after else '; see the quarantine reasons')}"
         )
 
 
