@@ -817,7 +817,8 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
     ties it, so the first reaching it is the same."""
     grid = _transforms()
     view_of = np.array([w for w, _ in grid])
-    at_trim = np.array([trims().index(t) if w >= 0 else -1 for w, t in grid])  # each small trim's place in `trims()`
+    place = {t: k for k, t in enumerate(trims())}
+    at_trim = np.array([place[t] if w >= 0 else -1 for w, t in grid])  # each small trim's place in `trims()`
     out = np.zeros(len(ordered), bool)
     insides: dict[tuple[int, int], np.ndarray] = {}  # shared by the threads: an entry made twice is the same array
 
@@ -860,7 +861,7 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
 def _every_trim() -> tuple[np.ndarray, np.ndarray]:
     """`duplicates._stacked` of all of `trims()`, made once: the verdicts take the rows they need (a stack made
     for each image's own subset cost 70 µs a trim, more than the products)."""
-    return _stacked(tuple(trims()))
+    return _stacked(trims())
 
 
 def _trimmed_at(view: np.ndarray, at: np.ndarray) -> np.ndarray:
