@@ -68,6 +68,32 @@ def test_judging_only_what_the_screen_reached_gives_the_full_verdicts(images):
 
 
 @pytest.mark.parametrize("images", ["copies 5", "cut 4"])
+def test_the_exact_screen_reaches_what_the_screen_of_every_pair_reaches_and_its_verdicts_are_the_full_ones(images):
+    """candidates(reached=...) records, per image, the transforms that came within the radius of another image's whole
+    view: those `_screen_near` finds on every pair (an image's own whole view, which its small trims always reach,
+    left out), and the verdicts measuring only them are the verdicts measuring every transform, with and without a
+    mask of new images."""
+    kind, seed = images.split()
+    prints = _prints(kind, int(seed))
+    every = np.array(list(itertools.combinations(range(len(prints)), 2)))
+    reached: dict = {}
+    cand = candidates(prints, RULES[0], RULES[2], reached=reached)
+    _, expected = _screen_near(prints, _radius2(RULES[2]), every)
+    assert set(reached) == set(range(len(prints)))  # every image, those that reached nothing with empty lists
+    for j, r in reached.items():
+        want = expected.get(j)
+        assert np.array_equal(r.transforms, want.transforms if want else []), j
+        assert all(np.array_equal(r.trims[v], want.trims[v] if want else []) for v in range(3)), j
+    assert np.mean([len(r.transforms) for r in reached.values()]) < 514 / 2  # fewer than all: the restriction does something
+    full = verdicts(prints, cand, *RULES)
+    assert np.array_equal(verdicts(prints, cand, *RULES, reached), full) and full.sum() >= 5
+    new = np.random.default_rng(int(seed)).random(len(prints)) < 0.5
+    reached = {}
+    cand = candidates(prints, RULES[0], RULES[2], new, reached=reached)
+    assert np.array_equal(verdicts(prints, cand, *RULES, reached), verdicts(prints, cand, *RULES))
+
+
+@pytest.mark.parametrize("images", ["copies 5", "cut 4"])
 def test_each_rule_on_the_transforms_the_screen_reached_is_the_rule_on_all(images):
     """Per ordered pair (i whole, j trimmed or turned): the crop and close rules measuring only the transforms of j
     that reached a query in the screen give what they give measuring all 920 trims, 510 small trims and 4 turns;

@@ -12,7 +12,9 @@ P keeps the K x K lowest 2-D DCT coefficients of a thumbnail (K² numbers, not 1
 - the crop and close rules: each image's views, trimmed as the rules trim them (the crop rule's trims only against
   images cut on those sides) and its head region turned, projected, against every other image's whole views.
 
-Candidates then go to `verdicts`, the rules of `joined` for one pair, so a verdict stays a function of the pair;
+Candidates then go to `verdicts`, the rules of `joined` for one pair, so a verdict stays a function of the pair,
+measuring only the transforms of an image that came within the radius of another image's whole view in the screen
+(`_Reached`: one beyond it cannot carry a join; on 3,000 look-alike phantoms 89 of an image's 514 close ones);
 groups are the components of the joined pairs (union-find). Nothing n x n is kept (the screen runs in blocks):
 memory grows with n and with the number of candidates, which is itself up to quadratic where many images look
 alike (smooth phantoms). Time is still quadratic in the screen, coarse to fine: each pair is first compared in the
@@ -101,18 +103,26 @@ def _projected_units(units: np.ndarray) -> np.ndarray:
 
 
 def candidates(
-    prints: list[Fingerprint], max_distance: int, min_partial: float | None, new: np.ndarray | None = None, near: np.ndarray | None = None
+    prints: list[Fingerprint],
+    max_distance: int,
+    min_partial: float | None,
+    new: np.ndarray | None = None,
+    near: np.ndarray | None = None,
+    reached: dict | None = None,
 ) -> np.ndarray:
     """(m, 2) index pairs i < j worth judging: every pair `joined` joins is among them (the module docstring); with
     `new` (a mask), only the pairs with a new image (the others were judged before: `memo.PairMemo`). With `near`
-    (pairs, `neighbour_pairs`), the crop and close rules' screen measures only those pairs: the approximate screen."""
+    (pairs, `neighbour_pairs`), the crop and close rules' screen measures only those pairs: the approximate screen.
+    `reached` (a dict), without `near`: filled with each image's transforms that reached another's whole view in the
+    screen (`_Reached`), all that `verdicts` need measure in full."""
     n = len(prints)
     if n < 2:
         return np.zeros((0, 2), np.int32)
     found = _hash_close(prints, max_distance, new)
     if min_partial is not None:
         radius2 = _radius2(min_partial)
-        found = itertools.chain(found, _screened(prints, radius2, new) if near is None else _screened_near(prints, radius2, near))
+        screened = _screened(prints, radius2, new, reached) if near is None else _screened_near(prints, radius2, near)
+        found = itertools.chain(found, screened)
     keys, pending, size = np.zeros(0, np.int64), [], 0
     for f in found:  # one number per pair (i < j), merged as they come: a pair found many ways is kept once
         f = np.sort(np.asarray(f, np.int64).reshape(-1, 2), axis=1)
@@ -147,20 +157,22 @@ def _hash_close(prints: list[Fingerprint], max_distance: int, new: np.ndarray | 
         yield np.stack([a + i, b + i], 1)
 
 
-def _screened(prints: list[Fingerprint], radius2: float, new: np.ndarray | None = None):
+def _screened(prints: list[Fingerprint], radius2: float, new: np.ndarray | None = None, reached: dict | None = None):
     """Pairs (i, j) where one of j's trims or turns, projected, lies within radius2 of i's whole view: the close rule's
     small trims and turns for every i, the crop rule's larger trims only for an i cut on every side they cut. Blocks
     of j are independent: they run on the stage's cores (`_each`; BLAS's own second thread mostly waited on these
     small products: 2 threads used 2 cores' CPU time in the same wall time as one). With `new`, the pairs with a new
-    image either way: every i against the new j, the new i against the others."""
+    image either way: every i against the new j, the new i against the others. `reached`: filled per j (`_Screen.reached`)."""
     wholes = whole_views(prints)
     basis, everyone = _basis(np.concatenate(wholes)), np.arange(len(prints))
     new = np.ones(len(prints), bool) if new is None else new
     for rows, js in ((everyone, np.nonzero(new)[0]), (np.nonzero(new)[0], np.nonzero(~new)[0])):
         if len(rows) and len(js):
             screen = _Screen(prints, wholes, basis, radius2, rows)
-            for found in _each(screen.block, [js[s : s + J_CHUNK] for s in range(0, len(js), J_CHUNK)]):
+            for found, seen in _each(screen.block, [js[s : s + J_CHUNK] for s in range(0, len(js), J_CHUNK)]):
                 yield from found
+                if reached is not None:
+                    reached.update(screen.reached(*seen))
 
 
 def whole_views(prints: list[Fingerprint]) -> list[np.ndarray]:
@@ -369,10 +381,12 @@ class _Screen:
 
     def __init__(self, prints: list[Fingerprint], wholes: list[np.ndarray], basis: np.ndarray, radius2: float, rows: np.ndarray):
         self.prints, self.basis, self.radius2, self.rows = prints, basis, radius2, rows
-        self.queries = [_Queries.of(whole[rows], basis) for whole in wholes]  # made once, not once a block
+        self.queries = [_Queries.of(whole[rows], basis, rows) for whole in wholes]  # made once, not once a block
         grid = trims()
         self.close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)  # the close rule's small trims
         self.crop = tuple(t for t in grid if max(t) > SMALL_TRIM + 1e-9)  # the crop rule's larger ones
+        place = {t: k for k, t in enumerate(grid)}
+        self.places = np.array([place[t] for t in self.close + self.crop])  # each one's place in `trims()`
         sides = np.array(self.crop) > 0
         allowed = [np.nonzero((pattern_sides(c)[None] | ~sides).all(1))[0] for c in range(16)]  # trims cutting only cut sides
         self.by_pattern = []
@@ -381,21 +395,33 @@ class _Screen:
             groups = [(np.nonzero(pattern == c)[0], allowed[c]) for c in range(1, 16)]
             self.by_pattern.append([(rows, ts, self.queries[v][rows]) for rows, ts in groups if len(rows) and len(ts)])
 
-    def block(self, js: np.ndarray) -> list[np.ndarray]:
-        """The pairs (image of `rows`, image of js) found with the images js as the ones trimmed or turned."""
-        prints, found, r2 = [self.prints[j] for j in js], [], self.radius2
+    def block(self, js: np.ndarray) -> tuple[list[np.ndarray], tuple]:
+        """The pairs (image of `rows`, image of js) found with the images js as the ones trimmed or turned; and
+        (js, per j and view which of close + crop reached another image's whole view, per j which turns did)."""
+        prints, found, r2, small = [self.prints[j] for j in js], [], self.radius2, len(self.close)
+        seen, turns_seen = np.zeros((len(js), 3, len(self.places)), bool), np.zeros((len(js), len(TURNS)), bool)
         for v, queries in enumerate(self.queries):
             made = _transformed(_views(prints, v), self.close + self.crop)  # in one call: they share most column cuts
-            found.append(_Parts(made[:, : len(self.close)], self.basis).within(queries, r2, js))
+            found.append(_Parts(made[:, :small], self.basis).within(queries, r2, js, seen=seen[:, v, :small]))
             if self.by_pattern[v]:
-                cropped = _Parts(made[:, len(self.close) :], self.basis)
+                cropped = _Parts(made[:, small:], self.basis)
                 for rows, ts, group in self.by_pattern[v]:  # each query only against the trims it allows
-                    hits = cropped.within(group, r2, js, ts)
+                    hits = cropped.within(group, r2, js, ts, seen[:, v, small:])
                     found.append(np.stack([rows[hits[:, 0]], hits[:, 1]], 1))
         turned = np.stack([p.turned for p in prints]).astype(np.float32)  # (images, turns, VIEW, VIEW): turned head regions
         parts = _projected_units(_thumbs(turned.reshape(-1, *turned.shape[2:]))).reshape(len(turned), len(TURNS), -1)
-        found.append(_Parts(parts, self.basis).within(self.queries[0], r2, js))  # against view 0, as the close rule
-        return [np.stack([self.rows[f[:, 0]], f[:, 1]], 1) for f in found]  # query positions -> image numbers
+        found.append(_Parts(parts, self.basis).within(self.queries[0], r2, js, seen=turns_seen))  # against view 0, as the close rule
+        return [np.stack([self.rows[f[:, 0]], f[:, 1]], 1) for f in found], (js, seen, turns_seen)  # query positions -> images
+
+    def reached(self, js: np.ndarray, seen: np.ndarray, turns_seen: np.ndarray) -> dict[int, _Reached]:
+        """`block`'s reached transforms as `_Reached`, per j: as `_screen_near` gives them, in `trims()`'s places
+        and `duplicates._transforms()`'s order."""
+        small, out = len(self.close), {}
+        for x, j in enumerate(js):
+            steps = [v * small + np.nonzero(seen[x, v, :small])[0] for v in range(3)]
+            trimmed = [np.sort(self.places[seen[x, v]]) for v in range(3)]
+            out[int(j)] = _Reached(trimmed, np.concatenate([*steps, 3 * small + np.nonzero(turns_seen[x])[0]]))
+        return out
 
 
 def pattern_sides(code: int) -> np.ndarray:
@@ -501,15 +527,16 @@ class _Queries:
     """Whole views compared against every block, prepared once (`of`): their coarse numbers lifted (`_lifted`), the
     rows with NaN (flat) made 0, and their squared lengths (FAR for a flat row)."""
 
-    def __init__(self, lifted: np.ndarray, rows: np.ndarray, norm2: np.ndarray):
-        self.lifted, self.rows, self.norm2 = lifted, rows, norm2
+    def __init__(self, lifted: np.ndarray, rows: np.ndarray, norm2: np.ndarray, images: np.ndarray | None = None):
+        self.lifted, self.rows, self.norm2, self.images = lifted, rows, norm2, images  # images: each row's image number
 
     @staticmethod
-    def of(whole: np.ndarray, basis: np.ndarray) -> _Queries:
-        return _Queries(_lifted(whole @ basis, query=True), np.where(np.isnan(whole), 0.0, whole).astype(np.float32), _norm2(whole))
+    def of(whole: np.ndarray, basis: np.ndarray, images: np.ndarray | None = None) -> _Queries:
+        rows = np.where(np.isnan(whole), 0.0, whole).astype(np.float32)
+        return _Queries(_lifted(whole @ basis, query=True), rows, _norm2(whole), images)
 
     def __getitem__(self, rows: np.ndarray) -> _Queries:
-        return _Queries(self.lifted[rows], self.rows[rows], self.norm2[rows])
+        return _Queries(self.lifted[rows], self.rows[rows], self.norm2[rows], None if self.images is None else self.images[rows])
 
 
 class _Parts:
@@ -521,12 +548,15 @@ class _Parts:
         self.parts, self.lifted = parts, _lifted(flat @ basis, query=False).reshape(*parts.shape[:2], -1)
         self.norm2 = _norm2(flat).reshape(parts.shape[:2])
 
-    def within(self, queries: _Queries, radius2: float, images: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+    def within(
+        self, queries: _Queries, radius2: float, images: np.ndarray, ts: np.ndarray | None = None, seen: np.ndarray | None = None
+    ) -> np.ndarray:
         """(query row, images[part image]) for every query whose projected whole view lies within radius2 of one of
         the part image's transforms (of those in `ts`, when given). NaN rows (flat thumbnails) reach nothing. Coarse
         to fine: the distance in the basis's first COARSE numbers is a lower bound of the whole distance, so the
         (query, transform) pairs it keeps are a superset of those within radius2, and only they are measured in all
-        K² numbers (as 2 w.p - ||w||² - ||p||², float32, as the one-step screen did)."""
+        ||w||² - ||p||², float32, as the one-step screen did). `seen` (part images x all
+        transforms, with `queries.images`): set where a transform came within radius2 of another image's whole view."""
         parts, lifted, norm2 = self.parts, self.lifted, self.norm2
         if ts is not None:
             parts, lifted, norm2 = parts[:, ts], lifted[:, ts], norm2[:, ts]
@@ -536,6 +566,9 @@ class _Parts:
         for i in range(0, len(q), I_CHUNK):
             closeness = (q[i : i + I_CHUNK] @ f.T).reshape(-1, b, t)  # -||Bᵀ(w - p)||² over the coarse numbers
             a, c = np.nonzero(closeness.max(2) >= -radius2)
+            if queries.images is not None:  # an image against itself is no pair (and its own trims reach its whole view)
+                other = queries.images[a + i] != images[c]
+                a, c = a[other], c[other]
             if not len(a):
                 continue
             k, s = np.nonzero(closeness[a, c] >= -radius2)  # (pair, transform) the bound keeps
@@ -543,8 +576,10 @@ class _Parts:
             for x in range(0, len(k), REFINE):  # bounded memory where many look alike: REFINE rows of K² gathered
                 kx, sx = k[x : x + REFINE], s[x : x + REFINE]
                 a_k, c_k = a[kx] + i, c[kx]
-                exact = 2 * np.einsum("ij,ij->i", w[a_k], parts[c_k, sx]) - w_norm2[a_k] - norm2[c_k, sx]
-                hit[kx[exact >= -radius2]] = True
+                close = 2 * np.einsum("ij,ij->i", w[a_k], parts[c_k, sx]) - w_norm2[a_k] - norm2[c_k, sx] >= -radius2
+                hit[kx[close]] = True
+                if seen is not None:
+                    seen[c_k[close], (sx if ts is None else ts[sx])[close]] = True
             out.append(np.stack([a[hit] + i, images[c[hit]]], 1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
@@ -614,8 +649,9 @@ def _links(
     if todo is not None:
         found = _judged_near(distinct, max_distance, min_correlation, min_partial, new, todo)
     else:
-        cand = candidates(distinct, max_distance, min_partial, new)
-        found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial)] if len(cand) else cand
+        reached: dict = {}  # the screen's reached transforms: on look-alike phantoms 93 of an image's 514 close ones
+        cand = candidates(distinct, max_distance, min_partial, new, reached=reached)
+        found = cand[verdicts(distinct, cand, max_distance, min_correlation, min_partial, reached)] if len(cand) else cand
     pairs = np.unique(np.sort(np.concatenate([joined, found]).astype(np.int64), axis=1), axis=0)  # one row a pair
     if memo is not None:
         memo.keep(shas, pairs, near)
@@ -676,16 +712,22 @@ def group_ids(
 
 
 def verdicts(
-    prints: list[Fingerprint], pairs: np.ndarray, max_distance: int, min_correlation: float, min_partial: float | None
+    prints: list[Fingerprint],
+    pairs: np.ndarray,
+    max_distance: int,
+    min_correlation: float,
+    min_partial: float | None,
+    reached: dict | None = None,
 ) -> np.ndarray:
     """`duplicates.joined`'s verdict for each pair (i, j), computed from the pair alone: equal bytes, the whole-head
-    rule, the crop rule either way, or the close rule either way (cheapest first; only pairs still apart go on)."""
+    rule, the crop rule either way, or the close rule either way (cheapest first; only pairs still apart go on).
+    With `reached` (`candidates`'), the crop and close rules measure only the transforms there (`_partial`)."""
     ok = _whole_head(prints, pairs, max_distance, min_correlation)
     if min_partial is None or ok.all():
         return ok
     todo = np.nonzero(~ok)[0]
     ordered = np.concatenate([pairs[todo], pairs[todo][:, ::-1]])  # each way
-    ok[todo] = _partial(prints, ordered, np.tile(np.arange(len(todo)), 2), len(todo), min_partial)
+    ok[todo] = _partial(prints, ordered, np.tile(np.arange(len(todo)), 2), len(todo), min_partial, reached)
     return ok
 
 
