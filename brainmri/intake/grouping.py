@@ -114,7 +114,8 @@ def candidates(
     `new` (a mask), only the pairs with a new image (the others were judged before: `memo.PairMemo`). With `near`
     (pairs, `neighbour_pairs`), the crop and close rules' screen measures only those pairs: the approximate screen.
     `reached` (a dict), without `near`: filled with each image's transforms that reached another's whole view in the
-    screen (`_Reached`), all that `verdicts` need measure in full."""
+    screen (`_Reached`), all that `verdicts` need measure in full, for these candidates only (with `new`, an earlier
+    image's entry covers the new images' views alone; with `near`, it stays empty)."""
     n = len(prints)
     if n < 2:
         return np.zeros((0, 2), np.int32)
@@ -419,8 +420,8 @@ class _Screen:
         small, out = len(self.close), {}
         for x, j in enumerate(js):
             steps = [v * small + np.nonzero(seen[x, v, :small])[0] for v in range(3)]
-            trimmed = [np.sort(self.places[seen[x, v]]) for v in range(3)]
-            out[int(j)] = _Reached(trimmed, np.concatenate([*steps, 3 * small + np.nonzero(turns_seen[x])[0]]))
+            trimmed = [np.sort(self.places[seen[x, v]]).astype(np.int16) for v in range(3)]  # int16: 920 trims, 514 close
+            out[int(j)] = _Reached(trimmed, np.concatenate([*steps, 3 * small + np.nonzero(turns_seen[x])[0]]).astype(np.int16))
         return out
 
 
@@ -555,8 +556,9 @@ class _Parts:
         the part image's transforms (of those in `ts`, when given). NaN rows (flat thumbnails) reach nothing. Coarse
         to fine: the distance in the basis's first COARSE numbers is a lower bound of the whole distance, so the
         (query, transform) pairs it keeps are a superset of those within radius2, and only they are measured in all
-        ||w||² - ||p||², float32, as the one-step screen did). `seen` (part images x all
-        transforms, with `queries.images`): set where a transform came within radius2 of another image's whole view."""
+        K² numbers (as 2 w.p - ||w||² - ||p||², float32, as the one-step screen did). With `queries.images`, a query
+        is never paired with its own image; `seen` (part images x all transforms) is then set where a transform came
+        within radius2 of another image's whole view."""
         parts, lifted, norm2 = self.parts, self.lifted, self.norm2
         if ts is not None:
             parts, lifted, norm2 = parts[:, ts], lifted[:, ts], norm2[:, ts]
