@@ -386,8 +386,7 @@ class _Screen:
         grid = trims()
         self.close = tuple(t for t in grid if max(t) <= SMALL_TRIM + 1e-9)  # the close rule's small trims
         self.crop = tuple(t for t in grid if max(t) > SMALL_TRIM + 1e-9)  # the crop rule's larger ones
-        place = {t: k for k, t in enumerate(grid)}
-        self.places = np.array([place[t] for t in self.close + self.crop])  # each one's place in `trims()`
+        self.places = np.array([_trim_places()[t] for t in self.close + self.crop])  # each one's place in `trims()`
         sides = np.array(self.crop) > 0
         allowed = [np.nonzero((pattern_sides(c)[None] | ~sides).all(1))[0] for c in range(16)]  # trims cutting only cut sides
         self.by_pattern = []
@@ -861,8 +860,7 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
     ties it, so the first reaching it is the same."""
     grid = _transforms()
     view_of = np.array([w for w, _ in grid])
-    place = {t: k for k, t in enumerate(trims())}
-    at_trim = np.array([place[t] if w >= 0 else -1 for w, t in grid])  # each small trim's place in `trims()`
+    at_trim = np.array([_trim_places()[t] if w >= 0 else -1 for w, t in grid])  # each small trim's place in `trims()`
     out = np.zeros(len(ordered), bool)
     insides: dict[tuple[int, int], np.ndarray] = {}  # shared by the threads: an entry made twice is the same array
 
@@ -899,6 +897,12 @@ def _close_joins(prints: list[Fingerprint], ordered: np.ndarray, bar: float, who
         for rows, hit in found:
             out[rows] = hit
     return out
+
+
+@cache
+def _trim_places() -> dict[tuple, int]:
+    """Each trim's place in `trims()`, for the screen's and the verdicts' lookups."""
+    return {t: k for k, t in enumerate(trims())}
 
 
 @cache
